@@ -1,0 +1,43 @@
+# seedkeeper: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+SEEDKEEPER ?= target/debug/seedkeeper
+DB ?= seedkeeper
+
+.PHONY: help demo test db-reset-fast dev plan bench lint check-deploy build
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
+
+build: ## build the binary (debug)
+	cargo build --quiet
+
+demo: build ## seed a local database from the embedded dev realm, then show the evidence
+	@url="$$(scripts/local-db.sh ensure $(DB))"; \
+	SEEDKEEPER_DATABASE__URL="$$url" $(SEEDKEEPER) --once && \
+	SEEDKEEPER_DATABASE__URL="$$url" $(SEEDKEEPER) status
+
+test: ## run the test suite against a real PostgreSQL
+	SEEDKEEPER_TEST_DATABASE_URL="$$(scripts/local-db.sh admin-url)" cargo test
+
+db-reset-fast: build ## drop and recreate the local database, then seed it once (realm-file source)
+	@start=$$(date +%s%N); url="$$(scripts/local-db.sh reset $(DB))"; \
+	SEEDKEEPER_DATABASE__URL="$$url" SEEDKEEPER_IDENTITY__SOURCE=realm-file $(SEEDKEEPER) --once; \
+	code=$$?; ms=$$(( ($$(date +%s%N) - start) / 1000000 )); echo "db-reset-fast: $${ms} ms (exit $$code)"; exit $$code
+
+dev: build ## run the daemon against the local database, reconciling every 30 s
+	url="$$(scripts/local-db.sh ensure $(DB))"; \
+	SEEDKEEPER_DATABASE__URL="$$url" SEEDKEEPER_SCHEDULE__CRON="*/30 * * * * *" $(SEEDKEEPER) run
+
+plan: build ## what a reconcile would change in the local database
+	SEEDKEEPER_DATABASE__URL="$$(scripts/local-db.sh ensure $(DB))" $(SEEDKEEPER) plan
+
+bench: ## the benchmark (release build; see README)
+	bash scripts/bench.sh
+
+lint: ## formatting and clippy, as CI runs them
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+check-deploy: ## offline checks of the compose file, manifests, systemd unit and Dockerfile
+	bash scripts/check-deploy.sh

@@ -1,0 +1,472 @@
+//! The benchmark (`make bench`): realms of 1,000 / 10,000 / 100,000 users synced by the real
+//! binary with both sources, next to the COPY floor of the same rows, plus a fresh bootstrap
+//! against `psql -f` of `seedkeeper export-sql`. Prints one table and writes JSON.
+//!
+//! Sizes come from `SEEDKEEPER_BENCH_SIZES` (default "1000,10000,100000"), the server from
+//! `SEEDKEEPER_TEST_DATABASE_URL`, the emulator latency from `SEEDKEEPER_BENCH_LATENCY_MS`
+//! (default 5).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/it/harness/keycloak.rs"]
+mod keycloak;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+struct Row {
+    size: usize,
+    source: &'static str,
+    phase: &'static str,
+    seconds: f64,
+    floor: Option<f64>,
+    rss_kib: Option<u64>,
+    tuples: Option<i64>,
+}
+
+fn admin_url() -> String {
+    std::env::var("SEEDKEEPER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn db_url(name: &str) -> String {
+    let a = admin_url();
+    let i = a.rfind('/').unwrap();
+    format!("{}/{name}", &a[..i])
+}
+
+async fn connect(url: &str) -> Client {
+    let (c, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
+    tokio::spawn(conn);
+    c
+}
+
+async fn fresh_db(admin: &Client, name: &str) -> String {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    db_url(name)
+}
+
+fn bin() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/seedkeeper");
+    assert!(
+        p.exists(),
+        "build the release binary first: cargo build --release"
+    );
+    p
+}
+
+/// Runs seedkeeper; returns (seconds, peak RSS KiB) from polling /proc/<pid>/status VmHWM.
+fn run_seedkeeper(args: &[&str], env: &[(&str, String)]) -> (f64, u64) {
+    let start = Instant::now();
+    let mut cmd = Command::new(bin());
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak = 0u64;
+    loop {
+        if let Ok(s) = std::fs::read_to_string(&status_path) {
+            if let Some(l) = s.lines().find(|l| l.starts_with("VmHWM:")) {
+                peak = peak.max(
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0),
+                );
+            }
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let secs = start.elapsed().as_secs_f64();
+            if !st.success() {
+                let mut err = String::new();
+                use std::io::Read;
+                child.stderr.take().unwrap().read_to_string(&mut err).ok();
+                panic!("seedkeeper {args:?} failed: {err}");
+            }
+            return (secs, peak);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn generate_realm(n: usize) -> Value {
+    let mut users = Vec::with_capacity(n + 1);
+    for i in 0..n {
+        let mut roles = vec![];
+        let mut groups = vec![];
+        match i % 100 {
+            0 => roles.push("admin"),
+            1 => groups.push("/admins/emea"),
+            2 => roles.push("super"),
+            3 => roles.push("ops"),
+            _ => {}
+        }
+        users.push(json!({
+            "id": format!("{:08x}-0000-4000-8000-{:012x}", i, i), "username": format!("user{i:07}"),
+            "email": format!("user{i:07}@bench.example"), "firstName": "Bench", "lastName": format!("User {i}"),
+            "enabled": i % 50 != 7, "realmRoles": roles, "groups": groups
+        }));
+    }
+    users.push(json!({"id": "ffffffff-0000-4000-8000-0000000000ff", "username": "service-account-seedkeeper", "enabled": true,
+        "serviceAccountClientId": "seedkeeper", "clientRoles": {"realm-management": ["view-users", "view-realm"]}}));
+    json!({
+        "realm": "bench",
+        "roles": {"realm": [{"name": "admin"}, {"name": "ops"}, {"name": "platform-admin"}, {"name": "super", "composite": true, "composites": {"realm": ["admin"]}}]},
+        "groups": [{"name": "admins", "path": "/admins", "realmRoles": ["admin"], "subGroups": [{"name": "emea", "path": "/admins/emea", "realmRoles": [], "subGroups": []}]}],
+        "users": users,
+        "clients": [{"clientId": "seedkeeper", "secret": "bench-secret", "enabled": true, "publicClient": false, "serviceAccountsEnabled": true}]
+    })
+}
+
+async fn tuples_written(url: &str) -> i64 {
+    // The run's backend has exited: its counters are flushed. Poll briefly until they settle.
+    let c = connect(url).await;
+    let mut last = -1;
+    for _ in 0..40 {
+        c.batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .ok();
+        let v: i64 = c
+            .query_one("SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname <> 'seed_runs'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if v == last {
+            return v;
+        }
+        last = v;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    last
+}
+
+/// The same rows seedkeeper writes, loaded with COPY into the same (migrated) schema.
+async fn copy_floor(url: &str, n: usize) -> f64 {
+    let c = connect(url).await;
+    let mut users = String::new();
+    let mut tenants = String::new();
+    let mut projects = String::new();
+    let mut tm = String::new();
+    let mut pm = String::new();
+    let mut bindings = String::new();
+    for i in 0..n {
+        let uid = uuid::Uuid::new_v4();
+        let tid = uuid::Uuid::new_v4();
+        let pid = uuid::Uuid::new_v4();
+        let admin = matches!(i % 100, 0..=2);
+        users.push_str(&format!(
+            "{uid}\t{:08x}-0000-4000-8000-{:012x}\tuser{i:07}\tuser{i:07}@bench.example\tBench\tUser {i}\t{}\t{}\t{}\n",
+            i,
+            i,
+            if admin { "admin" } else { "user" },
+            if i % 50 != 7 { "t" } else { "f" },
+            if admin { "{admin}" } else if i % 100 == 3 { "{ops}" } else { "{}" }
+        ));
+        tenants.push_str(&format!(
+            "{tid}\tpersonal\t{uid}\tpersonal-{uid}\tuser{i:07}\n"
+        ));
+        projects.push_str(&format!("{pid}\t{tid}\tt\tdefault\tDefault project\n"));
+        tm.push_str(&format!("{tid}\t{uid}\towner\tactive\n"));
+        pm.push_str(&format!("{pid}\t{uid}\towner\tactive\n"));
+        if admin {
+            bindings.push_str(&format!(
+                "{uid}\tplatform_superadmin\tactive\tseedkeeper\tusers.role=admin\n"
+            ));
+        } else if i % 100 == 3 {
+            bindings.push_str(&format!(
+                "{uid}\tplatform_ops\tactive\tseedkeeper\trealm-role:ops\n"
+            ));
+        }
+    }
+    let start = Instant::now();
+    let tx_start = c.batch_execute("BEGIN").await;
+    tx_start.unwrap();
+    for (stmt, data) in [
+        ("COPY users (id, keycloak_sub, username, email, first_name, last_name, role, is_active, realm_roles) FROM STDIN", &users),
+        ("COPY tenants (id, kind, owner_user_id, slug, name) FROM STDIN", &tenants),
+        ("COPY projects (id, tenant_id, is_default, slug, name) FROM STDIN", &projects),
+        ("COPY tenant_memberships (tenant_id, user_id, role, status) FROM STDIN", &tm),
+        ("COPY project_memberships (project_id, user_id, role, status) FROM STDIN", &pm),
+        ("COPY platform_role_bindings (user_id, role_name, status, granted_by, basis) FROM STDIN", &bindings),
+    ] {
+        use futures_util::SinkExt;
+        let sink = c.copy_in(stmt).await.unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes_of(data)).await.unwrap();
+        sink.finish().await.unwrap();
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+    start.elapsed().as_secs_f64()
+}
+
+fn bytes_of(s: &str) -> std::io::Cursor<Vec<u8>> {
+    std::io::Cursor::new(s.as_bytes().to_vec())
+}
+
+fn main() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(bench());
+}
+
+async fn bench() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let sizes: Vec<usize> = std::env::var("SEEDKEEPER_BENCH_SIZES")
+        .unwrap_or_else(|_| "1000,10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let latency_ms: u64 = std::env::var("SEEDKEEPER_BENCH_LATENCY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let admin = connect(&admin_url()).await;
+    let dir = std::env::temp_dir().join(format!("seedkeeper-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut rows: Vec<Row> = Vec::new();
+
+    // Fresh bootstrap: schema + seed by seedkeeper vs psql -f of export-sql, both on a migrated db.
+    {
+        let empty = dir.join("empty-realm.json");
+        std::fs::write(&empty, json!({"realm": "bench", "users": []}).to_string()).unwrap();
+        let url = fresh_db(&admin, "sk_bench_boot").await;
+        run_seedkeeper(&["migrate"], &[("SEEDKEEPER_DATABASE__URL", url.clone())]);
+        let (secs, rss) = run_seedkeeper(
+            &["--once"],
+            &[
+                ("SEEDKEEPER_DATABASE__URL", url.clone()),
+                (
+                    "SEEDKEEPER_IDENTITY__REALM_FILE",
+                    empty.display().to_string(),
+                ),
+            ],
+        );
+        let url2 = fresh_db(&admin, "sk_bench_boot_psql").await;
+        run_seedkeeper(&["migrate"], &[("SEEDKEEPER_DATABASE__URL", url2.clone())]);
+        let sql = Command::new(bin())
+            .arg("export-sql")
+            .output()
+            .unwrap()
+            .stdout;
+        let sql_path = dir.join("seed.sql");
+        std::fs::write(&sql_path, sql).unwrap();
+        let start = Instant::now();
+        let st = Command::new("psql")
+            .args(["-v", "ON_ERROR_STOP=1", "-q", "-f"])
+            .arg(&sql_path)
+            .arg(&url2)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let psql = start.elapsed().as_secs_f64();
+        rows.push(Row {
+            size: 0,
+            source: "psql -f export-sql",
+            phase: "bootstrap",
+            seconds: psql,
+            floor: None,
+            rss_kib: None,
+            tuples: None,
+        });
+        rows.push(Row {
+            size: 0,
+            source: "seedkeeper --once",
+            phase: "bootstrap",
+            seconds: secs,
+            floor: Some(psql),
+            rss_kib: Some(rss),
+            tuples: None,
+        });
+    }
+
+    let empty = dir.join("empty-realm.json");
+    std::fs::write(&empty, json!({"realm": "bench", "users": []}).to_string()).unwrap();
+    // Schema and reference seed in place, no users: every timed phase below is identity work.
+    let prepare = |url: &str| {
+        run_seedkeeper(
+            &["--once"],
+            &[
+                ("SEEDKEEPER_DATABASE__URL", url.to_string()),
+                (
+                    "SEEDKEEPER_IDENTITY__REALM_FILE",
+                    empty.display().to_string(),
+                ),
+            ],
+        );
+    };
+    for &n in &sizes {
+        let realm = generate_realm(n);
+        let realm_path = dir.join(format!("realm-{n}.json"));
+        std::fs::write(&realm_path, realm.to_string()).unwrap();
+        let file_size_kib = std::fs::metadata(&realm_path).unwrap().len() / 1024;
+
+        let floor_url = fresh_db(&admin, "sk_bench_floor").await;
+        prepare(&floor_url);
+        let floor = copy_floor(&floor_url, n).await;
+        rows.push(Row {
+            size: n,
+            source: "COPY",
+            phase: "floor",
+            seconds: floor,
+            floor: Some(floor),
+            rss_kib: None,
+            tuples: None,
+        });
+
+        // realm-file source
+        let url = fresh_db(&admin, "sk_bench_file").await;
+        let env = vec![
+            ("SEEDKEEPER_DATABASE__URL", url.clone()),
+            (
+                "SEEDKEEPER_IDENTITY__REALM_FILE",
+                realm_path.display().to_string(),
+            ),
+        ];
+        prepare(&url);
+        let (cold, rss) = run_seedkeeper(&["--once"], &env);
+        rows.push(Row {
+            size: n,
+            source: "realm-file",
+            phase: "cold",
+            seconds: cold,
+            floor: Some(floor),
+            rss_kib: Some(rss),
+            tuples: None,
+        });
+        let before = tuples_written(&url).await;
+        let (noop, rss) = run_seedkeeper(&["--once"], &env);
+        let after = tuples_written(&url).await;
+        rows.push(Row {
+            size: n,
+            source: "realm-file",
+            phase: "no-op",
+            seconds: noop,
+            floor: Some(floor),
+            rss_kib: Some(rss),
+            tuples: Some(after - before),
+        });
+        eprintln!("realm file {n}: {file_size_kib} KiB");
+
+        // keycloak source through the emulator with fixed latency
+        let kc = keycloak::KeycloakEmulator::start(realm).await;
+        kc.set_latency(Duration::from_millis(latency_ms));
+        let url = fresh_db(&admin, "sk_bench_kc").await;
+        let env = vec![
+            ("SEEDKEEPER_DATABASE__URL", url.clone()),
+            ("SEEDKEEPER_IDENTITY__SOURCE", "keycloak".to_string()),
+            ("SEEDKEEPER_KEYCLOAK__BASE_URL", kc.base_url()),
+            ("SEEDKEEPER_KEYCLOAK__REALM", "bench".to_string()),
+            (
+                "SEEDKEEPER_KEYCLOAK__CLIENT_SECRET",
+                "bench-secret".to_string(),
+            ),
+        ];
+        prepare(&url);
+        let env2 = env.clone();
+        let (cold, rss) = tokio::task::spawn_blocking(move || run_seedkeeper(&["--once"], &env2))
+            .await
+            .unwrap();
+        rows.push(Row {
+            size: n,
+            source: "keycloak",
+            phase: "cold",
+            seconds: cold,
+            floor: Some(floor),
+            rss_kib: Some(rss),
+            tuples: None,
+        });
+        let before = tuples_written(&url).await;
+        let env2 = env.clone();
+        let (noop, rss) = tokio::task::spawn_blocking(move || run_seedkeeper(&["--once"], &env2))
+            .await
+            .unwrap();
+        let after = tuples_written(&url).await;
+        rows.push(Row {
+            size: n,
+            source: "keycloak",
+            phase: "no-op",
+            seconds: noop,
+            floor: Some(floor),
+            rss_kib: Some(rss),
+            tuples: Some(after - before),
+        });
+    }
+    for name in [
+        "sk_bench_boot",
+        "sk_bench_boot_psql",
+        "sk_bench_floor",
+        "sk_bench_file",
+        "sk_bench_kc",
+    ] {
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    report(&rows, latency_ms);
+}
+
+fn report(rows: &[Row], latency_ms: u64) {
+    println!(
+        "keycloak emulator latency: {latency_ms} ms per request; machine: {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!("| users | source | phase | seconds | users/s | x COPY floor | peak RSS MiB | tuples written |");
+    println!("|---:|---|---|---:|---:|---:|---:|---:|");
+    let mut json_rows = Vec::new();
+    for r in rows {
+        let ups = if r.size > 0 {
+            format!("{:.0}", r.size as f64 / r.seconds)
+        } else {
+            "-".into()
+        };
+        let ratio = r
+            .floor
+            .map(|f| format!("{:.2}", r.seconds / f))
+            .unwrap_or_else(|| "-".into());
+        let rss = r
+            .rss_kib
+            .map(|k| format!("{:.1}", k as f64 / 1024.0))
+            .unwrap_or_else(|| "-".into());
+        let tuples = r
+            .tuples
+            .map(|t| t.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "| {} | {} | {} | {:.3} | {} | {} | {} | {} |",
+            r.size, r.source, r.phase, r.seconds, ups, ratio, rss, tuples
+        );
+        json_rows.push(json!({"users": r.size, "source": r.source, "phase": r.phase, "seconds": r.seconds, "ratio_to_floor": r.floor.map(|f| r.seconds / f), "peak_rss_kib": r.rss_kib, "tuples_written": r.tuples}));
+    }
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench-results");
+    std::fs::create_dir_all(&out).ok();
+    let path = out.join("bench.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&json!({"latency_ms": latency_ms, "rows": json_rows}))
+            .unwrap(),
+    )
+    .unwrap();
+    println!("JSON: {}", path.display());
+}

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The benchmark: release build, then realms of 1k/10k/100k users (SEEDKEEPER_BENCH_SIZES) synced
+# with both sources next to the COPY floor. Prints a table; JSON in bench-results/bench.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SEEDKEEPER_TEST_DATABASE_URL="${SEEDKEEPER_TEST_DATABASE_URL:-$(scripts/local-db.sh admin-url)}"
+cargo build --release --quiet
+cargo bench --quiet --bench sync

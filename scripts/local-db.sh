@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Finds or starts a PostgreSQL for local work and prints URLs on stdout (logs go to stderr).
+#
+#   scripts/local-db.sh ensure [DB]   ensure database DB (default seedkeeper) exists; print its URL
+#   scripts/local-db.sh reset [DB]    drop and recreate DB; print its URL
+#   scripts/local-db.sh admin-url     print the server's admin URL (database postgres)
+#   scripts/local-db.sh stop          stop the throwaway cluster, if this script started one
+#
+# Server choice, in order: $DATABASE_URL (its server); PostgreSQL on 127.0.0.1:5432 as user
+# postgres; the system cluster started with pg_ctlcluster; a throwaway cluster in .pgdata/ on
+# port 5433 made with the system's initdb/pg_ctl. Exits 69 when none can be had.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+pgdata="$root/.pgdata"
+throwaway_port=5433
+
+log() { echo "local-db: $*" >&2; }
+
+reachable() { # url
+    psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
+}
+
+server_url() {
+    if [[ -n "${DATABASE_URL:-}" ]]; then
+        # Keep scheme, credentials, host and port; the database is chosen per call.
+        echo "${DATABASE_URL%/*}"
+        return
+    fi
+    if reachable "postgres://postgres@127.0.0.1:5432/postgres"; then
+        echo "postgres://postgres@127.0.0.1:5432"
+        return
+    fi
+    if command -v pg_lsclusters >/dev/null 2>&1 && [[ -z "${SEEDKEEPER_LOCALDB_FORCE_THROWAWAY:-}" ]]; then
+        local ver
+        ver="$(pg_lsclusters -h 2>/dev/null | awk '$2 == "main" {print $1; exit}')"
+        if [[ -n "$ver" ]]; then
+            log "starting the system cluster $ver/main"
+            pg_ctlcluster --skip-systemctl-redirect "$ver" main start >&2 || true
+            for _ in $(seq 1 30); do
+                if reachable "postgres://postgres@127.0.0.1:5432/postgres"; then
+                    echo "postgres://postgres@127.0.0.1:5432"
+                    return
+                fi
+                sleep 0.5
+            done
+        fi
+    fi
+    throwaway
+}
+
+throwaway() {
+    local url="postgres://postgres@127.0.0.1:$throwaway_port"
+    if reachable "$url/postgres"; then
+        echo "$url"
+        return
+    fi
+    local bin
+    bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+    if [[ -z "$bin" || ! -x "$bin/initdb" ]]; then
+        log "no PostgreSQL found: nothing answers on 127.0.0.1:5432, DATABASE_URL is unset, and initdb is not installed."
+        log "install it with: apt-get install -y postgresql   (or set DATABASE_URL=postgres://user@host:5432/postgres)"
+        exit 69
+    fi
+    local run=()
+    if [[ "$(id -u)" == 0 ]]; then
+        # initdb refuses to run as root: run the cluster as the postgres user.
+        id postgres >/dev/null 2>&1 || useradd --system --home-dir "$pgdata" postgres
+        mkdir -p "$pgdata"
+        chown postgres "$pgdata"
+        run=(runuser -u postgres --)
+    fi
+    if [[ ! -f "$pgdata/PG_VERSION" ]]; then
+        log "creating a throwaway cluster in $pgdata"
+        "${run[@]}" "$bin/initdb" -D "$pgdata" -U postgres --auth=trust >/dev/null
+    fi
+    log "starting the throwaway cluster on 127.0.0.1:$throwaway_port"
+    "${run[@]}" "$bin/pg_ctl" -D "$pgdata" -l "$pgdata/server.log" -w \
+        -o "-c listen_addresses=127.0.0.1 -c port=$throwaway_port -c unix_socket_directories=$pgdata" start >&2
+    echo "$url"
+}
+
+cmd="${1:-ensure}"
+db="${2:-seedkeeper}"
+case "$cmd" in
+    admin-url)
+        echo "$(server_url)/postgres"
+        ;;
+    ensure)
+        server="$(server_url)"
+        if ! psql "$server/postgres" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+            log "creating database $db"
+            psql "$server/postgres" -qc "CREATE DATABASE \"$db\"" >&2
+        fi
+        echo "$server/$db"
+        ;;
+    reset)
+        server="$(server_url)"
+        psql "$server/postgres" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >&2
+        psql "$server/postgres" -qc "CREATE DATABASE \"$db\"" >&2
+        echo "$server/$db"
+        ;;
+    stop)
+        bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
+        if [[ -f "$pgdata/postmaster.pid" && -n "$bin" ]]; then
+            if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$bin/pg_ctl" -D "$pgdata" stop >&2; else "$bin/pg_ctl" -D "$pgdata" stop >&2; fi
+        fi
+        ;;
+    *)
+        echo "usage: $0 ensure|reset [DB] | admin-url | stop" >&2
+        exit 64
+        ;;
+esac

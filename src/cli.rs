@@ -1,0 +1,467 @@
+//! The command line (clap) and what each command does. `main` only parses, calls `execute`
+//! and exits with its code; everything here is callable from tests.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, LogFormat, Settings, Sources};
+use crate::error::{exit, Error};
+use crate::reconcile::{Mode, Outcome, RunReport};
+use crate::store;
+
+pub const EXIT_CODES_HELP: &str = "Exit codes:
+  0   ok (in sync; for `plan`: nothing to change)
+  1   the reconcile failed (see the error and `seedkeeper status`)
+  2   `plan` found changes pending
+  64  usage error (bad command line)
+  69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout
+  78  invalid configuration, reference seed or realm file (fix the input; do not restart)
+
+Configuration: defaults < TOML (--config, SEEDKEEPER_CONFIG, else config/seedkeeper.toml) <
+SEEDKEEPER_* environment (nested keys with __). Secrets also from <VAR>_FILE or
+$CREDENTIALS_DIRECTORY. See `seedkeeper config` and the README.";
+
+#[derive(Debug, Parser)]
+#[command(name = "seedkeeper", version, about = "Keycloak-aware identity bootstrap daemon: keeps Keycloak and PostgreSQL in sync", after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// TOML config file (else SEEDKEEPER_CONFIG, else config/seedkeeper.toml when present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format (overrides log.format).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Shorthand for `run --once`.
+    #[arg(long)]
+    pub once: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Daemon: reconcile at start, then on schedule.cron; serves /healthz, /readyz, /metrics.
+    Run {
+        /// One reconcile, then exit with its outcome.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Dry run: what a reconcile would change, per unit. Exit 0 in sync, 2 changes pending, 1 error.
+    Plan {
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+    /// Apply pending schema migrations only.
+    Migrate,
+    /// The last runs from the evidence table, newest first.
+    Status {
+        #[arg(long, default_value_t = 10)]
+        limit: i64,
+        #[arg(long, value_enum, default_value = "text")]
+        format: OutputFormat,
+    },
+    /// Validate config and seed; print the effective config with every secret redacted.
+    Config,
+    /// The reference seed as one idempotent SQL script (psql -v ON_ERROR_STOP=1 -f).
+    ExportSql,
+    /// Probe a running daemon's /readyz (for container HEALTHCHECKs without curl).
+    Healthcheck {
+        /// URL to probe; default http://<http.listen>/readyz.
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+/// Parses arguments; usage errors exit 64 (clap's own default is 2, which means "changes
+/// pending" here).
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
+    match Cli::try_parse_from(args) {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    exit::OK
+                }
+                _ => exit::USAGE,
+            };
+            let _ = e.print();
+            Err(code)
+        }
+    }
+}
+
+fn fail(e: &Error) -> u8 {
+    eprintln!("seedkeeper: {e}");
+    e.exit_code()
+}
+
+/// Loads the settings (exit 78 on problems).
+pub fn load_settings(cli: &Cli, sources: &Sources) -> Result<Settings, u8> {
+    let offline = matches!(
+        cli.command,
+        Some(Command::ExportSql) | Some(Command::Healthcheck { .. })
+    );
+    let loaded = if offline {
+        config::load_offline(sources)
+    } else {
+        config::load(sources)
+    };
+    let mut s = loaded.map_err(|e| fail(&e))?;
+    if let Some(f) = cli.log_format {
+        s.log.format = f;
+    }
+    Ok(s)
+}
+
+fn print(out: &mut dyn Write, text: &str) {
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
+}
+
+/// Runs a non-daemon command. The daemon (`run` without `--once`) is wired in `main`.
+pub async fn execute(
+    cli: &Cli,
+    settings: Settings,
+    cancel: CancellationToken,
+    out: &mut dyn Write,
+) -> u8 {
+    match &cli.command {
+        Some(Command::Config) => {
+            let seed = match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            let mut text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n", seed.source_name, seed.digest);
+            text.push_str(&settings.redacted_toml());
+            if let Err(e) = crate::app::build_engine(settings) {
+                return fail(&e);
+            }
+            print(out, &text);
+            exit::OK
+        }
+        Some(Command::ExportSql) => {
+            match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
+                Ok(seed) => {
+                    print(out, &crate::reconcile::reference::export_sql(&seed));
+                    exit::OK
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Some(Command::Migrate) => migrate(&settings, &cancel).await,
+        Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
+        Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
+        Some(Command::Plan { format }) => {
+            let engine = match crate::app::build_engine(settings) {
+                Ok(e) => e,
+                Err(e) => return fail(&e),
+            };
+            let wait = engine.settings.startup.wait_timeout;
+            let report = engine.run(Mode::Plan, "plan", wait, &cancel).await;
+            match format {
+                OutputFormat::Json => print(
+                    out,
+                    &format!(
+                        "{}\n",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    ),
+                ),
+                OutputFormat::Text => print(out, &render_plan(&report)),
+            }
+            match (&report.error_value, report.outcome) {
+                (Some(e), _) => fail(e),
+                (None, Outcome::Skipped) => {
+                    eprintln!(
+                        "seedkeeper: another run holds the run lock; plan again when it is done"
+                    );
+                    exit::RECONCILE_FAILED
+                }
+                _ if report.changes_pending() => exit::CHANGES_PENDING,
+                _ => exit::OK,
+            }
+        }
+        Some(Command::Run { .. }) | None => {
+            let engine = match crate::app::build_engine(settings) {
+                Ok(e) => e,
+                Err(e) => return fail(&e),
+            };
+            let app = crate::app::App::new(engine);
+            let wait = app.settings().startup.wait_timeout;
+            let report = app.run_once("once", wait, &cancel).await;
+            print(out, &render_summary(&report));
+            match (&report.error_value, report.outcome) {
+                (Some(e), _) => fail(e),
+                (None, Outcome::Failed) => {
+                    eprintln!(
+                        "seedkeeper: {}",
+                        report.error.as_deref().unwrap_or("run failed")
+                    );
+                    exit::RECONCILE_FAILED
+                }
+                _ => exit::OK,
+            }
+        }
+    }
+}
+
+pub fn render_summary(r: &RunReport) -> String {
+    let mut s = format!(
+        "run {} {} in {} ms (seed {})\n",
+        r.id,
+        r.outcome.as_str(),
+        r.duration_ms,
+        &r.seed_digest[..12.min(r.seed_digest.len())]
+    );
+    for u in &r.units {
+        let counts: Vec<String> = u
+            .counts
+            .iter()
+            .filter(|(_, v)| **v != 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        s.push_str(&format!(
+            "  {:<15} {}\n",
+            u.unit,
+            if counts.is_empty() {
+                "-".to_string()
+            } else {
+                counts.join(" ")
+            }
+        ));
+        if let Some(e) = &u.error {
+            s.push_str(&format!("  {:<15} error: {e}\n", ""));
+        }
+        for f in &u.findings {
+            if f.kind != "granted" {
+                s.push_str(&format!(
+                    "  {:<15} {} {}: {}\n",
+                    "", f.kind, f.entity, f.detail
+                ));
+            }
+        }
+    }
+    if let Some(e) = &r.error {
+        s.push_str(&format!("  error: {e}\n"));
+    }
+    s
+}
+
+pub fn render_plan(r: &RunReport) -> String {
+    let mut s = String::new();
+    for u in &r.units {
+        let pending = u.writes();
+        s.push_str(&format!(
+            "{}: {}\n",
+            u.unit,
+            if pending == 0 {
+                "in sync".to_string()
+            } else {
+                format!("{pending} change(s) pending")
+            }
+        ));
+        for c in &u.changes {
+            s.push_str(&format!("  + {c}\n"));
+        }
+        for f in &u.findings {
+            if matches!(
+                f.kind.as_str(),
+                "drift_kept" | "not_in_seed" | "clash" | "missing" | "rejected" | "blocked"
+            ) {
+                s.push_str(&format!("  ! {} {}: {}\n", f.kind, f.entity, f.detail));
+            }
+        }
+        if let Some(e) = &u.error {
+            s.push_str(&format!("  error: {e}\n"));
+        }
+    }
+    s.push_str(if r.changes_pending() {
+        "plan: changes pending (exit 2)\n"
+    } else {
+        "plan: in sync (exit 0)\n"
+    });
+    s
+}
+
+async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
+    let mut db =
+        match store::connect_with_wait(&settings.database, settings.startup.wait_timeout, cancel)
+            .await
+        {
+            Ok(db) => db,
+            Err(e) => return fail(&e),
+        };
+    // Wait for a run in flight rather than migrate under it.
+    let deadline = tokio::time::Instant::now() + settings.startup.wait_timeout;
+    loop {
+        match store::lock::try_acquire(&db.client).await {
+            Ok(true) => break,
+            Ok(false) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Ok(false) => {
+                return fail(&Error::Schema(
+                    "another seedkeeper run holds the run lock; migrate again when it is done"
+                        .into(),
+                ))
+            }
+            Err(e) => return fail(&e),
+        }
+    }
+    let r = store::migrate::run(
+        &mut db.client,
+        config::SchemaMode::Apply,
+        store::migrate::MIGRATIONS,
+    )
+    .await;
+    let _ = store::lock::release(&db.client).await;
+    match r {
+        Ok(rep) if rep.applied.is_empty() => {
+            println!(
+                "schema up to date ({} migration(s) applied before)",
+                store::migrate::MIGRATIONS.len()
+            );
+            exit::OK
+        }
+        Ok(rep) => {
+            println!("applied: {}", rep.applied.join(", "));
+            exit::OK
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut dyn Write) -> u8 {
+    let cancel = CancellationToken::new();
+    let db =
+        match store::connect_with_wait(&settings.database, settings.startup.wait_timeout, &cancel)
+            .await
+        {
+            Ok(db) => db,
+            Err(e) => return fail(&e),
+        };
+    match store::table_exists(&db.client, "seed_runs").await {
+        Ok(true) => {}
+        Ok(false) => {
+            print(out, "no runs recorded: the schema is not applied yet (run `seedkeeper --once` or `seedkeeper migrate`)\n");
+            return exit::OK;
+        }
+        Err(e) => return fail(&e),
+    }
+    let runs = match store::runs::list(&db.client, limit.max(1)).await {
+        Ok(r) => r,
+        Err(e) => return fail(&e),
+    };
+    if format == OutputFormat::Json {
+        print(
+            out,
+            &format!(
+                "{}\n",
+                serde_json::to_string_pretty(&runs).unwrap_or_default()
+            ),
+        );
+        return exit::OK;
+    }
+    let mut s = format!(
+        "{:<25} {:<10} {:<9} {:>8}  {}\n",
+        "started (UTC)", "outcome", "trigger", "ms", "changes / error"
+    );
+    for r in &runs {
+        let ms = r
+            .finished_at
+            .map(|f| (f - r.started_at).num_milliseconds().to_string())
+            .unwrap_or_else(|| "-".into());
+        let mut changes: Vec<String> = Vec::new();
+        if let Some(units) = r.counts.as_object() {
+            for (unit, c) in units {
+                if let Some(c) = c.as_object() {
+                    let parts: Vec<String> = [
+                        "inserted",
+                        "updated",
+                        "revoked",
+                        "realigned",
+                        "applied",
+                        "drift",
+                        "clashes",
+                        "missing",
+                        "rejected",
+                    ]
+                    .iter()
+                    .filter_map(|k| {
+                        c.get(*k)
+                            .and_then(|v| v.as_i64())
+                            .filter(|v| *v != 0)
+                            .map(|v| format!("{k}={v}"))
+                    })
+                    .collect();
+                    if !parts.is_empty() {
+                        changes.push(format!("{unit}[{}]", parts.join(" ")));
+                    }
+                }
+            }
+        }
+        let tail = match &r.error {
+            Some(e) => format!("error: {}", e.lines().next().unwrap_or("")),
+            None if changes.is_empty() => "no changes".into(),
+            None => changes.join(" "),
+        };
+        s.push_str(&format!(
+            "{:<25} {:<10} {:<9} {:>8}  {}\n",
+            r.started_at.format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+            r.outcome,
+            r.trigger,
+            ms,
+            tail
+        ));
+    }
+    print(out, &s);
+    exit::OK
+}
+
+async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
+    let url = url.map(str::to_string).unwrap_or_else(|| {
+        let listen = settings
+            .http
+            .listen
+            .replace("0.0.0.0", "127.0.0.1")
+            .replace("[::]", "[::1]");
+        format!("http://{listen}/readyz")
+    });
+    let client = match reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("seedkeeper healthcheck: {e}");
+            return exit::RECONCILE_FAILED;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => {
+            println!("ready ({url})");
+            exit::OK
+        }
+        Ok(r) => {
+            let status = r.status();
+            let body = r.text().await.unwrap_or_default();
+            eprintln!(
+                "not ready ({url}): {status} {}",
+                body.chars().take(300).collect::<String>()
+            );
+            exit::RECONCILE_FAILED
+        }
+        Err(e) => {
+            eprintln!("not reachable ({url}): {e}");
+            exit::UNAVAILABLE
+        }
+    }
+}

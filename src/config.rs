@@ -1,0 +1,818 @@
+//! Configuration: `Settings` and its sections, loaded in layers and validated as a whole.
+//!
+//! Layers, lowest first: built-in defaults < TOML file (`--config`, `SEEDKEEPER_CONFIG`, else
+//! `config/seedkeeper.toml` when present) < environment `SEEDKEEPER_*` (nested keys joined with
+//! `__`). Unknown keys are errors in every layer, so a typo never passes silently.
+//!
+//! Secrets (`database.url`, `database.password`, `keycloak.client_secret`) are `SecretString`.
+//! Each comes from exactly one of: the TOML file, its environment variable (read raw, so `007`
+//! stays `007`), `<VAR>_FILE`, or a systemd credential named after the key in
+//! `$CREDENTIALS_DIRECTORY`. Two sources for one secret is an error: there is no precedence to
+//! guess. Secrets are exposed in one place each: [`DatabaseSettings::pg_config`] and the token
+//! request of the Keycloak client.
+//!
+//! `validate()` collects every problem before failing, each naming the key, its environment
+//! variable and the fix.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::{Error, Problems, Result};
+
+pub const ENV_PREFIX: &str = "SEEDKEEPER_";
+pub const DEFAULT_CONFIG_PATH: &str = "config/seedkeeper.toml";
+
+/// Environment variables with the prefix that are not config keys.
+const NON_KEY_ENV: &[&str] = &["config", "test_database_url"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SchemaMode {
+    /// Apply pending migrations at the start of every run.
+    Apply,
+    /// Refuse to run while migrations are pending (a migration job owns DDL).
+    Verify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdentitySource {
+    Keycloak,
+    RealmFile,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub environment: Environment,
+    pub database: DatabaseSettings,
+    pub schema: SchemaSettings,
+    pub seed: SeedSettings,
+    pub identity: IdentitySettings,
+    pub keycloak: KeycloakSettings,
+    pub schedule: ScheduleSettings,
+    pub http: HttpSettings,
+    pub startup: StartupSettings,
+    pub shutdown: ShutdownSettings,
+    pub evidence: EvidenceSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user@host:port/db`; a password in it is allowed but `password` is preferred.
+    #[serde(default, deserialize_with = "de_secret", serialize_with = "ser_secret")]
+    pub url: Option<SecretString>,
+    #[serde(default, deserialize_with = "de_secret", serialize_with = "ser_secret")]
+    pub password: Option<SecretString>,
+    #[serde(with = "duration_str")]
+    pub connect_timeout: Duration,
+    /// Identities written per statement while streaming.
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaSettings {
+    pub mode: SchemaMode,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedSettings {
+    /// Path of a reference seed TOML; empty = the seed embedded in the binary.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    pub source: IdentitySource,
+    /// Realm export file or `kc.sh export --dir` folder; empty = the embedded dev realm.
+    pub realm_file: Option<PathBuf>,
+    /// Realm roles that make `users.role = 'admin'` (and so `platform_superadmin`).
+    pub admin_roles: Vec<String>,
+    /// Further realm role -> platform role mappings.
+    pub role_map: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeycloakSettings {
+    pub base_url: Option<String>,
+    pub realm: String,
+    pub client_id: String,
+    #[serde(default, deserialize_with = "de_secret", serialize_with = "ser_secret")]
+    pub client_secret: Option<SecretString>,
+    /// Users per page (`max`).
+    pub page_size: u32,
+    /// Pages requested at once; keeps Keycloak's load bounded.
+    pub concurrency: usize,
+    #[serde(with = "duration_str")]
+    pub request_timeout: Duration,
+    /// Retries of one request on 429, 5xx and timeouts.
+    pub max_retries: u32,
+    /// Extra PEM CA bundle trusted in addition to the system roots.
+    pub ca_file: Option<PathBuf>,
+    pub tls_verify: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSettings {
+    /// Six fields, seconds first, UTC.
+    pub cron: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartupSettings {
+    #[serde(with = "duration_str")]
+    pub wait_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    #[serde(with = "duration_str")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceSettings {
+    /// `seed_runs` rows kept; older ones are pruned after each run.
+    pub retention: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing` env-filter directives; `RUST_LOG` overrides.
+    pub filter: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            environment: Environment::Development,
+            database: DatabaseSettings {
+                url: None,
+                password: None,
+                connect_timeout: Duration::from_secs(5),
+                batch_size: 5000,
+            },
+            schema: SchemaSettings {
+                mode: SchemaMode::Apply,
+            },
+            seed: SeedSettings { path: None },
+            identity: IdentitySettings {
+                source: IdentitySource::RealmFile,
+                realm_file: None,
+                admin_roles: vec!["admin".to_string()],
+                role_map: BTreeMap::from([
+                    (
+                        "platform-admin".to_string(),
+                        "platform_superadmin".to_string(),
+                    ),
+                    ("ops".to_string(), "platform_ops".to_string()),
+                ]),
+            },
+            keycloak: KeycloakSettings {
+                base_url: None,
+                realm: "dev".to_string(),
+                client_id: "seedkeeper".to_string(),
+                client_secret: None,
+                page_size: 500,
+                concurrency: 4,
+                request_timeout: Duration::from_secs(10),
+                max_retries: 5,
+                ca_file: None,
+                tls_verify: true,
+            },
+            schedule: ScheduleSettings {
+                cron: "0 */5 * * * *".to_string(),
+            },
+            http: HttpSettings {
+                listen: "127.0.0.1:8787".to_string(),
+            },
+            startup: StartupSettings {
+                wait_timeout: Duration::from_secs(60),
+            },
+            shutdown: ShutdownSettings {
+                grace: Duration::from_secs(30),
+            },
+            evidence: EvidenceSettings { retention: 500 },
+            log: LogSettings {
+                format: LogFormat::Text,
+                filter: "info".to_string(),
+            },
+        }
+    }
+}
+
+/// The secrets, their key paths, and the env var / credential names they can come from.
+struct SecretKey {
+    key: &'static str,
+    env: &'static str,
+    credential: &'static str,
+}
+
+const SECRET_KEYS: &[SecretKey] = &[
+    SecretKey {
+        key: "database.url",
+        env: "SEEDKEEPER_DATABASE__URL",
+        credential: "database.url",
+    },
+    SecretKey {
+        key: "database.password",
+        env: "SEEDKEEPER_DATABASE__PASSWORD",
+        credential: "database.password",
+    },
+    SecretKey {
+        key: "keycloak.client_secret",
+        env: "SEEDKEEPER_KEYCLOAK__CLIENT_SECRET",
+        credential: "keycloak.client_secret",
+    },
+];
+
+/// Where configuration comes from. `env` is injectable so tests never touch the process
+/// environment (tests run in parallel).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The process environment and the `--config` path.
+    pub fn from_process(config_flag: Option<PathBuf>) -> Self {
+        Sources {
+            file: config_flag,
+            env: std::env::vars().collect(),
+        }
+    }
+
+    fn var(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Loads and validates the configuration. Every problem is reported at once.
+pub fn load(sources: &Sources) -> Result<Settings> {
+    load_with(sources, true)
+}
+
+/// Like [`load`], for commands that never touch the database (`export-sql`, `healthcheck`).
+pub fn load_offline(sources: &Sources) -> Result<Settings> {
+    load_with(sources, false)
+}
+
+fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
+    let mut problems = Vec::new();
+    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+
+    let file = sources.file.clone().or_else(|| {
+        sources
+            .var("SEEDKEEPER_CONFIG")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    match file {
+        Some(path) => {
+            if !path.is_file() {
+                return Err(Error::config(format!(
+                    "config file {} does not exist or is not a file: fix --config or SEEDKEEPER_CONFIG",
+                    path.display()
+                )));
+            }
+            if let Err(e) = std::fs::read_to_string(&path) {
+                return Err(Error::config(format!(
+                    "config file {} cannot be read: {e}",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(&path));
+        }
+        None => {
+            let default = Path::new(DEFAULT_CONFIG_PATH);
+            if default.is_file() {
+                figment = figment.merge(Toml::file_exact(default));
+            }
+        }
+    }
+
+    // Non-secret keys from the environment. Secrets are read raw below; `_FILE` variables are
+    // resolved below too.
+    let env_pairs: Vec<(String, String)> = sources
+        .env
+        .iter()
+        .filter_map(|(k, v)| {
+            let rest = k.strip_prefix(ENV_PREFIX)?;
+            let lower = rest.to_ascii_lowercase();
+            if NON_KEY_ENV.contains(&lower.as_str()) {
+                return None;
+            }
+            // Secrets and their `_FILE` variants are resolved separately.
+            if SECRET_KEYS
+                .iter()
+                .any(|s| s.env == k || k.strip_suffix("_FILE") == Some(s.env))
+            {
+                return None;
+            }
+            Some((k.clone(), v.clone()))
+        })
+        .collect();
+    figment = figment.merge(EnvPairs(env_pairs));
+
+    let mut settings: Settings = match figment.extract() {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in errors {
+                problems.push(describe_figment_error(&e));
+            }
+            return Err(Error::Config(Problems(problems)));
+        }
+    };
+
+    resolve_secrets(&mut settings, sources, &mut problems);
+    validate(&settings, need_database, &mut problems);
+    if problems.is_empty() {
+        Ok(settings)
+    } else {
+        Err(Error::Config(Problems(problems)))
+    }
+}
+
+/// The `SEEDKEEPER_*` variables as a figment provider. figment's own `Env` reads the process
+/// environment; this one reads `Sources`, so tests can inject variables without touching it.
+struct EnvPairs(Vec<(String, String)>);
+
+impl figment::Provider for EnvPairs {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable")
+    }
+
+    fn data(
+        &self,
+    ) -> std::result::Result<
+        figment::value::Map<figment::Profile, figment::value::Dict>,
+        figment::Error,
+    > {
+        let mut f = Figment::new();
+        for (k, v) in &self.0 {
+            let key = k[ENV_PREFIX.len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            // Same typing as figment's Env: "30" is a number, "[a, b]" an array.
+            let value = match v.parse::<figment::value::Value>() {
+                Ok(value) => value,
+                Err(never) => match never {},
+            };
+            f = f.merge(Serialized::default(&key, value));
+        }
+        f.data()
+    }
+}
+
+fn describe_figment_error(e: &figment::Error) -> String {
+    let key = if e.path.is_empty() {
+        String::new()
+    } else {
+        e.path.join(".")
+    };
+    let origin = match &e.metadata {
+        Some(m) if m.name.contains("environment") => {
+            format!(
+                " (environment variable {}{})",
+                ENV_PREFIX,
+                key.replace('.', "__").to_uppercase()
+            )
+        }
+        Some(m) => match &m.source {
+            Some(src) => format!(" (in {src})"),
+            None => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    let what = match &e.kind {
+        figment::error::Kind::UnknownField(field, expected) => {
+            let full = if key.is_empty() {
+                field.clone()
+            } else if key == *field || key.ends_with(&format!(".{field}")) {
+                key.clone()
+            } else {
+                format!("{key}.{field}")
+            };
+            return format!(
+                "unknown key `{full}`{origin}: remove it or fix its spelling (expected one of: {})",
+                expected.join(", ")
+            );
+        }
+        other => other.to_string(),
+    };
+    if key.is_empty() {
+        format!("{what}{origin}")
+    } else {
+        format!("key `{key}`{origin}: {what}")
+    }
+}
+
+fn secret_slot<'a>(settings: &'a mut Settings, key: &str) -> &'a mut Option<SecretString> {
+    match key {
+        "database.url" => &mut settings.database.url,
+        "database.password" => &mut settings.database.password,
+        _ => &mut settings.keycloak.client_secret,
+    }
+}
+
+fn resolve_secrets(settings: &mut Settings, sources: &Sources, problems: &mut Vec<String>) {
+    let cred_dir = sources.var("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    for s in SECRET_KEYS {
+        let mut found: Vec<(String, SecretString)> = Vec::new();
+        if let Some(v) = secret_slot(settings, s.key).take() {
+            found.push(("the config file".to_string(), v));
+        }
+        if let Some(v) = sources.var(s.env) {
+            found.push((
+                format!("environment variable {}", s.env),
+                SecretString::from(v.to_string()),
+            ));
+        }
+        let file_var = format!("{}_FILE", s.env);
+        if let Some(path) = sources.var(&file_var) {
+            match read_secret_file(Path::new(path)) {
+                Ok(v) => found.push((file_var.clone(), v)),
+                Err(why) => problems.push(format!(
+                    "{} from {file_var}={path}: {why}: point {file_var} at a readable, non-empty file",
+                    s.key
+                )),
+            }
+        }
+        if let Some(dir) = &cred_dir {
+            let path = dir.join(s.credential);
+            if path.exists() {
+                match read_secret_file(&path) {
+                    Ok(v) => found.push((format!("systemd credential {}", s.credential), v)),
+                    Err(why) => problems.push(format!(
+                        "{} from systemd credential {}: {why}: fix LoadCredential={}",
+                        s.key,
+                        path.display(),
+                        s.credential
+                    )),
+                }
+            }
+        }
+        match found.len() {
+            0 => {}
+            1 => {
+                let (_, v) = found.remove(0);
+                if v.expose_secret().is_empty() {
+                    problems.push(format!(
+                        "{} is set but empty: give it a value ({})",
+                        s.key, s.env
+                    ));
+                } else {
+                    *secret_slot(settings, s.key) = Some(v);
+                }
+            }
+            _ => problems.push(format!(
+                "{} is given more than once ({}): keep exactly one source",
+                s.key,
+                found
+                    .iter()
+                    .map(|(w, _)| w.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
+    }
+}
+
+/// Reads a secret file; one trailing newline (as editors and `echo` leave) is not part of it.
+fn read_secret_file(path: &Path) -> std::result::Result<SecretString, String> {
+    let raw = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => "file does not exist".to_string(),
+        std::io::ErrorKind::PermissionDenied => {
+            "file is not readable (permission denied)".to_string()
+        }
+        _ => format!("file cannot be read ({})", e.kind()),
+    })?;
+    let trimmed = raw
+        .strip_suffix('\n')
+        .map(|s| s.strip_suffix('\r').unwrap_or(s))
+        .unwrap_or(&raw);
+    if trimmed.is_empty() {
+        return Err("file is empty".to_string());
+    }
+    Ok(SecretString::from(trimmed.to_string()))
+}
+
+fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
+    match &s.database.url {
+        None if !need_database => {}
+        None => problems.push(
+            "database.url is not set: set SEEDKEEPER_DATABASE__URL (postgres://user@host:5432/db), \
+             SEEDKEEPER_DATABASE__URL_FILE, or the systemd credential database.url"
+                .to_string(),
+        ),
+        Some(url) => {
+            if tokio_postgres::Config::from_str(url.expose_secret()).is_err() {
+                problems.push(
+                    "database.url is not a valid PostgreSQL URL (expected postgres://user@host:5432/db) \
+                     (SEEDKEEPER_DATABASE__URL); its value is not shown because it may hold a password"
+                        .to_string(),
+                );
+            }
+        }
+    }
+    if s.database.connect_timeout.is_zero() {
+        problems.push(
+            "database.connect_timeout must be above 0 (SEEDKEEPER_DATABASE__CONNECT_TIMEOUT)"
+                .into(),
+        );
+    }
+    if !(1..=100_000).contains(&s.database.batch_size) {
+        problems.push(
+            "database.batch_size must be within 1..=100000 (SEEDKEEPER_DATABASE__BATCH_SIZE)"
+                .into(),
+        );
+    }
+    if let Some(p) = &s.seed.path {
+        if !p.is_file() {
+            problems.push(format!(
+                "seed.path {} is not a readable file: fix SEEDKEEPER_SEED__PATH, or unset it to use the embedded seed",
+                p.display()
+            ));
+        }
+    }
+    if s.identity.admin_roles.is_empty()
+        || s.identity.admin_roles.iter().any(|r| r.trim().is_empty())
+    {
+        problems.push(
+            "identity.admin_roles must list at least one non-empty realm role (SEEDKEEPER_IDENTITY__ADMIN_ROLES)".into(),
+        );
+    }
+    if let Some(p) = &s.identity.realm_file {
+        if s.identity.source == IdentitySource::RealmFile && !p.exists() {
+            problems.push(format!(
+                "identity.realm_file {} does not exist: fix SEEDKEEPER_IDENTITY__REALM_FILE",
+                p.display()
+            ));
+        }
+    }
+    if s.identity.source == IdentitySource::Keycloak {
+        match &s.keycloak.base_url {
+            None => problems.push(
+                "keycloak.base_url is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. http://127.0.0.1:8080)".into(),
+            ),
+            Some(u) => match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "keycloak.base_url {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)"
+                )),
+            },
+        }
+        if s.keycloak.realm.trim().is_empty() {
+            problems.push("keycloak.realm is empty: set SEEDKEEPER_KEYCLOAK__REALM".into());
+        }
+        if s.keycloak.client_id.trim().is_empty() {
+            problems.push("keycloak.client_id is empty: set SEEDKEEPER_KEYCLOAK__CLIENT_ID".into());
+        }
+        if s.keycloak.client_secret.is_none() {
+            problems.push(
+                "keycloak.client_secret is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE (or SEEDKEEPER_KEYCLOAK__CLIENT_SECRET, or the systemd credential keycloak.client_secret)".into(),
+            );
+        }
+        if let Some(ca) = &s.keycloak.ca_file {
+            if !ca.is_file() {
+                problems.push(format!(
+                    "keycloak.ca_file {} is not a readable file: fix SEEDKEEPER_KEYCLOAK__CA_FILE",
+                    ca.display()
+                ));
+            }
+        }
+    }
+    if !(1..=5000).contains(&s.keycloak.page_size) {
+        problems.push(
+            "keycloak.page_size must be within 1..=5000 (SEEDKEEPER_KEYCLOAK__PAGE_SIZE)".into(),
+        );
+    }
+    if !(1..=32).contains(&s.keycloak.concurrency) {
+        problems.push(
+            "keycloak.concurrency must be within 1..=32 (SEEDKEEPER_KEYCLOAK__CONCURRENCY)".into(),
+        );
+    }
+    if s.keycloak.request_timeout.is_zero() {
+        problems.push(
+            "keycloak.request_timeout must be above 0 (SEEDKEEPER_KEYCLOAK__REQUEST_TIMEOUT)"
+                .into(),
+        );
+    }
+    if let Err(why) = validate_cron(&s.schedule.cron) {
+        problems.push(format!(
+            "schedule.cron {:?} is not a valid six-field cron expression (seconds first, e.g. \"0 */5 * * * *\") (SEEDKEEPER_SCHEDULE__CRON): {why}",
+            s.schedule.cron
+        ));
+    }
+    if SocketAddr::from_str(&s.http.listen).is_err() {
+        problems.push(format!(
+            "http.listen {:?} is not an address:port (e.g. 127.0.0.1:8787) (SEEDKEEPER_HTTP__LISTEN)",
+            s.http.listen
+        ));
+    }
+    if s.evidence.retention == 0 {
+        problems
+            .push("evidence.retention must be at least 1 (SEEDKEEPER_EVIDENCE__RETENTION)".into());
+    }
+    if s.environment == Environment::Production {
+        if s.identity.source == IdentitySource::RealmFile {
+            problems.push(
+                "environment = \"production\" refuses identity.source = \"realm-file\" (a dev-only source): set SEEDKEEPER_IDENTITY__SOURCE=keycloak".into(),
+            );
+        }
+        if !s.keycloak.tls_verify {
+            problems.push(
+                "environment = \"production\" refuses keycloak.tls_verify = false: trust the CA with keycloak.ca_file (SEEDKEEPER_KEYCLOAK__CA_FILE) instead".into(),
+            );
+        }
+    }
+}
+
+/// Six fields, seconds first; checked with the scheduler's own parser.
+pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(format!(
+            "{} fields given, 6 expected",
+            expr.split_whitespace().count()
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+impl DatabaseSettings {
+    /// The one place the database secrets are exposed: the connection config.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
+        let url = self
+            .url
+            .as_ref()
+            .ok_or_else(|| Error::config("database.url is not set"))?;
+        let mut cfg = tokio_postgres::Config::from_str(url.expose_secret())
+            .map_err(|_| Error::config("database.url is not a valid PostgreSQL URL"))?;
+        if let Some(p) = &self.password {
+            cfg.password(p.expose_secret().as_bytes());
+        }
+        cfg.connect_timeout(self.connect_timeout);
+        cfg.application_name("seedkeeper");
+        Ok(cfg)
+    }
+
+    /// `host:port/db` for messages: never the user or the password.
+    pub fn target(&self) -> String {
+        match self.pg_config() {
+            Ok(cfg) => describe_target(&cfg),
+            Err(_) => "(invalid database.url)".to_string(),
+        }
+    }
+}
+
+pub fn describe_target(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".to_string());
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let db = cfg.get_dbname().unwrap_or("(default)");
+    format!("{host}:{port}/{db}")
+}
+
+impl Settings {
+    /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
+    pub fn redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+/// Secrets deserialize from any scalar: figment and TOML may type `12345` as a number.
+fn de_secret<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<SecretString>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    let v: Option<Scalar> = Option::deserialize(d)?;
+    Ok(v.map(|v| {
+        SecretString::from(match v {
+            Scalar::S(s) => s,
+            Scalar::I(i) => i.to_string(),
+            Scalar::U(u) => u.to_string(),
+            Scalar::F(f) => f.to_string(),
+            Scalar::B(b) => b.to_string(),
+        })
+    }))
+}
+
+fn ser_secret<S: Serializer>(
+    v: &Option<SecretString>,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    match v {
+        Some(_) => s.serialize_str("[REDACTED]"),
+        None => s.serialize_none(),
+    }
+}
+
+/// Durations as `"250ms"`, `"30s"`, `"5m"`, `"1h"`, or a bare number of seconds.
+pub mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 30s, 5m or 250ms"))?;
+        let d = match unit.trim() {
+            "" | "s" => Duration::from_secs(n),
+            "ms" => Duration::from_millis(n),
+            "m" => Duration::from_secs(n * 60),
+            "h" => Duration::from_secs(n * 3600),
+            _ => return Err(format!("{s:?} has an unknown unit (use ms, s, m or h)")),
+        };
+        Ok(d)
+    }
+
+    pub fn format(d: &Duration) -> String {
+        if d.subsec_millis() != 0 {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{}s", d.as_secs())
+        }
+    }
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format(d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(Duration::from_secs(n)),
+            Raw::S(s) => parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}

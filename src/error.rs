@@ -1,0 +1,157 @@
+//! The error type of the library and the process exit codes it maps to.
+//!
+//! Every variant names the input that failed and how to fix it, and never carries a secret:
+//! connection errors are rendered from the host and port only, HTTP errors from the URL path.
+//! `exit_code()` gives the sysexits-style code documented in the README and `--help`;
+//! `metric_label()` gives a bounded label for `/metrics`.
+
+use std::fmt;
+
+/// Exit codes (sysexits where one fits) relied on by operators and systemd's
+/// `RestartPreventExitStatus=78`.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const RECONCILE_FAILED: u8 = 1;
+    pub const CHANGES_PENDING: u8 = 2;
+    pub const USAGE: u8 = 64;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const CONFIG: u8 = 78;
+}
+
+/// A list of problems found while validating one input, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration ({count} problem{s}):\n{problems}", count = .0.0.len(), s = if .0.0.len() == 1 { "" } else { "s" }, problems = .0)]
+    Config(Problems),
+
+    #[error("invalid reference seed {source_name} ({count} problem{s}):\n{problems}", count = .problems.0.len(), s = if .problems.0.len() == 1 { "" } else { "s" })]
+    Seed {
+        source_name: String,
+        problems: Problems,
+    },
+
+    #[error("invalid realm file {path}: {message}")]
+    RealmFile { path: String, message: String },
+
+    #[error("PostgreSQL at {target} is unavailable after waiting {waited_secs}s: {reason}. Check that it runs and that database.url (SEEDKEEPER_DATABASE__URL) points at it")]
+    DatabaseUnavailable {
+        target: String,
+        waited_secs: u64,
+        reason: String,
+    },
+
+    #[error("Keycloak at {target} is unavailable after waiting {waited_secs}s: {reason}. Check keycloak.base_url (SEEDKEEPER_KEYCLOAK__BASE_URL) and that Keycloak is up")]
+    KeycloakUnavailable {
+        target: String,
+        waited_secs: u64,
+        reason: String,
+    },
+
+    #[error("Keycloak refused seedkeeper: {0}")]
+    KeycloakAuth(String),
+
+    #[error("Keycloak API error: {0}")]
+    Keycloak(String),
+
+    #[error("schema: {0}")]
+    Schema(String),
+
+    #[error("database error in {context}: {message}")]
+    Database { context: String, message: String },
+
+    #[error("unit {unit} failed: {message}")]
+    Unit { unit: &'static str, message: String },
+
+    #[error("{0}")]
+    Io(String),
+
+    #[error("shutdown requested before the run finished")]
+    Cancelled,
+}
+
+impl Error {
+    /// The process exit code for this error (see [`exit`]).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Seed { .. } | Error::RealmFile { .. } => exit::CONFIG,
+            Error::KeycloakAuth(_) => exit::CONFIG,
+            Error::DatabaseUnavailable { .. } | Error::KeycloakUnavailable { .. } => {
+                exit::UNAVAILABLE
+            }
+            _ => exit::RECONCILE_FAILED,
+        }
+    }
+
+    /// A bounded label for metrics: one per variant, never data.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Config(_) => "config",
+            Error::Seed { .. } => "seed",
+            Error::RealmFile { .. } => "realm_file",
+            Error::DatabaseUnavailable { .. } => "database_unavailable",
+            Error::KeycloakUnavailable { .. } => "keycloak_unavailable",
+            Error::KeycloakAuth(_) => "keycloak_auth",
+            Error::Keycloak(_) => "keycloak",
+            Error::Schema(_) => "schema",
+            Error::Database { .. } => "database",
+            Error::Unit { .. } => "unit",
+            Error::Io(_) => "io",
+            Error::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn config(problem: impl Into<String>) -> Self {
+        Error::Config(Problems(vec![problem.into()]))
+    }
+
+    /// Wraps a tokio-postgres error. Its Display never contains the connection string, but the
+    /// server's message can quote data, so only the SQLSTATE message and detail are kept.
+    pub fn db(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+        Error::Database {
+            context: context.into(),
+            message: describe_pg(&e),
+        }
+    }
+}
+
+/// A one-line description of a PostgreSQL error without secrets.
+pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            s.push_str(": ");
+            s.push_str(d);
+        }
+        s
+    } else if e.is_closed() {
+        "connection closed".to_string()
+    } else {
+        // tokio-postgres' own messages ("error connecting to server: ...", "timeout ...") hold no
+        // credentials: the config is never formatted into them.
+        let mut s = e.to_string();
+        let mut src = std::error::Error::source(e);
+        while let Some(inner) = src {
+            s.push_str(": ");
+            s.push_str(&inner.to_string());
+            src = inner.source();
+        }
+        s
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,646 @@
+//! Identity source `keycloak`: the live Admin REST API of Keycloak 26.
+//!
+//! Token: OIDC discovery from `{base_url}/realms/{realm}` and the client-credentials grant, both
+//! through `openidconnect`; the token is cached until shortly before it expires and renewed once
+//! when the API answers 401. Every request has a timeout; 429 (honouring `Retry-After`), 5xx,
+//! timeouts, connection errors and malformed bodies are retried with bounded backoff. TLS is
+//! rustls, with an optional extra CA; redirects are never followed.
+//!
+//! Effective roles: `roles/{role}/users` lists direct members only (keycloak#37209), so for each
+//! mapped role the source finds every role that grants it through composites, then the direct
+//! members of those roles and the members of the groups (and subgroups) that carry them. Only
+//! these privileged users are held in memory; the user list itself is streamed page by page
+//! (`first`/`max`, `keycloak.concurrency` pages in flight) and never held whole.
+//!
+//! The client secret is exposed only in the token request; the token only in the
+//! `Authorization` header. Error messages carry the API path and Keycloak's `error` field, never
+//! a response body. Reads `keycloak.*`.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use futures_util::{stream, StreamExt};
+use openidconnect::core::{CoreClient, CoreProviderMetadata};
+use openidconnect::{ClientId, ClientSecret, IssuerUrl, OAuth2TokenResponse, RequestTokenError};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::config::KeycloakSettings;
+use crate::error::{Error, Result};
+use crate::identity::{
+    granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
+};
+
+/// Renew this long before the token's `expires_in` runs out.
+const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Page size for roles, groups and role members.
+const AUX_PAGE: u32 = 500;
+
+#[derive(Debug, Deserialize)]
+struct UserRep {
+    id: String,
+    username: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default, rename = "firstName")]
+    first_name: Option<String>,
+    #[serde(default, rename = "lastName")]
+    last_name: Option<String>,
+    #[serde(default)]
+    enabled: Option<bool>,
+    #[serde(default, rename = "serviceAccountClientId")]
+    service_account_client_id: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct IdRep {
+    id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct RoleRep {
+    name: String,
+    #[serde(default)]
+    composite: bool,
+}
+
+struct CachedToken {
+    token: SecretString,
+    renew_at: Instant,
+}
+
+pub struct KeycloakSource {
+    settings: KeycloakSettings,
+    base: String,
+    http: reqwest::Client,
+    filter: RoleFilter,
+    batch_size: usize,
+    /// Startup wait for discovery (the daemon's `startup.wait_timeout`).
+    wait: Duration,
+    metadata: tokio::sync::Mutex<Option<CoreProviderMetadata>>,
+    token: Mutex<Option<CachedToken>>,
+    requests: std::sync::atomic::AtomicU64,
+}
+
+impl KeycloakSource {
+    pub fn new(
+        settings: &KeycloakSettings,
+        filter: RoleFilter,
+        batch_size: usize,
+        wait: Duration,
+    ) -> Result<Self> {
+        let base = settings
+            .base_url
+            .clone()
+            .ok_or_else(|| {
+                Error::config("keycloak.base_url is not set (SEEDKEEPER_KEYCLOAK__BASE_URL)")
+            })?
+            .trim_end_matches('/')
+            .to_string();
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(settings.request_timeout)
+            .connect_timeout(settings.request_timeout)
+            .user_agent(concat!("seedkeeper/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = &settings.ca_file {
+            let pem = std::fs::read(ca)
+                .map_err(|e| Error::config(format!("keycloak.ca_file {}: {e}", ca.display())))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                Error::config(format!(
+                    "keycloak.ca_file {} is not a PEM CA bundle: {e}",
+                    ca.display()
+                ))
+            })?;
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        if !settings.tls_verify {
+            tracing::warn!("keycloak.tls_verify = false: TLS certificates of Keycloak are not verified (development only)");
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        let http = builder
+            .build()
+            .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
+        Ok(KeycloakSource {
+            settings: settings.clone(),
+            base,
+            http,
+            filter,
+            batch_size,
+            wait,
+            metadata: tokio::sync::Mutex::new(None),
+            token: Mutex::new(None),
+            requests: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn realm(&self) -> &str {
+        &self.settings.realm
+    }
+
+    fn client_id(&self) -> &str {
+        &self.settings.client_id
+    }
+
+    fn backoff(attempt: u32) -> Duration {
+        (Duration::from_millis(200) * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF)
+    }
+
+    /// Discovery, retried with backoff up to the startup wait.
+    async fn discover(&self) -> Result<CoreProviderMetadata> {
+        let mut guard = self.metadata.lock().await;
+        if let Some(m) = guard.as_ref() {
+            return Ok(m.clone());
+        }
+        let issuer = format!("{}/realms/{}", self.base, self.realm());
+        let issuer_url = IssuerUrl::new(issuer.clone()).map_err(|e| {
+            Error::config(format!(
+                "keycloak.base_url/realm give an invalid issuer {issuer}: {e}"
+            ))
+        })?;
+        let start = Instant::now();
+        let mut attempt = 0;
+        loop {
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match CoreProviderMetadata::discover_async(issuer_url.clone(), &self.http).await {
+                Ok(m) => {
+                    *guard = Some(m.clone());
+                    return Ok(m);
+                }
+                Err(e) => {
+                    let reason = describe_discovery_error(&e);
+                    if reason.contains("404") {
+                        return Err(Error::KeycloakAuth(format!(
+                            "realm {:?} does not exist at {} (discovery answered 404): fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
+                            self.realm(),
+                            self.base
+                        )));
+                    }
+                    if start.elapsed() >= self.wait {
+                        return Err(Error::KeycloakUnavailable {
+                            target: self.base.clone(),
+                            waited_secs: start.elapsed().as_secs(),
+                            reason: format!("OIDC discovery of {issuer} failed: {reason}"),
+                        });
+                    }
+                    let d = Self::backoff(attempt).min(self.wait.saturating_sub(start.elapsed()));
+                    tracing::warn!(keycloak.issuer = %issuer, attempt, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for Keycloak");
+                    tokio::time::sleep(d).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn forget_token(&self) {
+        if let Ok(mut g) = self.token.lock() {
+            *g = None;
+        }
+    }
+
+    async fn token(&self) -> Result<SecretString> {
+        if let Ok(g) = self.token.lock() {
+            if let Some(t) = g.as_ref() {
+                if Instant::now() < t.renew_at {
+                    return Ok(t.token.clone());
+                }
+            }
+        }
+        let meta = self.discover().await?;
+        let secret = self.settings.client_secret.as_ref().ok_or_else(|| {
+            Error::config(
+                "keycloak.client_secret is not set (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE)",
+            )
+        })?;
+        let client = CoreClient::from_provider_metadata(
+            meta,
+            ClientId::new(self.client_id().to_string()),
+            Some(ClientSecret::new(secret.expose_secret().to_string())),
+        );
+        let mut attempt = 0;
+        loop {
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let request = client.exchange_client_credentials().map_err(|e| {
+                Error::Keycloak(format!("the discovery document has no token endpoint: {e}"))
+            })?;
+            match request.request_async(&self.http).await {
+                Ok(resp) => {
+                    let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(60));
+                    let renew_at =
+                        Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN.min(lifetime / 2));
+                    let token = SecretString::from(resp.access_token().secret().to_string());
+                    check_token_roles(&token, self.client_id())?;
+                    if let Ok(mut g) = self.token.lock() {
+                        *g = Some(CachedToken {
+                            token: token.clone(),
+                            renew_at,
+                        });
+                    }
+                    return Ok(token);
+                }
+                Err(RequestTokenError::ServerResponse(r)) => {
+                    let code = r.error().to_string();
+                    let desc = r.error_description().cloned().unwrap_or_default();
+                    return Err(Error::KeycloakAuth(format!(
+                        "the token endpoint refused client {:?} of realm {:?}: {code}: {desc}: check keycloak.client_id and keycloak.client_secret (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE), and that the client is confidential with service accounts enabled",
+                        self.client_id(),
+                        self.realm()
+                    )));
+                }
+                Err(e) => {
+                    let reason = match &e {
+                        RequestTokenError::Request(inner) => {
+                            format!("request failed: {}", inner_chain(inner))
+                        }
+                        RequestTokenError::Parse(_, _) => {
+                            "the token response is not valid JSON".to_string()
+                        }
+                        RequestTokenError::Other(s) => s.clone(),
+                        RequestTokenError::ServerResponse(_) => "refused".to_string(),
+                    };
+                    if attempt >= self.settings.max_retries {
+                        return Err(Error::KeycloakUnavailable {
+                            target: self.base.clone(),
+                            waited_secs: 0,
+                            reason: format!("token request: {reason}"),
+                        });
+                    }
+                    tracing::warn!(attempt, error = %reason, "token request failed; retrying");
+                    tokio::time::sleep(Self::backoff(attempt)).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// GET an admin API path with retries, token renewal and clear errors.
+    async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T> {
+        let url = format!("{}/admin/realms/{}/{}", self.base, self.realm(), path);
+        let mut attempt: u32 = 0;
+        let mut renewed = false;
+        loop {
+            let token = self.token().await?;
+            self.requests
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let sent = self
+                .http
+                .get(&url)
+                .query(query)
+                .bearer_auth(token.expose_secret())
+                .send()
+                .await;
+            let retry_in = match sent {
+                Err(e) => {
+                    let reason = if e.is_timeout() {
+                        "timed out".to_string()
+                    } else {
+                        inner_chain(&e)
+                    };
+                    if attempt >= self.settings.max_retries {
+                        return Err(Error::KeycloakUnavailable {
+                            target: self.base.clone(),
+                            waited_secs: 0,
+                            reason: format!("GET {path}: {reason} ({} attempts)", attempt + 1),
+                        });
+                    }
+                    tracing::warn!(path, attempt, error = %reason, "Keycloak request failed; retrying");
+                    Self::backoff(attempt)
+                }
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let retry_after = resp
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let is_json = resp
+                        .headers()
+                        .get(reqwest::header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(|v| v.contains("json"))
+                        .unwrap_or(false);
+                    let body = resp.bytes().await;
+                    match (status, body) {
+                        (200, Ok(bytes)) => match serde_json::from_slice::<T>(&bytes) {
+                            Ok(v) => return Ok(v),
+                            Err(e) => {
+                                let reason = if is_json { format!("malformed JSON ({e})") } else { "a non-JSON body".to_string() };
+                                if attempt >= self.settings.max_retries {
+                                    return Err(Error::Keycloak(format!("GET {path}: Keycloak answered 200 with {reason} after {} attempts", attempt + 1)));
+                                }
+                                tracing::warn!(path, attempt, error = %reason, "Keycloak response unreadable; retrying");
+                                Self::backoff(attempt)
+                            }
+                        },
+                        (_, Err(e)) => {
+                            if attempt >= self.settings.max_retries {
+                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: body cut off: {e}") });
+                            }
+                            Self::backoff(attempt)
+                        }
+                        (401, Ok(_)) if !renewed => {
+                            // Expired or revoked mid-listing: renew once, then try again at once.
+                            tracing::debug!(path, "token refused; renewing");
+                            self.forget_token();
+                            renewed = true;
+                            continue;
+                        }
+                        (401, Ok(_)) => {
+                            return Err(Error::KeycloakAuth(format!(
+                                "GET {path}: 401 even with a fresh token; the token's issuer must match keycloak.base_url (use the URL Keycloak calls itself by)"
+                            )))
+                        }
+                        (403, Ok(_)) => {
+                            return Err(Error::KeycloakAuth(format!(
+                                "GET {path}: 403: service account of client {:?} lacks realm-management role view-users or view-realm: assign both in Keycloak (Clients > {} > Service accounts roles)",
+                                self.client_id(),
+                                self.client_id()
+                            )))
+                        }
+                        (404, Ok(bytes)) => {
+                            let err = error_field(&bytes);
+                            if err.contains("Realm not found") {
+                                return Err(Error::KeycloakAuth(format!(
+                                    "realm {:?} not found at {}: fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
+                                    self.realm(),
+                                    self.base
+                                )));
+                            }
+                            return Err(Error::Keycloak(format!("GET {path}: 404 {err}")));
+                        }
+                        (429, Ok(_)) => {
+                            if attempt >= self.settings.max_retries {
+                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: still rate limited (429) after {} attempts", attempt + 1) });
+                            }
+                            let d = retry_after.unwrap_or_else(|| Self::backoff(attempt)).min(MAX_RETRY_AFTER);
+                            tracing::warn!(path, attempt, retry_in_ms = d.as_millis() as u64, "Keycloak rate limited the request (429)");
+                            d
+                        }
+                        (s, Ok(bytes)) if s >= 500 => {
+                            if attempt >= self.settings.max_retries {
+                                return Err(Error::KeycloakUnavailable {
+                                    target: self.base.clone(),
+                                    waited_secs: 0,
+                                    reason: format!("GET {path}: {s} {} after {} attempts", error_field(&bytes), attempt + 1),
+                                });
+                            }
+                            tracing::warn!(path, attempt, status = s, "Keycloak server error; retrying");
+                            Self::backoff(attempt)
+                        }
+                        (s, Ok(bytes)) => return Err(Error::Keycloak(format!("GET {path}: unexpected status {s} {}", error_field(&bytes)))),
+                    }
+                }
+            };
+            tokio::time::sleep(retry_in).await;
+            attempt += 1;
+        }
+    }
+
+    /// Every item of a paged admin endpoint.
+    async fn get_all<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        extra: &[(&str, String)],
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        let mut first = 0u32;
+        loop {
+            let mut q: Vec<(&str, String)> =
+                vec![("first", first.to_string()), ("max", AUX_PAGE.to_string())];
+            q.extend(extra.iter().cloned());
+            let page: Vec<T> = self.get(path, &q).await?;
+            let n = page.len() as u32;
+            out.extend(page);
+            if n < AUX_PAGE {
+                return Ok(out);
+            }
+            first += n;
+        }
+    }
+
+    /// sub -> relevant roles, for every user who holds one (directly, via a composite, or via a
+    /// group or a parent group).
+    async fn privileged(&self) -> Result<HashMap<String, BTreeSet<String>>> {
+        let roles: Vec<RoleRep> = self
+            .get_all("roles", &[("briefRepresentation", "true".into())])
+            .await?;
+        let mut graph = RoleGraph::default();
+        for r in roles.iter().filter(|r| r.composite) {
+            let children: Vec<RoleRep> = self
+                .get(&format!("roles/{}/composites/realm", enc(&r.name)), &[])
+                .await?;
+            graph.composites.insert(
+                r.name.clone(),
+                children.into_iter().map(|c| c.name).collect(),
+            );
+        }
+        let known: HashSet<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+        let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (target, granting) in granting_roles(&graph, &self.filter) {
+            for role in granting.iter().filter(|r| known.contains(r.as_str())) {
+                let brief = [("briefRepresentation", "true".to_string())];
+                let users: Vec<IdRep> = self
+                    .get_all(&format!("roles/{}/users", enc(role)), &brief)
+                    .await?;
+                for u in users {
+                    out.entry(u.id).or_default().insert(target.clone());
+                }
+                let groups: Vec<IdRep> = self
+                    .get_all(&format!("roles/{}/groups", enc(role)), &brief)
+                    .await?;
+                let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
+                let mut seen = HashSet::new();
+                while let Some(gid) = stack.pop() {
+                    if !seen.insert(gid.clone()) {
+                        continue;
+                    }
+                    let members: Vec<IdRep> = self
+                        .get_all(&format!("groups/{gid}/members"), &brief)
+                        .await?;
+                    for m in members {
+                        out.entry(m.id).or_default().insert(target.clone());
+                    }
+                    let children: Vec<IdRep> = self
+                        .get_all(&format!("groups/{gid}/children"), &brief)
+                        .await?;
+                    stack.extend(children.into_iter().map(|c| c.id));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn stream_users(&self, out: mpsc::Sender<Vec<Identity>>) -> Result<SourceStats> {
+        let privileged = self.privileged().await?;
+        let page = self.settings.page_size;
+        let mut pages = stream::iter(0u64..)
+            .map(|i| {
+                let q = vec![
+                    ("first", (i * u64::from(page)).to_string()),
+                    ("max", page.to_string()),
+                    ("briefRepresentation", "true".to_string()),
+                ];
+                async move { self.get::<Vec<UserRep>>("users", &q).await }
+            })
+            .buffered(self.settings.concurrency);
+        let mut stats = SourceStats::default();
+        let mut batch = Vec::with_capacity(self.batch_size);
+        while let Some(users) = pages.next().await {
+            let users = users?;
+            let n = users.len();
+            for u in users {
+                if u.service_account_client_id.is_some()
+                    || u.username.starts_with("service-account-")
+                {
+                    continue;
+                }
+                let roles = privileged
+                    .get(&u.id)
+                    .map(|s| s.iter().cloned().collect())
+                    .unwrap_or_default();
+                batch.push(Identity {
+                    sub: u.id,
+                    username: u.username,
+                    email: u.email,
+                    first_name: u.first_name,
+                    last_name: u.last_name,
+                    enabled: u.enabled.unwrap_or(false),
+                    realm_roles: roles,
+                });
+                stats.listed += 1;
+                if batch.len() >= self.batch_size {
+                    let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+                    out.send(full).await.map_err(|_| Error::Cancelled)?;
+                }
+            }
+            if n < page as usize {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            out.send(batch).await.map_err(|_| Error::Cancelled)?;
+        }
+        stats.requests = self.requests.load(std::sync::atomic::Ordering::Relaxed);
+        Ok(stats)
+    }
+}
+
+impl IdentityProvider for KeycloakSource {
+    fn name(&self) -> &'static str {
+        "keycloak"
+    }
+
+    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async move {
+            // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
+            // role or an unknown realm fails here, before anything is written.
+            let _: serde_json::Value = self.get("users/count", &[]).await?;
+            Ok(())
+        })
+    }
+
+    fn stream(
+        self: Arc<Self>,
+        out: mpsc::Sender<Vec<Identity>>,
+    ) -> BoxFuture<'static, Result<SourceStats>> {
+        Box::pin(async move { self.stream_users(out).await })
+    }
+}
+
+/// Path segment encoding for role names (which may hold spaces or slashes).
+fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Keycloak's `error` field of a JSON error body; never the body itself.
+fn error_field(bytes: &[u8]) -> String {
+    #[derive(Deserialize)]
+    struct E {
+        error: Option<String>,
+        #[serde(rename = "errorMessage")]
+        error_message: Option<String>,
+    }
+    match serde_json::from_slice::<E>(bytes) {
+        Ok(E { error: Some(e), .. })
+        | Ok(E {
+            error_message: Some(e),
+            ..
+        }) => e.chars().take(200).collect(),
+        _ => "(non-JSON body)".to_string(),
+    }
+}
+
+fn inner_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn describe_discovery_error<E: std::error::Error + 'static>(
+    e: &openidconnect::DiscoveryError<E>,
+) -> String {
+    match e {
+        openidconnect::DiscoveryError::Response(status, _, _) => format!("HTTP {status}"),
+        openidconnect::DiscoveryError::Parse(_) => {
+            "the discovery document is not valid JSON".to_string()
+        }
+        other => inner_chain(other),
+    }
+}
+
+/// The token's `resource_access.realm-management.roles` must include what the listing needs.
+/// Keycloak expands composites in the token, so `realm-admin` holders show both roles too.
+fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
+    let Some(payload) = token.expose_secret().split('.').nth(1) else {
+        return Ok(());
+    };
+    let Ok(bytes) =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('='))
+    else {
+        return Ok(());
+    };
+    let Ok(claims) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        return Ok(());
+    };
+    let roles: Vec<&str> = claims
+        .pointer("/resource_access/realm-management/roles")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|r| r.as_str()).collect())
+        .unwrap_or_default();
+    let missing: Vec<&str> = ["view-users", "view-realm"]
+        .into_iter()
+        .filter(|r| !roles.contains(r))
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::KeycloakAuth(format!(
+            "service account of client {client_id:?} lacks realm-management role{} {}: assign them in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
+            if missing.len() > 1 { "s" } else { "" },
+            missing.join(" and ")
+        )))
+    }
+}

@@ -1,0 +1,171 @@
+//! Where identities come from: the live Keycloak Admin API or a realm export file.
+//!
+//! Both sources produce the same stream of [`Identity`] batches (sub, username, email, names,
+//! enabled, effective realm roles restricted to the roles seedkeeper maps), sent through a
+//! bounded channel so memory does not grow with the realm. Service-account users are not
+//! identities (Keycloak's user list hides them too). Nothing here touches the database.
+//! Reads `identity.*` and `keycloak.*`.
+
+pub mod keycloak;
+pub mod realm_file;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::config::IdentitySettings;
+use crate::error::Result;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The column limit for subs, usernames, emails and names (Keycloak's own limit is 255 too).
+pub const MAX_FIELD_CHARS: usize = 255;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The OIDC `sub`: Keycloak's user id, an opaque string.
+    pub sub: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub enabled: bool,
+    /// Effective realm roles that seedkeeper maps, sorted.
+    pub realm_roles: Vec<String>,
+}
+
+/// Counts a source reports about its listing.
+#[derive(Debug, Clone, Default)]
+pub struct SourceStats {
+    pub listed: u64,
+    pub requests: u64,
+}
+
+pub trait IdentityProvider: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Checks the input before a run writes anything (a realm file is parsed and validated).
+    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>>;
+    /// Sends every identity, in batches, then returns. An error means the listing is incomplete.
+    fn stream(
+        self: Arc<Self>,
+        out: mpsc::Sender<Vec<Identity>>,
+    ) -> BoxFuture<'static, Result<SourceStats>>;
+}
+
+/// The realm roles seedkeeper cares about: admin roles and role_map keys.
+#[derive(Debug, Clone)]
+pub struct RoleFilter {
+    pub relevant: BTreeSet<String>,
+}
+
+impl RoleFilter {
+    pub fn new(s: &IdentitySettings) -> Self {
+        let mut relevant: BTreeSet<String> = s.admin_roles.iter().cloned().collect();
+        relevant.extend(s.role_map.keys().cloned());
+        RoleFilter { relevant }
+    }
+
+    pub fn keep(&self, roles: impl IntoIterator<Item = String>) -> Vec<String> {
+        let set: BTreeSet<String> = roles
+            .into_iter()
+            .filter(|r| self.relevant.contains(r))
+            .collect();
+        set.into_iter().collect()
+    }
+}
+
+/// Why an identity cannot be stored, if it cannot.
+pub fn check_identity(i: &Identity) -> std::result::Result<(), String> {
+    check_key_field("id (sub)", &i.sub)?;
+    check_key_field("username", &i.username)?;
+    for (name, v) in [
+        ("email", &i.email),
+        ("firstName", &i.first_name),
+        ("lastName", &i.last_name),
+    ] {
+        if let Some(v) = v {
+            if v.chars().count() > MAX_FIELD_CHARS {
+                return Err(format!(
+                    "{name} is longer than {MAX_FIELD_CHARS} characters"
+                ));
+            }
+            if v.contains('\0') {
+                return Err(format!("{name} contains a NUL character"));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_key_field(name: &str, v: &str) -> std::result::Result<(), String> {
+    if v.is_empty() {
+        return Err(format!("{name} is empty"));
+    }
+    if v.chars().count() > MAX_FIELD_CHARS {
+        return Err(format!(
+            "{name} is longer than {MAX_FIELD_CHARS} characters"
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("{name} contains control characters"));
+    }
+    Ok(())
+}
+
+/// Realm role graph: which roles each composite role contains (realm roles only).
+#[derive(Debug, Clone, Default)]
+pub struct RoleGraph {
+    pub composites: HashMap<String, Vec<String>>,
+}
+
+impl RoleGraph {
+    /// Every role reachable from `start`, including the start roles.
+    pub fn closure<'a>(&self, start: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut stack: Vec<String> = start.into_iter().map(str::to_string).collect();
+        while let Some(r) = stack.pop() {
+            if seen.insert(r.clone()) {
+                if let Some(children) = self.composites.get(&r) {
+                    stack.extend(children.iter().cloned());
+                }
+            }
+        }
+        seen
+    }
+
+    /// Roles whose effective set contains `target` (the role itself and every composite that
+    /// reaches it): holding any of them means holding `target`.
+    pub fn holders_of(&self, target: &str) -> BTreeSet<String> {
+        let mut parents: HashMap<&str, Vec<&str>> = HashMap::new();
+        for (role, children) in &self.composites {
+            for c in children {
+                parents.entry(c.as_str()).or_default().push(role.as_str());
+            }
+        }
+        let mut out = BTreeSet::new();
+        let mut stack = vec![target];
+        while let Some(r) = stack.pop() {
+            if out.insert(r.to_string()) {
+                if let Some(p) = parents.get(r) {
+                    stack.extend(p.iter().copied());
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Maps each relevant role to the roles that grant it.
+pub fn granting_roles(
+    graph: &RoleGraph,
+    filter: &RoleFilter,
+) -> BTreeMap<String, BTreeSet<String>> {
+    filter
+        .relevant
+        .iter()
+        .map(|r| (r.clone(), graph.holders_of(r)))
+        .collect()
+}

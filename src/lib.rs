@@ -1,0 +1,34 @@
+//! seedkeeper: a Keycloak-aware identity bootstrap daemon. It applies the platform schema and
+//! the reference seed to PostgreSQL, and keeps realm users, their admin bindings and personal
+//! tenants in sync with Keycloak, once (`--once`) or on a schedule.
+//!
+//! Layout (each arrow of the data flow crosses one module boundary):
+//!
+//! ```text
+//! cli ──> config::load ──> app::build_engine ──> reconcile::Engine::run ──> store (PostgreSQL)
+//!                                                  │        ▲
+//!                         seed (what should exist)─┘        └─ identity (who exists in Keycloak)
+//! app::run_until_stopped ──> http (/healthz /readyz /metrics), schedule (cron), metrics
+//! ```
+//!
+//! - [`config`]: settings, layered load, validation, secrets.
+//! - [`seed`]: the reference seed model and its validation.
+//! - [`identity`]: identity sources (`keycloak`, `realm-file`).
+//! - [`reconcile`]: units (schema, reference_seed, identities, role_bindings, tenants), plan/apply.
+//! - [`store`]: connections, migrations, the advisory lock, the evidence table.
+//! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod identity;
+pub mod metrics;
+pub mod reconcile;
+pub mod schedule;
+pub mod seed;
+pub mod store;
+pub mod telemetry;

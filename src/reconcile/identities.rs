@@ -1,0 +1,403 @@
+//! Unit `identities`: realm users become `users` rows keyed by `keycloak_sub` (DESIGN rules 1, 2
+//! and 5).
+//!
+//! The source streams batches into a temporary staging table with binary `COPY` while pages are
+//! still arriving, so client memory stays flat; the comparison and the writes are then a handful
+//! of set-based statements over the whole realm. Order inside the one transaction:
+//! de-duplicate the stage, re-align rows whose username matches and whose old sub left the realm,
+//! mark username clashes (never a takeover), update differing rows, insert new ones, report users
+//! missing from the source (never deleted). Plan runs the same classification and counts instead
+//! of writing; only the temporary table is written, and the transaction is rolled back.
+
+use std::sync::Arc;
+
+use futures_util::pin_mut;
+use tokio::sync::mpsc;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::error::{Error, Result};
+use crate::identity::{check_identity, IdentityProvider};
+use crate::reconcile::{Finding, Mode, UnitReport};
+use crate::store::ctx;
+
+const UNIT: &str = "identities";
+
+const STAGE: &str = "CREATE TEMP TABLE sk_stage (
+    sub          text NOT NULL,
+    username     text NOT NULL,
+    email        text,
+    first_name   text,
+    last_name    text,
+    is_active    boolean NOT NULL,
+    role         text NOT NULL,
+    realm_roles  text[] NOT NULL,
+    ord          bigint NOT NULL,
+    skip         boolean NOT NULL DEFAULT false,
+    realigned    boolean NOT NULL DEFAULT false
+) ON COMMIT DROP";
+
+/// Rows whose username a realm user holds while their own sub is gone from the realm, and whose
+/// new sub has no row yet: the realm was re-imported with new ids.
+const REALIGN_CANDIDATES: &str =
+    "SELECT u.id, s.sub AS new_sub, u.keycloak_sub AS old_sub, s.username
+    FROM sk_stage s JOIN users u ON u.username = s.username
+    WHERE u.keycloak_sub IS DISTINCT FROM s.sub AND u.keycloak_sub IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
+      AND NOT EXISTS (SELECT 1 FROM users u2 WHERE u2.keycloak_sub = s.sub)";
+
+/// Realm users whose username is held by a row that is not theirs and cannot be re-aligned:
+/// a row without a sub, or a stale row while the user already has its own row.
+const CLASHES: &str = "SELECT s.sub, s.username, u.keycloak_sub AS holder_sub
+    FROM sk_stage s JOIN users u ON u.username = s.username
+    WHERE NOT s.realigned AND u.keycloak_sub IS DISTINCT FROM s.sub
+      AND (u.keycloak_sub IS NULL
+           OR (NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
+               AND EXISTS (SELECT 1 FROM users u2 WHERE u2.keycloak_sub = s.sub)))";
+
+const DIFFERS: &str = "u.keycloak_sub = s.sub AND NOT s.skip
+    AND (u.username, u.email, u.first_name, u.last_name, u.is_active, u.role, u.realm_roles)
+        IS DISTINCT FROM (s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles)";
+
+const NEW: &str = "NOT s.skip AND NOT s.realigned AND NOT EXISTS (SELECT 1 FROM users u WHERE u.keycloak_sub = s.sub)";
+
+const MISSING: &str = "u.keycloak_sub IS NOT NULL
+    AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.sub = u.keycloak_sub)
+    AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.realigned AND s.username = u.username)";
+
+const SAMPLE: i64 = crate::reconcile::FINDINGS_PER_KIND as i64;
+
+pub async fn reconcile(
+    client: &mut Client,
+    source: Arc<dyn IdentityProvider>,
+    settings: &Settings,
+    mode: Mode,
+    _cancel: &CancellationToken,
+) -> Result<UnitReport> {
+    let mut report = UnitReport::new(UNIT);
+    let tx = client
+        .transaction()
+        .await
+        .map_err(ctx("starting the identities transaction"))?;
+    tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
+        .await
+        .map_err(ctx("deferring the username check"))?;
+    tx.batch_execute(STAGE)
+        .await
+        .map_err(ctx("creating the identity stage"))?;
+
+    // Stream the source into the stage. The producer runs as its own task so a blocking reader
+    // (the realm file) never stalls the COPY that drains it.
+    let (sender, mut rx) = mpsc::channel(4);
+    let producer = tokio::spawn(source.clone().stream(sender));
+    let sink = tx
+        .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord) FROM STDIN BINARY")
+        .await
+        .map_err(ctx("starting COPY into the identity stage"))?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::TEXT,
+        Type::BOOL,
+        Type::TEXT,
+        Type::TEXT_ARRAY,
+        Type::INT8,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    let admin_roles = &settings.identity.admin_roles;
+    let mut ord: i64 = 0;
+    let mut rejected = 0i64;
+    while let Some(batch) = rx.recv().await {
+        for ident in batch {
+            ord += 1;
+            if let Err(why) = check_identity(&ident) {
+                rejected += 1;
+                tracing::warn!(unit = UNIT, user.sub = %printable(&ident.sub), reason = %why, "identity refused");
+                report.add_finding(Finding::new(
+                    UNIT,
+                    "rejected",
+                    format!("sub:{}", printable(&ident.sub)),
+                    why,
+                ));
+                continue;
+            }
+            let role = if ident.realm_roles.iter().any(|r| admin_roles.contains(r)) {
+                "admin"
+            } else {
+                "user"
+            };
+            let row: [&(dyn ToSql + Sync); 9] = [
+                &ident.sub,
+                &ident.username,
+                &ident.email,
+                &ident.first_name,
+                &ident.last_name,
+                &ident.enabled,
+                &role,
+                &ident.realm_roles,
+                &ord,
+            ];
+            writer
+                .as_mut()
+                .write(&row)
+                .await
+                .map_err(ctx("writing the identity stage"))?;
+        }
+    }
+    let stats = producer
+        .await
+        .map_err(|e| Error::Io(format!("identity source task failed: {e}")))??;
+    writer
+        .finish()
+        .await
+        .map_err(ctx("finishing COPY into the identity stage"))?;
+    report.bump("listed", stats.listed as i64);
+    report.bump("rejected", rejected);
+
+    // Paging can repeat a user when the realm changes during the listing. The unique indexes
+    // prove there is none in the common case; only when one fails is the stage de-duplicated
+    // (first copy kept) and the index built again.
+    tx.batch_execute("ANALYZE sk_stage")
+        .await
+        .map_err(ctx("analyzing the identity stage"))?;
+    if !try_unique_index(&tx, "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)").await? {
+        let dup = tx
+            .execute(
+                "DELETE FROM sk_stage a USING sk_stage b WHERE a.sub = b.sub AND a.ord > b.ord",
+                &[],
+            )
+            .await
+            .map_err(ctx("de-duplicating the identity stage"))?;
+        report.bump("duplicates", dup as i64);
+        tx.batch_execute("CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)")
+            .await
+            .map_err(ctx("indexing the identity stage"))?;
+    }
+    if !try_unique_index(
+        &tx,
+        "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)",
+    )
+    .await?
+    {
+        for r in tx
+            .query("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
+            .await
+            .map_err(ctx("checking usernames in the identity stage"))?
+        {
+            let sub: String = r.get(0);
+            let username: String = r.get(1);
+            report.bump("rejected", 1);
+            report.add_finding(Finding::new(UNIT, "rejected", format!("sub:{sub}"), format!("username {username:?} is listed for two subs by the source")));
+        }
+        tx.batch_execute("CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)")
+            .await
+            .map_err(ctx("indexing the identity stage"))?;
+    }
+
+    // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
+    // username changed; when there are none (every steady-state run) both checks are skipped.
+    let unsettled: i64 = tx
+        .query_one("SELECT count(*) FROM sk_stage s LEFT JOIN users u ON u.keycloak_sub = s.sub WHERE u.id IS NULL OR u.username <> s.username", &[])
+        .await
+        .map_err(ctx("comparing the identity stage"))?
+        .get(0);
+
+    // Re-alignment.
+    let realign_sql = match mode {
+        Mode::Apply => format!(
+            "WITH cand AS ({REALIGN_CANDIDATES}),
+             upd AS (UPDATE users u SET keycloak_sub = c.new_sub, updated_at = now(), synced_at = now()
+                     FROM cand c WHERE u.id = c.id RETURNING c.new_sub, c.old_sub, c.username),
+             mark AS (UPDATE sk_stage s SET realigned = true FROM upd WHERE s.sub = upd.new_sub RETURNING 1)
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM upd LIMIT {SAMPLE}"
+        ),
+        Mode::Plan => format!(
+            "WITH cand AS ({REALIGN_CANDIDATES}),
+             mark AS (UPDATE sk_stage s SET realigned = true FROM cand c WHERE s.sub = c.new_sub RETURNING 1)
+             SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM cand LIMIT {SAMPLE}"
+        ),
+    };
+    let rows = tx
+        .query(&realign_sql, &[])
+        .await
+        .map_err(ctx("re-aligning users to new subs"))?;
+    let realigned: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+    for r in &rows {
+        let username: String = r.get(2);
+        let old: String = r.get(3);
+        let new: String = r.get(4);
+        report.add_finding(Finding::new(
+            UNIT,
+            "realigned",
+            format!("user:{username}"),
+            format!("sub {old} is gone from the realm; row re-aligned to {new}"),
+        ));
+    }
+    report.bump("realigned", realigned);
+
+    // Clashes: reported per identity, never a takeover.
+    let rows = if unsettled == 0 {
+        Vec::new()
+    } else {
+        tx.query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub"), &[])
+            .await
+            .map_err(ctx("checking username clashes"))?
+    };
+    for r in &rows {
+        let sub: String = r.get(0);
+        let username: String = r.get(1);
+        let holder: Option<String> = r.get(2);
+        let detail = match holder {
+            None => format!("username {username:?} belongs to a users row without a keycloak_sub (not created by sync); realm user {sub} was not stored. Rename one of them, or set that row's keycloak_sub to {sub} if it is the same person"),
+            Some(h) => format!("username {username:?} belongs to the row of sub {h}, which left the realm, while realm user {sub} already has its own row; resolve by hand (rename or retire the old row)"),
+        };
+        report.add_finding(Finding::new(
+            UNIT,
+            "clash",
+            format!("user:{username}"),
+            detail,
+        ));
+    }
+    report.bump("clashes", rows.len() as i64);
+    if !rows.is_empty() {
+        report.blocking.push(format!(
+            "identities: {} username clash(es) left unresolved (see the run's findings); no row was taken over",
+            rows.len()
+        ));
+    }
+
+    // Updates and inserts.
+    let (updated, updated_after_realign, inserted) = match mode {
+        Mode::Apply => {
+            let r = tx
+                .query_one(
+                    &format!(
+                        "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
+                                last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
+                                updated_at = now(), synced_at = now()
+                            FROM sk_stage s WHERE {DIFFERS} RETURNING s.realigned)
+                         SELECT count(*) FILTER (WHERE NOT realigned), count(*) FILTER (WHERE realigned) FROM upd"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(ctx("updating users"))?;
+            let ins = tx
+                .execute(
+                    &format!(
+                        "INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
+                         SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
+                         FROM sk_stage s WHERE {NEW} ORDER BY s.ord"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(ctx("inserting users"))?;
+            (r.get::<_, i64>(0), r.get::<_, i64>(1), ins as i64)
+        }
+        Mode::Plan => {
+            let r = tx
+                .query_one(
+                    &format!(
+                        "SELECT (SELECT count(*) FROM users u JOIN sk_stage s ON u.keycloak_sub = s.sub WHERE {DIFFERS}),
+                                (SELECT count(*) FROM sk_stage s WHERE {NEW})"
+                    ),
+                    &[],
+                )
+                .await
+                .map_err(ctx("comparing users"))?;
+            (r.get::<_, i64>(0), 0, r.get::<_, i64>(1))
+        }
+    };
+    let _ = updated_after_realign;
+    report.bump("updated", updated);
+    report.bump("inserted", inserted);
+    if mode == Mode::Plan {
+        if inserted > 0 {
+            report.add_change(format!("insert {inserted} user(s)"));
+        }
+        if updated > 0 {
+            report.add_change(format!("update {updated} user(s)"));
+        }
+        if realigned > 0 {
+            report.add_change(format!("re-align {realigned} user(s) to new subs"));
+        }
+    }
+    let staged: i64 = tx
+        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
+        .await
+        .map_err(ctx("counting the identity stage"))?
+        .get(0);
+    report.bump(
+        "unchanged",
+        (staged - inserted - updated - realigned).max(0),
+    );
+
+    // Users the source no longer lists: reported, never deleted.
+    let rows = tx
+        .query(
+            &format!("SELECT count(*) OVER (), u.username, u.keycloak_sub FROM users u WHERE {MISSING} ORDER BY u.username LIMIT {SAMPLE}"),
+            &[],
+        )
+        .await
+        .map_err(ctx("listing users missing from the source"))?;
+    let missing: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+    for r in &rows {
+        let username: String = r.get(1);
+        let sub: String = r.get(2);
+        report.add_finding(Finding::new(
+            UNIT,
+            "missing",
+            format!("user:{username}"),
+            format!("sub {sub} is not in the {} source; row kept", source.name()),
+        ));
+    }
+    report.bump("missing", missing);
+
+    match mode {
+        Mode::Apply => tx.commit().await.map_err(ctx("committing identities"))?,
+        Mode::Plan => tx
+            .rollback()
+            .await
+            .map_err(ctx("ending the identities plan"))?,
+    }
+    Ok(report)
+}
+
+/// Builds a unique index inside a savepoint; `false` when the stage holds duplicates.
+async fn try_unique_index(tx: &tokio_postgres::Transaction<'_>, sql: &str) -> Result<bool> {
+    tx.batch_execute("SAVEPOINT sk_index")
+        .await
+        .map_err(ctx("indexing the identity stage"))?;
+    match tx.batch_execute(sql).await {
+        Ok(()) => {
+            tx.batch_execute("RELEASE SAVEPOINT sk_index")
+                .await
+                .map_err(ctx("indexing the identity stage"))?;
+            Ok(true)
+        }
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            tx.batch_execute("ROLLBACK TO SAVEPOINT sk_index")
+                .await
+                .map_err(ctx("indexing the identity stage"))?;
+            Ok(false)
+        }
+        Err(e) => Err(crate::error::Error::db("indexing the identity stage", e)),
+    }
+}
+
+/// A sub for logs and evidence: control characters escaped, length capped.
+fn printable(s: &str) -> String {
+    let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 80 {
+        format!("{escaped}…")
+    } else {
+        escaped
+    }
+}

@@ -1,0 +1,111 @@
+//! Unit `tenants`: every users row (synced or not) gets a personal tenant, a default project,
+//! and active owner memberships in both (DESIGN rule 4).
+//!
+//! Four whole-table statements, each writing only rows that are missing or differ; a no-op run
+//! writes nothing. Slugs derive from the user id, which never changes (usernames can).
+
+use tokio_postgres::Transaction;
+
+use crate::error::Result;
+use crate::reconcile::{Mode, UnitReport};
+use crate::store::ctx;
+
+const UNIT: &str = "tenants";
+
+struct Step {
+    count_key: &'static str,
+    what: &'static str,
+    /// Rows to write: a SELECT.
+    select: &'static str,
+    /// The write, given `x` = the select.
+    write: &'static str,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        count_key: "tenants_inserted",
+        what: "personal tenant(s)",
+        select: "SELECT u.id AS owner_user_id, 'personal-' || u.id::text AS slug, u.username AS name FROM users u
+                 WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.kind = 'personal' AND t.owner_user_id = u.id)",
+        write: "INSERT INTO tenants (kind, owner_user_id, slug, name) SELECT 'personal', owner_user_id, slug, name FROM x",
+    },
+    Step {
+        count_key: "projects_inserted",
+        what: "default project(s)",
+        select: "SELECT t.id AS tenant_id FROM tenants t
+                 WHERE t.kind = 'personal' AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.tenant_id = t.id AND p.is_default)",
+        write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
+    },
+    Step {
+        count_key: "tenant_memberships_inserted",
+        what: "tenant owner membership(s) to insert",
+        select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
+                 WHERE t.kind = 'personal'
+                   AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
+        write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
+    },
+    Step {
+        count_key: "tenant_memberships_updated",
+        what: "tenant owner membership(s) to set back to owner/active",
+        select: "SELECT m.tenant_id, m.user_id FROM tenants t
+                 JOIN tenant_memberships m ON m.tenant_id = t.id AND m.user_id = t.owner_user_id
+                 WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
+        write: "UPDATE tenant_memberships m SET role = 'owner', status = 'active' FROM x
+                WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
+    },
+    Step {
+        count_key: "project_memberships_inserted",
+        what: "project owner membership(s) to insert",
+        select: "SELECT p.id AS project_id, t.owner_user_id AS user_id FROM tenants t
+                 JOIN projects p ON p.tenant_id = t.id AND p.is_default
+                 WHERE t.kind = 'personal'
+                   AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
+        write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
+    },
+    Step {
+        count_key: "project_memberships_updated",
+        what: "project owner membership(s) to set back to owner/active",
+        select: "SELECT m.project_id, m.user_id FROM tenants t
+                 JOIN projects p ON p.tenant_id = t.id AND p.is_default
+                 JOIN project_memberships m ON m.project_id = p.id AND m.user_id = t.owner_user_id
+                 WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
+        write: "UPDATE project_memberships m SET role = 'owner', status = 'active' FROM x
+                WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
+    },
+];
+
+pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
+    let mut report = UnitReport::new(UNIT);
+    let mut total = 0i64;
+    for step in STEPS {
+        // Apply writes straight away (the anti-joins write nothing when nothing is missing);
+        // plan counts the same rows. The run lock keeps other seedkeepers out between the two.
+        let n = match mode {
+            Mode::Plan => {
+                let planned: i64 = tx
+                    .query_one(&format!("SELECT count(*) FROM ({}) x", step.select), &[])
+                    .await
+                    .map_err(ctx("comparing tenants"))?
+                    .get(0);
+                if planned > 0 {
+                    report.add_change(format!("write {planned} {}", step.what));
+                }
+                planned
+            }
+            Mode::Apply => tx
+                .execute(&format!("WITH x AS ({}) {}", step.select, step.write), &[])
+                .await
+                .map_err(ctx("writing tenants"))? as i64,
+        };
+        report.bump(step.count_key, n);
+        total += n;
+    }
+    report.bump("inserted", total);
+    let users: i64 = tx
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .map_err(ctx("counting users"))?
+        .get(0);
+    report.bump("users_covered", users);
+    Ok(report)
+}

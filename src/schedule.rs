@@ -1,0 +1,41 @@
+//! The schedule: a `tokio-cron-scheduler` job on `schedule.cron` (six fields, seconds first,
+//! UTC) that triggers a run. Overlapping ticks are skipped by the app's overlap guard; across
+//! replicas the advisory lock decides. Reads `schedule.cron`.
+
+use std::sync::Arc;
+
+use tokio_cron_scheduler::{Job, JobScheduler};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::error::{Error, Result};
+
+pub async fn start(app: Arc<App>, cancel: CancellationToken) -> Result<JobScheduler> {
+    let cron = app.settings().schedule.cron.clone();
+    let sched = JobScheduler::new()
+        .await
+        .map_err(|e| Error::Io(format!("cannot start the scheduler: {e}")))?;
+    let job = Job::new_async(cron.as_str(), move |_id, _lock| {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        Box::pin(async move {
+            if cancel.is_cancelled() {
+                return;
+            }
+            // The run goes on its own task so the scheduler's tick never waits for it.
+            tokio::spawn(async move {
+                app.tick(&cancel).await;
+            });
+        })
+    })
+    .map_err(|e| Error::config(format!("schedule.cron {cron:?} is invalid: {e}")))?;
+    sched
+        .add(job)
+        .await
+        .map_err(|e| Error::Io(format!("cannot schedule the job: {e}")))?;
+    sched
+        .start()
+        .await
+        .map_err(|e| Error::Io(format!("cannot start the scheduler: {e}")))?;
+    Ok(sched)
+}

@@ -1,0 +1,143 @@
+//! Embedded, ordered schema migrations with checksums.
+//!
+//! Files `migrations/V<n>__<name>.sql` are compiled into the binary. Each pending one is applied
+//! in its own transaction and recorded in `seedkeeper_migrations` with its SHA-256. An applied
+//! file whose checksum changed is a hard error: schema files are append-only. A database that
+//! has a migration this binary does not know is refused too (an older seedkeeper must not run
+//! against a newer schema). Reads `schema.mode`.
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::Client;
+
+use crate::config::SchemaMode;
+use crate::error::{Error, Result};
+use crate::seed::hex;
+use crate::store::{ctx, table_exists};
+
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "db_schema_v1",
+    sql: include_str!("../../migrations/V1__db_schema_v1.sql"),
+}];
+
+impl Migration {
+    pub fn checksum(&self) -> String {
+        hex(&Sha256::digest(self.sql.as_bytes()))
+    }
+
+    pub fn label(&self) -> String {
+        format!("V{}__{}", self.version, self.name)
+    }
+}
+
+/// What `schema` found or did.
+#[derive(Debug, Default, Clone)]
+pub struct SchemaReport {
+    pub applied: Vec<String>,
+    pub pending: Vec<String>,
+}
+
+const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS seedkeeper_migrations (
+    version     integer PRIMARY KEY,
+    name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)";
+
+/// Checks applied migrations against the embedded ones and returns the pending ones.
+pub async fn pending(
+    client: &Client,
+    migrations: &'static [Migration],
+) -> Result<Vec<&'static Migration>> {
+    if !table_exists(client, "seedkeeper_migrations").await? {
+        return Ok(migrations.iter().collect());
+    }
+    let rows = client
+        .query(
+            "SELECT version, name, checksum FROM seedkeeper_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .map_err(ctx("reading seedkeeper_migrations"))?;
+    let mut applied = std::collections::BTreeMap::new();
+    for r in rows {
+        let v: i32 = r.get(0);
+        let name: String = r.get(1);
+        let sum: String = r.get(2);
+        match migrations.iter().find(|m| m.version == v) {
+            None => {
+                return Err(Error::Schema(format!(
+                    "the database has migration V{v}__{name}, which this seedkeeper does not know: run a seedkeeper at least as new as the one that applied it"
+                )))
+            }
+            Some(m) if m.checksum() != sum => {
+                return Err(Error::Schema(format!(
+                    "migration {} was changed after it was applied (checksum in database {}…, embedded {}…): schema files are append-only; restore the original file and put the change in a new migration",
+                    m.label(),
+                    &sum[..sum.len().min(12)],
+                    &m.checksum()[..12]
+                )))
+            }
+            Some(_) => {
+                applied.insert(v, ());
+            }
+        }
+    }
+    Ok(migrations
+        .iter()
+        .filter(|m| !applied.contains_key(&m.version))
+        .collect())
+}
+
+/// Applies pending migrations (mode apply) or refuses to go on while any are pending (verify).
+pub async fn run(
+    client: &mut Client,
+    mode: SchemaMode,
+    migrations: &'static [Migration],
+) -> Result<SchemaReport> {
+    let todo = pending(client, migrations).await?;
+    let mut report = SchemaReport::default();
+    if todo.is_empty() {
+        return Ok(report);
+    }
+    if mode == SchemaMode::Verify {
+        report.pending = todo.iter().map(|m| m.label()).collect();
+        return Err(Error::Schema(format!(
+            "{} migration(s) pending ({}) and schema.mode = \"verify\": run `seedkeeper migrate` (or the migration job), or set SEEDKEEPER_SCHEMA__MODE=apply",
+            todo.len(),
+            report.pending.join(", ")
+        )));
+    }
+    for m in todo {
+        let tx = client
+            .transaction()
+            .await
+            .map_err(ctx("starting a migration"))?;
+        tx.batch_execute(CREATE_TABLE)
+            .await
+            .map_err(ctx("creating seedkeeper_migrations"))?;
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            Error::Schema(format!(
+                "migration {} failed: {}",
+                m.label(),
+                crate::error::describe_pg(&e)
+            ))
+        })?;
+        tx.execute(
+            "INSERT INTO seedkeeper_migrations (version, name, checksum) VALUES ($1, $2, $3)",
+            &[&m.version, &m.name, &m.checksum()],
+        )
+        .await
+        .map_err(ctx("recording a migration"))?;
+        tx.commit().await.map_err(ctx("committing a migration"))?;
+        tracing::info!(migration = %m.label(), "migration applied");
+        report.applied.push(m.label());
+    }
+    Ok(report)
+}

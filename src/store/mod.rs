@@ -1,0 +1,117 @@
+//! PostgreSQL: connecting (with a bounded wait), embedded migrations, the advisory lock and the
+//! evidence table. One function per statement; SQL lives next to the function that runs it.
+//!
+//! Each run opens its own connection: a connection broken by a restart or `pg_terminate_backend`
+//! is simply replaced by the next run, and the session-level advisory lock dies with it (so a
+//! killed process never leaves the lock held). Reads `database.*`.
+
+pub mod lock;
+pub mod migrate;
+pub mod runs;
+
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{describe_target, DatabaseSettings};
+use crate::error::{describe_pg, Error, Result};
+
+/// An open connection and where it goes (for messages: never the credentials).
+pub struct Db {
+    pub client: Client,
+    pub target: String,
+    conn_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        self.conn_task.abort();
+    }
+}
+
+/// Whether an error is worth waiting out (server down, starting, database not there yet) rather
+/// than a configuration mistake (bad password, unknown role).
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    match e.code() {
+        Some(code) => {
+            let c = code.code();
+            // 28xxx: authentication; 42xxx: e.g. unknown role. Neither heals by waiting.
+            !(c.starts_with("28") || c.starts_with("42"))
+        }
+        None => true,
+    }
+}
+
+/// Connects once.
+pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
+    let cfg = settings.pg_config()?;
+    let target = describe_target(&cfg);
+    match cfg.connect(NoTls).await {
+        Ok((client, connection)) => {
+            let conn_task = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %describe_pg(&e), "database connection ended");
+                }
+            });
+            Ok(Db { client, target, conn_task })
+        }
+        Err(e) if !is_transient(&e) => Err(Error::config(format!(
+            "PostgreSQL at {target} refused the connection: {}: fix database.url / database.password (SEEDKEEPER_DATABASE__URL, SEEDKEEPER_DATABASE__PASSWORD)",
+            describe_pg(&e)
+        ))),
+        Err(e) => Err(Error::DatabaseUnavailable { target, waited_secs: 0, reason: describe_pg(&e) }),
+    }
+}
+
+/// Connects, retrying transient failures with exponential backoff until `wait` has passed.
+pub async fn connect_with_wait(
+    settings: &DatabaseSettings,
+    wait: Duration,
+    cancel: &CancellationToken,
+) -> Result<Db> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match connect(settings).await {
+            Ok(db) => return Ok(db),
+            Err(Error::DatabaseUnavailable { target, reason, .. }) => {
+                let waited = start.elapsed();
+                if waited >= wait {
+                    return Err(Error::DatabaseUnavailable {
+                        target,
+                        waited_secs: waited.as_secs(),
+                        reason,
+                    });
+                }
+                tracing::warn!(db.target = %target, attempt, error = %reason, retry_in_ms = delay.as_millis() as u64, "waiting for PostgreSQL");
+                let sleep = delay.min(wait.saturating_sub(waited));
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = cancel.cancelled() => return Err(Error::Cancelled),
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+}
+
+/// Maps a statement error to an `Error::Database` with the context of what was being done.
+pub fn ctx(context: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
+    move |e| Error::db(context, e)
+}
+
+/// Whether a table exists (used before the schema is known to be there).
+pub async fn table_exists(client: &Client, table: &str) -> Result<bool> {
+    let row = client
+        .query_one(
+            "SELECT to_regclass($1) IS NOT NULL",
+            &[&format!("public.{table}")],
+        )
+        .await
+        .map_err(ctx("checking the schema"))?;
+    Ok(row.get(0))
+}

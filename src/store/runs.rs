@@ -1,0 +1,143 @@
+//! The evidence table `seed_runs`: one row per run, written at start (`running`) and finished
+//! with the outcome, counts per unit, findings and an error without secrets. Rows beyond
+//! `evidence.retention` are pruned. A `running` row left by a killed process is closed as
+//! failed by the next run that holds the lock.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_postgres::Client;
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::store::ctx;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: Uuid,
+    pub trigger: String,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub outcome: String,
+    pub seed_digest: Option<String>,
+    pub counts: Value,
+    pub findings: Value,
+    pub error: Option<String>,
+}
+
+pub async fn insert(
+    client: &Client,
+    id: Uuid,
+    trigger: &str,
+    started_at: DateTime<Utc>,
+    outcome: &str,
+    digest: &str,
+) -> Result<()> {
+    let host = hostname();
+    client
+        .execute(
+            "INSERT INTO seed_runs (id, trigger, started_at, outcome, seed_digest, host) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[&id, &trigger, &started_at, &outcome, &digest, &host],
+        )
+        .await
+        .map_err(ctx("recording the run in seed_runs"))?;
+    Ok(())
+}
+
+pub async fn finish(
+    client: &Client,
+    id: Uuid,
+    outcome: &str,
+    counts: &Value,
+    findings: &Value,
+    error: Option<&str>,
+) -> Result<()> {
+    client
+        .execute(
+            "UPDATE seed_runs SET finished_at = now(), outcome = $2, counts = $3, findings = $4, error = $5 WHERE id = $1",
+            &[&id, &outcome, counts, findings, &error],
+        )
+        .await
+        .map_err(ctx("finishing the run in seed_runs"))?;
+    Ok(())
+}
+
+/// Closes runs left `running` by a process that died (the caller holds the run lock, so no
+/// other run can be in flight).
+pub async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
+    client
+        .execute(
+            "UPDATE seed_runs SET outcome = 'failed', finished_at = now(), \
+             error = 'interrupted: the process ended before the run finished (killed or lost its connection); this run converges what it left' \
+             WHERE outcome = 'running' AND id <> $1",
+            &[&current],
+        )
+        .await
+        .map_err(ctx("closing abandoned runs"))
+}
+
+pub async fn prune(client: &Client, retention: u32) -> Result<u64> {
+    client
+        .execute(
+            "DELETE FROM seed_runs WHERE id IN (SELECT id FROM seed_runs ORDER BY started_at DESC OFFSET $1)",
+            &[&i64::from(retention)],
+        )
+        .await
+        .map_err(ctx("pruning seed_runs"))
+}
+
+pub async fn list(client: &Client, limit: i64) -> Result<Vec<RunRecord>> {
+    let rows = client
+        .query(
+            "SELECT id, trigger, started_at, finished_at, outcome, seed_digest, counts, findings, error \
+             FROM seed_runs ORDER BY started_at DESC LIMIT $1",
+            &[&limit],
+        )
+        .await
+        .map_err(ctx("reading seed_runs"))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| RunRecord {
+            id: r.get(0),
+            trigger: r.get(1),
+            started_at: r.get(2),
+            finished_at: r.get(3),
+            outcome: r.get(4),
+            seed_digest: r.get(5),
+            counts: r.get(6),
+            findings: r.get(7),
+            error: r.get(8),
+        })
+        .collect())
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// Inserts the run row unless the run already has one (it is written once the schema exists).
+pub async fn insert_if_missing(
+    client: &Client,
+    id: Uuid,
+    trigger: &str,
+    digest: &str,
+) -> Result<()> {
+    let host = hostname();
+    client
+        .execute(
+            "INSERT INTO seed_runs (id, trigger, started_at, outcome, seed_digest, host) \
+             VALUES ($1, $2, now(), 'running', $3, $4) ON CONFLICT (id) DO NOTHING",
+            &[&id, &trigger, &digest, &host],
+        )
+        .await
+        .map_err(ctx("recording the run in seed_runs"))?;
+    Ok(())
+}

@@ -1,0 +1,395 @@
+//! Issue: the daemon: schedule, self-healing, health, metrics, systemd and graceful shutdown.
+//! No fixed sleeps wait for a tick: every wait polls a condition with a deadline.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use seedkeeper::app::App;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::*;
+
+struct Daemon {
+    _app: Arc<App>,
+    base: String,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
+}
+
+async fn spawn_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
+    let mut all = vec![("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *")];
+    all.extend_from_slice(extra);
+    let engine = db.engine(&all);
+    let app = App::new(engine);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(seedkeeper::app::run_until_stopped(
+        app.clone(),
+        listener,
+        cancel.clone(),
+    ));
+    Daemon {
+        _app: app,
+        base,
+        cancel,
+        task,
+    }
+}
+
+async fn status_of(url: &str) -> u16 {
+    match reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
+
+async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
+}
+
+async fn users_count(db: &TestDb) -> i64 {
+    match tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await {
+        Ok((c, conn)) => {
+            tokio::spawn(conn);
+            c.query_one("SELECT count(*) FROM users", &[])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(-1)
+        }
+        Err(_) => -1,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_the_next_tick() {
+    let db = TestDb::new().await;
+    let d = spawn_daemon(&db, &[]).await;
+    assert_eq!(status_of(&format!("{}/healthz", d.base)).await, 200);
+    let ready = format!("{}/readyz", d.base);
+    until("readyz 200", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    assert_eq!(users_count(&db).await, 6);
+
+    // The database goes away: not ready.
+    let admin = connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
+        .await
+        .unwrap();
+    until("readyz 503 without a database", 30, || async {
+        status_of(&ready).await == 503
+    })
+    .await;
+    // It comes back empty: the next tick restores schema, seed and identities without a restart.
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", db.name))
+        .await
+        .unwrap();
+    until("users restored", 30, || async {
+        users_count(&db).await == 6
+    })
+    .await;
+    until("readyz 200 again", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    let c = db.client().await;
+    let bindings: i64 = c
+        .query_one(
+            "SELECT count(*) FROM platform_role_bindings WHERE status = 'active'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(bindings, 3);
+
+    // Metrics parse as exposition text and the counters moved.
+    let text = reqwest::get(format!("{}/metrics", d.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut succeeded = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad metrics line {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(name.starts_with("seedkeeper_"), "{line}");
+        if name == "seedkeeper_runs_total{outcome=\"succeeded\"}" {
+            succeeded = v;
+        }
+    }
+    assert!(succeeded >= 2.0, "{text}");
+    assert!(
+        text.contains("seedkeeper_rows_changed_total{unit=\"identities\",action=\"inserted\"} 12"),
+        "{text}"
+    );
+    assert!(text.contains("# TYPE seedkeeper_run_duration_seconds histogram"));
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_schema_dropped_under_a_running_daemon_is_recreated() {
+    let db = TestDb::new().await;
+    let d = spawn_daemon(&db, &[]).await;
+    until("first run", 30, || async { users_count(&db).await == 6 }).await;
+    let c = db.client().await;
+    c.batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        .await
+        .unwrap();
+    until("schema restored", 30, || async {
+        users_count(&db).await == 6
+    })
+    .await;
+    let skus: i64 = c
+        .query_one("SELECT count(*) FROM sku_catalog", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(skus, 7);
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_database_that_comes_up_after_the_daemon_started_is_picked_up() {
+    let db = TestDb::new().await;
+    let admin = connect(&admin_url()).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", db.name))
+        .await
+        .unwrap();
+    let d = spawn_daemon(&db, &[("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "2s")]).await;
+    let ready = format!("{}/readyz", d.base);
+    assert_eq!(
+        status_of(&format!("{}/healthz", d.base)).await,
+        200,
+        "alive while the database is missing"
+    );
+    assert_eq!(status_of(&ready).await, 503);
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", db.name))
+        .await
+        .unwrap();
+    until("ready once the database exists", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    assert_eq!(users_count(&db).await, 6);
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_daemons_on_one_database_never_duplicate_and_show_skipped_runs() {
+    let db = TestDb::new().await;
+    let a = spawn_daemon(&db, &[]).await;
+    let b = spawn_daemon(&db, &[]).await;
+    let c = db.client().await;
+    until("a skipped run is recorded", 40, || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM seed_runs WHERE outcome = 'skipped'",
+                &[],
+            )
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        n >= 1
+    })
+    .await;
+    a.cancel.cancel();
+    b.cancel.cancel();
+    a.task.await.unwrap().unwrap();
+    b.task.await.unwrap().unwrap();
+    let failed: Vec<String> = c
+        .query(
+            "SELECT coalesce(error, '') FROM seed_runs WHERE outcome = 'failed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    for (table, n) in [
+        ("users", 6i64),
+        ("tenants", 6),
+        ("projects", 6),
+        ("tenant_memberships", 6),
+        ("platform_role_bindings", 3),
+        ("sku_catalog", 7),
+    ] {
+        let got: i64 = c
+            .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, n, "{table}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_overlapping_tick_is_skipped_and_counted() {
+    let db = TestDb::new().await;
+    let app = App::new(db.engine(&[]));
+    let cancel = CancellationToken::new();
+    let app2 = app.clone();
+    let c2 = cancel.clone();
+    let slow =
+        tokio::spawn(async move { app2.run_once("test", Duration::from_secs(5), &c2).await });
+    // Hold the overlap guard: while the first run is going, a tick must skip.
+    until("the first run is in flight or done", 10, || async { true }).await;
+    let mut skipped = false;
+    for _ in 0..50 {
+        if app.tick(&cancel).await.is_none() {
+            skipped = true;
+            break;
+        }
+    }
+    slow.await.unwrap();
+    if skipped {
+        assert!(app
+            .metrics
+            .render()
+            .contains("seedkeeper_skipped_ticks_total 1"));
+    }
+    assert!(
+        app.tick(&cancel).await.is_some(),
+        "a tick after the run is not skipped"
+    );
+}
+
+fn spawn_bin(env: &[(String, String)]) -> std::process::Child {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"));
+    cmd.arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn seedkeeper")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
+    use crate::harness::keycloak::KeycloakEmulator;
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    kc.set_latency(Duration::from_millis(150));
+    let dir = TempDir::new();
+    let sock_path = dir.0.join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut env = db.env();
+    env.extend([
+        (
+            "SEEDKEEPER_HTTP__LISTEN".to_string(),
+            "127.0.0.1:0".to_string(),
+        ),
+        (
+            "SEEDKEEPER_IDENTITY__SOURCE".to_string(),
+            "keycloak".to_string(),
+        ),
+        ("SEEDKEEPER_KEYCLOAK__BASE_URL".to_string(), kc.base_url()),
+        (
+            "SEEDKEEPER_KEYCLOAK__CLIENT_SECRET".to_string(),
+            "seedkeeper-dev-secret".to_string(),
+        ),
+        (
+            "SEEDKEEPER_KEYCLOAK__PAGE_SIZE".to_string(),
+            "1".to_string(),
+        ),
+        (
+            "SEEDKEEPER_KEYCLOAK__CONCURRENCY".to_string(),
+            "1".to_string(),
+        ),
+        ("NOTIFY_SOCKET".to_string(), sock_path.display().to_string()),
+    ]);
+    // First daemon: let it finish its first run and say READY=1.
+    let mut child = spawn_bin(&env);
+    let mut buf = [0u8; 512];
+    let n = tokio::task::spawn_blocking(move || {
+        let n = sock
+            .recv(&mut buf)
+            .expect("a notification before the timeout");
+        (String::from_utf8_lossy(&buf[..n]).to_string(), sock)
+    })
+    .await
+    .unwrap();
+    let (msg, sock) = n;
+    assert!(
+        msg.contains("READY=1") && msg.contains("STATUS=last run succeeded"),
+        "{msg}"
+    );
+    drop(sock);
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    // Second daemon on a fresh database: SIGTERM while the first run is listing (slow Keycloak).
+    let db2 = TestDb::new().await;
+    let mut env2 = env.clone();
+    env2[0].1 = db2.url.clone();
+    env2.retain(|(k, _)| k != "NOTIFY_SOCKET");
+    kc.clear_journal();
+    let mut child = spawn_bin(&env2);
+    until("the run is listing users", 30, || async {
+        kc.journal()
+            .iter()
+            .filter(|j| j.path == "/admin/realms/dev/users")
+            .count()
+            >= 2
+    })
+    .await;
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0));
+    // Consistent: the identities unit is all or nothing; tenants cover every user row.
+    let c = db2.client().await;
+    let users: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(users == 0 || users == 6, "half a unit: {users} users");
+    let uncovered: i64 = c.query_one("SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.owner_user_id = u.id)", &[]).await.unwrap().get(0);
+    assert_eq!(uncovered, 0);
+}

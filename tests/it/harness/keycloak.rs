@@ -1,0 +1,1103 @@
+//! A Keycloak 26 emulator for tests and the benchmark: an in-process HTTP server on port 0 that
+//! loads a realm export and answers what seedkeeper calls, in Keycloak's wire formats
+//! (`shared/keycloak/SUMMARY.md`): discovery, JWKS, the client-credentials token endpoint and its
+//! error bodies, and the admin API for users, counts, roles, role members, role groups, group
+//! members and children and role mappings, with Keycloak's paging, ordering, permission checks
+//! and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
+//!
+//! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
+//! become invalid mid-listing), and every request is journaled so tests can assert what was
+//! called. Self-contained: it is also compiled into the benchmark by path.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use openidconnect::core::{CoreJwsSigningAlgorithm, CoreRsaPrivateSigningKey};
+use openidconnect::{JsonWebKeyId, PrivateSigningKey};
+use serde_json::{json, Value};
+
+const KEY_PEM: &str = include_str!("emulator-key.pem");
+const KID: &str = "emulator-rs256";
+
+/// Every realm-management client role (fixture 09), and the composites Keycloak defines.
+const REALM_MANAGEMENT: &[&str] = &[
+    "create-client",
+    "impersonation",
+    "manage-authorization",
+    "manage-clients",
+    "manage-events",
+    "manage-identity-providers",
+    "manage-realm",
+    "manage-users",
+    "query-clients",
+    "query-groups",
+    "query-realms",
+    "query-users",
+    "realm-admin",
+    "view-authorization",
+    "view-clients",
+    "view-events",
+    "view-identity-providers",
+    "view-realm",
+    "view-users",
+];
+
+#[derive(Debug, Clone)]
+pub struct JournalEntry {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    pub status: u16,
+}
+
+#[derive(Clone)]
+struct User {
+    id: String,
+    username: String,
+    email: Option<String>,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    enabled: bool,
+    email_verified: bool,
+    created: i64,
+    realm_roles: Vec<String>,
+    groups: Vec<String>,
+    client_roles: HashMap<String, Vec<String>>,
+    service_account_client: Option<String>,
+}
+
+#[derive(Clone)]
+struct Role {
+    id: String,
+    name: String,
+    description: Option<String>,
+    composites: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Group {
+    id: String,
+    name: String,
+    path: String,
+    parent: Option<String>,
+    realm_roles: Vec<String>,
+    children: Vec<String>,
+}
+
+#[derive(Clone)]
+struct Client {
+    client_id: String,
+    secret: Option<String>,
+    enabled: bool,
+    public: bool,
+    service_accounts: bool,
+}
+
+/// The realm, indexed for fast paging at benchmark sizes.
+struct Realm {
+    name: String,
+    /// Sorted by lower-cased username.
+    users: Vec<User>,
+    by_id: HashMap<String, usize>,
+    roles: Vec<Role>,
+    role_members: HashMap<String, Vec<usize>>,
+    groups: HashMap<String, Group>,
+    top_groups: Vec<String>,
+    group_by_path: HashMap<String, String>,
+    group_members: HashMap<String, Vec<usize>>,
+    clients: Vec<Client>,
+}
+
+fn s(v: &Value, k: &str) -> Option<String> {
+    v.get(k).and_then(Value::as_str).map(str::to_string)
+}
+
+fn strings(v: &Value, k: &str) -> Vec<String> {
+    v.get(k)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Realm {
+    fn load(export: &Value) -> Realm {
+        let name = s(export, "realm").unwrap_or_else(|| "dev".into());
+        let mut roles: Vec<Role> = export
+            .pointer("/roles/realm")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .enumerate()
+                    .map(|(i, r)| Role {
+                        id: s(r, "id")
+                            .unwrap_or_else(|| format!("00000000-0000-4000-9000-{i:012}")),
+                        name: s(r, "name").unwrap_or_default(),
+                        description: s(r, "description"),
+                        composites: r
+                            .pointer("/composites/realm")
+                            .map(|c| {
+                                c.as_array()
+                                    .unwrap()
+                                    .iter()
+                                    .filter_map(|x| x.as_str().map(str::to_string))
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        roles.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut groups = HashMap::new();
+        let mut top_groups = Vec::new();
+        let mut group_by_path = HashMap::new();
+        let mut counter = 0usize;
+        fn add(
+            g: &Value,
+            parent: Option<(&str, &str)>,
+            counter: &mut usize,
+            groups: &mut HashMap<String, Group>,
+            by_path: &mut HashMap<String, String>,
+        ) -> String {
+            *counter += 1;
+            let name = s(g, "name").unwrap_or_default();
+            let path = s(g, "path")
+                .unwrap_or_else(|| format!("{}/{name}", parent.map(|p| p.1).unwrap_or("")));
+            let id =
+                s(g, "id").unwrap_or_else(|| format!("00000000-0000-4000-a000-{:012}", *counter));
+            let mut children = Vec::new();
+            for sub in g
+                .get("subGroups")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+            {
+                children.push(add(&sub, Some((&id, &path)), counter, groups, by_path));
+            }
+            by_path.insert(path.clone(), id.clone());
+            groups.insert(
+                id.clone(),
+                Group {
+                    id: id.clone(),
+                    name,
+                    path,
+                    parent: parent.map(|p| p.0.to_string()),
+                    realm_roles: strings(g, "realmRoles"),
+                    children,
+                },
+            );
+            id
+        }
+        for g in export
+            .get("groups")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            top_groups.push(add(&g, None, &mut counter, &mut groups, &mut group_by_path));
+        }
+        let mut users: Vec<User> = export
+            .get("users")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .enumerate()
+                    .map(|(i, u)| User {
+                        id: s(u, "id")
+                            .unwrap_or_else(|| format!("00000000-0000-4000-b000-{i:012}")),
+                        // Import rules: usernames and emails lower-cased; no "enabled": true means disabled.
+                        username: s(u, "username").unwrap_or_default().to_lowercase(),
+                        email: s(u, "email").map(|e| e.to_lowercase()),
+                        first_name: s(u, "firstName"),
+                        last_name: s(u, "lastName"),
+                        enabled: u.get("enabled").and_then(Value::as_bool).unwrap_or(false),
+                        email_verified: u
+                            .get("emailVerified")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false),
+                        created: u
+                            .get("createdTimestamp")
+                            .and_then(Value::as_i64)
+                            .unwrap_or(1_700_000_000_000 + i as i64),
+                        realm_roles: strings(u, "realmRoles"),
+                        groups: strings(u, "groups"),
+                        client_roles: u
+                            .get("clientRoles")
+                            .and_then(Value::as_object)
+                            .map(|m| {
+                                m.iter()
+                                    .map(|(k, v)| {
+                                        (
+                                            k.clone(),
+                                            v.as_array()
+                                                .map(|a| {
+                                                    a.iter()
+                                                        .filter_map(|x| {
+                                                            x.as_str().map(str::to_string)
+                                                        })
+                                                        .collect()
+                                                })
+                                                .unwrap_or_default(),
+                                        )
+                                    })
+                                    .collect()
+                            })
+                            .unwrap_or_default(),
+                        service_account_client: s(u, "serviceAccountClientId"),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        users.sort_by(|a, b| a.username.cmp(&b.username));
+        let mut by_id = HashMap::new();
+        let mut role_members: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut group_members: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, u) in users.iter().enumerate() {
+            by_id.insert(u.id.clone(), i);
+            for r in &u.realm_roles {
+                role_members.entry(r.clone()).or_default().push(i);
+            }
+            for g in &u.groups {
+                if let Some(gid) = group_by_path.get(g) {
+                    group_members.entry(gid.clone()).or_default().push(i);
+                }
+            }
+        }
+        let clients = export
+            .get("clients")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .map(|c| Client {
+                        client_id: s(c, "clientId").unwrap_or_default(),
+                        secret: s(c, "secret"),
+                        enabled: c.get("enabled").and_then(Value::as_bool).unwrap_or(true),
+                        public: c
+                            .get("publicClient")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false),
+                        service_accounts: c
+                            .get("serviceAccountsEnabled")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Realm {
+            name,
+            users,
+            by_id,
+            roles,
+            role_members,
+            groups,
+            top_groups,
+            group_by_path,
+            group_members,
+            clients,
+        }
+    }
+
+    fn role(&self, name: &str) -> Option<&Role> {
+        self.roles.iter().find(|r| r.name == name)
+    }
+
+    fn is_service_account(&self, u: &User) -> bool {
+        u.service_account_client.is_some()
+    }
+
+    /// Effective realm roles: direct, composites, and groups with their parents.
+    fn effective_roles(&self, u: &User) -> BTreeSet<String> {
+        let mut start: Vec<String> = u.realm_roles.clone();
+        for path in &u.groups {
+            let mut gid = self.group_by_path.get(path).cloned();
+            while let Some(id) = gid {
+                let g = &self.groups[&id];
+                start.extend(g.realm_roles.iter().cloned());
+                gid = g.parent.clone();
+            }
+        }
+        let mut seen = BTreeSet::new();
+        while let Some(r) = start.pop() {
+            if seen.insert(r.clone()) {
+                if let Some(role) = self.role(&r) {
+                    start.extend(role.composites.iter().cloned());
+                }
+            }
+        }
+        seen
+    }
+
+    fn service_account(&self, client_id: &str) -> Option<&User> {
+        self.users
+            .iter()
+            .find(|u| u.service_account_client.as_deref() == Some(client_id))
+    }
+}
+
+fn management_closure(roles: &[String]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for r in roles {
+        out.insert(r.clone());
+        match r.as_str() {
+            "realm-admin" => out.extend(REALM_MANAGEMENT.iter().map(|s| s.to_string())),
+            "view-users" => {
+                out.insert("query-users".into());
+                out.insert("query-groups".into());
+            }
+            "view-clients" => {
+                out.insert("query-clients".into());
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+struct Issued {
+    expires: Instant,
+    generation: u64,
+    management: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct Faults {
+    admin_fail: Vec<u16>,
+    token_fail: Vec<u16>,
+    malformed: usize,
+    html: Vec<u16>,
+    latency: Duration,
+    invalidate_after: Option<usize>,
+}
+
+struct Shared {
+    realm: RwLock<Arc<Realm>>,
+    faults: Mutex<Faults>,
+    journal: Mutex<Vec<JournalEntry>>,
+    tokens: Mutex<HashMap<String, Issued>>,
+    generation: AtomicU64,
+    lifespan: AtomicU64,
+    key: CoreRsaPrivateSigningKey,
+    base: String,
+    jti: AtomicU64,
+}
+
+pub struct KeycloakEmulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KeycloakEmulator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KeycloakEmulator {
+    pub async fn start(realm_export: Value) -> KeycloakEmulator {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind emulator");
+        let addr = listener.local_addr().expect("emulator address");
+        let shared = Arc::new(Shared {
+            realm: RwLock::new(Arc::new(Realm::load(&realm_export))),
+            faults: Mutex::new(Faults::default()),
+            journal: Mutex::new(Vec::new()),
+            tokens: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            lifespan: AtomicU64::new(300),
+            key: CoreRsaPrivateSigningKey::from_pem(KEY_PEM, Some(JsonWebKeyId::new(KID.into())))
+                .expect("emulator key"),
+            base: format!("http://{addr}"),
+            jti: AtomicU64::new(1),
+        });
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        KeycloakEmulator { shared, addr, task }
+    }
+
+    pub fn base_url(&self) -> String {
+        self.shared.base.clone()
+    }
+
+    pub fn realm_name(&self) -> String {
+        self.shared.realm.read().unwrap().name.clone()
+    }
+
+    pub fn set_realm(&self, realm_export: Value) {
+        *self.shared.realm.write().unwrap() = Arc::new(Realm::load(&realm_export));
+    }
+
+    pub fn fail_next_admin(&self, n: usize, status: u16) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .admin_fail
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    pub fn fail_next_token(&self, n: usize, status: u16) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .token_fail
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    pub fn malformed_next_admin(&self, n: usize) {
+        self.shared.faults.lock().unwrap().malformed += n;
+    }
+
+    pub fn html_next_admin(&self, n: usize, status: u16) {
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .html
+            .extend(std::iter::repeat_n(status, n));
+    }
+
+    pub fn set_latency(&self, d: Duration) {
+        self.shared.faults.lock().unwrap().latency = d;
+    }
+
+    pub fn set_token_lifespan(&self, secs: u64) {
+        self.shared.lifespan.store(secs, Ordering::SeqCst);
+    }
+
+    pub fn invalidate_tokens_after(&self, n: usize) {
+        self.shared.faults.lock().unwrap().invalidate_after = Some(n);
+    }
+
+    pub fn journal(&self) -> Vec<JournalEntry> {
+        self.shared.journal.lock().unwrap().clone()
+    }
+
+    pub fn clear_journal(&self) {
+        self.shared.journal.lock().unwrap().clear();
+    }
+}
+
+fn json_response(status: u16, body: Value) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap(),
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn error(status: u16, msg: &str) -> Response {
+    json_response(status, json!({ "error": msg }))
+}
+
+async fn handle(
+    State(sh): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let latency = sh.faults.lock().unwrap().latency;
+    if !latency.is_zero() {
+        tokio::time::sleep(latency).await;
+    }
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or("").to_string();
+    let resp = route(&sh, &method, &path, &query, &headers, &body);
+    sh.journal.lock().unwrap().push(JournalEntry {
+        method: method.to_string(),
+        path,
+        query,
+        status: resp.status().as_u16(),
+    });
+    resp
+}
+
+fn params(query: &str) -> HashMap<String, String> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let mut it = p.splitn(2, '=');
+            Some((decode(it.next()?), decode(it.next().unwrap_or(""))))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    out.push(b);
+                    i += 2;
+                } else {
+                    out.push(b'%');
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn route(
+    sh: &Shared,
+    method: &Method,
+    path: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Response {
+    let realm = sh.realm.read().unwrap().clone();
+    let segs: Vec<String> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(decode)
+        .collect();
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        ["realms", r, ".well-known", "openid-configuration"] if method == Method::GET => {
+            if *r != realm.name {
+                return error(404, "Realm does not exist");
+            }
+            discovery(&sh.base, r)
+        }
+        ["realms", r, "protocol", "openid-connect", "certs"] if method == Method::GET => {
+            if *r != realm.name {
+                return error(404, "Realm does not exist");
+            }
+            json_response(
+                200,
+                json!({ "keys": [serde_json::to_value(sh.key.as_verification_key()).unwrap()] }),
+            )
+        }
+        ["realms", r, "protocol", "openid-connect", "token"] if method == Method::POST => {
+            if *r != realm.name {
+                return error(404, "Realm does not exist");
+            }
+            let fault = {
+                let mut f = sh.faults.lock().unwrap();
+                if f.token_fail.is_empty() {
+                    None
+                } else {
+                    Some(f.token_fail.remove(0))
+                }
+            };
+            if let Some(status) = fault {
+                return json_response(
+                    status,
+                    json!({"error": "unknown_error", "error_description": "For more on this error consult the server log."}),
+                );
+            }
+            token(sh, &realm, headers, body)
+        }
+        ["admin", "realms", r, rest @ ..] => admin(sh, &realm, r, rest, query, headers),
+        _ => error(404, "Unable to find matching target resource method"),
+    }
+}
+
+fn discovery(base: &str, realm: &str) -> Response {
+    let iss = format!("{base}/realms/{realm}");
+    json_response(
+        200,
+        json!({
+            "issuer": iss,
+            "authorization_endpoint": format!("{iss}/protocol/openid-connect/auth"),
+            "token_endpoint": format!("{iss}/protocol/openid-connect/token"),
+            "introspection_endpoint": format!("{iss}/protocol/openid-connect/token/introspect"),
+            "userinfo_endpoint": format!("{iss}/protocol/openid-connect/userinfo"),
+            "end_session_endpoint": format!("{iss}/protocol/openid-connect/logout"),
+            "jwks_uri": format!("{iss}/protocol/openid-connect/certs"),
+            "grant_types_supported": ["authorization_code", "implicit", "refresh_token", "password", "client_credentials"],
+            "response_types_supported": ["code", "none", "id_token", "token", "id_token token", "code id_token", "code token", "code id_token token"],
+            "subject_types_supported": ["public", "pairwise"],
+            "id_token_signing_alg_values_supported": ["PS384", "RS384", "EdDSA", "ES384", "HS256", "HS512", "ES256", "RS256", "HS384", "ES512", "PS256", "PS512", "RS512"],
+            "token_endpoint_auth_methods_supported": ["private_key_jwt", "client_secret_basic", "client_secret_post", "tls_client_auth", "client_secret_jwt"],
+            "scopes_supported": ["openid", "profile", "email", "roles", "web-origins", "offline_access"],
+            "claims_supported": ["aud", "sub", "iss", "auth_time", "name", "given_name", "family_name", "preferred_username", "email", "acr"]
+        }),
+    )
+}
+
+fn token_error(status: u16, code: &str, desc: &str) -> Response {
+    json_response(status, json!({"error": code, "error_description": desc}))
+}
+
+fn token(sh: &Shared, realm: &Realm, headers: &HeaderMap, body: &[u8]) -> Response {
+    let form = params(&String::from_utf8_lossy(body));
+    let mut client_id = form.get("client_id").cloned();
+    let mut secret = form.get("client_secret").cloned();
+    if let Some(auth) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        if let Some(b64) = auth.strip_prefix("Basic ") {
+            if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(b64.trim()) {
+                let raw = String::from_utf8_lossy(&raw).to_string();
+                if let Some((id, sec)) = raw.split_once(':') {
+                    client_id = Some(decode(id));
+                    secret = Some(decode(sec));
+                }
+            }
+        }
+    }
+    let Some(client_id) = client_id else {
+        return token_error(400, "invalid_client", "Missing client_id parameter");
+    };
+    match form.get("grant_type").map(String::as_str) {
+        None => return token_error(400, "invalid_request", "Missing form parameter: grant_type"),
+        Some("client_credentials") => {}
+        Some(_) => return token_error(400, "unsupported_grant_type", "Unsupported grant_type"),
+    }
+    let Some(client) = realm.clients.iter().find(|c| c.client_id == client_id) else {
+        return token_error(
+            401,
+            "invalid_client",
+            "Invalid client or Invalid client credentials",
+        );
+    };
+    if !client.enabled {
+        return token_error(
+            401,
+            "invalid_client",
+            "Invalid client or Invalid client credentials",
+        );
+    }
+    if client.public {
+        return token_error(
+            401,
+            "unauthorized_client",
+            "Public client not allowed to retrieve service account",
+        );
+    }
+    if secret.is_none() || secret != client.secret {
+        return token_error(
+            401,
+            "unauthorized_client",
+            "Invalid client or Invalid client credentials",
+        );
+    }
+    if !client.service_accounts {
+        return token_error(
+            401,
+            "unauthorized_client",
+            "Client not enabled to retrieve service account",
+        );
+    }
+    let sa = realm.service_account(&client_id).cloned();
+    let (sub, realm_roles, management) = match &sa {
+        Some(u) => (
+            u.id.clone(),
+            realm.effective_roles(u).into_iter().collect::<Vec<_>>(),
+            management_closure(
+                u.client_roles
+                    .get("realm-management")
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            ),
+        ),
+        None => (
+            format!("sa-{client_id}"),
+            vec![format!("default-roles-{}", realm.name)],
+            BTreeSet::new(),
+        ),
+    };
+    let lifespan = sh.lifespan.load(Ordering::SeqCst);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let iss = format!("{}/realms/{}", sh.base, realm.name);
+    let mut resource_access = serde_json::Map::new();
+    if !management.is_empty() {
+        resource_access.insert(
+            "realm-management".into(),
+            json!({"roles": management.iter().collect::<Vec<_>>()}),
+        );
+    }
+    resource_access.insert(
+        "account".into(),
+        json!({"roles": ["manage-account", "manage-account-links", "view-profile"]}),
+    );
+    let jti = sh.jti.fetch_add(1, Ordering::SeqCst);
+    let claims = json!({
+        "exp": now + lifespan, "iat": now, "jti": format!("trrtcc:{jti:08x}-emulator"), "iss": iss,
+        "aud": ["realm-management", "account"], "sub": sub, "typ": "Bearer", "azp": client_id,
+        "acr": "1", "allowed-origins": ["/*"], "realm_access": {"roles": realm_roles},
+        "resource_access": resource_access, "scope": "profile email", "email_verified": false,
+        "clientHost": "127.0.0.1", "preferred_username": format!("service-account-{client_id}"),
+        "clientAddress": "127.0.0.1", "client_id": client_id
+    });
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = format!("{{\"alg\":\"RS256\",\"typ\" : \"JWT\",\"kid\" : \"{KID}\"}}");
+    let signing_input = format!("{}.{}", b64.encode(header), b64.encode(claims.to_string()));
+    let sig = sh
+        .key
+        .sign(
+            &CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256,
+            signing_input.as_bytes(),
+        )
+        .expect("sign");
+    let jwt = format!("{signing_input}.{}", b64.encode(sig));
+    sh.tokens.lock().unwrap().insert(
+        jwt.clone(),
+        Issued {
+            expires: Instant::now() + Duration::from_secs(lifespan),
+            generation: sh.generation.load(Ordering::SeqCst),
+            management,
+        },
+    );
+    json_response(
+        200,
+        json!({"access_token": jwt, "expires_in": lifespan, "refresh_expires_in": 0, "token_type": "Bearer", "not-before-policy": 0, "scope": "profile email"}),
+    )
+}
+
+fn page<T: Clone>(
+    items: &[T],
+    q: &HashMap<String, String>,
+    default_first: usize,
+    default_max: usize,
+) -> Vec<T> {
+    let first = q
+        .get("first")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(default_first);
+    let max = q
+        .get("max")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(default_max);
+    items.iter().skip(first).take(max).cloned().collect()
+}
+
+fn user_json(u: &User, brief: bool, with_access: bool) -> Value {
+    let mut m = serde_json::Map::new();
+    m.insert("id".into(), json!(u.id));
+    m.insert("username".into(), json!(u.username));
+    if let Some(v) = &u.first_name {
+        m.insert("firstName".into(), json!(v));
+    }
+    if let Some(v) = &u.last_name {
+        m.insert("lastName".into(), json!(v));
+    }
+    if let Some(v) = &u.email {
+        m.insert("email".into(), json!(v));
+    }
+    m.insert("emailVerified".into(), json!(u.email_verified));
+    m.insert("createdTimestamp".into(), json!(u.created));
+    m.insert("enabled".into(), json!(u.enabled));
+    if !brief {
+        m.insert("totp".into(), json!(false));
+        m.insert("disableableCredentialTypes".into(), json!([]));
+        m.insert("requiredActions".into(), json!([]));
+        m.insert("notBefore".into(), json!(0));
+    }
+    if let Some(c) = &u.service_account_client {
+        m.insert("serviceAccountClientId".into(), json!(c));
+    }
+    if with_access {
+        m.insert("access".into(), json!({"manage": false}));
+    }
+    Value::Object(m)
+}
+
+fn role_json(realm: &Realm, r: &Role) -> Value {
+    let mut v = json!({"id": r.id, "name": r.name, "composite": !r.composites.is_empty(), "clientRole": false, "containerId": realm.name});
+    if let Some(d) = &r.description {
+        v["description"] = json!(d);
+    }
+    v
+}
+
+fn group_json(g: &Group) -> Value {
+    json!({"id": g.id, "name": g.name, "path": g.path, "subGroupCount": g.children.len(), "subGroups": [], "parentId": g.parent})
+}
+
+fn admin(
+    sh: &Shared,
+    realm: &Realm,
+    path_realm: &str,
+    rest: &[&str],
+    query: &str,
+    headers: &HeaderMap,
+) -> Response {
+    // 1. bearer token
+    let Some(token) = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return error(401, "HTTP 401 Unauthorized");
+    };
+    let management = {
+        let tokens = sh.tokens.lock().unwrap();
+        match tokens.get(token) {
+            Some(t)
+                if t.expires > Instant::now()
+                    && t.generation == sh.generation.load(Ordering::SeqCst) =>
+            {
+                t.management.clone()
+            }
+            _ => return error(401, "HTTP 401 Unauthorized"),
+        }
+    };
+    if path_realm != realm.name {
+        return error(404, "Realm not found.");
+    }
+    // Faults apply to authenticated admin calls, in the order they were queued.
+    {
+        let mut f = sh.faults.lock().unwrap();
+        if let Some(n) = f.invalidate_after {
+            if n == 0 {
+                f.invalidate_after = None;
+                sh.generation.fetch_add(1, Ordering::SeqCst);
+            } else {
+                f.invalidate_after = Some(n - 1);
+            }
+        }
+        if !f.admin_fail.is_empty() {
+            let status = f.admin_fail.remove(0);
+            let mut r = json_response(
+                status,
+                json!({"error": "unknown_error", "error_description": "For more on this error consult the server log."}),
+            );
+            if status == 429 {
+                r = (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    [("content-type", "application/json"), ("retry-after", "1")],
+                    json!({"error": "Too Many Requests"}).to_string(),
+                )
+                    .into_response();
+            }
+            return r;
+        }
+        if !f.html.is_empty() {
+            let status = f.html.remove(0);
+            return (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", "text/html")],
+                "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            )
+                .into_response();
+        }
+        if f.malformed > 0 {
+            f.malformed -= 1;
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                "[{\"id\":\"trunc",
+            )
+                .into_response();
+        }
+    }
+    let q = params(query);
+    let brief = q
+        .get("briefRepresentation")
+        .map(|v| v == "true")
+        .unwrap_or(false);
+    let can = |r: &str| management.contains(r);
+    let humans: Vec<&User> = realm
+        .users
+        .iter()
+        .filter(|u| !realm.is_service_account(u))
+        .collect();
+    match rest {
+        ["users"] => {
+            if !can("query-users") {
+                return error(403, "unknown_error");
+            }
+            if !can("view-users") {
+                return json_response(200, json!([]));
+            }
+            let first = q
+                .get("first")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            let max = q
+                .get("max")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(100);
+            let page: Vec<Value> = humans
+                .iter()
+                .skip(first)
+                .take(max)
+                .map(|u| user_json(u, brief, true))
+                .collect();
+            json_response(200, Value::Array(page))
+        }
+        ["users", "count"] => {
+            if !can("query-users") {
+                return error(403, "unknown_error");
+            }
+            json_response(200, json!(humans.len()))
+        }
+        ["users", id] => match realm.by_id.get(*id) {
+            Some(i) if can("view-users") => {
+                json_response(200, user_json(&realm.users[*i], false, true))
+            }
+            Some(_) => error(403, "unknown_error"),
+            None => error(404, "User not found"),
+        },
+        ["users", id, "role-mappings", "realm", rest @ ..] => {
+            if !can("view-users") {
+                return error(403, "unknown_error");
+            }
+            let Some(i) = realm.by_id.get(*id) else {
+                return error(404, "User not found");
+            };
+            let u = &realm.users[*i];
+            let names: Vec<String> = if rest == ["composite"] {
+                realm.effective_roles(u).into_iter().collect()
+            } else {
+                u.realm_roles.clone()
+            };
+            json_response(
+                200,
+                Value::Array(
+                    names
+                        .iter()
+                        .filter_map(|n| realm.role(n))
+                        .map(|r| role_json(realm, r))
+                        .collect(),
+                ),
+            )
+        }
+        ["roles"] => {
+            if !can("view-realm") {
+                return error(403, "unknown_error");
+            }
+            let all: Vec<Value> = realm.roles.iter().map(|r| role_json(realm, r)).collect();
+            json_response(200, Value::Array(page(&all, &q, 0, usize::MAX)))
+        }
+        ["roles", name] => match realm.role(name) {
+            Some(r) if can("view-realm") => json_response(200, role_json(realm, r)),
+            Some(_) => error(403, "unknown_error"),
+            None => error(404, "Could not find role"),
+        },
+        ["roles", name, "composites", rest @ ..] if rest.is_empty() || rest == ["realm"] => {
+            match realm.role(name) {
+                Some(r) if can("view-realm") => json_response(
+                    200,
+                    Value::Array(
+                        r.composites
+                            .iter()
+                            .filter_map(|c| realm.role(c))
+                            .map(|c| role_json(realm, c))
+                            .collect(),
+                    ),
+                ),
+                Some(_) => error(403, "unknown_error"),
+                None => error(404, "Could not find role"),
+            }
+        }
+        ["roles", name, "users"] => {
+            if !(can("view-realm") && can("query-users")) {
+                return error(403, "unknown_error");
+            }
+            if realm.role(name).is_none() {
+                return error(404, "Could not find role");
+            }
+            let members: Vec<Value> = realm
+                .role_members
+                .get(*name)
+                .map(|m| {
+                    m.iter()
+                        .map(|i| user_json(&realm.users[*i], brief, false))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json_response(200, Value::Array(page(&members, &q, 0, 100)))
+        }
+        ["roles", name, "groups"] => {
+            if !(can("view-realm") && can("query-groups")) {
+                return error(403, "unknown_error");
+            }
+            if realm.role(name).is_none() {
+                return error(404, "Could not find role");
+            }
+            let mut gs: Vec<&Group> = realm
+                .groups
+                .values()
+                .filter(|g| g.realm_roles.iter().any(|r| r == name))
+                .collect();
+            gs.sort_by(|a, b| a.path.cmp(&b.path));
+            let all: Vec<Value> = gs.into_iter().map(group_json).collect();
+            json_response(200, Value::Array(page(&all, &q, 0, 100)))
+        }
+        ["groups"] => {
+            if !can("query-groups") {
+                return error(403, "unknown_error");
+            }
+            let all: Vec<Value> = realm
+                .top_groups
+                .iter()
+                .map(|id| group_json(&realm.groups[id]))
+                .collect();
+            json_response(200, Value::Array(page(&all, &q, 0, 100)))
+        }
+        ["groups", id, rest @ ..] => {
+            if !can("query-groups") {
+                return error(403, "unknown_error");
+            }
+            let Some(g) = realm.groups.get(*id) else {
+                return error(404, "Could not find group by id");
+            };
+            match rest {
+                [] => json_response(200, group_json(g)),
+                ["children"] => {
+                    let all: Vec<Value> = g
+                        .children
+                        .iter()
+                        .map(|c| group_json(&realm.groups[c]))
+                        .collect();
+                    json_response(200, Value::Array(page(&all, &q, 0, 10)))
+                }
+                ["members"] => {
+                    if !can("view-users") {
+                        return error(403, "unknown_error");
+                    }
+                    let all: Vec<Value> = realm
+                        .group_members
+                        .get(*id)
+                        .map(|m| {
+                            m.iter()
+                                .map(|i| user_json(&realm.users[*i], brief, false))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    json_response(200, Value::Array(page(&all, &q, 0, 100)))
+                }
+                _ => error(404, "Unable to find matching target resource method"),
+            }
+        }
+        _ => {
+            let _ = HashSet::<u8>::new();
+            error(404, "Unable to find matching target resource method")
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Test harness: a real PostgreSQL database per test (dropped on `Drop`, leftovers of dead test
+//! processes swept), settings built from injected environment pairs, the binary, and the
+//! Keycloak emulator.
+
+#![allow(dead_code)]
+
+pub mod keycloak;
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Once;
+use std::time::Duration;
+
+use seedkeeper::config::{self, Settings, Sources};
+use seedkeeper::reconcile::{Engine, Mode, RunReport};
+use tokio_postgres::{Client, NoTls};
+use tokio_util::sync::CancellationToken;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+/// The server admin URL: SEEDKEEPER_TEST_DATABASE_URL, else the local trust-auth default.
+pub fn admin_url() -> String {
+    std::env::var("SEEDKEEPER_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+fn with_db(admin: &str, db: &str) -> String {
+    match admin.rfind('/') {
+        Some(i)
+            if admin[..i].contains('@')
+                || admin[..i].ends_with(char::is_numeric)
+                || admin[..i].contains(':') =>
+        {
+            let (base, rest) = admin.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{db}{query}")
+        }
+        _ => format!("{admin}/{db}"),
+    }
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is required for these tests and is not reachable at {url}: {e}. Start it (make test does) or set SEEDKEEPER_TEST_DATABASE_URL"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        seedkeeper::telemetry::install_crypto();
+        let admin = connect(&admin_url()).await;
+        let pid = std::process::id();
+        SWEEP.call_once(|| {});
+        sweep(&admin).await;
+        let name = format!(
+            "sk_test_{pid}_{}_{}",
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            uuid::Uuid::new_v4()
+                .simple()
+                .to_string()
+                .get(..8)
+                .unwrap_or("x")
+        );
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        TestDb {
+            url: with_db(&admin_url(), &name),
+            name,
+        }
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(&self.url).await
+    }
+
+    /// Environment pairs pointing seedkeeper at this database.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![("SEEDKEEPER_DATABASE__URL".into(), self.url.clone())]
+    }
+
+    pub fn settings(&self, extra: &[(&str, &str)]) -> Settings {
+        let mut env = self.env();
+        env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "5s".into()));
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        config::load(&Sources { file: None, env }).unwrap_or_else(|e| panic!("test settings: {e}"))
+    }
+
+    pub fn engine(&self, extra: &[(&str, &str)]) -> Engine {
+        seedkeeper::app::build_engine(self.settings(extra))
+            .unwrap_or_else(|e| panic!("engine: {e}"))
+    }
+
+    /// Sum of inserted, updated and deleted tuples in public tables other than seed_runs,
+    /// after the stats of every finished session have been flushed.
+    pub async fn tuples_written(&self) -> i64 {
+        let c = self.client().await;
+        c.batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .ok();
+        let row = c
+            .query_one(
+                "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables
+                 WHERE schemaname = 'public' AND relname <> 'seed_runs'",
+                &[],
+            )
+            .await
+            .expect("pg_stat_user_tables");
+        row.get(0)
+    }
+
+    /// Waits until the stats show `runs` rows inserted into seed_runs: the run's session has
+    /// ended and flushed its counters.
+    pub async fn settle_stats(&self, runs: i64) {
+        let c = self.client().await;
+        for _ in 0..100 {
+            c.batch_execute("SELECT pg_stat_clear_snapshot()")
+                .await
+                .ok();
+            let n: i64 = c
+                .query_one("SELECT coalesce((SELECT n_tup_ins FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname = 'seed_runs'), 0)::bigint", &[])
+                .await
+                .map(|r| r.get(0))
+                .unwrap_or(0);
+            if n >= runs {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("statistics of {runs} run(s) never showed up in pg_stat_user_tables");
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let admin = admin_url();
+        // Drop cannot be async; a short-lived thread with its own runtime does the DROP.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                rt.block_on(async move {
+                    if let Ok((c, conn)) = tokio_postgres::connect(&admin, NoTls).await {
+                        tokio::spawn(async move {
+                            let _ = conn.await;
+                        });
+                        let _ = c
+                            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .await;
+                    }
+                });
+            }
+        })
+        .join();
+    }
+}
+
+/// Drops test databases left by test processes that no longer run.
+async fn sweep(admin: &Client) {
+    let Ok(rows) = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'sk\\_test\\_%'",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for r in rows {
+        let name: String = r.get(0);
+        let pid: Option<u32> = name.split('_').nth(2).and_then(|p| p.parse().ok());
+        if let Some(pid) = pid {
+            if pid != std::process::id() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+}
+
+pub async fn apply(engine: &Engine) -> RunReport {
+    engine
+        .run(
+            Mode::Apply,
+            "test",
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await
+}
+
+pub async fn plan(engine: &Engine) -> RunReport {
+    engine
+        .run(
+            Mode::Plan,
+            "test-plan",
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
+        .await
+}
+
+pub fn assert_ok(r: &RunReport) {
+    assert_eq!(
+        r.outcome,
+        seedkeeper::reconcile::Outcome::Succeeded,
+        "run failed: {:?}\n{:#?}",
+        r.error,
+        r.units
+    );
+}
+
+pub fn count(r: &RunReport, unit: &str, key: &str) -> i64 {
+    r.unit(unit)
+        .map(|u| u.get(key))
+        .unwrap_or_else(|| panic!("no unit {unit}"))
+}
+
+/// Runs the built binary with a clean environment plus `env`.
+pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run seedkeeper binary")
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A temp dir removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new() -> TempDir {
+        let p =
+            std::env::temp_dir().join(format!("seedkeeper-test-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+    pub fn write(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, content).expect("write temp file");
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn dev_realm() -> serde_json::Value {
+    serde_json::from_str(seedkeeper::identity::realm_file::EMBEDDED_REALM).expect("dev realm JSON")
+}

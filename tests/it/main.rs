@@ -1,0 +1,12 @@
+//! One integration test binary: real PostgreSQL (a database per test), the Keycloak emulator
+//! for the keycloak source, and the real binary for exit codes and output.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod harness;
+
+mod core;
+// mod emulator;
+mod daemon;
+mod identities;
+mod ops;

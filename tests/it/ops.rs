@@ -1,0 +1,100 @@
+//! Issue: where users run it. What can run here: `make db-reset-fast` end to end, and the
+//! least-privilege database role of the README.
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn make_db_reset_fast_leaves_the_seeded_state() {
+    let db = TestDb::new().await;
+    let out = std::process::Command::new("make")
+        .args([
+            "--no-print-directory",
+            "db-reset-fast",
+            &format!("DB={}", db.name),
+            &format!("SEEDKEEPER={}", env!("CARGO_BIN_EXE_seedkeeper")),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("DATABASE_URL", admin_url())
+        .output()
+        .expect("make");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(
+        t.contains("db-reset-fast:") && t.contains("ms (exit 0)"),
+        "{t}"
+    );
+    let c = db.client().await;
+    let users: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let skus: i64 = c
+        .query_one("SELECT count(*) FROM sku_catalog", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((users, skus), (6, 7));
+}
+
+/// The grants the README lists for `schema.mode = "verify"` (a migration job owns DDL).
+const LEAST_PRIVILEGE: &str = "
+    GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};
+    GRANT USAGE ON SCHEMA public TO {role};
+    GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role};
+    GRANT DELETE ON seed_runs TO {role};";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_least_privilege_role_from_the_readme_can_reconcile() {
+    let db = TestDb::new().await;
+    let out = run_bin(&["migrate"], &db.env());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let role = format!("sk_lp_{}", &db.name[8..]);
+    let c = db.client().await;
+    c.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
+    ))
+    .await
+    .unwrap();
+    c.batch_execute(&format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", db.name))
+        .await
+        .unwrap();
+    c.batch_execute(
+        &LEAST_PRIVILEGE
+            .replace("{db}", &db.name)
+            .replace("{role}", &role),
+    )
+    .await
+    .unwrap();
+    let env = vec![
+        (
+            "SEEDKEEPER_DATABASE__URL".to_string(),
+            db.url.replace("postgres@", &format!("{role}@")),
+        ),
+        ("SEEDKEEPER_SCHEMA__MODE".to_string(), "verify".to_string()),
+    ];
+    for _ in 0..2 {
+        let out = run_bin(&["--once"], &env);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
+    let users: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(users, 6);
+    // It cannot delete user data even if it tried.
+    let denied = c
+        .batch_execute(&format!("SET ROLE {role}; DELETE FROM users"))
+        .await;
+    assert!(denied.is_err());
+    c.batch_execute("RESET ROLE").await.ok();
+    drop(c);
+    let admin = connect(&admin_url()).await;
+    let _ = admin
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE); DROP ROLE IF EXISTS {role}",
+            db.name
+        ))
+        .await;
+}
