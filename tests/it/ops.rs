@@ -37,12 +37,27 @@ async fn make_db_reset_fast_leaves_the_seeded_state() {
     assert_eq!((users, skus), (6, 7));
 }
 
-/// The grants the README lists for `schema.mode = "verify"` (a migration job owns DDL).
-const LEAST_PRIVILEGE: &str = "
-    GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};
-    GRANT USAGE ON SCHEMA public TO {role};
-    GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role};
-    GRANT DELETE ON seed_runs TO {role};";
+/// The block of the README between `<!-- grants:verify -->` markers, with the database and role
+/// names of this test: the test runs exactly what operators are told to run.
+fn readme_grants(db: &str, role: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let start = readme
+        .find("<!-- grants:verify -->")
+        .expect("grants marker in README");
+    let end = readme
+        .find("<!-- /grants:verify -->")
+        .expect("grants end marker");
+    let block = &readme[start..end];
+    let sql: String = block
+        .lines()
+        .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(sql.contains("GRANT"), "no GRANT in the README block");
+    sql.replace("DATABASE platform", &format!("DATABASE {db}"))
+        .replace("seedkeeper", role)
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_least_privilege_role_from_the_readme_can_reconcile() {
@@ -51,21 +66,12 @@ async fn the_least_privilege_role_from_the_readme_can_reconcile() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let role = format!("sk_lp_{}", &db.name[8..]);
     let c = db.client().await;
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
-    ))
-    .await
-    .unwrap();
     c.batch_execute(&format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", db.name))
         .await
         .unwrap();
-    c.batch_execute(
-        &LEAST_PRIVILEGE
-            .replace("{db}", &db.name)
-            .replace("{role}", &role),
-    )
-    .await
-    .unwrap();
+    c.batch_execute(&readme_grants(&db.name, &role))
+        .await
+        .unwrap();
     let env = vec![
         (
             "SEEDKEEPER_DATABASE__URL".to_string(),
