@@ -363,7 +363,7 @@ fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
         Ok(s) => s,
         Err(errors) => {
             for e in errors {
-                problems.push(describe_figment_error(&e));
+                problems.push(describe_figment_error(&e, sources));
             }
             return Err(Error::Config(Problems(problems)));
         }
@@ -409,46 +409,45 @@ impl figment::Provider for EnvPairs {
     }
 }
 
-fn describe_figment_error(e: &figment::Error) -> String {
-    let key = if e.path.is_empty() {
-        String::new()
-    } else {
-        e.path.join(".")
+fn describe_figment_error(e: &figment::Error, sources: &Sources) -> String {
+    let path = e.path.join(".");
+    // The key the problem is about: for an unknown field, the path plus the field.
+    let key = match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            if path.is_empty() {
+                field.clone()
+            } else if path == *field || path.ends_with(&format!(".{field}")) {
+                path.clone()
+            } else {
+                format!("{path}.{field}")
+            }
+        }
+        _ => path.clone(),
+    };
+    let env_name = format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
+    let from_env = match &e.metadata {
+        Some(m) => m.name.contains("environment"),
+        // figment leaves some errors without metadata: name the variable when one is set.
+        None => sources
+            .env
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(&env_name)),
     };
     let origin = match &e.metadata {
-        Some(m) if m.name.contains("environment") => {
-            format!(
-                " (environment variable {}{})",
-                ENV_PREFIX,
-                key.replace('.', "__").to_uppercase()
-            )
-        }
+        _ if from_env => format!(" (environment variable {env_name})"),
         Some(m) => match &m.source {
             Some(src) => format!(" (in {src})"),
             None => format!(" (from {})", m.name),
         },
         None => String::new(),
     };
-    let what = match &e.kind {
-        figment::error::Kind::UnknownField(field, expected) => {
-            let full = if key.is_empty() {
-                field.clone()
-            } else if key == *field || key.ends_with(&format!(".{field}")) {
-                key.clone()
-            } else {
-                format!("{key}.{field}")
-            };
-            return format!(
-                "unknown key `{full}`{origin}: remove it or fix its spelling (expected one of: {})",
-                expected.join(", ")
-            );
-        }
-        other => other.to_string(),
-    };
-    if key.is_empty() {
-        format!("{what}{origin}")
-    } else {
-        format!("key `{key}`{origin}: {what}")
+    match &e.kind {
+        figment::error::Kind::UnknownField(_, expected) => format!(
+            "unknown key `{key}`{origin}: remove it or fix its spelling (expected one of: {})",
+            expected.join(", ")
+        ),
+        other if key.is_empty() => format!("{other}{origin}"),
+        other => format!("key `{key}`{origin}: {other}"),
     }
 }
 

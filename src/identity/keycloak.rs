@@ -542,6 +542,10 @@ impl IdentityProvider for KeycloakSource {
 
     fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
+            // Every run starts from a fresh discovery document and token, so a Keycloak that moved
+            // its endpoints or rotated its keys between runs is followed without a restart.
+            *self.metadata.lock().await = None;
+            self.forget_token();
             // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
             // role or an unknown realm fails here, before anything is written.
             let _: serde_json::Value = self.get("users/count", &[]).await?;

@@ -2,7 +2,7 @@
 //! No fixed sleeps wait for a tick: every wait polls a condition with a deadline.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use seedkeeper::app::App;
 use tokio_util::sync::CancellationToken;
@@ -47,21 +47,6 @@ async fn status_of(url: &str) -> u16 {
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
-}
-
-async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {secs}s waiting for: {what}");
 }
 
 async fn users_count(db: &TestDb) -> i64 {

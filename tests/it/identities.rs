@@ -9,7 +9,7 @@ use crate::harness::*;
 const DEV_ADMIN: &str = "a1000000-0000-4000-8000-000000000006";
 
 /// Snapshot of the identity tables, independent of generated ids.
-async fn identity_state(db: &TestDb) -> Vec<String> {
+pub(crate) async fn identity_state(db: &TestDb) -> Vec<String> {
     let c = db.client().await;
     let mut out = Vec::new();
     for r in c
@@ -51,7 +51,7 @@ async fn identity_state(db: &TestDb) -> Vec<String> {
     out
 }
 
-fn kc_env(kc: &KeycloakEmulator) -> Vec<(String, String)> {
+pub(crate) fn kc_env(kc: &KeycloakEmulator) -> Vec<(String, String)> {
     vec![
         ("SEEDKEEPER_IDENTITY__SOURCE".into(), "keycloak".into()),
         ("SEEDKEEPER_KEYCLOAK__BASE_URL".into(), kc.base_url()),
@@ -65,11 +65,11 @@ fn kc_env(kc: &KeycloakEmulator) -> Vec<(String, String)> {
     ]
 }
 
-fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(crate) fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-fn realm_file_env(dir: &TempDir, realm: &Value) -> Vec<(String, String)> {
+pub(crate) fn realm_file_env(dir: &TempDir, realm: &Value) -> Vec<(String, String)> {
     let p = dir.write("realm.json", &realm.to_string());
     vec![(
         "SEEDKEEPER_IDENTITY__REALM_FILE".into(),
@@ -77,13 +77,13 @@ fn realm_file_env(dir: &TempDir, realm: &Value) -> Vec<(String, String)> {
     )]
 }
 
-fn user(id: &str, username: &str, roles: &[&str], groups: &[&str]) -> Value {
+pub(crate) fn user(id: &str, username: &str, roles: &[&str], groups: &[&str]) -> Value {
     json!({"id": id, "username": username, "email": format!("{username}@example.test"), "enabled": true,
            "firstName": "F", "lastName": "L", "realmRoles": roles, "groups": groups})
 }
 
 /// A realm with composites and nested groups, plus the seedkeeper client.
-fn test_realm(users: Vec<Value>) -> Value {
+pub(crate) fn test_realm(users: Vec<Value>) -> Value {
     let mut realm = dev_realm();
     realm["roles"]["realm"]
         .as_array_mut()

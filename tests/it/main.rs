@@ -8,5 +8,6 @@ mod harness;
 mod core;
 // mod emulator;
 mod daemon;
+mod hardening;
 mod identities;
 mod ops;

@@ -382,6 +382,8 @@ struct Faults {
     html: Vec<u16>,
     latency: Duration,
     invalidate_after: Option<usize>,
+    /// Authenticated admin calls answered normally before queued faults apply.
+    faults_after: usize,
 }
 
 struct Shared {
@@ -394,6 +396,8 @@ struct Shared {
     key: CoreRsaPrivateSigningKey,
     base: String,
     jti: AtomicU64,
+    /// The discovery document points the token endpoint at `/moved/...` and the old one is gone.
+    moved: std::sync::atomic::AtomicBool,
 }
 
 pub struct KeycloakEmulator {
@@ -425,6 +429,7 @@ impl KeycloakEmulator {
                 .expect("emulator key"),
             base: format!("http://{addr}"),
             jti: AtomicU64::new(1),
+            moved: std::sync::atomic::AtomicBool::new(false),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -478,6 +483,11 @@ impl KeycloakEmulator {
             .extend(std::iter::repeat_n(status, n));
     }
 
+    /// Queued admin faults start only after `n` more authenticated admin calls.
+    pub fn faults_after_admin_calls(&self, n: usize) {
+        self.shared.faults.lock().unwrap().faults_after = n;
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.shared.faults.lock().unwrap().latency = d;
     }
@@ -488,6 +498,12 @@ impl KeycloakEmulator {
 
     pub fn invalidate_tokens_after(&self, n: usize) {
         self.shared.faults.lock().unwrap().invalidate_after = Some(n);
+    }
+
+    /// Changes the discovery document: the token endpoint moves to `/moved/realms/{realm}/...`
+    /// and the old URL answers 404, as after a hostname or proxy change.
+    pub fn move_token_endpoint(&self) {
+        self.shared.moved.store(true, Ordering::SeqCst);
     }
 
     pub fn journal(&self) -> Vec<JournalEntry> {
@@ -588,7 +604,7 @@ fn route(
             if *r != realm.name {
                 return error(404, "Realm does not exist");
             }
-            discovery(&sh.base, r)
+            discovery(&sh.base, r, sh.moved.load(Ordering::SeqCst))
         }
         ["realms", r, "protocol", "openid-connect", "certs"] if method == Method::GET => {
             if *r != realm.name {
@@ -599,7 +615,13 @@ fn route(
                 json!({ "keys": [serde_json::to_value(sh.key.as_verification_key()).unwrap()] }),
             )
         }
-        ["realms", r, "protocol", "openid-connect", "token"] if method == Method::POST => {
+        ["realms", r, "protocol", "openid-connect", "token"]
+        | ["moved", "realms", r, "protocol", "openid-connect", "token"]
+            if method == Method::POST =>
+        {
+            if path.starts_with("/moved/") != sh.moved.load(Ordering::SeqCst) {
+                return error(404, "Unable to find matching target resource method");
+            }
             if *r != realm.name {
                 return error(404, "Realm does not exist");
             }
@@ -624,14 +646,19 @@ fn route(
     }
 }
 
-fn discovery(base: &str, realm: &str) -> Response {
+fn discovery(base: &str, realm: &str, moved: bool) -> Response {
     let iss = format!("{base}/realms/{realm}");
+    let token_endpoint = if moved {
+        format!("{base}/moved/realms/{realm}/protocol/openid-connect/token")
+    } else {
+        format!("{iss}/protocol/openid-connect/token")
+    };
     json_response(
         200,
         json!({
             "issuer": iss,
             "authorization_endpoint": format!("{iss}/protocol/openid-connect/auth"),
-            "token_endpoint": format!("{iss}/protocol/openid-connect/token"),
+            "token_endpoint": token_endpoint,
             "introspection_endpoint": format!("{iss}/protocol/openid-connect/token/introspect"),
             "userinfo_endpoint": format!("{iss}/protocol/openid-connect/userinfo"),
             "end_session_endpoint": format!("{iss}/protocol/openid-connect/logout"),
@@ -880,7 +907,11 @@ fn admin(
                 f.invalidate_after = Some(n - 1);
             }
         }
-        if !f.admin_fail.is_empty() {
+        let deferred = f.faults_after > 0;
+        if deferred {
+            f.faults_after -= 1;
+        }
+        if !deferred && !f.admin_fail.is_empty() {
             let status = f.admin_fail.remove(0);
             let mut r = json_response(
                 status,
@@ -896,7 +927,7 @@ fn admin(
             }
             return r;
         }
-        if !f.html.is_empty() {
+        if !deferred && !f.html.is_empty() {
             let status = f.html.remove(0);
             return (
                 StatusCode::from_u16(status).unwrap(),
@@ -905,7 +936,7 @@ fn admin(
             )
                 .into_response();
         }
-        if f.malformed > 0 {
+        if !deferred && f.malformed > 0 {
             f.malformed -= 1;
             return (
                 StatusCode::OK,

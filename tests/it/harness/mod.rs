@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Once;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use seedkeeper::config::{self, Settings, Sources};
 use seedkeeper::reconcile::{Engine, Mode, RunReport};
@@ -277,4 +277,20 @@ impl Drop for TempDir {
 
 pub fn dev_realm() -> serde_json::Value {
     serde_json::from_str(seedkeeper::identity::realm_file::EMBEDDED_REALM).expect("dev realm JSON")
+}
+
+/// Polls `f` until it holds, failing the test after `secs` seconds.
+pub async fn until<F, Fut>(what: &str, secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {secs}s waiting for: {what}");
 }

@@ -1,0 +1,152 @@
+//! 1,000 consecutive no-op runs in one process: no growth in memory, open connections, file
+//! descriptors or tasks. A test binary of its own (no libtest harness) so nothing else runs in the
+//! process while it measures. `make test` runs it; it prints its figures.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "it/harness/mod.rs"]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::TestDb;
+use seedkeeper::app::App;
+use tokio_util::sync::CancellationToken;
+
+const RUNS: usize = 1000;
+const WARMUP: usize = 100;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    rss_kib: u64,
+    fds: usize,
+    tasks: usize,
+    connections: i64,
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+async fn sample(db: &TestDb, admin: &tokio_postgres::Client) -> Sample {
+    // Connections seedkeeper holds between runs (the sampling connection is not seedkeeper's).
+    let connections: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'seedkeeper'",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    Sample {
+        rss_kib: rss_kib(),
+        fds: fds(),
+        tasks: tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks(),
+        connections,
+    }
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(soak());
+}
+
+async fn soak() {
+    let db = TestDb::new().await;
+    let app = App::new(db.engine(&[]));
+    let cancel = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
+    let http = tokio::spawn(seedkeeper::http::serve(
+        app.clone(),
+        listener,
+        cancel.clone(),
+    ));
+    let scraper = reqwest::Client::new();
+    let admin = harness::connect(&harness::admin_url()).await;
+
+    let first = app.tick(&cancel).await.expect("not skipped");
+    assert_eq!(first.outcome.as_str(), "succeeded", "{:?}", first.error);
+    let mut warm = None;
+    let start = Instant::now();
+    for i in 1..=RUNS {
+        let r = app.tick(&cancel).await.expect("not skipped");
+        assert_eq!(r.outcome.as_str(), "succeeded", "run {i}: {:?}", r.error);
+        assert!(!r.changes_pending(), "run {i} changed something");
+        if i % 10 == 0 {
+            let body = scraper
+                .get(&metrics_url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            assert!(body.contains("seedkeeper_runs_total"));
+        }
+        if i == WARMUP {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            warm = Some(sample(&db, &admin).await);
+        }
+    }
+    let elapsed = start.elapsed();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let end = sample(&db, &admin).await;
+    let warm = warm.unwrap();
+    let kept: i64 = admin_count(&db).await;
+    println!(
+        "soak: {RUNS} no-op runs in {:.1} s ({:.1} ms/run); after run {WARMUP} -> after run {RUNS}: \
+         RSS {} -> {} KiB, fds {} -> {}, tasks {} -> {}, seedkeeper connections {} -> {}; seed_runs kept {kept}",
+        elapsed.as_secs_f64(),
+        elapsed.as_secs_f64() * 1000.0 / RUNS as f64,
+        warm.rss_kib,
+        end.rss_kib,
+        warm.fds,
+        end.fds,
+        warm.tasks,
+        end.tasks,
+        warm.connections,
+        end.connections
+    );
+    assert_eq!(end.connections, 0, "no connection kept between runs");
+    assert_eq!(end.connections, warm.connections);
+    assert!(
+        end.fds <= warm.fds + 2,
+        "file descriptors grew: {warm:?} -> {end:?}"
+    );
+    assert!(
+        end.tasks <= warm.tasks + 1,
+        "tasks grew: {warm:?} -> {end:?}"
+    );
+    assert!(
+        end.rss_kib <= warm.rss_kib + 2048,
+        "memory grew by more than 2 MiB over {} runs: {warm:?} -> {end:?}",
+        RUNS - WARMUP
+    );
+    assert_eq!(kept, 500, "evidence pruned to evidence.retention");
+    cancel.cancel();
+    http.await.unwrap();
+}
+
+async fn admin_count(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM seed_runs", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
