@@ -11,3 +11,4 @@ mod daemon;
 mod hardening;
 mod identities;
 mod ops;
+mod parsers;
