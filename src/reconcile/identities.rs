@@ -202,11 +202,20 @@ pub async fn reconcile(
 
     // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
     // username changed; when there are none (every steady-state run) both checks are skipped.
-    let unsettled: i64 = tx
-        .query_one("SELECT count(*) FROM sk_stage s LEFT JOIN users u ON u.keycloak_sub = s.sub WHERE u.id IS NULL OR u.username <> s.username", &[])
+    // The same pass tells whether any row is new or differs at all; when none does, the update
+    // and insert statements are skipped too.
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT count(*) FILTER (WHERE u.id IS NULL OR u.username <> s.username),
+                        count(*) FILTER (WHERE u.id IS NULL OR ({DIFFERS}))
+                 FROM sk_stage s LEFT JOIN users u ON u.keycloak_sub = s.sub"
+            ),
+            &[],
+        )
         .await
-        .map_err(ctx("comparing the identity stage"))?
-        .get(0);
+        .map_err(ctx("comparing the identity stage"))?;
+    let (unsettled, changed): (i64, i64) = (row.get(0), row.get(1));
 
     // Re-alignment.
     let realign_sql = match mode {
@@ -223,10 +232,13 @@ pub async fn reconcile(
              SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM cand LIMIT {SAMPLE}"
         ),
     };
-    let rows = tx
-        .query(&realign_sql, &[])
-        .await
-        .map_err(ctx("re-aligning users to new subs"))?;
+    let rows = if unsettled == 0 {
+        Vec::new()
+    } else {
+        tx.query(&realign_sql, &[])
+            .await
+            .map_err(ctx("re-aligning users to new subs"))?
+    };
     let realigned: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
     for r in &rows {
         let username: String = r.get(2);
@@ -274,6 +286,7 @@ pub async fn reconcile(
 
     // Updates and inserts.
     let (updated, updated_after_realign, inserted) = match mode {
+        _ if changed == 0 => (0, 0, 0),
         Mode::Apply => {
             let r = tx
                 .query_one(
