@@ -258,7 +258,6 @@ type OnUser<'a> = dyn FnMut(usize, RealmUser) -> std::result::Result<(), String>
 struct TopSeed<'a, 'b> {
     top: &'a mut Top,
     on_user: &'a mut OnUser<'b>,
-    skip_users: bool,
 }
 
 impl<'de> DeserializeSeed<'de> for TopSeed<'_, '_> {
@@ -279,7 +278,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
                 "realm" => self.top.realm = Some(map.next_value()?),
                 "roles" => self.top.roles = Some(map.next_value()?),
                 "groups" => self.top.groups = Some(map.next_value()?),
-                "users" if !self.skip_users => map.next_value_seed(UsersSeed {
+                "users" => map.next_value_seed(UsersSeed {
                     on_user: &mut *self.on_user,
                 })?,
                 _ => {
@@ -321,14 +320,13 @@ impl<'de> Visitor<'de> for UsersSeed<'_, '_> {
     }
 }
 
-fn scan(part: &Part, skip_users: bool, on_user: &mut OnUser<'_>) -> Result<Top> {
+fn scan(part: &Part, on_user: &mut OnUser<'_>) -> Result<Top> {
     let mut top = Top::default();
     let reader = part.reader()?;
     let mut de = serde_json::Deserializer::from_reader(reader);
     let seed = TopSeed {
         top: &mut top,
         on_user,
-        skip_users,
     };
     seed.deserialize(&mut de).and_then(|_| de.end()).map_err(|e| {
         let msg = e.to_string();
@@ -354,37 +352,14 @@ impl RealmFileSource {
         }
     }
 
-    /// Builds the role/group index (users skipped).
-    fn build_index(&self) -> Result<RealmIndex> {
-        let mut index = RealmIndex::default();
-        let mut noop = |_: usize, _: RealmUser| Ok(());
-        let mut groups: Vec<GroupRep> = Vec::new();
-        for part in self.input.parts() {
-            let top = scan(&part, true, &mut noop)?;
-            if index.realm.is_none() {
-                index.realm = top.realm;
-            }
-            if let Some(roles) = top.roles {
-                index.roles_defined = true;
-                for r in roles.realm {
-                    index.roles.insert(r.name.clone());
-                    let children = r.composites.map(|c| c.realm).unwrap_or_default();
-                    if !children.is_empty() {
-                        index.graph.composites.insert(r.name, children);
-                    }
-                }
-            }
-            if let Some(g) = top.groups {
-                groups.extend(g);
-            }
-        }
-        index.add_groups(&groups, "", &[]);
-        Ok(index)
-    }
-
-    /// Full validation pass: every problem of every user, reported together.
+    /// Full validation pass: every problem of every user, reported together. One scan per part
+    /// reads roles, groups and users; role and group references are checked once the whole
+    /// index is known, against the first user naming each.
     pub fn validate(&self) -> Result<Arc<RealmIndex>> {
-        let index = Arc::new(self.build_index()?);
+        let mut tops: Vec<Top> = Vec::new();
+        let mut role_refs: HashMap<String, String> = HashMap::new();
+        let mut group_refs: HashMap<String, String> = HashMap::new();
+        let no_roles = RealmIndex::default();
         // Seen ids and lower-cased usernames, as 128-bit fingerprints pointing at (file, entry):
         // a few MB at 100,000 users where the strings themselves would take tens.
         let mut ids: HashMap<u128, (u32, u32)> = HashMap::new();
@@ -429,24 +404,20 @@ impl RealmFileSource {
                         }
                     }
                 }
-                if index.roles_defined {
-                    for r in &u.realm_roles {
-                        if !index.roles.contains(r) {
-                            push(format!(
-                                "{}: realm role {r:?} is not defined in roles.realm",
-                                at()
-                            ));
-                        }
+                for r in &u.realm_roles {
+                    if !role_refs.contains_key(r) {
+                        role_refs.insert(r.clone(), at());
                     }
                 }
                 for g in &u.groups {
-                    if !index.group_roles.contains_key(g) {
-                        push(format!("{}: group {g:?} is not defined in groups", at()));
+                    if !group_refs.contains_key(g) {
+                        group_refs.insert(g.clone(), at());
                     }
                 }
                 if u.service_account_client_id.is_none() {
                     if let (Some(id), Some(name)) = (&u.id, &u.username) {
-                        let ident = to_identity(&index, &self.filter, id.clone(), name, &u);
+                        // Field checks only: effective roles do not change validity.
+                        let ident = to_identity(&no_roles, &self.filter, id.clone(), name, &u);
                         if let Err(why) = check_identity(&ident) {
                             push(format!("{}: {why}", at()));
                         }
@@ -454,7 +425,31 @@ impl RealmFileSource {
                 }
                 Ok(())
             };
-            scan(part, false, &mut on_user)?;
+            tops.push(scan(part, &mut on_user)?);
+        }
+        let index = Arc::new(index_from(tops));
+        let mut refs: Vec<String> = Vec::new();
+        if index.roles_defined {
+            for (r, at) in &role_refs {
+                if !index.roles.contains(r) {
+                    refs.push(format!(
+                        "{at}: realm role {r:?} is not defined in roles.realm"
+                    ));
+                }
+            }
+        }
+        for (g, at) in &group_refs {
+            if !index.group_roles.contains_key(g) {
+                refs.push(format!("{at}: group {g:?} is not defined in groups"));
+            }
+        }
+        refs.sort();
+        for p in refs {
+            if problems.len() < MAX_LISTED_PROBLEMS {
+                problems.push(p);
+            } else {
+                extra += 1;
+            }
         }
         if !problems.is_empty() {
             let mut message = format!(
@@ -500,7 +495,7 @@ impl RealmFileSource {
                 }
                 Ok(())
             };
-            let r = scan(&part, false, &mut on_user);
+            let r = scan(&part, &mut on_user);
             if closed {
                 return Err(Error::Cancelled);
             }
@@ -511,6 +506,32 @@ impl RealmFileSource {
         }
         Ok(stats)
     }
+}
+
+/// The role/group index from what the scans of every part saw at their top level.
+fn index_from(tops: Vec<Top>) -> RealmIndex {
+    let mut index = RealmIndex::default();
+    let mut groups: Vec<GroupRep> = Vec::new();
+    for top in tops {
+        if index.realm.is_none() {
+            index.realm = top.realm;
+        }
+        if let Some(roles) = top.roles {
+            index.roles_defined = true;
+            for r in roles.realm {
+                index.roles.insert(r.name.clone());
+                let children = r.composites.map(|c| c.realm).unwrap_or_default();
+                if !children.is_empty() {
+                    index.graph.composites.insert(r.name, children);
+                }
+            }
+        }
+        if let Some(g) = top.groups {
+            groups.extend(g);
+        }
+    }
+    index.add_groups(&groups, "", &[]);
+    index
 }
 
 fn to_identity(
