@@ -111,11 +111,7 @@ async fn fresh_database_gets_every_reference_row_as_seed_000_lists_it() {
         ("boolean".into(), json!(false), None)
     );
 
-    let mismatched: i64 = c
-        .query_one("SELECT count(*) FROM policy_values v JOIN policy_definitions d ON d.key = v.policy_key WHERE v.scope_type = 'global' AND v.value = d.default_value", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let mismatched: i64 = db.scalar("SELECT count(*) FROM policy_values v JOIN policy_definitions d ON d.key = v.policy_key WHERE v.scope_type = 'global' AND v.value = d.default_value").await;
     assert_eq!(
         mismatched, 17,
         "one global value per policy, equal to its default"
@@ -176,14 +172,9 @@ async fn fresh_database_gets_every_reference_row_as_seed_000_lists_it() {
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<Vec<_>>()
     );
-    let active: i64 = c
-        .query_one(
-            "SELECT count(*) FROM app_catalog_versions WHERE is_active",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let active: i64 = db
+        .scalar("SELECT count(*) FROM app_catalog_versions WHERE is_active")
+        .await;
     assert_eq!(active, 8);
 
     let run = c
@@ -247,14 +238,9 @@ async fn a_sku_price_changed_by_hand_is_corrected_and_reported_as_drift() {
             .any(|f| f.kind == "drift_corrected" && f.entity == "sku_catalog:h100"),
         "{f:?}"
     );
-    let price: i64 = c
-        .query_one(
-            "SELECT gpu_hourly_price_minor FROM sku_catalog WHERE sku = 'h100'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let price: i64 = db
+        .scalar("SELECT gpu_hourly_price_minor FROM sku_catalog WHERE sku = 'h100'")
+        .await;
     assert_eq!(price, 200);
     let findings: Value = c
         .query_one("SELECT findings FROM seed_runs WHERE id = $1", &[&r.id])
@@ -297,14 +283,9 @@ async fn plan_exits_2_with_changes_pending_and_0_in_sync_and_writes_nothing() {
     let out = run_bin(&["plan"], &db.env());
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let c = db.client().await;
-    let tables: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .await;
     assert_eq!(tables, 0, "plan created tables");
     let out = run_bin(&["--once"], &db.env());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -356,15 +337,9 @@ async fn a_seed_default_outside_its_bounds_exits_78_naming_the_policy_key_and_wr
         t.contains("billing.window_seconds") && t.contains("below min_value 30"),
         "{t}"
     );
-    let c = db.client().await;
-    let tables: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .await;
     assert_eq!(tables, 0);
 }
 
@@ -453,14 +428,9 @@ async fn a_concurrent_run_is_skipped_not_blocked_or_duplicated() {
         .unwrap();
     let r = apply(&engine).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Skipped);
-    let c = db.client().await;
-    let rows: Vec<String> = c
-        .query("SELECT outcome FROM seed_runs ORDER BY started_at", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let rows: Vec<String> = db
+        .strings("SELECT outcome FROM seed_runs ORDER BY started_at")
+        .await;
     assert_eq!(rows, vec!["succeeded", "skipped"]);
     holder
         .query_one(

@@ -97,15 +97,9 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
         status_of(&ready).await == 200
     })
     .await;
-    let c = db.client().await;
-    let bindings: i64 = c
-        .query_one(
-            "SELECT count(*) FROM platform_role_bindings WHERE status = 'active'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let bindings: i64 = db
+        .scalar("SELECT count(*) FROM platform_role_bindings WHERE status = 'active'")
+        .await;
     assert_eq!(bindings, 3);
 
     // Metrics parse as exposition text and the counters moved.
@@ -154,11 +148,7 @@ async fn a_schema_dropped_under_a_running_daemon_is_recreated() {
         users_count(&db).await == 6
     })
     .await;
-    let skus: i64 = c
-        .query_one("SELECT count(*) FROM sku_catalog", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let skus: i64 = db.scalar("SELECT count(*) FROM sku_catalog").await;
     assert_eq!(skus, 7);
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
@@ -219,16 +209,9 @@ async fn three_daemons_on_one_database_for_many_ticks_never_duplicate_or_fail() 
         d.cancel.cancel();
         d.task.await.unwrap().unwrap();
     }
-    let failed: Vec<String> = c
-        .query(
-            "SELECT coalesce(error, '') FROM seed_runs WHERE outcome = 'failed'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let failed: Vec<String> = db
+        .strings("SELECT coalesce(error, '') FROM seed_runs WHERE outcome = 'failed'")
+        .await;
     assert!(failed.is_empty(), "{failed:?}");
     for (table, n) in [
         ("users", 6i64),
@@ -372,13 +355,8 @@ async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
         .unwrap();
     assert_eq!(code, Some(0));
     // Consistent: the identities unit is all or nothing; tenants cover every user row.
-    let c = db2.client().await;
-    let users: i64 = c
-        .query_one("SELECT count(*) FROM users", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let users: i64 = db2.scalar("SELECT count(*) FROM users").await;
     assert!(users == 0 || users == 6, "half a unit: {users} users");
-    let uncovered: i64 = c.query_one("SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.owner_user_id = u.id)", &[]).await.unwrap().get(0);
+    let uncovered: i64 = db2.scalar("SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.owner_user_id = u.id)").await;
     assert_eq!(uncovered, 0);
 }

@@ -45,24 +45,12 @@ async fn assert_no_duplicates(db: &TestDb) {
 }
 
 async fn users(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM users", &[])
-        .await
-        .map(|r| r.get(0))
-        .unwrap_or(0)
+    db.scalar("SELECT count(*) FROM users").await
 }
 
 async fn public_tables(db: &TestDb) -> i64 {
-    db.client()
+    db.scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
         .await
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
 }
 
 fn statuses(kc: &KeycloakEmulator) -> Vec<u16> {
@@ -169,14 +157,9 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     assert_ok(&r);
     assert_eq!(users(&db).await, 25 + 6);
     assert_no_duplicates(&db).await;
-    let c = db.client().await;
-    let outcomes: Vec<String> = c
-        .query("SELECT outcome FROM seed_runs ORDER BY started_at", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let outcomes: Vec<String> = db
+        .strings("SELECT outcome FROM seed_runs ORDER BY started_at")
+        .await;
     // The timed-out run failed in its preflight, before connecting to the database: its evidence
     // is the log line and the metrics, not a row.
     assert_eq!(outcomes, ["failed", "succeeded"]);
@@ -321,15 +304,9 @@ async fn sigkill_mid_run_leaves_no_lock_and_the_next_process_converges() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(users(&db).await, 20_006);
     assert_no_duplicates(&db).await;
-    let c = db.client().await;
-    let open: i64 = c
-        .query_one(
-            "SELECT count(*) FROM seed_runs WHERE outcome = 'running'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let open: i64 = db
+        .scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'running'")
+        .await;
     assert_eq!(open, 0);
 }
 
@@ -629,25 +606,10 @@ async fn hostile_identity_values_are_stored_exactly_or_refused_one_by_one() {
         assert_eq!(row.get::<_, String>(1), *first);
     }
     // The confusable is its own person: dev-admin keeps its row and its binding alone.
-    let admins: Vec<String> = c
-        .query("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'active' AND b.role_name = 'platform_superadmin' ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let admins: Vec<String> = db.strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'active' AND b.role_name = 'platform_superadmin' ORDER BY 1").await;
     assert!(admins.contains(&"dev-admin".to_string()));
     assert!(!admins.iter().any(|a| a.contains('\u{0430}')));
-    let findings: Vec<String> = c
-        .query(
-            "SELECT f->>'detail' FROM seed_runs r, jsonb_array_elements(r.findings) f WHERE f->>'kind' = 'rejected'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let findings: Vec<String> = db.strings("SELECT f->>'detail' FROM seed_runs r, jsonb_array_elements(r.findings) f WHERE f->>'kind' = 'rejected'").await;
     for (_, _, why) in &refused {
         assert!(
             findings.iter().any(|f| f.contains(why)),

@@ -311,15 +311,9 @@ async fn a_wrong_secret_and_a_missing_realm_management_role_fail_clearly_and_wri
         "{t}"
     );
     assert!(!t.contains("wrong-secret"));
-    let c = db.client().await;
-    let tables: i64 = c
-        .query_one(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .await;
     assert_eq!(tables, 0, "nothing written");
 
     let mut realm = dev_realm();
@@ -381,20 +375,11 @@ async fn a_realm_reimported_with_new_ids_realigns_rows_without_duplicates() {
         (id_after, sub.as_str()),
         (id_before, "e0000000-0000-4000-8000-000000000001")
     );
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM users", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = db.scalar("SELECT count(*) FROM users").await;
     assert_eq!(n, 7);
-    let active: i64 = c
-        .query_one(
-            "SELECT count(*) FROM platform_role_bindings WHERE status = 'active'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let active: i64 = db
+        .scalar("SELECT count(*) FROM platform_role_bindings WHERE status = 'active'")
+        .await;
     assert_eq!(active, 4, "bindings follow the re-aligned rows");
 }
 
@@ -553,15 +538,9 @@ async fn malformed_realm_files_exit_78_naming_the_file_and_entry_and_write_nothi
             t.contains(name) && t.contains(needle),
             "{name}: expected {needle:?} in {t}"
         );
-        let c = db.client().await;
-        let tables: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let tables: i64 = db
+            .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+            .await;
         assert_eq!(tables, 0, "{name}: nothing written");
     }
 }
@@ -580,11 +559,8 @@ async fn users_missing_from_the_source_are_reported_and_kept() {
     let r = apply(&db.engine(&[])).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "missing"), 1);
-    let c = db.client().await;
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM users WHERE username = 'leaver'", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = db
+        .scalar("SELECT count(*) FROM users WHERE username = 'leaver'")
+        .await;
     assert_eq!(n, 1);
 }

@@ -23,17 +23,8 @@ async fn make_db_reset_fast_leaves_the_seeded_state() {
         t.contains("db-reset-fast:") && t.contains("ms (exit 0)"),
         "{t}"
     );
-    let c = db.client().await;
-    let users: i64 = c
-        .query_one("SELECT count(*) FROM users", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let skus: i64 = c
-        .query_one("SELECT count(*) FROM sku_catalog", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let users: i64 = db.scalar("SELECT count(*) FROM users").await;
+    let skus: i64 = db.scalar("SELECT count(*) FROM sku_catalog").await;
     assert_eq!((users, skus), (6, 7));
 }
 
@@ -83,11 +74,7 @@ async fn the_least_privilege_role_from_the_readme_can_reconcile() {
         let out = run_bin(&["--once"], &env);
         assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     }
-    let users: i64 = c
-        .query_one("SELECT count(*) FROM users", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let users: i64 = db.scalar("SELECT count(*) FROM users").await;
     assert_eq!(users, 6);
     // It cannot delete user data even if it tried.
     let denied = c

@@ -294,3 +294,27 @@ where
     }
     panic!("timed out after {secs}s waiting for: {what}");
 }
+
+impl TestDb {
+    /// The single bigint `sql` returns (a count, say), on a fresh connection.
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// The first column of every row `sql` returns, as text.
+    pub async fn strings(&self, sql: &str) -> Vec<String> {
+        self.client()
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    }
+}
