@@ -6,14 +6,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! python3 -c 'import yaml' 2>/dev/null; then
-    python3 -m venv .ci/venv >/dev/null
-    .ci/venv/bin/pip install --quiet pyyaml
-    PY=.ci/venv/bin/python
-else
-    PY=python3
+# Schema validators from PyPI, offline once installed: the compose-spec schema vendored by
+# check-jsonschema, and the Kubernetes OpenAPI schemas bundled with kubernetes-validate.
+venv=.ci/venv
+if ! "$venv/bin/python" -c 'import yaml, check_jsonschema, kubernetes_validate' 2>/dev/null; then
+    python3 -m venv "$venv" >/dev/null
+    "$venv/bin/pip" install --quiet --disable-pip-version-check \
+        'pyyaml==6.0.*' 'check-jsonschema==0.39.*' 'kubernetes-validate==1.37.*'
 fi
+PY="$venv/bin/python"
 [[ -x target/debug/seedkeeper ]] || cargo build --quiet --bin seedkeeper
+
+echo "== schemas"
+"$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
+"$venv/bin/kubernetes-validate" --strict --quiet \
+    $(ls deploy/kubernetes/*.yaml | grep -v kustomization.yaml)
+echo "ok   Kubernetes manifests valid against the 1.37 schemas (strict)"
+echo "== contents"
 
 exec "$PY" - <<'PYEOF'
 import glob, os, re, subprocess, sys, tempfile

@@ -369,6 +369,12 @@ impl RealmFileSource {
         let parts = self.input.parts();
         let part_names: Vec<String> = parts.iter().map(Part::name).collect();
         for (pi, part) in parts.iter().enumerate() {
+            // With a folder, each entry is named with its file.
+            let prefix = if parts.len() > 1 {
+                format!("{} ", part_names[pi])
+            } else {
+                String::new()
+            };
             let mut on_user = |i: usize, u: RealmUser| {
                 let mut push = |p: String| {
                     if problems.len() < MAX_LISTED_PROBLEMS {
@@ -379,7 +385,7 @@ impl RealmFileSource {
                 };
                 let at = || {
                     format!(
-                        "users[{i}]{}",
+                        "{prefix}users[{i}]{}",
                         u.username
                             .as_deref()
                             .map(|n| format!(" ({n:?})"))

@@ -564,3 +564,55 @@ async fn users_missing_from_the_source_are_reported_and_kept() {
         .await;
     assert_eq!(n, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kc_export_dir_folder_yields_the_same_database_as_the_single_file() {
+    let single = TestDb::new().await;
+    assert_ok(&apply(&single.engine(&[])).await);
+
+    // `kc.sh export --dir --users different_files --users-per-file 4`: the realm without its
+    // users, then the users split over numbered files.
+    let mut realm = dev_realm();
+    let users = realm["users"].as_array().unwrap().clone();
+    realm.as_object_mut().unwrap().remove("users");
+    let dir = TempDir::new();
+    dir.write("dev-realm.json", &realm.to_string());
+    for (i, chunk) in users.chunks(4).enumerate() {
+        dir.write(
+            &format!("dev-users-{i}.json"),
+            &json!({"realm": "dev", "users": chunk}).to_string(),
+        );
+    }
+    dir.write("README.txt", "not json, ignored");
+    let split = TestDb::new().await;
+    let engine = split.engine(&[("SEEDKEEPER_IDENTITY__REALM_FILE", dir.0.to_str().unwrap())]);
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "listed"), 6);
+    assert_eq!(identity_state(&split).await, identity_state(&single).await);
+
+    // A duplicate across two users files is named with both files.
+    dir.write(
+        "dev-users-9.json",
+        &json!({"realm": "dev", "users": [users[0].clone()]}).to_string(),
+    );
+    let out = run_bin(
+        &["--once"],
+        &[
+            split.env(),
+            vec![(
+                "SEEDKEEPER_IDENTITY__REALM_FILE".to_string(),
+                dir.0.display().to_string(),
+            )],
+        ]
+        .concat(),
+    );
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert!(
+        t.contains("duplicate id")
+            && t.contains("dev-users-0.json")
+            && t.contains("dev-users-9.json"),
+        "{t}"
+    );
+}
