@@ -878,3 +878,210 @@ async fn tls_to_keycloak_is_verified_by_default_and_a_ca_file_is_honoured() {
     assert!(!t.to_lowercase().contains("certificate"), "{t}");
     assert_eq!(public_tables(&db).await, 0, "nothing written");
 }
+
+/// A PostgreSQL cluster of its own (initdb in a temp dir, a free port), so a test can stop and
+/// start the server without touching the one the other tests share.
+struct OwnCluster {
+    bin: std::path::PathBuf,
+    data: TempDir,
+    port: u16,
+}
+
+impl OwnCluster {
+    fn pg(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = if is_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"])
+                .arg(self.bin.join("pg_ctl"));
+            c
+        } else {
+            std::process::Command::new(self.bin.join("pg_ctl"))
+        };
+        cmd.arg("-D").arg(self.data.0.join("pg")).args(args);
+        cmd.output().expect("pg_ctl")
+    }
+
+    fn new() -> OwnCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let data = TempDir::new();
+        let pgdata = data.0.join("pg");
+        std::fs::create_dir_all(&pgdata).unwrap();
+        let mut initdb = if is_root() {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&data.0)
+                .status();
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(bin.join("initdb"));
+            c
+        } else {
+            std::process::Command::new(bin.join("initdb"))
+        };
+        let out = initdb
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {}", text(&out));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = OwnCluster { bin, data, port };
+        c.start();
+        c
+    }
+
+    fn start(&self) {
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.data.0.join("pg").display()
+        );
+        let log = self.data.0.join("pg").join("server.log");
+        let out = self.pg(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
+        assert!(out.status.success(), "pg_ctl start: {}", text(&out));
+    }
+
+    fn stop(&self) {
+        let out = self.pg(&["-w", "-m", "fast", "stop"]);
+        assert!(out.status.success(), "pg_ctl stop: {}", text(&out));
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = self.pg(&["-m", "immediate", "stop"]);
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
+    let cluster = std::sync::Arc::new(tokio::task::spawn_blocking(OwnCluster::new).await.unwrap());
+    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: vec![
+            e("SEEDKEEPER_DATABASE__URL", &cluster.url()),
+            e("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *"),
+            e("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s"),
+        ],
+    })
+    .unwrap();
+    let app = seedkeeper::app::App::new(seedkeeper::app::build_engine(settings).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ready = format!("http://{}/readyz", listener.local_addr().unwrap());
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(seedkeeper::app::run_until_stopped(
+        app.clone(),
+        listener,
+        cancel.clone(),
+    ));
+    let status = |url: String| async move {
+        reqwest::get(url)
+            .await
+            .map(|r| r.status().as_u16())
+            .unwrap_or(0)
+    };
+    until("ready after the first run", 60, || {
+        status(ready.clone()).map_eq(200)
+    })
+    .await;
+
+    // The server goes away (every connection closed) and comes back on the same port.
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.stop())
+        .await
+        .unwrap();
+    until("not ready while PostgreSQL is down", 30, || {
+        status(ready.clone()).map_eq(503)
+    })
+    .await;
+    let before: i64 = {
+        let cl = cluster.clone();
+        tokio::task::spawn_blocking(move || cl.start())
+            .await
+            .unwrap();
+        let c = connect(&cluster.url()).await;
+        c.query_one(
+            "SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    until("ready again after the restart", 60, || {
+        status(ready.clone()).map_eq(200)
+    })
+    .await;
+    let url = cluster.url();
+    until(
+        "a run succeeded after the restart, without restarting seedkeeper",
+        60,
+        || {
+            let url = url.clone();
+            async move {
+                connect(&url)
+                    .await
+                    .query_one(
+                        "SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.get::<_, i64>(0) > before)
+                    .unwrap_or(false)
+            }
+        },
+    )
+    .await;
+    cancel.cancel();
+    daemon.await.unwrap().unwrap();
+    let c = connect(&cluster.url()).await;
+    let row = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'),
+                    (SELECT count(*) FROM users), (SELECT count(DISTINCT keycloak_sub) FROM users),
+                    (SELECT count(*) FROM tenants)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (after, users, subs, tenants): (i64, i64, i64, i64) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert!(
+        after > before,
+        "runs succeeded after the restart: {before} -> {after}"
+    );
+    assert_eq!((users, subs, tenants), (6, 6, 6));
+}
+
+/// `fut.map_eq(v)`: a future of whether the value equals `v`, for `until`.
+trait MapEq<T> {
+    fn map_eq(self, v: T) -> impl std::future::Future<Output = bool>;
+}
+
+impl<T: PartialEq, F: std::future::Future<Output = T>> MapEq<T> for F {
+    async fn map_eq(self, v: T) -> bool {
+        self.await == v
+    }
+}
