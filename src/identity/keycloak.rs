@@ -445,37 +445,53 @@ impl KeycloakSource {
             );
         }
         let known: HashSet<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+        // Each granting role is resolved on its own (its direct users, then its groups and their
+        // subgroups), all roles at once: the same requests, no longer one after the other.
+        let targets = granting_roles(&graph, &self.filter);
+        let unique: BTreeSet<&String> = targets
+            .values()
+            .flatten()
+            .filter(|r| known.contains(r.as_str()))
+            .collect();
+        let holders =
+            futures_util::future::try_join_all(unique.iter().map(|role| self.holders_of(role)))
+                .await?;
+        let by_role: HashMap<&String, Vec<String>> = unique.into_iter().zip(holders).collect();
         let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
-        for (target, granting) in granting_roles(&graph, &self.filter) {
-            for role in granting.iter().filter(|r| known.contains(r.as_str())) {
-                let brief = [("briefRepresentation", "true".to_string())];
-                let users: Vec<IdRep> = self
-                    .get_all(&format!("roles/{}/users", enc(role)), &brief)
-                    .await?;
-                for u in users {
-                    out.entry(u.id).or_default().insert(target.clone());
-                }
-                let groups: Vec<IdRep> = self
-                    .get_all(&format!("roles/{}/groups", enc(role)), &brief)
-                    .await?;
-                let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
-                let mut seen = HashSet::new();
-                while let Some(gid) = stack.pop() {
-                    if !seen.insert(gid.clone()) {
-                        continue;
-                    }
-                    let members: Vec<IdRep> = self
-                        .get_all(&format!("groups/{gid}/members"), &brief)
-                        .await?;
-                    for m in members {
-                        out.entry(m.id).or_default().insert(target.clone());
-                    }
-                    let children: Vec<IdRep> = self
-                        .get_all(&format!("groups/{gid}/children"), &brief)
-                        .await?;
-                    stack.extend(children.into_iter().map(|c| c.id));
+        for (target, granting) in &targets {
+            for ids in granting.iter().filter_map(|r| by_role.get(r)) {
+                for id in ids {
+                    out.entry(id.clone()).or_default().insert(target.clone());
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// Ids of the users holding `role` directly or through a group or a parent group.
+    async fn holders_of(&self, role: &str) -> Result<Vec<String>> {
+        let brief = [("briefRepresentation", "true".to_string())];
+        let users: Vec<IdRep> = self
+            .get_all(&format!("roles/{}/users", enc(role)), &brief)
+            .await?;
+        let mut out: Vec<String> = users.into_iter().map(|u| u.id).collect();
+        let groups: Vec<IdRep> = self
+            .get_all(&format!("roles/{}/groups", enc(role)), &brief)
+            .await?;
+        let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
+        let mut seen = HashSet::new();
+        while let Some(gid) = stack.pop() {
+            if !seen.insert(gid.clone()) {
+                continue;
+            }
+            let members: Vec<IdRep> = self
+                .get_all(&format!("groups/{gid}/members"), &brief)
+                .await?;
+            out.extend(members.into_iter().map(|m| m.id));
+            let children: Vec<IdRep> = self
+                .get_all(&format!("groups/{gid}/children"), &brief)
+                .await?;
+            stack.extend(children.into_iter().map(|c| c.id));
         }
         Ok(out)
     }

@@ -123,7 +123,10 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
         .journal()
         .iter()
         .filter(|j| j.path.contains("/admin/"))
-        .position(|j| j.path.ends_with("/users"))
+        .position(|j| {
+            j.path
+                .ends_with(&format!("/admin/realms/{}/users", kc.realm_name()))
+        })
         .expect("a users page");
     kc.clear_journal();
     kc.faults_after_admin_calls(before_listing + 2);
@@ -136,7 +139,11 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     let pages = kc
         .journal()
         .iter()
-        .filter(|j| j.path.ends_with("/users") && j.status == 200)
+        .filter(|j| {
+            j.path
+                .ends_with(&format!("/admin/realms/{}/users", kc.realm_name()))
+                && j.status == 200
+        })
         .count();
     assert!(pages >= 1, "the burst came mid-listing");
 
