@@ -22,6 +22,8 @@ struct Step {
     write: &'static str,
 }
 
+/// Updates run before inserts: on a fresh database they scan empty tables instead of the rows
+/// just inserted (which are owner/active by construction).
 const STEPS: &[Step] = &[
     Step {
         count_key: "tenants_inserted",
@@ -38,14 +40,6 @@ const STEPS: &[Step] = &[
         write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
     },
     Step {
-        count_key: "tenant_memberships_inserted",
-        what: "tenant owner membership(s) to insert",
-        select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
-                 WHERE t.kind = 'personal'
-                   AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
-        write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
-    },
-    Step {
         count_key: "tenant_memberships_updated",
         what: "tenant owner membership(s) to set back to owner/active",
         select: "SELECT m.tenant_id, m.user_id FROM tenants t
@@ -55,13 +49,12 @@ const STEPS: &[Step] = &[
                 WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
     },
     Step {
-        count_key: "project_memberships_inserted",
-        what: "project owner membership(s) to insert",
-        select: "SELECT p.id AS project_id, t.owner_user_id AS user_id FROM tenants t
-                 JOIN projects p ON p.tenant_id = t.id AND p.is_default
+        count_key: "tenant_memberships_inserted",
+        what: "tenant owner membership(s) to insert",
+        select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
                  WHERE t.kind = 'personal'
-                   AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
-        write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
+                   AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
+        write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
     },
     Step {
         count_key: "project_memberships_updated",
@@ -72,6 +65,15 @@ const STEPS: &[Step] = &[
                  WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
         write: "UPDATE project_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
+    },
+    Step {
+        count_key: "project_memberships_inserted",
+        what: "project owner membership(s) to insert",
+        select: "SELECT p.id AS project_id, t.owner_user_id AS user_id FROM tenants t
+                 JOIN projects p ON p.tenant_id = t.id AND p.is_default
+                 WHERE t.kind = 'personal'
+                   AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
+        write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
     },
 ];
 
