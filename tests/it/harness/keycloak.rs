@@ -109,6 +109,8 @@ struct Realm {
     /// Sorted by lower-cased username.
     users: Vec<User>,
     by_id: HashMap<String, usize>,
+    /// Indexes of the users a listing shows, in order (service accounts are not listed).
+    humans: Vec<usize>,
     roles: Vec<Role>,
     role_members: HashMap<String, Vec<usize>>,
     groups: HashMap<String, Group>,
@@ -298,10 +300,17 @@ impl Realm {
                     .collect()
             })
             .unwrap_or_default();
+        let humans = users
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| u.service_account_client.is_none())
+            .map(|(i, _)| i)
+            .collect();
         Realm {
             name,
             users,
             by_id,
+            humans,
             roles,
             role_members,
             groups,
@@ -952,11 +961,6 @@ fn admin(
         .map(|v| v == "true")
         .unwrap_or(false);
     let can = |r: &str| management.contains(r);
-    let humans: Vec<&User> = realm
-        .users
-        .iter()
-        .filter(|u| !realm.is_service_account(u))
-        .collect();
     match rest {
         ["users"] => {
             if !can("query-users") {
@@ -973,11 +977,12 @@ fn admin(
                 .get("max")
                 .and_then(|v| v.parse::<usize>().ok())
                 .unwrap_or(100);
-            let page: Vec<Value> = humans
+            let page: Vec<Value> = realm
+                .humans
                 .iter()
                 .skip(first)
                 .take(max)
-                .map(|u| user_json(u, brief, true))
+                .map(|&i| user_json(&realm.users[i], brief, true))
                 .collect();
             json_response(200, Value::Array(page))
         }
@@ -985,7 +990,7 @@ fn admin(
             if !can("query-users") {
                 return error(403, "unknown_error");
             }
-            json_response(200, json!(humans.len()))
+            json_response(200, json!(realm.humans.len()))
         }
         ["users", id] => match realm.by_id.get(*id) {
             Some(i) if can("view-users") => {
