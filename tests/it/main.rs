@@ -6,8 +6,8 @@
 mod harness;
 
 mod core;
-// mod emulator;
 mod daemon;
+mod emulator;
 mod hardening;
 mod identities;
 mod ops;
