@@ -107,7 +107,7 @@ async fn soak() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let end = sample(&db, &admin).await;
     let warm = warm.unwrap();
-    let kept: i64 = admin_count(&db).await;
+    let kept = db.scalar("SELECT count(*) FROM seed_runs").await;
     println!(
         "soak: {RUNS} no-op runs in {:.1} s ({:.1} ms/run); after run {WARMUP} -> after run {RUNS}: \
          RSS {} -> {} KiB, fds {} -> {}, tasks {} -> {}, seedkeeper connections {} -> {}; seed_runs kept {kept}",
@@ -140,13 +140,4 @@ async fn soak() {
     assert_eq!(kept, 500, "evidence pruned to evidence.retention");
     cancel.cancel();
     http.await.unwrap();
-}
-
-async fn admin_count(db: &TestDb) -> i64 {
-    db.client()
-        .await
-        .query_one("SELECT count(*) FROM seed_runs", &[])
-        .await
-        .unwrap()
-        .get(0)
 }

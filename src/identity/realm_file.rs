@@ -150,6 +150,23 @@ fn fingerprint(s: &str) -> u128 {
     (u128::from(a.finish()) << 64) | u128::from(b.finish())
 }
 
+/// The problems of one validation: the first `MAX_LISTED_PROBLEMS` in full, the rest counted.
+#[derive(Default)]
+struct Listed {
+    shown: Vec<String>,
+    more: usize,
+}
+
+impl Listed {
+    fn push(&mut self, p: String) {
+        if self.shown.len() < MAX_LISTED_PROBLEMS {
+            self.shown.push(p);
+        } else {
+            self.more += 1;
+        }
+    }
+}
+
 fn realm_err(path: &str, message: String) -> Error {
     Error::RealmFile {
         path: path.to_string(),
@@ -364,8 +381,7 @@ impl RealmFileSource {
         // a few MB at 100,000 users where the strings themselves would take tens.
         let mut ids: HashMap<u128, (u32, u32)> = HashMap::new();
         let mut names: HashMap<u128, (u32, u32)> = HashMap::new();
-        let mut problems: Vec<String> = Vec::new();
-        let mut extra = 0usize;
+        let mut problems = Listed::default();
         let parts = self.input.parts();
         let part_names: Vec<String> = parts.iter().map(Part::name).collect();
         for (pi, part) in parts.iter().enumerate() {
@@ -376,13 +392,7 @@ impl RealmFileSource {
                 String::new()
             };
             let mut on_user = |i: usize, u: RealmUser| {
-                let mut push = |p: String| {
-                    if problems.len() < MAX_LISTED_PROBLEMS {
-                        problems.push(p);
-                    } else {
-                        extra += 1;
-                    }
-                };
+                let mut push = |p: String| problems.push(p);
                 let at = || {
                     format!(
                         "{prefix}users[{i}]{}",
@@ -451,20 +461,17 @@ impl RealmFileSource {
         }
         refs.sort();
         for p in refs {
-            if problems.len() < MAX_LISTED_PROBLEMS {
-                problems.push(p);
-            } else {
-                extra += 1;
-            }
+            problems.push(p);
         }
-        if !problems.is_empty() {
+        let Listed { shown, more } = problems;
+        if !shown.is_empty() {
             let mut message = format!(
                 "{} problem(s):\n  - {}",
-                problems.len() + extra,
-                problems.join("\n  - ")
+                shown.len() + more,
+                shown.join("\n  - ")
             );
-            if extra > 0 {
-                message.push_str(&format!("\n  - ... and {extra} more"));
+            if more > 0 {
+                message.push_str(&format!("\n  - ... and {more} more"));
             }
             message.push_str(
                 "\nfix the realm file (identity.realm_file, SEEDKEEPER_IDENTITY__REALM_FILE)",

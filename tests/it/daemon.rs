@@ -1,7 +1,6 @@
 //! Issue: the daemon: schedule, self-healing, health, metrics, systemd and graceful shutdown.
 //! No fixed sleeps wait for a tick: every wait polls a condition with a deadline.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use seedkeeper::app::App;
@@ -9,44 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-struct Daemon {
-    _app: Arc<App>,
-    base: String,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
-}
-
 async fn spawn_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
     let mut all = vec![("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *")];
     all.extend_from_slice(extra);
-    let engine = db.engine(&all);
-    let app = App::new(engine);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(seedkeeper::app::run_until_stopped(
-        app.clone(),
-        listener,
-        cancel.clone(),
-    ));
-    Daemon {
-        _app: app,
-        base,
-        cancel,
-        task,
-    }
-}
-
-async fn status_of(url: &str) -> u16 {
-    match reqwest::Client::new()
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-    {
-        Ok(r) => r.status().as_u16(),
-        Err(_) => 0,
-    }
+    start_daemon(db.settings(&all)).await
 }
 
 async fn users_count(db: &TestDb) -> i64 {
@@ -327,9 +292,7 @@ async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
         "{msg}"
     );
     drop(sock);
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    sigterm(child.id());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 
     // Second daemon on a fresh database: SIGTERM while the first run is listing (slow Keycloak).
@@ -347,9 +310,7 @@ async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
             >= 2
     })
     .await;
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    sigterm(child.id());
     let code = tokio::task::spawn_blocking(move || child.wait().unwrap().code())
         .await
         .unwrap();

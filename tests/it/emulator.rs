@@ -46,6 +46,10 @@ async fn admin_get(kc: &KeycloakEmulator, bearer: Option<&str>, path: &str) -> (
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
+async fn get_json(url: String) -> Value {
+    reqwest::get(url).await.unwrap().json().await.unwrap()
+}
+
 fn jwt_part(token: &str, i: usize) -> Value {
     let part = token.split('.').nth(i).unwrap();
     serde_json::from_slice(
@@ -135,15 +139,11 @@ async fn tokens_carry_keycloaks_claims_and_verify_against_the_published_key() {
     let claims = jwt_part(&t, 1);
     assert_eq!(header["alg"], "RS256");
     let kid = header["kid"].as_str().unwrap();
-    let certs: Value = reqwest::get(format!(
+    let certs = get_json(format!(
         "{}/realms/dev/protocol/openid-connect/certs",
         kc.base_url()
     ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     assert!(certs["keys"]
         .as_array()
         .unwrap()
@@ -322,15 +322,11 @@ async fn query_users_alone_lists_nothing_and_no_management_role_is_forbidden() {
 #[tokio::test(flavor = "multi_thread")]
 async fn discovery_points_at_the_realms_endpoints() {
     let kc = KeycloakEmulator::start(dev_realm()).await;
-    let d: Value = reqwest::get(format!(
+    let d = get_json(format!(
         "{}/realms/dev/.well-known/openid-configuration",
         kc.base_url()
     ))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    .await;
     let iss = format!("{}/realms/dev", kc.base_url());
     assert_eq!(d["issuer"], iss);
     assert_eq!(

@@ -641,13 +641,17 @@ async fn hostile_identity_values_are_stored_exactly_or_refused_one_by_one() {
 async fn canary_secrets_never_appear_in_any_output() {
     const DB_CANARY: &str = "canary-db-7f3a9c1e";
     const KC_CANARY: &str = "canary-kc-5d2b8e4f";
-    let mut realm = dev_realm();
-    for c in realm["clients"].as_array_mut().unwrap() {
-        if c["clientId"] == "seedkeeper" {
-            c["secret"] = json!(KC_CANARY);
+    // The dev realm with the canary as the seedkeeper client's secret.
+    let canary_realm = || {
+        let mut realm = dev_realm();
+        for c in realm["clients"].as_array_mut().unwrap() {
+            if c["clientId"] == "seedkeeper" {
+                c["secret"] = json!(KC_CANARY);
+            }
         }
-    }
-    let kc = KeycloakEmulator::start(realm).await;
+        realm
+    };
+    let kc = KeycloakEmulator::start(canary_realm()).await;
     let db = TestDb::new().await;
     let dir = TempDir::new();
     let db_secret = dir.write("db-password", &format!("{DB_CANARY}\n"));
@@ -702,15 +706,7 @@ async fn canary_secrets_never_appear_in_any_output() {
     let out = run_bin(&["--once"], &env);
     assert_eq!(out.status.code(), Some(78), "{}", text(&out));
     seen.push_str(&text(&out));
-    kc.set_realm({
-        let mut r = dev_realm();
-        for c in r["clients"].as_array_mut().unwrap() {
-            if c["clientId"] == "seedkeeper" {
-                c["secret"] = json!(KC_CANARY);
-            }
-        }
-        r
-    });
+    kc.set_realm(canary_realm());
     // The daemon: its HTTP endpoints and its command line and environment. Its trace logs go to
     // files: a pipe nobody reads would fill up and stall it.
     let log = dir.0.join("daemon.out");
@@ -724,11 +720,9 @@ async fn canary_secrets_never_appear_in_any_output() {
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
+    let ready = format!("{base}/readyz");
     until("the daemon is ready", 30, || async {
-        reqwest::get(format!("{base}/readyz"))
-            .await
-            .map(|r| r.status().as_u16() == 200)
-            .unwrap_or(false)
+        status_of(&ready).await == 200
     })
     .await;
     for p in ["/healthz", "/readyz", "/metrics"] {
@@ -746,7 +740,7 @@ async fn canary_secrets_never_appear_in_any_output() {
     seen.push_str(&String::from_utf8_lossy(
         &std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default(),
     ));
-    unsafe_sigterm(pid);
+    sigterm(pid);
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     seen.push_str(&std::fs::read_to_string(&log).unwrap());
@@ -778,12 +772,6 @@ async fn canary_secrets_never_appear_in_any_output() {
             &seen[seen.find(canary).unwrap().saturating_sub(200)..][..400]
         );
     }
-}
-
-fn unsafe_sigterm(pid: u32) {
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
 }
 
 /// A TLS server with a self-signed certificate for 127.0.0.1 (`openssl s_server`).
@@ -994,23 +982,10 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
         ],
     })
     .unwrap();
-    let app = seedkeeper::app::App::new(seedkeeper::app::build_engine(settings).unwrap());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ready = format!("http://{}/readyz", listener.local_addr().unwrap());
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let daemon = tokio::spawn(seedkeeper::app::run_until_stopped(
-        app.clone(),
-        listener,
-        cancel.clone(),
-    ));
-    let status = |url: String| async move {
-        reqwest::get(url)
-            .await
-            .map(|r| r.status().as_u16())
-            .unwrap_or(0)
-    };
-    until("ready after the first run", 60, || {
-        status(ready.clone()).map_eq(200)
+    let daemon = start_daemon(settings).await;
+    let ready = format!("{}/readyz", daemon.base);
+    until("ready after the first run", 60, || async {
+        status_of(&ready).await == 200
     })
     .await;
 
@@ -1019,8 +994,8 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
     tokio::task::spawn_blocking(move || cl.stop())
         .await
         .unwrap();
-    until("not ready while PostgreSQL is down", 30, || {
-        status(ready.clone()).map_eq(503)
+    until("not ready while PostgreSQL is down", 30, || async {
+        status_of(&ready).await == 503
     })
     .await;
     let before: i64 = {
@@ -1037,8 +1012,8 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
         .unwrap()
         .get(0)
     };
-    until("ready again after the restart", 60, || {
-        status(ready.clone()).map_eq(200)
+    until("ready again after the restart", 60, || async {
+        status_of(&ready).await == 200
     })
     .await;
     let url = cluster.url();
@@ -1061,8 +1036,8 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
         },
     )
     .await;
-    cancel.cancel();
-    daemon.await.unwrap().unwrap();
+    daemon.cancel.cancel();
+    daemon.task.await.unwrap().unwrap();
     let c = connect(&cluster.url()).await;
     let row = c
         .query_one(
@@ -1080,15 +1055,4 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
         "runs succeeded after the restart: {before} -> {after}"
     );
     assert_eq!((users, subs, tenants), (6, 6, 6));
-}
-
-/// `fut.map_eq(v)`: a future of whether the value equals `v`, for `until`.
-trait MapEq<T> {
-    fn map_eq(self, v: T) -> impl std::future::Future<Output = bool>;
-}
-
-impl<T: PartialEq, F: std::future::Future<Output = T>> MapEq<T> for F {
-    async fn map_eq(self, v: T) -> bool {
-        self.await == v
-    }
 }

@@ -318,3 +318,50 @@ impl TestDb {
             .collect()
     }
 }
+
+/// Sends SIGTERM to a child process (the graceful stop systemd and Kubernetes send).
+pub fn sigterm(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
+/// The daemon in this process (`run_until_stopped`), its HTTP on port 0.
+pub struct Daemon {
+    pub app: std::sync::Arc<seedkeeper::app::App>,
+    pub base: String,
+    pub cancel: CancellationToken,
+    pub task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
+}
+
+pub async fn start_daemon(settings: Settings) -> Daemon {
+    let engine = seedkeeper::app::build_engine(settings).unwrap_or_else(|e| panic!("engine: {e}"));
+    let app = seedkeeper::app::App::new(engine);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(seedkeeper::app::run_until_stopped(
+        app.clone(),
+        listener,
+        cancel.clone(),
+    ));
+    Daemon {
+        app,
+        base,
+        cancel,
+        task,
+    }
+}
+
+/// The HTTP status of a GET, 0 when nothing answers.
+pub async fn status_of(url: &str) -> u16 {
+    match reqwest::Client::new()
+        .get(url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
+        Ok(r) => r.status().as_u16(),
+        Err(_) => 0,
+    }
+}
