@@ -18,7 +18,7 @@ throwaway_port=5433
 log() { echo "local-db: $*" >&2; }
 
 reachable() { # url
-    psql "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
+    PGCONNECT_TIMEOUT=3 psql -w "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
 }
 
 server_url() {
@@ -35,15 +35,19 @@ server_url() {
         local ver
         ver="$(pg_lsclusters -h 2>/dev/null | awk '$2 == "main" {print $1; exit}')"
         if [[ -n "$ver" ]]; then
-            log "starting the system cluster $ver/main"
-            pg_ctlcluster --skip-systemctl-redirect "$ver" main start >&2 || true
-            for _ in $(seq 1 30); do
-                if reachable "postgres://postgres@127.0.0.1:5432/postgres"; then
-                    echo "postgres://postgres@127.0.0.1:5432"
-                    return
-                fi
-                sleep 0.5
-            done
+            # Start it if it is down, wait until it accepts connections (pg_isready needs no
+            # login), then try one login: a stock Debian cluster wants a password over TCP, and
+            # retrying cannot change that, so a refusal goes straight to the throwaway cluster.
+            if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+                log "starting the system cluster $ver/main"
+                pg_ctlcluster --skip-systemctl-redirect "$ver" main start >&2 || true
+                pg_isready -q -h 127.0.0.1 -p 5432 -t 10 || true
+            fi
+            if reachable "postgres://postgres@127.0.0.1:5432/postgres"; then
+                echo "postgres://postgres@127.0.0.1:5432"
+                return
+            fi
+            log "the system cluster $ver/main does not trust TCP logins; using a throwaway trust cluster instead"
         fi
     fi
     throwaway
