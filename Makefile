@@ -17,8 +17,8 @@ demo: build ## seed a local database from the embedded dev realm, then show the 
 	SEEDKEEPER_DATABASE__URL="$$url" $(SEEDKEEPER) --once && \
 	SEEDKEEPER_DATABASE__URL="$$url" $(SEEDKEEPER) status
 
-test: ## run the test suite against a real PostgreSQL
-	SEEDKEEPER_TEST_DATABASE_URL="$$(scripts/local-db.sh admin-url)" cargo test
+test: ## run the test suite against a real PostgreSQL and a real Keycloak 26
+	bash scripts/test.sh
 
 db-reset-fast: build ## drop and recreate the local database, then seed it once (realm-file source)
 	@start=$$(date +%s%N); url="$$(scripts/local-db.sh reset $(DB))"; \

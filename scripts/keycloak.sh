@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# A real Keycloak 26 without Docker: Keycloak's own server distribution from Maven Central, run
+# with `kc.sh start-dev` on this machine's Java, its data in a PostgreSQL database of its own.
+#
+#   scripts/keycloak.sh fetch         download (once, into ~/.m2) and unpack the pinned version;
+#                                     print KEYCLOAK_HOME
+#   scripts/keycloak.sh start [REALM_FILE...]
+#                                     start on free loopback ports with a bootstrap admin
+#                                     (admin/admin), health enabled, the realm files imported
+#                                     with --import-realm (default realms/dev-realm.json); wait
+#                                     until ready; print the base URL. A fresh database each time
+#                                     unless KEYCLOAK_KEEP_DATA=1.
+#   scripts/keycloak.sh url           the base URL of the running instance
+#   scripts/keycloak.sh stop          stop it (SIGTERM, then SIGKILL after 30 s)
+#   scripts/keycloak.sh export ARGS   `kc.sh export ARGS` against the running instance's database
+#                                     (for example --realm dev --dir /tmp/out --users different_files)
+#   scripts/keycloak.sh logs          the server log
+#
+# Environment: KEYCLOAK_VERSION (default below), KEYCLOAK_STATE (default .keycloak/ in the
+# repository: the unpacked distribution, pid, ports and log), KEYCLOAK_DB_ADMIN_URL (a PostgreSQL
+# admin URL; default: scripts/local-db.sh admin-url), KEYCLOAK_JAVA_HOME (default: the newest JDK
+# of 17 or later under /usr/lib/jvm that runs). Logs go to stderr, results to stdout.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+version="${KEYCLOAK_VERSION:-26.4.0}"
+state="${KEYCLOAK_STATE:-$root/.keycloak}"
+home="$state/keycloak-$version"
+db="keycloak_${version//./_}"
+
+log() { echo "keycloak: $*" >&2; }
+die() { log "$*"; exit "${2:-69}"; }
+
+java_home() {
+    if [[ -n "${KEYCLOAK_JAVA_HOME:-}" ]]; then echo "$KEYCLOAK_JAVA_HOME"; return; fi
+    local j want
+    # Keycloak 26 supports Java 17 and 21: prefer those, then anything newer.
+    for want in '21' '17' '(2[2-9]|[3-9][0-9])'; do
+        for j in $(ls -d /usr/lib/jvm/*/ 2>/dev/null | sort -rV); do
+            if [[ -x "$j/bin/java" ]] && "$j/bin/java" -version 2>&1 | grep -qE "version \"$want[.\"]"; then
+                echo "${j%/}"; return
+            fi
+        done
+    done
+    die "no Java 17 or later under /usr/lib/jvm: install one (apt-get install -y openjdk-17-jre-headless)"
+}
+
+fetch() {
+    if [[ -x "$home/bin/kc.sh" ]]; then echo "$home"; return; fi
+    command -v mvn >/dev/null || die "mvn is not installed: apt-get install -y maven"
+    local zip="$HOME/.m2/repository/org/keycloak/keycloak-quarkus-dist/$version/keycloak-quarkus-dist-$version.zip"
+    if [[ ! -f "$zip" ]]; then
+        log "downloading org.keycloak:keycloak-quarkus-dist:$version (about 160 MB, once)"
+        mvn -q -B dependency:copy -DoutputDirectory="$state/download" \
+            -Dartifact="org.keycloak:keycloak-quarkus-dist:$version:zip" >&2 ||
+            die "could not fetch org.keycloak:keycloak-quarkus-dist:$version:zip from Maven Central"
+        rm -rf "$state/download" # dependency:copy resolved it into ~/.m2 first: unpack from there
+    fi
+    mkdir -p "$state"
+    local tmp
+    tmp="$(mktemp -d "$state/unpack.XXXXXX")"
+    unzip -q "$zip" -d "$tmp"
+    mv "$tmp/keycloak-$version" "$home"
+    rmdir "$tmp"
+    echo "$home"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+running() { [[ -f "$state/pid" ]] && kill -0 "$(cat "$state/pid")" 2>/dev/null; }
+
+db_admin() { echo "${KEYCLOAK_DB_ADMIN_URL:-$("$root/scripts/local-db.sh" admin-url)}"; }
+
+# Keycloak's database options, shared by start and export. PostgreSQL rather than the dev-file
+# H2: an H2 file is locked by the running server, so `kc.sh export` could not read it.
+db_opts() {
+    local admin rest hostport user
+    admin="$(db_admin)"
+    rest="${admin#*://}"
+    user="${rest%%@*}"; user="${user%%:*}"
+    hostport="${rest#*@}"; hostport="${hostport%%/*}"
+    echo "--db-url=jdbc:postgresql://$hostport/$db --db-username=$user --db-password=${KEYCLOAK_DB_PASSWORD:-unused}"
+}
+
+start() {
+    if running; then log "already running"; cat "$state/url"; return; fi
+    fetch >/dev/null
+    local files=("$@")
+    [[ ${#files[@]} -gt 0 ]] || files=("$root/realms/dev-realm.json")
+    local admin
+    admin="$(db_admin)"
+    if [[ -z "${KEYCLOAK_KEEP_DATA:-}" ]]; then
+        psql -w "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >&2
+    fi
+    if ! psql -w "$admin" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+        psql -w "$admin" -qc "CREATE DATABASE $db" >&2
+    fi
+    rm -rf "$home/data/import"
+    mkdir -p "$home/data/import"
+    local f
+    for f in "${files[@]}"; do
+        [[ -f "$f" ]] || die "no realm file $f" 78
+        cp "$f" "$home/data/import/"
+    done
+    local port mport jh
+    port="${KEYCLOAK_PORT:-$(free_port)}"
+    mport="$(free_port)"
+    jh="$(java_home)"
+    echo "http://127.0.0.1:$port" >"$state/url"
+    echo "$mport" >"$state/management-port"
+    log "starting Keycloak $version on 127.0.0.1:$port (management $mport, Java $jh)"
+    # shellcheck disable=SC2046
+    (
+        cd "$home"
+        JAVA_HOME="$jh" KC_BOOTSTRAP_ADMIN_USERNAME=admin KC_BOOTSTRAP_ADMIN_PASSWORD=admin \
+            exec setsid bin/kc.sh start-dev --import-realm \
+            --http-host=127.0.0.1 --http-port="$port" --http-management-port="$mport" \
+            --health-enabled=true --db=postgres $(db_opts) \
+            >"$state/server.log" 2>&1 </dev/null
+    ) &
+    echo $! >"$state/pid"
+    local deadline=$((SECONDS + ${KEYCLOAK_START_TIMEOUT:-300}))
+    until curl -fsS "http://127.0.0.1:$mport/health/ready" >/dev/null 2>&1; do
+        if ! running; then
+            tail -20 "$state/server.log" >&2
+            die "Keycloak exited during start; the log is $state/server.log"
+        fi
+        ((SECONDS < deadline)) || { tail -20 "$state/server.log" >&2; stop; die "Keycloak was not ready after ${KEYCLOAK_START_TIMEOUT:-300} s"; }
+        sleep 1
+    done
+    log "ready after ${SECONDS}s: $(cat "$state/url") (admin/admin)"
+    cat "$state/url"
+}
+
+stop() {
+    if ! running; then rm -f "$state/pid"; return; fi
+    local pid
+    pid="$(cat "$state/pid")"
+    # setsid made the server a process group leader: signal the whole group (kc.sh and its java).
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 60); do
+        kill -0 "$pid" 2>/dev/null || { rm -f "$state/pid"; log "stopped"; return; }
+        sleep 0.5
+    done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+    rm -f "$state/pid"
+    log "killed after 30 s"
+}
+
+export_realm() {
+    running || die "Keycloak is not running (scripts/keycloak.sh start)"
+    # The server's build (start-dev) is reused; only runtime options are given.
+    # shellcheck disable=SC2046
+    (cd "$home" && JAVA_HOME="$(java_home)" bin/kc.sh export --optimized $(db_opts) "$@" </dev/null >"$state/export.log" 2>&1) ||
+        { tail -20 "$state/export.log" >&2; die "kc.sh export failed; the log is $state/export.log" 1; }
+}
+
+cmd="${1:-}"
+shift || true
+case "$cmd" in
+    fetch) fetch ;;
+    start) start "$@" ;;
+    stop) stop ;;
+    url) running || die "Keycloak is not running"; cat "$state/url" ;;
+    export) export_realm "$@" ;;
+    logs) cat "$state/server.log" ;;
+    *) echo "usage: $0 fetch | start [REALM_FILE...] | url | stop | export ARGS | logs" >&2; exit 64 ;;
+esac
