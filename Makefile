@@ -4,7 +4,7 @@ SHELL := /bin/bash
 SEEDKEEPER ?= target/debug/seedkeeper
 DB ?= seedkeeper
 
-.PHONY: help demo test db-reset-fast dev plan bench lint check-deploy build
+.PHONY: help demo test db-reset-fast dev plan bench bench-keycloak lint check-deploy build
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -29,11 +29,20 @@ dev: build ## run the daemon against the local database, reconciling every 30 s
 	url="$$(scripts/local-db.sh ensure $(DB))"; \
 	SEEDKEEPER_DATABASE__URL="$$url" SEEDKEEPER_SCHEDULE__CRON="*/30 * * * * *" $(SEEDKEEPER) run
 
+dev-stack: build ## the compose stack without Docker: PostgreSQL, the real Keycloak 26 with the dev realm, the daemon
+	bash scripts/dev-stack.sh
+
+keycloak: ## start the real Keycloak 26 alone (dev realm imported); prints its URL; stop with scripts/keycloak.sh stop
+	bash scripts/keycloak.sh start
+
 plan: build ## what a reconcile would change in the local database
 	SEEDKEEPER_DATABASE__URL="$$(scripts/local-db.sh ensure $(DB))" $(SEEDKEEPER) plan
 
-bench: ## the benchmark (release build; see README)
+bench: ## the benchmark (release build, emulator sizes, then the real Keycloak; see README)
 	bash scripts/bench.sh
+
+bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k users; see README)
+	bash scripts/bench-keycloak.sh
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --check

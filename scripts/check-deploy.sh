@@ -233,6 +233,9 @@ check("pg_isready" in str(pg.get("healthcheck", {}).get("test")), "compose: post
 kc = svcs.get("keycloak", {})
 check(re.fullmatch(r"quay\.io/keycloak/keycloak:26\.\d+(\.\d+)?", str(kc.get("image", ""))) is not None,
       f"compose: keycloak image pinned to quay.io/keycloak/keycloak:26.x ({kc.get('image')})")
+pinned = re.search(r'KEYCLOAK_VERSION:-([0-9.]+)', open("scripts/keycloak.sh").read())
+check(pinned is not None and str(kc.get("image", "")).endswith(":" + pinned.group(1)),
+      f"compose: keycloak image is the version the conformance suite tests (scripts/keycloak.sh pins {pinned.group(1) if pinned else '?'})")
 check(cmd_of(kc)[:1] == ["start-dev"] and "--import-realm" in cmd_of(kc),
       "compose: keycloak runs start-dev --import-realm")
 def mounts(svc):
