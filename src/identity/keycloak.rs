@@ -12,11 +12,20 @@
 //! these privileged users are held in memory; the user list itself is streamed page by page
 //! (`first`/`max`, `keycloak.concurrency` pages in flight) and never held whole.
 //!
+//! A page shorter than asked is not the end of a listing: Keycloak filters results after the
+//! query (fine-grained admin permissions), federation providers cap what they return, and a
+//! server may cap `max`. Every listing advances `first` by what was returned, deduplicates by id
+//! and ends at an empty page. The user listing is then checked against `users/count`: fewer
+//! distinct users than counted fails the run, and nothing is written from a partial listing.
+//!
 //! The client secret is exposed only in the token request; the token only in the
 //! `Authorization` header. Error messages carry the API path and Keycloak's `error` field, never
 //! a response body. Reads `keycloak.*`.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,6 +77,57 @@ struct RoleRep {
     name: String,
     #[serde(default)]
     composite: bool,
+}
+
+/// What paged items are deduplicated by.
+trait Keyed {
+    fn key(&self) -> &str;
+}
+
+impl Keyed for IdRep {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Keyed for RoleRep {
+    fn key(&self) -> &str {
+        &self.name
+    }
+}
+
+/// One window of a paged listing.
+struct Window<T> {
+    items: Vec<T>,
+    /// The window's first request returned `[]`: the listing is over.
+    ended: bool,
+    /// Pages shorter than asked before the window was covered.
+    short: u64,
+}
+
+/// The user ids seen in one listing, as 64-bit hashes keyed at random per listing: 8 bytes per
+/// user rather than a string (about 1.2 MiB at 100,000 users against 7.6 MiB for a set of the
+/// ids). Two ids collide with a chance of about 3 in 10^10 per listing of 100,000; the second is
+/// then taken for a duplicate, and the count check fails the run (unless as many users were
+/// created during the listing, when that user is reported `missing` for one run).
+struct IdSet {
+    seen: HashSet<u64>,
+    keys: RandomState,
+}
+
+impl IdSet {
+    /// `expected` sizes the set once (bounded, since it comes from the server).
+    fn with_expected(expected: u64) -> Self {
+        IdSet {
+            seen: HashSet::with_capacity(expected.min(1 << 20) as usize),
+            keys: RandomState::new(),
+        }
+    }
+
+    /// `true` when `id` was not seen before.
+    fn insert(&mut self, id: &str) -> bool {
+        self.seen.insert(self.keys.hash_one(id))
+    }
 }
 
 struct CachedToken {
@@ -406,26 +466,78 @@ impl KeycloakSource {
         }
     }
 
-    /// Every item of a paged admin endpoint.
-    async fn get_all<T: DeserializeOwned>(
+    /// Every item of a paged admin endpoint (roles, role members, role groups, group members,
+    /// group children). A page shorter than asked is not the end: servers cap `max` and filter
+    /// after the query. `first` advances by what was returned, items are deduplicated by key, and
+    /// the listing ends at the first empty page.
+    async fn get_all<T: DeserializeOwned + Keyed>(
         &self,
         path: &str,
         extra: &[(&str, String)],
     ) -> Result<Vec<T>> {
-        let mut out = Vec::new();
-        let mut first = 0u32;
+        let mut out: Vec<T> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut first = 0u64;
         loop {
             let mut q: Vec<(&str, String)> =
                 vec![("first", first.to_string()), ("max", AUX_PAGE.to_string())];
             q.extend(extra.iter().cloned());
             let page: Vec<T> = self.get(path, &q).await?;
-            let n = page.len() as u32;
-            out.extend(page);
-            if n < AUX_PAGE {
+            if page.is_empty() {
                 return Ok(out);
             }
-            first += n;
+            first += page.len() as u64;
+            for item in page {
+                if seen.insert(item.key().to_string()) {
+                    out.push(item);
+                }
+            }
+            // With a server that honours `first`, an item is returned by at most AUX_PAGE
+            // requests, so `first` never passes that many times the distinct items. Past it the
+            // server (or a proxy) ignores `first`, and the loop would never see an empty page.
+            if first > (out.len() as u64 + 1) * u64::from(AUX_PAGE) {
+                return Err(Error::Keycloak(format!(
+                    "GET {path}: paging does not advance ({} distinct items after {first} returned); Keycloak or a proxy in front of it ignores the first parameter",
+                    out.len()
+                )));
+            }
         }
+    }
+
+    /// One window `[start, end)` of a paged listing: requests `first=offset, max=end-offset`,
+    /// advancing `offset` by what each returned, until the window is covered or a request
+    /// returns `[]`. `ended` is set when the window's first request returned `[]`.
+    async fn window<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        extra: &[(&str, String)],
+        start: u64,
+        end: u64,
+    ) -> Result<Window<T>> {
+        let mut w = Window {
+            items: Vec::new(),
+            ended: false,
+            short: 0,
+        };
+        let mut offset = start;
+        while offset < end {
+            let mut q: Vec<(&str, String)> = vec![
+                ("first", offset.to_string()),
+                ("max", (end - offset).to_string()),
+            ];
+            q.extend(extra.iter().cloned());
+            let page: Vec<T> = self.get(path, &q).await?;
+            if page.is_empty() {
+                w.ended = offset == start;
+                break;
+            }
+            offset += page.len() as u64;
+            if offset < end {
+                w.short += 1;
+            }
+            w.items.extend(page);
+        }
+        Ok(w)
     }
 
     /// sub -> relevant roles, for every user who holds one (directly, via a composite, or via a
@@ -471,50 +583,71 @@ impl KeycloakSource {
     /// Ids of the users holding `role` directly or through a group or a parent group.
     async fn holders_of(&self, role: &str) -> Result<Vec<String>> {
         let brief = [("briefRepresentation", "true".to_string())];
-        let users: Vec<IdRep> = self
-            .get_all(&format!("roles/{}/users", enc(role)), &brief)
-            .await?;
+        // Each listing ends with an empty page, so the two listings of a role, and of a group,
+        // are made side by side: as many round trips one after the other as before that page.
+        let (users, groups): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
+            self.get_all(&format!("roles/{}/users", enc(role)), &brief),
+            self.get_all(&format!("roles/{}/groups", enc(role)), &brief),
+        )
+        .await?;
         let mut out: Vec<String> = users.into_iter().map(|u| u.id).collect();
-        let groups: Vec<IdRep> = self
-            .get_all(&format!("roles/{}/groups", enc(role)), &brief)
-            .await?;
         let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
         let mut seen = HashSet::new();
         while let Some(gid) = stack.pop() {
             if !seen.insert(gid.clone()) {
                 continue;
             }
-            let members: Vec<IdRep> = self
-                .get_all(&format!("groups/{gid}/members"), &brief)
-                .await?;
+            let (members, children): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
+                self.get_all(&format!("groups/{gid}/members"), &brief),
+                self.get_all(&format!("groups/{gid}/children"), &brief),
+            )
+            .await?;
             out.extend(members.into_iter().map(|m| m.id));
-            let children: Vec<IdRep> = self
-                .get_all(&format!("groups/{gid}/children"), &brief)
-                .await?;
             stack.extend(children.into_iter().map(|c| c.id));
         }
         Ok(out)
     }
 
     async fn stream_users(&self, out: mpsc::Sender<Vec<Identity>>) -> Result<SourceStats> {
-        let privileged = self.privileged().await?;
-        let page = self.settings.page_size;
-        let mut pages = stream::iter(0u64..)
-            .map(|i| {
-                let q = vec![
-                    ("first", (i * u64::from(page)).to_string()),
-                    ("max", page.to_string()),
-                    ("briefRepresentation", "true".to_string()),
-                ];
-                async move { self.get::<Vec<UserRep>>("users", &q).await }
+        // The count is taken as the listing starts, beside the role resolution: users deleted
+        // before the listing ends show up as a shortfall (the next run retries), users created
+        // only as extra.
+        let (privileged, expected) =
+            futures_util::future::try_join(self.privileged(), self.get::<u64>("users/count", &[]))
+                .await?;
+        let page = u64::from(self.settings.page_size);
+        let brief = [("briefRepresentation", "true".to_string())];
+        // The listing is cut into windows of `page_size`, fetched `concurrency` at a time and
+        // taken in order. No new window is started once one has found nothing at its start.
+        let ended = AtomicBool::new(false);
+        let ended = &ended;
+        let brief = &brief;
+        let mut windows = stream::iter((0u64..).take_while(|_| !ended.load(Ordering::Acquire)))
+            .map(|k| async move {
+                let w = self
+                    .window::<UserRep>("users", brief, k * page, (k + 1) * page)
+                    .await;
+                if matches!(&w, Ok(w) if w.ended) {
+                    ended.store(true, Ordering::Release);
+                }
+                w
             })
             .buffered(self.settings.concurrency);
         let mut stats = SourceStats::default();
         let mut batch = Vec::with_capacity(self.batch_size);
-        while let Some(users) = pages.next().await {
-            let users = users?;
-            let n = users.len();
-            for u in users {
+        let mut seen = IdSet::with_expected(expected);
+        let (mut distinct, mut filled, mut short) = (0u64, 0u64, 0u64);
+        while let Some(w) = windows.next().await {
+            let w = w?;
+            short += w.short;
+            if !w.items.is_empty() {
+                filled += 1;
+            }
+            for u in w.items {
+                if !seen.insert(&u.id) {
+                    continue;
+                }
+                distinct += 1;
                 if u.service_account_client_id.is_some()
                     || u.username.starts_with("service-account-")
                 {
@@ -539,14 +672,33 @@ impl KeycloakSource {
                     out.send(full).await.map_err(|_| Error::Cancelled)?;
                 }
             }
-            if n < page as usize {
-                break;
+            // Each window holds at least one user at a position of its own, so an honest server
+            // never fills many more windows than there are distinct users. Past that it ignores
+            // `first`, and the listing would never reach an empty window.
+            if filled > 2 * distinct + 16 {
+                return Err(Error::Keycloak(format!(
+                    "GET users: paging does not advance ({distinct} distinct users in {filled} windows); Keycloak or a proxy in front of it ignores the first parameter"
+                )));
             }
+        }
+        if distinct < expected {
+            return Err(Error::Keycloak(format!(
+                "the user listing ended with {distinct} distinct users but GET users/count reported {expected} ({} missing), so no identity from this listing was written, revoked or re-aligned. Likely causes: fine-grained admin permissions filtering the listing for the service account of client {:?}, a user federation provider (LDAP, Kerberos) capping its results, or users created and deleted while the listing ran (then the next run succeeds)",
+                expected - distinct,
+                self.client_id()
+            )));
         }
         if !batch.is_empty() {
             out.send(batch).await.map_err(|_| Error::Cancelled)?;
         }
-        stats.requests = self.requests.load(std::sync::atomic::Ordering::Relaxed);
+        stats.requests = self.requests.load(Ordering::Relaxed);
+        tracing::debug!(
+            users.distinct = distinct,
+            users.count = expected,
+            short_pages = short,
+            requests = stats.requests,
+            "user listing complete"
+        );
         Ok(stats)
     }
 }

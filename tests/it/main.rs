@@ -10,5 +10,6 @@ mod daemon;
 mod emulator;
 mod hardening;
 mod identities;
+mod listing;
 mod ops;
 mod parsers;

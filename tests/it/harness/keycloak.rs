@@ -6,8 +6,8 @@
 //! and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
 //!
 //! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
-//! become invalid mid-listing), and every request is journaled so tests can assert what was
-//! called. Self-contained: it is also compiled into the benchmark by path.
+//! become invalid mid-listing; short pages, a capped `max`, users filtered out of the listing
+//! after the query), and every request is journaled so tests can assert what was called. Self-contained: it is also compiled into the benchmark by path.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
@@ -393,6 +393,16 @@ struct Faults {
     invalidate_after: Option<usize>,
     /// Authenticated admin calls answered normally before queued faults apply.
     faults_after: usize,
+    /// Paged listings never return more than this, whatever `max` asks (a server limit).
+    cap: Option<usize>,
+    /// Every n-th paged answer of two or more items loses the back half of its items: a short
+    /// page before the end, the listing continuing behind it.
+    short_every: usize,
+    /// Paged answers served so far (for `short_every`).
+    paged: usize,
+    /// `/users` drops every n-th listed user (by position in the realm) after the query, as
+    /// fine-grained admin permissions do; `/users/count` still counts them.
+    hide_every: usize,
 }
 
 struct Shared {
@@ -495,6 +505,46 @@ impl KeycloakEmulator {
     /// Queued admin faults start only after `n` more authenticated admin calls.
     pub fn faults_after_admin_calls(&self, n: usize) {
         self.shared.faults.lock().unwrap().faults_after = n;
+    }
+
+    /// Paged listings (users, roles, role members and groups, group members and children)
+    /// return at most `n` items, as behind a server limit on `max`.
+    pub fn cap_page_size(&self, n: usize) {
+        self.shared.faults.lock().unwrap().cap = Some(n);
+    }
+
+    /// Every `n`-th paged answer of two or more items returns only its first half (0: off).
+    pub fn short_page_every(&self, n: usize) {
+        let mut f = self.shared.faults.lock().unwrap();
+        f.short_every = n;
+        f.paged = 0;
+    }
+
+    /// `/users` filters out every `n`-th listed user after the query (0: off); `/users/count`
+    /// still counts them. The hidden users are `hidden_users(n)`.
+    pub fn hide_from_listing_every(&self, n: usize) {
+        self.shared.faults.lock().unwrap().hide_every = n;
+    }
+
+    /// Usernames `/users` hides under `hide_from_listing_every(n)`.
+    pub fn hidden_users(&self, n: usize) -> Vec<String> {
+        let realm = self.shared.realm.read().unwrap().clone();
+        realm
+            .humans
+            .iter()
+            .enumerate()
+            .filter(|(pos, _)| n > 0 && pos % n == n - 1)
+            .map(|(_, &i)| realm.users[i].username.clone())
+            .collect()
+    }
+
+    /// Turns the paging faults off.
+    pub fn clear_paging_faults(&self) {
+        let mut f = self.shared.faults.lock().unwrap();
+        f.cap = None;
+        f.short_every = 0;
+        f.paged = 0;
+        f.hide_every = 0;
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -814,12 +864,13 @@ fn token(sh: &Shared, realm: &Realm, headers: &HeaderMap, body: &[u8]) -> Respon
     )
 }
 
-fn page<T: Clone>(
-    items: &[T],
+/// `first` and `max` of a paged request, `max` capped by the `cap_page_size` fault.
+fn bounds(
+    sh: &Shared,
     q: &HashMap<String, String>,
     default_first: usize,
     default_max: usize,
-) -> Vec<T> {
+) -> (usize, usize) {
     let first = q
         .get("first")
         .and_then(|v| v.parse::<usize>().ok())
@@ -828,7 +879,31 @@ fn page<T: Clone>(
         .get("max")
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(default_max);
-    items.iter().skip(first).take(max).cloned().collect()
+    let cap = sh.faults.lock().unwrap().cap;
+    (first, cap.map_or(max, |c| max.min(c)))
+}
+
+/// The `short_page_every` fault: every n-th answer of two or more items keeps its first half.
+fn shorten<T>(sh: &Shared, mut items: Vec<T>) -> Vec<T> {
+    let mut f = sh.faults.lock().unwrap();
+    if f.short_every > 0 && items.len() >= 2 {
+        f.paged += 1;
+        if f.paged.is_multiple_of(f.short_every) {
+            items.truncate(items.len().div_ceil(2));
+        }
+    }
+    items
+}
+
+fn page<T: Clone>(
+    sh: &Shared,
+    items: &[T],
+    q: &HashMap<String, String>,
+    default_first: usize,
+    default_max: usize,
+) -> Vec<T> {
+    let (first, max) = bounds(sh, q, default_first, default_max);
+    shorten(sh, items.iter().skip(first).take(max).cloned().collect())
 }
 
 fn user_json(u: &User, brief: bool, with_access: bool) -> Value {
@@ -969,22 +1044,19 @@ fn admin(
             if !can("view-users") {
                 return json_response(200, json!([]));
             }
-            let first = q
-                .get("first")
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0);
-            let max = q
-                .get("max")
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(100);
+            let (first, max) = bounds(sh, &q, 0, 100);
+            let hide = sh.faults.lock().unwrap().hide_every;
+            // The query takes its page first; the permission filter then drops users from it.
             let page: Vec<Value> = realm
                 .humans
                 .iter()
+                .enumerate()
                 .skip(first)
                 .take(max)
-                .map(|&i| user_json(&realm.users[i], brief, true))
+                .filter(|(pos, _)| hide == 0 || pos % hide != hide - 1)
+                .map(|(_, &i)| user_json(&realm.users[i], brief, true))
                 .collect();
-            json_response(200, Value::Array(page))
+            json_response(200, Value::Array(shorten(sh, page)))
         }
         ["users", "count"] => {
             if !can("query-users") {
@@ -1028,7 +1100,7 @@ fn admin(
                 return error(403, "unknown_error");
             }
             let all: Vec<Value> = realm.roles.iter().map(|r| role_json(realm, r)).collect();
-            json_response(200, Value::Array(page(&all, &q, 0, usize::MAX)))
+            json_response(200, Value::Array(page(sh, &all, &q, 0, usize::MAX)))
         }
         ["roles", name] => match realm.role(name) {
             Some(r) if can("view-realm") => json_response(200, role_json(realm, r)),
@@ -1067,7 +1139,7 @@ fn admin(
                         .collect()
                 })
                 .unwrap_or_default();
-            json_response(200, Value::Array(page(&members, &q, 0, 100)))
+            json_response(200, Value::Array(page(sh, &members, &q, 0, 100)))
         }
         ["roles", name, "groups"] => {
             if !(can("view-realm") && can("query-groups")) {
@@ -1083,7 +1155,7 @@ fn admin(
                 .collect();
             gs.sort_by(|a, b| a.path.cmp(&b.path));
             let all: Vec<Value> = gs.into_iter().map(group_json).collect();
-            json_response(200, Value::Array(page(&all, &q, 0, 100)))
+            json_response(200, Value::Array(page(sh, &all, &q, 0, 100)))
         }
         ["groups"] => {
             if !can("query-groups") {
@@ -1094,7 +1166,7 @@ fn admin(
                 .iter()
                 .map(|id| group_json(&realm.groups[id]))
                 .collect();
-            json_response(200, Value::Array(page(&all, &q, 0, 100)))
+            json_response(200, Value::Array(page(sh, &all, &q, 0, 100)))
         }
         ["groups", id, rest @ ..] => {
             if !can("query-groups") {
@@ -1111,7 +1183,7 @@ fn admin(
                         .iter()
                         .map(|c| group_json(&realm.groups[c]))
                         .collect();
-                    json_response(200, Value::Array(page(&all, &q, 0, 10)))
+                    json_response(200, Value::Array(page(sh, &all, &q, 0, 10)))
                 }
                 ["members"] => {
                     if !can("view-users") {
@@ -1126,7 +1198,7 @@ fn admin(
                                 .collect()
                         })
                         .unwrap_or_default();
-                    json_response(200, Value::Array(page(&all, &q, 0, 100)))
+                    json_response(200, Value::Array(page(sh, &all, &q, 0, 100)))
                 }
                 _ => error(404, "Unable to find matching target resource method"),
             }

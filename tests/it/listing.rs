@@ -1,0 +1,280 @@
+//! Issue 10, part 4: a listing never ends early in silence. Keycloak returns pages shorter than
+//! `max` before the end (permissions filtered after the query, federation providers capping
+//! results, a server limit on `max`); every listing goes on to an empty page, advancing by what
+//! was returned, and the user listing is checked against `users/count`. Each case runs with one
+//! and with eight pages in flight.
+
+use serde_json::{json, Value};
+
+use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::*;
+use crate::identities::{identity_state, kc_env, refs, test_realm, user};
+
+const USERS: usize = 300;
+/// The realm's human users: the generated ones and the six dev personas.
+const HUMANS: usize = USERS + 6;
+
+/// A realm of 300 users holding admin in every way there is: directly, through composite roles
+/// (one of them sorted after many plain roles), through a group, through twelve subgroups of it
+/// and through a subgroup of a subgroup; so that with small pages every listing spans pages.
+fn listing_realm() -> Value {
+    let users = (0..USERS)
+        .map(|i| {
+            let team = format!("/admins/team-{:02}", (i / 10) % 11);
+            let (roles, groups): (&[&str], Vec<&str>) = match i % 10 {
+                0 => (&["admin"], vec![]),
+                1 => (&[], vec!["/admins"]),
+                2 => (&[], vec![team.as_str()]),
+                3 if i % 20 == 3 => (&[], vec!["/admins/team-00/deep"]),
+                3 => (&["zz-lead"], vec![]),
+                4 => (&["super"], vec![]),
+                5 => (&["ops-lead"], vec![]),
+                _ => (&[], vec![]),
+            };
+            let mut u = user(
+                &format!("e0000000-0000-4000-8000-{i:012}"),
+                &format!("member{i:04}"),
+                roles,
+                &groups,
+            );
+            if i % 50 == 7 {
+                u["enabled"] = json!(false);
+            }
+            u
+        })
+        .collect();
+    let mut realm = test_realm(users);
+    let roles = realm["roles"]["realm"].as_array_mut().unwrap();
+    for r in 0..10 {
+        roles.push(json!({"name": format!("plain-{r:02}")}));
+    }
+    roles.push(json!({"name": "zz-lead", "composite": true, "composites": {"realm": ["super"]}}));
+    let admins = realm["groups"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|g| g["name"] == "admins")
+        .unwrap();
+    let subs = admins["subGroups"].as_array_mut().unwrap();
+    for t in 0..11 {
+        let deep = if t == 0 {
+            json!([{"name": "deep", "path": "/admins/team-00/deep", "realmRoles": [], "subGroups": []}])
+        } else {
+            json!([])
+        };
+        subs.push(
+            json!({"name": format!("team-{t:02}"), "path": format!("/admins/team-{t:02}"),
+                         "realmRoles": [], "subGroups": deep}),
+        );
+    }
+    realm
+}
+
+/// Admins of `listing_realm`: dev-admin and the generated users with i % 10 in 0..=4.
+const ADMINS: i64 = 1 + (USERS as i64 / 10) * 5;
+
+fn env_for(kc: &KeycloakEmulator, page: usize, concurrency: usize) -> Vec<(String, String)> {
+    let mut env = kc_env(kc);
+    env.push(("SEEDKEEPER_KEYCLOAK__PAGE_SIZE".into(), page.to_string()));
+    env.push((
+        "SEEDKEEPER_KEYCLOAK__CONCURRENCY".into(),
+        concurrency.to_string(),
+    ));
+    env
+}
+
+/// A fresh database synced from `kc` with `env`; the run must succeed.
+async fn synced(env: &[(String, String)], what: &str) -> (TestDb, i64) {
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(env))).await;
+    assert!(
+        r.outcome == seedkeeper::reconcile::Outcome::Succeeded,
+        "{what}: run failed: {:?}",
+        r.error
+    );
+    (db, count(&r, "identities", "listed"))
+}
+
+fn users_requests(kc: &KeycloakEmulator) -> Vec<String> {
+    let path = format!("/admin/realms/{}/users", kc.realm_name());
+    kc.journal()
+        .into_iter()
+        .filter(|j| j.path == path)
+        .map(|j| j.query)
+        .collect()
+}
+
+fn requests_to(kc: &KeycloakEmulator, suffix: &str) -> usize {
+    kc.journal()
+        .iter()
+        .filter(|j| j.path.ends_with(suffix))
+        .count()
+}
+
+/// The reference database: the realm listed by an unfaulted emulator.
+async fn reference(kc: &KeycloakEmulator) -> Vec<String> {
+    kc.clear_paging_faults();
+    kc.clear_journal();
+    let (db, listed) = synced(&env_for(kc, 10, 4), "reference").await;
+    assert_eq!(listed, HUMANS as i64);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users WHERE role = 'admin'")
+            .await,
+        ADMINS,
+        "every way of holding admin is resolved"
+    );
+    // An unfaulted listing of 306 users in pages of 10: 31 windows (the last one, of 6 users,
+    // asks once more for the rest and gets []), one empty window that ends the listing, and at
+    // most 3 more windows already in flight; plus users/count in the preflight and the check.
+    let pages = users_requests(kc).len();
+    assert!((33..=36).contains(&pages), "{pages} users pages");
+    assert_eq!(requests_to(kc, "/users/count"), 2);
+    identity_state(&db).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn capped_pages_lose_no_user_and_no_admin_through_roles_groups_and_subgroups() {
+    let kc = KeycloakEmulator::start(listing_realm()).await;
+    let want = reference(&kc).await;
+    for (cap, page) in [(7, 10), (50, 500)] {
+        for concurrency in [1, 8] {
+            let what = format!("max capped at {cap}, pages of {page}, {concurrency} in flight");
+            kc.clear_journal();
+            kc.cap_page_size(cap);
+            let (db, listed) = synced(&env_for(&kc, page, concurrency), &what).await;
+            kc.clear_paging_faults();
+            assert_eq!(listed, HUMANS as i64, "{what}");
+            assert_eq!(identity_state(&db).await, want, "{what}: same database");
+            // The cap was met: windows were filled by further requests, and the role, group
+            // and children listings went past their first (short) page.
+            let refills = users_requests(&kc)
+                .iter()
+                .filter(|q| !q.contains(&format!("max={page}")))
+                .count();
+            assert!(refills > 0, "{what}: no refill request");
+            if cap == 7 {
+                // 19 roles, 31 direct admins, 12 children of /admins: each past its first page.
+                assert_eq!(requests_to(&kc, "/roles"), 4, "{what}: roles paged");
+                assert_eq!(requests_to(&kc, "/roles/admin/users"), 6, "{what}");
+                let admins = kc
+                    .journal()
+                    .iter()
+                    .filter(|j| j.path.ends_with("/children") && j.query.contains("first=7"))
+                    .count();
+                assert_eq!(admins, 1, "{what}: the children of /admins paged");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_pages_in_the_middle_of_a_listing_are_not_its_end() {
+    let kc = KeycloakEmulator::start(listing_realm()).await;
+    let want = reference(&kc).await;
+    for concurrency in [1, 8] {
+        let what = format!("every 3rd answer halved, {concurrency} in flight");
+        kc.clear_journal();
+        kc.short_page_every(3);
+        let (db, listed) = synced(&env_for(&kc, 10, concurrency), &what).await;
+        kc.clear_paging_faults();
+        assert_eq!(listed, HUMANS as i64, "{what}");
+        assert_eq!(identity_state(&db).await, want, "{what}: same database");
+        let short = users_requests(&kc)
+            .iter()
+            .filter(|q| !q.contains("max=10"))
+            .count();
+        assert!(short > 0, "{what}: short pages were served and refilled");
+    }
+}
+
+fn base_users(bulk: usize) -> Vec<Value> {
+    let mut users: Vec<Value> = (0..bulk)
+        .map(|i| {
+            user(
+                &format!("f0000000-0000-4000-8000-{i:012}"),
+                &format!("bulk{i:03}"),
+                &[],
+                &[],
+            )
+        })
+        .collect();
+    users.push(user(
+        "f1000000-0000-4000-8000-000000000001",
+        "boss",
+        &["admin"],
+        &[],
+    ));
+    users.push(user(
+        "f1000000-0000-4000-8000-000000000002",
+        "mover",
+        &[],
+        &[],
+    ));
+    users
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_revoked_or_realigned()
+{
+    for concurrency in [1, 8] {
+        let kc = KeycloakEmulator::start(test_realm(base_users(50))).await;
+        let env = env_for(&kc, 10, concurrency);
+        let db = TestDb::new().await;
+        let engine = db.engine(&refs(&env));
+        assert_ok(&apply(&engine).await);
+        let state = identity_state(&db).await;
+        assert!(state.contains(&"binding boss platform_superadmin active seedkeeper".to_string()));
+
+        // The realm changes: boss loses admin, mover is re-imported with a new id, 20 users
+        // join. A complete listing would revoke, re-align and insert; this one is filtered after
+        // the query (every 5th user hidden), while users/count still counts everyone.
+        let mut next = base_users(70);
+        next[70] = user("f1000000-0000-4000-8000-000000000001", "boss", &[], &[]);
+        next[71] = user("f2000000-0000-4000-8000-000000000002", "mover", &[], &[]);
+        kc.set_realm(test_realm(next));
+        kc.hide_from_listing_every(5);
+        let hidden = kc.hidden_users(5);
+        assert!(!hidden.iter().any(|u| u == "boss" || u == "mover"));
+        let counted = 70 + 2 + 6;
+        let listed = counted - hidden.len();
+        assert_eq!(listed, 63);
+        db.settle_stats(1).await;
+        let written = db.tuples_written().await;
+
+        let r = apply(&engine).await;
+        assert_eq!(r.outcome.as_str(), "failed", "{concurrency} in flight");
+        let err = r.error.clone().unwrap_or_default();
+        for part in [
+            format!("{listed} distinct users"),
+            format!("users/count reported {counted}"),
+            "fine-grained admin permissions".to_string(),
+            "federation provider".to_string(),
+            "created and deleted".to_string(),
+        ] {
+            assert!(err.contains(&part), "{part:?} not in: {err}");
+        }
+        assert_eq!(r.error_value.as_ref().map(|e| e.exit_code()), Some(1));
+        assert!(
+            r.unit("identities").and_then(|u| u.error.clone()).is_some(),
+            "{:#?}",
+            r.units
+        );
+        db.settle_stats(2).await;
+        assert_eq!(db.tuples_written().await, written, "nothing written");
+        assert_eq!(identity_state(&db).await, state, "nothing changed");
+        assert_eq!(
+            db.strings("SELECT outcome FROM seed_runs ORDER BY started_at")
+                .await,
+            ["succeeded", "failed"]
+        );
+
+        // The filter is gone: the next run converges.
+        kc.clear_paging_faults();
+        let r = apply(&engine).await;
+        assert_ok(&r);
+        assert_eq!(count(&r, "identities", "inserted"), 20);
+        assert_eq!(count(&r, "identities", "realigned"), 1);
+        assert_eq!(count(&r, "role_bindings", "revoked"), 1);
+        assert_eq!(db.scalar("SELECT count(*) FROM users").await, 78);
+    }
+}
