@@ -41,11 +41,10 @@ pub fn build_engine(settings: Settings) -> Result<Engine> {
     let identities: Arc<dyn IdentityProvider> = match settings.identity.source {
         IdentitySource::RealmFile => {
             let input = RealmInput::from_setting(settings.identity.realm_file.as_deref())?;
-            Arc::new(RealmFileSource::new(
-                input,
-                filter,
-                settings.database.batch_size,
-            ))
+            Arc::new(
+                RealmFileSource::new(input, filter, settings.database.batch_size)
+                    .with_realm(&settings.keycloak.realm),
+            )
         }
         IdentitySource::Keycloak => Arc::new(KeycloakSource::new(
             &settings.keycloak,

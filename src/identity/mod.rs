@@ -42,6 +42,30 @@ pub struct Identity {
 pub struct SourceStats {
     pub listed: u64,
     pub requests: u64,
+    /// Users listed but not sent as identities because they have no knowable sub (a realm-file
+    /// user without `"id"`): all counted, the first `REJECTIONS_KEPT` described. The identities
+    /// unit reports them as `rejected`, like an identity with an invalid value.
+    pub rejected: u64,
+    pub rejections: Vec<Rejection>,
+}
+
+/// How many rejections a source describes; the rest are only counted.
+pub const REJECTIONS_KEPT: usize = 50;
+
+/// A user the source left out: the evidence entity (`user:<username>`) and why, with the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub entity: String,
+    pub detail: String,
+}
+
+impl SourceStats {
+    pub fn reject(&mut self, entity: String, detail: String) {
+        self.rejected += 1;
+        if self.rejections.len() < REJECTIONS_KEPT {
+            self.rejections.push(Rejection { entity, detail });
+        }
+    }
 }
 
 pub trait IdentityProvider: Send + Sync {

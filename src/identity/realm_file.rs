@@ -1,18 +1,26 @@
 //! Identity source `realm-file`: a Keycloak realm export (`--import-realm` input), either one
-//! file or a `kc.sh export --dir` folder (`*-realm.json` plus `*-users-*.json`).
+//! file or a `kc.sh export --dir` folder (`<realm>-realm.json` plus `<realm>-users-<N>.json`).
 //!
 //! The file is streamed, never held whole: users are deserialized one at a time and sent on in
 //! batches, so memory stays near the size of one batch plus the role and group definitions.
 //! Keycloak's import rules apply: usernames are lower-cased, a user without `"enabled": true`
-//! is disabled, service-account users are not identities. Effective roles are resolved the way
-//! Keycloak puts them in `realm_access.roles`: direct roles, composites, and the roles of the
-//! user's groups and their parent groups.
+//! is disabled, service-account users are not identities, and a realm role a user or group names
+//! without `roles.realm` declaring it is a plain role (Keycloak's import creates it). Effective
+//! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct roles,
+//! composites, and the roles of the user's groups and their parent groups.
 //!
-//! Every problem (bad JSON, a user without id or username, duplicate ids or usernames, unknown
-//! roles or groups) is found by `preflight`, before a run writes anything. Refused when
-//! `environment = "production"` (checked in config). Reads `identity.realm_file`.
+//! A multi-realm export (a file whose top level is an array of realms, or a folder holding
+//! several `<realm>-realm.json`) is read for the realm `keycloak.realm` names; a single realm is
+//! read whatever its name.
+//!
+//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids or
+//! usernames, unknown groups, a users file of another realm) are found by `preflight`, before a
+//! run writes anything, and refuse the whole input. A human user without `"id"` has no knowable
+//! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
+//! the rest is synced. Refused when `environment = "production"` (checked in config). Reads
+//! `identity.realm_file` and `keycloak.realm`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -31,6 +39,9 @@ use crate::identity::{
 pub const EMBEDDED_REALM: &str = include_str!("../../realms/dev-realm.json");
 pub const EMBEDDED_NAME: &str = "embedded realms/dev-realm.json";
 
+/// The realm read from a multi-realm export when none is set (`keycloak.realm`'s default).
+pub const DEFAULT_REALM: &str = "dev";
+
 /// Problems listed in one error before the rest are only counted.
 const MAX_LISTED_PROBLEMS: usize = 20;
 
@@ -38,12 +49,30 @@ const MAX_LISTED_PROBLEMS: usize = 20;
 pub enum RealmInput {
     Embedded,
     File(PathBuf),
-    /// `kc.sh export --dir` output: the realm file and its users files, in name order.
+    /// `kc.sh export --dir` output: its realms by name, as Keycloak names them (from the file
+    /// names), each with its realm file and users files.
     Dir {
-        realm: Option<PathBuf>,
-        users: Vec<PathBuf>,
         dir: PathBuf,
+        realms: BTreeMap<String, DirRealm>,
     },
+}
+
+/// One realm of a `kc.sh export --dir` folder.
+#[derive(Debug, Clone, Default)]
+pub struct DirRealm {
+    /// `<realm>-realm.json`, when the folder holds it.
+    pub realm_file: Option<PathBuf>,
+    /// `<realm>-users-<N>.json`, in N order.
+    pub users: Vec<PathBuf>,
+}
+
+/// `<realm>-users-<N>.json` -> (realm, N).
+fn users_file_name(name: &str) -> Option<(&str, u64)> {
+    let (realm, n) = name.strip_suffix(".json")?.rsplit_once("-users-")?;
+    if realm.is_empty() || n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((realm, n.parse().unwrap_or(u64::MAX)))
 }
 
 impl RealmInput {
@@ -51,45 +80,47 @@ impl RealmInput {
         let Some(p) = path else {
             return Ok(RealmInput::Embedded);
         };
-        if p.is_dir() {
-            let mut realm = None;
-            let mut users = Vec::new();
-            let entries = std::fs::read_dir(p).map_err(|e| {
-                realm_err(
-                    &p.display().to_string(),
-                    format!("cannot list the folder: {e}"),
-                )
-            })?;
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let name = entry.file_name().to_string_lossy().to_string();
-                if !name.ends_with(".json") {
-                    continue;
-                }
-                if name.contains("-users-") {
-                    users.push(path);
-                } else if name.ends_with("-realm.json") {
-                    if realm.is_some() {
-                        return Err(realm_err(
-                            &p.display().to_string(),
-                            "holds more than one *-realm.json: export one realm per folder".into(),
-                        ));
-                    }
-                    realm = Some(path);
-                }
-            }
-            users.sort();
-            if realm.is_none() && users.is_empty() {
-                return Err(realm_err(&p.display().to_string(), "holds no *-realm.json or *-users-*.json files (a `kc.sh export --dir` folder expected)".into()));
-            }
-            Ok(RealmInput::Dir {
-                realm,
-                users,
-                dir: p.to_path_buf(),
-            })
-        } else {
-            Ok(RealmInput::File(p.to_path_buf()))
+        if !p.is_dir() {
+            return Ok(RealmInput::File(p.to_path_buf()));
         }
+        let entries = std::fs::read_dir(p).map_err(|e| {
+            realm_err(
+                &p.display().to_string(),
+                format!("cannot list the folder: {e}"),
+            )
+        })?;
+        let mut realms: BTreeMap<String, DirRealm> = BTreeMap::new();
+        let mut users: Vec<(String, u64, PathBuf)> = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().to_string();
+            if let Some((realm, n)) = users_file_name(&name) {
+                users.push((realm.to_string(), n, path));
+            } else if let Some(realm) = name.strip_suffix("-realm.json") {
+                if !realm.is_empty() {
+                    realms.entry(realm.to_string()).or_default().realm_file = Some(path);
+                }
+            }
+        }
+        // Keycloak imports the realms of the *-realm.json files, each with the users files
+        // named after it (so `<realm>-federated-users-<N>.json` is not one of them). A folder
+        // holding users files only is read as the realms those files name.
+        let users_only = realms.is_empty();
+        users.sort();
+        for (realm, _, path) in users {
+            if users_only && !realm.ends_with("-federated") {
+                realms.entry(realm).or_default().users.push(path);
+            } else if let Some(r) = realms.get_mut(&realm) {
+                r.users.push(path);
+            }
+        }
+        if realms.is_empty() {
+            return Err(realm_err(&p.display().to_string(), "holds no <realm>-realm.json or <realm>-users-<N>.json files (a `kc.sh export --dir` folder expected)".into()));
+        }
+        Ok(RealmInput::Dir {
+            dir: p.to_path_buf(),
+            realms,
+        })
     }
 
     pub fn describe(&self) -> String {
@@ -100,38 +131,79 @@ impl RealmInput {
         }
     }
 
-    /// The files to scan, in order: the realm file first (it defines roles and groups).
-    fn parts(&self) -> Vec<Part> {
+    /// The files to scan for realm `wanted`, in order: the realm file first (it defines roles
+    /// and groups), then its users files. A folder of one realm is read whatever its name.
+    fn parts(&self, wanted: &str) -> Result<Vec<Part>> {
         match self {
-            RealmInput::Embedded => vec![Part::Embedded],
-            RealmInput::File(p) => vec![Part::File(p.clone())],
-            RealmInput::Dir { realm, users, .. } => realm
-                .iter()
-                .cloned()
-                .map(Part::File)
-                .chain(users.iter().cloned().map(Part::File))
-                .collect(),
+            RealmInput::Embedded => Ok(vec![Part::whole(Source::Embedded)]),
+            RealmInput::File(p) => Ok(vec![Part::whole(Source::File(p.clone()))]),
+            RealmInput::Dir { dir, realms } => {
+                let (name, realm) = match realms.iter().next() {
+                    Some(only) if realms.len() == 1 => only,
+                    _ => realms.get_key_value(wanted).ok_or_else(|| {
+                        let found: Vec<&str> = realms.keys().map(String::as_str).collect();
+                        realm_err(&dir.display().to_string(), missing_realm(&found, wanted))
+                    })?,
+                };
+                let realm_part = realm.realm_file.iter().map(|p| Part {
+                    source: Source::File(p.clone()),
+                    arrays: false,
+                    users_of: None,
+                });
+                let users_parts = realm.users.iter().map(|p| Part {
+                    source: Source::File(p.clone()),
+                    arrays: false,
+                    users_of: Some(name.clone()),
+                });
+                Ok(realm_part.chain(users_parts).collect())
+            }
         }
     }
 }
 
-enum Part {
+/// The error text for a multi-realm export that lacks the realm `keycloak.realm` names.
+fn missing_realm(found: &[&str], wanted: &str) -> String {
+    let found: Vec<String> = found.iter().map(|r| format!("{r:?}")).collect();
+    format!(
+        "holds the realms {} but not {wanted:?}, the realm keycloak.realm names: set keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM) to the realm to read",
+        found.join(", ")
+    )
+}
+
+enum Source {
     Embedded,
     File(PathBuf),
 }
 
+/// One file to scan.
+struct Part {
+    source: Source,
+    /// Whether the top level may be an array of realms (a single file, not a folder's).
+    arrays: bool,
+    /// A users file of a folder: the realm its name says it belongs to.
+    users_of: Option<String>,
+}
+
 impl Part {
+    fn whole(source: Source) -> Part {
+        Part {
+            source,
+            arrays: true,
+            users_of: None,
+        }
+    }
+
     fn name(&self) -> String {
-        match self {
-            Part::Embedded => EMBEDDED_NAME.to_string(),
-            Part::File(p) => p.display().to_string(),
+        match &self.source {
+            Source::Embedded => EMBEDDED_NAME.to_string(),
+            Source::File(p) => p.display().to_string(),
         }
     }
 
     fn reader(&self) -> Result<Box<dyn Read>> {
-        match self {
-            Part::Embedded => Ok(Box::new(EMBEDDED_REALM.as_bytes())),
-            Part::File(p) => {
+        match &self.source {
+            Source::Embedded => Ok(Box::new(EMBEDDED_REALM.as_bytes())),
+            Source::File(p) => {
                 let f = File::open(p).map_err(|e| realm_err(&p.display().to_string(), format!("cannot open: {e}; fix identity.realm_file (SEEDKEEPER_IDENTITY__REALM_FILE)")))?;
                 Ok(Box::new(BufReader::with_capacity(256 * 1024, f)))
             }
@@ -231,10 +303,10 @@ struct GroupRep {
 pub struct RealmIndex {
     pub realm: Option<String>,
     graph: RoleGraph,
-    roles: HashSet<String>,
-    roles_defined: bool,
     /// Group path -> realm roles of the group and all its parents.
     group_roles: HashMap<String, Vec<String>>,
+    /// In a file whose top level is an array of realms: the element read.
+    element: Option<usize>,
 }
 
 impl RealmIndex {
@@ -251,6 +323,8 @@ impl RealmIndex {
         }
     }
 
+    /// Direct roles, group roles and everything they contain. A role `roles.realm` does not
+    /// declare is a plain role: it is its own effective set.
     fn effective(&self, u: &RealmUser) -> HashSet<String> {
         let mut start: Vec<&str> = u.realm_roles.iter().map(String::as_str).collect();
         for g in &u.groups {
@@ -262,7 +336,36 @@ impl RealmIndex {
     }
 }
 
-/// What one scan saw at the top level of a file.
+/// Service accounts are not identities, whatever fields they carry: Keycloak marks them with
+/// `serviceAccountClientId` and names them `service-account-<clientId>`.
+fn is_service_account(u: &RealmUser) -> bool {
+    u.service_account_client_id.is_some()
+        || u.username.as_deref().is_some_and(|n| {
+            n.get(..16)
+                .is_some_and(|p| p.eq_ignore_ascii_case("service-account-"))
+        })
+}
+
+/// Where a user sits, for messages: `realms[1] users[3] ("alice")`.
+fn position(element: Option<usize>, i: usize, username: Option<&str>) -> String {
+    format!(
+        "{}users[{i}]{}",
+        element.map(|e| format!("realms[{e}] ")).unwrap_or_default(),
+        username.map(|n| format!(" ({n:?})")).unwrap_or_default()
+    )
+}
+
+/// A value for an evidence entity: control characters escaped, length capped.
+fn printable(s: &str) -> String {
+    let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 80 {
+        format!("{escaped}…")
+    } else {
+        escaped
+    }
+}
+
+/// What one scan saw at the top level of a realm object.
 #[derive(Default)]
 struct Top {
     realm: Option<String>,
@@ -270,10 +373,83 @@ struct Top {
     groups: Option<Vec<GroupRep>>,
 }
 
-type OnUser<'a> = dyn FnMut(usize, RealmUser) -> std::result::Result<(), String> + 'a;
+/// What one scan of a file saw: one `Top` per realm (several when the top level is an array).
+struct Scanned {
+    tops: Vec<Top>,
+    array: bool,
+}
+
+/// Called with each user: the realm's element in a top-level array (`None` for an object), the
+/// user's index in `users`, and the user.
+type OnUser<'a> =
+    dyn FnMut(Option<usize>, usize, RealmUser) -> std::result::Result<(), String> + 'a;
+
+/// The top level of a file: one realm object, or (where allowed) an array of them.
+struct FileSeed<'a, 'b> {
+    scanned: &'a mut Scanned,
+    on_user: &'a mut OnUser<'b>,
+    arrays: bool,
+    /// In an array: the only element to read; the others are skipped unread.
+    only: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for FileSeed<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FileSeed<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        if self.arrays {
+            f.write_str("a realm export (a JSON object, or an array of them)")
+        } else {
+            f.write_str("a realm export (a JSON object)")
+        }
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> std::result::Result<(), A::Error> {
+        let mut top = Top::default();
+        TopSeed {
+            top: &mut top,
+            element: None,
+            on_user: self.on_user,
+        }
+        .visit_map(map)?;
+        self.scanned.tops.push(top);
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        if !self.arrays {
+            return Err(de::Error::invalid_type(de::Unexpected::Seq, &self));
+        }
+        self.scanned.array = true;
+        let mut e = 0usize;
+        loop {
+            let mut top = Top::default();
+            let more = if self.only.is_some_and(|o| o != e) {
+                seq.next_element::<IgnoredAny>()?.is_some()
+            } else {
+                seq.next_element_seed(TopSeed {
+                    top: &mut top,
+                    element: Some(e),
+                    on_user: &mut *self.on_user,
+                })?
+                .is_some()
+            };
+            if !more {
+                return Ok(());
+            }
+            self.scanned.tops.push(top);
+            e += 1;
+        }
+    }
+}
 
 struct TopSeed<'a, 'b> {
     top: &'a mut Top,
+    element: Option<usize>,
     on_user: &'a mut OnUser<'b>,
 }
 
@@ -296,6 +472,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
                 "roles" => self.top.roles = Some(map.next_value()?),
                 "groups" => self.top.groups = Some(map.next_value()?),
                 "users" => map.next_value_seed(UsersSeed {
+                    element: self.element,
                     on_user: &mut *self.on_user,
                 })?,
                 _ => {
@@ -308,6 +485,7 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
 }
 
 struct UsersSeed<'a, 'b> {
+    element: Option<usize>,
     on_user: &'a mut OnUser<'b>,
 }
 
@@ -326,34 +504,53 @@ impl<'de> Visitor<'de> for UsersSeed<'_, '_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
         let mut i = 0usize;
         loop {
-            let next = seq
-                .next_element::<RealmUser>()
-                .map_err(|e| de::Error::custom(format!("users[{i}]: {e}")))?;
+            let next = seq.next_element::<RealmUser>().map_err(|e| {
+                de::Error::custom(format!("{}: {e}", position(self.element, i, None)))
+            })?;
             let Some(u) = next else { break };
-            (self.on_user)(i, u).map_err(de::Error::custom)?;
+            (self.on_user)(self.element, i, u).map_err(de::Error::custom)?;
             i += 1;
         }
         Ok(())
     }
 }
 
-fn scan(part: &Part, on_user: &mut OnUser<'_>) -> Result<Top> {
-    let mut top = Top::default();
+fn scan(part: &Part, only: Option<usize>, on_user: &mut OnUser<'_>) -> Result<Scanned> {
+    let mut scanned = Scanned {
+        tops: Vec::new(),
+        array: false,
+    };
     let reader = part.reader()?;
     let mut de = serde_json::Deserializer::from_reader(reader);
-    let seed = TopSeed {
-        top: &mut top,
+    let seed = FileSeed {
+        scanned: &mut scanned,
         on_user,
+        arrays: part.arrays,
+        only,
     };
     seed.deserialize(&mut de).and_then(|_| de.end()).map_err(|e| {
         let msg = e.to_string();
-        realm_err(&part.name(), if msg.starts_with("users[") { msg } else { format!("not a realm export (a JSON object with realm, roles, groups and users): {msg}") })
+        let located = msg.starts_with("users[") || msg.starts_with("realms[");
+        realm_err(&part.name(), if located { msg } else { format!("not a realm export (a JSON object with realm, roles, groups and users): {msg}") })
     })?;
-    Ok(top)
+    Ok(scanned)
+}
+
+/// The checks of one realm's users: ids and lower-cased usernames seen (as 128-bit
+/// fingerprints pointing at (file, entry): a few MB at 100,000 users where the strings
+/// themselves would take tens), group references, and the problems found.
+#[derive(Default)]
+struct RealmCheck {
+    ids: HashMap<u128, (u32, u32)>,
+    names: HashMap<u128, (u32, u32)>,
+    group_refs: HashMap<String, String>,
+    problems: Listed,
 }
 
 pub struct RealmFileSource {
     input: RealmInput,
+    /// The realm to read from a multi-realm export (`keycloak.realm`).
+    realm: String,
     filter: RoleFilter,
     batch_size: usize,
     index: Mutex<Option<Arc<RealmIndex>>>,
@@ -363,27 +560,31 @@ impl RealmFileSource {
     pub fn new(input: RealmInput, filter: RoleFilter, batch_size: usize) -> Self {
         RealmFileSource {
             input,
+            realm: DEFAULT_REALM.to_string(),
             filter,
             batch_size,
             index: Mutex::new(None),
         }
     }
 
+    /// The realm to read when the export holds several (`keycloak.realm`); one realm is read
+    /// whatever its name.
+    pub fn with_realm(mut self, realm: &str) -> Self {
+        self.realm = realm.to_string();
+        self
+    }
+
     /// Full validation pass: every problem of every user, reported together. One scan per part
-    /// reads roles, groups and users; role and group references are checked once the whole
-    /// index is known, against the first user naming each.
+    /// reads roles, groups and users; group references are checked once the whole index is
+    /// known, against the first user naming each. In a file holding an array of realms, every
+    /// realm is checked on its own and the one read is picked at the end.
     pub fn validate(&self) -> Result<Arc<RealmIndex>> {
-        let mut tops: Vec<Top> = Vec::new();
-        let mut role_refs: HashMap<String, String> = HashMap::new();
-        let mut group_refs: HashMap<String, String> = HashMap::new();
-        let no_roles = RealmIndex::default();
-        // Seen ids and lower-cased usernames, as 128-bit fingerprints pointing at (file, entry):
-        // a few MB at 100,000 users where the strings themselves would take tens.
-        let mut ids: HashMap<u128, (u32, u32)> = HashMap::new();
-        let mut names: HashMap<u128, (u32, u32)> = HashMap::new();
-        let mut problems = Listed::default();
-        let parts = self.input.parts();
+        let parts = self.input.parts(&self.realm)?;
         let part_names: Vec<String> = parts.iter().map(Part::name).collect();
+        let no_roles = RealmIndex::default();
+        // One check per realm: a folder or a plain file holds one, an array one per element.
+        let mut checks: Vec<RealmCheck> = vec![RealmCheck::default()];
+        let mut scans: Vec<Scanned> = Vec::new();
         for (pi, part) in parts.iter().enumerate() {
             // With a folder, each entry is named with its file.
             let prefix = if parts.len() > 1 {
@@ -391,74 +592,97 @@ impl RealmFileSource {
             } else {
                 String::new()
             };
-            let mut on_user = |i: usize, u: RealmUser| {
-                let mut push = |p: String| problems.push(p);
-                let at = || {
+            let mut on_user = |el: Option<usize>, i: usize, u: RealmUser| {
+                if is_service_account(&u) {
+                    return Ok(());
+                }
+                let slot = el.unwrap_or(0);
+                if checks.len() <= slot {
+                    checks.resize_with(slot + 1, RealmCheck::default);
+                }
+                let check = &mut checks[slot];
+                let at = || format!("{prefix}{}", position(el, i, u.username.as_deref()));
+                let here = (pi as u32, i as u32);
+                let prev_at = |(p, j): (u32, u32)| {
                     format!(
-                        "{prefix}users[{i}]{}",
-                        u.username
-                            .as_deref()
-                            .map(|n| format!(" ({n:?})"))
-                            .unwrap_or_default()
+                        "{} {}",
+                        part_names[p as usize],
+                        position(el, j as usize, None)
                     )
                 };
-                let here = (pi as u32, i as u32);
-                let prev_at = |(p, j): (u32, u32)| format!("{} users[{j}]", part_names[p as usize]);
-                match &u.id {
-                    None => push(format!("{}: has no \"id\": without a fixed id Keycloak gives it a random sub on every import; add one (a UUID)", at())),
-                    Some(id) => {
-                        if let Some(prev) = ids.insert(fingerprint(id), here) {
-                            push(format!("{}: duplicate id {id:?} (also {})", at(), prev_at(prev)));
-                        }
+                if let Some(id) = &u.id {
+                    if let Some(prev) = check.ids.insert(fingerprint(id), here) {
+                        check.problems.push(format!(
+                            "{}: duplicate id {id:?} (also {})",
+                            at(),
+                            prev_at(prev)
+                        ));
                     }
                 }
                 match &u.username {
-                    None => push(format!("{}: has no \"username\"", at())),
+                    None => check
+                        .problems
+                        .push(format!("{}: has no \"username\"", at())),
                     Some(name) => {
-                        if let Some(prev) = names.insert(fingerprint(&name.to_lowercase()), here) {
-                            push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
+                        if let Some(prev) =
+                            check.names.insert(fingerprint(&name.to_lowercase()), here)
+                        {
+                            check.problems.push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
                         }
-                    }
-                }
-                for r in &u.realm_roles {
-                    if !role_refs.contains_key(r) {
-                        role_refs.insert(r.clone(), at());
                     }
                 }
                 for g in &u.groups {
-                    if !group_refs.contains_key(g) {
-                        group_refs.insert(g.clone(), at());
+                    if !check.group_refs.contains_key(g) {
+                        check.group_refs.insert(g.clone(), at());
                     }
                 }
-                if u.service_account_client_id.is_none() {
-                    if let (Some(id), Some(name)) = (&u.id, &u.username) {
-                        // Field checks only: effective roles do not change validity.
-                        let ident = to_identity(&no_roles, &self.filter, id.clone(), name, &u);
-                        if let Err(why) = check_identity(&ident) {
-                            push(format!("{}: {why}", at()));
-                        }
+                // A user without id is left out at sync time (its sub is unknown), so its
+                // values are never stored and not checked.
+                if let (Some(id), Some(name)) = (&u.id, &u.username) {
+                    // Field checks only: effective roles do not change validity.
+                    let ident = to_identity(&no_roles, &self.filter, id.clone(), name, &u);
+                    if let Err(why) = check_identity(&ident) {
+                        check.problems.push(format!("{}: {why}", at()));
                     }
                 }
                 Ok(())
             };
-            tops.push(scan(part, &mut on_user)?);
-        }
-        let index = Arc::new(index_from(tops));
-        let mut refs: Vec<String> = Vec::new();
-        if index.roles_defined {
-            for (r, at) in &role_refs {
-                if !index.roles.contains(r) {
-                    refs.push(format!(
-                        "{at}: realm role {r:?} is not defined in roles.realm"
-                    ));
+            let scanned = scan(part, None, &mut on_user)?;
+            if let (Some(want), Some(got)) = (
+                &part.users_of,
+                scanned.tops.first().and_then(|t| t.realm.as_ref()),
+            ) {
+                if got != want {
+                    checks[0].problems.push(format!("{prefix}has \"realm\": {got:?} but its name makes it a users file of realm {want:?}; Keycloak refuses to import it (rename the file or fix its \"realm\")"));
                 }
             }
+            scans.push(scanned);
         }
-        for (g, at) in &group_refs {
-            if !index.group_roles.contains_key(g) {
-                refs.push(format!("{at}: group {g:?} is not defined in groups"));
-            }
-        }
+        // Only a single file can hold an array, so it is the one scan.
+        let array = scans.first().is_some_and(|s| s.array);
+        let (element, tops): (Option<usize>, Vec<Top>) = if array {
+            let tops: Vec<Top> = scans.into_iter().flat_map(|s| s.tops).collect();
+            let e = self.pick(&tops)?;
+            (Some(e), tops.into_iter().skip(e).take(1).collect())
+        } else {
+            (None, scans.into_iter().flat_map(|s| s.tops).collect())
+        };
+        let check = checks
+            .into_iter()
+            .nth(element.unwrap_or(0))
+            .unwrap_or_default();
+        let mut index = index_from(tops);
+        index.element = element;
+        let RealmCheck {
+            group_refs,
+            mut problems,
+            ..
+        } = check;
+        let mut refs: Vec<String> = group_refs
+            .iter()
+            .filter(|(g, _)| !index.group_roles.contains_key(*g))
+            .map(|(g, at)| format!("{at}: group {g:?} is not defined in groups"))
+            .collect();
         refs.sort();
         for p in refs {
             problems.push(p);
@@ -478,7 +702,31 @@ impl RealmFileSource {
             );
             return Err(realm_err(&self.input.describe(), message));
         }
-        Ok(index)
+        Ok(Arc::new(index))
+    }
+
+    /// The element of a top-level array of realms to read: the only one, else the one named
+    /// `keycloak.realm` (the first such, as Keycloak skips a realm that already exists).
+    fn pick(&self, tops: &[Top]) -> Result<usize> {
+        if tops.len() == 1 {
+            return Ok(0);
+        }
+        if let Some(e) = tops
+            .iter()
+            .position(|t| t.realm.as_deref() == Some(self.realm.as_str()))
+        {
+            return Ok(e);
+        }
+        let found: Vec<&str> = tops
+            .iter()
+            .map(|t| t.realm.as_deref().unwrap_or("(no realm name)"))
+            .collect();
+        let message = if found.is_empty() {
+            "holds an empty array of realms: export a realm into it".to_string()
+        } else {
+            missing_realm(&found, &self.realm)
+        };
+        Err(realm_err(&self.input.describe(), message))
     }
 
     fn stream_blocking(
@@ -489,16 +737,28 @@ impl RealmFileSource {
         let mut stats = SourceStats::default();
         let mut batch: Vec<Identity> = Vec::with_capacity(self.batch_size);
         let mut closed = false;
-        for part in self.input.parts() {
-            let mut on_user = |_: usize, u: RealmUser| {
-                if u.service_account_client_id.is_some() {
+        for part in self.input.parts(&self.realm)? {
+            let file = part.name();
+            let mut on_user = |el: Option<usize>, i: usize, u: RealmUser| {
+                if is_service_account(&u) {
                     return Ok(());
                 }
-                let (Some(id), Some(name)) = (u.id.clone(), u.username.clone()) else {
-                    return Err("a user lost its id or username since the preflight check (file changed during the run)".to_string());
+                let Some(name) = u.username.as_deref() else {
+                    return Err("a user lost its username since the preflight check (file changed during the run)".to_string());
                 };
-                batch.push(to_identity(&index, &self.filter, id, &name, &u));
                 stats.listed += 1;
+                let Some(id) = u.id.clone() else {
+                    // Keycloak gives such a user a random id on import: no sub to key a row by.
+                    stats.reject(
+                        format!("user:{}", printable(&name.to_lowercase())),
+                        format!(
+                            "realm user {name:?} ({} in {file}) has no \"id\": its sub is unknown until Keycloak imports it (each fresh import generates a new one), so it was not stored; export the realm from Keycloak (kc.sh export keeps the ids) or add an \"id\" (a UUID) to this user",
+                            position(el, i, None)
+                        ),
+                    );
+                    return Ok(());
+                };
+                batch.push(to_identity(&index, &self.filter, id, name, &u));
                 if batch.len() >= self.batch_size {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
                     if out.blocking_send(full).is_err() {
@@ -508,7 +768,7 @@ impl RealmFileSource {
                 }
                 Ok(())
             };
-            let r = scan(&part, &mut on_user);
+            let r = scan(&part, index.element, &mut on_user);
             if closed {
                 return Err(Error::Cancelled);
             }
@@ -521,7 +781,7 @@ impl RealmFileSource {
     }
 }
 
-/// The role/group index from what the scans of every part saw at their top level.
+/// The role/group index from what the scans of the realm's parts saw at their top level.
 fn index_from(tops: Vec<Top>) -> RealmIndex {
     let mut index = RealmIndex::default();
     let mut groups: Vec<GroupRep> = Vec::new();
@@ -530,9 +790,7 @@ fn index_from(tops: Vec<Top>) -> RealmIndex {
             index.realm = top.realm;
         }
         if let Some(roles) = top.roles {
-            index.roles_defined = true;
             for r in roles.realm {
-                index.roles.insert(r.name.clone());
                 let children = r.composites.map(|c| c.realm).unwrap_or_default();
                 if !children.is_empty() {
                     index.graph.composites.insert(r.name, children);

@@ -158,6 +158,12 @@ pub async fn reconcile(
         .await
         .map_err(ctx("finishing COPY into the identity stage"))?;
     report.bump("listed", stats.listed as i64);
+    // Users the source could not give a sub (a realm-file user without id): rejected alone.
+    for r in stats.rejections {
+        tracing::warn!(unit = UNIT, entity = %r.entity, reason = %r.detail, "identity refused");
+        report.add_finding(Finding::new(UNIT, "rejected", r.entity, r.detail));
+    }
+    rejected += stats.rejected as i64;
     report.bump("rejected", rejected);
 
     // Paging can repeat a user when the realm changes during the listing. The unique indexes

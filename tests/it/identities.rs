@@ -516,7 +516,8 @@ async fn malformed_realm_files_exit_78_naming_the_file_and_entry_and_write_nothi
     let dir = TempDir::new();
     let cases: Vec<(&str, String, &str)> = vec![
         ("bad-json.json", "{\"realm\": \"dev\", \"users\": [".to_string(), "bad-json.json"),
-        ("no-id.json", json!({"realm": "dev", "users": [{"username": "x", "enabled": true}]}).to_string(), "users[0] (\"x\"): has no \"id\""),
+        // A user without id is no longer refused (it is rejected alone, see realm_files.rs).
+        ("dup-id.json", json!({"realm": "dev", "users": [{"id": "1", "username": "x"}, {"id": "1", "username": "y"}]}).to_string(), "users[1] (\"y\"): duplicate id \"1\""),
         ("no-username.json", json!({"realm": "dev", "users": [{"id": "1", "enabled": true}]}).to_string(), "users[0]: has no \"username\""),
         ("dup.json", json!({"realm": "dev", "users": [{"id": "1", "username": "a"}, {"id": "2", "username": "A"}]}).to_string(), "duplicate username"),
         ("types.json", json!({"realm": "dev", "users": [{"id": 5, "username": "a"}]}).to_string(), "users[0]"),

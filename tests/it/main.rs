@@ -13,3 +13,4 @@ mod identities;
 mod listing;
 mod ops;
 mod parsers;
+mod realm_files;

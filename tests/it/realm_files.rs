@@ -1,0 +1,489 @@
+//! Issue 10: the realm-file source accepts every realm Keycloak accepts. Users without an id are
+//! rejected alone, service accounts are skipped whatever they carry, undeclared realm roles are
+//! plain roles, and a multi-realm export (an array of realms, or a `kc.sh export --dir` folder
+//! of several realms) is read for `keycloak.realm`. Real exports are in tests/fixtures/realms.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+
+use crate::harness::*;
+use crate::identities::{identity_state, realm_file_env, refs};
+
+fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/realms")
+        .join(rel)
+}
+
+fn read_fixture(rel: &str) -> String {
+    std::fs::read_to_string(fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// (sub, username, role) of every users row, by username.
+async fn rows(db: &TestDb) -> Vec<(String, String, String)> {
+    db.client()
+        .await
+        .query(
+            "SELECT keycloak_sub, username, role FROM users ORDER BY username",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+fn row(sub: &str, username: &str, role: &str) -> (String, String, String) {
+    (sub.to_string(), username.to_string(), role.to_string())
+}
+
+/// (entity, detail) of the identities unit's findings of `kind`.
+fn findings(r: &seedkeeper::reconcile::RunReport, kind: &str) -> Vec<(String, String)> {
+    r.unit("identities")
+        .expect("identities unit")
+        .findings
+        .iter()
+        .filter(|f| f.kind == kind)
+        .map(|f| (f.entity.clone(), f.detail.clone()))
+        .collect()
+}
+
+fn realm_env(path: &std::path::Path) -> Vec<(String, String)> {
+    vec![(
+        "SEEDKEEPER_IDENTITY__REALM_FILE".into(),
+        path.display().to_string(),
+    )]
+}
+
+/// Runs the binary once on `input`, expecting exit 78 and nothing written; returns its output.
+async fn refused(input: &std::path::Path, extra: &[(&str, &str)]) -> String {
+    let db = TestDb::new().await;
+    let mut env = db.env();
+    env.extend(realm_env(input));
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let out = run_bin(&["--once"], &env);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    let tables: i64 = db
+        .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        .await;
+    assert_eq!(tables, 0, "nothing written: {t}");
+    t
+}
+
+const ANN: &str = "b1000000-0000-4000-8000-000000000001";
+const BOB: &str = "b1000000-0000-4000-8000-000000000002";
+const CAROL: &str = "b1000000-0000-4000-8000-000000000003";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn users_without_id_are_rejected_alone_and_service_accounts_and_undeclared_roles_are_accepted(
+) {
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    // roles.realm declares neither `admin` nor `ops`: Keycloak's import creates them as plain
+    // roles, so they still count.
+    let realm = json!({
+        "realm": "dev",
+        "roles": {"realm": [{"name": "user"}]},
+        "groups": [{"name": "oncall", "path": "/oncall", "realmRoles": ["ops"], "subGroups": []}],
+        "users": [
+            {"id": ANN, "username": "Ann", "enabled": true, "realmRoles": ["admin"]},
+            {"username": "no-id-one", "enabled": true, "realmRoles": ["user", "admin"]},
+            {"id": BOB, "username": "bob", "enabled": true, "groups": ["/oncall"]},
+            {"username": "No-Id-Two", "email": "two@example.test"},
+            {"id": CAROL, "username": "carol", "enabled": true, "realmRoles": ["user", "never-declared"]},
+            // Service accounts: skipped whatever they carry (no id, no username, a username
+            // given twice or too long for a column).
+            {"serviceAccountClientId": "ci"},
+            {"username": "service-account-reporting", "realmRoles": ["admin"]},
+            {"username": "service-account-reporting", "serviceAccountClientId": "reporting"},
+            {"username": format!("service-account-{}", "x".repeat(300)), "enabled": true},
+        ],
+    });
+    let env = realm_file_env(&dir, &realm);
+    let file = dir.0.join("realm.json").display().to_string();
+    let engine = db.engine(&refs(&env));
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(
+        rows(&db).await,
+        vec![
+            row(ANN, "ann", "admin"),
+            row(BOB, "bob", "user"),
+            row(CAROL, "carol", "user")
+        ]
+    );
+    assert_eq!(count(&r, "identities", "listed"), 5);
+    assert_eq!(count(&r, "identities", "inserted"), 3);
+    assert_eq!(count(&r, "identities", "rejected"), 2);
+    let rejected = findings(&r, "rejected");
+    let entities: Vec<&str> = rejected.iter().map(|f| f.0.as_str()).collect();
+    assert_eq!(
+        entities,
+        ["user:no-id-one", "user:no-id-two"],
+        "{rejected:#?}"
+    );
+    for ((_, detail), (name, at)) in rejected
+        .iter()
+        .zip([("no-id-one", "users[1]"), ("No-Id-Two", "users[3]")])
+    {
+        for needle in [
+            format!("{name:?}"),
+            at.to_string(),
+            file.clone(),
+            "has no \"id\"".into(),
+            "kc.sh export".into(),
+            "add an \"id\"".into(),
+        ] {
+            assert!(detail.contains(&needle), "{needle:?} not in {detail}");
+        }
+    }
+    let state = identity_state(&db).await;
+    let bindings: Vec<&String> = state.iter().filter(|s| s.starts_with("binding")).collect();
+    assert_eq!(
+        bindings,
+        [
+            "binding ann platform_superadmin active seedkeeper",
+            "binding bob platform_ops active seedkeeper"
+        ],
+        "{state:#?}"
+    );
+
+    // The next run reports the same users again and writes nothing.
+    db.settle_stats(1).await;
+    let before = db.tuples_written().await;
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(findings(&r, "rejected").len(), 2);
+    db.settle_stats(2).await;
+    assert_eq!(
+        db.tuples_written().await,
+        before,
+        "a no-op run writes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_import_files_without_ids_sync_no_row_and_report_each_human_user() {
+    // keycloak-quickstarts: no ids anywhere; `offline_access` is used but not declared; the
+    // servlet one also holds a service account without id.
+    for (name, humans) in [
+        (
+            "quickstarts-jaxrs-resource-server-realm-import.json",
+            vec!["alice", "admin"],
+        ),
+        (
+            "quickstarts-servlet-authz-client-realm-import.json",
+            vec!["alice", "jdoe", "admin"],
+        ),
+    ] {
+        let db = TestDb::new().await;
+        let path = fixture(name);
+        let r = apply(&db.engine(&refs(&realm_env(&path)))).await;
+        assert_ok(&r);
+        assert_eq!(rows(&db).await, vec![], "{name}");
+        let rejected = findings(&r, "rejected");
+        let entities: Vec<String> = rejected.iter().map(|f| f.0.clone()).collect();
+        let want: Vec<String> = humans.iter().map(|h| format!("user:{h}")).collect();
+        assert_eq!(entities, want, "{name}");
+        assert!(
+            rejected
+                .iter()
+                .all(|f| f.1.contains(&path.display().to_string())),
+            "{rejected:#?}"
+        );
+        assert_eq!(count(&r, "identities", "rejected"), humans.len() as i64);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_array_export_is_read_for_keycloak_realm_and_a_missing_realm_names_the_realms_found() {
+    let dir = TempDir::new();
+    // The same user exists in both realms (with another role in master): only dev's is read.
+    // Master's second user lacks a username, which only matters if master were read.
+    let master = json!({
+        "realm": "master",
+        "roles": {"realm": [{"name": "admin"}]},
+        "users": [
+            {"id": "m-1", "username": "ann", "enabled": true, "realmRoles": ["admin"]},
+            {"id": "m-2", "enabled": true},
+        ],
+    });
+    let dev = json!({
+        "realm": "dev",
+        "users": [
+            {"id": ANN, "username": "ann", "enabled": true, "realmRoles": []},
+            {"id": BOB, "username": "bob", "enabled": true, "realmRoles": ["admin"]},
+        ],
+    });
+    let path = dir.write("realms.json", &json!([master, dev]).to_string());
+
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(&realm_env(&path)))).await;
+    assert_ok(&r);
+    assert_eq!(
+        rows(&db).await,
+        vec![row(ANN, "ann", "user"), row(BOB, "bob", "admin")]
+    );
+
+    // keycloak.realm = master reads master, where the user without username is a problem.
+    let t = refused(&path, &[("SEEDKEEPER_KEYCLOAK__REALM", "master")]).await;
+    assert!(t.contains("realms[0] users[1]: has no \"username\""), "{t}");
+    let only_master = dir.write(
+        "master.json",
+        &json!([{"realm": "master", "users": [{"id": "m-1", "username": "ann", "realmRoles": ["admin"]}]}, dev])
+            .to_string(),
+    );
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&[
+        (
+            "SEEDKEEPER_IDENTITY__REALM_FILE",
+            only_master.to_str().unwrap(),
+        ),
+        ("SEEDKEEPER_KEYCLOAK__REALM", "master"),
+    ]))
+    .await;
+    assert_ok(&r);
+    assert_eq!(rows(&db).await, vec![row("m-1", "ann", "admin")]);
+
+    // A realm the export does not hold.
+    let t = refused(&path, &[("SEEDKEEPER_KEYCLOAK__REALM", "staging")]).await;
+    for needle in [
+        "realms.json",
+        "\"master\", \"dev\"",
+        "\"staging\"",
+        "keycloak.realm",
+        "SEEDKEEPER_KEYCLOAK__REALM",
+    ] {
+        assert!(t.contains(needle), "{needle:?} not in {t}");
+    }
+
+    // An array of one realm is read whatever its name, like a single realm object.
+    let one = dir.write(
+        "one.json",
+        &json!([{"realm": "acme", "users": [{"id": CAROL, "username": "carol"}]}]).to_string(),
+    );
+    let db = TestDb::new().await;
+    assert_ok(&apply(&db.engine(&refs(&realm_env(&one)))).await);
+    assert_eq!(rows(&db).await, vec![row(CAROL, "carol", "user")]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_realm_is_read_whatever_its_name() {
+    // Today's behaviour, kept: keycloak.realm does not have to match a single realm's name.
+    let dir = TempDir::new();
+    let realm = json!({"realm": "acme", "users": [{"id": ANN, "username": "ann", "realmRoles": ["admin"]}]});
+    let db = TestDb::new().await;
+    assert_ok(&apply(&db.engine(&refs(&realm_file_env(&dir, &realm)))).await);
+    assert_eq!(rows(&db).await, vec![row(ANN, "ann", "admin")]);
+
+    // A real Keycloak 26.5.5 export of master (no users) is read as an empty realm.
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(&realm_env(&fixture("kc26.5.5-master-realm.json"))))).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "listed"), 0);
+}
+
+/// The dev realm as `kc.sh export --dir` writes it: the realm without users, the users in
+/// files of three.
+fn write_dev_dir(dir: &TempDir) -> Vec<Value> {
+    let mut realm = dev_realm();
+    let users = realm["users"].as_array().unwrap().clone();
+    realm.as_object_mut().unwrap().remove("users");
+    dir.write("dev-realm.json", &realm.to_string());
+    for (i, chunk) in users.chunks(3).enumerate() {
+        dir.write(
+            &format!("dev-users-{i}.json"),
+            &json!({"realm": "dev", "users": chunk}).to_string(),
+        );
+    }
+    users
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dir_export_of_several_realms_is_read_for_keycloak_realm() {
+    let single = TestDb::new().await;
+    assert_ok(&apply(&single.engine(&[])).await);
+
+    let dir = TempDir::new();
+    write_dev_dir(&dir);
+    // Master: a real Keycloak 26.5.5 realm file, and a users file whose user has the id and
+    // username of a dev user, as admin.
+    dir.write(
+        "master-realm.json",
+        &read_fixture("kc26.5.5-master-realm.json"),
+    );
+    dir.write(
+        "master-users-0.json",
+        &json!({"realm": "master", "users": [
+            {"id": "a1000000-0000-4000-8000-000000000001", "username": "dev-user", "enabled": true, "realmRoles": ["admin"]},
+            {"id": "m-2", "username": "root", "enabled": true, "realmRoles": ["admin"]},
+        ]})
+        .to_string(),
+    );
+    // Not users files of dev: federated users, and files of a realm without a realm file.
+    dir.write(
+        "dev-federated-users-0.json",
+        &json!({"realm": "dev", "federatedUsers": [{"id": "f-1", "username": "fed"}]}).to_string(),
+    );
+    dir.write(
+        "ghost-users-0.json",
+        &json!({"realm": "ghost", "users": [{"id": "g-1", "username": "ghost"}]}).to_string(),
+    );
+
+    let db = TestDb::new().await;
+    let engine = db.engine(&[("SEEDKEEPER_IDENTITY__REALM_FILE", dir.0.to_str().unwrap())]);
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "listed"), 6);
+    assert_eq!(identity_state(&db).await, identity_state(&single).await);
+
+    // keycloak.realm = master reads master's users only.
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&[
+        ("SEEDKEEPER_IDENTITY__REALM_FILE", dir.0.to_str().unwrap()),
+        ("SEEDKEEPER_KEYCLOAK__REALM", "master"),
+    ]))
+    .await;
+    assert_ok(&r);
+    assert_eq!(
+        rows(&db).await,
+        vec![
+            row("a1000000-0000-4000-8000-000000000001", "dev-user", "admin"),
+            row("m-2", "root", "admin")
+        ]
+    );
+
+    // A realm the folder does not hold.
+    let t = refused(&dir.0, &[("SEEDKEEPER_KEYCLOAK__REALM", "staging")]).await;
+    for needle in [
+        dir.0.to_str().unwrap(),
+        "\"dev\", \"master\"",
+        "not \"staging\"",
+        "keycloak.realm",
+        "SEEDKEEPER_KEYCLOAK__REALM",
+    ] {
+        assert!(t.contains(needle), "{needle:?} not in {t}");
+    }
+
+    // A users file of dev whose "realm" says otherwise is refused, as Keycloak refuses it.
+    dir.write(
+        "dev-users-7.json",
+        &json!({"realm": "master", "users": [{"id": "x-1", "username": "stray"}]}).to_string(),
+    );
+    let t = refused(&dir.0, &[]).await;
+    assert!(
+        t.contains("dev-users-7.json") && t.contains("\"master\"") && t.contains("realm \"dev\""),
+        "{t}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn real_dir_exports_are_read() {
+    // Keycloak 22.0.3 `kc.sh export --dir`: one human with an id, one service account.
+    let kc22 = fixture("kc22-dir");
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(&realm_env(&kc22)))).await;
+    assert_ok(&r);
+    assert_eq!(
+        rows(&db).await,
+        vec![row("60b8ba5f-c73f-4976-b0da-48d0e53335de", "tneal", "user")]
+    );
+    assert_eq!(count(&r, "identities", "listed"), 1);
+
+    // With a master realm beside it, the folder holds two realms: keycloak.realm picks one.
+    let dir = TempDir::new();
+    for f in [
+        "pid-issuer-realm-realm.json",
+        "pid-issuer-realm-users-0.json",
+    ] {
+        dir.write(f, &read_fixture(&format!("kc22-dir/{f}")));
+    }
+    dir.write(
+        "master-realm.json",
+        &read_fixture("kc26.5.5-master-realm.json"),
+    );
+    let t = refused(&dir.0, &[]).await;
+    assert!(
+        t.contains("\"master\", \"pid-issuer-realm\"") && t.contains("not \"dev\""),
+        "{t}"
+    );
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&[
+        ("SEEDKEEPER_IDENTITY__REALM_FILE", dir.0.to_str().unwrap()),
+        ("SEEDKEEPER_KEYCLOAK__REALM", "pid-issuer-realm"),
+    ]))
+    .await;
+    assert_ok(&r);
+    assert_eq!(rows(&db).await.len(), 1);
+
+    // Keycloak's testsuite users file (no realm file, a user without id): read, user rejected.
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(&realm_env(&fixture("testsuite-dir-import"))))).await;
+    assert_ok(&r);
+    assert_eq!(rows(&db).await, vec![]);
+    let rejected = findings(&r, "rejected");
+    assert_eq!(rejected.len(), 1, "{rejected:#?}");
+    assert_eq!(rejected[0].0, "user:alice");
+    assert!(
+        rejected[0].1.contains("dir-import-migration-users-0.json")
+            && rejected[0].1.contains("users[0]"),
+        "{rejected:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn structural_damage_is_still_refused_whole() {
+    let dir = TempDir::new();
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "dup-id.json",
+            json!({"realm": "dev", "users": [{"id": "1", "username": "a"}, {"id": "1", "username": "b"}]}).to_string(),
+            "duplicate id",
+        ),
+        (
+            // A user without id still counts for duplicate usernames (Keycloak refuses both).
+            "dup-name-no-id.json",
+            json!({"realm": "dev", "users": [{"id": "1", "username": "a"}, {"username": "A"}]}).to_string(),
+            "duplicate username",
+        ),
+        (
+            "no-username.json",
+            json!({"realm": "dev", "users": [{"id": "1"}]}).to_string(),
+            "has no \"username\"",
+        ),
+        (
+            "array-type.json",
+            json!([{"realm": "dev", "users": [{"id": "1", "username": "a", "enabled": "yes"}]}]).to_string(),
+            "realms[0] users[0]",
+        ),
+        (
+            "array-empty.json",
+            "[]".to_string(),
+            "empty array of realms",
+        ),
+        (
+            "unknown-group.json",
+            json!({"realm": "dev", "users": [{"id": "1", "username": "a", "groups": ["/nope"]}]}).to_string(),
+            "group \"/nope\" is not defined",
+        ),
+    ];
+    for (name, content, needle) in cases {
+        let path = dir.write(name, &content);
+        let t = refused(&path, &[]).await;
+        assert!(
+            t.contains(name) && t.contains(needle),
+            "{name}: expected {needle:?} in {t}"
+        );
+    }
+    // A folder's realm file is one realm object, never an array.
+    let folder = TempDir::new();
+    folder.write("dev-realm.json", &json!([{"realm": "dev"}]).to_string());
+    let t = refused(&folder.0, &[]).await;
+    assert!(
+        t.contains("dev-realm.json") && t.contains("not a realm export"),
+        "{t}"
+    );
+}
