@@ -69,7 +69,9 @@ async fn populate(realm: &TestRealm) {
         realm.create_user(rep).await;
     }
     let direct = realm
-        .create_user(json!({"username": "direct-admin", "enabled": true, "email": "direct@example.test"}))
+        .create_user(
+            json!({"username": "direct-admin", "enabled": true, "email": "direct@example.test"}),
+        )
         .await;
     realm.grant_realm_roles(&direct, &["admin"]).await;
     let composite = realm
@@ -107,17 +109,28 @@ async fn the_dev_realm_imported_by_keycloak_gives_the_same_database_as_the_realm
     // The realm `scripts/keycloak.sh start` imported with --import-realm, as compose does.
     let kc_db = TestDb::new().await;
     let env = vec![
-        ("SEEDKEEPER_IDENTITY__SOURCE".to_string(), "keycloak".to_string()),
+        (
+            "SEEDKEEPER_IDENTITY__SOURCE".to_string(),
+            "keycloak".to_string(),
+        ),
         ("SEEDKEEPER_KEYCLOAK__BASE_URL".to_string(), kc.base_url()),
         ("SEEDKEEPER_KEYCLOAK__REALM".to_string(), "dev".to_string()),
-        ("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET".to_string(), CLIENT_SECRET.to_string()),
+        (
+            "SEEDKEEPER_KEYCLOAK__CLIENT_SECRET".to_string(),
+            CLIENT_SECRET.to_string(),
+        ),
     ];
     let r = apply(&kc_db.engine(&refs(&env))).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "listed"), 6);
     let state = identity_state(&kc_db).await;
     assert_eq!(state, identity_state(&file_db).await);
-    assert!(state.iter().any(|l| l.starts_with("user a1000000-0000-4000-8000-000000000006 dev-admin ")), "{state:#?}");
+    assert!(
+        state
+            .iter()
+            .any(|l| l.starts_with("user a1000000-0000-4000-8000-000000000006 dev-admin ")),
+        "{state:#?}"
+    );
 
     // The binary, as an operator runs it: exit 0, and a second run writes nothing.
     kc_db.settle_stats(1).await;
@@ -125,11 +138,16 @@ async fn the_dev_realm_imported_by_keycloak_gives_the_same_database_as_the_realm
     let out = run_bin(&["--once"], &[kc_db.env(), env].concat());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     kc_db.settle_stats(2).await;
-    assert_eq!(kc_db.tuples_written().await, before, "a no-op run writes nothing");
+    assert_eq!(
+        kc_db.tuples_written().await,
+        before,
+        "a no-op run writes nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_richer_realm_made_through_the_admin_api_gives_the_same_database_from_keycloak_and_from_its_exports() {
+async fn a_richer_realm_made_through_the_admin_api_gives_the_same_database_from_keycloak_and_from_its_exports(
+) {
     let kc = real_keycloak();
     let realm = kc
         .create_realm(with_special_users(richer_skeleton(&realm_name("richer"))))
@@ -144,16 +162,40 @@ async fn a_richer_realm_made_through_the_admin_api_gives_the_same_database_from_
     assert_eq!(count(&r, "identities", "listed"), 54);
     assert_eq!(
         admins(&kc_db).await,
-        ["composite-admin", "dev-admin", "direct-admin", "disabled-admin", "emea-admin"]
+        [
+            "composite-admin",
+            "dev-admin",
+            "direct-admin",
+            "disabled-admin",
+            "emea-admin"
+        ]
     );
     let inactive = kc_db
         .strings("SELECT username FROM users WHERE NOT is_active ORDER BY username")
         .await;
-    assert_eq!(inactive, ["disabled-admin", "user003", "user010", "user017", "user024", "user031", "user038"]);
+    assert_eq!(
+        inactive,
+        [
+            "disabled-admin",
+            "user003",
+            "user010",
+            "user017",
+            "user024",
+            "user031",
+            "user038"
+        ]
+    );
     let stored = kc_db
         .strings("SELECT username || '|' || coalesce(last_name, '') FROM users WHERE username IN ('zoë.ünïcødé', 'o''brien', 'say \"日本語\"') ORDER BY 1")
         .await;
-    assert_eq!(stored, ["o'brien|O'Brien", "say \"日本語\"|“quoted” ‘names’", "zoë.ünïcødé|Ünïcødé"]);
+    assert_eq!(
+        stored,
+        [
+            "o'brien|O'Brien",
+            "say \"日本語\"|“quoted” ‘names’",
+            "zoë.ünïcødé|Ünïcødé"
+        ]
+    );
     let no_email = kc_db
         .scalar("SELECT count(*) FROM users WHERE email IS NULL AND username LIKE 'user%'")
         .await;
@@ -176,18 +218,33 @@ async fn a_richer_realm_made_through_the_admin_api_gives_the_same_database_from_
         let file_db = TestDb::new().await;
         let r = apply(&file_db.engine(&refs(&file_env(&path, &realm.name)))).await;
         assert_ok(&r);
-        assert_eq!(identity_state(&file_db).await, state, "export {users_per_file:?}");
+        assert_eq!(
+            identity_state(&file_db).await,
+            state,
+            "export {users_per_file:?}"
+        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_deleted() {
     let kc = real_keycloak();
-    let realm = kc.create_realm(richer_skeleton(&realm_name("changes"))).await;
+    let realm = kc
+        .create_realm(richer_skeleton(&realm_name("changes")))
+        .await;
     let mut ids = std::collections::HashMap::new();
-    for name in ["revoked", "disabled", "grouped", "composite", "leaver", "stays"] {
+    for name in [
+        "revoked",
+        "disabled",
+        "grouped",
+        "composite",
+        "leaver",
+        "stays",
+    ] {
         let id = realm
-            .create_user(json!({"username": name, "enabled": true, "email": format!("{name}@example.test")}))
+            .create_user(
+                json!({"username": name, "enabled": true, "email": format!("{name}@example.test")}),
+            )
             .await;
         ids.insert(name, id);
     }
@@ -197,7 +254,11 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     realm.grant_realm_roles(&ids["stays"], &["admin"]).await;
     let emea = realm.group_id("/admins/emea").await;
     realm
-        .admin(Method::PUT, &format!("/users/{}/groups/{emea}", ids["grouped"]), None)
+        .admin(
+            Method::PUT,
+            &format!("/users/{}/groups/{emea}", ids["grouped"]),
+            None,
+        )
         .await;
 
     let db = TestDb::new().await;
@@ -205,7 +266,14 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     assert_ok(&apply(&db.engine(&refs(&env))).await);
     assert_eq!(
         admins(&db).await,
-        ["composite", "dev-admin", "disabled", "grouped", "revoked", "stays"]
+        [
+            "composite",
+            "dev-admin",
+            "disabled",
+            "grouped",
+            "revoked",
+            "stays"
+        ]
     );
 
     // In Keycloak: a realm role removed, a user disabled, a user moved out of a group, a
@@ -214,14 +282,26 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     let mut rep = realm.get(&format!("/users/{}", ids["disabled"])).await;
     rep["enabled"] = json!(false);
     realm
-        .admin(Method::PUT, &format!("/users/{}", ids["disabled"]), Some(rep))
+        .admin(
+            Method::PUT,
+            &format!("/users/{}", ids["disabled"]),
+            Some(rep),
+        )
         .await;
     realm
-        .admin(Method::DELETE, &format!("/users/{}/groups/{emea}", ids["grouped"]), None)
+        .admin(
+            Method::DELETE,
+            &format!("/users/{}/groups/{emea}", ids["grouped"]),
+            None,
+        )
         .await;
     let admin_role = realm.role("admin").await;
     realm
-        .admin(Method::DELETE, "/roles/super/composites", Some(json!([admin_role])))
+        .admin(
+            Method::DELETE,
+            "/roles/super/composites",
+            Some(json!([admin_role])),
+        )
         .await;
     realm
         .admin(Method::DELETE, &format!("/users/{}", ids["leaver"]), None)
@@ -229,14 +309,28 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
 
     let r = apply(&db.engine(&refs(&env))).await;
     assert_ok(&r);
-    assert_eq!(admins(&db).await, ["dev-admin", "disabled", "stays"], "role follows the realm");
+    assert_eq!(
+        admins(&db).await,
+        ["dev-admin", "disabled", "stays"],
+        "role follows the realm"
+    );
     let active_super = db
         .strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.role_name = 'platform_superadmin' AND b.status = 'active' AND u.username IN ('revoked', 'grouped', 'composite', 'disabled', 'stays') ORDER BY 1")
         .await;
-    assert_eq!(active_super, ["disabled", "stays"], "granted bindings revoked with the role");
-    let inactive = db.strings("SELECT username FROM users WHERE NOT is_active").await;
+    assert_eq!(
+        active_super,
+        ["disabled", "stays"],
+        "granted bindings revoked with the role"
+    );
+    let inactive = db
+        .strings("SELECT username FROM users WHERE NOT is_active")
+        .await;
     assert_eq!(inactive, ["disabled"]);
-    assert_eq!(count(&r, "identities", "missing"), 1, "the deleted user is reported");
+    assert_eq!(
+        count(&r, "identities", "missing"),
+        1,
+        "the deleted user is reported"
+    );
     let leaver = db
         .scalar("SELECT count(*) FROM users WHERE username = 'leaver'")
         .await;
@@ -248,10 +342,9 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
         .strings("SELECT id::text || ' ' || username FROM users ORDER BY username")
         .await;
     let export_dir = TempDir::new();
-    let exported: Value = serde_json::from_str(
-        &std::fs::read_to_string(realm.export(&export_dir, None)).unwrap(),
-    )
-    .unwrap();
+    let exported: Value =
+        serde_json::from_str(&std::fs::read_to_string(realm.export(&export_dir, None)).unwrap())
+            .unwrap();
     drop(realm);
     let (again, remap) = with_new_user_ids(&exported);
     let realm = kc.create_realm(again).await;
@@ -259,7 +352,11 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     let r = apply(&db.engine(&refs(&env))).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "inserted"), 0);
-    assert_eq!(count(&r, "identities", "realigned"), 11, "6 personas and 5 test users");
+    assert_eq!(
+        count(&r, "identities", "realigned"),
+        11,
+        "6 personas and 5 test users"
+    );
     let rows_after = db
         .strings("SELECT id::text || ' ' || username FROM users ORDER BY username")
         .await;
@@ -285,10 +382,14 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
         "serviceAccountClientId": "no-view-users", "clientRoles": {"realm-management": ["view-realm", "query-users"]}}));
     let realm = kc.create_realm(rep).await;
 
-    let cases: Vec<(&str, Vec<(String, String)>, &[&str])> = vec![
+    type Case<'a> = (&'a str, Vec<(String, String)>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "wrong client secret",
-            with(realm.env(), &[("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "not-the-secret")]),
+            with(
+                realm.env(),
+                &[("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "not-the-secret")],
+            ),
             &["unauthorized_client", "keycloak.client_secret"],
         ),
         (
@@ -298,12 +399,18 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
         ),
         (
             "service account without view-users",
-            with(realm.env(), &[("SEEDKEEPER_KEYCLOAK__CLIENT_ID", "no-view-users")]),
+            with(
+                realm.env(),
+                &[("SEEDKEEPER_KEYCLOAK__CLIENT_ID", "no-view-users")],
+            ),
             &["view-users", "Service accounts roles"],
         ),
         (
             "unknown realm",
-            with(realm.env(), &[("SEEDKEEPER_KEYCLOAK__REALM", "no-such-realm-here")]),
+            with(
+                realm.env(),
+                &[("SEEDKEEPER_KEYCLOAK__REALM", "no-such-realm-here")],
+            ),
             &["no-such-realm-here", "keycloak.realm"],
         ),
     ];
@@ -323,7 +430,9 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn keycloak_stopping_in_the_middle_of_a_listing_fails_the_run_and_writes_nothing() {
     let kc = real_keycloak();
-    let realm = kc.create_realm(richer_skeleton(&realm_name("stopped"))).await;
+    let realm = kc
+        .create_realm(richer_skeleton(&realm_name("stopped")))
+        .await;
     populate(&realm).await;
     let proxy = KeycloakProxy::start(&kc.base_url()).await;
     let db = TestDb::new().await;
@@ -341,13 +450,19 @@ async fn keycloak_stopping_in_the_middle_of_a_listing_fails_the_run_and_writes_n
     let out = run_bin(&["--once"], &[db.env(), env].concat());
     let t = text(&out);
     assert!(proxy.stopped(), "the proxy stopped mid-run: {t}");
-    assert!(proxy.users_pages() >= 3, "stopped in the middle of the users listing");
+    assert!(
+        proxy.users_pages() >= 3,
+        "stopped in the middle of the users listing"
+    );
     assert_ne!(out.status.code(), Some(0), "{t}");
     assert!(
         matches!(out.status.code(), Some(1) | Some(69)),
         "a Keycloak outage is not a config error: {t}"
     );
-    assert!(t.contains(&proxy.base_url()) || t.to_lowercase().contains("keycloak"), "{t}");
+    assert!(
+        t.contains(&proxy.base_url()) || t.to_lowercase().contains("keycloak"),
+        "{t}"
+    );
     let users = db.scalar("SELECT count(*) FROM users").await;
     assert_eq!(users, 0, "no identity written from a partial listing");
     let failed = db
@@ -384,7 +499,17 @@ async fn an_access_token_that_expires_during_a_listing_is_renewed_and_the_listin
     let r = apply(&db.engine(&refs(&env))).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "listed"), 51);
-    assert!(proxy.token_requests() >= 2, "{} token requests", proxy.token_requests());
-    let direct = kc.client_token(&realm.name, "seedkeeper", CLIENT_SECRET).await;
-    assert_eq!(direct.body["expires_in"], json!(2), "the realm's lifespan is in force");
+    assert!(
+        proxy.token_requests() >= 2,
+        "{} token requests",
+        proxy.token_requests()
+    );
+    let direct = kc
+        .client_token(&realm.name, "seedkeeper", CLIENT_SECRET)
+        .await;
+    assert_eq!(
+        direct.body["expires_in"],
+        json!(2),
+        "the realm's lifespan is in force"
+    );
 }

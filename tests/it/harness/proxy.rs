@@ -132,7 +132,9 @@ async fn forward(State(s): State<Arc<Shared>>, req: Request<Body>) -> Response {
     } else if path.ends_with("/protocol/openid-connect/token") {
         s.token.fetch_add(1, Ordering::SeqCst);
     }
-    let body = axum::body::to_bytes(body, 16 << 20).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, 16 << 20)
+        .await
+        .unwrap_or_default();
     relay(&s, parts.method, &parts.uri, &parts.headers, body).await
 }
 
@@ -146,7 +148,13 @@ fn reset() -> Response {
         .expect("response")
 }
 
-async fn relay(s: &Shared, method: Method, uri: &Uri, headers: &HeaderMap, body: Bytes) -> Response {
+async fn relay(
+    s: &Shared,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
     let pq = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut req = s.http.request(method, format!("{}{pq}", s.upstream));
     for (k, v) in headers {

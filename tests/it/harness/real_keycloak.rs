@@ -74,7 +74,10 @@ impl RealKeycloak {
         }
         let res = self
             .http
-            .post(format!("{}/realms/master/protocol/openid-connect/token", self.base))
+            .post(format!(
+                "{}/realms/master/protocol/openid-connect/token",
+                self.base
+            ))
             .form(&[
                 ("grant_type", "password"),
                 ("client_id", "admin-cli"),
@@ -87,7 +90,10 @@ impl RealKeycloak {
         let status = res.status();
         let body: Value = res.json().await.expect("token body");
         assert!(status.is_success(), "admin token: {status} {body}");
-        let t = body["access_token"].as_str().expect("access_token").to_string();
+        let t = body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string();
         *self.token.lock().unwrap() = Some((t.clone(), Instant::now()));
         t
     }
@@ -120,7 +126,14 @@ impl RealKeycloak {
 
     /// An admin request that must succeed; its body.
     pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
-        let a = self.send(method.clone(), &format!("/admin/realms{path}"), None, body.as_ref()).await;
+        let a = self
+            .send(
+                method.clone(),
+                &format!("/admin/realms{path}"),
+                None,
+                body.as_ref(),
+            )
+            .await;
         assert!(
             (200..300).contains(&a.status),
             "{method} /admin/realms{path}: {} {}",
@@ -151,7 +164,10 @@ impl RealKeycloak {
     pub async fn client_token(&self, realm: &str, client_id: &str, secret: &str) -> Answer {
         let res = self
             .http
-            .post(format!("{}/realms/{realm}/protocol/openid-connect/token", self.base))
+            .post(format!(
+                "{}/realms/{realm}/protocol/openid-connect/token",
+                self.base
+            ))
             .form(&[
                 ("grant_type", "client_credentials"),
                 ("client_id", client_id),
@@ -205,7 +221,10 @@ impl TestRealm {
 
     pub async fn user_id(&self, username: &str) -> String {
         let found = self
-            .get(&format!("/users?exact=true&username={}", urlencode(username)))
+            .get(&format!(
+                "/users?exact=true&username={}",
+                urlencode(username)
+            ))
             .await;
         found[0]["id"]
             .as_str()
@@ -214,7 +233,9 @@ impl TestRealm {
     }
 
     pub async fn group_id(&self, path: &str) -> String {
-        let g = self.get(&format!("/group-by-path/{}", path.trim_start_matches('/'))).await;
+        let g = self
+            .get(&format!("/group-by-path/{}", path.trim_start_matches('/')))
+            .await;
         g["id"].as_str().expect("group id").to_string()
     }
 
