@@ -6,7 +6,7 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::keycloak::{IgnoreFirst, KeycloakEmulator};
 use crate::harness::*;
 use crate::identities::{identity_state, kc_env, refs, test_realm, user};
 
@@ -276,5 +276,39 @@ async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_rev
         assert_eq!(count(&r, "identities", "realigned"), 1);
         assert_eq!(count(&r, "role_bindings", "revoked"), 1);
         assert_eq!(db.scalar("SELECT count(*) FROM users").await, 78);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_ignores_first_fails_the_run_instead_of_listing_forever() {
+    let kc = KeycloakEmulator::start(test_realm(base_users(30))).await;
+    for (place, fault, says) in [
+        (
+            "users",
+            IgnoreFirst::Users,
+            "GET users: paging does not advance",
+        ),
+        (
+            "everywhere",
+            IgnoreFirst::Everywhere,
+            "GET roles: paging does not advance",
+        ),
+    ] {
+        let db = TestDb::new().await;
+        kc.clear_journal();
+        kc.ignore_first(fault);
+        let r = apply(&db.engine(&refs(&env_for(&kc, 10, 4)))).await;
+        kc.clear_paging_faults();
+        assert_eq!(r.outcome.as_str(), "failed", "{place}");
+        let err = r.error.clone().unwrap_or_default();
+        assert!(
+            err.contains(says) && err.contains("ignores the first parameter"),
+            "{place}: {err}"
+        );
+        assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0, "{place}");
+        // Bounded: 2 x 10 distinct users + 16 windows of 10, a few more in flight; or roles
+        // returned until `first` passes 500 times the distinct roles.
+        let requests = kc.journal().len();
+        assert!(requests < 5_000, "{place}: {requests} requests");
     }
 }

@@ -403,6 +403,17 @@ struct Faults {
     /// `/users` drops every n-th listed user (by position in the realm) after the query, as
     /// fine-grained admin permissions do; `/users/count` still counts them.
     hide_every: usize,
+    /// Paged listings answer from the start whatever `first` asks (a broken proxy).
+    ignore_first: Option<IgnoreFirst>,
+}
+
+/// Where the `ignore_first` fault applies.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum IgnoreFirst {
+    /// `/users` only.
+    Users,
+    /// Every paged listing.
+    Everywhere,
 }
 
 struct Shared {
@@ -538,9 +549,15 @@ impl KeycloakEmulator {
             .collect()
     }
 
+    /// Paged listings ignore `first` (at `where_`), as behind a proxy that drops it.
+    pub fn ignore_first(&self, where_: IgnoreFirst) {
+        self.shared.faults.lock().unwrap().ignore_first = Some(where_);
+    }
+
     /// Turns the paging faults off.
     pub fn clear_paging_faults(&self) {
         let mut f = self.shared.faults.lock().unwrap();
+        f.ignore_first = None;
         f.cap = None;
         f.short_every = 0;
         f.paged = 0;
@@ -864,12 +881,14 @@ fn token(sh: &Shared, realm: &Realm, headers: &HeaderMap, body: &[u8]) -> Respon
     )
 }
 
-/// `first` and `max` of a paged request, `max` capped by the `cap_page_size` fault.
+/// `first` and `max` of a paged request (of `/users` when `users`), after the
+/// `cap_page_size` and `ignore_first` faults.
 fn bounds(
     sh: &Shared,
     q: &HashMap<String, String>,
     default_first: usize,
     default_max: usize,
+    users: bool,
 ) -> (usize, usize) {
     let first = q
         .get("first")
@@ -879,8 +898,13 @@ fn bounds(
         .get("max")
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(default_max);
-    let cap = sh.faults.lock().unwrap().cap;
-    (first, cap.map_or(max, |c| max.min(c)))
+    let f = sh.faults.lock().unwrap();
+    let first = match f.ignore_first {
+        Some(IgnoreFirst::Everywhere) => 0,
+        Some(IgnoreFirst::Users) if users => 0,
+        _ => first,
+    };
+    (first, f.cap.map_or(max, |c| max.min(c)))
 }
 
 /// The `short_page_every` fault: every n-th answer of two or more items keeps its first half.
@@ -902,7 +926,7 @@ fn page<T: Clone>(
     default_first: usize,
     default_max: usize,
 ) -> Vec<T> {
-    let (first, max) = bounds(sh, q, default_first, default_max);
+    let (first, max) = bounds(sh, q, default_first, default_max, false);
     shorten(sh, items.iter().skip(first).take(max).cloned().collect())
 }
 
@@ -1044,7 +1068,7 @@ fn admin(
             if !can("view-users") {
                 return json_response(200, json!([]));
             }
-            let (first, max) = bounds(sh, &q, 0, 100);
+            let (first, max) = bounds(sh, &q, 0, 100, true);
             let hide = sh.faults.lock().unwrap().hide_every;
             // The query takes its page first; the permission filter then drops users from it.
             let page: Vec<Value> = realm
