@@ -115,9 +115,9 @@ async fn token_responses_and_errors_have_keycloaks_shape() {
         ),
         (
             vec![("grant_type", "client_credentials")],
-            400,
+            401,
             "invalid_client",
-            "Missing client_id parameter",
+            "Invalid client or Invalid client credentials",
         ),
     ] {
         let (s, v) = post_token(&kc, &form).await;
@@ -227,11 +227,10 @@ async fn users_are_paged_by_lower_cased_username_without_service_accounts() {
         }
         assert!(page.len() <= 3);
         for u in &page {
-            assert!(
-                u.get("requiredActions").is_none(),
-                "brief drops heavy fields"
-            );
-            assert!(u["createdTimestamp"].as_i64().unwrap_or(i64::MAX) > 1_000_000_000_000);
+            // Keycloak 26.4 ignores briefRepresentation on the users listing.
+            assert!(u["requiredActions"].is_array() && u["userProfileMetadata"].is_object());
+            // The dev realm's users were imported without createdTimestamp: Keycloak keeps none.
+            assert!(u.get("createdTimestamp").is_none());
             names.push(u["username"].as_str().unwrap().to_string());
         }
         first += 3;
@@ -315,7 +314,7 @@ async fn query_users_alone_lists_nothing_and_no_management_role_is_forbidden() {
     let t = token(&kc).await;
     assert_eq!(
         admin_get(&kc, Some(&t), "users").await,
-        (403, json!({"error": "unknown_error"}))
+        (403, json!({"error": "HTTP 403 Forbidden"}))
     );
 }
 

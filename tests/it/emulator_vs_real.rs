@@ -218,7 +218,11 @@ fn realm_for_both(name: &str) -> Value {
     users.push(json!({"id": uuid::Uuid::new_v4().to_string(), "username": "service-account-query-only", "enabled": true,
         "serviceAccountClientId": "query-only", "realmRoles": ["default-roles-dev"],
         "clientRoles": {"realm-management": ["query-users"]}}));
+    users.push(json!({"id": uuid::Uuid::new_v4().to_string(), "username": "service-account-no-roles", "enabled": true,
+        "serviceAccountClientId": "no-roles", "realmRoles": ["default-roles-dev"]}));
     rep["clients"].as_array_mut().unwrap().extend([
+        json!({"clientId": "no-roles", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
+               "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
         json!({"clientId": "no-sa", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": false, "standardFlowEnabled": false}),
         json!({"clientId": "query-only", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
@@ -493,6 +497,25 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
         &emu.get(&users, Some(&eq)).await,
         &mut diffs,
     );
+    let (rn, en) = (
+        real.bearer(r, "no-roles").await,
+        emu.bearer(r, "no-roles").await,
+    );
+    for what in [
+        "users?first=0&max=4",
+        "users/count",
+        "roles",
+        "roles/admin/users",
+    ] {
+        let path = format!("/admin/realms/{r}/{what}");
+        compare(
+            &format!("{what} without realm-management roles"),
+            Agree::Exactly,
+            &real.get(&path, Some(&rn)).await,
+            &emu.get(&path, Some(&en)).await,
+            &mut diffs,
+        );
+    }
     let members = format!("/admin/realms/{r}/roles/admin/users?first=0&max=4");
     compare(
         "role members with query-users only",

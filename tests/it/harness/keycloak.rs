@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 
 const KEY_PEM: &str = include_str!("emulator-key.pem");
 const KID: &str = "emulator-rs256";
+/// The 403 body of Keycloak 26.4's admin API (21 to 26.3 answered `unknown_error`).
+const FORBIDDEN: &str = "HTTP 403 Forbidden";
 
 /// Every realm-management client role (fixture 09), and the composites Keycloak defines.
 const REALM_MANAGEMENT: &[&str] = &[
@@ -69,7 +71,9 @@ struct User {
     last_name: Option<String>,
     enabled: bool,
     email_verified: bool,
-    created: i64,
+    /// Kept only when the import gave one: Keycloak 26.4 leaves it unset (absent from answers)
+    /// for imported users without `createdTimestamp`.
+    created: Option<i64>,
     realm_roles: Vec<String>,
     groups: Vec<String>,
     client_roles: HashMap<String, Vec<String>>,
@@ -231,10 +235,7 @@ impl Realm {
                             .get("emailVerified")
                             .and_then(Value::as_bool)
                             .unwrap_or(false),
-                        created: u
-                            .get("createdTimestamp")
-                            .and_then(Value::as_i64)
-                            .unwrap_or(1_700_000_000_000 + i as i64),
+                        created: u.get("createdTimestamp").and_then(Value::as_i64),
                         realm_roles: strings(u, "realmRoles"),
                         groups: strings(u, "groups"),
                         client_roles: u
@@ -770,7 +771,12 @@ fn token(sh: &Shared, realm: &Realm, headers: &HeaderMap, body: &[u8]) -> Respon
         }
     }
     let Some(client_id) = client_id else {
-        return token_error(400, "invalid_client", "Missing client_id parameter");
+        // Keycloak 26.4 answers a missing client_id as an unknown client.
+        return token_error(
+            401,
+            "invalid_client",
+            "Invalid client or Invalid client credentials",
+        );
     };
     match form.get("grant_type").map(String::as_str) {
         None => return token_error(400, "invalid_request", "Missing form parameter: grant_type"),
@@ -944,13 +950,20 @@ fn user_json(u: &User, brief: bool, with_access: bool) -> Value {
         m.insert("email".into(), json!(v));
     }
     m.insert("emailVerified".into(), json!(u.email_verified));
-    m.insert("createdTimestamp".into(), json!(u.created));
+    if let Some(c) = u.created {
+        m.insert("createdTimestamp".into(), json!(c));
+    }
     m.insert("enabled".into(), json!(u.enabled));
-    if !brief {
+    // Keycloak 26.4 answers the users listing in full whatever briefRepresentation says, with
+    // the user profile's metadata; role and group members honour brief.
+    if !brief || with_access {
         m.insert("totp".into(), json!(false));
         m.insert("disableableCredentialTypes".into(), json!([]));
         m.insert("requiredActions".into(), json!([]));
         m.insert("notBefore".into(), json!(0));
+    }
+    if with_access {
+        m.insert("userProfileMetadata".into(), user_profile_metadata());
     }
     if let Some(c) = &u.service_account_client {
         m.insert("serviceAccountClientId".into(), json!(c));
@@ -969,8 +982,45 @@ fn role_json(realm: &Realm, r: &Role) -> Value {
     v
 }
 
+/// The default user profile's metadata, as Keycloak 26.4 attaches it to every listed user.
+fn user_profile_metadata() -> Value {
+    let attr = |name: &str, required: bool, read_only: bool, validators: Value| {
+        json!({"name": name, "displayName": format!("${{{name}}}"), "required": required,
+               "readOnly": read_only, "validators": validators, "multivalued": false})
+    };
+    let one = json!({"max": "1"});
+    let len = |min: Option<u32>| match min {
+        Some(min) => json!({"max": 255, "ignore.empty.value": true, "min": min}),
+        None => json!({"max": 255, "ignore.empty.value": true}),
+    };
+    let ignore = json!({"ignore.empty.value": true});
+    json!({
+        "attributes": [
+            attr("username", true, true, json!({"username-prohibited-characters": ignore, "multivalued": one, "length": len(Some(3)), "up-username-not-idn-homograph": ignore})),
+            attr("email", false, false, json!({"multivalued": one, "length": len(None), "email": ignore})),
+            attr("firstName", false, false, json!({"person-name-prohibited-characters": ignore, "multivalued": one, "length": len(None)})),
+            attr("lastName", false, false, json!({"person-name-prohibited-characters": ignore, "multivalued": one, "length": len(None)})),
+        ],
+        "groups": [{"name": "user-metadata", "displayHeader": "User metadata", "displayDescription": "Attributes, which refer to user metadata"}]
+    })
+}
+
+/// A group as `roles/{role}/groups` lists it: no counts, a parent only for a subgroup.
 fn group_json(g: &Group) -> Value {
-    json!({"id": g.id, "name": g.name, "path": g.path, "subGroupCount": g.children.len(), "subGroups": [], "parentId": g.parent})
+    let mut v = json!({"id": g.id, "name": g.name, "path": g.path, "subGroups": []});
+    if let Some(p) = &g.parent {
+        v["parentId"] = json!(p);
+    }
+    v
+}
+
+/// A group as the group listings (`groups`, `groups/{id}/children`) give it, with the caller's
+/// access (a service account with view-users may view and view members, nothing more).
+fn listed_group_json(g: &Group) -> Value {
+    let mut v = group_json(g);
+    v["subGroupCount"] = json!(g.children.len());
+    v["access"] = json!({"view": true, "viewMembers": true, "manageMembers": false, "manage": false, "manageMembership": false});
+    v
 }
 
 fn admin(
@@ -1063,7 +1113,7 @@ fn admin(
     match rest {
         ["users"] => {
             if !can("query-users") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             if !can("view-users") {
                 return json_response(200, json!([]));
@@ -1084,7 +1134,7 @@ fn admin(
         }
         ["users", "count"] => {
             if !can("query-users") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             json_response(200, json!(realm.humans.len()))
         }
@@ -1092,12 +1142,12 @@ fn admin(
             Some(i) if can("view-users") => {
                 json_response(200, user_json(&realm.users[*i], false, true))
             }
-            Some(_) => error(403, "unknown_error"),
+            Some(_) => error(403, FORBIDDEN),
             None => error(404, "User not found"),
         },
         ["users", id, "role-mappings", "realm", rest @ ..] => {
             if !can("view-users") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             let Some(i) = realm.by_id.get(*id) else {
                 return error(404, "User not found");
@@ -1121,14 +1171,14 @@ fn admin(
         }
         ["roles"] => {
             if !can("view-realm") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             let all: Vec<Value> = realm.roles.iter().map(|r| role_json(realm, r)).collect();
             json_response(200, Value::Array(page(sh, &all, &q, 0, usize::MAX)))
         }
         ["roles", name] => match realm.role(name) {
             Some(r) if can("view-realm") => json_response(200, role_json(realm, r)),
-            Some(_) => error(403, "unknown_error"),
+            Some(_) => error(403, FORBIDDEN),
             None => error(404, "Could not find role"),
         },
         ["roles", name, "composites", rest @ ..] if rest.is_empty() || rest == ["realm"] => {
@@ -1143,13 +1193,13 @@ fn admin(
                             .collect(),
                     ),
                 ),
-                Some(_) => error(403, "unknown_error"),
+                Some(_) => error(403, FORBIDDEN),
                 None => error(404, "Could not find role"),
             }
         }
         ["roles", name, "users"] => {
             if !(can("view-realm") && can("query-users")) {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             if realm.role(name).is_none() {
                 return error(404, "Could not find role");
@@ -1167,7 +1217,7 @@ fn admin(
         }
         ["roles", name, "groups"] => {
             if !(can("view-realm") && can("query-groups")) {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             if realm.role(name).is_none() {
                 return error(404, "Could not find role");
@@ -1183,18 +1233,18 @@ fn admin(
         }
         ["groups"] => {
             if !can("query-groups") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             let all: Vec<Value> = realm
                 .top_groups
                 .iter()
-                .map(|id| group_json(&realm.groups[id]))
+                .map(|id| listed_group_json(&realm.groups[id]))
                 .collect();
             json_response(200, Value::Array(page(sh, &all, &q, 0, 100)))
         }
         ["groups", id, rest @ ..] => {
             if !can("query-groups") {
-                return error(403, "unknown_error");
+                return error(403, FORBIDDEN);
             }
             let Some(g) = realm.groups.get(*id) else {
                 return error(404, "Could not find group by id");
@@ -1205,13 +1255,13 @@ fn admin(
                     let all: Vec<Value> = g
                         .children
                         .iter()
-                        .map(|c| group_json(&realm.groups[c]))
+                        .map(|c| listed_group_json(&realm.groups[c]))
                         .collect();
                     json_response(200, Value::Array(page(sh, &all, &q, 0, 10)))
                 }
                 ["members"] => {
                     if !can("view-users") {
-                        return error(403, "unknown_error");
+                        return error(403, FORBIDDEN);
                     }
                     let all: Vec<Value> = realm
                         .group_members
