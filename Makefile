@@ -2,7 +2,9 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 SEEDKEEPER ?= target/debug/seedkeeper
-DB ?= seedkeeper
+# The database of every target: DB=name, else the one DATABASE_URL names (postgres://…/mydb),
+# else seedkeeper (scripts/local-db.sh decides; `scripts/local-db.sh db` prints it).
+DB ?=
 
 .PHONY: help demo test db-reset-fast dev plan bench bench-keycloak lint check-deploy build
 

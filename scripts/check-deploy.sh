@@ -229,6 +229,9 @@ pg_env = env_of(pg)
 check("POSTGRES_PASSWORD_FILE" in pg_env and "POSTGRES_PASSWORD" not in pg_env,
       "compose: postgres password from a secret file (POSTGRES_PASSWORD_FILE)")
 check("pg_isready" in str(pg.get("healthcheck", {}).get("test")), "compose: postgres healthcheck uses pg_isready")
+pg_ports = [str(p) for p in pg.get("ports", []) or []]
+check(bool(pg_ports) and all(p.startswith("127.0.0.1:") and p.split(":")[1] != "5432" for p in pg_ports),
+      f"compose: postgres published on loopback, off 5432 where `make demo` looks ({pg_ports})")
 
 kc = svcs.get("keycloak", {})
 check(re.fullmatch(r"quay\.io/keycloak/keycloak:26\.\d+(\.\d+)?", str(kc.get("image", ""))) is not None,
@@ -274,6 +277,65 @@ try:
 except Exception as e:
     check(False, "realms/dev-realm.json parses", str(e))
 
+# Least privilege: the owner migrates, the README's grant block (verbatim) makes the role the
+# daemon logs in as, and the daemon only verifies the schema.
+readme = read("README.md")
+m = re.search(r"<!-- grants:verify -->\n```sql\n(.*?)```\n<!-- /grants:verify -->", readme, re.S)
+readme_grants = m.group(1) if m else None
+grants_sql = read("deploy/compose/grants.sql") if os.path.isfile("deploy/compose/grants.sql") else ""
+check(readme_grants is not None and readme_grants in grants_sql,
+      "compose: deploy/compose/grants.sql holds the README's grant block verbatim")
+role_m = re.search(r"^CREATE ROLE (\w+) ", grants_sql, re.M)
+grants_role = role_m.group(1) if role_m else None
+db_m = re.search(r"ON DATABASE (\w+) TO", grants_sql)
+check(db_m is not None and db_m.group(1) == pg_env.get("POSTGRES_DB"),
+      f"compose: the grant block's database is POSTGRES_DB ({pg_env.get('POSTGRES_DB')})")
+
+def depends(svc, on, condition):
+    deps = svc.get("depends_on", {})
+    return isinstance(deps, dict) and (deps.get(on) or {}).get("condition") == condition
+
+mig = svcs.get("seedkeeper-migrate") or {}
+mig_env = env_of(mig)
+check(cmd_of(mig) == ["migrate"] and "build" in mig, "compose: seedkeeper-migrate runs `seedkeeper migrate` from this repository's image")
+check(depends(mig, "postgres", "service_healthy"), "compose: seedkeeper-migrate depends_on postgres with condition service_healthy")
+check(mig_env.get("SEEDKEEPER_SCHEMA__MODE") == "apply", "compose: seedkeeper-migrate has schema.mode apply")
+check((mig.get("healthcheck") or {}).get("disable") is True, "compose: seedkeeper-migrate disables the image's daemon healthcheck")
+check(not secret_leaks(mig_env), "compose: seedkeeper-migrate has no secret inline in its environment", f"inline: {secret_leaks(mig_env)}")
+mig_secrets = [x if isinstance(x, str) else x.get("source") for x in mig.get("secrets", []) or []]
+mig_url_file = mig_env.get("SEEDKEEPER_DATABASE__URL_FILE", "")
+check(mig_url_file.startswith("/run/secrets/") and mig_url_file.split("/")[-1] in mig_secrets
+      and mig_url_file.split("/")[-1] in top_secrets, f"compose: seedkeeper-migrate reads its URL from one of its secrets ({mig_url_file})")
+mu = urlsplit(secret_value(mig_url_file.split("/")[-1]) or "")
+check(mu.hostname == "postgres" and mu.username == pg_env.get("POSTGRES_USER")
+      and mu.password == secret_value("postgres_password") and mu.path.lstrip("/") == pg_env.get("POSTGRES_DB"),
+      "compose: seedkeeper-migrate connects as the owner (POSTGRES_USER, its password secret, POSTGRES_DB)")
+if mig:
+    seedkeeper_config(mig_env, "compose seedkeeper-migrate")
+
+gr = svcs.get("seedkeeper-grants") or {}
+gr_env = env_of(gr)
+gr_mounts = dict((t, s) for s, t in mounts(gr))
+gr_script = read("deploy/compose/grants.sh") if os.path.isfile("deploy/compose/grants.sh") else ""
+check(gr.get("image") == pg.get("image"), f"compose: seedkeeper-grants uses the postgres image for psql ({gr.get('image')})")
+check(depends(gr, "seedkeeper-migrate", "service_completed_successfully"),
+      "compose: seedkeeper-grants runs after seedkeeper-migrate completed successfully (tables exist)")
+check(gr_mounts.get("/grants/grants.sql", "").lstrip("./") == "deploy/compose/grants.sql"
+      and gr_mounts.get("/grants/grants.sh", "").lstrip("./") == "deploy/compose/grants.sh"
+      and "/grants/grants.sh" in [str(x) for x in gr.get("entrypoint", [])],
+      "compose: seedkeeper-grants mounts grants.sql and runs grants.sh")
+check(gr_env.get("PGHOST") == "postgres" and gr_env.get("PGUSER") == pg_env.get("POSTGRES_USER")
+      and gr_env.get("PGDATABASE") == pg_env.get("POSTGRES_DB"),
+      "compose: seedkeeper-grants connects as the owner to POSTGRES_DB")
+gr_secrets = [x if isinstance(x, str) else x.get("source") for x in gr.get("secrets", []) or []]
+needed = set(re.findall(r'\$secrets/(\w+)', gr_script))
+check(bool(needed) and needed <= set(gr_secrets) and needed <= set(top_secrets),
+      f"compose: seedkeeper-grants has the secrets grants.sh reads ({sorted(needed)})")
+check(not secret_leaks(gr_env), "compose: seedkeeper-grants has no secret inline in its environment")
+if shutil.which("bash"):
+    r = subprocess.run(["bash", "-n", "deploy/compose/grants.sh"], capture_output=True, text=True)
+    check(r.returncode == 0, "compose: grants.sh parses (bash -n)", r.stderr)
+
 for name in ["seedkeeper", "seedkeeper-once"]:
     svc = svcs.get(name)
     if svc is None:
@@ -283,6 +345,10 @@ for name in ["seedkeeper", "seedkeeper-once"]:
     for d in ["postgres", "keycloak"]:
         check(isinstance(deps, dict) and (deps.get(d) or {}).get("condition") == "service_healthy",
               f"compose: {name} depends_on {d} with condition service_healthy")
+    check(depends(svc, "seedkeeper-grants", "service_completed_successfully"),
+          f"compose: {name} depends_on seedkeeper-grants with condition service_completed_successfully")
+    check(env.get("SEEDKEEPER_SCHEMA__MODE") == "verify",
+          f"compose: {name} has schema.mode verify (the owner migrates)")
     check("build" in svc, f"compose: {name} builds the image from this repository")
     leaks = secret_leaks(env)
     check(not leaks, f"compose: {name} has no secret inline in its environment", f"inline: {leaks}")
@@ -306,10 +372,12 @@ for name in ["seedkeeper", "seedkeeper-once"]:
             return secret_value(path.split("/")[-1]) if path else None
         db_url = file_secret_for("SEEDKEEPER_DATABASE__URL_FILE") or ""
         u = urlsplit(db_url)
-        check(u.hostname == "postgres" and u.username == pg_env.get("POSTGRES_USER")
-              and u.password == secret_value("postgres_password")
+        check(u.hostname == "postgres" and u.username == grants_role
+              and u.username != pg_env.get("POSTGRES_USER")
+              and u.password == secret_value("seedkeeper_db_password")
               and u.path.lstrip("/") == pg_env.get("POSTGRES_DB"),
-              "compose: database URL secret matches the postgres service (host, user, password, db)")
+              f"compose: seedkeeper's database URL is the least-privilege role {grants_role} of the grant block "
+              "(not the owner; host, password secret, db)")
         client = next((cl for cl in realm.get("clients", []) if cl.get("clientId") == env.get("SEEDKEEPER_KEYCLOAK__CLIENT_ID")), {})
         check(env.get("SEEDKEEPER_KEYCLOAK__REALM") == realm.get("realm")
               and client.get("secret") is not None

@@ -5,10 +5,10 @@
 # source, reconciling every 30 s and serving http://127.0.0.1:8787. Ctrl-C stops all of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-db="${DB:-seedkeeper}"
+db="${DB:-}" # empty: the database DATABASE_URL names, else seedkeeper (scripts/local-db.sh)
 seedkeeper="${SEEDKEEPER:-target/debug/seedkeeper}"
 
-url="$(scripts/local-db.sh ensure "$db")"
+url="$(scripts/local-db.sh ensure ${db:+"$db"})"
 kc="$(KEYCLOAK_KEEP_DATA="${KEYCLOAK_KEEP_DATA-1}" bash scripts/keycloak.sh start)"
 trap 'bash scripts/keycloak.sh stop' EXIT
 echo "dev-stack: Keycloak $kc (admin console: $kc/admin, admin/admin), database $url" >&2

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # Finds or starts a PostgreSQL for local work and prints URLs on stdout (logs go to stderr).
 #
-#   scripts/local-db.sh ensure [DB]   ensure database DB (default seedkeeper) exists; print its URL
+#   scripts/local-db.sh ensure [DB]   ensure database DB exists; print its URL
 #   scripts/local-db.sh reset [DB]    drop and recreate DB; print its URL
 #   scripts/local-db.sh admin-url     print the server's admin URL (database postgres)
+#   scripts/local-db.sh db            print the database ensure/reset use when DB is not given
 #   scripts/local-db.sh stop          stop the throwaway cluster, if this script started one
 #
 # Server choice, in order: $DATABASE_URL (its server); PostgreSQL on 127.0.0.1:5432 as user
 # postgres; the system cluster started with pg_ctlcluster; a throwaway cluster in .pgdata/ on
 # port 5433 made with the system's initdb/pg_ctl. Exits 69 when none can be had.
+#
+# The database, when DB is not given: the one $DATABASE_URL names (postgres://…/mydb), else
+# seedkeeper. A URL naming postgres, template0 or template1 is the server's admin URL, not a
+# database to seed (resetting it could not work): seedkeeper then. The URL's ?parameters
+# (sslmode=…) are kept on every URL printed and used.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +23,25 @@ throwaway_port=5433
 
 log() { echo "local-db: $*" >&2; }
 
+# $DATABASE_URL in parts, read as libpq does: credentials end at the first '@', the parameters
+# start at the first '?' after them, the database is the path.
+url_base="" url_db="" url_query=""
+if [[ -n "${DATABASE_URL:-}" ]]; then
+    rest="${DATABASE_URL#*://}"
+    creds=""
+    if [[ "$rest" == *@* ]]; then creds="${rest%%@*}@"; rest="${rest#*@}"; fi
+    if [[ "$rest" == *\?* ]]; then url_query="?${rest#*\?}"; rest="${rest%%\?*}"; fi
+    if [[ "$rest" == */* ]]; then url_db="${rest#*/}"; rest="${rest%%/*}"; fi
+    url_base="${DATABASE_URL%%://*}://$creds$rest"
+fi
+
+default_db() {
+    case "$url_db" in
+        "" | postgres | template0 | template1) echo seedkeeper ;;
+        *) echo "$url_db" ;;
+    esac
+}
+
 reachable() { # url
     PGCONNECT_TIMEOUT=3 psql -w "$1" -Atqc 'SELECT 1' >/dev/null 2>&1
 }
@@ -24,7 +49,7 @@ reachable() { # url
 server_url() {
     if [[ -n "${DATABASE_URL:-}" ]]; then
         # Keep scheme, credentials, host and port; the database is chosen per call.
-        echo "${DATABASE_URL%/*}"
+        echo "$url_base"
         return
     fi
     if reachable "postgres://postgres@127.0.0.1:5432/postgres"; then
@@ -63,7 +88,7 @@ throwaway() {
     bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
     if [[ -z "$bin" || ! -x "$bin/initdb" ]]; then
         log "no PostgreSQL found: nothing answers on 127.0.0.1:5432, DATABASE_URL is unset, and initdb is not installed."
-        log "install it with: apt-get install -y postgresql   (or set DATABASE_URL=postgres://user@host:5432/postgres)"
+        log "install it with: apt-get install -y postgresql   (or set DATABASE_URL=postgres://user@host:5432/seedkeeper)"
         exit 69
     fi
     local run=()
@@ -85,24 +110,28 @@ throwaway() {
 }
 
 cmd="${1:-ensure}"
-db="${2:-seedkeeper}"
+db="${2:-$(default_db)}"
+q="$url_query"
 case "$cmd" in
     admin-url)
-        echo "$(server_url)/postgres"
+        echo "$(server_url)/postgres$q"
+        ;;
+    db)
+        echo "$db"
         ;;
     ensure)
         server="$(server_url)"
-        if ! psql "$server/postgres" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+        if ! psql "$server/postgres$q" -Atqc "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
             log "creating database $db"
-            psql "$server/postgres" -qc "CREATE DATABASE \"$db\"" >&2
+            psql "$server/postgres$q" -qc "CREATE DATABASE \"$db\"" >&2
         fi
-        echo "$server/$db"
+        echo "$server/$db$q"
         ;;
     reset)
         server="$(server_url)"
-        psql "$server/postgres" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >&2
-        psql "$server/postgres" -qc "CREATE DATABASE \"$db\"" >&2
-        echo "$server/$db"
+        psql "$server/postgres$q" -qc "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >&2
+        psql "$server/postgres$q" -qc "CREATE DATABASE \"$db\"" >&2
+        echo "$server/$db$q"
         ;;
     stop)
         bin="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)"
@@ -111,7 +140,7 @@ case "$cmd" in
         fi
         ;;
     *)
-        echo "usage: $0 ensure|reset [DB] | admin-url | stop" >&2
+        echo "usage: $0 ensure|reset [DB] | admin-url | db | stop" >&2
         exit 64
         ;;
 esac

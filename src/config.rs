@@ -549,15 +549,17 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
              SEEDKEEPER_DATABASE__URL_FILE, or the systemd credential database.url"
                 .to_string(),
         ),
-        Some(url) => {
-            if tokio_postgres::Config::from_str(url.expose_secret()).is_err() {
-                problems.push(
-                    "database.url is not a valid PostgreSQL URL (expected postgres://user@host:5432/db) \
-                     (SEEDKEEPER_DATABASE__URL); its value is not shown because it may hold a password"
-                        .to_string(),
-                );
-            }
-        }
+        Some(url) => match split_libpq_tls(url.expose_secret()) {
+            Err(why) => problems.push(format!("{why} (SEEDKEEPER_DATABASE__URL)")),
+            Ok((rest, tls)) => match tokio_postgres::Config::from_str(&rest) {
+                Err(e) => problems.push(format!(
+                    "database.url is not a valid PostgreSQL URL{} (expected postgres://user@host:5432/db) \
+                     (SEEDKEEPER_DATABASE__URL); its value is not shown because it may hold a password",
+                    url_refusal_reason(&e).map(|r| format!(" ({r})")).unwrap_or_default()
+                )),
+                Ok(cfg) => validate_database_tls(s, &cfg, &tls, problems),
+            },
+        },
     }
     if s.database.connect_timeout.is_zero() {
         problems.push(
@@ -672,6 +674,44 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
     }
 }
 
+/// The TLS files of `database.url` exist, and production refuses a remote database without TLS.
+fn validate_database_tls(
+    s: &Settings,
+    cfg: &tokio_postgres::Config,
+    tls: &DbTls,
+    problems: &mut Vec<String>,
+) {
+    let files = [
+        (
+            "sslrootcert",
+            match &tls.root_cert {
+                RootCert::File(p) => Some(p),
+                RootCert::System => None,
+            },
+        ),
+        ("sslcert", tls.client_cert.as_ref()),
+        ("sslkey", tls.client_key.as_ref()),
+    ];
+    for (key, path) in files {
+        if let Some(p) = path.filter(|p| !p.is_file()) {
+            problems.push(format!(
+                "database.url: {key}={} is not a readable file: fix the path in SEEDKEEPER_DATABASE__URL",
+                p.display()
+            ));
+        }
+    }
+    let remote = remote_hosts(cfg);
+    if s.environment == Environment::Production && tls.mode < SslMode::Require && !remote.is_empty()
+    {
+        problems.push(format!(
+            "environment = \"production\" refuses database.url's sslmode={}{} for the non-loopback host {}: identity data would cross the network unencrypted or unauthenticated. Add sslmode=verify-full&sslrootcert=/path/ca.pem to database.url (SEEDKEEPER_DATABASE__URL), or sslmode=require at least",
+            tls.mode.as_str(),
+            if tls.mode_given { "" } else { " (libpq's default when none is given)" },
+            remote.join(", ")
+        ));
+    }
+}
+
 /// Six fields, seconds first; checked with the scheduler's own parser.
 pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
     if expr.split_whitespace().count() != 6 {
@@ -686,20 +726,40 @@ pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
 }
 
 impl DatabaseSettings {
-    /// The one place the database secrets are exposed: the connection config.
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
+    /// The one place the database secrets are exposed: the connection config, and the libpq TLS
+    /// parameters taken out of the URL (see [`DbTls`]).
+    pub fn connection(&self) -> Result<(tokio_postgres::Config, DbTls)> {
         let url = self
             .url
             .as_ref()
             .ok_or_else(|| Error::config("database.url is not set"))?;
-        let mut cfg = tokio_postgres::Config::from_str(url.expose_secret())
+        let (rest, tls) = split_libpq_tls(url.expose_secret()).map_err(Error::config)?;
+        let mut cfg = tokio_postgres::Config::from_str(&rest)
             .map_err(|_| Error::config("database.url is not a valid PostgreSQL URL"))?;
         if let Some(p) = &self.password {
             cfg.password(p.expose_secret().as_bytes());
         }
         cfg.connect_timeout(self.connect_timeout);
         cfg.application_name("seedkeeper");
-        Ok(cfg)
+        // libpq never uses TLS over a Unix socket; tokio-postgres would ask and be refused.
+        let unix_only = !cfg.get_hosts().is_empty()
+            && cfg.get_hostaddrs().is_empty()
+            && cfg
+                .get_hosts()
+                .iter()
+                .all(|h| !matches!(h, tokio_postgres::config::Host::Tcp(_)));
+        cfg.ssl_mode(match tls.mode {
+            _ if unix_only => tokio_postgres::config::SslMode::Disable,
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            _ => tokio_postgres::config::SslMode::Require,
+        });
+        Ok((cfg, tls))
+    }
+
+    /// The connection config alone (see [`DatabaseSettings::connection`]).
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
+        self.connection().map(|(cfg, _)| cfg)
     }
 
     /// `host:port/db` for messages: never the user or the password.
@@ -723,6 +783,267 @@ pub fn describe_target(cfg: &tokio_postgres::Config) -> String {
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let db = cfg.get_dbname().unwrap_or("(default)");
     format!("{host}:{port}/{db}")
+}
+
+/// libpq's `sslmode`, weakest first: `disable` never uses TLS; `prefer` (the default) tries TLS
+/// and falls back to plain, verifying nothing; `require` encrypts without verifying the
+/// certificate (unless `sslrootcert` is given: then like `verify-ca`); `verify-ca` checks the
+/// chain against the roots; `verify-full` checks the chain and that the certificate names the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl SslMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// Where the CA certificates that verify the server come from (`sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// A PEM file of CA certificates.
+    File(PathBuf),
+    /// `sslrootcert=system`, or none given: the Mozilla root set built into the binary
+    /// (webpki-roots, as for Keycloak).
+    System,
+}
+
+/// The TLS parameters of `database.url` that libpq knows and tokio-postgres does not (or knows
+/// only in part): `sslmode` (all five values), `sslrootcert`, `sslcert`, `sslkey`. They are
+/// taken out of the URL before tokio-postgres parses the rest. Paths are not secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbTls {
+    pub mode: SslMode,
+    /// Whether `sslmode` was given (else it is libpq's default).
+    pub mode_given: bool,
+    pub root_cert: RootCert,
+    /// Whether `sslrootcert` was given (libpq: `require` with a root certificate verifies the chain).
+    pub root_cert_given: bool,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+const LIBPQ_TLS_KEYS: &[&str] = &["sslmode", "sslrootcert", "sslcert", "sslkey"];
+
+/// Splits the libpq TLS parameters off a connection string (URL or `key=value` form). Returns
+/// the rest for tokio-postgres and the TLS parameters, with libpq's defaults and implications
+/// applied. Errors name the parameter, never the string (it may hold a password). A string that
+/// does not tokenize is returned as it is: tokio-postgres then reports what is wrong with it.
+pub fn split_libpq_tls(conn: &str) -> std::result::Result<(String, DbTls), String> {
+    let mut found: Vec<(String, String)> = Vec::new();
+    let rest = match ["postgres://", "postgresql://"]
+        .iter()
+        .find(|p| conn.starts_with(*p))
+    {
+        Some(prefix) => {
+            // As tokio-postgres (and libpq) read it: credentials end at the first '@', the
+            // parameters start at the first '?' after them.
+            let body = &conn[prefix.len()..];
+            let after_creds = body.find('@').map(|i| i + 1).unwrap_or(0);
+            match body[after_creds..].find('?') {
+                None => conn.to_string(),
+                Some(q) => {
+                    let q = prefix.len() + after_creds + q;
+                    let mut kept = Vec::new();
+                    for pair in conn[q + 1..].split('&') {
+                        let key = pair.split_once('=').map(|(k, _)| k).unwrap_or(pair);
+                        let key = percent_encoding::percent_decode_str(key).decode_utf8_lossy();
+                        match (LIBPQ_TLS_KEYS.contains(&key.as_ref()), pair.split_once('=')) {
+                            (true, Some((_, v))) => {
+                                let v = percent_encoding::percent_decode_str(v)
+                                    .decode_utf8()
+                                    .map_err(|_| format!("database.url: {key} is not UTF-8"))?;
+                                found.push((key.into_owned(), v.into_owned()));
+                            }
+                            _ => kept.push(pair),
+                        }
+                    }
+                    if kept.is_empty() {
+                        conn[..q].to_string()
+                    } else {
+                        format!("{}?{}", &conn[..q], kept.join("&"))
+                    }
+                }
+            }
+        }
+        None => match split_key_value(conn) {
+            Some(pairs) => {
+                let mut kept = Vec::new();
+                for (key, raw, value) in pairs {
+                    if LIBPQ_TLS_KEYS.contains(&key) {
+                        found.push((key.to_string(), value));
+                    } else {
+                        kept.push(raw);
+                    }
+                }
+                kept.join(" ")
+            }
+            None => conn.to_string(),
+        },
+    };
+
+    let get = |k: &str| found.iter().rev().find(|(key, _)| key == k).map(|(_, v)| v);
+    let root_cert = match get("sslrootcert").map(String::as_str) {
+        None => None,
+        Some("system") => Some(RootCert::System),
+        Some("") => return Err(
+            "database.url: sslrootcert is empty: give the path of a PEM file of CA certificates"
+                .into(),
+        ),
+        Some(p) => Some(RootCert::File(PathBuf::from(p))),
+    };
+    let mode = match get("sslmode").map(String::as_str) {
+        None => None,
+        Some("disable") => Some(SslMode::Disable),
+        Some("prefer") => Some(SslMode::Prefer),
+        Some("require") => Some(SslMode::Require),
+        Some("verify-ca") => Some(SslMode::VerifyCa),
+        Some("verify-full") => Some(SslMode::VerifyFull),
+        Some(other) => {
+            return Err(format!(
+                "database.url: sslmode={other} is not supported: use disable, prefer, require, verify-ca or verify-full"
+            ))
+        }
+    };
+    let effective = match (mode, &root_cert) {
+        // libpq 16: sslrootcert=system makes verify-full the default and refuses weaker modes.
+        (None, Some(RootCert::System)) => SslMode::VerifyFull,
+        (Some(m), Some(RootCert::System)) if m != SslMode::VerifyFull => {
+            return Err(format!(
+                "database.url: sslmode={} cannot be combined with sslrootcert=system: use sslmode=verify-full",
+                m.as_str()
+            ))
+        }
+        // libpq: require with a root certificate file verifies the chain, like verify-ca.
+        (Some(SslMode::Require), Some(RootCert::File(_))) => SslMode::VerifyCa,
+        (Some(m), _) => m,
+        (None, _) => SslMode::Prefer,
+    };
+    let client_cert = get("sslcert").filter(|s| !s.is_empty()).map(PathBuf::from);
+    let client_key = get("sslkey").filter(|s| !s.is_empty()).map(PathBuf::from);
+    match (&client_cert, &client_key) {
+        (Some(_), None) => return Err("database.url: sslcert is given without sslkey: give both (the client certificate and its private key, PEM)".into()),
+        (None, Some(_)) => return Err("database.url: sslkey is given without sslcert: give both (the client certificate and its private key, PEM)".into()),
+        _ => {}
+    }
+    Ok((
+        rest,
+        DbTls {
+            mode: effective,
+            mode_given: mode.is_some(),
+            root_cert_given: root_cert.is_some(),
+            root_cert: root_cert.unwrap_or(RootCert::System),
+            client_cert,
+            client_key,
+        },
+    ))
+}
+
+/// Tokenizes a `key=value` connection string as tokio-postgres does (values unquoted up to
+/// whitespace, or single-quoted; a backslash escapes the next character). Returns each
+/// parameter's key, its raw text and its value; `None` when it does not tokenize.
+fn split_key_value(s: &str) -> Option<Vec<(&str, &str, String)>> {
+    let mut out = Vec::new();
+    let mut it = s.char_indices().peekable();
+    loop {
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let Some(&(start, _)) = it.peek() else {
+            return Some(out);
+        };
+        let mut key_end = s.len();
+        while let Some(&(i, c)) = it.peek() {
+            if c.is_whitespace() || c == '=' {
+                key_end = i;
+                break;
+            }
+            it.next();
+        }
+        let key = &s[start..key_end];
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        it.next_if(|(_, c)| *c == '=')?;
+        while it.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+        let quoted = it.next_if(|(_, c)| *c == '\'').is_some();
+        let mut value = String::new();
+        let mut end = s.len();
+        let mut closed = !quoted;
+        while let Some((i, c)) = it.next() {
+            match c {
+                '\'' if quoted => {
+                    end = i + 1;
+                    closed = true;
+                    break;
+                }
+                c if c.is_whitespace() && !quoted => {
+                    end = i;
+                    break;
+                }
+                '\\' => value.push(it.next()?.1),
+                c => value.push(c),
+            }
+        }
+        if !closed || key.is_empty() {
+            return None;
+        }
+        out.push((key, &s[start..end], value));
+    }
+}
+
+/// Whether a host is this machine: a Unix socket directory, `localhost` or a loopback address.
+pub fn is_loopback_host(host: &tokio_postgres::config::Host) -> bool {
+    match host {
+        tokio_postgres::config::Host::Unix(_) => true,
+        tokio_postgres::config::Host::Tcp(h) => {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.to_ascii_lowercase().ends_with(".localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .map(|ip| ip.is_loopback())
+                    .unwrap_or(false)
+        }
+    }
+}
+
+/// The hosts of a connection config that are not this machine (`hostaddr`, when given, is
+/// where the connection goes).
+pub fn remote_hosts(cfg: &tokio_postgres::Config) -> Vec<String> {
+    let mut remote: Vec<String> = cfg
+        .get_hostaddrs()
+        .iter()
+        .filter(|ip| !ip.is_loopback())
+        .map(|ip| ip.to_string())
+        .collect();
+    if cfg.get_hostaddrs().is_empty() {
+        remote.extend(
+            cfg.get_hosts()
+                .iter()
+                .filter(|h| !is_loopback_host(h))
+                .map(|h| match h {
+                    tokio_postgres::config::Host::Tcp(s) => s.clone(),
+                    tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+                }),
+        );
+    }
+    remote
+}
+
+/// tokio-postgres' reason for refusing a connection string, when it names only an option (its
+/// other messages can quote a character of the string).
+fn url_refusal_reason(e: &tokio_postgres::Error) -> Option<String> {
+    let inner = std::error::Error::source(e)?.to_string();
+    (inner.starts_with("unknown option") || inner.starts_with("invalid value for option"))
+        .then_some(inner)
 }
 
 impl Settings {

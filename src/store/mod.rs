@@ -8,11 +8,14 @@
 pub mod lock;
 pub mod migrate;
 pub mod runs;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
+
+use tracing::Instrument;
 
 use crate::config::{describe_target, DatabaseSettings};
 use crate::error::{describe_pg, Error, Result};
@@ -43,25 +46,63 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
     }
 }
 
-/// Connects once.
+/// Connects once, over TLS as `sslmode` in `database.url` says (see [`tls`]).
 pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
-    let cfg = settings.pg_config()?;
+    let (cfg, tls_params) = settings.connection()?;
     let target = describe_target(&cfg);
-    match cfg.connect(NoTls).await {
+    let connector = tls::connector(&tls_params)?;
+    let e = match cfg.connect(connector).await {
         Ok((client, connection)) => {
-            let conn_task = tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %describe_pg(&e), "database connection ended");
+            // In the span of whoever connects (a run): the server's notices carry its run id.
+            let conn_task = tokio::spawn(
+                async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %describe_pg(&e), "database connection ended");
+                    }
                 }
+                .in_current_span(),
+            );
+            return Ok(Db {
+                client,
+                target,
+                conn_task,
             });
-            Ok(Db { client, target, conn_task })
         }
-        Err(e) if !is_transient(&e) => Err(Error::config(format!(
-            "PostgreSQL at {target} refused the connection: {}: fix database.url / database.password (SEEDKEEPER_DATABASE__URL, SEEDKEEPER_DATABASE__PASSWORD)",
-            describe_pg(&e)
-        ))),
-        Err(e) => Err(Error::DatabaseUnavailable { target, waited_secs: 0, reason: describe_pg(&e) }),
+        Err(e) => e,
+    };
+    // A certificate that does not verify will not verify on retry: exit 78 like a refused
+    // credential, naming TLS and the fix rather than the URL's syntax.
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => String::new(),
+    };
+    if let Some(why) = tls::refusal(&e, &tls_params, &host) {
+        return Err(Error::config(format!(
+            "TLS to PostgreSQL at {target} failed: {why}"
+        )));
     }
+    if is_transient(&e) {
+        return Err(Error::DatabaseUnavailable {
+            target,
+            waited_secs: 0,
+            reason: describe_pg(&e),
+        });
+    }
+    let reason = describe_pg(&e);
+    // pg_hba.conf with hostssl lines only: TLS is the fix, not the password.
+    let fix = if reason.contains("no encryption") {
+        format!(
+            "the server accepts only TLS connections and sslmode={} sent none: set sslmode=verify-full (with sslrootcert=/path/ca.pem) or sslmode=require in database.url (SEEDKEEPER_DATABASE__URL)",
+            tls_params.mode.as_str()
+        )
+    } else if reason.contains("client certificate") {
+        "the server wants a client certificate: set sslcert=/path/client.crt and sslkey=/path/client.key in database.url (SEEDKEEPER_DATABASE__URL), a certificate its ssl_ca_file trusts whose CN is the role".to_string()
+    } else {
+        "fix database.url / database.password (SEEDKEEPER_DATABASE__URL, SEEDKEEPER_DATABASE__PASSWORD)".to_string()
+    };
+    Err(Error::config(format!(
+        "PostgreSQL at {target} refused the connection: {reason}: {fix}"
+    )))
 }
 
 /// Connects, retrying transient failures with exponential backoff until `wait` has passed.

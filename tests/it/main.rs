@@ -13,4 +13,5 @@ mod identities;
 mod listing;
 mod ops;
 mod parsers;
+mod pg_tls;
 mod realm_files;

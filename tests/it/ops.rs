@@ -28,6 +28,35 @@ async fn make_db_reset_fast_leaves_the_seeded_state() {
     assert_eq!((users, skus), (6, 7));
 }
 
+/// A `DATABASE_URL` that names a database is the database of every `make` target: no `DB=`.
+#[tokio::test(flavor = "multi_thread")]
+async fn make_db_reset_fast_resets_the_database_database_url_names() {
+    let db = TestDb::new().await;
+    let c = db.client().await;
+    c.batch_execute("CREATE TABLE left_over (x int)")
+        .await
+        .unwrap();
+    drop(c);
+    let out = std::process::Command::new("make")
+        .args([
+            "--no-print-directory",
+            "db-reset-fast",
+            &format!("SEEDKEEPER={}", env!("CARGO_BIN_EXE_seedkeeper")),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("DB")
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .expect("make");
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    let left_over: i64 = db
+        .scalar("SELECT count(*) FROM pg_tables WHERE tablename = 'left_over'")
+        .await;
+    let users: i64 = db.scalar("SELECT count(*) FROM users").await;
+    assert_eq!((left_over, users), (0, 6), "{t}");
+}
+
 /// The block of the README between `<!-- grants:verify -->` markers, with the database and role
 /// names of this test: the test runs exactly what operators are told to run.
 fn readme_grants(db: &str, role: &str) -> String {

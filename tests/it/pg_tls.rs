@@ -1,0 +1,578 @@
+//! Issue 11: TLS to PostgreSQL with libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`,
+//! `sslkey`). The server is a cluster of the test's own that accepts TCP only through `hostssl`
+//! (its checks go through a `local` line), with a server certificate for `localhost` signed by a
+//! private CA made here with openssl. The production guard is checked at config load.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use seedkeeper::config::{split_libpq_tls, RootCert, SslMode};
+
+use crate::harness::*;
+
+fn e(k: &str, v: &str) -> (String, String) {
+    (k.to_string(), v.to_string())
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is needed for this test");
+    assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
+}
+
+/// A CA (`{name}.crt`, `{name}.key`) in `dir`.
+fn make_ca(dir: &Path, name: &str) -> PathBuf {
+    let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=seedkeeper test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
+    dir.join(crt)
+}
+
+/// A PostgreSQL cluster of its own: `ssl = on`, TCP only through `hostssl` on 127.0.0.1, a
+/// `local` line for the test's own connections; its certificate names `localhost` only.
+struct TlsCluster {
+    bin: PathBuf,
+    data: TempDir,
+    port: u16,
+}
+
+impl TlsCluster {
+    fn pgdata(&self) -> PathBuf {
+        self.data.0.join("pg")
+    }
+
+    fn as_postgres(&self, program: &str) -> Command {
+        if is_root() {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
+            c
+        } else {
+            Command::new(self.bin.join(program))
+        }
+    }
+
+    fn new() -> TlsCluster {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .filter(|p| p.join("initdb").exists())
+            .max()
+            .expect("initdb under /usr/lib/postgresql/*/bin");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let c = TlsCluster {
+            bin,
+            data: TempDir::new(),
+            port,
+        };
+        let (pki, pgdata) = (c.data.0.join("pki"), c.pgdata());
+        std::fs::create_dir_all(&pki).unwrap();
+        std::fs::create_dir_all(&pgdata).unwrap();
+
+        make_ca(&pki, "ca");
+        make_ca(&pki, "other-ca");
+        std::fs::write(
+            pki.join("server.ext"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            &pki,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=localhost",
+            ],
+        );
+        openssl(
+            &pki,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "server.ext",
+            ],
+        );
+        // A client certificate for the role postgres, for the databases that want one.
+        std::fs::write(
+            pki.join("client.ext"),
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+        )
+        .unwrap();
+        openssl(
+            &pki,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-keyout",
+                "client.key",
+                "-out",
+                "client.csr",
+                "-subj",
+                "/CN=postgres",
+            ],
+        );
+        openssl(
+            &pki,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "client.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "client.crt",
+                "-days",
+                "2",
+                "-extfile",
+                "client.ext",
+            ],
+        );
+
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&c.data.0)
+                .status();
+        }
+        let out = c
+            .as_postgres("initdb")
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
+            .output()
+            .expect("initdb");
+        assert!(out.status.success(), "initdb: {}", text(&out));
+        for f in ["server.crt", "server.key", "ca.crt"] {
+            std::fs::copy(pki.join(f), pgdata.join(f)).unwrap();
+        }
+        std::fs::write(
+            pgdata.join("pg_hba.conf"),
+            "local all all trust\nhostssl c9,c10 all 127.0.0.1/32 cert\nhostssl all all 127.0.0.1/32 trust\n",
+        )
+        .unwrap();
+        let mut conf = std::fs::OpenOptions::new()
+            .append(true)
+            .open(pgdata.join("postgresql.conf"))
+            .unwrap();
+        std::io::Write::write_all(
+            &mut conf,
+            b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n",
+        )
+        .unwrap();
+        if is_root() {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&c.data.0)
+                .status();
+        }
+        let _ = Command::new("chmod")
+            .arg("600")
+            .arg(pgdata.join("server.key"))
+            .status();
+
+        let opts = format!(
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off",
+            c.port,
+            pgdata.display()
+        );
+        let log = pgdata.join("server.log");
+        let out = c
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&pgdata)
+            .args(["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"])
+            .output()
+            .expect("pg_ctl");
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}\n{}",
+            text(&out),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        c
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.data.0.join("pki").join(name).display().to_string()
+    }
+
+    /// The test's own connection string: the Unix socket, through the `local` line.
+    fn socket(&self, db: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={db}",
+            self.pgdata().display(),
+            self.port
+        )
+    }
+
+    /// A URL for seedkeeper, with a canary password that must never be printed.
+    fn url(&self, host: &str, db: &str, params: &str) -> String {
+        let q = if params.is_empty() {
+            String::new()
+        } else {
+            format!("?{params}")
+        };
+        format!(
+            "postgres://postgres:canary-pw-Zx9@{host}:{}/{db}{q}",
+            self.port
+        )
+    }
+}
+
+impl Drop for TlsCluster {
+    fn drop(&mut self) {
+        let _ = self
+            .as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(self.pgdata())
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_to_a_hostssl_only_postgresql_follows_libpq_sslmode() {
+    seedkeeper::telemetry::install_crypto();
+    let cluster = tokio::task::spawn_blocking(TlsCluster::new).await.unwrap();
+    let admin = connect(&cluster.socket("postgres")).await;
+    let ca = cluster.file("ca.crt");
+    let other_ca = cluster.file("other-ca.crt");
+
+    // (case, URL, Ok(users written) or Err(needles of the refusal))
+    type Expect = Result<i64, Vec<&'static str>>;
+    let cases: Vec<(&str, String, Expect)> = vec![
+        (
+            "verify-full with sslrootcert (TLS verified)",
+            cluster.url(
+                "localhost",
+                "c0",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            Ok(6),
+        ),
+        (
+            "verify-full without the CA (TLS refused: unknown issuer)",
+            cluster.url("localhost", "c1", "sslmode=verify-full"),
+            Err(vec![
+                "TLS to PostgreSQL at localhost:",
+                "certificate",
+                "unknown issuer",
+                "sslrootcert=",
+            ]),
+        ),
+        (
+            "plaintext (sslmode=disable) refused by the hostssl-only server",
+            cluster.url("127.0.0.1", "c2", "sslmode=disable"),
+            Err(vec![
+                "no pg_hba.conf entry",
+                "no encryption",
+                "accepts only TLS",
+                "sslmode=disable",
+            ]),
+        ),
+        (
+            "require without the CA encrypts without verifying",
+            cluster.url("127.0.0.1", "c3", "sslmode=require"),
+            Ok(6),
+        ),
+        (
+            "verify-full against a certificate for another name",
+            cluster.url(
+                "127.0.0.1",
+                "c4",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            Err(vec![
+                "TLS to PostgreSQL",
+                "not valid for the host name 127.0.0.1",
+                "localhost",
+                "verify-ca",
+            ]),
+        ),
+        (
+            "verify-ca checks the chain, not the name",
+            cluster.url(
+                "127.0.0.1",
+                "c5",
+                &format!("sslmode=verify-ca&sslrootcert={ca}"),
+            ),
+            Ok(6),
+        ),
+        (
+            "require with an sslrootcert verifies the chain, as libpq does",
+            cluster.url(
+                "localhost",
+                "c6",
+                &format!("sslmode=require&sslrootcert={other_ca}"),
+            ),
+            Err(vec!["TLS to PostgreSQL", "unknown issuer", "other-ca.crt"]),
+        ),
+        (
+            "no sslmode: prefer, which uses the server's TLS",
+            cluster.url("localhost", "c7", ""),
+            Ok(6),
+        ),
+        (
+            "a Unix socket ignores sslmode=require, as libpq does (key=value form)",
+            format!("{} sslmode=require", cluster.socket("c8")),
+            Ok(6),
+        ),
+        (
+            "a client certificate (sslcert, sslkey) where pg_hba.conf says cert",
+            cluster.url(
+                "localhost",
+                "c9",
+                &format!(
+                    "sslmode=verify-full&sslrootcert={ca}&sslcert={}&sslkey={}",
+                    cluster.file("client.crt"),
+                    cluster.file("client.key")
+                ),
+            ),
+            Ok(6),
+        ),
+        (
+            "no client certificate where pg_hba.conf says cert",
+            cluster.url(
+                "localhost",
+                "c10",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
+            Err(vec!["certificate", "sslcert=", "sslkey="]),
+        ),
+    ];
+    for (i, (case, url, expect)) in cases.into_iter().enumerate() {
+        let db = format!("c{i}");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let out = run_bin(
+            &["--once"],
+            &[
+                e("SEEDKEEPER_DATABASE__URL", &url),
+                e("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "3s"),
+            ],
+        );
+        let t = text(&out);
+        assert!(
+            !t.contains("canary-pw"),
+            "{case}: the URL's password was printed: {t}"
+        );
+        let c = connect(&cluster.socket(&db)).await;
+        let tables: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        match expect {
+            Ok(users) => {
+                assert_eq!(out.status.code(), Some(0), "{case}: {t}");
+                let n: i64 = c
+                    .query_one("SELECT count(*) FROM users", &[])
+                    .await
+                    .unwrap()
+                    .get(0);
+                assert_eq!(n, users, "{case}: users written");
+            }
+            Err(needles) => {
+                assert_eq!(out.status.code(), Some(78), "{case}: {t}");
+                for n in needles {
+                    assert!(t.contains(n), "{case}: missing {n:?} in: {t}");
+                }
+                assert!(!t.contains("not a valid PostgreSQL URL"), "{case}: {t}");
+                assert_eq!(tables, 0, "{case}: nothing written");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn production_refuses_a_remote_database_without_tls_at_config_load() {
+    let base = [
+        e("SEEDKEEPER_ENVIRONMENT", "production"),
+        e("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),
+        e("SEEDKEEPER_KEYCLOAK__BASE_URL", "https://kc.example"),
+        e("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "x"),
+    ];
+    let cases: [(&str, bool); 7] = [
+        (
+            "postgres://sk:pw-canary@db.example.com:5432/platform?sslmode=prefer",
+            false,
+        ),
+        (
+            "postgres://sk:pw-canary@db.example.com:5432/platform",
+            false,
+        ),
+        (
+            "postgres://sk:pw-canary@10.1.2.3/platform?sslmode=disable",
+            false,
+        ),
+        (
+            "postgres://sk:pw-canary@db.example.com/platform?sslmode=require",
+            true,
+        ),
+        (
+            "postgres://sk:pw-canary@db.example.com/platform?sslmode=verify-full",
+            true,
+        ),
+        (
+            "postgres://sk:pw-canary@127.0.0.1/platform?sslmode=disable",
+            true,
+        ),
+        ("host=/run/postgresql user=sk dbname=platform", true),
+    ];
+    for (url, accepted) in cases {
+        let mut env = base.to_vec();
+        env.push(e("SEEDKEEPER_DATABASE__URL", url));
+        let out = run_bin(&["config"], &env);
+        let t = text(&out);
+        assert!(!t.contains("pw-canary"), "{url}: {t}");
+        if accepted {
+            assert_eq!(out.status.code(), Some(0), "{url}: {t}");
+        } else {
+            assert_eq!(out.status.code(), Some(78), "{url}: {t}");
+            for n in [
+                "production",
+                "database.url's sslmode=",
+                "sslmode=verify-full",
+                "SEEDKEEPER_DATABASE__URL",
+            ] {
+                assert!(t.contains(n), "{url}: missing {n:?}: {t}");
+            }
+        }
+    }
+}
+
+#[test]
+fn libpq_tls_parameters_are_split_off_the_url_with_libpq_defaults() {
+    let (rest, tls) = split_libpq_tls(
+        "postgres://u:p%3Fw@h:5433/db?application_name=x&sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&connect_timeout=3",
+    )
+    .unwrap();
+    assert_eq!(
+        rest,
+        "postgres://u:p%3Fw@h:5433/db?application_name=x&connect_timeout=3"
+    );
+    assert_eq!(tls.mode, SslMode::VerifyCa);
+    assert_eq!(tls.root_cert, RootCert::File("/etc/ca.pem".into()));
+
+    // A '?' in the password is not the start of the parameters.
+    let (rest, tls) = split_libpq_tls("postgres://u:a?b@h/db?sslmode=require").unwrap();
+    assert_eq!(
+        (rest.as_str(), tls.mode),
+        ("postgres://u:a?b@h/db", SslMode::Require)
+    );
+
+    // Defaults and implications, as libpq.
+    let mode = |s: &str| split_libpq_tls(s).map(|(_, t)| t.mode);
+    assert_eq!(mode("postgres://h/db"), Ok(SslMode::Prefer));
+    assert_eq!(
+        mode("postgres://h/db?sslrootcert=/ca.pem&sslmode=require"),
+        Ok(SslMode::VerifyCa)
+    );
+    assert_eq!(
+        mode("postgres://h/db?sslrootcert=system"),
+        Ok(SslMode::VerifyFull)
+    );
+    assert!(mode("postgres://h/db?sslrootcert=system&sslmode=require").is_err());
+    assert!(mode("postgres://h/db?sslmode=allow")
+        .unwrap_err()
+        .contains("sslmode=allow"));
+    assert!(split_libpq_tls("postgres://h/db?sslcert=/c.pem")
+        .unwrap_err()
+        .contains("sslkey"));
+
+    // key=value form, quoting kept for the rest.
+    let (rest, tls) = split_libpq_tls(
+        "host=h password='a b\\'c' sslmode = verify-full sslrootcert='/x y/ca.pem' dbname=d",
+    )
+    .unwrap();
+    assert_eq!(rest, "host=h password='a b\\'c' dbname=d");
+    assert_eq!(tls.mode, SslMode::VerifyFull);
+    assert_eq!(tls.root_cert, RootCert::File("/x y/ca.pem".into()));
+
+    // What tokio-postgres would refuse is left to it (and its message names only the option).
+    let err = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: vec![e(
+            "SEEDKEEPER_DATABASE__URL",
+            "postgres://u:secret-pw@h/db?sslcrl=/x",
+        )],
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unknown option `sslcrl`") && !err.contains("secret-pw"),
+        "{err}"
+    );
+}
