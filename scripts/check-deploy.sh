@@ -11,8 +11,9 @@
 # Needs python3 with PyYAML (taken from the system, else installed into .ci/venv from PyPI) and
 # the seedkeeper binary (target/debug/seedkeeper, built when missing). The schema validation
 # (compose-spec schema of check-jsonschema, Kubernetes schemas of kubernetes-validate) is also
-# installed from PyPI into .ci/venv; when that fails the run fails, unless
-# SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1 says to skip it (the other checks still run).
+# installed from PyPI into .ci/venv, and promtool (for deploy/kubernetes/alerts.yaml) from
+# Debian's prometheus package into .ci/promtool; when that fails the run fails, unless
+# SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1 says to skip them (the other checks still run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,13 +46,41 @@ if "$venv/bin/python" -c 'import check_jsonschema, kubernetes_validate' 2>/dev/n
     schema_tools=("$venv/bin/check-jsonschema" "$venv/bin/kubernetes-validate")
 fi
 
+# promtool (Debian's prometheus package) checks and unit-tests deploy/kubernetes/alerts.yaml:
+# from PATH, else taken out of the package with `apt-get download` into .ci/promtool (no root
+# needed, no Prometheus server installed or started; `apt-get update` first when root and the
+# package lists lack it). When that fails the run fails, unless SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1.
+promtool_bin=""
+fetch_promtool() {
+    local tmp deb
+    tmp=$(mktemp -d) || return 1
+    if ! (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1); then
+        [[ $(id -u) == 0 ]] && apt-get update -qq >/dev/null 2>&1 \
+            && (cd "$tmp" && apt-get download -qq prometheus >/dev/null 2>&1) || { rm -rf "$tmp"; return 1; }
+    fi
+    deb=$(ls "$tmp"/prometheus_*.deb 2>/dev/null | head -n1)
+    mkdir -p .ci/promtool \
+        && dpkg-deb --fsys-tarfile "$deb" | tar -x -C .ci/promtool ./usr/bin/promtool
+    local rc=$?
+    rm -rf "$tmp"
+    return $rc
+}
+if command -v promtool >/dev/null 2>&1; then
+    promtool_bin=$(command -v promtool)
+elif [[ -x .ci/promtool/usr/bin/promtool ]]; then
+    promtool_bin=.ci/promtool/usr/bin/promtool
+elif [[ "${SEEDKEEPER_CHECK_DEPLOY_OFFLINE:-}" != 1 ]] && command -v apt-get >/dev/null 2>&1 \
+        && fetch_promtool && .ci/promtool/usr/bin/promtool --version >/dev/null 2>&1; then
+    promtool_bin=.ci/promtool/usr/bin/promtool
+fi
+
 bin=target/debug/seedkeeper
 if [[ ! -x "$bin" ]]; then
     cargo build --quiet --bin seedkeeper || { echo "FAIL cargo build of $bin"; exit 1; }
 fi
 
 CHECK_JSONSCHEMA="${schema_tools[0]:-}" KUBERNETES_VALIDATE="${schema_tools[1]:-}" \
-SEEDKEEPER_BIN="$bin" exec "$PY" - <<'PYEOF'
+PROMTOOL="$promtool_bin" SEEDKEEPER_BIN="$bin" exec "$PY" - <<'PYEOF'
 import glob, json, os, re, shutil, subprocess, sys, tempfile, tomllib
 from urllib.parse import urlsplit
 import yaml
@@ -167,7 +196,14 @@ if cj and kv:
     r = subprocess.run([cj, "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"],
                        capture_output=True, text=True)
     check(r.returncode == 0, "docker-compose.yml valid against the compose-spec schema", r.stdout + r.stderr)
-    manifests = sorted(p for p in glob.glob("deploy/kubernetes/*.yaml") if not p.endswith("kustomization.yaml"))
+    # Kinds of custom resources (the PrometheusRule) have no schema there, which
+    # kubernetes-validate only warns about: they are checked on their own (section alerts).
+    def custom(doc):
+        api = str(doc.get("apiVersion", ""))
+        group = api.split("/")[0] if "/" in api else ""
+        return "." in group and not group.endswith(".k8s.io")
+    manifests = sorted(p for p in glob.glob("deploy/kubernetes/*.yaml") if not p.endswith("kustomization.yaml")
+                       and not any(custom(d) for d in docs.get(p, [])))
     r = subprocess.run([kv, "--strict", "--quiet", *manifests], capture_output=True, text=True)
     check(r.returncode == 0, f"{len(manifests)} Kubernetes manifests valid against the 1.37 schemas (strict)", r.stdout + r.stderr)
 elif os.environ.get("SEEDKEEPER_CHECK_DEPLOY_OFFLINE") == "1":
@@ -488,6 +524,67 @@ for kind, podspec in [("CronJob", cpod), ("Deployment", dpod)]:
 dgrace = dpod.get("terminationGracePeriodSeconds", 30)
 grace_ms = parse_duration(cm.get("SEEDKEEPER_SHUTDOWN__GRACE", "30s")) or 30000
 check(dgrace * 1000 > grace_ms, f"Deployment: terminationGracePeriodSeconds {dgrace} > shutdown.grace")
+
+# --- alerts ------------------------------------------------------------------------------------
+section("alerts")
+# deploy/kubernetes/alerts.yaml is a PrometheusRule; promtool reads its spec (rule groups),
+# unit-tested with deploy/kubernetes/tests/alerts.test.yaml. Named in the kustomization (above),
+# not listed: applying it needs the Prometheus Operator's CRDs.
+alerts_path, alerts_tests = f"{kdir}/alerts.yaml", f"{kdir}/tests/alerts.test.yaml"
+rule = (docs.get(alerts_path) or [{}])[0]
+check(len(docs.get(alerts_path) or []) == 1 and rule.get("apiVersion") == "monitoring.coreos.com/v1"
+      and rule.get("kind") == "PrometheusRule" and bool((rule.get("metadata") or {}).get("name"))
+      and set(rule) <= {"apiVersion", "kind", "metadata", "spec"} and set(rule.get("spec") or {}) == {"groups"},
+      "alerts.yaml: one PrometheusRule (monitoring.coreos.com/v1) with a name and only spec.groups")
+check("alerts.yaml" not in listed, "kustomization: alerts.yaml named, not applied by default (needs the Prometheus Operator CRDs)")
+rules = [r for g in (rule.get("spec") or {}).get("groups", []) or [] for r in g.get("rules", []) or []]
+alert_names = {r.get("alert") for r in rules if r.get("alert")}
+exprs = " ".join(str(r.get("expr", "")) for r in rules)
+for what, pattern in [("seedkeeper runs failing (daemon)", r"seedkeeper_last_run_ok"),
+                      ("no success for N intervals (daemon)", r"seedkeeper_last_success_timestamp_seconds"),
+                      ("identity clashes (daemon)", r'seedkeeper_run_errors_total\{kind="identity_clash"\}'),
+                      ("CronJob failures (kube-state-metrics)", r"kube_job_status_failed"),
+                      ("no CronJob success for N intervals (kube-state-metrics)", r"kube_cronjob_status_last_successful_time")]:
+    check(re.search(pattern, exprs) is not None, f"alerts.yaml: an alert on {what}")
+for r in rules:
+    a = r.get("alert", "?")
+    check((r.get("labels") or {}).get("severity") in ("critical", "warning", "info")
+          and {"summary", "description"} <= set(r.get("annotations") or {}), f"alerts.yaml: {a} has a severity, a summary and a description")
+readme_metrics = read("README.md").split("## Metrics", 1)[-1].split("\n## ", 1)[0]
+used = sorted(set(re.findall(r"\b(seedkeeper_[a-z_]+)", exprs)))
+undocumented = [m for m in used if m not in readme_metrics]
+check(bool(used) and not undocumented, f"alerts.yaml: the {len(used)} seedkeeper metrics it uses are in the README's Metrics section",
+      f"not there: {undocumented}")
+tests_doc = {}
+try:
+    tests_doc = load_all(alerts_tests)[0]
+except Exception as e:
+    check(False, f"{alerts_tests} parses", str(e))
+fired = {t.get("alertname") for case in tests_doc.get("tests", []) or [] for t in case.get("alert_rule_test", []) or []
+         if t.get("exp_alerts")}
+quiet = {t.get("alertname") for case in tests_doc.get("tests", []) or [] for t in case.get("alert_rule_test", []) or []
+         if not t.get("exp_alerts")}
+check(alert_names and alert_names <= fired and alert_names <= quiet,
+      f"alerts tests: each of the {len(alert_names)} alerts is tested firing and not firing",
+      f"never firing: {sorted(alert_names - fired)}; never quiet: {sorted(alert_names - quiet)}")
+promtool = os.environ.get("PROMTOOL")
+if promtool:
+    promtool = os.path.abspath(promtool)
+    adir = os.path.join(SCRATCH, "alerts")
+    os.mkdir(adir)
+    with open(os.path.join(adir, "alerts.rules.yaml"), "w") as f:
+        yaml.safe_dump(rule.get("spec") or {}, f, sort_keys=False)
+    shutil.copy(alerts_tests, os.path.join(adir, "alerts.test.yaml"))
+    r = subprocess.run([promtool, "check", "rules", "alerts.rules.yaml"], capture_output=True, text=True, cwd=adir)
+    check(r.returncode == 0, f"alerts.yaml: `promtool check rules` on its spec ({len(rules)} rules)", r.stdout + r.stderr)
+    r = subprocess.run([promtool, "test", "rules", "alerts.test.yaml"], capture_output=True, text=True, cwd=adir)
+    check(r.returncode == 0, f"alerts.yaml: `promtool test rules` {alerts_tests} ({len(tests_doc.get('tests', []) or [])} cases)",
+          r.stdout + r.stderr)
+elif os.environ.get("SEEDKEEPER_CHECK_DEPLOY_OFFLINE") == "1":
+    skip("alerts.yaml: promtool not installed (SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1)")
+else:
+    check(False, "alerts.yaml: promtool is available (from PATH, or `apt-get download prometheus` into .ci/promtool)",
+          "install Debian's prometheus package, or set SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1 to skip")
 
 # --- systemd -----------------------------------------------------------------------------------
 section("systemd")

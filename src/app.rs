@@ -1,10 +1,15 @@
 //! Builds the object graph once and runs it: `run_once` for `--once`, `plan` and the tests, and
 //! `run_until_stopped` for the daemon (HTTP, schedule, systemd notifications, graceful
 //! shutdown on one `CancellationToken`). Reads every section of the config, through the units.
+//!
+//! Liveness ([`App::liveness`]) is what `/healthz` and the systemd watchdog report: the
+//! scheduler's heartbeat job ran within [`HEARTBEAT_STALE`], and no run has outlived
+//! `run.timeout` (plus [`RUN_OVERRUN`] to end it). Neither depends on PostgreSQL or Keycloak, so
+//! an outage of either never makes the daemon look dead; that is readiness (`/readyz`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +22,18 @@ use crate::identity::{IdentityProvider, RoleFilter};
 use crate::metrics::Metrics;
 use crate::reconcile::{Engine, Mode, Outcome, RunReport};
 use crate::seed::ReferenceSeed;
+use crate::store::Db;
+
+/// The scheduler's heartbeat job runs every second; older than this, the scheduler counts as
+/// stopped and the daemon as wedged.
+pub const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
+
+/// How far past `run.timeout` a run may still be in flight (being stopped and recorded, see
+/// `reconcile::STOP_BUDGET`) before the daemon counts as wedged.
+pub const RUN_OVERRUN: Duration = Duration::from_secs(15);
+
+/// How long `/readyz` waits for the database.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Validates what the config points at (seed, realm source, role map) and builds the engine.
 pub fn build_engine(settings: Settings) -> Result<Engine> {
@@ -69,18 +86,175 @@ pub struct App {
     last: Mutex<Option<Outcome>>,
     first_done: AtomicBool,
     pub notify_systemd: bool,
+    /// When the scheduler's heartbeat job last ran (the app's creation before it first does).
+    heartbeat: Mutex<Instant>,
+    /// When the run in flight started, if one is.
+    run_started: Mutex<Option<Instant>>,
+    /// The connection `/readyz` keeps and reuses; replaced when broken.
+    probe: tokio::sync::Mutex<Option<Db>>,
+    /// The Keycloak event follower's state (`seedkeeper_events_following`).
+    pub events: Arc<crate::events::FollowerState>,
+    /// A full run asked for by the event follower (a structural change, a gap).
+    full_run: tokio::sync::Notify,
+}
+
+/// Whether the daemon is alive, and the figures behind the verdict.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    pub heartbeat_age: Duration,
+    pub run_age: Option<Duration>,
+    /// Why the daemon is not alive; `None` when it is.
+    pub problem: Option<String>,
+}
+
+/// The liveness verdict from the heartbeat's age and the age of the run in flight.
+pub fn judge(
+    heartbeat_age: Duration,
+    run_age: Option<Duration>,
+    run_timeout: Duration,
+) -> Option<String> {
+    if heartbeat_age > HEARTBEAT_STALE {
+        return Some(format!(
+            "the scheduler has not ticked for {}s (its heartbeat runs every second; stale after {}s)",
+            heartbeat_age.as_secs(),
+            HEARTBEAT_STALE.as_secs()
+        ));
+    }
+    match run_age {
+        Some(age) if age > run_timeout + RUN_OVERRUN => Some(format!(
+            "a run has been going for {}s, past run.timeout ({}s) and the {}s allowed to stop it",
+            age.as_secs(),
+            run_timeout.as_secs(),
+            RUN_OVERRUN.as_secs()
+        )),
+        _ => None,
+    }
 }
 
 impl App {
     pub fn new(engine: Engine) -> Arc<Self> {
+        let mut metrics = Metrics::new(&engine);
+        let events = Arc::new(crate::events::FollowerState::default());
+        metrics.register_events(&events);
         Arc::new(App {
             engine,
-            metrics: Metrics::new(),
+            metrics,
             inflight: tokio::sync::Mutex::new(()),
             last: Mutex::new(None),
             first_done: AtomicBool::new(false),
             notify_systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            heartbeat: Mutex::new(Instant::now()),
+            run_started: Mutex::new(None),
+            probe: tokio::sync::Mutex::new(None),
+            events,
+            full_run: tokio::sync::Notify::new(),
         })
+    }
+
+    /// An event batch: the users it touched, through the same units, as a run with trigger
+    /// `event`. `None` when a run is in flight: the batch waits for the next poll, so a full
+    /// run and an event batch never interleave (the run lock keeps replicas apart too).
+    pub async fn run_event_batch(
+        &self,
+        users: Vec<crate::identity::Identity>,
+        cancel: &CancellationToken,
+    ) -> Option<RunReport> {
+        let _guard = self.inflight.try_lock().ok()?;
+        if let Ok(mut s) = self.run_started.lock() {
+            *s = Some(Instant::now());
+        }
+        let report = self
+            .engine
+            .run_with(
+                Mode::Apply,
+                "event",
+                Duration::from_secs(5),
+                cancel,
+                Arc::new(crate::identity::SomeUsers { users }),
+            )
+            .await;
+        if let Ok(mut s) = self.run_started.lock() {
+            *s = None;
+        }
+        self.metrics
+            .record_run(&report, self.engine.identities.name());
+        Some(report)
+    }
+
+    /// Asks for a full run as soon as the run in flight, if any, ends.
+    pub fn ask_full_run(&self) {
+        self.full_run.notify_one();
+    }
+
+    /// Called by the scheduler's heartbeat job: the scheduler is alive.
+    pub fn heartbeat(&self) {
+        if let Ok(mut h) = self.heartbeat.lock() {
+            *h = Instant::now();
+        }
+    }
+
+    /// Liveness: the scheduler ticks and no run has outlived its deadline. PostgreSQL and
+    /// Keycloak play no part in it.
+    pub fn liveness(&self) -> Liveness {
+        let heartbeat_age = self
+            .heartbeat
+            .lock()
+            .map(|h| h.elapsed())
+            .unwrap_or(Duration::MAX);
+        let run_age = self
+            .run_started
+            .lock()
+            .ok()
+            .and_then(|s| s.map(|t| t.elapsed()));
+        Liveness {
+            heartbeat_age,
+            run_age,
+            problem: judge(heartbeat_age, run_age, self.settings().run.timeout),
+        }
+    }
+
+    /// Readiness' database check on one kept connection: `SELECT 1`, reconnecting once when the
+    /// kept connection is broken; within `within` (a connection that does not answer is dropped).
+    pub async fn probe_database(&self, within: Duration) -> std::result::Result<(), String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let late = || format!("database did not answer within {}s", within.as_secs());
+        let Ok(mut slot) = tokio::time::timeout_at(deadline, self.probe.lock()).await else {
+            return Err(late());
+        };
+        let probed = tokio::time::timeout_at(deadline, async {
+            let mut last = String::new();
+            for _ in 0..2 {
+                let db = match slot.take() {
+                    Some(db) if !db.client.is_closed() => db,
+                    _ => {
+                        let db = crate::store::connect(&self.settings().database)
+                            .await
+                            .map_err(|e| format!("database unreachable: {}", e.metric_label()))?;
+                        // Told apart from the runs' sessions in pg_stat_activity.
+                        let _ = db
+                            .client
+                            .batch_execute("SET application_name = 'seedkeeper-readyz'")
+                            .await;
+                        db
+                    }
+                };
+                match db.client.simple_query("SELECT 1").await {
+                    Ok(_) => {
+                        *slot = Some(db);
+                        return Ok(());
+                    }
+                    Err(e) => last = crate::error::describe_pg(&e),
+                }
+            }
+            Err(format!("database unreachable: {last}"))
+        })
+        .await;
+        probed.unwrap_or_else(|_| Err(late()))
+    }
+
+    /// Closes the connection `/readyz` keeps.
+    pub async fn close_probe(&self) {
+        *self.probe.lock().await = None;
     }
 
     pub fn settings(&self) -> &Settings {
@@ -104,7 +278,13 @@ impl App {
         wait: Duration,
         cancel: &CancellationToken,
     ) -> RunReport {
+        if let Ok(mut s) = self.run_started.lock() {
+            *s = Some(Instant::now());
+        }
         let report = self.engine.run(Mode::Apply, trigger, wait, cancel).await;
+        if let Ok(mut s) = self.run_started.lock() {
+            *s = None;
+        }
         self.metrics
             .record_run(&report, self.engine.identities.name());
         if report.outcome != Outcome::Skipped {
@@ -160,16 +340,9 @@ pub async fn run_until_stopped(
     let http = tokio::spawn(crate::http::serve(app.clone(), listener, cancel.clone()));
 
     if let Some(interval) = sd_notify::watchdog_enabled() {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let mut t = tokio::time::interval(interval / 2);
-            loop {
-                tokio::select! {
-                    _ = t.tick() => { let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]); }
-                    _ = cancel.cancelled() => break,
-                }
-            }
-        });
+        tokio::spawn(watchdog(app.clone(), interval / 2, cancel.clone(), || {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+        }));
     }
 
     // The first run waits for the dependencies; it never ends the daemon.
@@ -183,6 +356,7 @@ pub async fn run_until_stopped(
     };
 
     let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
+    let events = start_following(&app, &cancel)?;
     cancel.cancelled().await;
     tracing::info!("shutting down: no new runs; waiting for the run in flight");
     let _ = scheduler.shutdown().await;
@@ -193,9 +367,119 @@ pub async fn run_until_stopped(
         tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
     }
     first.abort();
+    for task in events {
+        let _ = task.await;
+    }
     let _ = http.await;
+    app.close_probe().await;
     if app.notify_systemd {
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     }
     Ok(())
+}
+
+/// With the keycloak source and `events.enabled`: the event follower, and the task that runs
+/// the full runs it asks for (trigger `event-full`). Both end with `cancel`.
+fn start_following(
+    app: &Arc<App>,
+    cancel: &CancellationToken,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let settings = app.settings();
+    if !settings.events_enabled() {
+        return Ok(Vec::new());
+    }
+    let mut kc = KeycloakSource::new(
+        &settings.keycloak,
+        RoleFilter::new(&settings.identity),
+        settings.database.batch_size,
+        settings.startup.wait_timeout,
+    )?;
+    // Its requests count in the daemon's seedkeeper_keycloak_* series.
+    if let Some(m) = app.metrics.keycloak() {
+        kc = kc.with_metrics(m.clone());
+    }
+    let batch_app = app.clone();
+    let ask_app = app.clone();
+    let follower = crate::events::Follower {
+        kc: Arc::new(kc),
+        apply: Arc::new(move |users, cancel: CancellationToken| {
+            let app = batch_app.clone();
+            Box::pin(async move { app.run_event_batch(users, &cancel).await })
+        }),
+        database: settings.database.clone(),
+        realm: settings.keycloak.realm.clone(),
+        poll_interval: settings.events.poll_interval,
+        full_run: Arc::new(move |_why: &str| ask_app.ask_full_run()),
+        state: app.events.clone(),
+    };
+    let follow = tokio::spawn(follower.run(cancel.clone()));
+    let full_runs = {
+        let app = app.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = app.full_run.notified() => {}
+                }
+                app.run_once("event-full", Duration::ZERO, &cancel).await;
+            }
+        })
+    };
+    Ok(vec![follow, full_runs])
+}
+
+/// The systemd watchdog: every `every`, `ping` (WATCHDOG=1) while the daemon is alive
+/// ([`App::liveness`]), nothing while it is not, so that systemd's `WatchdogSec=` restarts a
+/// daemon whose scheduler stopped or whose run outlived its deadline. Ends with `cancel`.
+pub async fn watchdog(
+    app: Arc<App>,
+    every: Duration,
+    cancel: CancellationToken,
+    ping: impl Fn() + Send + 'static,
+) {
+    let mut t = tokio::time::interval(every);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut silent = false;
+    loop {
+        tokio::select! {
+            _ = t.tick() => {}
+            _ = cancel.cancelled() => return,
+        }
+        match app.liveness().problem {
+            None => {
+                if silent {
+                    tracing::info!("watchdog: alive again, pinging systemd");
+                    silent = false;
+                }
+                ping();
+            }
+            Some(problem) if !silent => {
+                tracing::error!(%problem, "watchdog: the daemon is wedged; no longer pinging systemd, whose WatchdogSec= restarts it");
+                silent = true;
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alive_until_the_heartbeat_is_stale_or_a_run_outlives_its_deadline() {
+        let s = Duration::from_secs;
+        let timeout = s(60);
+        assert_eq!(judge(s(1), None, timeout), None);
+        assert_eq!(judge(HEARTBEAT_STALE, Some(s(70)), timeout), None);
+        let stale = judge(HEARTBEAT_STALE + s(1), None, timeout).unwrap_or_default();
+        assert!(
+            stale.contains("scheduler has not ticked for 11s"),
+            "{stale}"
+        );
+        assert_eq!(judge(s(1), Some(timeout + RUN_OVERRUN), timeout), None);
+        let overrun = judge(s(1), Some(timeout + RUN_OVERRUN + s(1)), timeout).unwrap_or_default();
+        assert!(overrun.contains("past run.timeout (60s)"), "{overrun}");
+    }
 }

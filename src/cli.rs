@@ -73,18 +73,21 @@ pub enum Command {
     Config,
     /// The reference seed as one idempotent SQL script (psql -v ON_ERROR_STOP=1 -f).
     ExportSql,
-    /// Probe a running daemon's /readyz (for container HEALTHCHECKs without curl).
+    /// Probe a running daemon's liveness, /healthz: it serves and its scheduler ticks; a
+    /// PostgreSQL or Keycloak outage does not fail it (container HEALTHCHECKs, without curl).
     Healthcheck {
-        /// URL to probe; default http://<http.listen>/readyz.
+        /// URL to probe; default http://<http.listen>/healthz (give .../readyz for readiness).
         #[arg(long)]
         url: Option<String>,
     },
 }
 
 /// Parses arguments; usage errors exit 64 (clap's own default is 2, which means "changes
-/// pending" here).
+/// pending" here). A usage error is one JSON line when `--log-format json` or
+/// `SEEDKEEPER_LOG__FORMAT=json` asks for JSON; `--help` and `--version` stay text.
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
-    match Cli::try_parse_from(args) {
+    let args: Vec<String> = args.into_iter().collect();
+    match Cli::try_parse_from(&args) {
         Ok(c) => Ok(c),
         Err(e) => {
             let code = match e.kind() {
@@ -93,19 +96,31 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
                 }
                 _ => exit::USAGE,
             };
-            let _ = e.print();
+            if code == exit::USAGE && crate::telemetry::json_requested(&args) {
+                crate::telemetry::set_format(LogFormat::Json);
+                let text = e.render().to_string();
+                let text = text.trim_end().trim_start_matches("error: ");
+                crate::telemetry::print_error(text, "usage", code);
+            } else {
+                let _ = e.print();
+            }
             Err(code)
         }
     }
 }
 
-fn fail(e: &Error) -> u8 {
-    eprintln!("seedkeeper: {e}");
-    e.exit_code()
+/// Reports an error (text, or one JSON line with `log.format = json`) and gives its exit code.
+pub fn fail(e: &Error) -> u8 {
+    let code = e.exit_code();
+    crate::telemetry::print_error(&e.to_string(), e.metric_label(), code);
+    code
 }
 
-/// Loads the settings (exit 78 on problems).
+/// Loads the settings (exit 78 on problems). Their errors are printed in the log format that
+/// `--log-format`, `SEEDKEEPER_LOG__FORMAT` or the config file's `log.format` asks for (see
+/// [`crate::telemetry::early_format`]).
 pub fn load_settings(cli: &Cli, sources: &Sources) -> Result<Settings, u8> {
+    crate::telemetry::set_format(crate::telemetry::early_format(cli.log_format, sources));
     let offline = matches!(
         cli.command,
         Some(Command::ExportSql) | Some(Command::Healthcheck { .. })
@@ -180,8 +195,10 @@ pub async fn execute(
             match (&report.error_value, report.outcome) {
                 (Some(e), _) => fail(e),
                 (None, Outcome::Skipped) => {
-                    eprintln!(
-                        "seedkeeper: another run holds the run lock; plan again when it is done"
+                    crate::telemetry::print_error(
+                        "another run holds the run lock; plan again when it is done",
+                        "skipped",
+                        exit::RECONCILE_FAILED,
                     );
                     exit::RECONCILE_FAILED
                 }
@@ -197,13 +214,18 @@ pub async fn execute(
             let app = crate::app::App::new(engine);
             let wait = app.settings().startup.wait_timeout;
             let report = app.run_once("once", wait, &cancel).await;
-            print(out, &render_summary(&report));
+            if crate::telemetry::is_json() {
+                print(out, &format!("{}\n", summary_json(&report)));
+            } else {
+                print(out, &render_summary(&report));
+            }
             match (&report.error_value, report.outcome) {
                 (Some(e), _) => fail(e),
                 (None, Outcome::Failed) => {
-                    eprintln!(
-                        "seedkeeper: {}",
-                        report.error.as_deref().unwrap_or("run failed")
+                    crate::telemetry::print_error(
+                        report.error.as_deref().unwrap_or("run failed"),
+                        "identity_clash",
+                        exit::RECONCILE_FAILED,
                     );
                     exit::RECONCILE_FAILED
                 }
@@ -211,6 +233,29 @@ pub async fn execute(
             }
         }
     }
+}
+
+/// The `--once` summary as one JSON log line: the run's id, trigger, outcome, duration and seed
+/// digest, `counts` per unit and `findings` as JSON (as in `seed_runs`), and the error.
+pub fn summary_json(r: &RunReport) -> String {
+    let level = match r.outcome {
+        Outcome::Failed => "ERROR",
+        _ => "INFO",
+    };
+    let mut fields: Vec<(String, serde_json::Value)> = vec![
+        ("run.id".into(), r.id.to_string().into()),
+        ("trigger".into(), r.trigger.clone().into()),
+        ("mode".into(), r.mode.into()),
+        ("outcome".into(), r.outcome.as_str().into()),
+        ("duration_ms".into(), r.duration_ms.into()),
+        ("seed_digest".into(), r.seed_digest.clone().into()),
+        ("counts".into(), r.counts_json()),
+        ("findings".into(), r.findings_json()),
+    ];
+    if let Some(e) = &r.error {
+        fields.push(("error".into(), e.clone().into()));
+    }
+    crate::telemetry::json_line(level, "seedkeeper::cli", "run summary", fields)
 }
 
 pub fn render_summary(r: &RunReport) -> String {
@@ -422,6 +467,13 @@ async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut
             tail
         ));
     }
+    match crate::events::status_lines(&db.client).await {
+        Ok(lines) => lines.iter().for_each(|l| {
+            s.push_str(l);
+            s.push('\n');
+        }),
+        Err(e) => return fail(&e),
+    }
     print(out, &s);
     exit::OK
 }
@@ -433,7 +485,7 @@ async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
             .listen
             .replace("0.0.0.0", "127.0.0.1")
             .replace("[::]", "[::1]");
-        format!("http://{listen}/readyz")
+        format!("http://{listen}/healthz")
     });
     let client = match reqwest::Client::builder()
         .timeout(Duration::from_secs(3))
@@ -447,14 +499,14 @@ async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
     };
     match client.get(&url).send().await {
         Ok(r) if r.status().is_success() => {
-            println!("ready ({url})");
+            println!("ok ({url})");
             exit::OK
         }
         Ok(r) => {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();
             eprintln!(
-                "not ready ({url}): {status} {}",
+                "unhealthy ({url}): {status} {}",
                 body.chars().take(300).collect::<String>()
             );
             exit::RECONCILE_FAILED

@@ -73,6 +73,8 @@ pub struct Settings {
     pub identity: IdentitySettings,
     pub keycloak: KeycloakSettings,
     pub schedule: ScheduleSettings,
+    pub run: RunSettings,
+    pub events: EventsSettings,
     pub http: HttpSettings,
     pub startup: StartupSettings,
     pub shutdown: ShutdownSettings,
@@ -92,6 +94,14 @@ pub struct DatabaseSettings {
     pub connect_timeout: Duration,
     /// Identities written per statement while streaming.
     pub batch_size: usize,
+    /// PostgreSQL `statement_timeout` of every seedkeeper session; 0 leaves the server's or
+    /// role's setting in place.
+    #[serde(with = "duration_str")]
+    pub statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout` of every seedkeeper session; 0 leaves the server's or role's
+    /// setting in place.
+    #[serde(with = "duration_str")]
+    pub lock_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +159,35 @@ pub struct ScheduleSettings {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct EventsSettings {
+    /// Follow Keycloak's user and admin events between full runs (daemon, keycloak source).
+    /// Unset: on with the keycloak source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// How often the event follower polls.
+    #[serde(with = "duration_str")]
+    pub poll_interval: Duration,
+}
+
+impl Settings {
+    /// Whether the daemon follows Keycloak's events: `events.enabled`, by default on with the
+    /// keycloak source (the realm-file source has no events).
+    pub fn events_enabled(&self) -> bool {
+        self.identity.source == IdentitySource::Keycloak && self.events.enabled.unwrap_or(true)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSettings {
+    /// Bounds a whole run (waiting for dependencies included): past it the run is cancelled,
+    /// rolled back and recorded `failed`.
+    #[serde(with = "duration_str")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
 }
@@ -191,6 +230,8 @@ impl Default for Settings {
                 password: None,
                 connect_timeout: Duration::from_secs(5),
                 batch_size: 5000,
+                statement_timeout: Duration::from_secs(300),
+                lock_timeout: Duration::from_secs(30),
             },
             schema: SchemaSettings {
                 mode: SchemaMode::Apply,
@@ -222,6 +263,13 @@ impl Default for Settings {
             },
             schedule: ScheduleSettings {
                 cron: "0 */5 * * * *".to_string(),
+            },
+            run: RunSettings {
+                timeout: Duration::from_secs(600),
+            },
+            events: EventsSettings {
+                enabled: None,
+                poll_interval: Duration::from_secs(2),
             },
             http: HttpSettings {
                 listen: "127.0.0.1:8787".to_string(),
@@ -644,6 +692,12 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
                 .into(),
         );
     }
+    if s.events.poll_interval < Duration::from_millis(100) {
+        problems.push(format!(
+            "events.poll_interval {} is below 100ms (SEEDKEEPER_EVENTS__POLL_INTERVAL): Keycloak would be polled without pause",
+            duration_str::format(&s.events.poll_interval)
+        ));
+    }
     if let Err(why) = validate_cron(&s.schedule.cron) {
         problems.push(format!(
             "schedule.cron {:?} is not a valid six-field cron expression (seconds first, e.g. \"0 */5 * * * *\") (SEEDKEEPER_SCHEDULE__CRON): {why}",
@@ -654,6 +708,24 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
         problems.push(format!(
             "http.listen {:?} is not an address:port (e.g. 127.0.0.1:8787) (SEEDKEEPER_HTTP__LISTEN)",
             s.http.listen
+        ));
+    }
+    for (key, d) in [
+        ("statement_timeout", s.database.statement_timeout),
+        ("lock_timeout", s.database.lock_timeout),
+    ] {
+        if d.as_millis() > i32::MAX as u128 {
+            problems.push(format!(
+                "database.{key} must be at most 24 days (PostgreSQL's limit); 0 leaves the server's setting (SEEDKEEPER_DATABASE__{})",
+                key.to_uppercase()
+            ));
+        }
+    }
+    if s.run.timeout <= s.startup.wait_timeout {
+        problems.push(format!(
+            "run.timeout ({}) must be above startup.wait_timeout ({}): it bounds the whole run, waiting for PostgreSQL and Keycloak included (SEEDKEEPER_RUN__TIMEOUT)",
+            duration_str::format(&s.run.timeout),
+            duration_str::format(&s.startup.wait_timeout)
         ));
     }
     if s.evidence.retention == 0 {
@@ -741,6 +813,7 @@ impl DatabaseSettings {
         }
         cfg.connect_timeout(self.connect_timeout);
         cfg.application_name("seedkeeper");
+        self.session_timeouts(&mut cfg);
         // libpq never uses TLS over a Unix socket; tokio-postgres would ask and be refused.
         let unix_only = !cfg.get_hosts().is_empty()
             && cfg.get_hostaddrs().is_empty()
@@ -760,6 +833,26 @@ impl DatabaseSettings {
     /// The connection config alone (see [`DatabaseSettings::connection`]).
     pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
         self.connection().map(|(cfg, _)| cfg)
+    }
+
+    /// `statement_timeout` and `lock_timeout` as startup options of the session (after any
+    /// `options` of the URL, so the keys win); a zero leaves the server's or role's setting.
+    fn session_timeouts(&self, cfg: &mut tokio_postgres::Config) {
+        let mut options = cfg.get_options().unwrap_or_default().to_string();
+        for (name, d) in [
+            ("statement_timeout", self.statement_timeout),
+            ("lock_timeout", self.lock_timeout),
+        ] {
+            if !d.is_zero() {
+                if !options.is_empty() {
+                    options.push(' ');
+                }
+                options.push_str(&format!("-c {name}={}", d.as_millis()));
+            }
+        }
+        if !options.is_empty() {
+            cfg.options(&options);
+        }
     }
 
     /// `host:port/db` for messages: never the user or the password.

@@ -22,7 +22,11 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("seedkeeper: cannot start the async runtime: {e}");
+            seedkeeper::telemetry::print_error(
+                &format!("cannot start the async runtime: {e}"),
+                "io",
+                exit::RECONCILE_FAILED,
+            );
             return ExitCode::from(exit::RECONCILE_FAILED);
         }
     };
@@ -45,15 +49,16 @@ async fn run_daemon(settings: seedkeeper::config::Settings, cancel: Cancellation
     let listen = settings.http.listen.clone();
     let engine = match seedkeeper::app::build_engine(settings) {
         Ok(e) => e,
-        Err(e) => {
-            eprintln!("seedkeeper: {e}");
-            return e.exit_code();
-        }
+        Err(e) => return cli::fail(&e),
     };
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("seedkeeper: cannot listen on http.listen {listen} ({e}): pick a free address with SEEDKEEPER_HTTP__LISTEN");
+            seedkeeper::telemetry::print_error(
+                &format!("cannot listen on http.listen {listen} ({e}): pick a free address with SEEDKEEPER_HTTP__LISTEN"),
+                "config",
+                exit::CONFIG,
+            );
             return exit::CONFIG;
         }
     };
@@ -61,10 +66,7 @@ async fn run_daemon(settings: seedkeeper::config::Settings, cancel: Cancellation
     let app = seedkeeper::app::App::new(engine);
     match seedkeeper::app::run_until_stopped(app, listener, cancel).await {
         Ok(()) => exit::OK,
-        Err(e) => {
-            eprintln!("seedkeeper: {e}");
-            e.exit_code()
-        }
+        Err(e) => cli::fail(&e),
     }
 }
 
@@ -86,7 +88,7 @@ fn spawn_signal_handler(cancel: CancellationToken) {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        eprintln!("seedkeeper: second signal: exiting now");
+        seedkeeper::telemetry::print_error("second signal: exiting now", "signal", 130);
         std::process::exit(130);
     });
 }

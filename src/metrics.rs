@@ -1,170 +1,738 @@
-//! Prometheus metrics, rendered by hand in the text exposition format.
+//! Prometheus metrics with `prometheus-client`: one [`Registry`] per app (no global recorder), so
+//! tests can run many apps in one process; rendered in the Prometheus text format 0.0.4.
 //!
-//! One `Metrics` value per app (no global recorder), so tests can run many apps in one process.
-//! Labels are bounded: outcomes, unit names, actions, sources and error kinds, never user data.
+//! Labels are typed and bounded: outcomes, unit names, actions, sources and error kinds are
+//! enums, never user data. Every series of a bounded label set that can move is registered at
+//! start with 0 (run outcomes, error kinds, the rows each unit can write, Keycloak request
+//! outcomes), so `rate()` and `increase()` see the first error. Gauges that describe the last run
+//! (`seedkeeper_last_run_ok`, `seedkeeper_drift_items`, `seedkeeper_identities_seen`) are absent
+//! until a run has produced them: before the first run there is no value to report, and a 0
+//! would read as a failure.
 
-use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicI8, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::reconcile::RunReport;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
 
-const BUCKETS: &[f64] = &[
+use crate::error::Error;
+use crate::reconcile::{Engine, Outcome, RunReport};
+
+/// The `Content-Type` of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+const RUN_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
-#[derive(Default)]
-struct State {
-    runs: BTreeMap<String, u64>,
-    errors: BTreeMap<String, u64>,
-    duration_buckets: Vec<u64>,
-    duration_sum: f64,
-    duration_count: u64,
-    rows: BTreeMap<(String, String), u64>,
-    drift: BTreeMap<String, u64>,
-    identities: BTreeMap<String, u64>,
-    last_success: Option<f64>,
-    skipped_ticks: u64,
-    last_outcome_ok: Option<bool>,
+/// Keycloak requests: a page is tens of milliseconds, `keycloak.request_timeout` is 10 s.
+const KEYCLOAK_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// A label value enum: its variants, their text, and their encoding.
+macro_rules! label_values {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($variant,)+
+        }
+
+        impl $name {
+            /// Every value, registered at 0 where the label is a counter's.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    };
 }
 
-#[derive(Default)]
+label_values!(
+    /// The outcome of a run (`seedkeeper_runs_total`).
+    RunOutcome {
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+    }
+);
+
+label_values!(
+    /// Why a run failed (`seedkeeper_run_errors_total`): one per [`Error`] variant (the same
+    /// text as [`Error::metric_label`]), plus `identity_clash` for a run that finished but failed
+    /// because of username clashes.
+    ErrorKind {
+        Config => "config",
+        Seed => "seed",
+        RealmFile => "realm_file",
+        DatabaseUnavailable => "database_unavailable",
+        KeycloakUnavailable => "keycloak_unavailable",
+        KeycloakAuth => "keycloak_auth",
+        Keycloak => "keycloak",
+        Schema => "schema",
+        Database => "database",
+        Unit => "unit",
+        Io => "io",
+        Cancelled => "cancelled",
+        Timeout => "timeout",
+        IdentityClash => "identity_clash",
+    }
+);
+
+impl ErrorKind {
+    /// The kind of an error. Exhaustive on purpose: a new error variant does not compile until
+    /// it has a kind here, so its series is registered at 0 like the others.
+    pub fn of(e: &Error) -> Self {
+        match e {
+            Error::Config(_) => ErrorKind::Config,
+            Error::Seed { .. } => ErrorKind::Seed,
+            Error::RealmFile { .. } => ErrorKind::RealmFile,
+            Error::DatabaseUnavailable { .. } => ErrorKind::DatabaseUnavailable,
+            Error::KeycloakUnavailable { .. } => ErrorKind::KeycloakUnavailable,
+            Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
+            Error::Keycloak(_) => ErrorKind::Keycloak,
+            Error::Schema(_) => ErrorKind::Schema,
+            Error::Database { .. } => ErrorKind::Database,
+            Error::Unit { .. } => ErrorKind::Unit,
+            Error::Io(_) => ErrorKind::Io,
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::Timeout(_) => ErrorKind::Timeout,
+        }
+    }
+}
+
+label_values!(
+    /// A reconcile unit.
+    UnitName {
+        Schema => "schema",
+        ReferenceSeed => "reference_seed",
+        Identities => "identities",
+        RoleBindings => "role_bindings",
+        Tenants => "tenants",
+    }
+);
+
+impl UnitName {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|u| u.as_str() == name)
+    }
+}
+
+label_values!(
+    /// A write a unit makes (`seedkeeper_rows_changed_total`).
+    Action {
+        Inserted => "inserted",
+        Updated => "updated",
+        Revoked => "revoked",
+        Realigned => "realigned",
+        Applied => "applied",
+    }
+);
+
+impl Action {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|a| a.as_str() == name)
+    }
+}
+
+/// The writes each unit can make: registered at 0.
+const UNIT_WRITES: &[(UnitName, Action)] = &[
+    (UnitName::Schema, Action::Applied),
+    (UnitName::ReferenceSeed, Action::Inserted),
+    (UnitName::ReferenceSeed, Action::Updated),
+    (UnitName::Identities, Action::Inserted),
+    (UnitName::Identities, Action::Updated),
+    (UnitName::Identities, Action::Realigned),
+    (UnitName::RoleBindings, Action::Inserted),
+    (UnitName::RoleBindings, Action::Revoked),
+    (UnitName::Tenants, Action::Inserted),
+];
+
+label_values!(
+    /// The identity source (`seedkeeper_identities_seen`).
+    SourceName {
+        Keycloak => "keycloak",
+        RealmFile => "realm-file",
+    }
+);
+
+impl SourceName {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|s| s.as_str() == name)
+    }
+}
+
+label_values!(
+    /// How one HTTP exchange with Keycloak ended (`seedkeeper_keycloak_requests_total`).
+    KeycloakOutcome {
+        Ok => "ok",
+        ClientError => "client_error",
+        RateLimited => "rate_limited",
+        ServerError => "server_error",
+        UnexpectedStatus => "unexpected_status",
+        Malformed => "malformed",
+        Timeout => "timeout",
+        Transport => "transport",
+    }
+);
+
+impl KeycloakOutcome {
+    /// The outcome of an answer with this status (a 2xx is `ok` until its body proves
+    /// unreadable; redirects are never followed, so a 3xx is `unexpected_status`).
+    pub fn of_status(status: u16) -> Self {
+        match status {
+            200..=299 => KeycloakOutcome::Ok,
+            429 => KeycloakOutcome::RateLimited,
+            400..=499 => KeycloakOutcome::ClientError,
+            500..=599 => KeycloakOutcome::ServerError,
+            _ => KeycloakOutcome::UnexpectedStatus,
+        }
+    }
+
+    /// The outcome of a request that got no complete answer.
+    pub fn of_reqwest(e: &reqwest::Error) -> Self {
+        if e.is_timeout() {
+            KeycloakOutcome::Timeout
+        } else {
+            KeycloakOutcome::Transport
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RunLabels {
+    outcome: RunOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RowLabels {
+    unit: UnitName,
+    action: Action,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct UnitLabels {
+    unit: UnitName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct SourceLabels {
+    source: SourceName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeycloakLabels {
+    outcome: KeycloakOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+    seed_digest: String,
+}
+
+/// The Keycloak source's instruments. Cheap to clone (the series are shared); the source
+/// records into them and [`Metrics`] registers them.
+#[derive(Debug, Clone)]
+pub struct KeycloakMetrics {
+    requests: Family<KeycloakLabels, Counter>,
+    duration: Histogram,
+    retries: Counter,
+}
+
+impl Default for KeycloakMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeycloakMetrics {
+    pub fn new() -> Self {
+        let requests = Family::<KeycloakLabels, Counter>::default();
+        for &outcome in KeycloakOutcome::ALL {
+            let _ = requests.get_or_create(&KeycloakLabels { outcome });
+        }
+        KeycloakMetrics {
+            requests,
+            duration: Histogram::new(KEYCLOAK_BUCKETS.iter().copied()),
+            retries: Counter::default(),
+        }
+    }
+
+    /// One HTTP exchange with Keycloak (discovery, JWKS, token or admin API) and how long it
+    /// took.
+    pub fn request(&self, outcome: KeycloakOutcome, took: Duration) {
+        self.requests
+            .get_or_create(&KeycloakLabels { outcome })
+            .inc();
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    /// A request repeated after a failed attempt.
+    pub fn retry(&self) {
+        self.retries.inc();
+    }
+
+    /// Requests counted with this outcome so far.
+    pub fn requests(&self, outcome: KeycloakOutcome) -> u64 {
+        self.requests
+            .get_or_create(&KeycloakLabels { outcome })
+            .get()
+    }
+
+    pub fn retries(&self) -> u64 {
+        self.retries.get()
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "seedkeeper_keycloak_requests",
+            "HTTP requests to Keycloak (discovery, token, admin API) by outcome",
+            self.requests.clone(),
+        );
+        registry.register(
+            "seedkeeper_keycloak_request_duration_seconds",
+            "Duration of HTTP requests to Keycloak, whatever their outcome",
+            self.duration.clone(),
+        );
+        registry.register(
+            "seedkeeper_keycloak_retries",
+            "Keycloak requests repeated after a failed attempt (5xx, 429, timeout, connection error, unreadable body, a 401 answered by renewing the token)",
+            self.retries.clone(),
+        );
+    }
+}
+
+/// `seedkeeper_last_run_ok`: absent until a run succeeds or fails, then 1 or 0.
+#[derive(Debug, Default)]
+struct LastRunOk(AtomicI8);
+
+/// 0 (the default): no run has finished yet.
+impl LastRunOk {
+    const FAILED: i8 = 1;
+    const SUCCEEDED: i8 = 2;
+}
+
+impl Collector for LastRunOk {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let value = match self.0.load(Ordering::Relaxed) {
+            Self::SUCCEEDED => 1,
+            Self::FAILED => 0,
+            _ => return Ok(()),
+        };
+        let gauge = ConstGauge::new(value as i64);
+        let metric = encoder.encode_descriptor(
+            "seedkeeper_last_run_ok",
+            "1 when the last finished run succeeded, 0 when it failed; absent before the first run finishes (skipped runs do not count)",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric)
+    }
+}
+
 pub struct Metrics {
-    state: Mutex<State>,
+    registry: Registry,
+    runs: Family<RunLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    rows: Family<RowLabels, Counter>,
+    drift: Family<UnitLabels, Gauge>,
+    identities: Family<SourceLabels, Gauge>,
+    last_success: Gauge<f64, AtomicU64>,
+    skipped_ticks: Counter,
+    last_run_ok: Arc<LastRunOk>,
+    keycloak: Option<KeycloakMetrics>,
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        Self::default()
+    /// The registry of one app: the engine's seed digest in `seedkeeper_build_info`, and the
+    /// identity source's own instruments (Keycloak requests) when it has any.
+    pub fn new(engine: &Engine) -> Self {
+        let mut m = Self::with_seed_digest(&engine.seed.digest);
+        if let Some(k) = engine.identities.keycloak_metrics() {
+            k.register(&mut m.registry);
+            m.keycloak = Some(k);
+        }
+        m
+    }
+
+    /// The registered Keycloak instruments (keycloak source only), for other Keycloak clients of
+    /// the daemon (the event follower) to count into.
+    pub fn keycloak(&self) -> Option<&KeycloakMetrics> {
+        self.keycloak.as_ref()
+    }
+
+    /// The Keycloak event follower's series (daemon only).
+    pub fn register_events(&mut self, e: &crate::events::FollowerState) {
+        self.registry.register(
+            "seedkeeper_events_following",
+            "1 while Keycloak's events are followed, 0 in schedule-only mode (see seedkeeper status for why)",
+            e.following.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_batches",
+            "Event batches applied (each a seed_runs row with trigger event)",
+            e.batches.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_users",
+            "Users re-synced from events",
+            e.users_applied.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_full_runs",
+            "Full runs asked for by events: structural changes, a checkpoint past the event expiration, bursts",
+            e.full_runs_asked.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_polls",
+            "Polls of Keycloak's event endpoints",
+            e.polls.clone(),
+        );
+    }
+
+    /// The run metrics and `seedkeeper_build_info` only.
+    pub fn with_seed_digest(seed_digest: &str) -> Self {
+        let mut registry = Registry::default();
+        registry.register(
+            "seedkeeper_build",
+            "The running build: package version and the digest of the reference seed it applies (always 1)",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                seed_digest: seed_digest.to_string(),
+            }),
+        );
+
+        let runs = Family::<RunLabels, Counter>::default();
+        for &outcome in RunOutcome::ALL {
+            let _ = runs.get_or_create(&RunLabels { outcome });
+        }
+        registry.register("seedkeeper_runs", "Reconcile runs by outcome", runs.clone());
+
+        let errors = Family::<ErrorLabels, Counter>::default();
+        for &kind in ErrorKind::ALL {
+            let _ = errors.get_or_create(&ErrorLabels { kind });
+        }
+        registry.register(
+            "seedkeeper_run_errors",
+            "Failed runs by error kind (every kind starts at 0)",
+            errors.clone(),
+        );
+
+        let duration = Histogram::new(RUN_BUCKETS.iter().copied());
+        registry.register(
+            "seedkeeper_run_duration_seconds",
+            "Duration of reconcile runs",
+            duration.clone(),
+        );
+
+        let rows = Family::<RowLabels, Counter>::default();
+        for &(unit, action) in UNIT_WRITES {
+            let _ = rows.get_or_create(&RowLabels { unit, action });
+        }
+        registry.register(
+            "seedkeeper_rows_changed",
+            "Rows written, by unit and action",
+            rows.clone(),
+        );
+
+        let drift = Family::<UnitLabels, Gauge>::default();
+        registry.register(
+            "seedkeeper_drift_items",
+            "Items found differing from the seed in the last run, by unit",
+            drift.clone(),
+        );
+
+        let identities = Family::<SourceLabels, Gauge>::default();
+        registry.register(
+            "seedkeeper_identities_seen",
+            "Identities listed by the source in the last run",
+            identities.clone(),
+        );
+
+        let last_success = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "seedkeeper_last_success_timestamp_seconds",
+            "Unix time of the last successful run (0: none yet)",
+            last_success.clone(),
+        );
+
+        let skipped_ticks = Counter::default();
+        registry.register(
+            "seedkeeper_skipped_ticks",
+            "Scheduled ticks skipped because a run was still going",
+            skipped_ticks.clone(),
+        );
+
+        let last_run_ok = Arc::new(LastRunOk::default());
+        registry.register_collector(Box::new(last_run_ok.clone()));
+
+        Metrics {
+            registry,
+            runs,
+            errors,
+            duration,
+            rows,
+            drift,
+            identities,
+            last_success,
+            skipped_ticks,
+            last_run_ok,
+            keycloak: None,
+        }
     }
 
     pub fn record_run(&self, report: &RunReport, source: &str) {
-        let Ok(mut s) = self.state.lock() else { return };
-        *s.runs
-            .entry(report.outcome.as_str().to_string())
-            .or_insert(0) += 1;
-        if let Some(e) = &report.error_value {
-            *s.errors.entry(e.metric_label().to_string()).or_insert(0) += 1;
+        let outcome = match report.outcome {
+            Outcome::Succeeded => RunOutcome::Succeeded,
+            Outcome::Failed => RunOutcome::Failed,
+            Outcome::Skipped => RunOutcome::Skipped,
+        };
+        self.runs.get_or_create(&RunLabels { outcome }).inc();
+        let kind = match (&report.error_value, report.outcome) {
+            (Some(e), _) => Some(ErrorKind::of(e)),
+            // A run that finished without an error but failed: its blocking findings, which are
+            // username clashes.
+            (None, Outcome::Failed) => Some(ErrorKind::IdentityClash),
+            (None, _) => None,
+        };
+        if let Some(kind) = kind {
+            self.errors.get_or_create(&ErrorLabels { kind }).inc();
         }
-        let secs = report.duration_ms as f64 / 1000.0;
-        if s.duration_buckets.is_empty() {
-            s.duration_buckets = vec![0; BUCKETS.len()];
-        }
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if secs <= *b {
-                s.duration_buckets[i] += 1;
-            }
-        }
-        s.duration_sum += secs;
-        s.duration_count += 1;
+        self.duration.observe(report.duration_ms as f64 / 1000.0);
         for u in &report.units {
+            let Some(unit) = UnitName::from_name(u.unit) else {
+                continue;
+            };
             for (action, n) in &u.counts {
-                if matches!(
-                    action.as_str(),
-                    "inserted" | "updated" | "revoked" | "realigned" | "applied"
-                ) && *n > 0
-                {
-                    *s.rows
-                        .entry((u.unit.to_string(), action.clone()))
-                        .or_insert(0) += *n as u64;
+                if let (Some(action), true) = (Action::from_name(action), *n > 0) {
+                    self.rows
+                        .get_or_create(&RowLabels { unit, action })
+                        .inc_by(*n as u64);
                 }
             }
             if u.error.is_none() {
-                s.drift.insert(
-                    u.unit.to_string(),
-                    u.counts.get("drift").copied().unwrap_or(0).max(0) as u64,
-                );
+                self.drift
+                    .get_or_create(&UnitLabels { unit })
+                    .set(u.get("drift").max(0));
             }
         }
-        if let Some(id) = report.unit("identities") {
+        if let (Some(id), Some(source)) = (report.unit("identities"), SourceName::from_name(source))
+        {
             if id.error.is_none() {
-                s.identities.insert(
-                    source.to_string(),
-                    id.counts.get("listed").copied().unwrap_or(0).max(0) as u64,
-                );
+                self.identities
+                    .get_or_create(&SourceLabels { source })
+                    .set(id.get("listed").max(0));
             }
         }
         match report.outcome {
-            crate::reconcile::Outcome::Succeeded => {
-                s.last_success = Some(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
-                s.last_outcome_ok = Some(true);
+            Outcome::Succeeded => {
+                self.last_success
+                    .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+                self.last_run_ok
+                    .0
+                    .store(LastRunOk::SUCCEEDED, Ordering::Relaxed);
             }
-            crate::reconcile::Outcome::Failed => s.last_outcome_ok = Some(false),
-            crate::reconcile::Outcome::Skipped => {}
+            Outcome::Failed => self
+                .last_run_ok
+                .0
+                .store(LastRunOk::FAILED, Ordering::Relaxed),
+            Outcome::Skipped => {}
         }
     }
 
     pub fn record_skipped_tick(&self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.skipped_ticks += 1;
-        }
+        self.skipped_ticks.inc();
     }
 
+    /// The Prometheus text exposition (format 0.0.4, [`CONTENT_TYPE`]).
     pub fn render(&self) -> String {
-        let Ok(s) = self.state.lock() else {
-            return String::new();
-        };
-        let mut o = String::new();
-        let _ = writeln!(o, "# HELP seedkeeper_runs_total Reconcile runs by outcome.\n# TYPE seedkeeper_runs_total counter");
-        for outcome in ["succeeded", "failed", "skipped"] {
-            let _ = writeln!(
-                o,
-                "seedkeeper_runs_total{{outcome=\"{outcome}\"}} {}",
-                s.runs.get(outcome).copied().unwrap_or(0)
+        let mut out = String::new();
+        if let Err(e) =
+            prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
+        {
+            tracing::error!(error = %e, "rendering /metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn error_kinds_match_the_error_labels() {
+        let errors = [
+            Error::config("x"),
+            Error::Seed {
+                source_name: "s".into(),
+                problems: crate::error::Problems(vec![]),
+            },
+            Error::RealmFile {
+                path: "p".into(),
+                message: "m".into(),
+            },
+            Error::DatabaseUnavailable {
+                target: "t".into(),
+                waited_secs: 1,
+                reason: "r".into(),
+            },
+            Error::KeycloakUnavailable {
+                target: "t".into(),
+                waited_secs: 1,
+                reason: "r".into(),
+            },
+            Error::KeycloakAuth("x".into()),
+            Error::Keycloak("x".into()),
+            Error::Schema("x".into()),
+            Error::Database {
+                context: "c".into(),
+                message: "m".into(),
+            },
+            Error::Unit {
+                unit: "tenants",
+                message: "m".into(),
+            },
+            Error::Io("x".into()),
+            Error::Cancelled,
+            Error::Timeout("x".into()),
+        ];
+        for e in &errors {
+            assert_eq!(ErrorKind::of(e).as_str(), e.metric_label(), "{e:?}");
+        }
+        // Every kind but the clash, which is not an error, comes from some error.
+        assert_eq!(errors.len() + 1, ErrorKind::ALL.len());
+    }
+
+    #[test]
+    fn before_any_run_every_counter_series_is_0_and_last_run_ok_is_absent() {
+        let m = Metrics::with_seed_digest("abc123");
+        let text = m.render();
+        let build = format!(
+            "seedkeeper_build_info{{version=\"{}\",seed_digest=\"abc123\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(sample(&text, &build), Some(1.0), "{text}");
+        for kind in ErrorKind::ALL {
+            let s = format!("seedkeeper_run_errors_total{{kind=\"{}\"}}", kind.as_str());
+            assert_eq!(sample(&text, &s), Some(0.0), "{s} in {text}");
+        }
+        for outcome in RunOutcome::ALL {
+            let s = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
+            assert_eq!(sample(&text, &s), Some(0.0), "{s}");
+        }
+        for (unit, action) in UNIT_WRITES {
+            let s = format!(
+                "seedkeeper_rows_changed_total{{unit=\"{}\",action=\"{}\"}}",
+                unit.as_str(),
+                action.as_str()
             );
+            assert_eq!(sample(&text, &s), Some(0.0), "{s}");
         }
-        let _ = writeln!(o, "# HELP seedkeeper_run_errors_total Failed runs by error kind.\n# TYPE seedkeeper_run_errors_total counter");
-        for (k, v) in &s.errors {
-            let _ = writeln!(o, "seedkeeper_run_errors_total{{kind=\"{k}\"}} {v}");
-        }
-        let _ = writeln!(o, "# HELP seedkeeper_run_duration_seconds Duration of reconcile runs.\n# TYPE seedkeeper_run_duration_seconds histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                o,
-                "seedkeeper_run_duration_seconds_bucket{{le=\"{b}\"}} {}",
-                s.duration_buckets.get(i).copied().unwrap_or(0)
+        assert!(!text.contains("seedkeeper_last_run_ok"), "{text}");
+        assert_eq!(
+            sample(&text, "seedkeeper_last_success_timestamp_seconds"),
+            Some(0.0)
+        );
+        assert!(
+            text.contains("# TYPE seedkeeper_runs_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE seedkeeper_run_duration_seconds histogram"));
+        assert!(
+            !text.contains("seedkeeper_keycloak_"),
+            "no Keycloak source, no Keycloak series"
+        );
+    }
+
+    #[test]
+    fn keycloak_outcomes_start_at_0_and_count() {
+        let k = KeycloakMetrics::new();
+        let mut m = Metrics::with_seed_digest("d");
+        k.register(&mut m.registry);
+        k.request(KeycloakOutcome::ServerError, Duration::from_millis(20));
+        k.retry();
+        k.request(KeycloakOutcome::Ok, Duration::from_millis(30));
+        let text = m.render();
+        for outcome in KeycloakOutcome::ALL {
+            let s = format!(
+                "seedkeeper_keycloak_requests_total{{outcome=\"{}\"}}",
+                outcome.as_str()
             );
+            let want = match outcome {
+                KeycloakOutcome::Ok | KeycloakOutcome::ServerError => 1.0,
+                _ => 0.0,
+            };
+            assert_eq!(sample(&text, &s), Some(want), "{s} in {text}");
         }
-        let _ = writeln!(
-            o,
-            "seedkeeper_run_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            s.duration_count
+        assert_eq!(
+            sample(&text, "seedkeeper_keycloak_retries_total"),
+            Some(1.0)
         );
-        let _ = writeln!(o, "seedkeeper_run_duration_seconds_sum {}", s.duration_sum);
-        let _ = writeln!(
-            o,
-            "seedkeeper_run_duration_seconds_count {}",
-            s.duration_count
+        assert_eq!(
+            sample(&text, "seedkeeper_keycloak_request_duration_seconds_count"),
+            Some(2.0)
         );
-        let _ = writeln!(o, "# HELP seedkeeper_rows_changed_total Rows written, by unit and action.\n# TYPE seedkeeper_rows_changed_total counter");
-        for ((unit, action), v) in &s.rows {
-            let _ = writeln!(
-                o,
-                "seedkeeper_rows_changed_total{{unit=\"{unit}\",action=\"{action}\"}} {v}"
-            );
-        }
-        let _ = writeln!(o, "# HELP seedkeeper_drift_items Items found differing from the seed in the last run, by unit.\n# TYPE seedkeeper_drift_items gauge");
-        for (unit, v) in &s.drift {
-            let _ = writeln!(o, "seedkeeper_drift_items{{unit=\"{unit}\"}} {v}");
-        }
-        let _ = writeln!(o, "# HELP seedkeeper_identities_seen Identities listed by the source in the last run.\n# TYPE seedkeeper_identities_seen gauge");
-        for (src, v) in &s.identities {
-            let _ = writeln!(o, "seedkeeper_identities_seen{{source=\"{src}\"}} {v}");
-        }
-        let _ = writeln!(o, "# HELP seedkeeper_last_success_timestamp_seconds Unix time of the last successful run (0: none yet).\n# TYPE seedkeeper_last_success_timestamp_seconds gauge");
-        let _ = writeln!(
-            o,
-            "seedkeeper_last_success_timestamp_seconds {}",
-            s.last_success.unwrap_or(0.0)
+        assert_eq!(
+            sample(
+                &text,
+                "seedkeeper_keycloak_request_duration_seconds_bucket{le=\"0.025\"}"
+            ),
+            Some(1.0),
+            "{text}"
         );
-        let _ = writeln!(o, "# HELP seedkeeper_skipped_ticks_total Scheduled ticks skipped because a run was still going.\n# TYPE seedkeeper_skipped_ticks_total counter");
-        let _ = writeln!(o, "seedkeeper_skipped_ticks_total {}", s.skipped_ticks);
-        let _ = writeln!(o, "# HELP seedkeeper_last_run_ok 1 when the last finished run succeeded.\n# TYPE seedkeeper_last_run_ok gauge");
-        let _ = writeln!(
-            o,
-            "seedkeeper_last_run_ok {}",
-            u8::from(s.last_outcome_ok.unwrap_or(false))
+    }
+
+    #[test]
+    fn statuses_map_to_bounded_outcomes() {
+        assert_eq!(KeycloakOutcome::of_status(200), KeycloakOutcome::Ok);
+        assert_eq!(
+            KeycloakOutcome::of_status(302),
+            KeycloakOutcome::UnexpectedStatus
         );
-        o
+        assert_eq!(
+            KeycloakOutcome::of_status(401),
+            KeycloakOutcome::ClientError
+        );
+        assert_eq!(
+            KeycloakOutcome::of_status(429),
+            KeycloakOutcome::RateLimited
+        );
+        assert_eq!(
+            KeycloakOutcome::of_status(503),
+            KeycloakOutcome::ServerError
+        );
     }
 }

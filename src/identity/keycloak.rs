@@ -32,7 +32,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use futures_util::{stream, StreamExt};
 use openidconnect::core::{CoreClient, CoreProviderMetadata};
-use openidconnect::{ClientId, ClientSecret, IssuerUrl, OAuth2TokenResponse, RequestTokenError};
+use openidconnect::{
+    AsyncHttpClient, ClientId, ClientSecret, HttpClientError, HttpRequest, HttpResponse, IssuerUrl,
+    OAuth2TokenResponse, RequestTokenError,
+};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -43,6 +46,7 @@ use crate::error::{Error, Result};
 use crate::identity::{
     granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
 };
+use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
 
 /// Renew this long before the token's `expires_in` runs out.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
@@ -146,6 +150,8 @@ pub struct KeycloakSource {
     metadata: tokio::sync::Mutex<Option<CoreProviderMetadata>>,
     token: Mutex<Option<CachedToken>>,
     requests: std::sync::atomic::AtomicU64,
+    /// Every HTTP exchange (counted by outcome and timed) and every retry.
+    metrics: KeycloakMetrics,
 }
 
 impl KeycloakSource {
@@ -198,7 +204,29 @@ impl KeycloakSource {
             metadata: tokio::sync::Mutex::new(None),
             token: Mutex::new(None),
             requests: std::sync::atomic::AtomicU64::new(0),
+            metrics: KeycloakMetrics::new(),
         })
+    }
+
+    /// The source's request and retry counters.
+    pub fn metrics(&self) -> &KeycloakMetrics {
+        &self.metrics
+    }
+
+    /// Counts into `metrics` (shared with another source, such as the daemon's registered
+    /// one) instead of counters of its own.
+    pub fn with_metrics(mut self, metrics: KeycloakMetrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// The HTTP client for openidconnect (discovery, JWKS, token): each exchange counted by its
+    /// outcome and timed like the admin API requests.
+    fn oidc_http(&self) -> Instrumented<'_> {
+        Instrumented {
+            http: &self.http,
+            metrics: &self.metrics,
+        }
     }
 
     fn realm(&self) -> &str {
@@ -230,7 +258,8 @@ impl KeycloakSource {
         loop {
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match CoreProviderMetadata::discover_async(issuer_url.clone(), &self.http).await {
+            match CoreProviderMetadata::discover_async(issuer_url.clone(), &self.oidc_http()).await
+            {
                 Ok(m) => {
                     *guard = Some(m.clone());
                     return Ok(m);
@@ -253,6 +282,7 @@ impl KeycloakSource {
                     }
                     let d = Self::backoff(attempt).min(self.wait.saturating_sub(start.elapsed()));
                     tracing::warn!(keycloak.issuer = %issuer, attempt, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for Keycloak");
+                    self.metrics.retry();
                     tokio::time::sleep(d).await;
                     attempt += 1;
                 }
@@ -292,7 +322,7 @@ impl KeycloakSource {
             let request = client.exchange_client_credentials().map_err(|e| {
                 Error::Keycloak(format!("the discovery document has no token endpoint: {e}"))
             })?;
-            match request.request_async(&self.http).await {
+            match request.request_async(&self.oidc_http()).await {
                 Ok(resp) => {
                     let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(60));
                     let renew_at =
@@ -335,6 +365,7 @@ impl KeycloakSource {
                         });
                     }
                     tracing::warn!(attempt, error = %reason, "token request failed; retrying");
+                    self.metrics.retry();
                     tokio::time::sleep(Self::backoff(attempt)).await;
                     attempt += 1;
                 }
@@ -351,6 +382,7 @@ impl KeycloakSource {
             let token = self.token().await?;
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let started = Instant::now();
             let sent = self
                 .http
                 .get(&url)
@@ -360,6 +392,8 @@ impl KeycloakSource {
                 .await;
             let retry_in = match sent {
                 Err(e) => {
+                    self.metrics
+                        .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
                     let reason = if e.is_timeout() {
                         "timed out".to_string()
                     } else {
@@ -390,10 +424,23 @@ impl KeycloakSource {
                         .map(|v| v.contains("json"))
                         .unwrap_or(false);
                     let body = resp.bytes().await;
+                    // A 200 is `ok` or `malformed` once its body is parsed, below.
+                    let took = started.elapsed();
+                    match &body {
+                        Err(e) => self.metrics.request(KeycloakOutcome::of_reqwest(e), took),
+                        Ok(_) if status != 200 => self
+                            .metrics
+                            .request(KeycloakOutcome::of_status(status), took),
+                        Ok(_) => {}
+                    }
                     match (status, body) {
                         (200, Ok(bytes)) => match serde_json::from_slice::<T>(&bytes) {
-                            Ok(v) => return Ok(v),
+                            Ok(v) => {
+                                self.metrics.request(KeycloakOutcome::Ok, took);
+                                return Ok(v);
+                            }
                             Err(e) => {
+                                self.metrics.request(KeycloakOutcome::Malformed, took);
                                 let reason = if is_json { format!("malformed JSON ({e})") } else { "a non-JSON body".to_string() };
                                 if attempt >= self.settings.max_retries {
                                     return Err(Error::Keycloak(format!("GET {path}: Keycloak answered 200 with {reason} after {} attempts", attempt + 1)));
@@ -413,6 +460,7 @@ impl KeycloakSource {
                             tracing::debug!(path, "token refused; renewing");
                             self.forget_token();
                             renewed = true;
+                            self.metrics.retry();
                             continue;
                         }
                         (401, Ok(_)) => {
@@ -461,6 +509,7 @@ impl KeycloakSource {
                     }
                 }
             };
+            self.metrics.retry();
             tokio::time::sleep(retry_in).await;
             attempt += 1;
         }
@@ -708,6 +757,10 @@ impl IdentityProvider for KeycloakSource {
         "keycloak"
     }
 
+    fn keycloak_metrics(&self) -> Option<KeycloakMetrics> {
+        Some(self.metrics.clone())
+    }
+
     fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             // Every run starts from a fresh discovery document and token, so a Keycloak that moved
@@ -726,6 +779,34 @@ impl IdentityProvider for KeycloakSource {
         out: mpsc::Sender<Vec<Identity>>,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move { self.stream_users(out).await })
+    }
+}
+
+/// The shared reqwest client, counting and timing each exchange openidconnect makes.
+struct Instrumented<'a> {
+    http: &'a reqwest::Client,
+    metrics: &'a KeycloakMetrics,
+}
+
+type OidcAnswer = std::result::Result<HttpResponse, HttpClientError<reqwest::Error>>;
+
+impl<'c> AsyncHttpClient<'c> for Instrumented<'_> {
+    type Error = HttpClientError<reqwest::Error>;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = OidcAnswer> + Send + Sync + 'c>>;
+
+    fn call(&'c self, request: HttpRequest) -> Self::Future {
+        Box::pin(async move {
+            let started = Instant::now();
+            let answer = self.http.call(request).await;
+            let outcome = match &answer {
+                Ok(r) => KeycloakOutcome::of_status(r.status().as_u16()),
+                Err(HttpClientError::Reqwest(e)) => KeycloakOutcome::of_reqwest(e),
+                Err(_) => KeycloakOutcome::Transport,
+            };
+            self.metrics.request(outcome, started.elapsed());
+            answer
+        })
     }
 }
 
@@ -814,5 +895,142 @@ fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
             if missing.len() > 1 { "s" } else { "" },
             missing.join(" and ")
         )))
+    }
+}
+
+/// A user event (`GET events`), as much of it as the event follower reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UserEvent {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub time: i64,
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default, rename = "userId")]
+    pub user_id: Option<String>,
+}
+
+/// An admin event (`GET admin-events`), as much of it as the event follower reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdminEvent {
+    #[serde(default)]
+    pub id: Option<String>,
+    pub time: i64,
+    #[serde(default, rename = "operationType")]
+    pub operation: Option<String>,
+    #[serde(default, rename = "resourceType")]
+    pub resource_type: Option<String>,
+    #[serde(default, rename = "resourcePath")]
+    pub resource_path: Option<String>,
+}
+
+/// The realm's event settings (`GET events/config`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct EventsConfig {
+    #[serde(default, rename = "eventsEnabled")]
+    pub events_enabled: bool,
+    #[serde(default, rename = "adminEventsEnabled")]
+    pub admin_events_enabled: bool,
+    /// Seconds user events are kept; none = kept forever.
+    #[serde(default, rename = "eventsExpiration")]
+    pub events_expiration: Option<i64>,
+}
+
+/// Which event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    User,
+    Admin,
+}
+
+impl Stream {
+    fn path(self) -> &'static str {
+        match self {
+            Stream::User => "events",
+            Stream::Admin => "admin-events",
+        }
+    }
+}
+
+impl KeycloakSource {
+    /// A fresh discovery and token, as a run's preflight does (the event follower's start).
+    pub async fn reconnect(&self) {
+        *self.metadata.lock().await = None;
+        self.forget_token();
+    }
+
+    /// The realm's event settings. A 403 means the service account lacks `view-events`.
+    pub async fn events_config(&self) -> Result<EventsConfig> {
+        self.get("events/config", &[])
+            .await
+            .map_err(|e| self.view_events_needed(e, "events/config"))
+    }
+
+    /// One page of a stream's events at or after `from_ms`, oldest first.
+    pub async fn events_page<T: DeserializeOwned>(
+        &self,
+        stream: Stream,
+        from_ms: i64,
+        first: u32,
+        max: u32,
+    ) -> Result<Vec<T>> {
+        let q = [
+            ("dateFrom", from_ms.to_string()),
+            ("direction", "asc".to_string()),
+            ("first", first.to_string()),
+            ("max", max.to_string()),
+        ];
+        self.get(stream.path(), &q)
+            .await
+            .map_err(|e| self.view_events_needed(e, stream.path()))
+    }
+
+    /// One user as an identity (`GET users/{id}` and its effective realm roles, composites and
+    /// groups expanded by Keycloak in `role-mappings/realm/composite`); `None` when the user is
+    /// gone or is a service account.
+    pub async fn user_identity(&self, id: &str) -> Result<Option<Identity>> {
+        let path = format!("users/{}", enc(id));
+        let u: UserRep = match self.get(&path, &[]).await {
+            Ok(u) => u,
+            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        if u.service_account_client_id.is_some() || u.username.starts_with("service-account-") {
+            return Ok(None);
+        }
+        let roles: Vec<RoleRep> = match self
+            .get(&format!("{path}/role-mappings/realm/composite"), &[])
+            .await
+        {
+            Ok(r) => r,
+            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(Identity {
+            sub: u.id,
+            username: u.username,
+            email: u.email,
+            first_name: u.first_name,
+            last_name: u.last_name,
+            enabled: u.enabled.unwrap_or(false),
+            realm_roles: self.filter.keep(roles.into_iter().map(|r| r.name)),
+        }))
+    }
+
+    /// A 403 on an events endpoint names `view-events`, not the listing's roles.
+    fn view_events_needed(&self, e: Error, path: &str) -> Error {
+        match e {
+            Error::KeycloakAuth(m) if m.contains("403") => Error::KeycloakAuth(format!(
+                "GET {path}: 403: the service account of client {:?} lacks realm-management role view-events: assign it in Keycloak (Clients > {} > Service accounts roles > realm-management > view-events)",
+                self.client_id(),
+                self.client_id()
+            )),
+            other => other,
+        }
+    }
+
+    /// Requests made so far (every attempt counts).
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -72,6 +72,17 @@ pub trait IdentityProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Checks the input before a run writes anything (a realm file is parsed and validated).
     fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>>;
+    /// Whether the stream is the whole realm (a full listing) or only some users (an event
+    /// batch). Only a complete listing can tell that a user is missing from the realm or that a
+    /// username moved to a new sub.
+    fn complete(&self) -> bool {
+        true
+    }
+    /// The source's own instruments (the Keycloak source's request counters), for the app's
+    /// registry. None by default.
+    fn keycloak_metrics(&self) -> Option<crate::metrics::KeycloakMetrics> {
+        None
+    }
     /// Sends every identity, in batches, then returns. An error means the listing is incomplete.
     fn stream(
         self: Arc<Self>,
@@ -192,4 +203,42 @@ pub fn granting_roles(
         .iter()
         .map(|r| (r.clone(), graph.holders_of(r)))
         .collect()
+}
+
+/// A fixed set of identities, already fetched (the users an event batch touched): not the whole
+/// realm, so nothing is reported missing and no row is re-aligned on its strength.
+pub struct SomeUsers {
+    pub users: Vec<Identity>,
+}
+
+impl IdentityProvider for SomeUsers {
+    fn name(&self) -> &'static str {
+        "keycloak events"
+    }
+
+    fn complete(&self) -> bool {
+        false
+    }
+
+    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn stream(
+        self: Arc<Self>,
+        out: mpsc::Sender<Vec<Identity>>,
+    ) -> BoxFuture<'static, Result<SourceStats>> {
+        Box::pin(async move {
+            let listed = self.users.len() as u64;
+            if listed > 0 {
+                out.send(self.users.clone())
+                    .await
+                    .map_err(|_| crate::error::Error::Cancelled)?;
+            }
+            Ok(SourceStats {
+                listed,
+                ..SourceStats::default()
+            })
+        })
+    }
 }

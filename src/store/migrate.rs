@@ -20,11 +20,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "db_schema_v1",
-    sql: include_str!("../../migrations/V1__db_schema_v1.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "db_schema_v1",
+        sql: include_str!("../../migrations/V1__db_schema_v1.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "event_follower",
+        sql: include_str!("../../migrations/V2__event_follower.sql"),
+    },
+];
 
 impl Migration {
     pub fn checksum(&self) -> String {

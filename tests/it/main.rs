@@ -5,9 +5,14 @@
 
 mod harness;
 
+mod conformance;
+mod conformance_events;
 mod core;
 mod daemon;
+mod deadlines;
 mod emulator;
+mod emulator_vs_real;
+mod events;
 mod hardening;
 mod identities;
 mod listing;
@@ -15,3 +20,4 @@ mod ops;
 mod parsers;
 mod pg_tls;
 mod realm_files;
+mod signals;

@@ -429,6 +429,17 @@ struct Shared {
     jti: AtomicU64,
     /// The discovery document points the token endpoint at `/moved/...` and the old one is gone.
     moved: std::sync::atomic::AtomicBool,
+    /// Stored user and admin events and the realm's event settings.
+    events: Mutex<EventStore>,
+}
+
+/// What `GET events`, `GET admin-events` and `GET events/config` serve.
+struct EventStore {
+    user: Vec<Value>,
+    admin: Vec<Value>,
+    enabled: bool,
+    admin_enabled: bool,
+    expiration: Option<i64>,
 }
 
 pub struct KeycloakEmulator {
@@ -461,6 +472,13 @@ impl KeycloakEmulator {
             base: format!("http://{addr}"),
             jti: AtomicU64::new(1),
             moved: std::sync::atomic::AtomicBool::new(false),
+            events: Mutex::new(EventStore {
+                user: Vec::new(),
+                admin: Vec::new(),
+                enabled: true,
+                admin_enabled: true,
+                expiration: None,
+            }),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -563,6 +581,32 @@ impl KeycloakEmulator {
         f.short_every = 0;
         f.paged = 0;
         f.hide_every = 0;
+    }
+
+    /// Stores a user event (`{"id","time","type","userId",...}`), as Keycloak would on a login,
+    /// registration or profile change.
+    pub fn push_user_event(&self, event: Value) {
+        self.shared.events.lock().unwrap().user.push(event);
+    }
+
+    /// Stores an admin event (`{"id","time","operationType","resourceType","resourcePath"}`).
+    pub fn push_admin_event(&self, event: Value) {
+        self.shared.events.lock().unwrap().admin.push(event);
+    }
+
+    /// Drops stored events, as their expiration does.
+    pub fn expire_events_before(&self, time: i64) {
+        let mut e = self.shared.events.lock().unwrap();
+        e.user.retain(|v| v["time"].as_i64().unwrap_or(0) >= time);
+        e.admin.retain(|v| v["time"].as_i64().unwrap_or(0) >= time);
+    }
+
+    /// The realm's event settings: user events saved, admin events saved, expiration (s).
+    pub fn set_events_config(&self, enabled: bool, admin_enabled: bool, expiration: Option<i64>) {
+        let mut e = self.shared.events.lock().unwrap();
+        e.enabled = enabled;
+        e.admin_enabled = admin_enabled;
+        e.expiration = expiration;
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -1131,6 +1175,47 @@ fn admin(
                 .map(|(_, &i)| user_json(&realm.users[i], brief, true))
                 .collect();
             json_response(200, Value::Array(shorten(sh, page)))
+        }
+        ["events"] | ["admin-events"] => {
+            if !can("view-events") {
+                return error(403, FORBIDDEN);
+            }
+            let store = sh.events.lock().unwrap();
+            let (list, on) = if rest == ["events"] {
+                (&store.user, store.enabled)
+            } else {
+                (&store.admin, store.admin_enabled)
+            };
+            let from = q.get("dateFrom").and_then(|v| v.parse::<i64>().ok()).unwrap_or(i64::MIN);
+            let mut matching: Vec<Value> = if on {
+                list.iter()
+                    .filter(|e| e["time"].as_i64().unwrap_or(0) >= from)
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            // Oldest first with direction=asc, newest first otherwise; stable within a time.
+            matching.sort_by_key(|e| e["time"].as_i64().unwrap_or(0));
+            if q.get("direction").map(String::as_str) != Some("asc") {
+                matching.reverse();
+            }
+            let first = q.get("first").and_then(|v| v.parse().ok()).unwrap_or(0usize);
+            let max = q.get("max").and_then(|v| v.parse().ok()).unwrap_or(100usize);
+            let page: Vec<Value> = matching.into_iter().skip(first).take(max).collect();
+            json_response(200, Value::Array(page))
+        }
+        ["events", "config"] => {
+            if !can("view-events") {
+                return error(403, FORBIDDEN);
+            }
+            let store = sh.events.lock().unwrap();
+            let mut v = json!({"eventsEnabled": store.enabled, "eventsListeners": ["jboss-logging"],
+                "enabledEventTypes": [], "adminEventsEnabled": store.admin_enabled, "adminEventsDetailsEnabled": true});
+            if let Some(x) = store.expiration {
+                v["eventsExpiration"] = json!(x);
+            }
+            json_response(200, v)
         }
         ["users", "count"] => {
             if !can("query-users") {

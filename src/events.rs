@@ -1,0 +1,649 @@
+//! Following Keycloak's events between full runs, so a new user is provisioned and a lost
+//! privilege revoked within seconds, at a cost that grows with the changes, not the realm.
+//!
+//! Every `events.poll_interval` the follower reads the user events (`GET events`) and the admin
+//! events (`GET admin-events`) at or after its checkpoint, oldest first, page by page. An event
+//! that concerns one user (a registration, a profile or email update, a user created, updated,
+//! disabled, given or taken a role or a group) re-syncs that user: `GET users/{id}` and
+//! `GET users/{id}/role-mappings/realm/composite` (the effective realm roles, composites and
+//! groups expanded by Keycloak), then the same units and rules as a full run, under the same run
+//! lock, leaving one `seed_runs` row with trigger `event` per applied batch. An event whose
+//! effect on users is unknown (a role's composites, a group's roles or parent, a realm import)
+//! asks the daemon for a full run at once.
+//!
+//! The checkpoint (table `event_follower`) holds, per stream, the time of the last event applied
+//! and the ids applied at that millisecond: events sharing it are neither lost nor applied twice,
+//! across restarts and replicas. A checkpoint older than the realm's event expiration means
+//! events may have been dropped: a full run, and the checkpoint moves to now. Events are only an
+//! accelerator: the scheduled full run stays and heals whatever they missed.
+//!
+//! Events not enabled on the realm, or a service account without `view-events`: one warning
+//! naming the fix, then schedule-only mode (`seedkeeper_events_following` 0, shown by `status`).
+//! Reads `events.*`, `keycloak.realm`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde::de::DeserializeOwned;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::DatabaseSettings;
+use crate::error::{Error, Result};
+use crate::identity::keycloak::{AdminEvent, KeycloakSource, Stream, UserEvent};
+use crate::identity::{BoxFuture, Identity, SomeUsers};
+use crate::reconcile::{Engine, Mode, Outcome, RunReport};
+use crate::store;
+
+/// Events read per request.
+const PAGE: u32 = 100;
+/// More events than this in one poll is a burst better served by one full run.
+const BURST: usize = 5_000;
+/// The checkpoint starts this far back: clocks of Keycloak and seedkeeper may differ a little,
+/// and applying an event twice is harmless.
+const START_MARGIN_MS: i64 = 5_000;
+
+/// User event types that change what seedkeeper stores about the user.
+const USER_EVENT_TYPES: &[&str] = &[
+    "REGISTER",
+    "UPDATE_PROFILE",
+    "UPDATE_EMAIL",
+    "VERIFY_EMAIL",
+    "DELETE_ACCOUNT",
+    "IDENTITY_PROVIDER_FIRST_LOGIN",
+    "USER_DISABLED_BY_PERMANENT_LOCKOUT",
+];
+
+/// What a batch of events asks for.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    /// Users to re-sync, by id.
+    pub users: BTreeSet<String>,
+    /// A change whose effect on users is unknown: a full run.
+    pub full_run: Option<String>,
+}
+
+/// What one admin event means for seedkeeper.
+pub fn classify_admin(e: &AdminEvent, wanted: &mut Wanted) {
+    let path = e.resource_path.as_deref().unwrap_or("");
+    let kind = e.resource_type.as_deref().unwrap_or("");
+    let mut segs = path.split('/');
+    if segs.next() == Some("users") {
+        if let Some(id) = segs.next().filter(|s| !s.is_empty()) {
+            if matches!(
+                kind,
+                "USER" | "REALM_ROLE_MAPPING" | "GROUP_MEMBERSHIP" | "CLIENT_ROLE_MAPPING"
+            ) {
+                wanted.users.insert(id.to_string());
+                return;
+            }
+        }
+    }
+    // Roles, groups, their mappings and realm imports reach users seedkeeper cannot name.
+    if matches!(
+        kind,
+        "GROUP"
+            | "GROUP_MEMBERSHIP"
+            | "REALM_ROLE"
+            | "REALM_ROLE_MAPPING"
+            | "CLIENT_ROLE_MAPPING"
+            | "REALM"
+            | "USER"
+    ) && wanted.full_run.is_none()
+    {
+        wanted.full_run = Some(format!(
+            "admin event {} {kind} {path}",
+            e.operation.as_deref().unwrap_or("?")
+        ));
+    }
+}
+
+/// What one user event means for seedkeeper.
+pub fn classify_user(e: &UserEvent, wanted: &mut Wanted) {
+    let kind = e.kind.as_deref().unwrap_or("");
+    if USER_EVENT_TYPES.contains(&kind) {
+        if let Some(id) = e.user_id.as_deref().filter(|s| !s.is_empty()) {
+            wanted.users.insert(id.to_string());
+        }
+    }
+}
+
+/// Where one stream stands: the last time applied and the ids applied at that millisecond.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub time: i64,
+    pub ids: Vec<String>,
+}
+
+impl Mark {
+    /// Whether an event (time, key) was applied already.
+    pub fn covers(&self, time: i64, key: &str) -> bool {
+        time < self.time || (time == self.time && self.ids.iter().any(|i| i == key))
+    }
+
+    /// The mark after applying events with these (time, key) pairs.
+    pub fn advance(&self, seen: &[(i64, String)]) -> Mark {
+        let Some(last) = seen.iter().map(|(t, _)| *t).max() else {
+            return self.clone();
+        };
+        if last < self.time {
+            return self.clone();
+        }
+        let mut ids: Vec<String> = if last == self.time {
+            self.ids.clone()
+        } else {
+            Vec::new()
+        };
+        for (t, k) in seen {
+            if *t == last && !ids.contains(k) {
+                ids.push(k.clone());
+            }
+        }
+        Mark { time: last, ids }
+    }
+}
+
+/// An event's identity: Keycloak's id, or its content when it has none.
+pub trait EventKey {
+    fn time(&self) -> i64;
+    fn key(&self) -> String;
+}
+
+impl EventKey for UserEvent {
+    fn time(&self) -> i64 {
+        self.time
+    }
+    fn key(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            format!(
+                "{}:{}:{}",
+                self.time,
+                self.kind.as_deref().unwrap_or(""),
+                self.user_id.as_deref().unwrap_or("")
+            )
+        })
+    }
+}
+
+impl EventKey for AdminEvent {
+    fn time(&self) -> i64 {
+        self.time
+    }
+    fn key(&self) -> String {
+        self.id.clone().unwrap_or_else(|| {
+            format!(
+                "{}:{}:{}",
+                self.time,
+                self.operation.as_deref().unwrap_or(""),
+                self.resource_path.as_deref().unwrap_or("")
+            )
+        })
+    }
+}
+
+/// The follower's state: its `/metrics` series (registered by [`crate::metrics::Metrics`]) and
+/// why it does not follow, if it does not.
+#[derive(Debug, Default)]
+pub struct FollowerState {
+    /// 1 while events are followed, 0 in schedule-only mode (and before the follower starts).
+    pub following: Gauge,
+    pub reason: Mutex<Option<String>>,
+    pub batches: Counter,
+    pub users_applied: Counter,
+    pub full_runs_asked: Counter,
+    pub polls: Counter,
+}
+
+/// The realm's checkpoint row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub user: Mark,
+    pub admin: Mark,
+}
+
+pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoint>> {
+    let row = c
+        .query_opt(
+            "SELECT user_time, user_ids, admin_time, admin_ids FROM event_follower WHERE realm = $1",
+            &[&realm],
+        )
+        .await
+        .map_err(store::ctx("reading the event checkpoint"))?;
+    Ok(row.map(|r| Checkpoint {
+        user: Mark {
+            time: r.get(0),
+            ids: r.get(1),
+        },
+        admin: Mark {
+            time: r.get(2),
+            ids: r.get(3),
+        },
+    }))
+}
+
+pub async fn save_checkpoint(c: &Client, realm: &str, cp: &Checkpoint) -> Result<()> {
+    c.execute(
+        "INSERT INTO event_follower (realm, user_time, user_ids, admin_time, admin_ids, following, reason, updated_at)
+         VALUES ($1, $2, $3, $4, $5, true, NULL, now())
+         ON CONFLICT (realm) DO UPDATE SET user_time = $2, user_ids = $3, admin_time = $4, admin_ids = $5,
+             following = true, reason = NULL, updated_at = now()",
+        &[&realm, &cp.user.time, &cp.user.ids, &cp.admin.time, &cp.admin.ids],
+    )
+    .await
+    .map_err(store::ctx("saving the event checkpoint"))?;
+    Ok(())
+}
+
+/// Records that events are not followed, and why (for `seedkeeper status`).
+pub async fn save_not_following(c: &Client, realm: &str, reason: &str, now_ms: i64) -> Result<()> {
+    c.execute(
+        "INSERT INTO event_follower (realm, user_time, admin_time, following, reason, updated_at)
+         VALUES ($1, $2, $2, false, $3, now())
+         ON CONFLICT (realm) DO UPDATE SET following = false, reason = $3, updated_at = now()",
+        &[&realm, &now_ms, &reason],
+    )
+    .await
+    .map_err(store::ctx("recording that events are not followed"))?;
+    Ok(())
+}
+
+/// One line per realm for `seedkeeper status`: whether events are followed, and where the
+/// checkpoint stands or why they are not. Empty before the first run.
+pub async fn status_lines(c: &Client) -> Result<Vec<String>> {
+    if !store::table_exists(c, "event_follower").await? {
+        return Ok(Vec::new());
+    }
+    let rows = c
+        .query(
+            "SELECT realm, following, reason, greatest(user_time, admin_time), updated_at
+             FROM event_follower ORDER BY realm",
+            &[],
+        )
+        .await
+        .map_err(store::ctx("reading the event follower's state"))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let realm: String = r.get(0);
+            let following: bool = r.get(1);
+            let reason: Option<String> = r.get(2);
+            let last: i64 = r.get(3);
+            let updated: chrono::DateTime<chrono::Utc> = r.get(4);
+            if following {
+                let at = chrono::DateTime::from_timestamp_millis(last)
+                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
+                    .unwrap_or_default();
+                format!(
+                    "events: following realm {realm:?}; applied up to {at} UTC (moved {})",
+                    updated.format("%Y-%m-%d %H:%M:%S")
+                )
+            } else {
+                format!(
+                    "events: not followed in realm {realm:?} (schedule only): {}",
+                    reason.unwrap_or_default()
+                )
+            }
+        })
+        .collect())
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// What one poll did.
+#[derive(Debug, Default)]
+pub struct Poll {
+    pub events: usize,
+    pub users: usize,
+    pub report: Option<RunReport>,
+    pub full_run: Option<String>,
+}
+
+/// Applies the identities of an event batch as a run with trigger `event`; `None` when a run is
+/// in flight (the batch waits for the next poll).
+pub type Apply = Arc<
+    dyn Fn(Vec<Identity>, CancellationToken) -> BoxFuture<'static, Option<RunReport>> + Send + Sync,
+>;
+
+/// An [`Apply`] straight on an engine (the run lock still keeps replicas apart).
+pub fn apply_with(engine: Arc<Engine>) -> Apply {
+    Arc::new(move |users: Vec<Identity>, cancel: CancellationToken| {
+        let engine = engine.clone();
+        Box::pin(async move {
+            let report = engine
+                .run_with(
+                    Mode::Apply,
+                    "event",
+                    Duration::from_secs(5),
+                    &cancel,
+                    Arc::new(SomeUsers { users }),
+                )
+                .await;
+            Some(report)
+        })
+    })
+}
+
+/// The event follower of one daemon.
+pub struct Follower {
+    pub kc: Arc<KeycloakSource>,
+    pub apply: Apply,
+    /// Where the checkpoint lives.
+    pub database: DatabaseSettings,
+    pub realm: String,
+    pub poll_interval: Duration,
+    /// Asks the daemon for a full run as soon as possible.
+    pub full_run: Arc<dyn Fn(&str) + Send + Sync>,
+    pub state: Arc<FollowerState>,
+}
+
+impl Follower {
+    /// Whether the realm and the service account allow following; the reason when not.
+    pub async fn check(&self) -> std::result::Result<Option<i64>, String> {
+        self.kc.reconnect().await;
+        match self.kc.events_config().await {
+            Ok(cfg) if !cfg.events_enabled || !cfg.admin_events_enabled => Err(format!(
+                "events are not saved in realm {:?} (user events {}, admin events {}): enable both in Keycloak (Realm settings > Events > User events settings and Admin events settings, Save events on)",
+                self.realm,
+                if cfg.events_enabled { "on" } else { "off" },
+                if cfg.admin_events_enabled { "on" } else { "off" },
+            )),
+            Ok(cfg) => Ok(cfg.events_expiration.filter(|s| *s > 0)),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Follows until `cancel`: checks once, then polls. Not following is a warning and a state,
+    /// never a crash: the schedule goes on.
+    pub async fn run(self, cancel: CancellationToken) {
+        let expiration = loop {
+            match self.check().await {
+                Ok(exp) => break exp,
+                Err(reason) => {
+                    let transient = reason.contains("unavailable") || reason.contains("timed out");
+                    self.state.following.set(0);
+                    *self.state.reason.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(reason.clone());
+                    if !transient {
+                        tracing::warn!(realm = %self.realm, reason = %reason, "not following Keycloak events; the schedule alone keeps the database in sync");
+                        self.record_not_following(&reason, &cancel).await;
+                        return;
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(self.poll_interval.max(Duration::from_secs(5))) => {}
+                    }
+                }
+            }
+        };
+        self.state.following.set(1);
+        *self.state.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::info!(realm = %self.realm, poll_ms = self.poll_interval.as_millis() as u64, expiration_s = expiration, "following Keycloak events");
+        let mut db: Option<store::Db> = None;
+        let mut failures = 0u32;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.poll_interval) => {}
+            }
+            if db.as_ref().map(|d| d.client.is_closed()).unwrap_or(true) {
+                db = store::connect(&self.database).await.ok();
+            }
+            let Some(conn) = db.as_ref() else { continue };
+            match self.poll(&conn.client, expiration, &cancel).await {
+                Ok(p) => {
+                    failures = 0;
+                    if p.events > 0 {
+                        tracing::debug!(events = p.events, users = p.users, "events applied");
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    // One line per outage, then quiet until it ends.
+                    if failures == 1 {
+                        tracing::warn!(error = %e, "reading Keycloak events failed; retrying every poll");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records why events are not followed, for `seedkeeper status`, once the startup run has
+    /// created the table.
+    async fn record_not_following(&self, reason: &str, cancel: &CancellationToken) {
+        loop {
+            if let Ok(db) = store::connect(&self.database).await {
+                if store::table_exists(&db.client, "event_follower")
+                    .await
+                    .unwrap_or(false)
+                {
+                    let _ = save_not_following(&db.client, &self.realm, reason, now_ms()).await;
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.poll_interval.max(Duration::from_secs(1))) => {}
+            }
+        }
+    }
+
+    /// Every event of `stream` not yet applied, oldest first.
+    async fn read<T: DeserializeOwned + EventKey>(
+        &self,
+        stream: Stream,
+        mark: &Mark,
+    ) -> Result<Vec<T>> {
+        let mut out: Vec<T> = Vec::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut first = 0u32;
+        loop {
+            let page: Vec<T> = self.kc.events_page(stream, mark.time, first, PAGE).await?;
+            if page.is_empty() {
+                return Ok(out);
+            }
+            first += page.len() as u32;
+            for e in page {
+                let k = e.key();
+                if !mark.covers(e.time(), &k) && seen.insert(k) {
+                    out.push(e);
+                }
+            }
+            if out.len() > BURST {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// One poll: read both streams from the checkpoint, apply, move the checkpoint.
+    pub async fn poll(
+        &self,
+        db: &Client,
+        expiration_s: Option<i64>,
+        cancel: &CancellationToken,
+    ) -> Result<Poll> {
+        self.state.polls.inc();
+        if !store::table_exists(db, "event_follower").await? {
+            return Ok(Poll::default()); // the first full run has not migrated yet
+        }
+        let now = now_ms();
+        let Some(cp) = load_checkpoint(db, &self.realm).await? else {
+            let start = Mark {
+                time: now - START_MARGIN_MS,
+                ids: Vec::new(),
+            };
+            let cp = Checkpoint {
+                user: start.clone(),
+                admin: start,
+            };
+            save_checkpoint(db, &self.realm, &cp).await?;
+            return Ok(Poll::default());
+        };
+        // Events older than the expiration may be gone: what happened since is unknown.
+        if let Some(exp) = expiration_s {
+            let oldest = cp.user.time.min(cp.admin.time);
+            if now - oldest > exp * 1000 {
+                let why = format!(
+                    "the event checkpoint is {} s old, beyond the realm's event expiration of {exp} s",
+                    (now - oldest) / 1000
+                );
+                return self.gap(db, now, why).await;
+            }
+        }
+        let users: Vec<UserEvent> = self.read(Stream::User, &cp.user).await?;
+        let admins: Vec<AdminEvent> = self.read(Stream::Admin, &cp.admin).await?;
+        let mut poll = Poll {
+            events: users.len() + admins.len(),
+            ..Poll::default()
+        };
+        if poll.events == 0 {
+            return Ok(poll);
+        }
+        if poll.events > BURST {
+            return self
+                .gap(db, now, format!("more than {BURST} events in one poll"))
+                .await;
+        }
+        let mut wanted = Wanted::default();
+        users.iter().for_each(|e| classify_user(e, &mut wanted));
+        admins.iter().for_each(|e| classify_admin(e, &mut wanted));
+        let next = Checkpoint {
+            user: cp
+                .user
+                .advance(&users.iter().map(|e| (e.time, e.key())).collect::<Vec<_>>()),
+            admin: cp
+                .admin
+                .advance(&admins.iter().map(|e| (e.time, e.key())).collect::<Vec<_>>()),
+        };
+        if let Some(why) = wanted.full_run.clone() {
+            // The full run covers the users of this batch too.
+            self.ask_full_run(&why);
+            poll.full_run = Some(why);
+            save_checkpoint(db, &self.realm, &next).await?;
+            return Ok(poll);
+        }
+        let mut identities: Vec<Identity> = Vec::new();
+        for id in &wanted.users {
+            if let Some(i) = self.kc.user_identity(id).await? {
+                identities.push(i);
+            }
+        }
+        poll.users = identities.len();
+        if !identities.is_empty() {
+            let Some(report) = (self.apply)(identities, cancel.clone()).await else {
+                return Ok(poll); // a run is in flight: the batch waits for the next poll
+            };
+            match report.outcome {
+                Outcome::Skipped => return Ok(poll), // another replica runs: next poll
+                Outcome::Failed => {
+                    let e = report.error.clone().unwrap_or_default();
+                    return Err(Error::Keycloak(format!(
+                        "applying an event batch failed: {e}"
+                    )));
+                }
+                Outcome::Succeeded => {}
+            }
+            self.state.batches.inc();
+            self.state.users_applied.inc_by(poll.users as u64);
+            if report
+                .unit("identities")
+                .map(|u| u.get("deferred"))
+                .unwrap_or(0)
+                > 0
+            {
+                self.ask_full_run("an event batch met a username held by another row");
+            }
+            poll.report = Some(report);
+        }
+        save_checkpoint(db, &self.realm, &next).await?;
+        Ok(poll)
+    }
+
+    async fn gap(&self, db: &Client, now: i64, why: String) -> Result<Poll> {
+        tracing::warn!(reason = %why, "events may have been missed; starting a full run");
+        self.ask_full_run(&why);
+        let start = Mark {
+            time: now - START_MARGIN_MS,
+            ids: Vec::new(),
+        };
+        save_checkpoint(
+            db,
+            &self.realm,
+            &Checkpoint {
+                user: start.clone(),
+                admin: start,
+            },
+        )
+        .await?;
+        Ok(Poll {
+            full_run: Some(why),
+            ..Poll::default()
+        })
+    }
+
+    fn ask_full_run(&self, why: &str) {
+        self.state.full_runs_asked.inc();
+        tracing::info!(reason = %why, "a full run is due");
+        (self.full_run)(why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admin(kind: &str, path: &str) -> AdminEvent {
+        AdminEvent {
+            id: None,
+            time: 1,
+            operation: Some("UPDATE".into()),
+            resource_type: Some(kind.into()),
+            resource_path: Some(path.into()),
+        }
+    }
+
+    #[test]
+    fn user_changes_name_the_user_and_structural_changes_ask_for_a_full_run() {
+        let mut w = Wanted::default();
+        classify_admin(&admin("USER", "users/u1"), &mut w);
+        classify_admin(
+            &admin("REALM_ROLE_MAPPING", "users/u2/role-mappings/realm"),
+            &mut w,
+        );
+        classify_admin(&admin("GROUP_MEMBERSHIP", "users/u3/groups/g1"), &mut w);
+        classify_admin(&admin("CLIENT", "clients/c1"), &mut w);
+        assert_eq!(w.users.iter().collect::<Vec<_>>(), ["u1", "u2", "u3"]);
+        assert_eq!(w.full_run, None);
+        classify_admin(
+            &admin("REALM_ROLE_MAPPING", "groups/g1/role-mappings/realm"),
+            &mut w,
+        );
+        assert!(w.full_run.as_deref().unwrap().contains("groups/g1"));
+        let mut w = Wanted::default();
+        classify_admin(&admin("REALM_ROLE", "roles-by-id/r1/composites"), &mut w);
+        assert!(w.full_run.is_some());
+    }
+
+    #[test]
+    fn a_mark_covers_what_it_applied_and_advances_past_the_same_millisecond() {
+        let m = Mark {
+            time: 10,
+            ids: vec!["a".into()],
+        };
+        assert!(m.covers(9, "z") && m.covers(10, "a"));
+        assert!(!m.covers(10, "b") && !m.covers(11, "a"));
+        let same = m.advance(&[(10, "b".into())]);
+        assert_eq!(same.time, 10);
+        assert_eq!(same.ids, ["a", "b"]);
+        let later = same.advance(&[(12, "c".into()), (11, "d".into()), (12, "e".into())]);
+        assert_eq!(
+            (later.time, later.ids.clone()),
+            (12, vec!["c".to_string(), "e".to_string()])
+        );
+        assert_eq!(later.advance(&[]), later);
+    }
+}

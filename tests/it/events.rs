@@ -1,0 +1,313 @@
+//! Issue 12, against the emulator: the event follower's checkpoint and batches under duplicated,
+//! out-of-order, same-millisecond and expired events, and Keycloak down between polls.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::*;
+use crate::identities::{kc_env, refs, user};
+use seedkeeper::events::{apply_with, load_checkpoint, now_ms, Follower, FollowerState};
+use seedkeeper::identity::keycloak::KeycloakSource;
+use seedkeeper::identity::RoleFilter;
+
+const ALICE: &str = "e1000000-0000-4000-8000-000000000001";
+const BOB: &str = "e1000000-0000-4000-8000-000000000002";
+
+/// The dev realm with events readable by the seedkeeper service account.
+fn realm_with(users: Vec<Value>) -> Value {
+    let mut realm = dev_realm();
+    for u in realm["users"].as_array_mut().unwrap() {
+        if u.get("serviceAccountClientId").is_some() {
+            u["clientRoles"] =
+                json!({"realm-management": ["view-users", "view-realm", "view-events"]});
+        }
+    }
+    realm["users"].as_array_mut().unwrap().extend(users);
+    realm
+}
+
+struct Setup {
+    kc: KeycloakEmulator,
+    db: TestDb,
+    follower: Follower,
+    full_runs: Arc<Mutex<Vec<String>>>,
+}
+
+async fn setup(users: Vec<Value>) -> Setup {
+    let kc = KeycloakEmulator::start(realm_with(users)).await;
+    let db = TestDb::new().await;
+    let env = kc_env(&kc);
+    let engine = Arc::new(db.engine(&refs(&env)));
+    // The startup run: schema, seed and the realm as it is now.
+    assert_ok(&apply(&engine).await);
+    let settings = engine.settings.clone();
+    let source = KeycloakSource::new(
+        &settings.keycloak,
+        RoleFilter::new(&settings.identity),
+        100,
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    let full_runs = Arc::new(Mutex::new(Vec::new()));
+    let asked = full_runs.clone();
+    let follower = Follower {
+        kc: Arc::new(source),
+        apply: apply_with(engine),
+        database: settings.database.clone(),
+        realm: settings.keycloak.realm.clone(),
+        poll_interval: Duration::from_millis(200),
+        full_run: Arc::new(move |why: &str| asked.lock().unwrap().push(why.to_string())),
+        state: Arc::new(FollowerState::default()),
+    };
+    Setup {
+        kc,
+        db,
+        follower,
+        full_runs,
+    }
+}
+
+impl Setup {
+    async fn poll(&self) -> seedkeeper::events::Poll {
+        let c = self.db.client().await;
+        self.follower
+            .poll(&c, None, &CancellationToken::new())
+            .await
+            .unwrap_or_else(|e| panic!("poll: {e}"))
+    }
+
+    async fn event_runs(&self) -> i64 {
+        self.db
+            .scalar("SELECT count(*) FROM seed_runs WHERE trigger = 'event'")
+            .await
+    }
+}
+
+fn user_event(id: &str, time: i64, kind: &str, user_id: &str) -> Value {
+    json!({"id": id, "time": time, "type": kind, "realmId": "dev", "clientId": "account", "userId": user_id, "ipAddress": "127.0.0.1"})
+}
+
+fn admin_event(id: &str, time: i64, op: &str, kind: &str, path: &str) -> Value {
+    json!({"id": id, "time": time, "realmId": "dev", "authDetails": {"realmId": "master", "clientId": "admin-cli", "userId": "x", "ipAddress": "127.0.0.1"},
+           "operationType": op, "resourceType": kind, "resourcePath": path})
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registration_event_provisions_the_user_once_even_when_the_event_is_seen_twice() {
+    let s = setup(vec![]).await;
+    assert_eq!(
+        s.poll().await.events,
+        0,
+        "the first poll sets the checkpoint"
+    );
+    // Alice registers: Keycloak has her, and the REGISTER event.
+    let mut realm = realm_with(vec![user(ALICE, "alice", &[], &[])]);
+    s.kc.set_realm(realm.clone());
+    let t = now_ms();
+    s.kc.push_user_event(user_event("ev-1", t, "REGISTER", ALICE));
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    let r = p.report.expect("a batch run");
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "inserted"), 1);
+    assert_eq!(
+        count(&r, "identities", "missing"),
+        0,
+        "a batch never reports the rest missing"
+    );
+    let n = s
+        .db
+        .scalar("SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id WHERE u.username = 'alice'")
+        .await;
+    assert_eq!(n, 1, "a row and a personal tenant");
+    assert_eq!(s.event_runs().await, 1);
+
+    // The same event again (Keycloak answers it again at the checkpoint's millisecond), and an
+    // unrelated LOGIN: nothing is applied, no evidence row.
+    s.kc.push_user_event(user_event("ev-1", t, "REGISTER", ALICE));
+    s.kc.push_user_event(user_event("ev-2", t, "LOGIN", ALICE));
+    let p = s.poll().await;
+    assert_eq!(p.users, 0);
+    assert!(p.report.is_none());
+    assert_eq!(
+        s.event_runs().await,
+        1,
+        "idle and duplicate polls leave no row"
+    );
+
+    // A role taken away is revoked by the next batch.
+    realm["users"].as_array_mut().unwrap().last_mut().unwrap()["realmRoles"] = json!(["admin"]);
+    s.kc.set_realm(realm.clone());
+    s.kc.push_admin_event(admin_event(
+        "ad-1",
+        t + 5,
+        "CREATE",
+        "REALM_ROLE_MAPPING",
+        &format!("users/{ALICE}/role-mappings/realm"),
+    ));
+    assert_ok(s.poll().await.report.as_ref().unwrap());
+    assert_eq!(
+        s.db.strings("SELECT role FROM users WHERE username = 'alice'")
+            .await,
+        ["admin"]
+    );
+    realm["users"].as_array_mut().unwrap().last_mut().unwrap()["realmRoles"] = json!([]);
+    s.kc.set_realm(realm);
+    s.kc.push_admin_event(admin_event(
+        "ad-2",
+        t + 6,
+        "DELETE",
+        "REALM_ROLE_MAPPING",
+        &format!("users/{ALICE}/role-mappings/realm"),
+    ));
+    let r = s.poll().await.report.unwrap();
+    assert_eq!(count(&r, "role_bindings", "revoked"), 1);
+    assert!(s.full_runs.lock().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_out_of_order_and_in_the_same_millisecond_are_each_applied_once() {
+    let s = setup(vec![
+        user(ALICE, "alice", &[], &[]),
+        user(BOB, "bob", &[], &[]),
+    ])
+    .await;
+    s.poll().await;
+    let t = now_ms() + 1000;
+    // Two events at the same millisecond, pushed after a later one: Keycloak sorts by time.
+    s.kc.push_admin_event(admin_event(
+        "a-3",
+        t + 2,
+        "UPDATE",
+        "USER",
+        &format!("users/{BOB}"),
+    ));
+    s.kc.push_admin_event(admin_event(
+        "a-1",
+        t,
+        "UPDATE",
+        "USER",
+        &format!("users/{ALICE}"),
+    ));
+    let p = s.poll().await;
+    assert_eq!(p.events, 2);
+    let cp = load_checkpoint(&s.db.client().await, "dev")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (cp.admin.time, cp.admin.ids.clone()),
+        (t + 2, vec!["a-3".to_string()])
+    );
+    // Another event at the checkpoint's very millisecond arrives late: applied, not skipped;
+    // the one already applied there is not applied again.
+    s.kc.push_admin_event(admin_event(
+        "a-4",
+        t + 2,
+        "UPDATE",
+        "USER",
+        &format!("users/{ALICE}"),
+    ));
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    let cp = load_checkpoint(&s.db.client().await, "dev")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cp.admin.ids, ["a-3", "a-4"]);
+    assert_eq!(s.poll().await.events, 0);
+    // And an event older than the checkpoint (clock skew) is never applied twice.
+    s.kc.push_admin_event(admin_event(
+        "a-0",
+        t - 10,
+        "UPDATE",
+        "USER",
+        &format!("users/{BOB}"),
+    ));
+    assert_eq!(s.poll().await.events, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_structural_change_or_an_expired_checkpoint_asks_for_a_full_run() {
+    let s = setup(vec![]).await;
+    s.poll().await;
+    let t = now_ms();
+    s.kc.push_admin_event(admin_event(
+        "g-1",
+        t,
+        "CREATE",
+        "REALM_ROLE_MAPPING",
+        "groups/g1/role-mappings/realm",
+    ));
+    let p = s.poll().await;
+    assert!(p.full_run.unwrap().contains("groups/g1"));
+    assert_eq!(s.full_runs.lock().unwrap().len(), 1);
+    assert!(p.report.is_none(), "the full run covers the batch");
+
+    // A checkpoint older than the realm's event expiration: events may be gone.
+    let c = s.db.client().await;
+    c.execute("UPDATE event_follower SET user_time = user_time - 7200000, admin_time = admin_time - 7200000", &[])
+        .await
+        .unwrap();
+    let p = s
+        .follower
+        .poll(&c, Some(3600), &CancellationToken::new())
+        .await
+        .unwrap();
+    assert!(p
+        .full_run
+        .unwrap()
+        .contains("beyond the realm's event expiration of 3600 s"));
+    let cp = load_checkpoint(&c, "dev").await.unwrap().unwrap();
+    assert!(
+        now_ms() - cp.user.time < 60_000,
+        "the checkpoint moved to now"
+    );
+    assert_eq!(s.full_runs.lock().unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keycloak_down_between_polls_loses_nothing_and_a_restart_resumes_from_the_checkpoint() {
+    let s = setup(vec![]).await;
+    s.poll().await;
+    let realm = realm_with(vec![
+        user(ALICE, "alice", &[], &[]),
+        user(BOB, "bob", &[], &[]),
+    ]);
+    s.kc.set_realm(realm);
+    let t = now_ms();
+    s.kc.push_user_event(user_event("r-1", t, "REGISTER", ALICE));
+    s.kc.fail_next_admin(4, 503); // the first request and its 3 retries
+    let c = s.db.client().await;
+    let err = s.follower.poll(&c, None, &CancellationToken::new()).await;
+    assert!(err.is_err(), "an outage fails the poll");
+    let users =
+        s.db.scalar("SELECT count(*) FROM users WHERE username = 'alice'")
+            .await;
+    assert_eq!(users, 0);
+    // Keycloak is back; a second follower (a restarted daemon, or another replica) reads the
+    // same checkpoint and applies what the outage held back, and Bob who came meanwhile.
+    s.kc.push_user_event(user_event("r-2", t + 1, "REGISTER", BOB));
+    let again = Follower {
+        kc: s.follower.kc.clone(),
+        apply: s.follower.apply.clone(),
+        database: s.follower.database.clone(),
+        realm: s.follower.realm.clone(),
+        poll_interval: s.follower.poll_interval,
+        full_run: s.follower.full_run.clone(),
+        state: Arc::new(FollowerState::default()),
+    };
+    let p = again
+        .poll(&c, None, &CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((p.events, p.users), (2, 2));
+    let n =
+        s.db.scalar("SELECT count(*) FROM users WHERE username IN ('alice', 'bob')")
+            .await;
+    assert_eq!(n, 2);
+}

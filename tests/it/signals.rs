@@ -1,0 +1,441 @@
+//! Issue 11, signals an SRE can trust: `/metrics` from the registry (every error-kind series at
+//! 0 before any run, build info, no `last_run_ok` before a run finishes), Keycloak requests and
+//! retries counted exactly as the emulator saw them, and JSON logs: with
+//! `SEEDKEEPER_LOG__FORMAT=json` everything `--once` prints is a JSON line (summary with `counts`
+//! as an object, errors included, configuration and usage errors too), and every line of a run
+//! carries its `run.id`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use seedkeeper::metrics::{ErrorKind, KeycloakOutcome, RunOutcome};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::*;
+use crate::identities::{kc_env, refs};
+
+/// Every sample of a Prometheus text exposition, `name{labels}` -> value. Fails on a line that
+/// is not a comment, a blank or `series value`.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad metrics line {line:?}"));
+        let v: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        assert!(series.starts_with("seedkeeper_"), "{line}");
+        assert!(
+            out.insert(series.to_string(), v).is_none(),
+            "duplicate {line}"
+        );
+    }
+    out
+}
+
+fn get(s: &BTreeMap<String, f64>, series: &str) -> f64 {
+    *s.get(series)
+        .unwrap_or_else(|| panic!("no series {series} in {s:#?}"))
+}
+
+fn kc_requests(s: &BTreeMap<String, f64>, outcome: KeycloakOutcome) -> f64 {
+    get(
+        s,
+        &format!(
+            "seedkeeper_keycloak_requests_total{{outcome=\"{}\"}}",
+            outcome.as_str()
+        ),
+    )
+}
+
+fn run_errors(s: &BTreeMap<String, f64>, kind: ErrorKind) -> f64 {
+    get(
+        s,
+        &format!("seedkeeper_run_errors_total{{kind=\"{}\"}}", kind.as_str()),
+    )
+}
+
+async fn scrape(base: &str) -> (String, String) {
+    let r = reqwest::get(format!("{base}/metrics")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let ctype = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    (ctype, r.text().await.unwrap())
+}
+
+/// `promtool check metrics` (the linter Prometheus ships) when it is installed;
+/// `scripts/check-deploy.sh` installs it.
+fn promtool_lint(text: &str) {
+    use std::io::Write;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!(
+            "promtool not installed: /metrics not linted (scripts/check-deploy.sh installs it)"
+        );
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is_absent() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let env = kc_env(&kc);
+    let engine = db.engine(&refs(&env));
+    let digest = engine.seed.digest.clone();
+    let app = seedkeeper::app::App::new(engine);
+    // HTTP only: no scheduler, no startup run.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let cancel = CancellationToken::new();
+    let http = tokio::spawn(seedkeeper::http::serve(
+        app.clone(),
+        listener,
+        cancel.clone(),
+    ));
+
+    let (ctype, text) = scrape(&base).await;
+    assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+    let s = samples(&text);
+    assert_eq!(
+        get(
+            &s,
+            &format!(
+                "seedkeeper_build_info{{version=\"{}\",seed_digest=\"{digest}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )
+        ),
+        1.0
+    );
+    for kind in ErrorKind::ALL {
+        assert_eq!(run_errors(&s, *kind), 0.0, "{kind:?}");
+    }
+    for outcome in RunOutcome::ALL {
+        let series = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
+        assert_eq!(get(&s, &series), 0.0);
+    }
+    for outcome in KeycloakOutcome::ALL {
+        assert_eq!(kc_requests(&s, *outcome), 0.0, "{outcome:?}");
+    }
+    assert_eq!(get(&s, "seedkeeper_keycloak_retries_total"), 0.0);
+    assert_eq!(
+        get(&s, "seedkeeper_keycloak_request_duration_seconds_count"),
+        0.0
+    );
+    assert_eq!(get(&s, "seedkeeper_run_duration_seconds_count"), 0.0);
+    assert_eq!(get(&s, "seedkeeper_last_success_timestamp_seconds"), 0.0);
+    assert!(
+        !s.contains_key("seedkeeper_last_run_ok"),
+        "last_run_ok before any run: {text}"
+    );
+    assert!(kc.journal().is_empty(), "nothing asked Keycloak yet");
+    promtool_lint(&text);
+
+    // The first run sets it.
+    let r = app
+        .run_once("test", Duration::from_secs(5), &CancellationToken::new())
+        .await;
+    assert_ok(&r);
+    let s = samples(&scrape(&base).await.1);
+    assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
+    assert_eq!(get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"), 1.0);
+    assert!(get(&s, "seedkeeper_last_success_timestamp_seconds") > 1.7e9);
+    assert_eq!(
+        get(&s, "seedkeeper_identities_seen{source=\"keycloak\"}"),
+        6.0
+    );
+    cancel.cancel();
+    http.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    // One 503, one 429 (Retry-After: 1) and one truncated body before the first admin answer;
+    // three retries are allowed (kc_env).
+    kc.fail_next_admin(1, 503);
+    kc.fail_next_admin(1, 429);
+    kc.malformed_next_admin(1);
+    let mut env = kc_env(&kc);
+    // No scheduled tick and no event follower during the test (either could take an injected
+    // fault): only the startup run, then the test's own.
+    env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+    env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
+    let d = start_daemon(db.settings(&refs(&env))).await;
+    until("the startup run is counted", 60, || async {
+        let Ok(r) = reqwest::get(format!("{}/metrics", d.base)).await else {
+            return false;
+        };
+        let text = r.text().await.unwrap_or_default();
+        let s = samples(&text);
+        s.get("seedkeeper_runs_total{outcome=\"succeeded\"}") == Some(&1.0)
+            || s.get("seedkeeper_runs_total{outcome=\"failed\"}") == Some(&1.0)
+    })
+    .await;
+    let s = samples(&scrape(&d.base).await.1);
+    assert_eq!(
+        get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+        1.0,
+        "{s:#?}"
+    );
+    let journal = kc.journal();
+    let ok_answers = journal
+        .iter()
+        .filter(|j| (200..300).contains(&j.status))
+        .count() as f64;
+    assert_eq!(kc_requests(&s, KeycloakOutcome::ServerError), 1.0);
+    assert_eq!(kc_requests(&s, KeycloakOutcome::RateLimited), 1.0);
+    assert_eq!(kc_requests(&s, KeycloakOutcome::Malformed), 1.0);
+    // The truncated body was a 200 to the emulator.
+    assert_eq!(kc_requests(&s, KeycloakOutcome::Ok), ok_answers - 1.0);
+    let total: f64 = KeycloakOutcome::ALL
+        .iter()
+        .map(|o| kc_requests(&s, *o))
+        .sum();
+    assert_eq!(
+        total,
+        journal.len() as f64,
+        "every request the emulator answered (discovery, JWKS, token, admin) is counted once"
+    );
+    assert_eq!(
+        get(&s, "seedkeeper_keycloak_request_duration_seconds_count"),
+        total
+    );
+    assert!(get(&s, "seedkeeper_keycloak_request_duration_seconds_sum") > 0.0);
+    assert_eq!(get(&s, "seedkeeper_keycloak_retries_total"), 3.0);
+    for kind in ErrorKind::ALL {
+        assert_eq!(run_errors(&s, *kind), 0.0, "{kind:?}");
+    }
+    assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
+
+    // Beyond the retries: four 503s fail the run after three retries.
+    kc.clear_journal();
+    kc.fail_next_admin(4, 503);
+    let r = d
+        .app
+        .run_once("test", Duration::from_secs(5), &CancellationToken::new())
+        .await;
+    assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
+    let s2 = samples(&scrape(&d.base).await.1);
+    assert_eq!(kc_requests(&s2, KeycloakOutcome::ServerError), 5.0);
+    assert_eq!(get(&s2, "seedkeeper_keycloak_retries_total"), 6.0);
+    let asked = kc.journal().len() as f64;
+    let total2: f64 = KeycloakOutcome::ALL
+        .iter()
+        .map(|o| kc_requests(&s2, *o))
+        .sum();
+    assert_eq!(total2 - total, asked);
+    assert_eq!(run_errors(&s2, ErrorKind::KeycloakUnavailable), 1.0);
+    for kind in ErrorKind::ALL
+        .iter()
+        .filter(|k| **k != ErrorKind::KeycloakUnavailable)
+    {
+        assert_eq!(run_errors(&s2, *kind), 0.0, "{kind:?}");
+    }
+    assert_eq!(get(&s2, "seedkeeper_runs_total{outcome=\"failed\"}"), 1.0);
+    assert_eq!(get(&s2, "seedkeeper_last_run_ok"), 0.0);
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_followers_keycloak_requests_count_in_the_same_series() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let mut env = kc_env(&kc);
+    env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+    env.push(("SEEDKEEPER_EVENTS__POLL_INTERVAL".into(), "1s".into()));
+    let d = start_daemon(db.settings(&refs(&env))).await;
+    // Once the follower has polled the events, every request the emulator answered, the
+    // follower's and the runs', is in seedkeeper_keycloak_requests_total.
+    until("the follower counted", 60, || async {
+        let journal = kc.journal();
+        let polled = journal.iter().any(|j| j.path.ends_with("/events"));
+        let Ok(r) = reqwest::get(format!("{}/metrics", d.base)).await else {
+            return false;
+        };
+        let s = samples(&r.text().await.unwrap_or_default());
+        let total: f64 = KeycloakOutcome::ALL
+            .iter()
+            .map(|o| kc_requests(&s, *o))
+            .sum();
+        polled && total == journal.len() as f64
+    })
+    .await;
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+/// Every line of `out` parsed as a JSON object; fails naming the first line that is not one.
+fn json_lines(what: &str, out: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| match serde_json::from_str::<Value>(l) {
+            Ok(v @ Value::Object(_)) => v,
+            _ => panic!("{what}: a line that is not a JSON object: {l:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_with_json_logs_prints_only_json_and_every_line_of_the_run_carries_its_id() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let mut env = db.env();
+    env.extend(kc_env(&kc));
+    env.push(("SEEDKEEPER_LOG__FORMAT".into(), "json".into()));
+
+    // A run with two retried 503s: their warnings are logged inside the source.
+    kc.fail_next_admin(2, 503);
+    let out = run_bin(&["--once"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let summary = json_lines("stdout", &out.stdout);
+    assert_eq!(summary.len(), 1, "one summary line: {summary:?}");
+    let summary = &summary[0];
+    assert_eq!(summary["message"], "run summary");
+    assert_eq!(summary["outcome"], "succeeded");
+    assert_eq!(summary["trigger"], "once");
+    assert!(summary["counts"].is_object(), "{summary}");
+    assert_eq!(summary["counts"]["identities"]["inserted"], 6, "{summary}");
+    assert!(summary["findings"].is_array());
+    let run_id = summary["run.id"].as_str().expect("run.id").to_string();
+    let logs = json_lines("stderr", &out.stderr);
+    assert!(!logs.is_empty());
+    for l in &logs {
+        assert_eq!(
+            l["run.id"],
+            run_id.as_str(),
+            "a line without the run's id: {l}"
+        );
+        assert_eq!(l["trigger"], "once", "{l}");
+        for k in ["timestamp", "level", "target", "message"] {
+            assert!(l[k].is_string(), "{k} in {l}");
+        }
+    }
+    let retries: Vec<&Value> = logs
+        .iter()
+        .filter(|l| l["level"] == "WARN" && l["target"] == "seedkeeper::identity::keycloak")
+        .collect();
+    assert_eq!(retries.len(), 2, "the two retry warnings: {logs:?}");
+    let completed = logs
+        .iter()
+        .find(|l| l["message"] == "seeding_completed")
+        .expect("seeding_completed");
+    assert!(
+        completed["counts"].is_object(),
+        "counts is an object, not a string: {completed}"
+    );
+    // Lines inside a unit name it.
+    assert!(
+        logs.iter().any(|l| l["unit"] == "schema"),
+        "a schema line: {logs:?}"
+    );
+
+    // A failing run: the summary and the error, each one JSON line.
+    kc.fail_next_admin(10, 503);
+    let out = run_bin(&["--once"], &env);
+    let code = out.status.code().unwrap_or(-1);
+    assert_ne!(code, 0, "{}", text(&out));
+    let summary = json_lines("stdout", &out.stdout);
+    assert_eq!(summary.len(), 1);
+    assert_eq!(summary[0]["outcome"], "failed");
+    assert_eq!(summary[0]["level"], "ERROR");
+    assert!(summary[0]["error"].as_str().unwrap_or("").contains("503"));
+    let logs = json_lines("stderr", &out.stderr);
+    let last = logs.last().expect("an error line");
+    assert_eq!(last["level"], "ERROR");
+    assert_eq!(last["error.kind"], "keycloak_unavailable", "{last}");
+    assert_eq!(last["exit_code"], code, "{last}");
+    assert!(last["message"].as_str().unwrap_or("").contains("503"));
+
+    // Errors before the configuration is loaded follow SEEDKEEPER_LOG__FORMAT (or
+    // --log-format, or the file's log.format): a bad key, then a usage error.
+    let mut bad = env.clone();
+    bad.push(("SEEDKEEPER_NOT_A_KEY".into(), "1".into()));
+    let out = run_bin(&["--once"], &bad);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(out.stdout.is_empty());
+    let lines = json_lines("config error", &out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["error.kind"], "config");
+    assert!(lines[0]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("not_a_key"));
+
+    let dir = TempDir::new();
+    let file = dir.write(
+        "seedkeeper.toml",
+        "[log]\nformat = \"json\"\n[nope]\nx = 1\n",
+    );
+    let mut by_file: Vec<(String, String)> = db.env();
+    by_file.push(("SEEDKEEPER_CONFIG".into(), file.display().to_string()));
+    let out = run_bin(&["--once"], &by_file);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    let lines = json_lines("config error (format from the file)", &out.stderr);
+    assert_eq!(lines[0]["exit_code"], 78);
+
+    let out = run_bin(&["--log-format", "json", "--no-such-flag"], &db.env());
+    assert_eq!(out.status.code(), Some(64), "{}", text(&out));
+    let lines = json_lines("usage error", &out.stderr);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["error.kind"], "usage");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_of_a_run_carry_its_id_on_every_line_too() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let mut env = db.env();
+    env.extend(kc_env(&kc));
+    kc.fail_next_admin(1, 503);
+    let out = run_bin(&["--once"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = stdout
+        .split_whitespace()
+        .nth(1)
+        .expect("run <id> succeeded ...")
+        .to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains('\u{1b}'), "no colours without a terminal");
+    for line in stderr.lines() {
+        assert!(
+            line.contains(&format!("run{{run.id={id} trigger=\"once\"")),
+            "{line}"
+        );
+    }
+    assert!(
+        stderr.contains("Keycloak server error; retrying"),
+        "{stderr}"
+    );
+}
