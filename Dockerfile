@@ -44,7 +44,9 @@ USER 10001:10001
 ENV SEEDKEEPER_HTTP__LISTEN=0.0.0.0:8787 \
     SEEDKEEPER_LOG__FORMAT=json
 EXPOSE 8787
-# Probes /readyz on the listen address above (0.0.0.0 is probed as 127.0.0.1); no curl needed.
+# Liveness: probes /healthz on the listen address above (0.0.0.0 is probed as 127.0.0.1; no curl
+# needed): the daemon serves and its scheduler ticks. A PostgreSQL or Keycloak outage does not
+# make the container unhealthy (a restart cannot fix it); readiness is /readyz.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["seedkeeper", "healthcheck"]
 ENTRYPOINT ["seedkeeper"]

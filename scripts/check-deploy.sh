@@ -224,6 +224,9 @@ check(image_uid is not None and image_uid.isdigit() and int(image_uid) != 0,
       f"Dockerfile: runs as a numeric non-root USER ({image_uid})")
 check(re.search(r'^HEALTHCHECK\b.*?CMD \["seedkeeper", "healthcheck"', df, re.M | re.S) is not None,
       "Dockerfile: HEALTHCHECK runs `seedkeeper healthcheck`")
+hc_help = subprocess.run([BIN, "healthcheck", "--help"], capture_output=True, text=True).stdout
+check("default http://<http.listen>/healthz" in " ".join(hc_help.split()),
+      "`seedkeeper healthcheck` probes liveness (/healthz) by default, so a PostgreSQL or Keycloak outage never fails a HEALTHCHECK")
 check(re.search(r'^ENTRYPOINT \["seedkeeper"\]', df, re.M) is not None, 'Dockerfile: ENTRYPOINT ["seedkeeper"]')
 check(re.search(r"^EXPOSE 8787\b", df, re.M) is not None, "Dockerfile: EXPOSE 8787")
 check("reference-seed.toml" in df and "realms" in df, "Dockerfile: reference seed and dev realm in the image")
@@ -628,6 +631,11 @@ stop = systemd_ms((unit_values("TimeoutStopSec") or [""])[-1])
 grace = parse_duration((eff or {}).get("shutdown", {}).get("grace", "30s"))
 check(stop is not None and grace is not None and stop > grace,
       f"systemd: TimeoutStopSec ({stop} ms) above shutdown.grace ({grace} ms)")
+# READY=1 follows the first run, which run.timeout bounds: systemd must not give up before it.
+start = systemd_ms((unit_values("TimeoutStartSec") or [""])[-1])
+run_timeout = parse_duration((eff or {}).get("run", {}).get("timeout", "10m"))
+check(start is not None and run_timeout is not None and start > run_timeout,
+      f"systemd: TimeoutStartSec ({start} ms) above run.timeout ({run_timeout} ms)")
 if shutil.which("systemd-analyze"):
     p = os.path.join(SCRATCH, "seedkeeper.service")
     with open(p, "w") as f:

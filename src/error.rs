@@ -82,6 +82,10 @@ pub enum Error {
 
     #[error("shutdown requested before the run finished")]
     Cancelled,
+
+    /// A run stopped at its deadline (`run.timeout`); the message names the key and its value.
+    #[error("{0}")]
+    Timeout(String),
 }
 
 impl Error {
@@ -112,6 +116,7 @@ impl Error {
             Error::Unit { .. } => "unit",
             Error::Io(_) => "io",
             Error::Cancelled => "cancelled",
+            Error::Timeout(_) => "timeout",
         }
     }
 

@@ -1,9 +1,9 @@
-//! HTTP: `/healthz` (the process serves), `/readyz` (the database answers and the last run
-//! succeeded; 503 with a short JSON reason otherwise), `/metrics` (Prometheus text).
-//! Reads `http.listen`.
+//! HTTP: `/healthz` (liveness: the process serves, its scheduler ticks and no run outlived its
+//! deadline; never PostgreSQL or Keycloak), `/readyz` (readiness: the database answers on the
+//! one connection kept for it, and the last run succeeded; 503 with a short JSON reason
+//! otherwise), `/metrics` (Prometheus text). Reads `http.listen`.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -14,12 +14,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
+use crate::app::{App, HEARTBEAT_STALE, PROBE_TIMEOUT};
 use crate::reconcile::Outcome;
 
 pub fn router(app: Arc<App>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(app)
@@ -34,6 +34,28 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, cancel: CancellationTok
     }
 }
 
+async fn healthz(State(app): State<Arc<App>>) -> Response {
+    let l = app.liveness();
+    let body = json!({
+        "status": if l.problem.is_none() { "ok" } else { "wedged" },
+        "scheduler": {
+            "heartbeat_age_ms": l.heartbeat_age.as_millis() as u64,
+            "stale_after_ms": HEARTBEAT_STALE.as_millis() as u64,
+        },
+        "run": {
+            "in_flight_ms": l.run_age.map(|a| a.as_millis() as u64),
+            "timeout_ms": app.settings().run.timeout.as_millis() as u64,
+        },
+        "reason": l.problem,
+    });
+    let status = if l.problem.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
 async fn readyz(State(app): State<Arc<App>>) -> Response {
     let not_ready = |reason: String| {
         (
@@ -42,19 +64,8 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response()
     };
-    let db = tokio::time::timeout(Duration::from_secs(3), async {
-        let db = crate::store::connect(&app.settings().database).await?;
-        db.client
-            .query_one("SELECT 1", &[])
-            .await
-            .map_err(crate::store::ctx("probing the database"))?;
-        Ok::<_, crate::error::Error>(())
-    })
-    .await;
-    match db {
-        Err(_) => return not_ready("database did not answer within 3s".into()),
-        Ok(Err(e)) => return not_ready(format!("database unreachable: {}", e.metric_label())),
-        Ok(Ok(())) => {}
+    if let Err(reason) = app.probe_database(PROBE_TIMEOUT).await {
+        return not_ready(reason);
     }
     match app.last_outcome() {
         Some(Outcome::Succeeded) => {

@@ -1,6 +1,8 @@
 //! The schedule: a `tokio-cron-scheduler` job on `schedule.cron` (six fields, seconds first,
 //! UTC) that triggers a run. Overlapping ticks are skipped by the app's overlap guard; across
-//! replicas the advisory lock decides. Reads `schedule.cron`.
+//! replicas the advisory lock decides. A second job, the heartbeat, runs every second and marks
+//! the scheduler alive ([`App::heartbeat`]): liveness and the systemd watchdog rest on it.
+//! Reads `schedule.cron`.
 
 use std::sync::Arc;
 
@@ -10,8 +12,12 @@ use tokio_util::sync::CancellationToken;
 use crate::app::App;
 use crate::error::{Error, Result};
 
+/// Every second.
+const HEARTBEAT_CRON: &str = "* * * * * *";
+
 pub async fn start(app: Arc<App>, cancel: CancellationToken) -> Result<JobScheduler> {
     let cron = app.settings().schedule.cron.clone();
+    let heartbeat_app = app.clone();
     let sched = JobScheduler::new()
         .await
         .map_err(|e| Error::Io(format!("cannot start the scheduler: {e}")))?;
@@ -33,6 +39,16 @@ pub async fn start(app: Arc<App>, cancel: CancellationToken) -> Result<JobSchedu
         .add(job)
         .await
         .map_err(|e| Error::Io(format!("cannot schedule the job: {e}")))?;
+    let beat = heartbeat_app;
+    let heartbeat = Job::new_async(HEARTBEAT_CRON, move |_id, _lock| {
+        beat.heartbeat();
+        Box::pin(async {})
+    })
+    .map_err(|e| Error::Io(format!("cannot schedule the heartbeat: {e}")))?;
+    sched
+        .add(heartbeat)
+        .await
+        .map_err(|e| Error::Io(format!("cannot schedule the heartbeat: {e}")))?;
     sched
         .start()
         .await
