@@ -31,7 +31,12 @@ pub const ENV_PREFIX: &str = "SEEDKEEPER_";
 pub const DEFAULT_CONFIG_PATH: &str = "config/seedkeeper.toml";
 
 /// Environment variables with the prefix that are not config keys.
-const NON_KEY_ENV: &[&str] = &["config", "test_database_url"];
+const NON_KEY_ENV: &[&str] = &[
+    "config",
+    "test_database_url",
+    "test_keycloak_url",
+    "test_keycloak_admin",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

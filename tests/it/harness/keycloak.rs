@@ -1186,7 +1186,10 @@ fn admin(
             } else {
                 (&store.admin, store.admin_enabled)
             };
-            let from = q.get("dateFrom").and_then(|v| v.parse::<i64>().ok()).unwrap_or(i64::MIN);
+            let from = q
+                .get("dateFrom")
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(i64::MIN);
             let mut matching: Vec<Value> = if on {
                 list.iter()
                     .filter(|e| e["time"].as_i64().unwrap_or(0) >= from)
@@ -1200,8 +1203,14 @@ fn admin(
             if q.get("direction").map(String::as_str) != Some("asc") {
                 matching.reverse();
             }
-            let first = q.get("first").and_then(|v| v.parse().ok()).unwrap_or(0usize);
-            let max = q.get("max").and_then(|v| v.parse().ok()).unwrap_or(100usize);
+            let first = q
+                .get("first")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0usize);
+            let max = q
+                .get("max")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(100usize);
             let page: Vec<Value> = matching.into_iter().skip(first).take(max).collect();
             json_response(200, Value::Array(page))
         }
