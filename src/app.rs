@@ -358,6 +358,7 @@ pub async fn run_until_stopped(
     let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
     let events = start_following(&app, &cancel)?;
     cancel.cancelled().await;
+    let stopping = Instant::now();
     tracing::info!("shutting down: no new runs; waiting for the run in flight");
     let _ = scheduler.shutdown().await;
     let grace = app.settings().shutdown.grace;
@@ -367,8 +368,17 @@ pub async fn run_until_stopped(
         tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
     }
     first.abort();
-    for task in events {
-        let _ = task.await;
+    // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
+    // run guard drained above, so it gets a moment within the grace, then is dropped, request and
+    // all; its checkpoint makes the next start read again what it had not applied.
+    let moment = grace
+        .saturating_sub(stopping.elapsed())
+        .min(Duration::from_secs(1));
+    for mut task in events {
+        if tokio::time::timeout(moment, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
     }
     let _ = http.await;
     app.close_probe().await;
