@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod keycloak;
+pub mod proxy;
+pub mod real_keycloak;
 
 use std::path::PathBuf;
 use std::process::Output;
