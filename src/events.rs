@@ -361,7 +361,11 @@ impl Follower {
     /// never a crash: the schedule goes on.
     pub async fn run(self, cancel: CancellationToken) {
         let expiration = loop {
-            match self.check().await {
+            let checked = tokio::select! {
+                _ = cancel.cancelled() => return,
+                c = self.check() => c,
+            };
+            match checked {
                 Ok(exp) => break exp,
                 Err(reason) => {
                     let transient = reason.contains("unavailable") || reason.contains("timed out");
@@ -394,7 +398,11 @@ impl Follower {
                 db = store::connect(&self.database).await.ok();
             }
             let Some(conn) = db.as_ref() else { continue };
-            match self.poll(&conn.client, expiration, &cancel).await {
+            let polled = tokio::select! {
+                _ = cancel.cancelled() => return,
+                p = self.poll(&conn.client, expiration, &cancel) => p,
+            };
+            match polled {
                 Ok(p) => {
                     failures = 0;
                     if p.events > 0 {
