@@ -26,7 +26,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 version="${KEYCLOAK_VERSION:-26.4.0}"
 state="${KEYCLOAK_STATE:-$root/.keycloak}"
 home="$state/keycloak-$version"
-db="keycloak_${version//./_}"
+# One database per state folder, so two checkouts (a CI clone beside a working tree) never share
+# or drop each other's Keycloak data.
+db="keycloak_${version//./_}_$(printf '%s' "$state" | sha256sum | cut -c1-8)"
 
 log() { echo "keycloak: $*" >&2; }
 die() { log "$*"; exit "${2:-69}"; }
