@@ -83,7 +83,10 @@ db_opts() {
     rest="${admin#*://}"
     user="${rest%%@*}"; user="${user%%:*}"
     hostport="${rest#*@}"; hostport="${hostport%%/*}"
-    echo "--db-url=jdbc:postgresql://$hostport/$db --db-username=$user --db-password=${KEYCLOAK_DB_PASSWORD:-unused}"
+    # The database the running instance was started on (older starts used another name).
+    local name="$db"
+    [[ -f "$state/db" ]] && name="$(cat "$state/db")"
+    echo "--db-url=jdbc:postgresql://$hostport/$name --db-username=$user --db-password=${KEYCLOAK_DB_PASSWORD:-unused}"
 }
 
 start() {
@@ -111,6 +114,7 @@ start() {
     mport="$(free_port)"
     jh="$(java_home)"
     echo "http://127.0.0.1:$port" >"$state/url"
+    echo "$db" >"$state/db"
     echo "$mport" >"$state/management-port"
     log "starting Keycloak $version on 127.0.0.1:$port (management $mport, Java $jh)"
     # shellcheck disable=SC2046
