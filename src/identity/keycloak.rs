@@ -450,9 +450,15 @@ impl KeycloakSource {
                             }
                         },
                         (_, Err(e)) => {
+                            let reason = if e.is_timeout() {
+                                format!("the body did not arrive within keycloak.request_timeout ({}s)", self.settings.request_timeout.as_secs())
+                            } else {
+                                format!("body cut off: {}", inner_chain(&e))
+                            };
                             if attempt >= self.settings.max_retries {
-                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: body cut off: {e}") });
+                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: {reason} ({} attempts; a smaller keycloak.page_size or a longer keycloak.request_timeout helps a slow Keycloak)", attempt + 1) });
                             }
+                            tracing::warn!(path, attempt, error = %reason, "Keycloak response cut short; retrying");
                             Self::backoff(attempt)
                         }
                         (401, Ok(_)) if !renewed => {

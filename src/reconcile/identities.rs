@@ -95,6 +95,11 @@ pub async fn reconcile(
     let (sender, mut rx) = mpsc::channel(4);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
     let producer = tokio::spawn(source.clone().stream(sender).in_current_span());
+    // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
+    // run.timeout, not by database.statement_timeout, which applies again right after it).
+    tx.batch_execute("SET LOCAL statement_timeout = 0")
+        .await
+        .map_err(ctx("lifting statement_timeout for the identity stage"))?;
     let sink = tx
         .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord) FROM STDIN BINARY")
         .await
@@ -159,6 +164,9 @@ pub async fn reconcile(
         .finish()
         .await
         .map_err(ctx("finishing COPY into the identity stage"))?;
+    tx.batch_execute("SET LOCAL statement_timeout TO DEFAULT")
+        .await
+        .map_err(ctx("restoring statement_timeout after the identity stage"))?;
     report.bump("listed", stats.listed as i64);
     // Users the source could not give a sub (a realm-file user without id): rejected alone.
     for r in stats.rejections {

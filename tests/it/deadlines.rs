@@ -578,3 +578,26 @@ async fn readyz_keeps_one_connection_for_every_probe_and_replaces_it_when_broken
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keycloak_listing_longer_than_statement_timeout_is_not_cut_by_it() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let mut env = keycloak_env(&kc);
+    // Six users one page at a time, each request 400 ms: the identities COPY stays open about
+    // 3 s, three times the statement timeout. Only run.timeout bounds the listing.
+    env.extend([
+        ("SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT", "1s".to_string()),
+        ("SEEDKEEPER_RUN__TIMEOUT", "1m".to_string()),
+    ]);
+    kc.set_latency(Duration::from_millis(400));
+    let t = Instant::now();
+    let r = apply(&db.engine(&pairs(&env))).await;
+    assert_ok(&r);
+    assert!(
+        t.elapsed() > SECS(2),
+        "the listing was slow: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(count(&r, "identities", "inserted"), 6);
+}
