@@ -6,7 +6,7 @@ SEEDKEEPER ?= target/debug/seedkeeper
 # else seedkeeper (scripts/local-db.sh decides; `scripts/local-db.sh db` prints it).
 DB ?=
 
-.PHONY: help demo test db-reset-fast dev plan bench bench-keycloak lint check-deploy build
+.PHONY: help demo test db-reset-fast dev plan bench bench-keycloak bench-events lint check-deploy build
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: ## the benchmark (release build, emulator sizes, then the real Keycloak; 
 
 bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k users; see README)
 	bash scripts/bench-keycloak.sh
+
+bench-events: ## the event follower's figures: latency, idle requests, one user vs a full run (see README)
+	bash scripts/bench-events.sh
 
 lint: ## formatting and clippy, as CI runs them
 	cargo fmt --check
