@@ -220,6 +220,15 @@ async fn events_out_of_order_and_in_the_same_millisecond_are_each_applied_once()
         .unwrap();
     assert_eq!(cp.admin.ids, ["a-3", "a-4"]);
     assert_eq!(s.poll().await.events, 0);
+    // An idle poll costs one request a stream, though Keycloak answers the checkpoint's own
+    // millisecond again.
+    let before = s.follower.kc.request_count();
+    assert_eq!(s.poll().await.events, 0);
+    assert_eq!(
+        s.follower.kc.request_count() - before,
+        2,
+        "requests of an idle poll"
+    );
     // And an event older than the checkpoint (clock skew) is never applied twice.
     s.kc.push_admin_event(admin_event(
         "a-0",
