@@ -6,7 +6,7 @@ SEEDKEEPER ?= target/debug/seedkeeper
 # else seedkeeper (scripts/local-db.sh decides; `scripts/local-db.sh db` prints it).
 DB ?=
 
-.PHONY: help demo test db-reset-fast dev plan bench bench-keycloak bench-events lint check-deploy build
+.PHONY: help demo test db-reset-fast dev dev-stack keycloak plan bench bench-keycloak bench-events lint check-deploy build
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
