@@ -152,19 +152,23 @@ pub trait EventKey {
     fn key(&self) -> String;
 }
 
+/// Keycloak's id, else the event's time and two identifying fields.
+fn key_of(id: &Option<String>, time: i64, a: &Option<String>, b: &Option<String>) -> String {
+    id.clone().unwrap_or_else(|| {
+        format!(
+            "{time}:{}:{}",
+            a.as_deref().unwrap_or(""),
+            b.as_deref().unwrap_or("")
+        )
+    })
+}
+
 impl EventKey for UserEvent {
     fn time(&self) -> i64 {
         self.time
     }
     fn key(&self) -> String {
-        self.id.clone().unwrap_or_else(|| {
-            format!(
-                "{}:{}:{}",
-                self.time,
-                self.kind.as_deref().unwrap_or(""),
-                self.user_id.as_deref().unwrap_or("")
-            )
-        })
+        key_of(&self.id, self.time, &self.kind, &self.user_id)
     }
 }
 
@@ -173,14 +177,7 @@ impl EventKey for AdminEvent {
         self.time
     }
     fn key(&self) -> String {
-        self.id.clone().unwrap_or_else(|| {
-            format!(
-                "{}:{}:{}",
-                self.time,
-                self.operation.as_deref().unwrap_or(""),
-                self.resource_path.as_deref().unwrap_or("")
-            )
-        })
+        key_of(&self.id, self.time, &self.operation, &self.resource_path)
     }
 }
 
