@@ -38,6 +38,9 @@ pub fn real_keycloak() -> Arc<RealKeycloak> {
             base: base.trim_end_matches('/').to_string(),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(180))
+                // No idle keep-alive connections: Keycloak closes idle ones, and a request sent on
+                // one it just closed fails at the transport (seen once in CI on POST /admin/realms).
+                .pool_max_idle_per_host(0)
                 .build()
                 .expect("http client"),
             admin: (u.to_string(), p.to_string()),
