@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogFormat, Settings, Sources};
 use crate::error::{exit, Error};
-use crate::reconcile::{Mode, Outcome, RunReport};
+use crate::reconcile::{Count, Mode, Outcome, RunReport};
 use crate::store;
 
 pub const EXIT_CODES_HELP: &str = "Exit codes:
@@ -245,7 +245,7 @@ pub fn summary_json(r: &RunReport) -> String {
     let mut fields: Vec<(String, serde_json::Value)> = vec![
         ("run.id".into(), r.id.to_string().into()),
         ("trigger".into(), r.trigger.clone().into()),
-        ("mode".into(), r.mode.into()),
+        ("mode".into(), r.mode.as_str().into()),
         ("outcome".into(), r.outcome.as_str().into()),
         ("duration_ms".into(), r.duration_ms.into()),
         ("seed_digest".into(), r.seed_digest.clone().into()),
@@ -270,7 +270,7 @@ pub fn render_summary(r: &RunReport) -> String {
         let counts: Vec<String> = u
             .counts
             .iter()
-            .filter(|(_, v)| **v != 0)
+            .filter(|(_, v)| *v != 0)
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         s.push_str(&format!(
@@ -286,7 +286,7 @@ pub fn render_summary(r: &RunReport) -> String {
             s.push_str(&format!("  {:<15} error: {e}\n", ""));
         }
         for f in &u.findings {
-            if f.kind != "granted" {
+            if f.kind.in_summary() {
                 s.push_str(&format!(
                     "  {:<15} {} {}: {}\n",
                     "", f.kind, f.entity, f.detail
@@ -317,10 +317,7 @@ pub fn render_plan(r: &RunReport) -> String {
             s.push_str(&format!("  + {c}\n"));
         }
         for f in &u.findings {
-            if matches!(
-                f.kind.as_str(),
-                "drift_kept" | "not_in_seed" | "clash" | "missing" | "rejected" | "blocked"
-            ) {
+            if f.kind.needs_attention() {
                 s.push_str(&format!("  ! {} {}: {}\n", f.kind, f.entity, f.detail));
             }
         }
@@ -415,44 +412,30 @@ async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut
         );
         return exit::OK;
     }
+    let mut s = render_runs(&runs);
+    match crate::events::status_lines(&db.client).await {
+        Ok(lines) => lines.iter().for_each(|l| {
+            s.push_str(l);
+            s.push('\n');
+        }),
+        Err(e) => return fail(&e),
+    }
+    print(out, &s);
+    exit::OK
+}
+
+/// The `status` table: a line per run, its writes and notable counts, or its error.
+fn render_runs(runs: &[store::runs::RunRecord]) -> String {
     let mut s = format!(
         "{:<25} {:<10} {:<9} {:>8}  {}\n",
         "started (UTC)", "outcome", "trigger", "ms", "changes / error"
     );
-    for r in &runs {
+    for r in runs {
         let ms = r
             .finished_at
             .map(|f| (f - r.started_at).num_milliseconds().to_string())
             .unwrap_or_else(|| "-".into());
-        let mut changes: Vec<String> = Vec::new();
-        if let Some(units) = r.counts.as_object() {
-            for (unit, c) in units {
-                if let Some(c) = c.as_object() {
-                    let parts: Vec<String> = [
-                        "inserted",
-                        "updated",
-                        "revoked",
-                        "realigned",
-                        "applied",
-                        "drift",
-                        "clashes",
-                        "missing",
-                        "rejected",
-                    ]
-                    .iter()
-                    .filter_map(|k| {
-                        c.get(*k)
-                            .and_then(|v| v.as_i64())
-                            .filter(|v| *v != 0)
-                            .map(|v| format!("{k}={v}"))
-                    })
-                    .collect();
-                    if !parts.is_empty() {
-                        changes.push(format!("{unit}[{}]", parts.join(" ")));
-                    }
-                }
-            }
-        }
+        let changes = notable_counts(&r.counts);
         let tail = match &r.error {
             Some(e) => format!("error: {}", e.lines().next().unwrap_or("")),
             None if changes.is_empty() => "no changes".into(),
@@ -467,15 +450,29 @@ async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut
             tail
         ));
     }
-    match crate::events::status_lines(&db.client).await {
-        Ok(lines) => lines.iter().for_each(|l| {
-            s.push_str(l);
-            s.push('\n');
-        }),
-        Err(e) => return fail(&e),
+    s
+}
+
+/// `unit[key=n ...]` for each unit of a `seed_runs.counts` object with a non-zero notable count.
+fn notable_counts(counts: &serde_json::Value) -> Vec<String> {
+    let Some(units) = counts.as_object() else {
+        return Vec::new();
+    };
+    let mut changes = Vec::new();
+    for (unit, c) in units {
+        let parts: Vec<String> = Count::all()
+            .filter(|k| k.notable())
+            .map(Count::as_str)
+            .filter_map(|k| {
+                let n = c.get(k)?.as_i64().filter(|v| *v != 0)?;
+                Some(format!("{k}={n}"))
+            })
+            .collect();
+        if !parts.is_empty() {
+            changes.push(format!("{unit}[{}]", parts.join(" ")));
+        }
     }
-    print(out, &s);
-    exit::OK
+    changes
 }
 
 async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {

@@ -35,7 +35,7 @@ use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Stream, UserEvent};
 use crate::identity::{BoxFuture, Identity, SomeUsers};
-use crate::reconcile::{Engine, Mode, Outcome, RunReport};
+use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
 use crate::store;
 
 /// Events read per request.
@@ -561,8 +561,8 @@ impl Follower {
             self.state.batches.inc();
             self.state.users_applied.inc_by(poll.users as u64);
             if report
-                .unit("identities")
-                .map(|u| u.get("deferred"))
+                .unit(Unit::Identities)
+                .map(|u| u.get(Tally::Deferred))
                 .unwrap_or(0)
                 > 0
             {

@@ -28,6 +28,7 @@ pub mod events;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+mod names;
 pub mod reconcile;
 pub mod schedule;
 pub mod seed;

@@ -9,24 +9,29 @@
 //! until a run has produced them: before the first run there is no value to report, and a 0
 //! would read as a failure.
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::sync::atomic::{AtomicI8, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
-};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::Error;
-use crate::reconcile::{Engine, Outcome, RunReport};
+use crate::names::named;
+use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Unit};
+
+/// Registers `metric` and returns it: the registry keeps a clone that shares its series.
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
 
 /// The `Content-Type` of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
@@ -40,48 +45,11 @@ const KEYCLOAK_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// A label value enum: its variants, their text, and their encoding.
-macro_rules! label_values {
-    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal,)+ }) => {
-        $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-        pub enum $name {
-            $($variant,)+
-        }
-
-        impl $name {
-            /// Every value, registered at 0 where the label is a counter's.
-            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
-
-            pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
-            }
-        }
-
-        impl EncodeLabelValue for $name {
-            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
-                encoder.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-label_values!(
-    /// The outcome of a run (`seedkeeper_runs_total`).
-    RunOutcome {
-        Succeeded => "succeeded",
-        Failed => "failed",
-        Skipped => "skipped",
-    }
-);
-
-label_values!(
+named!(
     /// Why a run failed (`seedkeeper_run_errors_total`): one per [`Error`] variant (the same
     /// text as [`Error::metric_label`]), plus `identity_clash` for a run that finished but failed
     /// because of username clashes.
-    ErrorKind {
+    pub enum ErrorKind {
         Config => "config",
         Seed => "seed",
         RealmFile => "realm_file",
@@ -121,70 +89,17 @@ impl ErrorKind {
     }
 }
 
-label_values!(
-    /// A reconcile unit.
-    UnitName {
-        Schema => "schema",
-        ReferenceSeed => "reference_seed",
-        Identities => "identities",
-        RoleBindings => "role_bindings",
-        Tenants => "tenants",
-    }
-);
-
-impl UnitName {
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|u| u.as_str() == name)
-    }
-}
-
-label_values!(
-    /// A write a unit makes (`seedkeeper_rows_changed_total`).
-    Action {
-        Inserted => "inserted",
-        Updated => "updated",
-        Revoked => "revoked",
-        Realigned => "realigned",
-        Applied => "applied",
-    }
-);
-
-impl Action {
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|a| a.as_str() == name)
-    }
-}
-
-/// The writes each unit can make: registered at 0.
-const UNIT_WRITES: &[(UnitName, Action)] = &[
-    (UnitName::Schema, Action::Applied),
-    (UnitName::ReferenceSeed, Action::Inserted),
-    (UnitName::ReferenceSeed, Action::Updated),
-    (UnitName::Identities, Action::Inserted),
-    (UnitName::Identities, Action::Updated),
-    (UnitName::Identities, Action::Realigned),
-    (UnitName::RoleBindings, Action::Inserted),
-    (UnitName::RoleBindings, Action::Revoked),
-    (UnitName::Tenants, Action::Inserted),
-];
-
-label_values!(
+named!(
     /// The identity source (`seedkeeper_identities_seen`).
-    SourceName {
+    pub enum SourceName {
         Keycloak => "keycloak",
         RealmFile => "realm-file",
     }
 );
 
-impl SourceName {
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.iter().copied().find(|s| s.as_str() == name)
-    }
-}
-
-label_values!(
+named!(
     /// How one HTTP exchange with Keycloak ended (`seedkeeper_keycloak_requests_total`).
-    KeycloakOutcome {
+    pub enum KeycloakOutcome {
         Ok => "ok",
         ClientError => "client_error",
         RateLimited => "rate_limited",
@@ -221,7 +136,7 @@ impl KeycloakOutcome {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RunLabels {
-    outcome: RunOutcome,
+    outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -231,13 +146,13 @@ struct ErrorLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RowLabels {
-    unit: UnitName,
+    unit: Unit,
     action: Action,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct UnitLabels {
-    unit: UnitName,
+    unit: Unit,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -420,79 +335,75 @@ impl Metrics {
     /// The run metrics and `seedkeeper_build_info` only.
     pub fn with_seed_digest(seed_digest: &str) -> Self {
         let mut registry = Registry::default();
-        registry.register(
+        let r = &mut registry;
+        let build = Info::new(BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            seed_digest: seed_digest.to_string(),
+        });
+        r.register(
             "seedkeeper_build",
             "The running build: package version and the digest of the reference seed it applies (always 1)",
-            Info::new(BuildLabels {
-                version: env!("CARGO_PKG_VERSION"),
-                seed_digest: seed_digest.to_string(),
-            }),
+            build,
         );
-
         let runs = Family::<RunLabels, Counter>::default();
-        for &outcome in RunOutcome::ALL {
+        for &outcome in Outcome::ALL {
             let _ = runs.get_or_create(&RunLabels { outcome });
         }
-        registry.register("seedkeeper_runs", "Reconcile runs by outcome", runs.clone());
-
+        let runs = register(r, "seedkeeper_runs", "Reconcile runs by outcome", runs);
         let errors = Family::<ErrorLabels, Counter>::default();
         for &kind in ErrorKind::ALL {
             let _ = errors.get_or_create(&ErrorLabels { kind });
         }
-        registry.register(
+        let errors = register(
+            r,
             "seedkeeper_run_errors",
             "Failed runs by error kind (every kind starts at 0)",
-            errors.clone(),
+            errors,
         );
-
-        let duration = Histogram::new(RUN_BUCKETS.iter().copied());
-        registry.register(
+        let duration = register(
+            r,
             "seedkeeper_run_duration_seconds",
             "Duration of reconcile runs",
-            duration.clone(),
+            Histogram::new(RUN_BUCKETS.iter().copied()),
         );
-
         let rows = Family::<RowLabels, Counter>::default();
-        for &(unit, action) in UNIT_WRITES {
-            let _ = rows.get_or_create(&RowLabels { unit, action });
+        for &unit in Unit::ALL {
+            for &action in unit.actions() {
+                let _ = rows.get_or_create(&RowLabels { unit, action });
+            }
         }
-        registry.register(
+        let rows = register(
+            r,
             "seedkeeper_rows_changed",
             "Rows written, by unit and action",
-            rows.clone(),
+            rows,
         );
-
-        let drift = Family::<UnitLabels, Gauge>::default();
-        registry.register(
+        let drift = register(
+            r,
             "seedkeeper_drift_items",
             "Items found differing from the seed in the last run, by unit",
-            drift.clone(),
+            Family::<UnitLabels, Gauge>::default(),
         );
-
-        let identities = Family::<SourceLabels, Gauge>::default();
-        registry.register(
+        let identities = register(
+            r,
             "seedkeeper_identities_seen",
             "Identities listed by the source in the last run",
-            identities.clone(),
+            Family::<SourceLabels, Gauge>::default(),
         );
-
-        let last_success = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let last_success = register(
+            r,
             "seedkeeper_last_success_timestamp_seconds",
             "Unix time of the last successful run (0: none yet)",
-            last_success.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-
-        let skipped_ticks = Counter::default();
-        registry.register(
+        let skipped_ticks = register(
+            r,
             "seedkeeper_skipped_ticks",
             "Scheduled ticks skipped because a run was still going",
-            skipped_ticks.clone(),
+            Counter::default(),
         );
-
         let last_run_ok = Arc::new(LastRunOk::default());
         registry.register_collector(Box::new(last_run_ok.clone()));
-
         Metrics {
             registry,
             runs,
@@ -509,11 +420,7 @@ impl Metrics {
     }
 
     pub fn record_run(&self, report: &RunReport, source: &str) {
-        let outcome = match report.outcome {
-            Outcome::Succeeded => RunOutcome::Succeeded,
-            Outcome::Failed => RunOutcome::Failed,
-            Outcome::Skipped => RunOutcome::Skipped,
-        };
+        let outcome = report.outcome;
         self.runs.get_or_create(&RunLabels { outcome }).inc();
         let kind = match (&report.error_value, report.outcome) {
             (Some(e), _) => Some(ErrorKind::of(e)),
@@ -527,28 +434,28 @@ impl Metrics {
         }
         self.duration.observe(report.duration_ms as f64 / 1000.0);
         for u in &report.units {
-            let Some(unit) = UnitName::from_name(u.unit) else {
-                continue;
-            };
-            for (action, n) in &u.counts {
-                if let (Some(action), true) = (Action::from_name(action), *n > 0) {
+            let unit = u.unit;
+            for &action in Action::ALL {
+                let n = u.get(action);
+                if n > 0 {
                     self.rows
                         .get_or_create(&RowLabels { unit, action })
-                        .inc_by(*n as u64);
+                        .inc_by(n as u64);
                 }
             }
             if u.error.is_none() {
                 self.drift
                     .get_or_create(&UnitLabels { unit })
-                    .set(u.get("drift").max(0));
+                    .set(u.get(Tally::Drift).max(0));
             }
         }
-        if let (Some(id), Some(source)) = (report.unit("identities"), SourceName::from_name(source))
+        if let (Some(id), Some(source)) =
+            (report.unit(Unit::Identities), SourceName::from_name(source))
         {
             if id.error.is_none() {
                 self.identities
                     .get_or_create(&SourceLabels { source })
-                    .set(id.get("listed").max(0));
+                    .set(id.get(Tally::Listed).max(0));
             }
         }
         match report.outcome {
@@ -649,11 +556,14 @@ mod tests {
             let s = format!("seedkeeper_run_errors_total{{kind=\"{}\"}}", kind.as_str());
             assert_eq!(sample(&text, &s), Some(0.0), "{s} in {text}");
         }
-        for outcome in RunOutcome::ALL {
+        for outcome in Outcome::ALL {
             let s = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
             assert_eq!(sample(&text, &s), Some(0.0), "{s}");
         }
-        for (unit, action) in UNIT_WRITES {
+        for (unit, action) in Unit::ALL
+            .iter()
+            .flat_map(|&u| u.actions().iter().map(move |&a| (u, a)))
+        {
             let s = format!(
                 "seedkeeper_rows_changed_total{{unit=\"{}\",action=\"{}\"}}",
                 unit.as_str(),

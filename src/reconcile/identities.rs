@@ -1,5 +1,6 @@
-//! Unit `identities`: realm users become `users` rows keyed by `keycloak_sub` (DESIGN rules 1, 2
-//! and 5).
+//! Unit `identities`: realm users become `users` rows keyed by `keycloak_sub`, a username is never
+//! taken over, and a user the source no longer lists is reported, never deleted (README → Seeding
+//! rules).
 //!
 //! The source streams batches into a temporary staging table with binary `COPY` while pages are
 //! still arriving, so client memory stays flat; the comparison and the writes are then a handful
@@ -15,17 +16,29 @@ use futures_util::pin_mut;
 use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
+use tokio_postgres::{Client, Transaction};
 use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::identity::{check_identity, IdentityProvider};
-use crate::reconcile::{Finding, Mode, UnitReport};
+use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
-const UNIT: &str = "identities";
+const UNIT: Unit = Unit::Identities;
+
+/// The stage's column types, in `COPY` order.
+const STAGE_TYPES: [Type; 9] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::BOOL,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::INT8,
+];
 
 const STAGE: &str = "CREATE TEMP TABLE sk_stage (
     sub          text NOT NULL,
@@ -71,12 +84,12 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
 
 const SAMPLE: i64 = crate::reconcile::FINDINGS_PER_KIND as i64;
 
+/// Plans or applies the identities of `source`, in one transaction of its own, phase by phase.
 pub async fn reconcile(
     client: &mut Client,
     source: Arc<dyn IdentityProvider>,
     settings: &Settings,
     mode: Mode,
-    _cancel: &CancellationToken,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     let tx = client
@@ -86,15 +99,86 @@ pub async fn reconcile(
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await
         .map_err(ctx("deferring the username check"))?;
+    stage(
+        &tx,
+        source.clone(),
+        &settings.identity.admin_roles,
+        &mut report,
+    )
+    .await?;
+    dedupe(&tx, &mut report).await?;
+    if !source.complete() {
+        defer_held_usernames(&tx, &mut report).await?;
+    }
+    let (unsettled, changed) = compare(&tx).await?;
+    // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
+    // username changed; when there are none (every steady-state run) both checks are skipped.
+    let (realigned, clashes) = if unsettled == 0 {
+        (0, 0)
+    } else {
+        let realigned = realign(&tx, mode, &mut report).await?;
+        (realigned, clash(&tx, &mut report).await?)
+    };
+    report.bump(Action::Realigned, realigned);
+    report.bump(Tally::Clashes, clashes);
+    let (updated, inserted) = if changed == 0 {
+        (0, 0)
+    } else {
+        write_changes(&tx, mode).await?
+    };
+    report.bump(Action::Updated, updated);
+    report.bump(Action::Inserted, inserted);
+    if mode == Mode::Plan {
+        for (n, what) in [
+            (inserted, "insert {} user(s)"),
+            (updated, "update {} user(s)"),
+            (realigned, "re-align {} user(s) to new subs"),
+        ] {
+            if n > 0 {
+                report.add_change(what.replace("{}", &n.to_string()));
+            }
+        }
+    }
+    let staged: i64 = tx
+        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
+        .await
+        .map_err(ctx("counting the identity stage"))?
+        .get(0);
+    let unchanged = (staged - inserted - updated - realigned).max(0);
+    report.bump(Tally::Unchanged, unchanged);
+    // Users the source no longer lists: reported, never deleted. Only a full listing knows.
+    let missing = if source.complete() {
+        report_missing(&tx, source.name(), &mut report).await?
+    } else {
+        0
+    };
+    report.bump(Tally::Missing, missing);
+    match mode {
+        Mode::Apply => tx.commit().await.map_err(ctx("committing identities"))?,
+        Mode::Plan => tx
+            .rollback()
+            .await
+            .map_err(ctx("ending the identities plan"))?,
+    }
+    Ok(report)
+}
+
+/// Streams the source into the temporary stage with binary `COPY`. The producer runs as its own
+/// task so a blocking reader (the realm file) never stalls the COPY that drains it. Identities
+/// with an invalid value are refused one by one, as are the users the source could not give a
+/// sub (a realm-file user without id).
+async fn stage(
+    tx: &Transaction<'_>,
+    source: Arc<dyn IdentityProvider>,
+    admin_roles: &[String],
+    report: &mut UnitReport,
+) -> Result<()> {
     tx.batch_execute(STAGE)
         .await
         .map_err(ctx("creating the identity stage"))?;
-
-    // Stream the source into the stage. The producer runs as its own task so a blocking reader
-    // (the realm file) never stalls the COPY that drains it.
     let (sender, mut rx) = mpsc::channel(4);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
-    let producer = tokio::spawn(source.clone().stream(sender).in_current_span());
+    let producer = tokio::spawn(source.stream(sender).in_current_span());
     // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")
@@ -104,20 +188,8 @@ pub async fn reconcile(
         .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord) FROM STDIN BINARY")
         .await
         .map_err(ctx("starting COPY into the identity stage"))?;
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::TEXT,
-        Type::BOOL,
-        Type::TEXT,
-        Type::TEXT_ARRAY,
-        Type::INT8,
-    ];
-    let writer = BinaryCopyInWriter::new(sink, &types);
+    let writer = BinaryCopyInWriter::new(sink, &STAGE_TYPES);
     pin_mut!(writer);
-    let admin_roles = &settings.identity.admin_roles;
     let mut ord: i64 = 0;
     let mut rejected = 0i64;
     while let Some(batch) = rx.recv().await {
@@ -125,20 +197,13 @@ pub async fn reconcile(
             ord += 1;
             if let Err(why) = check_identity(&ident) {
                 rejected += 1;
-                tracing::warn!(unit = UNIT, user.sub = %printable(&ident.sub), reason = %why, "identity refused");
-                report.add_finding(Finding::new(
-                    UNIT,
-                    "rejected",
-                    format!("sub:{}", printable(&ident.sub)),
-                    why,
-                ));
+                let sub = printable(&ident.sub);
+                tracing::warn!(unit = UNIT.as_str(), user.sub = %sub, reason = %why, "identity refused");
+                report.find(FindingKind::Rejected, format!("sub:{sub}"), why);
                 continue;
             }
-            let role = if ident.realm_roles.iter().any(|r| admin_roles.contains(r)) {
-                "admin"
-            } else {
-                "user"
-            };
+            let admin = ident.realm_roles.iter().any(|r| admin_roles.contains(r));
+            let role = if admin { "admin" } else { "user" };
             let row: [&(dyn ToSql + Sync); 9] = [
                 &ident.sub,
                 &ident.username,
@@ -167,22 +232,24 @@ pub async fn reconcile(
     tx.batch_execute("SET LOCAL statement_timeout TO DEFAULT")
         .await
         .map_err(ctx("restoring statement_timeout after the identity stage"))?;
-    report.bump("listed", stats.listed as i64);
-    // Users the source could not give a sub (a realm-file user without id): rejected alone.
+    report.bump(Tally::Listed, stats.listed as i64);
     for r in stats.rejections {
-        tracing::warn!(unit = UNIT, entity = %r.entity, reason = %r.detail, "identity refused");
-        report.add_finding(Finding::new(UNIT, "rejected", r.entity, r.detail));
+        tracing::warn!(unit = UNIT.as_str(), entity = %r.entity, reason = %r.detail, "identity refused");
+        report.find(FindingKind::Rejected, r.entity, r.detail);
     }
-    rejected += stats.rejected as i64;
-    report.bump("rejected", rejected);
+    report.bump(Tally::Rejected, rejected + stats.rejected as i64);
+    Ok(())
+}
 
-    // Paging can repeat a user when the realm changes during the listing. The unique indexes
-    // prove there is none in the common case; only when one fails is the stage de-duplicated
-    // (first copy kept) and the index built again.
+/// Paging can repeat a user when the realm changes during the listing. The unique indexes
+/// prove there is none in the common case; only when one fails is the stage de-duplicated
+/// (first copy kept) and the index built again. A username listed for two subs is refused.
+async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
     tx.batch_execute("ANALYZE sk_stage")
         .await
         .map_err(ctx("analyzing the identity stage"))?;
-    if !try_unique_index(&tx, "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)").await? {
+    const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
+    if !try_unique_index(tx, BY_SUB).await? {
         let dup = tx
             .execute(
                 "DELETE FROM sk_stage a USING sk_stage b WHERE a.sub = b.sub AND a.ord > b.ord",
@@ -190,61 +257,59 @@ pub async fn reconcile(
             )
             .await
             .map_err(ctx("de-duplicating the identity stage"))?;
-        report.bump("duplicates", dup as i64);
-        tx.batch_execute("CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)")
+        report.bump(Tally::Duplicates, dup as i64);
+        tx.batch_execute(BY_SUB)
             .await
             .map_err(ctx("indexing the identity stage"))?;
     }
-    if !try_unique_index(
-        &tx,
-        "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)",
-    )
-    .await?
-    {
-        for r in tx
+    const BY_USERNAME: &str = "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)";
+    if !try_unique_index(tx, BY_USERNAME).await? {
+        let rows = tx
             .query("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
             .await
-            .map_err(ctx("checking usernames in the identity stage"))?
-        {
-            let sub: String = r.get(0);
-            let username: String = r.get(1);
-            report.bump("rejected", 1);
-            report.add_finding(Finding::new(UNIT, "rejected", format!("sub:{sub}"), format!("username {username:?} is listed for two subs by the source")));
+            .map_err(ctx("checking usernames in the identity stage"))?;
+        for r in &rows {
+            let (sub, username): (String, String) = (r.get(0), r.get(1));
+            let why = format!("username {username:?} is listed for two subs by the source");
+            report.find(FindingKind::Rejected, format!("sub:{sub}"), why);
         }
-        tx.batch_execute("CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)")
+        report.bump(Tally::Rejected, rows.len() as i64);
+        tx.batch_execute(BY_USERNAME)
             .await
             .map_err(ctx("indexing the identity stage"))?;
     }
+    Ok(())
+}
 
-    // A partial stage (an event batch) cannot tell whether a username held by another sub
-    // belongs to a user who left the realm (re-align) or to one who is still in it under another
-    // name (a clash): such users are left to the next full run, which the caller then starts.
-    if !source.complete() {
-        let rows = tx
-            .query(
-                "UPDATE sk_stage s SET skip = true FROM users u
-                 WHERE u.username = s.username AND u.keycloak_sub IS DISTINCT FROM s.sub
-                 RETURNING s.username",
-                &[],
-            )
-            .await
-            .map_err(ctx("checking the event batch against held usernames"))?;
-        for r in &rows {
-            let username: String = r.get(0);
-            report.add_finding(Finding::new(
-                UNIT,
-                "deferred",
-                format!("user:{username}"),
-                "the username is held by another row; left to the full run this starts",
-            ));
-        }
-        report.bump("deferred", rows.len() as i64);
+/// A partial stage (an event batch) cannot tell whether a username held by another sub
+/// belongs to a user who left the realm (re-align) or to one who is still in it under another
+/// name (a clash): such users are left to the next full run, which the caller then starts.
+async fn defer_held_usernames(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
+    let rows = tx
+        .query(
+            "UPDATE sk_stage s SET skip = true FROM users u
+             WHERE u.username = s.username AND u.keycloak_sub IS DISTINCT FROM s.sub
+             RETURNING s.username",
+            &[],
+        )
+        .await
+        .map_err(ctx("checking the event batch against held usernames"))?;
+    for r in &rows {
+        let username: String = r.get(0);
+        report.find(
+            FindingKind::Deferred,
+            format!("user:{username}"),
+            "the username is held by another row; left to the full run this starts",
+        );
     }
+    report.bump(Tally::Deferred, rows.len() as i64);
+    Ok(())
+}
 
-    // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
-    // username changed; when there are none (every steady-state run) both checks are skipped.
-    // The same pass tells whether any row is new or differs at all; when none does, the update
-    // and insert statements are skipped too.
+/// One pass over the stage: how many realm users have no row yet or a changed username
+/// (`unsettled`: the only ones re-alignment and clashes concern), and how many are new or differ
+/// at all (`changed`: when none does, the update and insert statements are skipped).
+async fn compare(tx: &Transaction<'_>) -> Result<(i64, i64)> {
     let row = tx
         .query_one(
             &format!(
@@ -256,10 +321,13 @@ pub async fn reconcile(
         )
         .await
         .map_err(ctx("comparing the identity stage"))?;
-    let (unsettled, changed): (i64, i64) = (row.get(0), row.get(1));
+    Ok((row.get(0), row.get(1)))
+}
 
-    // Re-alignment.
-    let realign_sql = match mode {
+/// Rows whose username a realm user holds while their old sub left the realm move to the new
+/// sub (the realm was re-imported with new ids). Returns how many (plan: would be).
+async fn realign(tx: &Transaction<'_>, mode: Mode, report: &mut UnitReport) -> Result<i64> {
+    let sql = match mode {
         Mode::Apply => format!(
             "WITH cand AS ({REALIGN_CANDIDATES}),
              upd AS (UPDATE users u SET keycloak_sub = c.new_sub, updated_at = now(), synced_at = now()
@@ -273,76 +341,67 @@ pub async fn reconcile(
              SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM cand LIMIT {SAMPLE}"
         ),
     };
-    let rows = if unsettled == 0 {
-        Vec::new()
-    } else {
-        tx.query(&realign_sql, &[])
-            .await
-            .map_err(ctx("re-aligning users to new subs"))?
-    };
+    let rows = tx
+        .query(&sql, &[])
+        .await
+        .map_err(ctx("re-aligning users to new subs"))?;
     let realigned: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
     for r in &rows {
-        let username: String = r.get(2);
-        let old: String = r.get(3);
-        let new: String = r.get(4);
-        report.add_finding(Finding::new(
-            UNIT,
-            "realigned",
+        let (username, old, new): (String, String, String) = (r.get(2), r.get(3), r.get(4));
+        report.find(
+            FindingKind::Realigned,
             format!("user:{username}"),
             format!("sub {old} is gone from the realm; row re-aligned to {new}"),
-        ));
+        );
     }
-    report.bump("realigned", realigned);
+    Ok(realigned)
+}
 
-    // Clashes: reported per identity, never a takeover.
-    let rows = if unsettled == 0 {
-        Vec::new()
-    } else {
-        tx.query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub"), &[])
-            .await
-            .map_err(ctx("checking username clashes"))?
-    };
+/// Realm users whose username another row holds: reported one by one and skipped, never a
+/// takeover; any makes the run fail. Returns how many.
+async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
+    let rows = tx
+        .query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub"), &[])
+        .await
+        .map_err(ctx("checking username clashes"))?;
     for r in &rows {
-        let sub: String = r.get(0);
-        let username: String = r.get(1);
-        let holder: Option<String> = r.get(2);
+        let (sub, username, holder): (String, String, Option<String>) =
+            (r.get(0), r.get(1), r.get(2));
         let detail = match holder {
             None => format!("username {username:?} belongs to a users row without a keycloak_sub (not created by sync); realm user {sub} was not stored. Rename one of them, or set that row's keycloak_sub to {sub} if it is the same person"),
             Some(h) => format!("username {username:?} belongs to the row of sub {h}, which left the realm, while realm user {sub} already has its own row; resolve by hand (rename or retire the old row)"),
         };
-        report.add_finding(Finding::new(
-            UNIT,
-            "clash",
-            format!("user:{username}"),
-            detail,
-        ));
+        report.find(FindingKind::Clash, format!("user:{username}"), detail);
     }
-    report.bump("clashes", rows.len() as i64);
     if !rows.is_empty() {
         report.blocking.push(format!(
             "identities: {} username clash(es) left unresolved (see the run's findings); no row was taken over",
             rows.len()
         ));
     }
+    Ok(rows.len() as i64)
+}
 
-    // Updates and inserts.
-    let (updated, updated_after_realign, inserted) = match mode {
-        _ if changed == 0 => (0, 0, 0),
+/// Updates the rows that differ and inserts the new users: `(updated, inserted)`, where a
+/// re-aligned row that also changed counts as re-aligned only. Plan counts the same rows.
+async fn write_changes(tx: &Transaction<'_>, mode: Mode) -> Result<(i64, i64)> {
+    match mode {
         Mode::Apply => {
-            let r = tx
+            let updated: i64 = tx
                 .query_one(
                     &format!(
                         "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
                                 last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
                                 updated_at = now(), synced_at = now()
                             FROM sk_stage s WHERE {DIFFERS} RETURNING s.realigned)
-                         SELECT count(*) FILTER (WHERE NOT realigned), count(*) FILTER (WHERE realigned) FROM upd"
+                         SELECT count(*) FILTER (WHERE NOT realigned) FROM upd"
                     ),
                     &[],
                 )
                 .await
-                .map_err(ctx("updating users"))?;
-            let ins = tx
+                .map_err(ctx("updating users"))?
+                .get(0);
+            let inserted = tx
                 .execute(
                     &format!(
                         "INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
@@ -353,7 +412,7 @@ pub async fn reconcile(
                 )
                 .await
                 .map_err(ctx("inserting users"))?;
-            (r.get::<_, i64>(0), r.get::<_, i64>(1), ins as i64)
+            Ok((updated, inserted as i64))
         }
         Mode::Plan => {
             let r = tx
@@ -366,70 +425,39 @@ pub async fn reconcile(
                 )
                 .await
                 .map_err(ctx("comparing users"))?;
-            (r.get::<_, i64>(0), 0, r.get::<_, i64>(1))
-        }
-    };
-    let _ = updated_after_realign;
-    report.bump("updated", updated);
-    report.bump("inserted", inserted);
-    if mode == Mode::Plan {
-        if inserted > 0 {
-            report.add_change(format!("insert {inserted} user(s)"));
-        }
-        if updated > 0 {
-            report.add_change(format!("update {updated} user(s)"));
-        }
-        if realigned > 0 {
-            report.add_change(format!("re-align {realigned} user(s) to new subs"));
+            Ok((r.get(0), r.get(1)))
         }
     }
-    let staged: i64 = tx
-        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
-        .await
-        .map_err(ctx("counting the identity stage"))?
-        .get(0);
-    report.bump(
-        "unchanged",
-        (staged - inserted - updated - realigned).max(0),
-    );
+}
 
-    // Users the source no longer lists: reported, never deleted. Only a full listing knows.
-    let rows = if !source.complete() {
-        Vec::new()
-    } else {
-        tx
+/// Rows whose sub the (complete) source no longer lists: reported, never deleted. Returns how
+/// many.
+async fn report_missing(
+    tx: &Transaction<'_>,
+    source: &str,
+    report: &mut UnitReport,
+) -> Result<i64> {
+    let rows = tx
         .query(
             &format!("SELECT count(*) OVER (), u.username, u.keycloak_sub FROM users u WHERE {MISSING} ORDER BY u.username LIMIT {SAMPLE}"),
             &[],
         )
         .await
-        .map_err(ctx("listing users missing from the source"))?
-    };
+        .map_err(ctx("listing users missing from the source"))?;
     let missing: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
     for r in &rows {
-        let username: String = r.get(1);
-        let sub: String = r.get(2);
-        report.add_finding(Finding::new(
-            UNIT,
-            "missing",
+        let (username, sub): (String, String) = (r.get(1), r.get(2));
+        report.find(
+            FindingKind::Missing,
             format!("user:{username}"),
-            format!("sub {sub} is not in the {} source; row kept", source.name()),
-        ));
+            format!("sub {sub} is not in the {source} source; row kept"),
+        );
     }
-    report.bump("missing", missing);
-
-    match mode {
-        Mode::Apply => tx.commit().await.map_err(ctx("committing identities"))?,
-        Mode::Plan => tx
-            .rollback()
-            .await
-            .map_err(ctx("ending the identities plan"))?,
-    }
-    Ok(report)
+    Ok(missing)
 }
 
 /// Builds a unique index inside a savepoint; `false` when the stage holds duplicates.
-async fn try_unique_index(tx: &tokio_postgres::Transaction<'_>, sql: &str) -> Result<bool> {
+async fn try_unique_index(tx: &Transaction<'_>, sql: &str) -> Result<bool> {
     tx.batch_execute("SAVEPOINT sk_index")
         .await
         .map_err(ctx("indexing the identity stage"))?;

@@ -16,176 +16,29 @@
 
 pub mod bindings;
 pub mod identities;
+pub mod model;
 pub mod reference;
 pub mod tenants;
 
-use std::collections::BTreeMap;
+pub use model::{
+    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Tally, Unit, UnitReport,
+    FINDINGS_PER_KIND,
+};
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::config::{duration_str, SchemaMode, Settings};
+use crate::config::{duration_str, Settings};
 use crate::error::{Error, Result};
 use crate::identity::{BoxFuture, Identity, IdentityProvider, SourceStats};
 use crate::seed::ReferenceSeed;
 use crate::store::{self, lock, migrate, runs, Db};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Plan,
-    Apply,
-}
-
-/// Findings listed per kind are capped so a 100,000-user re-import does not make a 100,000-entry
-/// evidence row; the counts stay exact.
-pub const FINDINGS_PER_KIND: usize = 50;
-
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct Finding {
-    pub unit: &'static str,
-    pub kind: String,
-    pub entity: String,
-    pub detail: String,
-}
-
-impl Finding {
-    pub fn new(
-        unit: &'static str,
-        kind: &str,
-        entity: impl Into<String>,
-        detail: impl Into<String>,
-    ) -> Self {
-        Finding {
-            unit,
-            kind: kind.to_string(),
-            entity: entity.into(),
-            detail: detail.into(),
-        }
-    }
-}
-
-/// What one unit found (plan) or did (apply).
-#[derive(Debug, Clone, Serialize)]
-pub struct UnitReport {
-    pub unit: &'static str,
-    pub counts: BTreeMap<String, i64>,
-    pub findings: Vec<Finding>,
-    /// Plan only: the changes apply would make, capped like findings.
-    pub changes: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-    /// Findings that make the run's outcome failed (e.g. a username clash).
-    #[serde(skip)]
-    pub blocking: Vec<String>,
-}
-
-impl UnitReport {
-    pub fn new(unit: &'static str) -> Self {
-        UnitReport {
-            unit,
-            counts: BTreeMap::new(),
-            findings: Vec::new(),
-            changes: Vec::new(),
-            error: None,
-            blocking: Vec::new(),
-        }
-    }
-
-    pub fn bump(&mut self, key: &str, n: i64) {
-        *self.counts.entry(key.to_string()).or_insert(0) += n;
-    }
-
-    pub fn get(&self, key: &str) -> i64 {
-        self.counts.get(key).copied().unwrap_or(0)
-    }
-
-    pub fn add_finding(&mut self, f: Finding) {
-        let same = self.findings.iter().filter(|x| x.kind == f.kind).count();
-        if same < FINDINGS_PER_KIND {
-            self.findings.push(f);
-        }
-    }
-
-    pub fn add_change(&mut self, c: String) {
-        if self.changes.len() < FINDINGS_PER_KIND * 4 {
-            self.changes.push(c);
-        }
-    }
-
-    /// Rows apply would write (plan) or wrote (apply).
-    pub fn writes(&self) -> i64 {
-        ["inserted", "updated", "revoked", "realigned", "applied"]
-            .iter()
-            .map(|k| self.get(k))
-            .sum()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Outcome {
-    Succeeded,
-    Failed,
-    Skipped,
-}
-
-impl Outcome {
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            Outcome::Succeeded => "succeeded",
-            Outcome::Failed => "failed",
-            Outcome::Skipped => "skipped",
-        }
-    }
-}
-
-/// The result of one run (apply) or plan.
-#[derive(Debug, Serialize)]
-pub struct RunReport {
-    pub id: Uuid,
-    pub trigger: String,
-    pub mode: &'static str,
-    pub outcome: Outcome,
-    pub seed_digest: String,
-    pub duration_ms: u64,
-    pub units: Vec<UnitReport>,
-    pub error: Option<String>,
-    #[serde(skip)]
-    pub error_value: Option<Error>,
-}
-
-impl RunReport {
-    pub fn counts_json(&self) -> Value {
-        let mut m = serde_json::Map::new();
-        for u in &self.units {
-            m.insert(u.unit.to_string(), json!(u.counts));
-        }
-        Value::Object(m)
-    }
-
-    pub fn findings_json(&self) -> Value {
-        json!(self
-            .units
-            .iter()
-            .flat_map(|u| u.findings.iter())
-            .collect::<Vec<_>>())
-    }
-
-    pub fn unit(&self, name: &str) -> Option<&UnitReport> {
-        self.units.iter().find(|u| u.unit == name)
-    }
-
-    /// Plan: whether apply would change anything.
-    pub fn changes_pending(&self) -> bool {
-        self.units.iter().any(|u| u.writes() > 0)
-    }
-}
 
 /// Everything a run needs, built once.
 pub struct Engine {
@@ -221,7 +74,7 @@ impl Engine {
         let mut report = RunReport {
             id: Uuid::new_v4(),
             trigger: trigger.to_string(),
-            mode: if mode == Mode::Plan { "plan" } else { "apply" },
+            mode,
             outcome: Outcome::Failed,
             seed_digest: self.seed.digest.clone(),
             duration_ms: 0,
@@ -230,9 +83,10 @@ impl Engine {
             error_value: None,
         };
         // Every line of the run, the source's included, carries the run's id and trigger.
-        let span = tracing::info_span!("run", run.id = %report.id, trigger, mode = report.mode);
+        let span =
+            tracing::info_span!("run", run.id = %report.id, trigger, mode = report.mode.as_str());
         span.in_scope(
-            || tracing::info!(run.id = %report.id, trigger, mode = report.mode, "seeding_started"),
+            || tracing::info!(run.id = %report.id, trigger, mode = report.mode.as_str(), "seeding_started"),
         );
         let result = self
             .run_inner(mode, &mut report, wait, cancel, identities)
@@ -314,7 +168,7 @@ impl Engine {
         session: &mut Option<Session>,
     ) -> Result<()> {
         // Validate the identity input before anything is written: a bad realm file must leave the
-        // database untouched (C1). Nothing is written yet, so a shutdown stops it at once.
+        // database untouched. Nothing is written yet, so a shutdown stops it at once.
         tokio::select! {
             r = source.clone().preflight() => r?,
             _ = cancel.cancelled() => return Err(Error::Cancelled),
@@ -330,216 +184,166 @@ impl Engine {
             .get(0);
         let db = &mut session.insert(Session { db, pid }).db;
         if !lock::try_acquire(&db.client).await? {
-            report.outcome = Outcome::Skipped;
-            report.error = Some(
-                "another run holds the run lock (a second replica or an overlapping tick)".into(),
-            );
-            if mode == Mode::Apply && store::table_exists(&db.client, "seed_runs").await? {
-                runs::insert(
-                    &db.client,
-                    report.id,
-                    &report.trigger,
-                    Utc::now(),
-                    "skipped",
-                    &report.seed_digest,
-                )
-                .await?;
-                runs::finish(
-                    &db.client,
-                    report.id,
-                    "skipped",
-                    &json!({}),
-                    &json!([]),
-                    report.error.as_deref(),
-                )
-                .await?;
-            }
-            return Ok(());
+            return self.skip_locked_out(mode, report, db).await;
         }
         let result = self
-            .units(mode, report, db, source, cancel)
+            .units(mode, report, db, source)
             .await
             .map_err(|e| self.explain(e));
-        let outcome_error = match &result {
-            Ok(()) => {
-                let blocking: Vec<String> = report
-                    .units
-                    .iter()
-                    .flat_map(|u| u.blocking.iter().cloned())
-                    .collect();
-                if blocking.is_empty() {
-                    report.outcome = Outcome::Succeeded;
-                    None
-                } else {
-                    report.outcome = Outcome::Failed;
-                    let msg = blocking.join("; ");
-                    report.error = Some(msg.clone());
-                    Some(msg)
-                }
-            }
+        let error = match &result {
+            Ok(()) => report.settle(),
             Err(e) => Some(e.to_string()),
         };
-        if mode == Mode::Apply
-            && store::table_exists(&db.client, "seed_runs")
-                .await
-                .unwrap_or(false)
-        {
-            let outcome = if result.is_err() {
-                "failed"
-            } else {
-                report.outcome.as_str()
+        if mode == Mode::Apply {
+            let outcome = match result {
+                Ok(()) => report.outcome,
+                Err(_) => Outcome::Failed,
             };
-            let finished = async {
-                // The row may be missing when the schema unit itself failed.
-                runs::insert_if_missing(
-                    &db.client,
-                    report.id,
-                    &report.trigger,
-                    &report.seed_digest,
-                )
-                .await?;
-                runs::finish(
-                    &db.client,
-                    report.id,
-                    outcome,
-                    &report.counts_json(),
-                    &report.findings_json(),
-                    outcome_error.as_deref(),
-                )
-                .await?;
-                runs::prune(&db.client, self.settings.evidence.retention).await
-            }
-            .await;
-            if let Err(e) = finished {
-                tracing::error!(run.id = %report.id, error = %e, "could not record the run in seed_runs");
-            }
+            self.record(db, report, outcome, error.as_deref()).await;
         }
         let _ = lock::release(&db.client).await;
         result
     }
 
+    /// A run that could not take the run lock: skipped, and recorded so when the schema exists.
+    async fn skip_locked_out(&self, mode: Mode, report: &mut RunReport, db: &Db) -> Result<()> {
+        report.outcome = Outcome::Skipped;
+        let why = "another run holds the run lock (a second replica or an overlapping tick)";
+        report.error = Some(why.into());
+        if mode == Mode::Apply && store::table_exists(&db.client, "seed_runs").await? {
+            let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+            runs::insert(&db.client, id, trigger, Utc::now(), "skipped", digest).await?;
+            runs::finish(&db.client, id, "skipped", &json!({}), &json!([]), Some(why)).await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the run's `seed_runs` row and prunes old rows. A failure here is logged: the
+    /// run's own outcome stands.
+    async fn record(&self, db: &Db, report: &RunReport, outcome: Outcome, error: Option<&str>) {
+        let finished = async {
+            if close_run_row(db, report, outcome, error).await? {
+                runs::prune(&db.client, self.settings.evidence.retention).await?;
+            }
+            Ok::<_, Error>(())
+        }
+        .await;
+        if let Err(e) = finished {
+            tracing::error!(run.id = %report.id, error = %e, "could not record the run in seed_runs");
+        }
+    }
+
+    /// The units in order. Each runs in its own transaction; a failing unit does not stop the
+    /// ones after it, whose inputs are the database's committed state, except `schema`: the
+    /// others compare against its tables. A shutdown does not cut a unit short: the run in flight
+    /// finishes within `shutdown.grace`, or it is stopped and rolled back (see `run_inner`).
     async fn units(
         &self,
         mode: Mode,
         report: &mut RunReport,
         db: &mut Db,
         source: Arc<dyn IdentityProvider>,
-        cancel: &CancellationToken,
     ) -> Result<()> {
-        // schema
-        let mut schema = UnitReport::new("schema");
-        let pending = migrate::pending(&db.client, migrate::MIGRATIONS).await?;
-        match mode {
-            Mode::Plan => {
-                for m in &pending {
-                    schema.add_change(format!("apply migration {}", m.label()));
-                }
-                schema.bump("applied", pending.len() as i64);
-                schema.bump(
-                    "unchanged",
-                    (migrate::MIGRATIONS.len() - pending.len()) as i64,
-                );
-                let blocked = !pending.is_empty();
-                report.units.push(schema);
-                if blocked {
-                    // The other units compare against tables that do not exist yet.
-                    for unit in ["reference_seed", "identities", "role_bindings", "tenants"] {
-                        let mut u = UnitReport::new(unit);
-                        u.add_change("everything (the schema is not applied yet)".into());
-                        u.bump("inserted", 1);
-                        report.units.push(u);
-                    }
-                    return Ok(());
-                }
-            }
-            Mode::Apply => {
-                let applied = migrate::run(
-                    &mut db.client,
-                    self.settings.schema.mode,
-                    migrate::MIGRATIONS,
-                )
-                .instrument(tracing::info_span!("unit", unit = "schema"))
-                .await;
-                match applied {
-                    Ok(r) => {
-                        schema.bump("applied", r.applied.len() as i64);
-                        schema.bump(
-                            "unchanged",
-                            (migrate::MIGRATIONS.len() - r.applied.len()) as i64,
-                        );
-                        report.units.push(schema);
-                    }
-                    Err(e) => {
-                        schema.error = Some(e.to_string());
-                        report.units.push(schema);
-                        return Err(e);
-                    }
-                }
-                runs::insert(
-                    &db.client,
-                    report.id,
-                    &report.trigger,
-                    Utc::now(),
-                    "running",
-                    &report.seed_digest,
-                )
-                .await?;
-                let closed = runs::close_abandoned(&db.client, report.id).await?;
-                if closed > 0 {
-                    tracing::warn!(run.id = %report.id, closed, "closed runs left running by a process that died");
-                }
-            }
-        }
-        let _ = self.settings.schema.mode == SchemaMode::Apply;
-
-        // Each unit in its own transaction; a failing unit does not stop the ones after it, whose
-        // inputs are the database's committed state.
         let mut first_error: Option<Error> = None;
-        for unit in ["reference_seed", "identities", "role_bindings", "tenants"] {
-            // A shutdown does not cut the run short: the run in flight finishes within
-            // shutdown.grace, or it is stopped and rolled back (see `run_inner`).
-            let r = async {
-                match unit {
-                    "reference_seed" => self.unit_reference(db, mode).await,
-                    "identities" => {
-                        identities::reconcile(
-                            &mut db.client,
-                            source.clone(),
-                            &self.settings,
-                            mode,
-                            cancel,
-                        )
-                        .await
-                    }
-                    "role_bindings" => self.unit_bindings(db, mode).await,
-                    _ => self.unit_tenants(db, mode).await,
-                }
-            }
-            .instrument(tracing::info_span!("unit", unit))
-            .await;
-            match r {
+        for &unit in Unit::ALL {
+            let span = tracing::info_span!("unit", unit = unit.as_str());
+            let result = self.unit(unit, mode, db, &source).instrument(span).await;
+            match result {
                 Ok(u) => report.units.push(u),
+                Err(e) if unit == Unit::Schema => {
+                    report.units.push(UnitReport::failed(unit, &e));
+                    return Err(e);
+                }
                 Err(e) => {
                     let e = self.explain(e);
-                    let mut u = UnitReport::new(unit);
-                    u.error = Some(e.to_string());
-                    report.units.push(u);
-                    let wrapped = match e {
-                        Error::Database { context, message } => Error::Unit {
-                            unit,
-                            message: format!("{context}: {message}"),
-                        },
-                        other => other,
-                    };
-                    tracing::error!(unit, error = %wrapped, "unit failed");
-                    first_error.get_or_insert(wrapped);
+                    report.units.push(UnitReport::failed(unit, &e));
+                    let e = in_unit(e, unit);
+                    tracing::error!(unit = unit.as_str(), error = %e, "unit failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+            if unit == Unit::Schema {
+                match mode {
+                    Mode::Plan if report.units[0].get(Action::Applied) > 0 => {
+                        // The other units compare against tables that do not exist yet.
+                        let blocked = Unit::ALL[1..].iter().map(|&u| UnitReport::after_schema(u));
+                        report.units.extend(blocked);
+                        return Ok(());
+                    }
+                    Mode::Plan => {}
+                    Mode::Apply => self.open_run_row(db, report).await?,
                 }
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// One unit, planned or applied.
+    async fn unit(
+        &self,
+        unit: Unit,
+        mode: Mode,
+        db: &mut Db,
+        source: &Arc<dyn IdentityProvider>,
+    ) -> Result<UnitReport> {
+        /// A unit whose statements run in one transaction this opens: read-only in a plan.
+        macro_rules! in_transaction {
+            (|$tx:ident| $work:expr) => {{
+                let $tx = begin(&mut db.client, mode).await?;
+                let report = $work.await?;
+                finish($tx, mode).await?;
+                Ok(report)
+            }};
         }
+        match unit {
+            Unit::Schema => self.unit_schema(db, mode).await,
+            Unit::ReferenceSeed => {
+                in_transaction!(|tx| reference::reconcile(&tx, &self.seed, mode))
+            }
+            // Its own transaction: it stages the source in a temporary table, even in a plan.
+            Unit::Identities => {
+                identities::reconcile(&mut db.client, source.clone(), &self.settings, mode).await
+            }
+            Unit::RoleBindings => {
+                in_transaction!(|tx| bindings::reconcile(&tx, &self.settings.identity, mode))
+            }
+            Unit::Tenants => in_transaction!(|tx| tenants::reconcile(&tx, mode)),
+        }
+    }
+
+    /// Unit `schema`: the pending migrations (plan) or applying them (apply).
+    async fn unit_schema(&self, db: &mut Db, mode: Mode) -> Result<UnitReport> {
+        let mut report = UnitReport::new(Unit::Schema);
+        let applied = match mode {
+            Mode::Plan => {
+                let pending = migrate::pending(&db.client, migrate::MIGRATIONS).await?;
+                for m in &pending {
+                    report.add_change(format!("apply migration {}", m.label()));
+                }
+                pending.len()
+            }
+            Mode::Apply => {
+                let schema_mode = self.settings.schema.mode;
+                let done = migrate::run(&mut db.client, schema_mode, migrate::MIGRATIONS).await?;
+                done.applied.len()
+            }
+        };
+        report.bump(Action::Applied, applied as i64);
+        let unchanged = migrate::MIGRATIONS.len() - applied;
+        report.bump(Tally::Unchanged, unchanged as i64);
+        Ok(report)
+    }
+
+    /// Apply, once the schema is there: the run's `seed_runs` row, and closing rows a process
+    /// that died left `running`.
+    async fn open_run_row(&self, db: &Db, report: &RunReport) -> Result<()> {
+        let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+        runs::insert(&db.client, id, trigger, Utc::now(), "running", digest).await?;
+        let closed = runs::close_abandoned(&db.client, id).await?;
+        if closed > 0 {
+            tracing::warn!(run.id = %id, closed, "closed runs left running by a process that died");
+        }
+        Ok(())
     }
 
     /// Ends a run stopped at its deadline or by a shutdown: its session is ended from a second
@@ -555,14 +359,7 @@ impl Engine {
         report: &mut RunReport,
         session: Option<Session>,
     ) -> Error {
-        const ORDER: [&str; 5] = [
-            "schema",
-            "reference_seed",
-            "identities",
-            "role_bindings",
-            "tenants",
-        ];
-        let at = match (&session, ORDER.get(report.units.len())) {
+        let at = match (&session, Unit::ALL.get(report.units.len())) {
             (None, _) => "before its database session was open (Keycloak preflight or waiting for PostgreSQL)".to_string(),
             (Some(_), Some(unit)) => format!("in unit {unit}"),
             (Some(_), None) => "while recording its outcome".to_string(),
@@ -634,23 +431,8 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if mode == Mode::Apply && store::table_exists(&side.client, "seed_runs").await? {
-            runs::insert_if_missing(
-                &side.client,
-                report.id,
-                &report.trigger,
-                &report.seed_digest,
-            )
-            .await?;
-            runs::finish(
-                &side.client,
-                report.id,
-                "failed",
-                &report.counts_json(),
-                &report.findings_json(),
-                Some(message),
-            )
-            .await?;
+        if mode == Mode::Apply {
+            close_run_row(&side, report, Outcome::Failed, Some(message)).await?;
         }
         Ok(())
     }
@@ -695,26 +477,34 @@ impl Engine {
             other => other,
         }
     }
+}
 
-    async fn unit_reference(&self, db: &mut Db, mode: Mode) -> Result<UnitReport> {
-        let tx = begin(&mut db.client, mode).await?;
-        let r = reference::reconcile(&tx, &self.seed, mode).await?;
-        finish(tx, mode).await?;
-        Ok(r)
+/// Closes a run's `seed_runs` row, inserting it when the schema unit itself failed before the
+/// row was opened. `false` when there is no `seed_runs` table to record in (no schema yet).
+async fn close_run_row(
+    db: &Db,
+    report: &RunReport,
+    outcome: Outcome,
+    error: Option<&str>,
+) -> Result<bool> {
+    if !store::table_exists(&db.client, "seed_runs").await? {
+        return Ok(false);
     }
+    let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+    runs::insert_if_missing(&db.client, id, trigger, digest).await?;
+    let (counts, findings) = (report.counts_json(), report.findings_json());
+    runs::finish(&db.client, id, outcome.as_str(), &counts, &findings, error).await?;
+    Ok(true)
+}
 
-    async fn unit_bindings(&self, db: &mut Db, mode: Mode) -> Result<UnitReport> {
-        let tx = begin(&mut db.client, mode).await?;
-        let r = bindings::reconcile(&tx, &self.settings.identity, mode).await?;
-        finish(tx, mode).await?;
-        Ok(r)
-    }
-
-    async fn unit_tenants(&self, db: &mut Db, mode: Mode) -> Result<UnitReport> {
-        let tx = begin(&mut db.client, mode).await?;
-        let r = tenants::reconcile(&tx, mode).await?;
-        finish(tx, mode).await?;
-        Ok(r)
+/// A unit's database error, named by its unit (the other errors name their input already).
+fn in_unit(e: Error, unit: Unit) -> Error {
+    match e {
+        Error::Database { context, message } => Error::Unit {
+            unit: unit.as_str(),
+            message: format!("{context}: {message}"),
+        },
+        other => other,
     }
 }
 

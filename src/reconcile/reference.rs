@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{Finding, Mode, UnitReport};
+use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
 use crate::seed::{Ownership, ReferenceSeed};
 use crate::store::ctx;
 
@@ -129,12 +129,11 @@ pub struct SectionInput {
 /// The seed as sections, in foreign-key order.
 pub fn sections(seed: &ReferenceSeed) -> Vec<SectionInput> {
     let d = &seed.data;
-    let to_rows = |v: Value| v;
     vec![
         SectionInput {
             spec: &SKUS,
             ownership: d.sku_catalog.ownership,
-            rows: to_rows(json!(d.sku_catalog.items)),
+            rows: json!(d.sku_catalog.items),
             deactivate_others: None,
         },
         SectionInput {
@@ -313,9 +312,9 @@ impl TableSpec {
     }
 }
 
-const UNIT: &str = "reference_seed";
+const UNIT: Unit = Unit::ReferenceSeed;
 
-/// Plans or applies the whole reference seed inside `tx`.
+/// Plans or applies the whole reference seed inside `tx`, section by section.
 pub async fn reconcile(
     tx: &Transaction<'_>,
     seed: &ReferenceSeed,
@@ -323,129 +322,160 @@ pub async fn reconcile(
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     for section in sections(seed) {
-        let spec = section.spec;
-        let total = section.rows.as_array().map(Vec::len).unwrap_or(0) as i64;
-        let sql = spec.sql("$1::jsonb", section.deactivate_others);
-        let rows = &section.rows;
-        let diff = tx
-            .query(&sql.diff, &[rows])
-            .await
-            .map_err(ctx("comparing the reference seed"))?;
-        let mut missing = Vec::new();
-        let mut differs = Vec::new();
-        for r in diff {
-            let key: String = r.get(0);
-            let state: &str = r.get(1);
-            if state == "missing" {
-                missing.push(key);
-            } else {
-                differs.push(key);
-            }
-        }
-        for r in tx
-            .query(&sql.extra, &[rows])
-            .await
-            .map_err(ctx("listing rows not in the seed"))?
-        {
-            let key: String = r.get(0);
-            report.add_finding(Finding::new(
-                UNIT,
-                "not_in_seed",
-                format!("{}:{key}", spec.table),
-                "kept; the seed no longer lists it",
-            ));
-            report.bump("not_in_seed", 1);
-        }
-        let converge = section.ownership == Ownership::Converge;
-        for key in &differs {
-            let (kind, detail) = if converge {
-                (
-                    "drift_corrected",
-                    "differs from the seed; converge: set back to the seed's values",
-                )
-            } else {
-                (
-                    "drift_kept",
-                    "differs from the seed; insert-missing: left as the admin set it",
-                )
-            };
-            report.add_finding(Finding::new(
-                UNIT,
-                kind,
-                format!("{}:{key}", spec.table),
-                detail,
-            ));
-        }
-        report.bump("drift", differs.len() as i64);
+        let sql = section.spec.sql("$1::jsonb", section.deactivate_others);
+        let diff = compare(tx, &section, &sql, &mut report).await?;
         match mode {
-            Mode::Plan => {
-                for key in &missing {
-                    report.add_change(format!("insert {}:{key}", spec.table));
-                }
-                report.bump("inserted", missing.len() as i64);
-                if converge {
-                    for key in &differs {
-                        report.add_change(format!("update {}:{key}", spec.table));
-                    }
-                    report.bump("updated", differs.len() as i64);
-                }
-                let changed = missing.len() + if converge { differs.len() } else { 0 };
-                report.bump("unchanged", total - changed as i64);
-            }
-            Mode::Apply => {
-                let mut updated = 0i64;
-                if converge {
-                    if let Some(stmt) = &sql.deactivate {
-                        let n = tx
-                            .query(stmt, &[rows])
-                            .await
-                            .map_err(ctx("deactivating superseded versions"))?;
-                        for r in &n {
-                            let key: String = r.get(0);
-                            report.add_finding(Finding::new(
-                                UNIT,
-                                "drift_corrected",
-                                format!("{}:{key}", spec.table),
-                                "deactivated: the seed's version is the active one",
-                            ));
-                        }
-                        report.bump("drift", n.len() as i64);
-                        updated += n.len() as i64;
-                    }
-                }
-                let inserted = tx
-                    .query(&sql.insert, &[rows])
-                    .await
-                    .map_err(ctx("inserting reference rows"))?;
-                let inserted_keys: Vec<String> = inserted.iter().map(|r| r.get(0)).collect();
-                for key in missing.iter().filter(|k| !inserted_keys.contains(k)) {
-                    report.add_finding(Finding::new(
-                        UNIT,
-                        "blocked",
-                        format!("{}:{key}", spec.table),
-                        "not inserted: another row holds one of its unique values (e.g. a second default plan); resolve by hand",
-                    ));
-                    report.bump("blocked", 1);
-                }
-                report.bump("inserted", inserted_keys.len() as i64);
-                if converge {
-                    let n = tx
-                        .query(&sql.update, &[rows])
-                        .await
-                        .map_err(ctx("correcting reference drift"))?;
-                    updated += n.len() as i64;
-                }
-                report.bump("updated", updated);
-                report.bump(
-                    "unchanged",
-                    total
-                        - inserted_keys.len() as i64
-                        - if converge { differs.len() as i64 } else { 0 },
-                );
-            }
+            Mode::Plan => plan(&section, &diff, &mut report),
+            Mode::Apply => apply(tx, &section, &sql, &diff, &mut report).await?,
         }
     }
     Ok(report)
+}
+
+/// The keys of a section's seed rows that the table lacks and that differ from it.
+struct SectionDiff {
+    missing: Vec<String>,
+    differs: Vec<String>,
+}
+
+impl SectionInput {
+    fn total(&self) -> i64 {
+        self.rows.as_array().map(Vec::len).unwrap_or(0) as i64
+    }
+
+    fn converge(&self) -> bool {
+        self.ownership == Ownership::Converge
+    }
+
+    /// The evidence entity of one of its rows.
+    fn entity(&self, key: &str) -> String {
+        format!("{}:{key}", self.spec.table)
+    }
+}
+
+/// Compares one section with its table: the rows to insert and the drift (reported either way,
+/// corrected only where the seed owns the section), and the rows the seed no longer lists
+/// (reported, kept).
+async fn compare(
+    tx: &Transaction<'_>,
+    section: &SectionInput,
+    sql: &SectionSql,
+    report: &mut UnitReport,
+) -> Result<SectionDiff> {
+    let rows = &section.rows;
+    let mut diff = SectionDiff {
+        missing: Vec::new(),
+        differs: Vec::new(),
+    };
+    for r in tx
+        .query(&sql.diff, &[rows])
+        .await
+        .map_err(ctx("comparing the reference seed"))?
+    {
+        let (key, state): (String, &str) = (r.get(0), r.get(1));
+        match state {
+            "missing" => diff.missing.push(key),
+            _ => diff.differs.push(key),
+        }
+    }
+    for r in tx
+        .query(&sql.extra, &[rows])
+        .await
+        .map_err(ctx("listing rows not in the seed"))?
+    {
+        let key: String = r.get(0);
+        let detail = "kept; the seed no longer lists it";
+        report.find(FindingKind::NotInSeed, section.entity(&key), detail);
+        report.bump(Tally::NotInSeed, 1);
+    }
+    let (kind, detail) = if section.converge() {
+        (
+            FindingKind::DriftCorrected,
+            "differs from the seed; converge: set back to the seed's values",
+        )
+    } else {
+        (
+            FindingKind::DriftKept,
+            "differs from the seed; insert-missing: left as the admin set it",
+        )
+    };
+    for key in &diff.differs {
+        report.find(kind, section.entity(key), detail);
+    }
+    report.bump(Tally::Drift, diff.differs.len() as i64);
+    Ok(diff)
+}
+
+/// Plan: the inserts, and the corrections where the seed owns the section.
+fn plan(section: &SectionInput, diff: &SectionDiff, report: &mut UnitReport) {
+    for key in &diff.missing {
+        report.add_change(format!("insert {}", section.entity(key)));
+    }
+    report.bump(Action::Inserted, diff.missing.len() as i64);
+    let mut changed = diff.missing.len();
+    if section.converge() {
+        for key in &diff.differs {
+            report.add_change(format!("update {}", section.entity(key)));
+        }
+        report.bump(Action::Updated, diff.differs.len() as i64);
+        changed += diff.differs.len();
+    }
+    report.bump(Tally::Unchanged, section.total() - changed as i64);
+}
+
+/// Apply: superseded versions deactivated and drift corrected where the seed owns the section,
+/// missing rows inserted (one that another row's unique value keeps out is reported `blocked`).
+async fn apply(
+    tx: &Transaction<'_>,
+    section: &SectionInput,
+    sql: &SectionSql,
+    diff: &SectionDiff,
+    report: &mut UnitReport,
+) -> Result<()> {
+    let rows = &section.rows;
+    let mut updated = 0i64;
+    if let (true, Some(stmt)) = (section.converge(), &sql.deactivate) {
+        let deactivated = tx
+            .query(stmt, &[rows])
+            .await
+            .map_err(ctx("deactivating superseded versions"))?;
+        for r in &deactivated {
+            let key: String = r.get(0);
+            let detail = "deactivated: the seed's version is the active one";
+            report.find(FindingKind::DriftCorrected, section.entity(&key), detail);
+        }
+        report.bump(Tally::Drift, deactivated.len() as i64);
+        updated += deactivated.len() as i64;
+    }
+    let inserted: Vec<String> = tx
+        .query(&sql.insert, &[rows])
+        .await
+        .map_err(ctx("inserting reference rows"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for key in diff.missing.iter().filter(|k| !inserted.contains(k)) {
+        report.find(
+            FindingKind::Blocked,
+            section.entity(key),
+            "not inserted: another row holds one of its unique values (e.g. a second default plan); resolve by hand",
+        );
+        report.bump(Tally::Blocked, 1);
+    }
+    report.bump(Action::Inserted, inserted.len() as i64);
+    let mut corrected = 0;
+    if section.converge() {
+        let n = tx
+            .query(&sql.update, &[rows])
+            .await
+            .map_err(ctx("correcting reference drift"))?;
+        updated += n.len() as i64;
+        corrected = diff.differs.len() as i64;
+    }
+    report.bump(Action::Updated, updated);
+    let unchanged = section.total() - inserted.len() as i64 - corrected;
+    report.bump(Tally::Unchanged, unchanged);
+    Ok(())
 }
 
 /// `seedkeeper export-sql`: the same statements with the input inlined, in one transaction.

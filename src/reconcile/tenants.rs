@@ -1,5 +1,5 @@
 //! Unit `tenants`: every users row (synced or not) gets a personal tenant, a default project,
-//! and active owner memberships in both (DESIGN rule 4).
+//! and active owner memberships in both (README → Seeding rules).
 //!
 //! One read-only check of every user's chain; when something lacks, six whole-table statements,
 //! each writing only rows that are missing or differ. A no-op run reads once and writes nothing.
@@ -8,13 +8,13 @@
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{Mode, UnitReport};
+use crate::reconcile::{Action, Mode, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
-const UNIT: &str = "tenants";
+const UNIT: Unit = Unit::Tenants;
 
 struct Step {
-    count_key: &'static str,
+    count: Tally,
     what: &'static str,
     /// Rows to write: a SELECT.
     select: &'static str,
@@ -26,21 +26,21 @@ struct Step {
 /// just inserted (which are owner/active by construction).
 const STEPS: &[Step] = &[
     Step {
-        count_key: "tenants_inserted",
+        count: Tally::TenantsInserted,
         what: "personal tenant(s)",
         select: "SELECT u.id AS owner_user_id, 'personal-' || u.id::text AS slug, u.username AS name FROM users u
                  WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.kind = 'personal' AND t.owner_user_id = u.id)",
         write: "INSERT INTO tenants (kind, owner_user_id, slug, name) SELECT 'personal', owner_user_id, slug, name FROM x",
     },
     Step {
-        count_key: "projects_inserted",
+        count: Tally::ProjectsInserted,
         what: "default project(s)",
         select: "SELECT t.id AS tenant_id FROM tenants t
                  WHERE t.kind = 'personal' AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.tenant_id = t.id AND p.is_default)",
         write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
     },
     Step {
-        count_key: "tenant_memberships_updated",
+        count: Tally::TenantMembershipsUpdated,
         what: "tenant owner membership(s) to set back to owner/active",
         select: "SELECT m.tenant_id, m.user_id FROM tenants t
                  JOIN tenant_memberships m ON m.tenant_id = t.id AND m.user_id = t.owner_user_id
@@ -49,7 +49,7 @@ const STEPS: &[Step] = &[
                 WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
     },
     Step {
-        count_key: "tenant_memberships_inserted",
+        count: Tally::TenantMembershipsInserted,
         what: "tenant owner membership(s) to insert",
         select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
                  WHERE t.kind = 'personal'
@@ -57,7 +57,7 @@ const STEPS: &[Step] = &[
         write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
     },
     Step {
-        count_key: "project_memberships_updated",
+        count: Tally::ProjectMembershipsUpdated,
         what: "project owner membership(s) to set back to owner/active",
         select: "SELECT m.project_id, m.user_id FROM tenants t
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
@@ -67,7 +67,7 @@ const STEPS: &[Step] = &[
                 WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
     },
     Step {
-        count_key: "project_memberships_inserted",
+        count: Tally::ProjectMembershipsInserted,
         what: "project owner membership(s) to insert",
         select: "SELECT p.id AS project_id, t.owner_user_id AS user_id FROM tenants t
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
@@ -94,7 +94,7 @@ pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
         .await
         .map_err(ctx("checking tenants"))?;
     let (users, lacking): (i64, i64) = (row.get(0), row.get(1));
-    report.bump("users_covered", users);
+    report.bump(Tally::UsersCovered, users);
     if lacking == 0 {
         return Ok(report);
     }
@@ -119,9 +119,9 @@ pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
                 .await
                 .map_err(ctx("writing tenants"))? as i64,
         };
-        report.bump(step.count_key, n);
+        report.bump(step.count, n);
         total += n;
     }
-    report.bump("inserted", total);
+    report.bump(Action::Inserted, total);
     Ok(report)
 }

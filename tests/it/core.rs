@@ -3,6 +3,7 @@
 use serde_json::{json, Value};
 
 use crate::harness::*;
+use seedkeeper::reconcile::{FindingKind, Tally, Unit};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fresh_database_gets_every_reference_row_as_seed_000_lists_it() {
@@ -232,10 +233,10 @@ async fn a_sku_price_changed_by_hand_is_corrected_and_reported_as_drift() {
     assert_ok(&r);
     assert_eq!(count(&r, "reference_seed", "drift"), 1);
     assert_eq!(count(&r, "reference_seed", "updated"), 1);
-    let f = &r.unit("reference_seed").unwrap().findings;
+    let f = &r.unit(Unit::ReferenceSeed).unwrap().findings;
     assert!(
         f.iter()
-            .any(|f| f.kind == "drift_corrected" && f.entity == "sku_catalog:h100"),
+            .any(|f| f.kind == FindingKind::DriftCorrected && f.entity == "sku_catalog:h100"),
         "{f:?}"
     );
     let price: i64 = db
@@ -465,14 +466,14 @@ async fn export_sql_applied_with_psql_gives_the_same_reference_data() {
         );
     }
     let p = plan(&db.engine(&[])).await;
-    let seed = p.unit("reference_seed").unwrap();
+    let seed = p.unit(Unit::ReferenceSeed).unwrap();
     assert_eq!(
         seed.writes(),
         0,
         "the engine finds the exported seed complete: {:?}",
         seed.changes
     );
-    assert_eq!(seed.get("drift"), 0);
+    assert_eq!(seed.get(Tally::Drift), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]

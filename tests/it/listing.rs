@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 use crate::harness::keycloak::{IgnoreFirst, KeycloakEmulator};
 use crate::harness::*;
 use crate::identities::{identity_state, kc_env, refs, test_realm, user};
+use seedkeeper::reconcile::Unit;
 
 const USERS: usize = 300;
 /// The realm's human users: the generated ones and the six dev personas.
@@ -255,7 +256,9 @@ async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_rev
         }
         assert_eq!(r.error_value.as_ref().map(|e| e.exit_code()), Some(1));
         assert!(
-            r.unit("identities").and_then(|u| u.error.clone()).is_some(),
+            r.unit(Unit::Identities)
+                .and_then(|u| u.error.clone())
+                .is_some(),
             "{:#?}",
             r.units
         );

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 use crate::identities::{identity_state, realm_file_env, refs};
+use seedkeeper::reconcile::{FindingKind, Unit};
 
 fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -40,8 +41,8 @@ fn row(sub: &str, username: &str, role: &str) -> (String, String, String) {
 }
 
 /// (entity, detail) of the identities unit's findings of `kind`.
-fn findings(r: &seedkeeper::reconcile::RunReport, kind: &str) -> Vec<(String, String)> {
-    r.unit("identities")
+fn findings(r: &seedkeeper::reconcile::RunReport, kind: FindingKind) -> Vec<(String, String)> {
+    r.unit(Unit::Identities)
         .expect("identities unit")
         .findings
         .iter()
@@ -118,7 +119,7 @@ async fn users_without_id_are_rejected_alone_and_service_accounts_and_undeclared
     assert_eq!(count(&r, "identities", "listed"), 5);
     assert_eq!(count(&r, "identities", "inserted"), 3);
     assert_eq!(count(&r, "identities", "rejected"), 2);
-    let rejected = findings(&r, "rejected");
+    let rejected = findings(&r, FindingKind::Rejected);
     let entities: Vec<&str> = rejected.iter().map(|f| f.0.as_str()).collect();
     assert_eq!(
         entities,
@@ -156,7 +157,7 @@ async fn users_without_id_are_rejected_alone_and_service_accounts_and_undeclared
     let before = db.tuples_written().await;
     let r = apply(&engine).await;
     assert_ok(&r);
-    assert_eq!(findings(&r, "rejected").len(), 2);
+    assert_eq!(findings(&r, FindingKind::Rejected).len(), 2);
     db.settle_stats(2).await;
     assert_eq!(
         db.tuples_written().await,
@@ -184,7 +185,7 @@ async fn real_import_files_without_ids_sync_no_row_and_report_each_human_user() 
         let r = apply(&db.engine(&refs(&realm_env(&path)))).await;
         assert_ok(&r);
         assert_eq!(rows(&db).await, vec![], "{name}");
-        let rejected = findings(&r, "rejected");
+        let rejected = findings(&r, FindingKind::Rejected);
         let entities: Vec<String> = rejected.iter().map(|f| f.0.clone()).collect();
         let want: Vec<String> = humans.iter().map(|h| format!("user:{h}")).collect();
         assert_eq!(entities, want, "{name}");
@@ -424,7 +425,7 @@ async fn real_dir_exports_are_read() {
     let r = apply(&db.engine(&refs(&realm_env(&fixture("testsuite-dir-import"))))).await;
     assert_ok(&r);
     assert_eq!(rows(&db).await, vec![]);
-    let rejected = findings(&r, "rejected");
+    let rejected = findings(&r, FindingKind::Rejected);
     assert_eq!(rejected.len(), 1, "{rejected:#?}");
     assert_eq!(rejected[0].0, "user:alice");
     assert!(

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use seedkeeper::metrics::{ErrorKind, KeycloakOutcome, RunOutcome};
+use seedkeeper::metrics::{ErrorKind, KeycloakOutcome};
+use seedkeeper::reconcile::Outcome;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -138,7 +139,7 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
     for kind in ErrorKind::ALL {
         assert_eq!(run_errors(&s, *kind), 0.0, "{kind:?}");
     }
-    for outcome in RunOutcome::ALL {
+    for outcome in Outcome::ALL {
         let series = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
         assert_eq!(get(&s, &series), 0.0);
     }

@@ -15,6 +15,7 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use seedkeeper::config::{self, Settings, Sources};
+use seedkeeper::reconcile::{Count, Unit};
 use seedkeeper::reconcile::{Engine, Mode, RunReport};
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
@@ -227,10 +228,13 @@ pub fn assert_ok(r: &RunReport) {
     );
 }
 
+/// A unit's count, both named by their text as in the evidence JSON (an unknown name panics).
 pub fn count(r: &RunReport, unit: &str, key: &str) -> i64 {
-    r.unit(unit)
-        .map(|u| u.get(key))
-        .unwrap_or_else(|| panic!("no unit {unit}"))
+    let u = Unit::from_name(unit).unwrap_or_else(|| panic!("no unit named {unit}"));
+    let k = Count::from_name(key).unwrap_or_else(|| panic!("no count named {key}"));
+    r.unit(u)
+        .map(|u| u.get(k))
+        .unwrap_or_else(|| panic!("no unit {unit} in the run"))
 }
 
 /// Runs the built binary with a clean environment plus `env`.

@@ -1,0 +1,470 @@
+//! The vocabulary of a run: its units, what a unit counts and writes, what it finds, and the
+//! reports that carry them.
+//!
+//! Everything that shows a run derives from these types: the evidence JSON in `seed_runs`
+//! (`counts`, `findings`), the `--once` summary, `plan`, `status` and the metric labels. A new
+//! unit, action or finding kind is added here, and the compiler points at each exhaustive
+//! `match` that must say what it means.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::error::Error;
+use crate::names::named;
+
+named!(
+    /// Plan computes the difference and writes nothing; apply writes only the difference.
+    pub enum Mode {
+        Plan => "plan",
+        Apply => "apply",
+    }
+);
+
+named!(
+    /// How a run ended (`seed_runs.outcome`, `seedkeeper_runs_total`).
+    pub enum Outcome {
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+    }
+);
+
+named!(
+    /// The units of a run, in the order they run.
+    pub enum Unit {
+        /// The embedded migrations.
+        Schema => "schema",
+        /// The reference seed's catalogs, policies, plans, roles and apps.
+        ReferenceSeed => "reference_seed",
+        /// Realm users as `users` rows.
+        Identities => "identities",
+        /// Platform role bindings derived from the users.
+        RoleBindings => "role_bindings",
+        /// Personal tenants, projects and their owner memberships.
+        Tenants => "tenants",
+    }
+);
+
+impl Unit {
+    /// The writes this unit can make: their `seedkeeper_rows_changed_total` series start at 0.
+    pub fn actions(self) -> &'static [Action] {
+        match self {
+            Unit::Schema => &[Action::Applied],
+            Unit::ReferenceSeed => &[Action::Inserted, Action::Updated],
+            Unit::Identities => &[Action::Inserted, Action::Updated, Action::Realigned],
+            Unit::RoleBindings => &[Action::Inserted, Action::Revoked],
+            Unit::Tenants => &[Action::Inserted],
+        }
+    }
+}
+
+named!(
+    /// A write a unit makes: apply counts the rows it wrote, plan the rows it would write.
+    pub enum Action {
+        Inserted => "inserted",
+        Updated => "updated",
+        Revoked => "revoked",
+        Realigned => "realigned",
+        Applied => "applied",
+    }
+);
+
+named!(
+    /// Something a unit counts that is not a write.
+    pub enum Tally {
+        /// Rows already as they should be.
+        Unchanged => "unchanged",
+        /// Reference rows that differ from the seed (corrected or kept, by ownership).
+        Drift => "drift",
+        /// Reference rows the seed no longer lists (kept).
+        NotInSeed => "not_in_seed",
+        /// Reference rows another row's unique value kept out.
+        Blocked => "blocked",
+        /// Users the source listed.
+        Listed => "listed",
+        /// Users refused one by one (no sub, a bad field, a username listed twice).
+        Rejected => "rejected",
+        /// Users the listing returned twice.
+        Duplicates => "duplicates",
+        /// Users of an event batch left to a full run.
+        Deferred => "deferred",
+        /// Realm users whose username another row holds.
+        Clashes => "clashes",
+        /// Rows whose user the source no longer lists (kept).
+        Missing => "missing",
+        /// Users whose tenant chain was checked.
+        UsersCovered => "users_covered",
+        TenantsInserted => "tenants_inserted",
+        ProjectsInserted => "projects_inserted",
+        TenantMembershipsUpdated => "tenant_memberships_updated",
+        TenantMembershipsInserted => "tenant_memberships_inserted",
+        ProjectMembershipsUpdated => "project_memberships_updated",
+        ProjectMembershipsInserted => "project_memberships_inserted",
+    }
+);
+
+impl Tally {
+    /// Whether `status` shows it beside the writes: it asks for a look.
+    pub fn notable(self) -> bool {
+        match self {
+            Tally::Drift | Tally::Clashes | Tally::Missing | Tally::Rejected => true,
+            Tally::Unchanged
+            | Tally::NotInSeed
+            | Tally::Blocked
+            | Tally::Listed
+            | Tally::Duplicates
+            | Tally::Deferred
+            | Tally::UsersCovered
+            | Tally::TenantsInserted
+            | Tally::ProjectsInserted
+            | Tally::TenantMembershipsUpdated
+            | Tally::TenantMembershipsInserted
+            | Tally::ProjectMembershipsUpdated
+            | Tally::ProjectMembershipsInserted => false,
+        }
+    }
+}
+
+/// One key of a unit's counts: a write or a tally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Count {
+    Wrote(Action),
+    Saw(Tally),
+}
+
+impl Count {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Count::Wrote(a) => a.as_str(),
+            Count::Saw(t) => t.as_str(),
+        }
+    }
+
+    /// The count with this text, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Count::all().find(|c| c.as_str() == name)
+    }
+
+    /// Every count: the writes, then the tallies.
+    pub fn all() -> impl Iterator<Item = Count> {
+        let wrote = Action::ALL.iter().map(|&a| Count::Wrote(a));
+        wrote.chain(Tally::ALL.iter().map(|&t| Count::Saw(t)))
+    }
+
+    /// The counts `status` shows: every write and the notable tallies.
+    pub fn notable(self) -> bool {
+        match self {
+            Count::Wrote(_) => true,
+            Count::Saw(t) => t.notable(),
+        }
+    }
+}
+
+impl From<Action> for Count {
+    fn from(a: Action) -> Self {
+        Count::Wrote(a)
+    }
+}
+
+impl From<Tally> for Count {
+    fn from(t: Tally) -> Self {
+        Count::Saw(t)
+    }
+}
+
+/// A unit's counts, keyed by their text so the evidence JSON and the summary list them in the
+/// same (alphabetical) order as always.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(transparent)]
+pub struct Counts(BTreeMap<&'static str, i64>);
+
+impl Counts {
+    pub fn bump(&mut self, key: impl Into<Count>, n: i64) {
+        *self.0.entry(key.into().as_str()).or_insert(0) += n;
+    }
+
+    pub fn get(&self, key: impl Into<Count>) -> i64 {
+        self.0.get(key.into().as_str()).copied().unwrap_or(0)
+    }
+
+    /// The counts set, by text.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, i64)> + '_ {
+        self.0.iter().map(|(k, v)| (*k, *v))
+    }
+
+    /// Rows written (apply) or to write (plan).
+    pub fn writes(&self) -> i64 {
+        Action::ALL.iter().map(|&a| self.get(a)).sum()
+    }
+}
+
+named!(
+    /// What a finding is about.
+    pub enum FindingKind {
+        /// A user refused alone (identities).
+        Rejected => "rejected",
+        /// An event batch's user left to a full run (identities).
+        Deferred => "deferred",
+        /// A row moved to its user's new sub after a re-import (identities).
+        Realigned => "realigned",
+        /// A username held by another row; never taken over (identities).
+        Clash => "clash",
+        /// A row whose user the source no longer lists; kept (identities).
+        Missing => "missing",
+        /// A reference row the seed no longer lists; kept (reference_seed).
+        NotInSeed => "not_in_seed",
+        /// A reference row set back to the seed (reference_seed, converge).
+        DriftCorrected => "drift_corrected",
+        /// A reference row left as an admin set it (reference_seed, insert-missing).
+        DriftKept => "drift_kept",
+        /// A reference row another row's unique value kept out (reference_seed).
+        Blocked => "blocked",
+        /// A binding granted (role_bindings).
+        Granted => "granted",
+        /// A binding revoked (role_bindings).
+        Revoked => "revoked",
+    }
+);
+
+impl FindingKind {
+    /// Whether an operator should look at it: `plan` lists these under `!`.
+    pub fn needs_attention(self) -> bool {
+        match self {
+            FindingKind::DriftKept
+            | FindingKind::NotInSeed
+            | FindingKind::Clash
+            | FindingKind::Missing
+            | FindingKind::Rejected
+            | FindingKind::Blocked => true,
+            FindingKind::Deferred
+            | FindingKind::Realigned
+            | FindingKind::DriftCorrected
+            | FindingKind::Granted
+            | FindingKind::Revoked => false,
+        }
+    }
+
+    /// Whether the run summary lists it one by one (grants are many and routine: counted only).
+    pub fn in_summary(self) -> bool {
+        self != FindingKind::Granted
+    }
+}
+
+/// Findings listed per kind are capped so a 100,000-user re-import does not make a 100,000-entry
+/// evidence row; the counts stay exact.
+pub const FINDINGS_PER_KIND: usize = 50;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Finding {
+    pub unit: Unit,
+    pub kind: FindingKind,
+    pub entity: String,
+    pub detail: String,
+}
+
+impl Finding {
+    pub fn new(
+        unit: Unit,
+        kind: FindingKind,
+        entity: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Self {
+        Finding {
+            unit,
+            kind,
+            entity: entity.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What one unit found (plan) or did (apply).
+#[derive(Debug, Clone, Serialize)]
+pub struct UnitReport {
+    pub unit: Unit,
+    pub counts: Counts,
+    pub findings: Vec<Finding>,
+    /// Plan only: the changes apply would make, capped like findings.
+    pub changes: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Findings that make the run's outcome failed (e.g. a username clash).
+    #[serde(skip)]
+    pub blocking: Vec<String>,
+}
+
+impl UnitReport {
+    pub fn new(unit: Unit) -> Self {
+        UnitReport {
+            unit,
+            counts: Counts::default(),
+            findings: Vec::new(),
+            changes: Vec::new(),
+            error: None,
+            blocking: Vec::new(),
+        }
+    }
+
+    pub fn bump(&mut self, key: impl Into<Count>, n: i64) {
+        self.counts.bump(key, n);
+    }
+
+    pub fn get(&self, key: impl Into<Count>) -> i64 {
+        self.counts.get(key)
+    }
+
+    /// Records a finding; past [`FINDINGS_PER_KIND`] of its kind it is only counted.
+    pub fn find(
+        &mut self,
+        kind: FindingKind,
+        entity: impl Into<String>,
+        detail: impl Into<String>,
+    ) {
+        let same = self.findings.iter().filter(|x| x.kind == kind).count();
+        if same < FINDINGS_PER_KIND {
+            self.findings
+                .push(Finding::new(self.unit, kind, entity, detail));
+        }
+    }
+
+    /// A unit that failed: its error, no counts.
+    pub fn failed(unit: Unit, error: &Error) -> Self {
+        let mut report = UnitReport::new(unit);
+        report.error = Some(error.to_string());
+        report
+    }
+
+    /// Plan, while migrations are pending: the unit cannot compare against tables that do not
+    /// exist yet, so everything counts as to be written.
+    pub fn after_schema(unit: Unit) -> Self {
+        let mut report = UnitReport::new(unit);
+        report.add_change("everything (the schema is not applied yet)".into());
+        report.bump(Action::Inserted, 1);
+        report
+    }
+
+    pub fn add_change(&mut self, c: String) {
+        if self.changes.len() < FINDINGS_PER_KIND * 4 {
+            self.changes.push(c);
+        }
+    }
+
+    /// Rows apply would write (plan) or wrote (apply).
+    pub fn writes(&self) -> i64 {
+        self.counts.writes()
+    }
+}
+
+/// The result of one run (apply) or plan.
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub id: Uuid,
+    pub trigger: String,
+    pub mode: Mode,
+    pub outcome: Outcome,
+    pub seed_digest: String,
+    pub duration_ms: u64,
+    pub units: Vec<UnitReport>,
+    pub error: Option<String>,
+    #[serde(skip)]
+    pub error_value: Option<Error>,
+}
+
+impl RunReport {
+    /// `seed_runs.counts`: per unit, its counts.
+    pub fn counts_json(&self) -> Value {
+        let mut m = serde_json::Map::new();
+        for u in &self.units {
+            m.insert(u.unit.as_str().to_string(), json!(u.counts));
+        }
+        Value::Object(m)
+    }
+
+    /// `seed_runs.findings`: every unit's findings, in run order.
+    pub fn findings_json(&self) -> Value {
+        json!(self
+            .units
+            .iter()
+            .flat_map(|u| u.findings.iter())
+            .collect::<Vec<_>>())
+    }
+
+    pub fn unit(&self, unit: Unit) -> Option<&UnitReport> {
+        self.units.iter().find(|u| u.unit == unit)
+    }
+
+    /// After the units ran without an error: the outcome, failed when a unit left blocking
+    /// findings (username clashes), whose summary is then the run's error.
+    pub fn settle(&mut self) -> Option<String> {
+        let blocking: Vec<&str> = self
+            .units
+            .iter()
+            .flat_map(|u| u.blocking.iter().map(String::as_str))
+            .collect();
+        if blocking.is_empty() {
+            self.outcome = Outcome::Succeeded;
+            return None;
+        }
+        self.outcome = Outcome::Failed;
+        self.error = Some(blocking.join("; "));
+        self.error.clone()
+    }
+
+    /// Plan: whether apply would change anything.
+    pub fn changes_pending(&self) -> bool {
+        self.units.iter().any(|u| u.writes() > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_count_has_its_own_text() {
+        let mut seen = std::collections::BTreeSet::new();
+        for c in Count::all() {
+            assert!(seen.insert(c.as_str()), "{} twice", c.as_str());
+        }
+        assert_eq!(seen.len(), Action::ALL.len() + Tally::ALL.len());
+    }
+
+    #[test]
+    fn counts_serialize_as_text_keys_and_only_actions_are_writes() {
+        let mut c = Counts::default();
+        c.bump(Action::Inserted, 2);
+        c.bump(Tally::Unchanged, 5);
+        c.bump(Action::Realigned, 1);
+        assert_eq!(
+            json!(c),
+            json!({"inserted": 2, "realigned": 1, "unchanged": 5})
+        );
+        assert_eq!(c.writes(), 3);
+    }
+
+    #[test]
+    fn findings_are_capped_per_kind_and_carry_their_unit() {
+        let mut u = UnitReport::new(Unit::Identities);
+        for i in 0..FINDINGS_PER_KIND + 5 {
+            u.find(FindingKind::Missing, format!("user:{i}"), "kept");
+        }
+        u.find(FindingKind::Clash, "user:x", "held");
+        assert_eq!(u.findings.len(), FINDINGS_PER_KIND + 1);
+        assert_eq!(
+            json!(u.findings.last()),
+            json!({"unit": "identities", "kind": "clash", "entity": "user:x", "detail": "held"})
+        );
+    }
+
+    #[test]
+    fn names_read_back() {
+        for &u in Unit::ALL {
+            assert_eq!(Unit::from_name(u.as_str()), Some(u));
+        }
+        assert_eq!(Mode::from_name("plan"), Some(Mode::Plan));
+        assert_eq!(FindingKind::from_name("nope"), None);
+    }
+}
