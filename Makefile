@@ -40,13 +40,13 @@ keycloak: ## start the real Keycloak 26 alone (dev realm imported); prints its U
 plan: build ## what a reconcile would change in the local database
 	SEEDKEEPER_DATABASE__URL="$$(scripts/local-db.sh ensure $(DB))" $(SEEDKEEPER) plan
 
-bench: ## the benchmark (release build, emulator sizes, then the real Keycloak; see README)
+bench: ## the benchmark (release build, emulator sizes, then the real Keycloak; see docs/benchmark.md)
 	bash scripts/bench.sh
 
-bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k users; see README)
+bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k users; see docs/benchmark.md)
 	bash scripts/bench-keycloak.sh
 
-bench-events: ## the event follower's figures: latency, idle requests, one user vs a full run (see README)
+bench-events: ## the event follower's figures: latency, idle requests, one user vs a full run (see docs/benchmark.md)
 	bash scripts/bench-events.sh
 
 lint: ## formatting and clippy, as CI runs them

@@ -647,6 +647,11 @@ if shutil.which("systemd-analyze"):
 else:
     skip("systemd: systemd-analyze not installed")
 
+section("docs")
+r = subprocess.run([sys.executable, "scripts/check-links.py"], capture_output=True, text=True)
+check(r.returncode == 0, "docs: every relative link and #anchor of README.md and docs/*.md resolves",
+      r.stdout + r.stderr)
+
 shutil.rmtree(SCRATCH, ignore_errors=True)
 print(f"check-deploy: {counts['ok']} ok, {counts['FAIL']} failed, {counts['skip']} skipped")
 sys.exit(1 if counts["FAIL"] else 0)

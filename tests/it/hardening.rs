@@ -1,7 +1,7 @@
 //! Issue: hardening. Faults survived (the run fails cleanly or succeeds, nothing lost or
 //! duplicated, the next run converges), bad inputs refused (a clear error, exit 78, nothing
 //! written), hostile identity values stored exactly or refused per identity, canary secrets never
-//! leaked, TLS verified by default. The README's fault matrix points at these tests.
+//! leaked, TLS verified by default. docs/hardening.md's fault matrix points at these tests.
 
 use std::time::{Duration, Instant};
 
