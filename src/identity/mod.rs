@@ -113,6 +113,16 @@ impl RoleFilter {
 }
 
 /// Why an identity cannot be stored, if it cannot.
+/// A value for logs and evidence entities: control characters escaped, length capped.
+pub fn printable(s: &str) -> String {
+    let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 80 {
+        format!("{escaped}…")
+    } else {
+        escaped
+    }
+}
+
 pub fn check_identity(i: &Identity) -> std::result::Result<(), String> {
     check_key_field("id (sub)", &i.sub)?;
     check_key_field("username", &i.username)?;

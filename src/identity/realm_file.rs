@@ -33,7 +33,8 @@ use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
 use crate::identity::{
-    check_identity, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
+    check_identity, printable, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph,
+    SourceStats,
 };
 
 pub const EMBEDDED_REALM: &str = include_str!("../../realms/dev-realm.json");
@@ -353,16 +354,6 @@ fn position(element: Option<usize>, i: usize, username: Option<&str>) -> String 
         element.map(|e| format!("realms[{e}] ")).unwrap_or_default(),
         username.map(|n| format!(" ({n:?})")).unwrap_or_default()
     )
-}
-
-/// A value for an evidence entity: control characters escaped, length capped.
-fn printable(s: &str) -> String {
-    let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
-    if s.chars().count() > 80 {
-        format!("{escaped}…")
-    } else {
-        escaped
-    }
 }
 
 /// What one scan saw at the top level of a realm object.

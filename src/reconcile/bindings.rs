@@ -40,8 +40,24 @@ pub async fn reconcile(
     let realm_roles: Vec<&str> = identity.role_map.keys().map(String::as_str).collect();
     let platform_roles: Vec<&str> = identity.role_map.values().map(String::as_str).collect();
     let role_map: RoleMap = [&realm_roles, &platform_roles];
-    let granted = grant(tx, mode, role_map, &mut report).await?;
-    let revoked = revoke(tx, mode, role_map, &mut report).await?;
+    let granted = change(
+        tx,
+        grant_sql(mode),
+        role_map,
+        FindingKind::Granted,
+        mode,
+        &mut report,
+    );
+    let granted = granted.await?;
+    let revoked = change(
+        tx,
+        revoke_sql(mode),
+        role_map,
+        FindingKind::Revoked,
+        mode,
+        &mut report,
+    );
+    let revoked = revoked.await?;
     report.bump(Action::Inserted, granted);
     report.bump(Action::Revoked, revoked);
     let active: i64 = tx
@@ -63,13 +79,22 @@ pub async fn reconcile(
 /// The role map's parameters `$1` (realm roles) and `$2` (platform roles).
 type RoleMap<'a> = [&'a (dyn ToSql + Sync); 2];
 
-/// The desired bindings no active binding covers: granted (plan: listed). Returns how many.
-async fn grant(
+/// Runs a grant or a revocation statement and records its sampled rows. Returns the count.
+async fn change(
     tx: &Transaction<'_>,
-    mode: Mode,
+    (sql, context): (String, &'static str),
     role_map: RoleMap<'_>,
+    kind: FindingKind,
+    mode: Mode,
     report: &mut UnitReport,
 ) -> Result<i64> {
+    let rows = tx.query(&sql, &role_map).await.map_err(ctx(context))?;
+    Ok(note(report, &rows, kind, mode))
+}
+
+/// The desired bindings no active binding covers: granted (plan: listed), as rows of
+/// `(count, username, role, basis)`; and what the statement does, for its errors.
+fn grant_sql(mode: Mode) -> (String, &'static str) {
     let to_grant = format!(
         "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis
          FROM ({DESIRED}) d
@@ -77,7 +102,7 @@ async fn grant(
                            WHERE b.user_id = d.user_id AND b.role_name = d.role_name AND b.status = 'active')
          ORDER BY d.user_id, d.role_name, d.basis"
     );
-    let (sql, context) = match mode {
+    match mode {
         Mode::Apply => (
             format!(
                 "WITH g AS (INSERT INTO platform_role_bindings (user_id, role_name, status, granted_by, basis)
@@ -92,20 +117,13 @@ async fn grant(
             format!("SELECT count(*) OVER (), u.username, x.role_name, x.basis FROM ({to_grant}) x JOIN users u ON u.id = x.user_id ORDER BY u.username LIMIT {SAMPLE}"),
             "planning platform role bindings",
         ),
-    };
-    let rows = tx.query(&sql, &role_map).await.map_err(ctx(context))?;
-    Ok(note(report, &rows, FindingKind::Granted, mode))
+    }
 }
 
 /// Active seedkeeper bindings whose basis no longer holds: revoked, kept as rows (plan:
-/// listed). Per binding, whether its basis still holds: O(bindings), not O(bindings x users).
-/// Returns how many.
-async fn revoke(
-    tx: &Transaction<'_>,
-    mode: Mode,
-    role_map: RoleMap<'_>,
-    report: &mut UnitReport,
-) -> Result<i64> {
+/// listed), like [`grant_sql`]. Per binding, whether its basis still holds: O(bindings), not
+/// O(bindings x users).
+fn revoke_sql(mode: Mode) -> (String, &'static str) {
     let to_revoke = format!(
         "SELECT b.id FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
          WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'
@@ -113,7 +131,7 @@ async fn revoke(
                     OR EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
                                WHERE m.platform_role = b.role_name AND m.realm_role = ANY (u.realm_roles)))"
     );
-    let (sql, context) = match mode {
+    match mode {
         Mode::Apply => (
             format!(
                 "WITH r AS (UPDATE platform_role_bindings b SET status = 'revoked', revoked_at = now(), revoked_by = '{GRANTOR}'
@@ -130,9 +148,7 @@ async fn revoke(
             ),
             "planning revocations",
         ),
-    };
-    let rows = tx.query(&sql, &role_map).await.map_err(ctx(context))?;
-    Ok(note(report, &rows, FindingKind::Revoked, mode))
+    }
 }
 
 /// Records the sampled grants or revocations, rows of `(count, username, role, basis)`, as

@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
-use crate::identity::{check_identity, IdentityProvider};
+use crate::identity::{check_identity, printable, IdentityProvider};
 use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
@@ -475,15 +475,5 @@ async fn try_unique_index(tx: &Transaction<'_>, sql: &str) -> Result<bool> {
             Ok(false)
         }
         Err(e) => Err(crate::error::Error::db("indexing the identity stage", e)),
-    }
-}
-
-/// A sub for logs and evidence: control characters escaped, length capped.
-fn printable(s: &str) -> String {
-    let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
-    if s.chars().count() > 80 {
-        format!("{escaped}…")
-    } else {
-        escaped
     }
 }
