@@ -189,170 +189,163 @@ fn dupes<'a>(keys: impl Iterator<Item = &'a str>) -> Vec<&'a str> {
     d
 }
 
-fn validate(file: &str, s: &SeedFile) -> Vec<String> {
-    let mut p = Vec::new();
-    let mut err = |path: String, msg: String| p.push(format!("{file}: {path}: {msg}"));
-    if s.format != 1 {
-        err(
-            "format".into(),
-            format!(
-                "unsupported format {} (this seedkeeper reads format 1)",
-                s.format
-            ),
-        );
+/// Problems found in a seed file, each prefixed with the file and the path of the entry.
+struct Found<'a> {
+    file: &'a str,
+    found: Vec<String>,
+}
+
+impl Found<'_> {
+    fn err(&mut self, path: impl std::fmt::Display, msg: impl std::fmt::Display) {
+        self.found.push(format!("{}: {path}: {msg}", self.file));
     }
 
-    for d in dupes(s.sku_catalog.items.iter().map(|i| i.sku.as_str())) {
-        err(
-            format!("sku_catalog.items[sku={d}]"),
-            "duplicate sku".into(),
-        );
-    }
-    for (i, sku) in s.sku_catalog.items.iter().enumerate() {
-        let at = format!("sku_catalog.items[{i}] ({})", sku.sku);
-        if sku.sku.trim().is_empty() {
-            err(at.clone(), "sku is empty".into());
-        }
-        if sku.gpus <= 0 {
-            err(
-                at.clone(),
-                format!("gpus must be above 0, got {}", sku.gpus),
+    /// One problem per key listed twice in `section`'s items, named by `field`.
+    fn dupes<'k>(&mut self, section: &str, field: &str, keys: impl Iterator<Item = &'k str>) {
+        for d in dupes(keys) {
+            self.err(
+                format!("{section}.items[{field}={d}]"),
+                format!("duplicate {field}"),
             );
         }
+    }
+}
+
+/// Every problem of the seed at once, section by section.
+fn validate(file: &str, s: &SeedFile) -> Vec<String> {
+    let mut p = Found {
+        file,
+        found: Vec::new(),
+    };
+    if s.format != 1 {
+        let msg = format!(
+            "unsupported format {} (this seedkeeper reads format 1)",
+            s.format
+        );
+        p.err("format", msg);
+    }
+    validate_skus(&mut p, &s.sku_catalog.items);
+    validate_policy_definitions(&mut p, &s.policy_definitions.items);
+    validate_policy_values(&mut p, &s.policy_values.items, &s.policy_definitions.items);
+    validate_pricing_plans(&mut p, &s.pricing_plans.items);
+    validate_platform_roles(&mut p, &s.platform_roles.items);
+    validate_apps(&mut p, &s.app_catalog.items);
+    p.found
+}
+
+fn validate_skus(p: &mut Found, skus: &[Sku]) {
+    p.dupes("sku_catalog", "sku", skus.iter().map(|i| i.sku.as_str()));
+    for (i, sku) in skus.iter().enumerate() {
+        let at = format!("sku_catalog.items[{i}] ({})", sku.sku);
+        if sku.sku.trim().is_empty() {
+            p.err(&at, "sku is empty");
+        }
+        if sku.gpus <= 0 {
+            p.err(&at, format!("gpus must be above 0, got {}", sku.gpus));
+        }
         if sku.gpu_hourly_price_minor < 0 {
-            err(
-                at.clone(),
-                "gpu_hourly_price_minor must not be negative (minor units, cents)".into(),
+            p.err(
+                &at,
+                "gpu_hourly_price_minor must not be negative (minor units, cents)",
             );
         }
         if let Some(profile) = &sku.resource_profile {
-            validate_profile(&at, profile, &mut err);
+            validate_profile(&at, profile, &mut |path, msg| p.err(path, msg));
         }
     }
+}
 
-    let defs = &s.policy_definitions.items;
-    for d in dupes(defs.iter().map(|i| i.key.as_str())) {
-        err(
-            format!("policy_definitions.items[key={d}]"),
-            "duplicate key".into(),
-        );
-    }
+fn validate_policy_definitions(p: &mut Found, defs: &[PolicyDefinition]) {
+    p.dupes(
+        "policy_definitions",
+        "key",
+        defs.iter().map(|i| i.key.as_str()),
+    );
     for (i, d) in defs.iter().enumerate() {
         let at = format!("policy_definitions.items[{i}] ({})", d.key);
         if d.key.trim().is_empty() {
-            err(at.clone(), "key is empty".into());
+            p.err(&at, "key is empty");
         }
         if d.description.trim().is_empty() {
-            err(at.clone(), "description is empty".into());
+            p.err(&at, "description is empty");
         }
+        let bounded = d.min_value.is_some() || d.max_value.is_some();
         match d.value_type {
             ValueType::Integer => {
-                if d.allowed_values.is_some() {
-                    err(
-                        at.clone(),
-                        "allowed_values is only for string policies".into(),
-                    );
-                }
                 if let (Some(lo), Some(hi)) = (d.min_value, d.max_value) {
                     if lo > hi {
-                        err(
-                            at.clone(),
-                            format!("min_value {lo} is above max_value {hi}"),
-                        );
+                        p.err(&at, format!("min_value {lo} is above max_value {hi}"));
                     }
                 }
             }
-            ValueType::Boolean | ValueType::String => {
-                if d.min_value.is_some() || d.max_value.is_some() {
-                    err(
-                        at.clone(),
-                        "min_value/max_value are only for integer policies".into(),
-                    );
+            ValueType::Boolean | ValueType::String if bounded => {
+                p.err(&at, "min_value/max_value are only for integer policies");
+            }
+            ValueType::Boolean | ValueType::String => {}
+        }
+        match (d.value_type, &d.allowed_values) {
+            (ValueType::String, Some(a)) if !a.is_empty() => {
+                for dup in dupes(a.iter().map(String::as_str)) {
+                    p.err(&at, format!("allowed_values lists {dup:?} twice"));
                 }
             }
-        }
-        if d.value_type == ValueType::String {
-            match &d.allowed_values {
-                Some(a) if !a.is_empty() => {
-                    for dup in dupes(a.iter().map(String::as_str)) {
-                        err(at.clone(), format!("allowed_values lists {dup:?} twice"));
-                    }
-                }
-                _ => err(
-                    at.clone(),
-                    "string policies need a non-empty allowed_values".into(),
-                ),
+            (ValueType::String, _) => p.err(&at, "string policies need a non-empty allowed_values"),
+            (ValueType::Integer | ValueType::Boolean, Some(_)) => {
+                p.err(&at, "allowed_values is only for string policies")
             }
-        }
-        if d.value_type == ValueType::Boolean && d.allowed_values.is_some() {
-            err(
-                at.clone(),
-                "allowed_values is only for string policies".into(),
-            );
+            (ValueType::Integer | ValueType::Boolean, None) => {}
         }
         if let Err(m) = check_value(d, &d.default_value) {
-            err(at.clone(), format!("default_value {}", m));
+            p.err(&at, format!("default_value {m}"));
         }
     }
+}
 
-    let vals = &s.policy_values.items;
-    for d in dupes(
-        vals.iter()
-            .filter(|v| v.scope_type == "global")
-            .map(|v| v.policy_key.as_str()),
-    ) {
-        err(
+fn validate_policy_values(p: &mut Found, vals: &[PolicyValue], defs: &[PolicyDefinition]) {
+    let globals = vals.iter().filter(|v| v.scope_type == "global");
+    for d in dupes(globals.map(|v| v.policy_key.as_str())) {
+        p.err(
             format!("policy_values.items[policy_key={d}]"),
-            "more than one global value for this key".into(),
+            "more than one global value for this key",
         );
     }
     for (i, v) in vals.iter().enumerate() {
         let at = format!("policy_values.items[{i}] ({})", v.policy_key);
         if v.scope_type != "global" {
-            err(
-                at.clone(),
-                format!(
-                    "scope_type {:?}: the seed holds global values only",
-                    v.scope_type
-                ),
+            let msg = format!(
+                "scope_type {:?}: the seed holds global values only",
+                v.scope_type
             );
+            p.err(&at, msg);
         }
         match defs.iter().find(|d| d.key == v.policy_key) {
-            None => err(
-                at.clone(),
-                "policy_key is not defined in policy_definitions".into(),
-            ),
+            None => p.err(&at, "policy_key is not defined in policy_definitions"),
             Some(d) => {
                 if let Err(m) = check_value(d, &v.value) {
-                    err(at.clone(), format!("value {m}"));
+                    p.err(&at, format!("value {m}"));
                 }
             }
         }
     }
+}
 
-    let plans = &s.pricing_plans.items;
-    for d in dupes(plans.iter().map(|p| p.name.as_str())) {
-        err(
-            format!("pricing_plans.items[name={d}]"),
-            "duplicate name".into(),
-        );
-    }
+fn validate_pricing_plans(p: &mut Found, plans: &[PricingPlan]) {
+    p.dupes(
+        "pricing_plans",
+        "name",
+        plans.iter().map(|p| p.name.as_str()),
+    );
     let ids: Vec<String> = plans.iter().map(|p| p.id.to_string()).collect();
-    for d in dupes(ids.iter().map(String::as_str)) {
-        err(
-            format!("pricing_plans.items[id={d}]"),
-            "duplicate id".into(),
-        );
-    }
+    p.dupes("pricing_plans", "id", ids.iter().map(String::as_str));
     if plans.iter().filter(|p| p.is_default).count() > 1 {
-        err(
-            "pricing_plans.items".into(),
-            "more than one plan has is_default = true".into(),
+        p.err(
+            "pricing_plans.items",
+            "more than one plan has is_default = true",
         );
     }
     for (i, plan) in plans.iter().enumerate() {
         if plan.currency.len() != 3 || !plan.currency.chars().all(|c| c.is_ascii_uppercase()) {
-            err(
+            p.err(
                 format!("pricing_plans.items[{i}] ({})", plan.name),
                 format!(
                     "currency {:?} is not an ISO 4217 code like USD",
@@ -361,46 +354,39 @@ fn validate(file: &str, s: &SeedFile) -> Vec<String> {
             );
         }
     }
+}
 
-    let roles = &s.platform_roles.items;
-    for d in dupes(roles.iter().map(|r| r.name.as_str())) {
-        err(
-            format!("platform_roles.items[name={d}]"),
-            "duplicate name".into(),
-        );
-    }
+fn validate_platform_roles(p: &mut Found, roles: &[PlatformRole]) {
+    p.dupes(
+        "platform_roles",
+        "name",
+        roles.iter().map(|r| r.name.as_str()),
+    );
     for (i, r) in roles.iter().enumerate() {
         if r.version < 1 {
-            err(
+            p.err(
                 format!("platform_roles.items[{i}] ({})", r.name),
-                "version must be 1 or more".into(),
+                "version must be 1 or more",
             );
         }
     }
+}
 
-    let apps = &s.app_catalog.items;
-    for d in dupes(apps.iter().map(|a| a.slug.as_str())) {
-        err(
-            format!("app_catalog.items[slug={d}]"),
-            "duplicate slug".into(),
-        );
-    }
+fn validate_apps(p: &mut Found, apps: &[App]) {
+    p.dupes("app_catalog", "slug", apps.iter().map(|a| a.slug.as_str()));
     for (i, a) in apps.iter().enumerate() {
         let at = format!("app_catalog.items[{i}] ({})", a.slug);
         if !RUNTIME_BACKENDS.contains(&a.runtime_backend.as_str()) {
-            err(
-                at.clone(),
-                format!(
-                    "runtime_backend {:?} is not one of {RUNTIME_BACKENDS:?}",
-                    a.runtime_backend
-                ),
+            let msg = format!(
+                "runtime_backend {:?} is not one of {RUNTIME_BACKENDS:?}",
+                a.runtime_backend
             );
+            p.err(&at, msg);
         }
         if a.version.trim().is_empty() {
-            err(at, "version is empty".into());
+            p.err(&at, "version is empty");
         }
     }
-    p
 }
 
 fn validate_profile(at: &str, profile: &Value, err: &mut impl FnMut(String, String)) {
