@@ -230,7 +230,7 @@ async fn connections_killed_mid_run_fail_it_cleanly_and_the_next_run_converges()
     let path = dir.write("realm.json", &realm.to_string());
     let db = TestDb::new().await;
     let engine = db.engine(&[("SEEDKEEPER_IDENTITY__REALM_FILE", path.to_str().unwrap())]);
-    // The first run creates the schema so the kill lands in the identities unit.
+    // The kill lands in the identities unit of the first run; the seed before it is committed.
     let (r, killed) = tokio::join!(apply(&engine), kill_backends_mid_identities(&db));
     assert!(killed > 0);
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
@@ -323,7 +323,7 @@ async fn sigkill_mid_run_leaves_no_lock_and_the_next_process_converges() {
 /// Runs `--once` with `env` on a fresh database; asserts exit 78, every needle in the output,
 /// and an untouched database.
 async fn refused(case: &str, env: Vec<(String, String)>, needles: &[&str]) {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut all = db.env();
     all.extend(env);
     let out = run_bin(&["--once"], &all);
@@ -439,7 +439,7 @@ async fn bad_config_inputs_are_refused_naming_the_key_and_write_nothing() {
 async fn a_listen_address_that_cannot_be_bound_exits_78() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = db.env();
     env.push(e("SEEDKEEPER_HTTP__LISTEN", &addr));
     let out = run_bin(&["run"], &env);
@@ -842,7 +842,7 @@ fn tls_server(dir: &TempDir) -> TlsServer {
 async fn tls_to_keycloak_is_verified_by_default_and_a_ca_file_is_honoured() {
     let dir = TempDir::new();
     let server = tls_server(&dir);
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = db.env();
     env.extend([
         e("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),

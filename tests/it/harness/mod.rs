@@ -1,6 +1,7 @@
-//! Test harness: a real PostgreSQL database per test (dropped on `Drop`, leftovers of dead test
-//! processes swept), settings built from injected environment pairs, the binary, and the
-//! Keycloak emulator.
+//! Test harness: a real PostgreSQL database per test (cloned from a template migrated once per
+//! set of migrations, or empty where a test watches the schema being made; dropped on `Drop`,
+//! leftovers of dead test processes swept), settings built from injected environment pairs, the
+//! binary, and the Keycloak emulator.
 
 #![allow(dead_code)]
 
@@ -11,16 +12,24 @@ pub mod real_keycloak;
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use seedkeeper::config::{self, Settings, Sources};
+use seedkeeper::config::{self, SchemaMode, Settings, Sources};
 use seedkeeper::reconcile::{Engine, Mode, RunReport};
+use seedkeeper::store::migrate::MIGRATIONS;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
+/// Leftovers of dead test processes are dropped once per process, before its first database.
+static SWEPT: OnceCell<()> = OnceCell::const_new();
+/// The name of the migrated template, made or found once per process.
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+/// The advisory lock (in the admin database) under which one test process at a time looks for
+/// the template and makes it; other worktrees' test runs share the server.
+const TEMPLATE_LOCK: i64 = 0x736b_7470_6c00; // "sktpl"
 
 /// The server admin URL: SEEDKEEPER_TEST_DATABASE_URL, else the local trust-auth default.
 pub fn admin_url() -> String {
@@ -59,14 +68,26 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A database with seedkeeper's schema and nothing else: a clone of the template migrated
+    /// once by seedkeeper's own migration runner, so a first run applies no migration.
     pub async fn new() -> TestDb {
+        let template = template().await;
+        TestDb::create(Some(template)).await
+    }
+
+    /// A database without any table, for tests that watch the schema unit apply the migrations
+    /// or assert that a refused run wrote nothing at all.
+    pub async fn empty() -> TestDb {
+        TestDb::create(None).await
+    }
+
+    async fn create(template: Option<&str>) -> TestDb {
         seedkeeper::telemetry::install_crypto();
         let admin = connect(&admin_url()).await;
-        let pid = std::process::id();
-        SWEEP.call_once(|| {});
-        sweep(&admin).await;
+        SWEPT.get_or_init(|| sweep(&admin)).await;
         let name = format!(
-            "sk_test_{pid}_{}_{}",
+            "sk_test_{}_{}_{}",
+            std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst),
             uuid::Uuid::new_v4()
                 .simple()
@@ -74,10 +95,14 @@ impl TestDb {
                 .get(..8)
                 .unwrap_or("x")
         );
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&sql)
             .await
-            .expect("create test database");
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         TestDb {
             url: with_db(&admin_url(), &name),
             name,
@@ -193,6 +218,78 @@ async fn sweep(admin: &Client) {
             }
         }
     }
+}
+
+/// `sk_tpl_` and a digest of the embedded migrations: a changed or added migration makes a
+/// template of its own, so worktrees with other migrations never share one.
+fn template_name() -> String {
+    let mut h = Sha256::new();
+    for m in MIGRATIONS {
+        h.update(m.label().as_bytes());
+        h.update(m.checksum().as_bytes());
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sk_tpl_{hex}")
+}
+
+/// The migrated template database, made by the first test process that needs it. Its readiness
+/// marker is `datistemplate`, set last: a template left half-made by a process that died is
+/// dropped and made again. It accepts no connections, so cloning it never fails on a session
+/// still connected to it.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let name = template_name();
+            let admin = connect(&admin_url()).await;
+            admin
+                .query_one("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+                .await
+                .expect("template lock");
+            let ready: Option<bool> = admin
+                .query_opt(
+                    "SELECT datistemplate FROM pg_database WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .expect("pg_database")
+                .map(|r| r.get(0));
+            if ready != Some(true) {
+                // Two statements: neither may run in the implicit transaction of one batch.
+                for sql in [
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    format!("CREATE DATABASE {name}"),
+                ] {
+                    admin
+                        .batch_execute(&sql)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+                }
+                let (mut client, conn) =
+                    tokio_postgres::connect(&with_db(&admin_url(), &name), NoTls)
+                        .await
+                        .unwrap_or_else(|e| panic!("connect to the template {name}: {e}"));
+                let conn = tokio::spawn(conn);
+                seedkeeper::store::migrate::run(&mut client, SchemaMode::Apply, MIGRATIONS)
+                    .await
+                    .unwrap_or_else(|e| panic!("migrate the template {name}: {e}"));
+                // The session must be gone before the database can be a template.
+                drop(client);
+                let _ = conn.await;
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true"
+                    ))
+                    .await
+                    .unwrap_or_else(|e| panic!("mark {name} a template: {e}"));
+            }
+            admin
+                .query_one("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+                .await
+                .expect("template unlock");
+            name
+        })
+        .await
 }
 
 pub async fn apply(engine: &Engine) -> RunReport {
