@@ -5,9 +5,15 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod keycloak;
 pub mod proxy;
 pub mod real_keycloak;
+pub mod spawn;
+
+// The soak test includes the harness and starts no binary.
+#[allow(unused_imports)]
+pub use spawn::{run_bin, spawn_bin};
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -330,19 +336,6 @@ pub fn count(r: &RunReport, unit: &str, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no unit {unit}"))
 }
 
-/// Runs the built binary with a clean environment plus `env`.
-pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run seedkeeper binary")
-}
-
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -403,6 +396,16 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("{sql}: {e}"))
             .get(0)
+    }
+
+    /// As [`TestDb::scalar`], for polling: 0 while the database or the statement's tables are
+    /// not there (dropped by the test, or not made yet by the daemon's first run).
+    pub async fn scalar_or_zero(&self, sql: &str) -> i64 {
+        let Ok((c, conn)) = tokio_postgres::connect(&self.url, NoTls).await else {
+            return 0;
+        };
+        tokio::spawn(conn);
+        c.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(0)
     }
 
     /// The first column of every row `sql` returns, as text.
