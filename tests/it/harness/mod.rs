@@ -428,7 +428,9 @@ pub fn sigterm(pid: u32) {
         .status();
 }
 
-/// The daemon in this process (`run_until_stopped`), its HTTP on port 0.
+/// The daemon in this process, started as `main` starts it ([`seedkeeper::app::Application`]),
+/// its HTTP on 127.0.0.1 and a port of its own whatever `http.listen` says: tests run side by
+/// side.
 pub struct Daemon {
     pub app: std::sync::Arc<seedkeeper::app::App>,
     pub base: String,
@@ -436,17 +438,15 @@ pub struct Daemon {
     pub task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
 }
 
-pub async fn start_daemon(settings: Settings) -> Daemon {
-    let engine = seedkeeper::app::build_engine(settings).unwrap_or_else(|e| panic!("engine: {e}"));
-    let app = seedkeeper::app::App::new(engine);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+pub async fn start_daemon(mut settings: Settings) -> Daemon {
+    settings.http.listen = "127.0.0.1:0".into();
+    let application = seedkeeper::app::Application::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("daemon: {e}"));
+    let base = format!("http://{}", application.local_addr());
+    let app = application.app();
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(seedkeeper::app::run_until_stopped(
-        app.clone(),
-        listener,
-        cancel.clone(),
-    ));
+    let task = tokio::spawn(application.run_until_stopped(cancel.clone()));
     Daemon {
         app,
         base,
