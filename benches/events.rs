@@ -28,6 +28,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 #[path = "../tests/it/harness/keycloak.rs"]
 mod keycloak;
 #[path = "../tests/it/harness/proxy.rs"]
@@ -36,6 +37,9 @@ mod proxy;
 #[path = "../tests/it/harness/real_keycloak.rs"]
 #[allow(dead_code)]
 mod real_keycloak;
+#[path = "../tests/it/harness/spawn.rs"]
+#[allow(dead_code)]
+mod spawn;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -43,8 +47,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{admin_url, connect, drop_db, fresh_db, generate_realm};
 use serde_json::{json, Value};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use seedkeeper::config::{self, Sources};
@@ -65,64 +70,6 @@ const REGISTERS: u64 = 5;
 
 fn env_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.to_string())
-}
-
-fn admin_url() -> String {
-    env_or(
-        "SEEDKEEPER_TEST_DATABASE_URL",
-        "postgres://postgres@127.0.0.1:5432/postgres",
-    )
-}
-
-fn db_url(name: &str) -> String {
-    let a = admin_url();
-    let i = a.rfind('/').unwrap();
-    let query = a[i..].find('?').map(|q| &a[i + q..]).unwrap_or("");
-    format!("{}/{name}{query}", &a[..i])
-}
-
-async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
-    tokio::spawn(conn);
-    c
-}
-
-async fn fresh_db(admin: &Client, name: &str) -> String {
-    drop_db(admin, name).await;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    db_url(name)
-}
-
-async fn drop_db(admin: &Client, name: &str) {
-    let _ = admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await;
-}
-
-fn bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/seedkeeper");
-    assert!(
-        p.exists(),
-        "build the release binary first: cargo build --release"
-    );
-    p
-}
-
-fn seedkeeper(args: &[&str], env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -159,14 +106,6 @@ impl Drop for DaemonProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn count(
@@ -298,7 +237,7 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     let proxy = proxy::KeycloakProxy::start(&kc.base_url()).await;
     let db_name = format!("sk_bench_events_{}", std::process::id());
     let url = fresh_db(admin, &db_name).await;
-    let port = free_port();
+    let port = spawn::free_port();
     let mut env = realm.env();
     for (k, v) in env.iter_mut() {
         if k == "SEEDKEEPER_KEYCLOAK__BASE_URL" {
@@ -312,7 +251,8 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
         ("SEEDKEEPER_HTTP__LISTEN", &format!("127.0.0.1:{port}")),
     ]));
     let log = std::env::temp_dir().join(format!("{db_name}.log"));
-    let child = seedkeeper(&["run"], &env)
+    let child = spawn::command(&["run"], &env)
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -497,36 +437,6 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     }
 }
 
-/// A realm of `n` users as `make bench` generates it, the service account with `view-events`.
-fn generate_realm(n: usize) -> Value {
-    let mut users = Vec::with_capacity(n + 1);
-    for i in 0..n {
-        let mut roles = vec![];
-        let mut groups = vec![];
-        match i % 100 {
-            0 => roles.push("admin"),
-            1 => groups.push("/admins/emea"),
-            2 => roles.push("super"),
-            3 => roles.push("ops"),
-            _ => {}
-        }
-        users.push(json!({
-            "id": format!("{:08x}-0000-4000-8000-{:012x}", i, i), "username": format!("user{i:07}"),
-            "email": format!("user{i:07}@bench.example"), "firstName": "Bench", "lastName": format!("User {i}"),
-            "enabled": i % 50 != 7, "realmRoles": roles, "groups": groups
-        }));
-    }
-    users.push(json!({"id": "ffffffff-0000-4000-8000-0000000000ff", "username": "service-account-seedkeeper", "enabled": true,
-        "serviceAccountClientId": "seedkeeper", "clientRoles": {"realm-management": ["view-users", "view-realm", "view-events"]}}));
-    json!({
-        "realm": "bench",
-        "roles": {"realm": [{"name": "admin"}, {"name": "ops"}, {"name": "platform-admin"}, {"name": "super", "composite": true, "composites": {"realm": ["admin"]}}]},
-        "groups": [{"name": "admins", "path": "/admins", "realmRoles": ["admin"], "subGroups": [{"name": "emea", "path": "/admins/emea", "realmRoles": [], "subGroups": []}]}],
-        "users": users,
-        "clients": [{"clientId": "seedkeeper", "secret": "bench-secret", "enabled": true, "publicClient": false, "serviceAccountsEnabled": true}]
-    })
-}
-
 struct EmulatorFigures {
     size: usize,
     /// Wall seconds of each no-op `--once`.
@@ -576,7 +486,7 @@ fn paths(kc: &keycloak::KeycloakEmulator, id: &str) -> Vec<String> {
 /// Part 3: a full no-op run against one event, on the emulator.
 async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> EmulatorFigures {
     eprintln!("bench-events: emulator realm of {n} users");
-    let mut realm = generate_realm(n);
+    let mut realm = generate_realm(n, &["view-users", "view-realm", "view-events"]);
     let kc = keycloak::KeycloakEmulator::start(realm.clone()).await;
     kc.set_latency(latency);
     let db_name = format!("sk_bench_events_emu_{}", std::process::id());
@@ -591,7 +501,10 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
     let run_once = |env: Vec<(String, String)>| async move {
         tokio::task::spawn_blocking(move || {
             let start = Instant::now();
-            let out = seedkeeper(&["--once"], &env).output().unwrap();
+            let out = spawn::command(&["--once"], &env)
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "seedkeeper --once: {}",

@@ -8,15 +8,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
 #[path = "../tests/it/harness/keycloak.rs"]
 mod keycloak;
+#[path = "../tests/it/harness/spawn.rs"]
+#[allow(dead_code)]
+mod spawn;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-use tokio_postgres::{Client, NoTls};
+use common::{admin_url, connect, fresh_db, generate_realm};
+use serde_json::json;
 
 struct Row {
     size: usize,
@@ -28,60 +32,19 @@ struct Row {
     tuples: Option<i64>,
 }
 
-fn admin_url() -> String {
-    std::env::var("SEEDKEEPER_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn db_url(name: &str) -> String {
-    let a = admin_url();
-    let i = a.rfind('/').unwrap();
-    format!("{}/{name}", &a[..i])
-}
-
-async fn connect(url: &str) -> Client {
-    let (c, conn) = tokio_postgres::connect(url, NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {url}: {e}"));
-    tokio::spawn(conn);
-    c
-}
-
-async fn fresh_db(admin: &Client, name: &str) -> String {
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await
-        .unwrap();
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    db_url(name)
-}
-
-fn bin() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/seedkeeper");
-    assert!(
-        p.exists(),
-        "build the release binary first: cargo build --release"
-    );
-    p
-}
-
 /// Runs seedkeeper; returns (seconds, peak RSS KiB) from polling /proc/<pid>/status VmHWM.
 fn run_seedkeeper(args: &[&str], env: &[(&str, String)]) -> (f64, u64) {
     let start = Instant::now();
-    let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    let mut child = spawn::command(args, &env)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let status_path = format!("/proc/{}/status", child.id());
     let mut peak = 0u64;
     loop {
@@ -107,35 +70,6 @@ fn run_seedkeeper(args: &[&str], env: &[(&str, String)]) -> (f64, u64) {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn generate_realm(n: usize) -> Value {
-    let mut users = Vec::with_capacity(n + 1);
-    for i in 0..n {
-        let mut roles = vec![];
-        let mut groups = vec![];
-        match i % 100 {
-            0 => roles.push("admin"),
-            1 => groups.push("/admins/emea"),
-            2 => roles.push("super"),
-            3 => roles.push("ops"),
-            _ => {}
-        }
-        users.push(json!({
-            "id": format!("{:08x}-0000-4000-8000-{:012x}", i, i), "username": format!("user{i:07}"),
-            "email": format!("user{i:07}@bench.example"), "firstName": "Bench", "lastName": format!("User {i}"),
-            "enabled": i % 50 != 7, "realmRoles": roles, "groups": groups
-        }));
-    }
-    users.push(json!({"id": "ffffffff-0000-4000-8000-0000000000ff", "username": "service-account-seedkeeper", "enabled": true,
-        "serviceAccountClientId": "seedkeeper", "clientRoles": {"realm-management": ["view-users", "view-realm"]}}));
-    json!({
-        "realm": "bench",
-        "roles": {"realm": [{"name": "admin"}, {"name": "ops"}, {"name": "platform-admin"}, {"name": "super", "composite": true, "composites": {"realm": ["admin"]}}]},
-        "groups": [{"name": "admins", "path": "/admins", "realmRoles": ["admin"], "subGroups": [{"name": "emea", "path": "/admins/emea", "realmRoles": [], "subGroups": []}]}],
-        "users": users,
-        "clients": [{"clientId": "seedkeeper", "secret": "bench-secret", "enabled": true, "publicClient": false, "serviceAccountsEnabled": true}]
-    })
 }
 
 async fn tuples_written(url: &str) -> i64 {
@@ -262,11 +196,7 @@ async fn bench() {
         );
         let url2 = fresh_db(&admin, "sk_bench_boot_psql").await;
         run_seedkeeper(&["migrate"], &[("SEEDKEEPER_DATABASE__URL", url2.clone())]);
-        let sql = Command::new(bin())
-            .arg("export-sql")
-            .output()
-            .unwrap()
-            .stdout;
+        let sql = spawn::run_bin(&["export-sql"], &[]).stdout;
         let sql_path = dir.join("seed.sql");
         std::fs::write(&sql_path, sql).unwrap();
         let start = Instant::now();
@@ -314,7 +244,7 @@ async fn bench() {
         );
     };
     for &n in &sizes {
-        let realm = generate_realm(n);
+        let realm = generate_realm(n, &["view-users", "view-realm"]);
         let realm_path = dir.join(format!("realm-{n}.json"));
         std::fs::write(&realm_path, realm.to_string()).unwrap();
         let file_size_kib = std::fs::metadata(&realm_path).unwrap().len() / 1024;

@@ -1,12 +1,16 @@
 //! Builds the object graph once and runs it: `run_once` for `--once`, `plan` and the tests, and
-//! `run_until_stopped` for the daemon (HTTP, schedule, systemd notifications, graceful
-//! shutdown on one `CancellationToken`). Reads every section of the config, through the units.
+//! [`Application`] for the daemon: `Application::build` validates the inputs, builds the engine
+//! and binds `http.listen` (port 0 picks a free port, [`Application::local_addr`] says which);
+//! `run_until_stopped` serves HTTP, runs the schedule, notifies systemd and shuts down gracefully
+//! on one `CancellationToken`. `main` and the test harness both start the daemon this way.
+//! Reads every section of the config, through the units.
 //!
 //! Liveness ([`App::liveness`]) is what `/healthz` and the systemd watchdog report: the
 //! scheduler's heartbeat job ran within [`HEARTBEAT_STALE`], and no run has outlived
 //! `run.timeout` (plus [`RUN_OVERRUN`] to end it). Neither depends on PostgreSQL or Keycloak, so
 //! an outage of either never makes the daemon look dead; that is readiness (`/readyz`).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -160,25 +164,36 @@ impl App {
         cancel: &CancellationToken,
     ) -> Option<RunReport> {
         let _guard = self.inflight.try_lock().ok()?;
+        let users = Arc::new(crate::identity::SomeUsers { users });
+        Some(
+            self.run_tracked("event", Duration::from_secs(5), cancel, users)
+                .await,
+        )
+    }
+
+    /// A run under the overlap guard the caller holds, through `engine.run_with`: marked in
+    /// flight for liveness while it goes, counted in the metrics when it ends. What else a run
+    /// means (the last outcome for readiness, READY=1 to systemd) is the caller's to add.
+    async fn run_tracked(
+        &self,
+        trigger: &str,
+        wait: Duration,
+        cancel: &CancellationToken,
+        identities: Arc<dyn IdentityProvider>,
+    ) -> RunReport {
         if let Ok(mut s) = self.run_started.lock() {
             *s = Some(Instant::now());
         }
         let report = self
             .engine
-            .run_with(
-                Mode::Apply,
-                "event",
-                Duration::from_secs(5),
-                cancel,
-                Arc::new(crate::identity::SomeUsers { users }),
-            )
+            .run_with(Mode::Apply, trigger, wait, cancel, identities)
             .await;
         if let Ok(mut s) = self.run_started.lock() {
             *s = None;
         }
         self.metrics
             .record_run(&report, self.engine.identities.name());
-        Some(report)
+        report
     }
 
     /// Asks for a full run as soon as the run in flight, if any, ends.
@@ -278,15 +293,9 @@ impl App {
         wait: Duration,
         cancel: &CancellationToken,
     ) -> RunReport {
-        if let Ok(mut s) = self.run_started.lock() {
-            *s = Some(Instant::now());
-        }
-        let report = self.engine.run(Mode::Apply, trigger, wait, cancel).await;
-        if let Ok(mut s) = self.run_started.lock() {
-            *s = None;
-        }
-        self.metrics
-            .record_run(&report, self.engine.identities.name());
+        let report = self
+            .run_tracked(trigger, wait, cancel, self.engine.identities.clone())
+            .await;
         if report.outcome != Outcome::Skipped {
             if let Ok(mut l) = self.last.lock() {
                 *l = Some(report.outcome);
@@ -331,61 +340,129 @@ impl App {
     }
 }
 
-/// The daemon: HTTP, a run at start, then the schedule, until `cancel` fires.
-pub async fn run_until_stopped(
-    app: Arc<App>,
-    listener: TcpListener,
-    cancel: CancellationToken,
-) -> Result<()> {
-    let http = tokio::spawn(crate::http::serve(app.clone(), listener, cancel.clone()));
+/// What keeps the daemon from being built: its inputs (as `--once` reports them), or its
+/// listen address.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Invalid(#[from] Error),
+    #[error("cannot listen on http.listen {listen} ({reason}): pick a free address with SEEDKEEPER_HTTP__LISTEN")]
+    Listen {
+        listen: String,
+        reason: std::io::Error,
+    },
+}
 
-    if let Some(interval) = sd_notify::watchdog_enabled() {
-        tokio::spawn(watchdog(app.clone(), interval / 2, cancel.clone(), || {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-        }));
-    }
-
-    // The first run waits for the dependencies; it never ends the daemon.
-    let first = {
-        let app = app.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            let wait = app.settings().startup.wait_timeout;
-            app.run_once("startup", wait, &cancel).await
-        })
-    };
-
-    let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
-    let events = start_following(&app, &cancel)?;
-    cancel.cancelled().await;
-    let stopping = Instant::now();
-    tracing::info!("shutting down: no new runs; waiting for the run in flight");
-    let _ = scheduler.shutdown().await;
-    let grace = app.settings().shutdown.grace;
-    if app.drain(grace).await {
-        tracing::info!("shutdown complete");
-    } else {
-        tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
-    }
-    first.abort();
-    // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
-    // run guard drained above, so it gets a moment within the grace, then is dropped, request and
-    // all; its checkpoint makes the next start read again what it had not applied.
-    let moment = grace
-        .saturating_sub(stopping.elapsed())
-        .min(Duration::from_secs(1));
-    for mut task in events {
-        if tokio::time::timeout(moment, &mut task).await.is_err() {
-            task.abort();
-            let _ = task.await;
+impl BuildError {
+    /// The process exit code: a listen address that cannot be bound is a configuration error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            BuildError::Invalid(e) => e.exit_code(),
+            BuildError::Listen { .. } => crate::error::exit::CONFIG,
         }
     }
-    let _ = http.await;
-    app.close_probe().await;
-    if app.notify_systemd {
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+
+    /// The error's kind, as log lines and metrics name it.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            BuildError::Invalid(e) => e.metric_label(),
+            BuildError::Listen { .. } => "config",
+        }
     }
-    Ok(())
+}
+
+/// The daemon, built and not yet running: its [`App`] and its bound HTTP listener.
+pub struct Application {
+    app: Arc<App>,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+}
+
+impl Application {
+    /// Validates what the config points at, builds the engine, its metrics and shared state,
+    /// and binds `http.listen`. Nothing is asked of PostgreSQL or Keycloak yet.
+    pub async fn build(settings: Settings) -> std::result::Result<Application, BuildError> {
+        let listen = settings.http.listen.clone();
+        let engine = build_engine(settings)?;
+        let bound = TcpListener::bind(&listen)
+            .await
+            .and_then(|l| Ok((l.local_addr()?, l)));
+        let (local_addr, listener) =
+            bound.map_err(|reason| BuildError::Listen { listen, reason })?;
+        Ok(Application {
+            app: App::new(engine),
+            listener,
+            local_addr,
+        })
+    }
+
+    /// The address the HTTP listener is bound to (the port picked when `http.listen` says 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// The shared state: the engine, the metrics, liveness and readiness.
+    pub fn app(&self) -> Arc<App> {
+        self.app.clone()
+    }
+
+    /// The daemon: HTTP, a run at start, then the schedule, until `cancel` fires.
+    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<()> {
+        let Application { app, listener, .. } = self;
+        let http = tokio::spawn(crate::http::serve(app.clone(), listener, cancel.clone()));
+
+        if let Some(interval) = sd_notify::watchdog_enabled() {
+            tokio::spawn(watchdog(app.clone(), interval / 2, cancel.clone(), || {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }));
+        }
+
+        // The first run waits for the dependencies; it never ends the daemon.
+        let first = {
+            let app = app.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let wait = app.settings().startup.wait_timeout;
+                app.run_once("startup", wait, &cancel).await
+            })
+        };
+
+        let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
+        let events = start_following(&app, &cancel)?;
+        cancel.cancelled().await;
+        let stopping = Instant::now();
+        tracing::info!("shutting down: no new runs; waiting for the run in flight");
+        let _ = scheduler.shutdown().await;
+        let grace = app.settings().shutdown.grace;
+        if app.drain(grace).await {
+            tracing::info!("shutdown complete");
+        } else {
+            tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
+        }
+        first.abort();
+        // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
+        // run guard drained above, so it gets a moment within the grace, then is dropped, request and
+        // all; its checkpoint makes the next start read again what it had not applied.
+        let moment = grace
+            .saturating_sub(stopping.elapsed())
+            .min(Duration::from_secs(1));
+        for mut task in events {
+            if tokio::time::timeout(moment, &mut task).await.is_err() {
+                task.abort();
+                let _ = task.await;
+            }
+        }
+        let _ = http.await;
+        app.close_probe().await;
+        if app.notify_systemd {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        }
+        Ok(())
+    }
 }
 
 /// With the keycloak source and `events.enabled`: the event follower, and the task that runs

@@ -8,7 +8,8 @@
 //! cli ──> config::load ──> app::build_engine ──> reconcile::Engine::run ──> store (PostgreSQL)
 //!                                                  │        ▲
 //!                         seed (what should exist)─┘        └─ identity (who exists in Keycloak)
-//! app::run_until_stopped ──> http (/healthz /readyz /metrics), schedule (cron), metrics
+//! app::Application::build ──> http (/healthz /readyz /metrics), schedule (cron), metrics,
+//!                             events (the event follower)
 //! ```
 //!
 //! - [`config`]: settings, layered load, validation, secrets.

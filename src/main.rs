@@ -46,25 +46,16 @@ fn main() -> ExitCode {
 }
 
 async fn run_daemon(settings: seedkeeper::config::Settings, cancel: CancellationToken) -> u8 {
-    let listen = settings.http.listen.clone();
-    let engine = match seedkeeper::app::build_engine(settings) {
-        Ok(e) => e,
-        Err(e) => return cli::fail(&e),
-    };
-    let listener = match tokio::net::TcpListener::bind(&listen).await {
-        Ok(l) => l,
+    let application = match seedkeeper::app::Application::build(settings).await {
+        Ok(a) => a,
         Err(e) => {
-            seedkeeper::telemetry::print_error(
-                &format!("cannot listen on http.listen {listen} ({e}): pick a free address with SEEDKEEPER_HTTP__LISTEN"),
-                "config",
-                exit::CONFIG,
-            );
-            return exit::CONFIG;
+            let code = e.exit_code();
+            seedkeeper::telemetry::print_error(&e.to_string(), e.metric_label(), code);
+            return code;
         }
     };
-    tracing::info!(http.listen = %listen, "seedkeeper daemon started");
-    let app = seedkeeper::app::App::new(engine);
-    match seedkeeper::app::run_until_stopped(app, listener, cancel).await {
+    tracing::info!(http.listen = %application.local_addr(), "seedkeeper daemon started");
+    match application.run_until_stopped(cancel).await {
         Ok(()) => exit::OK,
         Err(e) => cli::fail(&e),
     }

@@ -415,7 +415,7 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
         ),
     ];
     for (case, env, needles) in cases {
-        let db = TestDb::new().await;
+        let db = TestDb::empty().await;
         let out = run_bin(&["--once"], &[db.env(), env].concat());
         let t = text(&out);
         assert_eq!(out.status.code(), Some(78), "{case}: {t}");

@@ -27,18 +27,12 @@ async fn realm_with_events(kc: &std::sync::Arc<RealKeycloak>, test: &str) -> Tes
     kc.create_realm(rep).await
 }
 
-/// The count `sql` gives, 0 while its tables do not exist yet (the startup run migrates).
-async fn count_of(db: &TestDb, sql: &str) -> i64 {
-    let c = db.client().await;
-    match c.query_one(sql, &[]).await {
-        Ok(r) => r.get(0),
-        Err(_) => 0,
-    }
-}
-
 async fn within(db: &TestDb, secs: u64, what: &str, sql: &str, want: i64) -> Duration {
     let start = Instant::now();
-    until(what, secs, || async { count_of(db, sql).await == want }).await;
+    until(what, secs, || async {
+        db.scalar_or_zero(sql).await == want
+    })
+    .await;
     start.elapsed()
 }
 
@@ -56,8 +50,7 @@ async fn changes_in_keycloak_reach_the_database_within_seconds_through_events() 
     ]);
     let daemon = start_daemon(db.settings(&extra)).await;
     until("the startup run", 60, || async {
-        count_of(
-            &db,
+        db.scalar_or_zero(
             "SELECT count(*) FROM seed_runs WHERE trigger = 'startup' AND outcome = 'succeeded'",
         )
         .await
@@ -65,7 +58,9 @@ async fn changes_in_keycloak_reach_the_database_within_seconds_through_events() 
     })
     .await;
     until("the follower's checkpoint", 20, || async {
-        count_of(&db, "SELECT count(*) FROM event_follower WHERE following").await == 1
+        db.scalar_or_zero("SELECT count(*) FROM event_follower WHERE following")
+            .await
+            == 1
     })
     .await;
 
@@ -182,14 +177,13 @@ async fn without_view_events_the_daemon_warns_once_and_keeps_its_schedule() {
     ]);
     let daemon = start_daemon(db.settings(&extra)).await;
     until("not following, with the reason recorded", 30, || async {
-        count_of(&db, "SELECT count(*) FROM event_follower WHERE NOT following AND reason LIKE '%view-events%'")
+        db.scalar_or_zero("SELECT count(*) FROM event_follower WHERE NOT following AND reason LIKE '%view-events%'")
             .await
             == 1
     })
     .await;
     until("scheduled runs go on", 20, || async {
-        count_of(
-            &db,
+        db.scalar_or_zero(
             "SELECT count(*) FROM seed_runs WHERE trigger = 'schedule' AND outcome = 'succeeded'",
         )
         .await

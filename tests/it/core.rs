@@ -280,7 +280,7 @@ async fn a_global_policy_value_changed_by_an_admin_is_left_alone_and_shown_by_pl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plan_exits_2_with_changes_pending_and_0_in_sync_and_writes_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let out = run_bin(&["plan"], &db.env());
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let c = db.client().await;
@@ -319,7 +319,7 @@ async fn a_missing_database_secret_exits_78_names_the_key_and_connects_to_nothin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_seed_default_outside_its_bounds_exits_78_naming_the_policy_key_and_writes_nothing() {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let dir = TempDir::new();
     let seed =
         seedkeeper::seed::EMBEDDED_SEED.replacen("default_value = 60", "default_value = 5", 1);
@@ -384,7 +384,8 @@ async fn seed_validation_reports_every_problem_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_edited_applied_migration_is_refused() {
-    let db = TestDb::new().await;
+    // Empty: the migrations this test edits are the ones its own first run applied.
+    let db = TestDb::empty().await;
     let engine = db.engine(&[]);
     assert_ok(&apply(&engine).await);
     let c = db.client().await;
@@ -405,7 +406,7 @@ async fn an_edited_applied_migration_is_refused() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn verify_mode_refuses_to_run_while_migrations_are_pending() {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let r = apply(&db.engine(&[("SEEDKEEPER_SCHEMA__MODE", "verify")])).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
     assert!(r.error.unwrap().contains("seedkeeper migrate"));

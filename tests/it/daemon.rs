@@ -14,19 +14,6 @@ async fn spawn_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
     start_daemon(db.settings(&all)).await
 }
 
-async fn users_count(db: &TestDb) -> i64 {
-    match tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await {
-        Ok((c, conn)) => {
-            tokio::spawn(conn);
-            c.query_one("SELECT count(*) FROM users", &[])
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(-1)
-        }
-        Err(_) => -1,
-    }
-}
-
 /// `seedkeeper_runs_total{outcome=...}` as /metrics shows it (0 when absent).
 async fn runs_counted(base: &str, outcome: &str) -> f64 {
     let Ok(r) = reqwest::get(format!("{base}/metrics")).await else {
@@ -50,7 +37,7 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
         status_of(&ready).await == 200
     })
     .await;
-    assert_eq!(users_count(&db).await, 6);
+    assert_eq!(db.scalar_or_zero("SELECT count(*) FROM users").await, 6);
 
     // The database goes away: not ready.
     let admin = connect(&admin_url()).await;
@@ -68,7 +55,7 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
         .await
         .unwrap();
     until("users restored", 30, || async {
-        users_count(&db).await == 6
+        db.scalar_or_zero("SELECT count(*) FROM users").await == 6
     })
     .await;
     until("readyz 200 again", 30, || async {
@@ -135,13 +122,16 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
 async fn a_schema_dropped_under_a_running_daemon_is_recreated() {
     let db = TestDb::new().await;
     let d = spawn_daemon(&db, &[]).await;
-    until("first run", 30, || async { users_count(&db).await == 6 }).await;
+    until("first run", 30, || async {
+        db.scalar_or_zero("SELECT count(*) FROM users").await == 6
+    })
+    .await;
     let c = db.client().await;
     c.batch_execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         .await
         .unwrap();
     until("schema restored", 30, || async {
-        users_count(&db).await == 6
+        db.scalar_or_zero("SELECT count(*) FROM users").await == 6
     })
     .await;
     let skus: i64 = db.scalar("SELECT count(*) FROM sku_catalog").await;
@@ -174,7 +164,7 @@ async fn a_database_that_comes_up_after_the_daemon_started_is_picked_up() {
         status_of(&ready).await == 200
     })
     .await;
-    assert_eq!(users_count(&db).await, 6);
+    assert_eq!(db.scalar_or_zero("SELECT count(*) FROM users").await, 6);
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
 }
@@ -257,20 +247,6 @@ async fn an_overlapping_tick_is_skipped_and_counted() {
     );
 }
 
-/// The binary as a daemon (`run`), its output discarded.
-pub(crate) fn spawn_bin(env: &[(String, String)]) -> std::process::Child {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"));
-    cmd.arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().expect("spawn seedkeeper")
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
     use crate::harness::keycloak::KeycloakEmulator;
@@ -308,7 +284,7 @@ async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
         ("NOTIFY_SOCKET".to_string(), sock_path.display().to_string()),
     ]);
     // First daemon: let it finish its first run and say READY=1.
-    let mut child = spawn_bin(&env);
+    let mut child = spawn_bin(&["run"], &env);
     let mut buf = [0u8; 512];
     let n = tokio::task::spawn_blocking(move || {
         let n = sock
@@ -333,7 +309,7 @@ async fn sigterm_during_a_run_exits_0_and_ready_reaches_the_notify_socket() {
     env2[0].1 = db2.url.clone();
     env2.retain(|(k, _)| k != "NOTIFY_SOCKET");
     kc.clear_journal();
-    let mut child = spawn_bin(&env2);
+    let mut child = spawn_bin(&["run"], &env2);
     until("the run is listing users", 30, || async {
         kc.journal()
             .iter()

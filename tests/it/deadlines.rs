@@ -13,7 +13,6 @@ use seedkeeper::reconcile::Outcome;
 use seedkeeper::store::lock::RUN_LOCK_KEY;
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::spawn_bin;
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 
@@ -86,14 +85,6 @@ fn env_of(db: &TestDb, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut env = db.env();
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A `NOTIFY_SOCKET` listener: every datagram, with the time it arrived.
@@ -353,7 +344,7 @@ async fn sigterm_while_keycloak_is_slow_exits_within_the_grace() {
 
     // In the listing (the identities unit has begun resolving roles), then Keycloak stalls.
     kc.set_latency(Duration::from_millis(200));
-    let child = spawn_bin(&env);
+    let child = spawn_bin(&["run"], &env);
     until("the listing has begun", 30, || async {
         kc.journal()
             .iter()
@@ -377,7 +368,7 @@ async fn sigterm_while_keycloak_is_slow_exits_within_the_grace() {
     assert!(run_lock_free(&db).await);
 
     // In the preflight (nothing written yet): at once.
-    let child = spawn_bin(&env);
+    let child = spawn_bin(&["run"], &env);
     tokio::time::sleep(SECS(1)).await;
     let (code, took) = stop(child).await;
     assert_eq!(code, Some(0));
@@ -391,7 +382,7 @@ async fn the_watchdog_pings_while_a_run_waits_on_a_lock_and_the_daemon_carries_o
     assert_ok(&apply(&db.engine(&[])).await);
     let held = UsersLocked::by_another_session(&db).await;
     let notes = Notifications::listen();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", spawn::free_port());
     let mut env = env_of(
         &db,
         &[
@@ -405,7 +396,7 @@ async fn the_watchdog_pings_while_a_run_waits_on_a_lock_and_the_daemon_carries_o
         ],
     );
     env.push(("NOTIFY_SOCKET".into(), notes.path.display().to_string()));
-    let mut child = spawn_bin(&env);
+    let mut child = spawn_bin(&["run"], &env);
     let base = format!("http://{listen}");
 
     until("READY=1 after the first run", 20, || async {

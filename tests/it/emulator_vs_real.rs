@@ -187,6 +187,38 @@ fn compare(what: &str, how: Agree, real: &(u16, Value), emu: &(u16, Value), out:
     out.extend(diffs.into_iter().map(|d| format!("{what}: {d}")));
 }
 
+/// Keycloak and the emulator side by side, and the differences found so far.
+struct Both {
+    real: Side,
+    emu: Side,
+    diffs: Vec<String>,
+}
+
+impl Both {
+    /// GETs a path from each side, each with its own token (ids and tokens are each server's
+    /// own), and compares the answers.
+    async fn get(&mut self, what: &str, how: Agree, paths: [&str; 2], tokens: [Option<&str>; 2]) {
+        let real = self.real.get(paths[0], tokens[0]).await;
+        let emu = self.emu.get(paths[1], tokens[1]).await;
+        compare(what, how, &real, &emu, &mut self.diffs);
+    }
+
+    /// Posts the same token request to both sides and compares the answers.
+    async fn token(&mut self, what: &str, how: Agree, realm: &str, form: &[(&str, &str)]) {
+        let real = self.real.token(realm, form).await;
+        let emu = self.emu.token(realm, form).await;
+        compare(what, how, &real, &emu, &mut self.diffs);
+    }
+
+    /// The service account token of `client` at each side.
+    async fn bearers(&self, realm: &str, client: &str) -> [String; 2] {
+        [
+            self.real.bearer(realm, client).await,
+            self.emu.bearer(realm, client).await,
+        ]
+    }
+}
+
 /// The dev realm plus what the comparison needs: a composite, a group holding a role with a
 /// subgroup, more users than one small page, a user without email, a disabled one, a client
 /// without service accounts and one whose service account may only query users.
@@ -239,38 +271,43 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
     let _realm = kc.create_realm(rep.clone()).await;
     let emulator = KeycloakEmulator::start(rep).await;
     let http = reqwest::Client::new();
-    let real = Side {
-        base: kc.base_url(),
-        http: http.clone(),
+    let mut both = Both {
+        real: Side {
+            base: kc.base_url(),
+            http: http.clone(),
+        },
+        emu: Side {
+            base: emulator.base_url(),
+            http,
+        },
+        diffs: Vec::new(),
     };
-    let emu = Side {
-        base: emulator.base_url(),
-        http,
-    };
-    let mut diffs: Vec<String> = Vec::new();
     let r = &name;
 
     // Discovery: the emulator serves the fields seedkeeper needs, as Keycloak types them.
     let path = format!("/realms/{r}/.well-known/openid-configuration");
-    let (rd, ed) = (real.get(&path, None).await, emu.get(&path, None).await);
-    compare("discovery", Agree::Subset, &rd, &ed, &mut diffs);
+    let (rd, ed) = (
+        both.real.get(&path, None).await,
+        both.emu.get(&path, None).await,
+    );
+    compare("discovery", Agree::Subset, &rd, &ed, &mut both.diffs);
     for field in ["issuer", "token_endpoint", "jwks_uri"] {
         let strip = |v: &Value, base: &str| v[field].as_str().unwrap_or("").replacen(base, "", 1);
-        if strip(&rd.1, &real.base) != strip(&ed.1, &emu.base) {
-            diffs.push(format!(
+        if strip(&rd.1, &both.real.base) != strip(&ed.1, &both.emu.base) {
+            both.diffs.push(format!(
                 "discovery.{field}: {} vs {}",
                 rd.1[field], ed.1[field]
             ));
         }
     }
     let path = "/realms/no-such-realm/.well-known/openid-configuration";
-    compare(
+    both.get(
         "discovery of an unknown realm",
         Agree::Exactly,
-        &real.get(path, None).await,
-        &emu.get(path, None).await,
-        &mut diffs,
-    );
+        [path, path],
+        [None, None],
+    )
+    .await;
 
     // The token endpoint, its answer and its refusals.
     let cc = |client: &'static str, secret: &'static str| {
@@ -313,26 +350,14 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
         ),
     ];
     for (what, form, how) in token_cases {
-        compare(
-            what,
-            how,
-            &real.token(r, &form).await,
-            &emu.token(r, &form).await,
-            &mut diffs,
-        );
+        both.token(what, how, r, &form).await;
     }
 
     // The admin endpoints seedkeeper reads, with the service account's token of each side.
-    let (rt, et) = (
-        real.bearer(r, "seedkeeper").await,
-        emu.bearer(r, "seedkeeper").await,
-    );
-    // Group ids are each server's own: find /admins through each side's listing.
-    let group_id = |side: &Side, token: String| {
-        let url = format!(
-            "{}/admin/realms/{r}/roles/admin/groups?briefRepresentation=true",
-            side.base
-        );
+    let [rt, et] = both.bearers(r, "seedkeeper").await;
+    // Ids are each server's own: the first group named `name` in a listing, at each side.
+    let id_in = |side: &Side, token: String, path: String, name: Option<&'static str>| {
+        let url = format!("{}/admin/realms/{r}/{path}", side.base);
         let http = side.http.clone();
         async move {
             let groups: Value = http
@@ -348,182 +373,156 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|g| g["name"] == "admins")
+                .find(|g| name.is_none_or(|n| g["name"] == n))
                 .and_then(|g| g["id"].as_str())
-                .unwrap_or_else(|| panic!("no /admins group at {url}: {groups}"))
+                .unwrap_or_else(|| panic!("no group {name:?} at {url}: {groups}"))
                 .to_string()
         }
     };
+    // /admins, through each side's groups holding admin.
+    let groups_of_admin = "roles/admin/groups?briefRepresentation=true".to_string();
     let (rg, eg) = (
-        group_id(&real, rt.clone()).await,
-        group_id(&emu, et.clone()).await,
+        id_in(
+            &both.real,
+            rt.clone(),
+            groups_of_admin.clone(),
+            Some("admins"),
+        )
+        .await,
+        id_in(&both.emu, et.clone(), groups_of_admin, Some("admins")).await,
     );
-    let admin_cases: Vec<(String, String, Agree)> = vec![
+    // /admins/emea, through each side's children of /admins.
+    let children = |g: &str| format!("groups/{g}/children?briefRepresentation=true");
+    let (rs, es) = (
+        id_in(&both.real, rt.clone(), children(&rg), None).await,
+        id_in(&both.emu, et.clone(), children(&eg), None).await,
+    );
+    let cases: Vec<(&str, &str, Agree)> = vec![
         (
-            "users, first page of 4".into(),
-            "users?first=0&max=4&briefRepresentation=true".into(),
+            "users, first page of 4",
+            "users?first=0&max=4&briefRepresentation=true",
             Agree::InOrder("username"),
         ),
         (
-            "users, second page of 4".into(),
-            "users?first=4&max=4&briefRepresentation=true".into(),
+            "users, second page of 4",
+            "users?first=4&max=4&briefRepresentation=true",
             Agree::InOrder("username"),
         ),
         (
-            "users, the last page".into(),
-            "users?first=12&max=4&briefRepresentation=true".into(),
+            "users, the last page",
+            "users?first=12&max=4&briefRepresentation=true",
             Agree::InOrder("username"),
         ),
         (
-            "users, past the end".into(),
-            "users?first=100&max=4&briefRepresentation=true".into(),
+            "users, past the end",
+            "users?first=100&max=4&briefRepresentation=true",
             Agree::Exactly,
         ),
         (
-            "users, full representation".into(),
-            "users?first=0&max=3&briefRepresentation=false".into(),
+            "users, full representation",
+            "users?first=0&max=3&briefRepresentation=false",
             Agree::InOrder("username"),
         ),
-        ("users/count".into(), "users/count".into(), Agree::Exactly),
+        ("users/count", "users/count", Agree::Exactly),
         (
-            "roles".into(),
-            "roles?first=0&max=100&briefRepresentation=true".into(),
+            "roles",
+            "roles?first=0&max=100&briefRepresentation=true",
             Agree::AsSet("name"),
         ),
         (
-            "composites of super".into(),
-            "roles/super/composites/realm".into(),
+            "composites of super",
+            "roles/super/composites/realm",
             Agree::AsSet("name"),
         ),
         (
-            "direct members of admin".into(),
-            "roles/admin/users?first=0&max=100&briefRepresentation=true".into(),
+            "direct members of admin",
+            "roles/admin/users?first=0&max=100&briefRepresentation=true",
             Agree::AsSet("username"),
         ),
         (
-            "groups holding admin".into(),
-            "roles/admin/groups?first=0&max=100&briefRepresentation=true".into(),
+            "groups holding admin",
+            "roles/admin/groups?first=0&max=100&briefRepresentation=true",
             Agree::AsSet("name"),
         ),
         (
-            "members of an unknown role".into(),
-            "roles/no-such-role/users?first=0&max=100".into(),
+            "members of an unknown role",
+            "roles/no-such-role/users?first=0&max=100",
             Agree::Exactly,
         ),
         (
-            "users of an unknown realm".into(),
-            "../no-such-realm/users?first=0&max=4".into(),
+            "users of an unknown realm",
+            "../no-such-realm/users?first=0&max=4",
             Agree::Exactly,
         ),
+        (
+            "children of /admins",
+            "groups/{G}/children?first=0&max=100&briefRepresentation=true",
+            Agree::AsSet("name"),
+        ),
+        (
+            "members of /admins",
+            "groups/{G}/members?first=0&max=100&briefRepresentation=true",
+            Agree::AsSet("username"),
+        ),
+        (
+            "members of /admins/emea",
+            "groups/{S}/members?first=0&max=100&briefRepresentation=true",
+            Agree::AsSet("username"),
+        ),
     ];
-    let mut cases = admin_cases;
-    cases.push((
-        "children of /admins".into(),
-        "groups/{G}/children?first=0&max=100&briefRepresentation=true".to_string(),
-        Agree::AsSet("name"),
-    ));
-    cases.push((
-        "members of /admins".into(),
-        "groups/{G}/members?first=0&max=100&briefRepresentation=true".to_string(),
-        Agree::AsSet("username"),
-    ));
-    for (what, rel, how) in &cases {
-        let rp = format!("/admin/realms/{r}/{}", rel.replace("{G}", &rg));
-        let ep = format!("/admin/realms/{r}/{}", rel.replace("{G}", &eg));
-        compare(
-            what,
-            *how,
-            &real.get(&rp, Some(&rt)).await,
-            &emu.get(&ep, Some(&et)).await,
-            &mut diffs,
-        );
+    for (what, rel, how) in cases {
+        let at = |g: &str, s: &str| {
+            format!(
+                "/admin/realms/{r}/{}",
+                rel.replace("{G}", g).replace("{S}", s)
+            )
+        };
+        let (rp, ep) = (at(&rg, &rs), at(&eg, &es));
+        both.get(what, how, [&rp, &ep], [Some(&rt), Some(&et)])
+            .await;
     }
-    // The subgroup's members, found through each side's own children listing.
-    let sub = |side: &Side, token: String, gid: String| {
-        let url = format!(
-            "{}/admin/realms/{r}/groups/{gid}/children?briefRepresentation=true",
-            side.base
-        );
-        let http = side.http.clone();
-        async move {
-            let c: Value = http
-                .get(url)
-                .bearer_auth(token)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            c[0]["id"].as_str().unwrap_or("").to_string()
-        }
-    };
-    let (rs, es) = (
-        sub(&real, rt.clone(), rg.clone()).await,
-        sub(&emu, et.clone(), eg.clone()).await,
-    );
-    compare(
-        "members of /admins/emea",
-        Agree::AsSet("username"),
-        &real.get(&format!("/admin/realms/{r}/groups/{rs}/members?first=0&max=100&briefRepresentation=true"), Some(&rt)).await,
-        &emu.get(&format!("/admin/realms/{r}/groups/{es}/members?first=0&max=100&briefRepresentation=true"), Some(&et)).await,
-        &mut diffs,
-    );
 
-    // Refusals: no token, a forged token, a token that may only query users.
+    // Refusals: no token, a forged token, a token that may only query users, one without
+    // realm-management roles.
+    let [rq, eq] = both.bearers(r, "query-only").await;
+    let [rn, en] = both.bearers(r, "no-roles").await;
     let users = format!("/admin/realms/{r}/users?first=0&max=4");
-    compare(
-        "users without a token",
-        Agree::Exactly,
-        &real.get(&users, None).await,
-        &emu.get(&users, None).await,
-        &mut diffs,
-    );
-    compare(
-        "users with a forged token",
-        Agree::Exactly,
-        &real.get(&users, Some("not.a.token")).await,
-        &emu.get(&users, Some("not.a.token")).await,
-        &mut diffs,
-    );
-    let (rq, eq) = (
-        real.bearer(r, "query-only").await,
-        emu.bearer(r, "query-only").await,
-    );
-    compare(
-        "users with query-users only",
-        Agree::Exactly,
-        &real.get(&users, Some(&rq)).await,
-        &emu.get(&users, Some(&eq)).await,
-        &mut diffs,
-    );
-    let (rn, en) = (
-        real.bearer(r, "no-roles").await,
-        emu.bearer(r, "no-roles").await,
-    );
+    let members = format!("/admin/realms/{r}/roles/admin/users?first=0&max=4");
+    let forged = Some("not.a.token");
+    let mut refusals: Vec<(String, String, [Option<&str>; 2])> = vec![
+        ("users without a token".into(), users.clone(), [None, None]),
+        (
+            "users with a forged token".into(),
+            users.clone(),
+            [forged, forged],
+        ),
+        (
+            "users with query-users only".into(),
+            users,
+            [Some(&rq), Some(&eq)],
+        ),
+        (
+            "role members with query-users only".into(),
+            members,
+            [Some(&rq), Some(&eq)],
+        ),
+    ];
     for what in [
         "users?first=0&max=4",
         "users/count",
         "roles",
         "roles/admin/users",
     ] {
-        let path = format!("/admin/realms/{r}/{what}");
-        compare(
-            &format!("{what} without realm-management roles"),
-            Agree::Exactly,
-            &real.get(&path, Some(&rn)).await,
-            &emu.get(&path, Some(&en)).await,
-            &mut diffs,
-        );
+        refusals.push((
+            format!("{what} without realm-management roles"),
+            format!("/admin/realms/{r}/{what}"),
+            [Some(&rn), Some(&en)],
+        ));
     }
-    let members = format!("/admin/realms/{r}/roles/admin/users?first=0&max=4");
-    compare(
-        "role members with query-users only",
-        Agree::Exactly,
-        &real.get(&members, Some(&rq)).await,
-        &emu.get(&members, Some(&eq)).await,
-        &mut diffs,
-    );
+    for (what, path, tokens) in &refusals {
+        both.get(what, Agree::Exactly, [path, path], *tokens).await;
+    }
+    let diffs = both.diffs;
 
     assert!(
         diffs.is_empty(),

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::harness::cluster::OwnCluster;
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 use crate::identities::{identity_state, kc_env, refs, test_realm, user};
@@ -230,7 +231,7 @@ async fn connections_killed_mid_run_fail_it_cleanly_and_the_next_run_converges()
     let path = dir.write("realm.json", &realm.to_string());
     let db = TestDb::new().await;
     let engine = db.engine(&[("SEEDKEEPER_IDENTITY__REALM_FILE", path.to_str().unwrap())]);
-    // The first run creates the schema so the kill lands in the identities unit.
+    // The kill lands in the identities unit of the first run; the seed before it is committed.
     let (r, killed) = tokio::join!(apply(&engine), kill_backends_mid_identities(&db));
     assert!(killed > 0);
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
@@ -271,14 +272,7 @@ async fn sigkill_mid_run_leaves_no_lock_and_the_next_process_converges() {
         "SEEDKEEPER_IDENTITY__REALM_FILE".into(),
         path.display().to_string(),
     ));
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"))
-        .arg("--once")
-        .env_clear()
-        .envs(env.iter().cloned())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_bin(&["--once"], &env);
     let admin = connect(&admin_url()).await;
     until("the run is writing identities", 60, || async {
         admin
@@ -323,7 +317,7 @@ async fn sigkill_mid_run_leaves_no_lock_and_the_next_process_converges() {
 /// Runs `--once` with `env` on a fresh database; asserts exit 78, every needle in the output,
 /// and an untouched database.
 async fn refused(case: &str, env: Vec<(String, String)>, needles: &[&str]) {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut all = db.env();
     all.extend(env);
     let out = run_bin(&["--once"], &all);
@@ -439,7 +433,7 @@ async fn bad_config_inputs_are_refused_naming_the_key_and_write_nothing() {
 async fn a_listen_address_that_cannot_be_bound_exits_78() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = db.env();
     env.push(e("SEEDKEEPER_HTTP__LISTEN", &addr));
     let out = run_bin(&["run"], &env);
@@ -656,11 +650,7 @@ async fn canary_secrets_never_appear_in_any_output() {
     let dir = TempDir::new();
     let db_secret = dir.write("db-password", &format!("{DB_CANARY}\n"));
     let kc_secret = dir.write("kc-secret", KC_CANARY);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = spawn::free_port();
     let env = vec![
         e("SEEDKEEPER_DATABASE__URL", &db.url),
         e(
@@ -711,10 +701,7 @@ async fn canary_secrets_never_appear_in_any_output() {
     // files: a pipe nobody reads would fill up and stall it.
     let log = dir.0.join("daemon.out");
     let err_log = dir.0.join("daemon.err");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"))
-        .arg("run")
-        .env_clear()
-        .envs(env.iter().cloned())
+    let mut child = spawn::command(&["run"], &env)
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(&err_log).unwrap())
         .spawn()
@@ -813,11 +800,7 @@ fn tls_server(dir: &TempDir) -> TlsServer {
         .status()
         .expect("openssl is needed for the TLS test");
     assert!(st.success());
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = spawn::free_port();
     let child = std::process::Command::new("openssl")
         .args(["s_server", "-www", "-quiet", "-accept", &port.to_string()])
         .arg("-cert")
@@ -842,7 +825,7 @@ fn tls_server(dir: &TempDir) -> TlsServer {
 async fn tls_to_keycloak_is_verified_by_default_and_a_ca_file_is_honoured() {
     let dir = TempDir::new();
     let server = tls_server(&dir);
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = db.env();
     env.extend([
         e("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),
@@ -872,102 +855,6 @@ async fn tls_to_keycloak_is_verified_by_default_and_a_ca_file_is_honoured() {
     assert_ne!(out.status.code(), Some(0), "{t}");
     assert!(!t.to_lowercase().contains("certificate"), "{t}");
     assert_eq!(public_tables(&db).await, 0, "nothing written");
-}
-
-/// A PostgreSQL cluster of its own (initdb in a temp dir, a free port), so a test can stop and
-/// start the server without touching the one the other tests share.
-struct OwnCluster {
-    bin: std::path::PathBuf,
-    data: TempDir,
-    port: u16,
-}
-
-impl OwnCluster {
-    fn pg(&self, args: &[&str]) -> std::process::Output {
-        let mut cmd = if is_root() {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"])
-                .arg(self.bin.join("pg_ctl"));
-            c
-        } else {
-            std::process::Command::new(self.bin.join("pg_ctl"))
-        };
-        cmd.arg("-D").arg(self.data.0.join("pg")).args(args);
-        cmd.output().expect("pg_ctl")
-    }
-
-    fn new() -> OwnCluster {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .expect("initdb under /usr/lib/postgresql/*/bin");
-        let data = TempDir::new();
-        let pgdata = data.0.join("pg");
-        std::fs::create_dir_all(&pgdata).unwrap();
-        let mut initdb = if is_root() {
-            let _ = std::process::Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&data.0)
-                .status();
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(bin.join("initdb"));
-            c
-        } else {
-            std::process::Command::new(bin.join("initdb"))
-        };
-        let out = initdb
-            .arg("-D")
-            .arg(&pgdata)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
-            .output()
-            .expect("initdb");
-        assert!(out.status.success(), "initdb: {}", text(&out));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let c = OwnCluster { bin, data, port };
-        c.start();
-        c
-    }
-
-    fn start(&self) {
-        let opts = format!(
-            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off",
-            self.port,
-            self.data.0.join("pg").display()
-        );
-        let log = self.data.0.join("pg").join("server.log");
-        let out = self.pg(&["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"]);
-        assert!(out.status.success(), "pg_ctl start: {}", text(&out));
-    }
-
-    fn stop(&self) {
-        let out = self.pg(&["-w", "-m", "fast", "stop"]);
-        assert!(out.status.success(), "pg_ctl stop: {}", text(&out));
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-}
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        let _ = self.pg(&["-m", "immediate", "stop"]);
-    }
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -298,7 +298,7 @@ async fn a_token_expiring_mid_listing_and_a_503_burst_are_survived() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_secret_and_a_missing_realm_management_role_fail_clearly_and_write_nothing() {
     let kc = KeycloakEmulator::start(dev_realm()).await;
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = kc_env(&kc);
     env[3].1 = "wrong-secret".into();
     let mut full: Vec<(String, String)> = db.env();
@@ -525,7 +525,7 @@ async fn malformed_realm_files_exit_78_naming_the_file_and_entry_and_write_nothi
         ("junk.json", "\u{1}junk".repeat(100_000), "not a realm export"),
     ];
     for (name, content, needle) in cases {
-        let db = TestDb::new().await;
+        let db = TestDb::empty().await;
         let path = dir.write(name, &content);
         let mut env = db.env();
         env.push((

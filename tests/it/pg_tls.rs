@@ -8,18 +8,11 @@ use std::process::Command;
 
 use seedkeeper::config::{split_libpq_tls, RootCert, SslMode};
 
+use crate::harness::cluster::OwnCluster;
 use crate::harness::*;
 
 fn e(k: &str, v: &str) -> (String, String) {
     (k.to_string(), v.to_string())
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
@@ -31,184 +24,113 @@ fn openssl(dir: &Path, args: &[&str]) {
     assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
 }
 
+/// `openssl req` options for a new P-256 key, unencrypted.
+const NEW_P256_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
 /// A CA (`{name}.crt`, `{name}.key`) in `dir`.
 fn make_ca(dir: &Path, name: &str) -> PathBuf {
     let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
     openssl(
         dir,
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
+            &["req", "-x509"][..],
+            &NEW_P256_KEY,
+            &[
+                "-keyout",
+                &key,
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-subj",
+                &format!("/CN=seedkeeper test {name}"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        ]
+        .concat(),
+    );
+    dir.join(crt)
+}
+
+/// A key and a certificate (`{name}.key`, `{name}.crt`) in `dir` for `subject`, signed by the
+/// CA `ca`, with the X.509 extensions `ext`.
+fn sign(dir: &Path, name: &str, subject: &str, ext: &str) {
+    let (key, csr, crt, extfile) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.crt"),
+        format!("{name}.ext"),
+    );
+    std::fs::write(dir.join(&extfile), ext).unwrap();
+    openssl(
+        dir,
+        &[
+            &["req"][..],
+            &NEW_P256_KEY,
+            &["-keyout", &key, "-out", &csr, "-subj", subject],
+        ]
+        .concat(),
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
             "-out",
             &crt,
             "-days",
             "2",
-            "-subj",
-            &format!("/CN=seedkeeper test {name}"),
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
+            "-extfile",
+            &extfile,
         ],
     );
-    dir.join(crt)
 }
 
 /// A PostgreSQL cluster of its own: `ssl = on`, TCP only through `hostssl` on 127.0.0.1, a
 /// `local` line for the test's own connections; its certificate names `localhost` only.
 struct TlsCluster {
-    bin: PathBuf,
-    data: TempDir,
-    port: u16,
+    pg: OwnCluster,
 }
 
 impl TlsCluster {
-    fn pgdata(&self) -> PathBuf {
-        self.data.0.join("pg")
-    }
-
-    fn as_postgres(&self, program: &str) -> Command {
-        if is_root() {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(self.bin.join(program));
-            c
-        } else {
-            Command::new(self.bin.join(program))
-        }
-    }
-
     fn new() -> TlsCluster {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .filter(|p| p.join("initdb").exists())
-            .max()
-            .expect("initdb under /usr/lib/postgresql/*/bin");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let c = TlsCluster {
-            bin,
-            data: TempDir::new(),
-            port,
-        };
-        let (pki, pgdata) = (c.data.0.join("pki"), c.pgdata());
+        let pg = OwnCluster::init();
+        let (pki, pgdata) = (pg.dir.0.join("pki"), pg.pgdata());
         std::fs::create_dir_all(&pki).unwrap();
-        std::fs::create_dir_all(&pgdata).unwrap();
 
         make_ca(&pki, "ca");
         make_ca(&pki, "other-ca");
-        std::fs::write(
-            pki.join("server.ext"),
+        sign(
+            &pki,
+            "server",
+            "/CN=localhost",
             "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n\
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(
-            &pki,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
-        openssl(
-            &pki,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "server.ext",
-            ],
         );
         // A client certificate for the role postgres, for the databases that want one.
-        std::fs::write(
-            pki.join("client.ext"),
+        sign(
+            &pki,
+            "client",
+            "/CN=postgres",
             "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
-        )
-        .unwrap();
-        openssl(
-            &pki,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "client.key",
-                "-out",
-                "client.csr",
-                "-subj",
-                "/CN=postgres",
-            ],
-        );
-        openssl(
-            &pki,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "client.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "client.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "client.ext",
-            ],
         );
 
-        if is_root() {
-            let _ = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&c.data.0)
-                .status();
-        }
-        let out = c
-            .as_postgres("initdb")
-            .arg("-D")
-            .arg(&pgdata)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
-            .output()
-            .expect("initdb");
-        assert!(out.status.success(), "initdb: {}", text(&out));
         for f in ["server.crt", "server.key", "ca.crt"] {
             std::fs::copy(pki.join(f), pgdata.join(f)).unwrap();
         }
@@ -226,49 +148,26 @@ impl TlsCluster {
             b"\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n",
         )
         .unwrap();
-        if is_root() {
-            let _ = Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&c.data.0)
-                .status();
-        }
+        pg.chown();
         let _ = Command::new("chmod")
             .arg("600")
             .arg(pgdata.join("server.key"))
             .status();
 
-        let opts = format!(
-            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off",
-            c.port,
-            pgdata.display()
-        );
-        let log = pgdata.join("server.log");
-        let out = c
-            .as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(&pgdata)
-            .args(["-w", "-l", log.to_str().unwrap(), "-o", &opts, "start"])
-            .output()
-            .expect("pg_ctl");
-        assert!(
-            out.status.success(),
-            "pg_ctl start: {}\n{}",
-            text(&out),
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        c
+        pg.start();
+        TlsCluster { pg }
     }
 
     fn file(&self, name: &str) -> String {
-        self.data.0.join("pki").join(name).display().to_string()
+        self.pg.dir.0.join("pki").join(name).display().to_string()
     }
 
     /// The test's own connection string: the Unix socket, through the `local` line.
     fn socket(&self, db: &str) -> String {
         format!(
             "host={} port={} user=postgres dbname={db}",
-            self.pgdata().display(),
-            self.port
+            self.pg.pgdata().display(),
+            self.pg.port
         )
     }
 
@@ -281,19 +180,8 @@ impl TlsCluster {
         };
         format!(
             "postgres://postgres:canary-pw-Zx9@{host}:{}/{db}{q}",
-            self.port
+            self.pg.port
         )
-    }
-}
-
-impl Drop for TlsCluster {
-    fn drop(&mut self) {
-        let _ = self
-            .as_postgres("pg_ctl")
-            .arg("-D")
-            .arg(self.pgdata())
-            .args(["-m", "immediate", "stop"])
-            .output();
     }
 }
 

@@ -60,7 +60,7 @@ fn realm_env(path: &std::path::Path) -> Vec<(String, String)> {
 
 /// Runs the binary once on `input`, expecting exit 78 and nothing written; returns its output.
 async fn refused(input: &std::path::Path, extra: &[(&str, &str)]) -> String {
-    let db = TestDb::new().await;
+    let db = TestDb::empty().await;
     let mut env = db.env();
     env.extend(realm_env(input));
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));

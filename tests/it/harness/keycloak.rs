@@ -31,7 +31,9 @@ const KID: &str = "emulator-rs256";
 /// The 403 body of Keycloak 26.4's admin API (21 to 26.3 answered `unknown_error`).
 const FORBIDDEN: &str = "HTTP 403 Forbidden";
 
-/// Every realm-management client role (fixture 09), and the composites Keycloak defines.
+/// Every client role of `realm-management` in a new Keycloak 26 realm: the 19 a real realm
+/// export of Keycloak 26.0.5 lists (keycloak-config-cli's baseline realm), and the composites
+/// Keycloak defines.
 const REALM_MANAGEMENT: &[&str] = &[
     "create-client",
     "impersonation",

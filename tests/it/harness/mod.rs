@@ -1,27 +1,42 @@
-//! Test harness: a real PostgreSQL database per test (dropped on `Drop`, leftovers of dead test
-//! processes swept), settings built from injected environment pairs, the binary, and the
-//! Keycloak emulator.
+//! Test harness: a real PostgreSQL database per test (cloned from a template migrated once per
+//! set of migrations, or empty where a test watches the schema being made; dropped on `Drop`,
+//! leftovers of dead test processes swept), settings built from injected environment pairs, the
+//! binary, and the Keycloak emulator.
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod keycloak;
 pub mod proxy;
 pub mod real_keycloak;
+pub mod spawn;
+
+// The soak test includes the harness and starts no binary.
+#[allow(unused_imports)]
+pub use spawn::{run_bin, spawn_bin};
 
 use std::path::PathBuf;
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use seedkeeper::config::{self, Settings, Sources};
+use seedkeeper::config::{self, SchemaMode, Settings, Sources};
 use seedkeeper::reconcile::{Count, Unit};
 use seedkeeper::reconcile::{Engine, Mode, RunReport};
+use seedkeeper::store::migrate::MIGRATIONS;
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
 use tokio_postgres::{Client, NoTls};
 use tokio_util::sync::CancellationToken;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
-static SWEEP: Once = Once::new();
+/// Leftovers of dead test processes are dropped once per process, before its first database.
+static SWEPT: OnceCell<()> = OnceCell::const_new();
+/// The name of the migrated template, made or found once per process.
+static TEMPLATE: OnceCell<String> = OnceCell::const_new();
+/// The advisory lock (in the admin database) under which one test process at a time looks for
+/// the template and makes it; other worktrees' test runs share the server.
+const TEMPLATE_LOCK: i64 = 0x736b_7470_6c00; // "sktpl"
 
 /// The server admin URL: SEEDKEEPER_TEST_DATABASE_URL, else the local trust-auth default.
 pub fn admin_url() -> String {
@@ -60,14 +75,26 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A database with seedkeeper's schema and nothing else: a clone of the template migrated
+    /// once by seedkeeper's own migration runner, so a first run applies no migration.
     pub async fn new() -> TestDb {
+        let template = template().await;
+        TestDb::create(Some(template)).await
+    }
+
+    /// A database without any table, for tests that watch the schema unit apply the migrations
+    /// or assert that a refused run wrote nothing at all.
+    pub async fn empty() -> TestDb {
+        TestDb::create(None).await
+    }
+
+    async fn create(template: Option<&str>) -> TestDb {
         seedkeeper::telemetry::install_crypto();
         let admin = connect(&admin_url()).await;
-        let pid = std::process::id();
-        SWEEP.call_once(|| {});
-        sweep(&admin).await;
+        SWEPT.get_or_init(|| sweep(&admin)).await;
         let name = format!(
-            "sk_test_{pid}_{}_{}",
+            "sk_test_{}_{}_{}",
+            std::process::id(),
             COUNTER.fetch_add(1, Ordering::SeqCst),
             uuid::Uuid::new_v4()
                 .simple()
@@ -75,10 +102,14 @@ impl TestDb {
                 .get(..8)
                 .unwrap_or("x")
         );
+        let sql = match template {
+            Some(t) => format!("CREATE DATABASE {name} TEMPLATE {t}"),
+            None => format!("CREATE DATABASE {name}"),
+        };
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&sql)
             .await
-            .expect("create test database");
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
         TestDb {
             url: with_db(&admin_url(), &name),
             name,
@@ -196,6 +227,78 @@ async fn sweep(admin: &Client) {
     }
 }
 
+/// `sk_tpl_` and a digest of the embedded migrations: a changed or added migration makes a
+/// template of its own, so worktrees with other migrations never share one.
+fn template_name() -> String {
+    let mut h = Sha256::new();
+    for m in MIGRATIONS {
+        h.update(m.label().as_bytes());
+        h.update(m.checksum().as_bytes());
+    }
+    let digest = h.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("sk_tpl_{hex}")
+}
+
+/// The migrated template database, made by the first test process that needs it. Its readiness
+/// marker is `datistemplate`, set last: a template left half-made by a process that died is
+/// dropped and made again. It accepts no connections, so cloning it never fails on a session
+/// still connected to it.
+async fn template() -> &'static str {
+    TEMPLATE
+        .get_or_init(|| async {
+            let name = template_name();
+            let admin = connect(&admin_url()).await;
+            admin
+                .query_one("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+                .await
+                .expect("template lock");
+            let ready: Option<bool> = admin
+                .query_opt(
+                    "SELECT datistemplate FROM pg_database WHERE datname = $1",
+                    &[&name],
+                )
+                .await
+                .expect("pg_database")
+                .map(|r| r.get(0));
+            if ready != Some(true) {
+                // Two statements: neither may run in the implicit transaction of one batch.
+                for sql in [
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    format!("CREATE DATABASE {name}"),
+                ] {
+                    admin
+                        .batch_execute(&sql)
+                        .await
+                        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+                }
+                let (mut client, conn) =
+                    tokio_postgres::connect(&with_db(&admin_url(), &name), NoTls)
+                        .await
+                        .unwrap_or_else(|e| panic!("connect to the template {name}: {e}"));
+                let conn = tokio::spawn(conn);
+                seedkeeper::store::migrate::run(&mut client, SchemaMode::Apply, MIGRATIONS)
+                    .await
+                    .unwrap_or_else(|e| panic!("migrate the template {name}: {e}"));
+                // The session must be gone before the database can be a template.
+                drop(client);
+                let _ = conn.await;
+                admin
+                    .batch_execute(&format!(
+                        "ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false IS_TEMPLATE true"
+                    ))
+                    .await
+                    .unwrap_or_else(|e| panic!("mark {name} a template: {e}"));
+            }
+            admin
+                .query_one("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+                .await
+                .expect("template unlock");
+            name
+        })
+        .await
+}
+
 pub async fn apply(engine: &Engine) -> RunReport {
     engine
         .run(
@@ -235,19 +338,6 @@ pub fn count(r: &RunReport, unit: &str, key: &str) -> i64 {
     r.unit(u)
         .map(|u| u.get(k))
         .unwrap_or_else(|| panic!("no unit {unit} in the run"))
-}
-
-/// Runs the built binary with a clean environment plus `env`.
-pub fn run_bin(args: &[&str], env: &[(String, String)]) -> Output {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_seedkeeper"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run seedkeeper binary")
 }
 
 pub fn text(o: &Output) -> String {
@@ -312,6 +402,16 @@ impl TestDb {
             .get(0)
     }
 
+    /// As [`TestDb::scalar`], for polling: 0 while the database or the statement's tables are
+    /// not there (dropped by the test, or not made yet by the daemon's first run).
+    pub async fn scalar_or_zero(&self, sql: &str) -> i64 {
+        let Ok((c, conn)) = tokio_postgres::connect(&self.url, NoTls).await else {
+            return 0;
+        };
+        tokio::spawn(conn);
+        c.query_one(sql, &[]).await.map(|r| r.get(0)).unwrap_or(0)
+    }
+
     /// The first column of every row `sql` returns, as text.
     pub async fn strings(&self, sql: &str) -> Vec<String> {
         self.client()
@@ -332,7 +432,9 @@ pub fn sigterm(pid: u32) {
         .status();
 }
 
-/// The daemon in this process (`run_until_stopped`), its HTTP on port 0.
+/// The daemon in this process, started as `main` starts it ([`seedkeeper::app::Application`]),
+/// its HTTP on 127.0.0.1 and a port of its own whatever `http.listen` says: tests run side by
+/// side.
 pub struct Daemon {
     pub app: std::sync::Arc<seedkeeper::app::App>,
     pub base: String,
@@ -340,17 +442,15 @@ pub struct Daemon {
     pub task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
 }
 
-pub async fn start_daemon(settings: Settings) -> Daemon {
-    let engine = seedkeeper::app::build_engine(settings).unwrap_or_else(|e| panic!("engine: {e}"));
-    let app = seedkeeper::app::App::new(engine);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
+pub async fn start_daemon(mut settings: Settings) -> Daemon {
+    settings.http.listen = "127.0.0.1:0".into();
+    let application = seedkeeper::app::Application::build(settings)
+        .await
+        .unwrap_or_else(|e| panic!("daemon: {e}"));
+    let base = format!("http://{}", application.local_addr());
+    let app = application.app();
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(seedkeeper::app::run_until_stopped(
-        app.clone(),
-        listener,
-        cancel.clone(),
-    ));
+    let task = tokio::spawn(application.run_until_stopped(cancel.clone()));
     Daemon {
         app,
         base,
