@@ -594,7 +594,18 @@ fn read_secret_file(path: &Path) -> std::result::Result<SecretString, String> {
     Ok(SecretString::from(trimmed.to_string()))
 }
 
+/// Every problem of the settings at once, in the order of the configuration table.
 fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
+    validate_database(s, need_database, problems);
+    validate_identity(s, problems);
+    validate_keycloak(s, problems);
+    validate_daemon(s, problems);
+    validate_limits(s, problems);
+    validate_production(s, problems);
+}
+
+/// `database.*`: the URL (its TLS parameters included), the connect timeout and the batch size.
+fn validate_database(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
     match &s.database.url {
         None if !need_database => {}
         None => problems.push(
@@ -626,6 +637,10 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
                 .into(),
         );
     }
+}
+
+/// `seed.path` and `identity.*`.
+fn validate_identity(s: &Settings, problems: &mut Vec<String>) {
     if let Some(p) = &s.seed.path {
         if !p.is_file() {
             problems.push(format!(
@@ -649,6 +664,10 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
             ));
         }
     }
+}
+
+/// `keycloak.*`: what the keycloak source needs, and the listing's bounds.
+fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
     if s.identity.source == IdentitySource::Keycloak {
         match &s.keycloak.base_url {
             None => problems.push(
@@ -697,6 +716,10 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
                 .into(),
         );
     }
+}
+
+/// The daemon's `events.poll_interval`, `schedule.cron` and `http.listen`.
+fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
     if s.events.poll_interval < Duration::from_millis(100) {
         problems.push(format!(
             "events.poll_interval {} is below 100ms (SEEDKEEPER_EVENTS__POLL_INTERVAL): Keycloak would be polled without pause",
@@ -715,6 +738,10 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
             s.http.listen
         ));
     }
+}
+
+/// The timeouts' bounds, `run.timeout` against `startup.wait_timeout`, `evidence.retention`.
+fn validate_limits(s: &Settings, problems: &mut Vec<String>) {
     for (key, d) in [
         ("statement_timeout", s.database.statement_timeout),
         ("lock_timeout", s.database.lock_timeout),
@@ -737,6 +764,10 @@ fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
         problems
             .push("evidence.retention must be at least 1 (SEEDKEEPER_EVIDENCE__RETENTION)".into());
     }
+}
+
+/// What `environment = "production"` refuses.
+fn validate_production(s: &Settings, problems: &mut Vec<String>) {
     if s.environment == Environment::Production {
         if s.identity.source == IdentitySource::RealmFile {
             problems.push(
