@@ -538,6 +538,73 @@ struct RealmCheck {
     problems: Listed,
 }
 
+impl RealmCheck {
+    /// One user's place in the realm: its id and username unique (usernames case-insensitively),
+    /// its groups remembered to check once every group is known.
+    fn user(
+        &mut self,
+        u: &RealmUser,
+        here: (u32, u32),
+        at: &dyn Fn() -> String,
+        prev_at: &dyn Fn((u32, u32)) -> String,
+    ) {
+        if let Some(id) = &u.id {
+            if let Some(prev) = self.ids.insert(fingerprint(id), here) {
+                let problem = format!("{}: duplicate id {id:?} (also {})", at(), prev_at(prev));
+                self.problems.push(problem);
+            }
+        }
+        match &u.username {
+            None => self.problems.push(format!("{}: has no \"username\"", at())),
+            Some(name) => {
+                if let Some(prev) = self.names.insert(fingerprint(&name.to_lowercase()), here) {
+                    self.problems.push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
+                }
+            }
+        }
+        for g in &u.groups {
+            if !self.group_refs.contains_key(g) {
+                self.group_refs.insert(g.clone(), at());
+            }
+        }
+    }
+
+    /// The realm's verdict once `index` knows its groups: every problem in one error naming the
+    /// file (`input`) and the fix, or none.
+    fn into_result(self, index: &RealmIndex, input: &str) -> Result<()> {
+        let RealmCheck {
+            group_refs,
+            mut problems,
+            ..
+        } = self;
+        let mut refs: Vec<String> = group_refs
+            .iter()
+            .filter(|(g, _)| !index.group_roles.contains_key(*g))
+            .map(|(g, at)| format!("{at}: group {g:?} is not defined in groups"))
+            .collect();
+        refs.sort();
+        for p in refs {
+            problems.push(p);
+        }
+        let Listed { shown, more } = problems;
+        if shown.is_empty() {
+            return Ok(());
+        }
+        let mut message = format!(
+            "{} problem(s):\n  - {}",
+            shown.len() + more,
+            shown.join("\n  - ")
+        );
+        if more > 0 {
+            message.push_str(&format!("\n  - ... and {more} more"));
+        }
+        message.push_str(
+            "\nfix the realm file (identity.realm_file, SEEDKEEPER_IDENTITY__REALM_FILE)",
+        );
+        Err(realm_err(input, message))
+    }
+}
+
 pub struct RealmFileSource {
     input: RealmInput,
     /// The realm to read from a multi-realm export (`keycloak.realm`).
@@ -601,32 +668,7 @@ impl RealmFileSource {
                         position(el, j as usize, None)
                     )
                 };
-                if let Some(id) = &u.id {
-                    if let Some(prev) = check.ids.insert(fingerprint(id), here) {
-                        check.problems.push(format!(
-                            "{}: duplicate id {id:?} (also {})",
-                            at(),
-                            prev_at(prev)
-                        ));
-                    }
-                }
-                match &u.username {
-                    None => check
-                        .problems
-                        .push(format!("{}: has no \"username\"", at())),
-                    Some(name) => {
-                        if let Some(prev) =
-                            check.names.insert(fingerprint(&name.to_lowercase()), here)
-                        {
-                            check.problems.push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
-                        }
-                    }
-                }
-                for g in &u.groups {
-                    if !check.group_refs.contains_key(g) {
-                        check.group_refs.insert(g.clone(), at());
-                    }
-                }
+                check.user(&u, here, &at, &prev_at);
                 // A user without id is left out at sync time (its sub is unknown), so its
                 // values are never stored and not checked.
                 if let (Some(id), Some(name)) = (&u.id, &u.username) {
@@ -664,35 +706,7 @@ impl RealmFileSource {
             .unwrap_or_default();
         let mut index = index_from(tops);
         index.element = element;
-        let RealmCheck {
-            group_refs,
-            mut problems,
-            ..
-        } = check;
-        let mut refs: Vec<String> = group_refs
-            .iter()
-            .filter(|(g, _)| !index.group_roles.contains_key(*g))
-            .map(|(g, at)| format!("{at}: group {g:?} is not defined in groups"))
-            .collect();
-        refs.sort();
-        for p in refs {
-            problems.push(p);
-        }
-        let Listed { shown, more } = problems;
-        if !shown.is_empty() {
-            let mut message = format!(
-                "{} problem(s):\n  - {}",
-                shown.len() + more,
-                shown.join("\n  - ")
-            );
-            if more > 0 {
-                message.push_str(&format!("\n  - ... and {more} more"));
-            }
-            message.push_str(
-                "\nfix the realm file (identity.realm_file, SEEDKEEPER_IDENTITY__REALM_FILE)",
-            );
-            return Err(realm_err(&self.input.describe(), message));
-        }
+        check.into_result(&index, &self.input.describe())?;
         Ok(Arc::new(index))
     }
 
