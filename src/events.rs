@@ -338,15 +338,6 @@ pub struct NotFollowing {
     pub transient: bool,
 }
 
-impl NotFollowing {
-    fn until_fixed(reason: String) -> Self {
-        NotFollowing {
-            reason,
-            transient: false,
-        }
-    }
-}
-
 /// The event follower of one daemon.
 pub struct Follower {
     pub kc: Arc<KeycloakSource>,
@@ -369,12 +360,12 @@ impl Follower {
     ) -> std::result::Result<Option<i64>, NotFollowing> {
         self.kc.reconnect().await;
         match self.kc.events_config(cancel).await {
-            Ok(cfg) if !cfg.events_enabled || !cfg.admin_events_enabled => Err(NotFollowing::until_fixed(format!(
+            Ok(cfg) if !cfg.events_enabled || !cfg.admin_events_enabled => Err(NotFollowing { transient: false, reason: format!(
                 "events are not saved in realm {:?} (user events {}, admin events {}): enable both in Keycloak (Realm settings > Events > User events settings and Admin events settings, Save events on)",
                 self.realm,
                 if cfg.events_enabled { "on" } else { "off" },
                 if cfg.admin_events_enabled { "on" } else { "off" },
-            ))),
+            )}),
             Ok(cfg) => Ok(cfg.events_expiration.filter(|s| *s > 0)),
             Err(e) => Err(NotFollowing {
                 transient: matches!(e, Error::KeycloakUnavailable { .. }),

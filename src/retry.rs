@@ -107,6 +107,16 @@ impl<E> Stop<E> {
 }
 
 impl Policy {
+    /// Backoff from `base` doubling up to `cap`, until `limit`; a server may ask for `cap` at most.
+    pub const fn new(base: Duration, cap: Duration, limit: Limit) -> Self {
+        Policy {
+            base,
+            cap,
+            limit,
+            max_after: cap,
+        }
+    }
+
     /// The backoff after failed attempt `attempt` (0 for the first).
     pub fn backoff(&self, attempt: u32) -> Duration {
         self.base

@@ -40,7 +40,6 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::mpsc;
-
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KeycloakSettings;
@@ -245,11 +244,10 @@ impl KeycloakSource {
     /// Token and Admin API requests: `keycloak.max_retries` retries, 200 ms doubling up to 5 s
     /// between them, or what a 429's `Retry-After` asks, up to 30 s.
     fn request_policy(&self) -> Policy {
+        let retries = Limit::Retries(self.settings.max_retries);
         Policy {
-            base: BACKOFF_BASE,
-            cap: MAX_BACKOFF,
-            limit: Limit::Retries(self.settings.max_retries),
             max_after: MAX_RETRY_AFTER,
+            ..Policy::new(BACKOFF_BASE, MAX_BACKOFF, retries)
         }
     }
 

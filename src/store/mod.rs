@@ -113,12 +113,11 @@ pub async fn connect_with_wait(
     wait: Duration,
     cancel: &CancellationToken,
 ) -> Result<Db> {
-    let policy = Policy {
-        base: Duration::from_millis(100),
-        cap: Duration::from_secs(5),
-        limit: Limit::Deadline(wait),
-        max_after: Duration::from_secs(5),
-    };
+    let policy = Policy::new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        Limit::Deadline(wait),
+    );
     // Only an unavailable server is worth waiting for (see `is_transient`).
     let attempt = |_| async {
         match connect(settings).await {
