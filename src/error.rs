@@ -63,7 +63,7 @@ pub enum Error {
     },
 
     #[error("Keycloak refused seedkeeper: {0}")]
-    KeycloakAuth(String),
+    KeycloakAuth(Refusal),
 
     #[error("Keycloak API error: {0}")]
     Keycloak(String),
@@ -156,6 +156,48 @@ pub fn describe_pg(e: &tokio_postgres::Error) -> String {
             src = inner.source();
         }
         s
+    }
+}
+
+/// Why Keycloak refused seedkeeper, with the fix, and the HTTP status that said so when one did:
+/// a caller that knows better what a 403 means there (the events endpoints need `view-events`)
+/// matches the status, not the text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+impl Refusal {
+    /// A refusal an HTTP answer with this status made.
+    pub fn http(status: u16, message: String) -> Self {
+        Refusal {
+            status: Some(status),
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// A refusal no status of its own said (a token without the roles, a client the token endpoint
+/// refused).
+impl From<String> for Refusal {
+    fn from(message: String) -> Self {
+        Refusal {
+            status: None,
+            message,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
     }
 }
 

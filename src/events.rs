@@ -22,6 +22,7 @@
 //! Reads `events.*`, `keycloak.realm`.
 
 use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Stream, UserEvent};
 use crate::identity::{BoxFuture, Identity, SomeUsers};
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
+use crate::retry;
 use crate::store;
 
 /// Events read per request.
@@ -181,8 +183,8 @@ impl EventKey for AdminEvent {
     }
 }
 
-/// The follower's state: its `/metrics` series (registered by [`crate::metrics::Metrics`]) and
-/// why it does not follow, if it does not.
+/// The follower's state: its `/metrics` series (registered by [`crate::metrics::Metrics`]), why
+/// it does not follow, if it does not, and whether its checkpoint table exists yet.
 #[derive(Debug, Default)]
 pub struct FollowerState {
     /// 1 while events are followed, 0 in schedule-only mode (and before the follower starts).
@@ -192,6 +194,8 @@ pub struct FollowerState {
     pub users_applied: Counter,
     pub full_runs_asked: Counter,
     pub polls: Counter,
+    /// Set once the checkpoint table exists (the first full run's migration creates it).
+    checkpoint_table: AtomicBool,
 }
 
 /// The realm's checkpoint row.
@@ -325,6 +329,15 @@ pub fn apply_with(engine: Arc<Engine>) -> Apply {
     })
 }
 
+/// Why events are not followed (the reason `status` shows), and whether it may pass by itself.
+#[derive(Debug)]
+pub struct NotFollowing {
+    pub reason: String,
+    /// Keycloak did not answer: the follower checks again, every `events.poll_interval` (at
+    /// least 5 s). Otherwise the fix is in Keycloak, and only a restart checks again.
+    pub transient: bool,
+}
+
 /// The event follower of one daemon.
 pub struct Follower {
     pub kc: Arc<KeycloakSource>,
@@ -339,18 +352,25 @@ pub struct Follower {
 }
 
 impl Follower {
-    /// Whether the realm and the service account allow following; the reason when not.
-    pub async fn check(&self) -> std::result::Result<Option<i64>, String> {
+    /// Whether the realm and the service account allow following (the realm's event
+    /// expiration, if any); why not when not.
+    pub async fn check(
+        &self,
+        cancel: &CancellationToken,
+    ) -> std::result::Result<Option<i64>, NotFollowing> {
         self.kc.reconnect().await;
-        match self.kc.events_config().await {
-            Ok(cfg) if !cfg.events_enabled || !cfg.admin_events_enabled => Err(format!(
+        match self.kc.events_config(cancel).await {
+            Ok(cfg) if !cfg.events_enabled || !cfg.admin_events_enabled => Err(NotFollowing { transient: false, reason: format!(
                 "events are not saved in realm {:?} (user events {}, admin events {}): enable both in Keycloak (Realm settings > Events > User events settings and Admin events settings, Save events on)",
                 self.realm,
                 if cfg.events_enabled { "on" } else { "off" },
                 if cfg.admin_events_enabled { "on" } else { "off" },
-            )),
+            )}),
             Ok(cfg) => Ok(cfg.events_expiration.filter(|s| *s > 0)),
-            Err(e) => Err(e.to_string()),
+            Err(e) => Err(NotFollowing {
+                transient: matches!(e, Error::KeycloakUnavailable { .. }),
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -360,12 +380,11 @@ impl Follower {
         let expiration = loop {
             let checked = tokio::select! {
                 _ = cancel.cancelled() => return,
-                c = self.check() => c,
+                c = self.check(&cancel) => c,
             };
             match checked {
                 Ok(exp) => break exp,
-                Err(reason) => {
-                    let transient = reason.contains("unavailable") || reason.contains("timed out");
+                Err(NotFollowing { reason, transient }) => {
                     self.state.following.set(0);
                     *self.state.reason.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(reason.clone());
@@ -374,9 +393,9 @@ impl Follower {
                         self.record_not_following(&reason, &cancel).await;
                         return;
                     }
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(self.poll_interval.max(Duration::from_secs(5))) => {}
+                    let wait = self.poll_interval.max(Duration::from_secs(5));
+                    if retry::sleep_or_cancel(wait, &cancel).await.is_err() {
+                        return;
                     }
                 }
             }
@@ -387,9 +406,11 @@ impl Follower {
         let mut db: Option<store::Db> = None;
         let mut failures = 0u32;
         loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.poll_interval) => {}
+            if retry::sleep_or_cancel(self.poll_interval, &cancel)
+                .await
+                .is_err()
+            {
+                return;
             }
             if db.as_ref().map(|d| d.client.is_closed()).unwrap_or(true) {
                 db = store::connect(&self.database).await.ok();
@@ -430,9 +451,9 @@ impl Follower {
                     return;
                 }
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(self.poll_interval.max(Duration::from_secs(1))) => {}
+            let wait = self.poll_interval.max(Duration::from_secs(1));
+            if retry::sleep_or_cancel(wait, cancel).await.is_err() {
+                return;
             }
         }
     }
@@ -442,12 +463,16 @@ impl Follower {
         &self,
         stream: Stream,
         mark: &Mark,
+        cancel: &CancellationToken,
     ) -> Result<Vec<T>> {
         let mut out: Vec<T> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         let mut first = 0u32;
         loop {
-            let page: Vec<T> = self.kc.events_page(stream, mark.time, first, PAGE).await?;
+            let page: Vec<T> = self
+                .kc
+                .events_page(stream, mark.time, first, PAGE, cancel)
+                .await?;
             if page.is_empty() {
                 return Ok(out);
             }
@@ -478,8 +503,12 @@ impl Follower {
         cancel: &CancellationToken,
     ) -> Result<Poll> {
         self.state.polls.inc();
-        if !store::table_exists(db, "event_follower").await? {
-            return Ok(Poll::default()); // the first full run has not migrated yet
+        if !self.state.checkpoint_table.load(Ordering::Relaxed) {
+            if !store::table_exists(db, "event_follower").await? {
+                return Ok(Poll::default()); // the first full run has not migrated yet
+            }
+            // Migrations never drop it: not looked up again.
+            self.state.checkpoint_table.store(true, Ordering::Relaxed);
         }
         let now = now_ms();
         let Some(cp) = load_checkpoint(db, &self.realm).await? else {
@@ -505,8 +534,8 @@ impl Follower {
                 return self.gap(db, now, why).await;
             }
         }
-        let users: Vec<UserEvent> = self.read(Stream::User, &cp.user).await?;
-        let admins: Vec<AdminEvent> = self.read(Stream::Admin, &cp.admin).await?;
+        let users: Vec<UserEvent> = self.read(Stream::User, &cp.user, cancel).await?;
+        let admins: Vec<AdminEvent> = self.read(Stream::Admin, &cp.admin, cancel).await?;
         let mut poll = Poll {
             events: users.len() + admins.len(),
             ..Poll::default()
@@ -539,7 +568,7 @@ impl Follower {
         }
         let mut identities: Vec<Identity> = Vec::new();
         for id in &wanted.users {
-            if let Some(i) = self.kc.user_identity(id).await? {
+            if let Some(i) = self.kc.user_identity(id, cancel).await? {
                 identities.push(i);
             }
         }

@@ -17,6 +17,7 @@
 //! - [`identity`]: identity sources (`keycloak`, `realm-file`).
 //! - [`reconcile`]: units (schema, reference_seed, identities, role_bindings, tenants), plan/apply.
 //! - [`store`]: connections, migrations, the advisory lock, the evidence table.
+//! - [`retry`]: the one retry policy (backoff, limits, cancellable waits) of every dependency wait.
 //! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
 
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod identity;
 pub mod metrics;
 mod names;
 pub mod reconcile;
+pub mod retry;
 pub mod schedule;
 pub mod seed;
 pub mod store;

@@ -33,23 +33,27 @@ use base64::Engine as _;
 use futures_util::{stream, StreamExt};
 use openidconnect::core::{CoreClient, CoreProviderMetadata};
 use openidconnect::{
-    AsyncHttpClient, ClientId, ClientSecret, HttpClientError, HttpRequest, HttpResponse, IssuerUrl,
-    OAuth2TokenResponse, RequestTokenError,
+    AsyncHttpClient, ClientId, ClientSecret, DiscoveryError, HttpClientError, HttpRequest,
+    HttpResponse, IssuerUrl, OAuth2TokenResponse, RequestTokenError,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::KeycloakSettings;
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::identity::{
     granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
 };
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
+use crate::retry::{self, Limit, Policy, Retry};
 
 /// Renew this long before the token's `expires_in` runs out.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+/// The first wait between request attempts; each further one doubles, up to `MAX_BACKOFF`.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Page size for roles, groups and role members.
@@ -237,12 +241,18 @@ impl KeycloakSource {
         &self.settings.client_id
     }
 
-    fn backoff(attempt: u32) -> Duration {
-        (Duration::from_millis(200) * 2u32.saturating_pow(attempt)).min(MAX_BACKOFF)
+    /// Token and Admin API requests: `keycloak.max_retries` retries, 200 ms doubling up to 5 s
+    /// between them, or what a 429's `Retry-After` asks, up to 30 s.
+    fn request_policy(&self) -> Policy {
+        let retries = Limit::Retries(self.settings.max_retries);
+        Policy {
+            max_after: MAX_RETRY_AFTER,
+            ..Policy::new(BACKOFF_BASE, MAX_BACKOFF, retries)
+        }
     }
 
     /// Discovery, retried with backoff up to the startup wait.
-    async fn discover(&self) -> Result<CoreProviderMetadata> {
+    async fn discover(&self, cancel: &CancellationToken) -> Result<CoreProviderMetadata> {
         let mut guard = self.metadata.lock().await;
         if let Some(m) = guard.as_ref() {
             return Ok(m.clone());
@@ -253,41 +263,42 @@ impl KeycloakSource {
                 "keycloak.base_url/realm give an invalid issuer {issuer}: {e}"
             ))
         })?;
-        let start = Instant::now();
-        let mut attempt = 0;
-        loop {
+        let policy = Policy {
+            limit: Limit::Deadline(self.wait),
+            ..self.request_policy()
+        };
+        // Everything is worth waiting out but a realm that does not exist.
+        let attempt = |_| async {
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            match CoreProviderMetadata::discover_async(issuer_url.clone(), &self.oidc_http()).await
-            {
-                Ok(m) => {
-                    *guard = Some(m.clone());
-                    return Ok(m);
-                }
-                Err(e) => {
-                    let reason = describe_discovery_error(&e);
-                    if reason.contains("404") {
-                        return Err(Error::KeycloakAuth(format!(
+            CoreProviderMetadata::discover_async(issuer_url.clone(), &self.oidc_http())
+                .await
+                .map_err(|e| match &e {
+                    DiscoveryError::Response(status, _, _) if status.as_u16() == 404 => {
+                        Retry::Fail(Error::KeycloakAuth(Refusal::http(404, format!(
                             "realm {:?} does not exist at {} (discovery answered 404): fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
                             self.realm(),
                             self.base
-                        )));
+                        ))))
                     }
-                    if start.elapsed() >= self.wait {
-                        return Err(Error::KeycloakUnavailable {
-                            target: self.base.clone(),
-                            waited_secs: start.elapsed().as_secs(),
-                            reason: format!("OIDC discovery of {issuer} failed: {reason}"),
-                        });
-                    }
-                    let d = Self::backoff(attempt).min(self.wait.saturating_sub(start.elapsed()));
-                    tracing::warn!(keycloak.issuer = %issuer, attempt, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for Keycloak");
-                    self.metrics.retry();
-                    tokio::time::sleep(d).await;
-                    attempt += 1;
-                }
-            }
-        }
+                    _ => Retry::Backoff(describe_discovery_error(&e)),
+                })
+        };
+        let metadata = policy
+            .run(cancel, attempt, |reason, attempt, d| {
+                tracing::warn!(keycloak.issuer = %issuer, attempt, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for Keycloak");
+                self.metrics.retry();
+            })
+            .await
+            .map_err(|stop| {
+                stop.into_error(|reason, spent| Error::KeycloakUnavailable {
+                    target: self.base.clone(),
+                    waited_secs: spent.waited.as_secs(),
+                    reason: format!("OIDC discovery of {issuer} failed: {reason}"),
+                })
+            })?;
+        *guard = Some(metadata.clone());
+        Ok(metadata)
     }
 
     fn forget_token(&self) {
@@ -296,7 +307,7 @@ impl KeycloakSource {
         }
     }
 
-    async fn token(&self) -> Result<SecretString> {
+    async fn token(&self, cancel: &CancellationToken) -> Result<SecretString> {
         if let Ok(g) = self.token.lock() {
             if let Some(t) = g.as_ref() {
                 if Instant::now() < t.renew_at {
@@ -304,7 +315,7 @@ impl KeycloakSource {
                 }
             }
         }
-        let meta = self.discover().await?;
+        let meta = self.discover(cancel).await?;
         let secret = self.settings.client_secret.as_ref().ok_or_else(|| {
             Error::config(
                 "keycloak.client_secret is not set (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE)",
@@ -315,210 +326,211 @@ impl KeycloakSource {
             ClientId::new(self.client_id().to_string()),
             Some(ClientSecret::new(secret.expose_secret().to_string())),
         );
-        let mut attempt = 0;
-        loop {
+        // A refused client is final; no answer, or an unreadable one, is worth repeating.
+        let attempt = |_| async {
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let request = client.exchange_client_credentials().map_err(|e| {
-                Error::Keycloak(format!("the discovery document has no token endpoint: {e}"))
+                Retry::Fail(Error::Keycloak(format!(
+                    "the discovery document has no token endpoint: {e}"
+                )))
             })?;
-            match request.request_async(&self.oidc_http()).await {
-                Ok(resp) => {
-                    let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(60));
-                    let renew_at =
-                        Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN.min(lifetime / 2));
-                    let token = SecretString::from(resp.access_token().secret().to_string());
-                    check_token_roles(&token, self.client_id())?;
-                    if let Ok(mut g) = self.token.lock() {
-                        *g = Some(CachedToken {
-                            token: token.clone(),
-                            renew_at,
-                        });
+            request
+                .request_async(&self.oidc_http())
+                .await
+                .map_err(|e| match e {
+                    RequestTokenError::ServerResponse(r) => {
+                        Retry::Fail(Error::KeycloakAuth(format!(
+                            "the token endpoint refused client {:?} of realm {:?}: {}: {}: check keycloak.client_id and keycloak.client_secret (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE), and that the client is confidential with service accounts enabled",
+                            self.client_id(),
+                            self.realm(),
+                            r.error(),
+                            r.error_description().cloned().unwrap_or_default(),
+                        ).into()))
                     }
-                    return Ok(token);
-                }
-                Err(RequestTokenError::ServerResponse(r)) => {
-                    let code = r.error().to_string();
-                    let desc = r.error_description().cloned().unwrap_or_default();
-                    return Err(Error::KeycloakAuth(format!(
-                        "the token endpoint refused client {:?} of realm {:?}: {code}: {desc}: check keycloak.client_id and keycloak.client_secret (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE), and that the client is confidential with service accounts enabled",
-                        self.client_id(),
-                        self.realm()
-                    )));
-                }
-                Err(e) => {
-                    let reason = match &e {
-                        RequestTokenError::Request(inner) => {
-                            format!("request failed: {}", inner_chain(inner))
-                        }
-                        RequestTokenError::Parse(_, _) => {
-                            "the token response is not valid JSON".to_string()
-                        }
-                        RequestTokenError::Other(s) => s.clone(),
-                        RequestTokenError::ServerResponse(_) => "refused".to_string(),
-                    };
-                    if attempt >= self.settings.max_retries {
-                        return Err(Error::KeycloakUnavailable {
-                            target: self.base.clone(),
-                            waited_secs: 0,
-                            reason: format!("token request: {reason}"),
-                        });
+                    RequestTokenError::Request(inner) => {
+                        Retry::Backoff(format!("request failed: {}", inner_chain(&inner)))
                     }
-                    tracing::warn!(attempt, error = %reason, "token request failed; retrying");
-                    self.metrics.retry();
-                    tokio::time::sleep(Self::backoff(attempt)).await;
-                    attempt += 1;
-                }
-            }
+                    RequestTokenError::Parse(_, _) => {
+                        Retry::Backoff("the token response is not valid JSON".to_string())
+                    }
+                    RequestTokenError::Other(s) => Retry::Backoff(s),
+                })
+        };
+        let resp = self
+            .request_policy()
+            .run(cancel, attempt, |reason, attempt, _| {
+                tracing::warn!(attempt, error = %reason, "token request failed; retrying");
+                self.metrics.retry();
+            })
+            .await
+            .map_err(|stop| {
+                stop.into_error(|reason, _| Error::KeycloakUnavailable {
+                    target: self.base.clone(),
+                    waited_secs: 0,
+                    reason: format!("token request: {reason}"),
+                })
+            })?;
+        let lifetime = resp.expires_in().unwrap_or(Duration::from_secs(60));
+        let renew_at = Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN.min(lifetime / 2));
+        let token = SecretString::from(resp.access_token().secret().to_string());
+        check_token_roles(&token, self.client_id())?;
+        if let Ok(mut g) = self.token.lock() {
+            *g = Some(CachedToken {
+                token: token.clone(),
+                renew_at,
+            });
         }
+        Ok(token)
     }
 
-    /// GET an admin API path with retries, token renewal and clear errors.
-    async fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T> {
+    /// GET an admin API path: the token renewed once on a 401, what is worth repeating retried
+    /// under [`Self::request_policy`], every other answer an error that says the fix.
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        cancel: &CancellationToken,
+    ) -> Result<T> {
         let url = format!("{}/admin/realms/{}/{}", self.base, self.realm(), path);
-        let mut attempt: u32 = 0;
-        let mut renewed = false;
-        loop {
-            let token = self.token().await?;
-            self.requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let started = Instant::now();
-            let sent = self
-                .http
-                .get(&url)
-                .query(query)
-                .bearer_auth(token.expose_secret())
-                .send()
-                .await;
-            let retry_in = match sent {
-                Err(e) => {
-                    self.metrics
-                        .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
-                    let reason = if e.is_timeout() {
-                        "timed out".to_string()
-                    } else {
-                        inner_chain(&e)
-                    };
-                    if attempt >= self.settings.max_retries {
-                        return Err(Error::KeycloakUnavailable {
-                            target: self.base.clone(),
-                            waited_secs: 0,
-                            reason: format!("GET {path}: {reason} ({} attempts)", attempt + 1),
-                        });
-                    }
-                    tracing::warn!(path, attempt, error = %reason, "Keycloak request failed; retrying");
-                    Self::backoff(attempt)
-                }
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let retry_after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
-                    let is_json = resp
-                        .headers()
-                        .get(reqwest::header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(|v| v.contains("json"))
-                        .unwrap_or(false);
-                    let body = resp.bytes().await;
-                    // A 200 is `ok` or `malformed` once its body is parsed, below.
-                    let took = started.elapsed();
-                    match &body {
-                        Err(e) => self.metrics.request(KeycloakOutcome::of_reqwest(e), took),
-                        Ok(_) if status != 200 => self
-                            .metrics
-                            .request(KeycloakOutcome::of_status(status), took),
-                        Ok(_) => {}
-                    }
-                    match (status, body) {
-                        (200, Ok(bytes)) => match serde_json::from_slice::<T>(&bytes) {
-                            Ok(v) => {
-                                self.metrics.request(KeycloakOutcome::Ok, took);
-                                return Ok(v);
-                            }
-                            Err(e) => {
-                                self.metrics.request(KeycloakOutcome::Malformed, took);
-                                let reason = if is_json { format!("malformed JSON ({e})") } else { "a non-JSON body".to_string() };
-                                if attempt >= self.settings.max_retries {
-                                    return Err(Error::Keycloak(format!("GET {path}: Keycloak answered 200 with {reason} after {} attempts", attempt + 1)));
-                                }
-                                tracing::warn!(path, attempt, error = %reason, "Keycloak response unreadable; retrying");
-                                Self::backoff(attempt)
-                            }
-                        },
-                        (_, Err(e)) => {
-                            let reason = if e.is_timeout() {
-                                format!("the body did not arrive within keycloak.request_timeout ({}s)", self.settings.request_timeout.as_secs())
-                            } else {
-                                format!("body cut off: {}", inner_chain(&e))
-                            };
-                            if attempt >= self.settings.max_retries {
-                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: {reason} ({} attempts; a smaller keycloak.page_size or a longer keycloak.request_timeout helps a slow Keycloak)", attempt + 1) });
-                            }
-                            tracing::warn!(path, attempt, error = %reason, "Keycloak response cut short; retrying");
-                            Self::backoff(attempt)
-                        }
-                        (401, Ok(_)) if !renewed => {
-                            // Expired or revoked mid-listing: renew once, then try again at once.
-                            tracing::debug!(path, "token refused; renewing");
-                            self.forget_token();
-                            renewed = true;
-                            self.metrics.retry();
-                            continue;
-                        }
-                        (401, Ok(_)) => {
-                            return Err(Error::KeycloakAuth(format!(
-                                "GET {path}: 401 even with a fresh token; the token's issuer must match keycloak.base_url (use the URL Keycloak calls itself by)"
-                            )))
-                        }
-                        (403, Ok(_)) => {
-                            return Err(Error::KeycloakAuth(format!(
-                                "GET {path}: 403: service account of client {:?} lacks realm-management role view-users or view-realm: assign both in Keycloak (Clients > {} > Service accounts roles)",
-                                self.client_id(),
-                                self.client_id()
-                            )))
-                        }
-                        (404, Ok(bytes)) => {
-                            let err = error_field(&bytes);
-                            if err.contains("Realm not found") {
-                                return Err(Error::KeycloakAuth(format!(
-                                    "realm {:?} not found at {}: fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
-                                    self.realm(),
-                                    self.base
-                                )));
-                            }
-                            return Err(Error::Keycloak(format!("GET {path}: 404 {err}")));
-                        }
-                        (429, Ok(_)) => {
-                            if attempt >= self.settings.max_retries {
-                                return Err(Error::KeycloakUnavailable { target: self.base.clone(), waited_secs: 0, reason: format!("GET {path}: still rate limited (429) after {} attempts", attempt + 1) });
-                            }
-                            let d = retry_after.unwrap_or_else(|| Self::backoff(attempt)).min(MAX_RETRY_AFTER);
-                            tracing::warn!(path, attempt, retry_in_ms = d.as_millis() as u64, "Keycloak rate limited the request (429)");
-                            d
-                        }
-                        (s, Ok(bytes)) if s >= 500 => {
-                            if attempt >= self.settings.max_retries {
-                                return Err(Error::KeycloakUnavailable {
-                                    target: self.base.clone(),
-                                    waited_secs: 0,
-                                    reason: format!("GET {path}: {s} {} after {} attempts", error_field(&bytes), attempt + 1),
-                                });
-                            }
-                            tracing::warn!(path, attempt, status = s, "Keycloak server error; retrying");
-                            Self::backoff(attempt)
-                        }
-                        (s, Ok(bytes)) => return Err(Error::Keycloak(format!("GET {path}: unexpected status {s} {}", error_field(&bytes)))),
-                    }
-                }
-            };
-            self.metrics.retry();
-            tokio::time::sleep(retry_in).await;
-            attempt += 1;
+        let renewed = AtomicBool::new(false);
+        self.request_policy()
+            .run(
+                cancel,
+                |_| self.get_once(&url, path, query, &renewed, cancel),
+                |why, attempt, wait| {
+                    why.warn(path, attempt, wait);
+                    self.metrics.retry();
+                },
+            )
+            .await
+            .map_err(|stop| {
+                stop.into_error(|why, spent| why.give_up(path, spent.attempts, &self.base))
+            })
+    }
+
+    /// One GET of [`Self::get`]: the value, or what the answer asks for.
+    async fn get_once<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        path: &str,
+        query: &[(&str, String)],
+        renewed: &AtomicBool,
+        cancel: &CancellationToken,
+    ) -> Result<T, Retry<Transient>> {
+        let token = self.token(cancel).await.map_err(Retry::Fail)?;
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let sent = self
+            .http
+            .get(url)
+            .query(query)
+            .bearer_auth(token.expose_secret())
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(resp) => resp,
+            Err(e) => {
+                self.metrics
+                    .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
+                let reason = if e.is_timeout() {
+                    "timed out".to_string()
+                } else {
+                    inner_chain(&e)
+                };
+                return Err(Retry::Backoff(Transient::Unanswered(reason)));
+            }
+        };
+        let status = resp.status().as_u16();
+        let asked = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(retry::retry_after);
+        let is_json = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.contains("json"))
+            .unwrap_or(false);
+        let body = resp.bytes().await;
+        // A 200 is `ok` or `malformed` once its body is parsed, below.
+        let took = started.elapsed();
+        match &body {
+            Err(e) => self.metrics.request(KeycloakOutcome::of_reqwest(e), took),
+            Ok(_) if status != 200 => self
+                .metrics
+                .request(KeycloakOutcome::of_status(status), took),
+            Ok(_) => {}
         }
+        let bytes = match body {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                let reason = if e.is_timeout() {
+                    format!(
+                        "the body did not arrive within keycloak.request_timeout ({}s)",
+                        self.settings.request_timeout.as_secs()
+                    )
+                } else {
+                    format!("body cut off: {}", inner_chain(&e))
+                };
+                return Err(Retry::Backoff(Transient::CutShort(reason)));
+            }
+        };
+        Err(match status {
+            200 => match serde_json::from_slice::<T>(&bytes) {
+                Ok(v) => {
+                    self.metrics.request(KeycloakOutcome::Ok, took);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    self.metrics.request(KeycloakOutcome::Malformed, took);
+                    Retry::Backoff(Transient::Unreadable(if is_json {
+                        format!("malformed JSON ({e})")
+                    } else {
+                        "a non-JSON body".to_string()
+                    }))
+                }
+            },
+            // Expired or revoked mid-listing: renew once, then try again at once.
+            401 if !renewed.load(Ordering::Relaxed) => {
+                tracing::debug!(path, "token refused; renewing");
+                renewed.store(true, Ordering::Relaxed);
+                self.forget_token();
+                self.metrics.retry();
+                Retry::Now
+            }
+            401 => Retry::Fail(Error::KeycloakAuth(Refusal::http(401, format!(
+                "GET {path}: 401 even with a fresh token; the token's issuer must match keycloak.base_url (use the URL Keycloak calls itself by)"
+            )))),
+            403 => Retry::Fail(Error::KeycloakAuth(Refusal::http(403, format!(
+                "GET {path}: 403: service account of client {:?} lacks realm-management role view-users or view-realm: assign both in Keycloak (Clients > {} > Service accounts roles)",
+                self.client_id(),
+                self.client_id()
+            )))),
+            404 => {
+                let err = error_field(&bytes);
+                Retry::Fail(if err.contains("Realm not found") {
+                    Error::KeycloakAuth(Refusal::http(404, format!(
+                        "realm {:?} not found at {}: fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
+                        self.realm(),
+                        self.base
+                    )))
+                } else {
+                    Error::Keycloak(format!("GET {path}: 404 {err}"))
+                })
+            }
+            429 => match asked {
+                Some(d) => Retry::After(d, Transient::RateLimited),
+                None => Retry::Backoff(Transient::RateLimited),
+            },
+            s if s >= 500 => Retry::Backoff(Transient::Server(s, error_field(&bytes))),
+            s => Retry::Fail(Error::Keycloak(format!(
+                "GET {path}: unexpected status {s} {}",
+                error_field(&bytes)
+            ))),
+        })
     }
 
     /// Every item of a paged admin endpoint (roles, role members, role groups, group members,
@@ -529,6 +541,7 @@ impl KeycloakSource {
         &self,
         path: &str,
         extra: &[(&str, String)],
+        cancel: &CancellationToken,
     ) -> Result<Vec<T>> {
         let mut out: Vec<T> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
@@ -537,7 +550,7 @@ impl KeycloakSource {
             let mut q: Vec<(&str, String)> =
                 vec![("first", first.to_string()), ("max", AUX_PAGE.to_string())];
             q.extend(extra.iter().cloned());
-            let page: Vec<T> = self.get(path, &q).await?;
+            let page: Vec<T> = self.get(path, &q, cancel).await?;
             if page.is_empty() {
                 return Ok(out);
             }
@@ -568,6 +581,7 @@ impl KeycloakSource {
         extra: &[(&str, String)],
         start: u64,
         end: u64,
+        cancel: &CancellationToken,
     ) -> Result<Window<T>> {
         let mut w = Window {
             items: Vec::new(),
@@ -581,7 +595,7 @@ impl KeycloakSource {
                 ("max", (end - offset).to_string()),
             ];
             q.extend(extra.iter().cloned());
-            let page: Vec<T> = self.get(path, &q).await?;
+            let page: Vec<T> = self.get(path, &q, cancel).await?;
             if page.is_empty() {
                 w.ended = offset == start;
                 break;
@@ -597,14 +611,21 @@ impl KeycloakSource {
 
     /// sub -> relevant roles, for every user who holds one (directly, via a composite, or via a
     /// group or a parent group).
-    async fn privileged(&self) -> Result<HashMap<String, BTreeSet<String>>> {
+    async fn privileged(
+        &self,
+        cancel: &CancellationToken,
+    ) -> Result<HashMap<String, BTreeSet<String>>> {
         let roles: Vec<RoleRep> = self
-            .get_all("roles", &[("briefRepresentation", "true".into())])
+            .get_all("roles", &[("briefRepresentation", "true".into())], cancel)
             .await?;
         let mut graph = RoleGraph::default();
         for r in roles.iter().filter(|r| r.composite) {
             let children: Vec<RoleRep> = self
-                .get(&format!("roles/{}/composites/realm", enc(&r.name)), &[])
+                .get(
+                    &format!("roles/{}/composites/realm", enc(&r.name)),
+                    &[],
+                    cancel,
+                )
                 .await?;
             graph.composites.insert(
                 r.name.clone(),
@@ -620,9 +641,10 @@ impl KeycloakSource {
             .flatten()
             .filter(|r| known.contains(r.as_str()))
             .collect();
-        let holders =
-            futures_util::future::try_join_all(unique.iter().map(|role| self.holders_of(role)))
-                .await?;
+        let holders = futures_util::future::try_join_all(
+            unique.iter().map(|role| self.holders_of(role, cancel)),
+        )
+        .await?;
         let by_role: HashMap<&String, Vec<String>> = unique.into_iter().zip(holders).collect();
         let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
         for (target, granting) in &targets {
@@ -636,13 +658,13 @@ impl KeycloakSource {
     }
 
     /// Ids of the users holding `role` directly or through a group or a parent group.
-    async fn holders_of(&self, role: &str) -> Result<Vec<String>> {
+    async fn holders_of(&self, role: &str, cancel: &CancellationToken) -> Result<Vec<String>> {
         let brief = [("briefRepresentation", "true".to_string())];
         // Each listing ends with an empty page, so the two listings of a role, and of a group,
         // are made side by side: as many round trips one after the other as before that page.
         let (users, groups): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
-            self.get_all(&format!("roles/{}/users", enc(role)), &brief),
-            self.get_all(&format!("roles/{}/groups", enc(role)), &brief),
+            self.get_all(&format!("roles/{}/users", enc(role)), &brief, cancel),
+            self.get_all(&format!("roles/{}/groups", enc(role)), &brief, cancel),
         )
         .await?;
         let mut out: Vec<String> = users.into_iter().map(|u| u.id).collect();
@@ -653,8 +675,8 @@ impl KeycloakSource {
                 continue;
             }
             let (members, children): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
-                self.get_all(&format!("groups/{gid}/members"), &brief),
-                self.get_all(&format!("groups/{gid}/children"), &brief),
+                self.get_all(&format!("groups/{gid}/members"), &brief, cancel),
+                self.get_all(&format!("groups/{gid}/children"), &brief, cancel),
             )
             .await?;
             out.extend(members.into_iter().map(|m| m.id));
@@ -663,13 +685,19 @@ impl KeycloakSource {
         Ok(out)
     }
 
-    async fn stream_users(&self, out: mpsc::Sender<Vec<Identity>>) -> Result<SourceStats> {
+    async fn stream_users(
+        &self,
+        out: mpsc::Sender<Vec<Identity>>,
+        cancel: &CancellationToken,
+    ) -> Result<SourceStats> {
         // The count is taken as the listing starts, beside the role resolution: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
         // only as extra.
-        let (privileged, expected) =
-            futures_util::future::try_join(self.privileged(), self.get::<u64>("users/count", &[]))
-                .await?;
+        let (privileged, expected) = futures_util::future::try_join(
+            self.privileged(cancel),
+            self.get::<u64>("users/count", &[], cancel),
+        )
+        .await?;
         let page = u64::from(self.settings.page_size);
         let brief = [("briefRepresentation", "true".to_string())];
         // The listing is cut into windows of `page_size`, fetched `concurrency` at a time and
@@ -680,7 +708,7 @@ impl KeycloakSource {
         let mut windows = stream::iter((0u64..).take_while(|_| !ended.load(Ordering::Acquire)))
             .map(|k| async move {
                 let w = self
-                    .window::<UserRep>("users", brief, k * page, (k + 1) * page)
+                    .window::<UserRep>("users", brief, k * page, (k + 1) * page, cancel)
                     .await;
                 if matches!(&w, Ok(w) if w.ended) {
                     ended.store(true, Ordering::Release);
@@ -775,7 +803,7 @@ impl IdentityProvider for KeycloakSource {
             self.forget_token();
             // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
             // role or an unknown realm fails here, before anything is written.
-            let _: serde_json::Value = self.get("users/count", &[]).await?;
+            let _: serde_json::Value = self.get("users/count", &[], &run_scoped()).await?;
             Ok(())
         })
     }
@@ -784,7 +812,86 @@ impl IdentityProvider for KeycloakSource {
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        Box::pin(async move { self.stream_users(out).await })
+        Box::pin(async move { self.stream_users(out, &run_scoped()).await })
+    }
+}
+
+/// The token of a run's requests, which nothing cancels: [`IdentityProvider`] calls carry none,
+/// because a run stops its source by dropping the call (reconcile's `Cancellable`), a retry's
+/// wait included.
+fn run_scoped() -> CancellationToken {
+    CancellationToken::new()
+}
+
+/// Why an Admin API request is worth repeating: it says the warning before each retry, and the
+/// error once `keycloak.max_retries` are spent.
+enum Transient {
+    /// No answer: a connection error or a timeout.
+    Unanswered(String),
+    /// A 200 whose body is not what was asked for.
+    Unreadable(String),
+    /// The body did not arrive whole.
+    CutShort(String),
+    /// 429.
+    RateLimited,
+    /// A 5xx, and Keycloak's `error` field.
+    Server(u16, String),
+}
+
+impl Transient {
+    fn warn(&self, path: &str, attempt: u32, wait: Duration) {
+        match self {
+            Transient::Unanswered(reason) => {
+                tracing::warn!(path, attempt, error = %reason, "Keycloak request failed; retrying")
+            }
+            Transient::Unreadable(reason) => {
+                tracing::warn!(path, attempt, error = %reason, "Keycloak response unreadable; retrying")
+            }
+            Transient::CutShort(reason) => {
+                tracing::warn!(path, attempt, error = %reason, "Keycloak response cut short; retrying")
+            }
+            Transient::RateLimited => {
+                tracing::warn!(
+                    path,
+                    attempt,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "Keycloak rate limited the request (429)"
+                )
+            }
+            Transient::Server(status, _) => {
+                tracing::warn!(
+                    path,
+                    attempt,
+                    status = *status,
+                    "Keycloak server error; retrying"
+                )
+            }
+        }
+    }
+
+    fn give_up(self, path: &str, attempts: u32, target: &str) -> Error {
+        let unavailable = |reason: String| Error::KeycloakUnavailable {
+            target: target.to_string(),
+            waited_secs: 0,
+            reason,
+        };
+        match self {
+            Transient::Unanswered(reason) => {
+                unavailable(format!("GET {path}: {reason} ({attempts} attempts)"))
+            }
+            Transient::Unreadable(reason) => Error::Keycloak(format!(
+                "GET {path}: Keycloak answered 200 with {reason} after {attempts} attempts"
+            )),
+            Transient::CutShort(reason) => unavailable(format!(
+                "GET {path}: {reason} ({attempts} attempts; a smaller keycloak.page_size or a longer keycloak.request_timeout helps a slow Keycloak)"
+            )),
+            Transient::RateLimited => unavailable(format!(
+                "GET {path}: still rate limited (429) after {attempts} attempts"
+            )),
+            Transient::Server(status, error) => unavailable(format!(
+                "GET {path}: {status} {error} after {attempts} attempts"
+            )),
+        }
     }
 }
 
@@ -900,7 +1007,7 @@ fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
             "service account of client {client_id:?} lacks realm-management role{} {}: assign them in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
             if missing.len() > 1 { "s" } else { "" },
             missing.join(" and ")
-        )))
+        ).into()))
     }
 }
 
@@ -966,8 +1073,8 @@ impl KeycloakSource {
     }
 
     /// The realm's event settings. A 403 means the service account lacks `view-events`.
-    pub async fn events_config(&self) -> Result<EventsConfig> {
-        self.get("events/config", &[])
+    pub async fn events_config(&self, cancel: &CancellationToken) -> Result<EventsConfig> {
+        self.get("events/config", &[], cancel)
             .await
             .map_err(|e| self.view_events_needed(e, "events/config"))
     }
@@ -979,6 +1086,7 @@ impl KeycloakSource {
         from_ms: i64,
         first: u32,
         max: u32,
+        cancel: &CancellationToken,
     ) -> Result<Vec<T>> {
         let q = [
             ("dateFrom", from_ms.to_string()),
@@ -986,7 +1094,7 @@ impl KeycloakSource {
             ("first", first.to_string()),
             ("max", max.to_string()),
         ];
-        self.get(stream.path(), &q)
+        self.get(stream.path(), &q, cancel)
             .await
             .map_err(|e| self.view_events_needed(e, stream.path()))
     }
@@ -994,9 +1102,13 @@ impl KeycloakSource {
     /// One user as an identity (`GET users/{id}` and its effective realm roles, composites and
     /// groups expanded by Keycloak in `role-mappings/realm/composite`); `None` when the user is
     /// gone or is a service account.
-    pub async fn user_identity(&self, id: &str) -> Result<Option<Identity>> {
+    pub async fn user_identity(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Identity>> {
         let path = format!("users/{}", enc(id));
-        let u: UserRep = match self.get(&path, &[]).await {
+        let u: UserRep = match self.get(&path, &[], cancel).await {
             Ok(u) => u,
             Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(None),
             Err(e) => return Err(e),
@@ -1005,7 +1117,11 @@ impl KeycloakSource {
             return Ok(None);
         }
         let roles: Vec<RoleRep> = match self
-            .get(&format!("{path}/role-mappings/realm/composite"), &[])
+            .get(
+                &format!("{path}/role-mappings/realm/composite"),
+                &[],
+                cancel,
+            )
             .await
         {
             Ok(r) => r,
@@ -1026,11 +1142,14 @@ impl KeycloakSource {
     /// A 403 on an events endpoint names `view-events`, not the listing's roles.
     fn view_events_needed(&self, e: Error, path: &str) -> Error {
         match e {
-            Error::KeycloakAuth(m) if m.contains("403") => Error::KeycloakAuth(format!(
+            Error::KeycloakAuth(Refusal {
+                status: Some(403),
+                ..
+            }) => Error::KeycloakAuth(Refusal::http(403, format!(
                 "GET {path}: 403: the service account of client {:?} lacks realm-management role view-events: assign it in Keycloak (Clients > {} > Service accounts roles > realm-management > view-events)",
                 self.client_id(),
                 self.client_id()
-            )),
+            ))),
             other => other,
         }
     }

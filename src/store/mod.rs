@@ -10,7 +10,7 @@ pub mod migrate;
 pub mod runs;
 pub mod tls;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::config::{describe_target, DatabaseSettings};
 use crate::error::{describe_pg, Error, Result};
+use crate::retry::{Limit, Policy, Retry};
 
 /// An open connection and where it goes (for messages: never the credentials).
 pub struct Db {
@@ -105,39 +106,39 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
     )))
 }
 
-/// Connects, retrying transient failures with exponential backoff until `wait` has passed.
+/// Connects, retrying transient failures with exponential backoff (100 ms doubling up to 5 s)
+/// until `wait` has passed; a shutdown ends the wait at once.
 pub async fn connect_with_wait(
     settings: &DatabaseSettings,
     wait: Duration,
     cancel: &CancellationToken,
 ) -> Result<Db> {
-    let start = Instant::now();
-    let mut delay = Duration::from_millis(100);
-    let mut attempt = 0u32;
-    loop {
-        attempt += 1;
+    let policy = Policy::new(
+        Duration::from_millis(100),
+        Duration::from_secs(5),
+        Limit::Deadline(wait),
+    );
+    // Only an unavailable server is worth waiting for (see `is_transient`).
+    let attempt = |_| async {
         match connect(settings).await {
-            Ok(db) => return Ok(db),
             Err(Error::DatabaseUnavailable { target, reason, .. }) => {
-                let waited = start.elapsed();
-                if waited >= wait {
-                    return Err(Error::DatabaseUnavailable {
-                        target,
-                        waited_secs: waited.as_secs(),
-                        reason,
-                    });
-                }
-                tracing::warn!(db.target = %target, attempt, error = %reason, retry_in_ms = delay.as_millis() as u64, "waiting for PostgreSQL");
-                let sleep = delay.min(wait.saturating_sub(waited));
-                tokio::select! {
-                    _ = tokio::time::sleep(sleep) => {}
-                    _ = cancel.cancelled() => return Err(Error::Cancelled),
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
+                Err(Retry::Backoff((target, reason)))
             }
-            Err(other) => return Err(other),
+            other => other.map_err(Retry::Fail),
         }
-    }
+    };
+    policy
+        .run(cancel, attempt, |(target, reason), n, d| {
+            tracing::warn!(db.target = %target, attempt = n + 1, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for PostgreSQL");
+        })
+        .await
+        .map_err(|stop| {
+            stop.into_error(|(target, reason), spent| Error::DatabaseUnavailable {
+                target,
+                waited_secs: spent.waited.as_secs(),
+                reason,
+            })
+        })
 }
 
 /// Maps a statement error to an `Error::Database` with the context of what was being done.

@@ -20,4 +20,5 @@ mod ops;
 mod parsers;
 mod pg_tls;
 mod realm_files;
+mod retry;
 mod signals;
