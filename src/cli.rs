@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, LogFormat, Settings, Sources};
 use crate::error::{exit, Error};
 use crate::reconcile::{Count, Mode, Outcome, RunReport};
+use crate::retry::{Limit, Policy, Retry};
 use crate::store;
 
 pub const EXIT_CODES_HELP: &str = "Exit codes:
@@ -342,21 +343,31 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
             Err(e) => return fail(&e),
         };
     // Wait for a run in flight rather than migrate under it.
-    let deadline = tokio::time::Instant::now() + settings.startup.wait_timeout;
-    loop {
-        match store::lock::try_acquire(&db.client).await {
-            Ok(true) => break,
-            Ok(false) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await
-            }
-            Ok(false) => {
-                return fail(&Error::Schema(
-                    "another seedkeeper run holds the run lock; migrate again when it is done"
-                        .into(),
-                ))
-            }
-            Err(e) => return fail(&e),
-        }
+    let half_second = Duration::from_millis(500);
+    let waiting = Policy::new(
+        half_second,
+        half_second,
+        Limit::Deadline(settings.startup.wait_timeout),
+    );
+    let locked = waiting
+        .run(
+            cancel,
+            |_| async {
+                match store::lock::try_acquire(&db.client).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Retry::Backoff(())),
+                    Err(e) => Err(Retry::Fail(e)),
+                }
+            },
+            |_, _, _| {},
+        )
+        .await;
+    if let Err(stop) = locked {
+        return fail(&stop.into_error(|(), _| {
+            Error::Schema(
+                "another seedkeeper run holds the run lock; migrate again when it is done".into(),
+            )
+        }));
     }
     let r = store::migrate::run(
         &mut db.client,

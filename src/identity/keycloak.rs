@@ -795,7 +795,7 @@ impl IdentityProvider for KeycloakSource {
         Some(self.metrics.clone())
     }
 
-    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
+    fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             // Every run starts from a fresh discovery document and token, so a Keycloak that moved
             // its endpoints or rotated its keys between runs is followed without a restart.
@@ -803,7 +803,7 @@ impl IdentityProvider for KeycloakSource {
             self.forget_token();
             // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
             // role or an unknown realm fails here, before anything is written.
-            let _: serde_json::Value = self.get("users/count", &[], &run_scoped()).await?;
+            let _: serde_json::Value = self.get("users/count", &[], &cancel).await?;
             Ok(())
         })
     }
@@ -811,16 +811,10 @@ impl IdentityProvider for KeycloakSource {
     fn stream(
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
+        cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        Box::pin(async move { self.stream_users(out, &run_scoped()).await })
+        Box::pin(async move { self.stream_users(out, &cancel).await })
     }
-}
-
-/// The token of a run's requests, which nothing cancels: [`IdentityProvider`] calls carry none,
-/// because a run stops its source by dropping the call (reconcile's `Cancellable`), a retry's
-/// wait included.
-fn run_scoped() -> CancellationToken {
-    CancellationToken::new()
 }
 
 /// Why an Admin API request is worth repeating: it says the warning before each retry, and the

@@ -15,6 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::IdentitySettings;
 use crate::error::Result;
@@ -71,7 +72,8 @@ impl SourceStats {
 pub trait IdentityProvider: Send + Sync {
     fn name(&self) -> &'static str;
     /// Checks the input before a run writes anything (a realm file is parsed and validated).
-    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>>;
+    /// `cancel` is the run's: it fires when the run is stopped, and ends any retry wait.
+    fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>>;
     /// Whether the stream is the whole realm (a full listing) or only some users (an event
     /// batch). Only a complete listing can tell that a user is missing from the realm or that a
     /// username moved to a new sub.
@@ -84,9 +86,11 @@ pub trait IdentityProvider: Send + Sync {
         None
     }
     /// Sends every identity, in batches, then returns. An error means the listing is incomplete.
+    /// `cancel` as for [`IdentityProvider::preflight`].
     fn stream(
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
+        cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<SourceStats>>;
 }
 
@@ -230,13 +234,14 @@ impl IdentityProvider for SomeUsers {
         false
     }
 
-    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
+    fn preflight(self: Arc<Self>, _: CancellationToken) -> BoxFuture<'static, Result<()>> {
         Box::pin(async { Ok(()) })
     }
 
     fn stream(
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
+        _: CancellationToken,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move {
             let listed = self.users.len() as u64;

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::identity::{
@@ -834,7 +835,9 @@ impl IdentityProvider for RealmFileSource {
         "realm-file"
     }
 
-    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
+    /// The file is read on a blocking thread, which a stopped run leaves to finish on its own:
+    /// its result is dropped, nothing is written.
+    fn preflight(self: Arc<Self>, _: CancellationToken) -> BoxFuture<'static, Result<()>> {
         Box::pin(async move {
             let me = self.clone();
             let index = tokio::task::spawn_blocking(move || me.validate())
@@ -847,9 +850,11 @@ impl IdentityProvider for RealmFileSource {
         })
     }
 
+    /// A stopped run closes `out`, which ends the reader at its next batch.
     fn stream(
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
+        _: CancellationToken,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Transaction};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Settings;
@@ -85,9 +86,11 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
 const SAMPLE: i64 = crate::reconcile::FINDINGS_PER_KIND as i64;
 
 /// Plans or applies the identities of `source`, in one transaction of its own, phase by phase.
+/// `listing` ends the source's listing when the run is stopped.
 pub async fn reconcile(
     client: &mut Client,
     source: Arc<dyn IdentityProvider>,
+    listing: &CancellationToken,
     settings: &Settings,
     mode: Mode,
 ) -> Result<UnitReport> {
@@ -99,13 +102,8 @@ pub async fn reconcile(
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await
         .map_err(ctx("deferring the username check"))?;
-    stage(
-        &tx,
-        source.clone(),
-        &settings.identity.admin_roles,
-        &mut report,
-    )
-    .await?;
+    let admin_roles = &settings.identity.admin_roles;
+    stage(&tx, (source.clone(), listing), admin_roles, &mut report).await?;
     dedupe(&tx, &mut report).await?;
     if !source.complete() {
         defer_held_usernames(&tx, &mut report).await?;
@@ -169,7 +167,7 @@ pub async fn reconcile(
 /// sub (a realm-file user without id).
 async fn stage(
     tx: &Transaction<'_>,
-    source: Arc<dyn IdentityProvider>,
+    (source, listing): (Arc<dyn IdentityProvider>, &CancellationToken),
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<()> {
@@ -178,7 +176,7 @@ async fn stage(
         .map_err(ctx("creating the identity stage"))?;
     let (sender, mut rx) = mpsc::channel(4);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
-    let producer = tokio::spawn(source.stream(sender).in_current_span());
+    let producer = tokio::spawn(source.stream(sender, listing.clone()).in_current_span());
     // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")

@@ -139,13 +139,11 @@ impl Engine {
         // stop: this token does, whichever way the run ends.
         let listing = CancellationToken::new();
         let _end_listing = listing.clone().drop_guard();
-        let source: Arc<dyn IdentityProvider> = Arc::new(Cancellable {
-            inner: identities,
-            token: listing.clone(),
-        });
+        let source: Arc<dyn IdentityProvider> = Arc::new(Cancellable(identities));
         let mut session = None;
+        let body = self.run_body(mode, report, wait, cancel, (source, &listing), &mut session);
         let stop = tokio::select! {
-            r = self.run_body(mode, report, wait, cancel, source, &mut session) => return r,
+            r = body => return r,
             stop = stopped => stop,
         };
         listing.cancel();
@@ -164,13 +162,13 @@ impl Engine {
         report: &mut RunReport,
         wait: Duration,
         cancel: &CancellationToken,
-        source: Arc<dyn IdentityProvider>,
+        source: Source<'_>,
         session: &mut Option<Session>,
     ) -> Result<()> {
         // Validate the identity input before anything is written: a bad realm file must leave the
         // database untouched. Nothing is written yet, so a shutdown stops it at once.
         tokio::select! {
-            r = source.clone().preflight() => r?,
+            r = source.0.clone().preflight(source.1.clone()) => r?,
             _ = cancel.cancelled() => return Err(Error::Cancelled),
         }
 
@@ -242,7 +240,7 @@ impl Engine {
         mode: Mode,
         report: &mut RunReport,
         db: &mut Db,
-        source: Arc<dyn IdentityProvider>,
+        source: Source<'_>,
     ) -> Result<()> {
         let mut first_error: Option<Error> = None;
         for &unit in Unit::ALL {
@@ -284,7 +282,7 @@ impl Engine {
         unit: Unit,
         mode: Mode,
         db: &mut Db,
-        source: &Arc<dyn IdentityProvider>,
+        source: &Source<'_>,
     ) -> Result<UnitReport> {
         /// A unit whose statements run in one transaction this opens: read-only in a plan.
         macro_rules! in_transaction {
@@ -302,7 +300,8 @@ impl Engine {
             }
             // Its own transaction: it stages the source in a temporary table, even in a plan.
             Unit::Identities => {
-                identities::reconcile(&mut db.client, source.clone(), &self.settings, mode).await
+                let (source, listing) = (source.0.clone(), source.1);
+                identities::reconcile(&mut db.client, source, listing, &self.settings, mode).await
             }
             Unit::RoleBindings => {
                 in_transaction!(|tx| bindings::reconcile(&tx, &self.settings.identity, mode))
@@ -524,28 +523,29 @@ struct Session {
     pid: i32,
 }
 
-/// The identity source of one run: its preflight and listing end when the run ends, even when
-/// the listing runs on a task of its own (the in-flight request and any retry sleep are dropped).
-struct Cancellable {
-    inner: Arc<dyn IdentityProvider>,
-    token: CancellationToken,
-}
+/// The identity source of a run, and the token that ends its calls when the run ends.
+type Source<'a> = (Arc<dyn IdentityProvider>, &'a CancellationToken);
+
+/// A source whose calls end as soon as their token fires, even when the listing runs on a task
+/// of its own: a request in flight is dropped, and any retry wait ends (the source also gets the
+/// token).
+struct Cancellable(Arc<dyn IdentityProvider>);
 
 impl IdentityProvider for Cancellable {
     fn name(&self) -> &'static str {
-        self.inner.name()
+        self.0.name()
     }
 
     fn complete(&self) -> bool {
-        self.inner.complete()
+        self.0.complete()
     }
 
-    fn preflight(self: Arc<Self>) -> BoxFuture<'static, Result<()>> {
-        let work = self.inner.clone().preflight();
+    fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {
+        let work = self.0.clone().preflight(cancel.clone());
         Box::pin(async move {
             tokio::select! {
                 r = work => r,
-                _ = self.token.cancelled() => Err(Error::Cancelled),
+                _ = cancel.cancelled() => Err(Error::Cancelled),
             }
         })
     }
@@ -553,12 +553,13 @@ impl IdentityProvider for Cancellable {
     fn stream(
         self: Arc<Self>,
         out: tokio::sync::mpsc::Sender<Vec<Identity>>,
+        cancel: CancellationToken,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        let work = self.inner.clone().stream(out);
+        let work = self.0.clone().stream(out, cancel.clone());
         Box::pin(async move {
             tokio::select! {
                 r = work => r,
-                _ = self.token.cancelled() => Err(Error::Cancelled),
+                _ = cancel.cancelled() => Err(Error::Cancelled),
             }
         })
     }
