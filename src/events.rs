@@ -503,24 +503,8 @@ impl Follower {
         cancel: &CancellationToken,
     ) -> Result<Poll> {
         self.state.polls.inc();
-        if !self.state.checkpoint_table.load(Ordering::Relaxed) {
-            if !store::table_exists(db, "event_follower").await? {
-                return Ok(Poll::default()); // the first full run has not migrated yet
-            }
-            // Migrations never drop it: not looked up again.
-            self.state.checkpoint_table.store(true, Ordering::Relaxed);
-        }
         let now = now_ms();
-        let Some(cp) = load_checkpoint(db, &self.realm).await? else {
-            let start = Mark {
-                time: now - START_MARGIN_MS,
-                ids: Vec::new(),
-            };
-            let cp = Checkpoint {
-                user: start.clone(),
-                admin: start,
-            };
-            save_checkpoint(db, &self.realm, &cp).await?;
+        let Some(cp) = self.checkpoint(db, now).await? else {
             return Ok(Poll::default());
         };
         // Events older than the expiration may be gone: what happened since is unknown.
@@ -566,41 +550,80 @@ impl Follower {
             save_checkpoint(db, &self.realm, &next).await?;
             return Ok(poll);
         }
+        if self.apply_users(&wanted.users, &mut poll, cancel).await? {
+            save_checkpoint(db, &self.realm, &next).await?;
+        }
+        Ok(poll)
+    }
+
+    /// The checkpoint to read from. `None` while there is nothing to read from yet: before the
+    /// first full run has made the table, and on the first poll, which starts the checkpoint
+    /// (a little before `now`).
+    async fn checkpoint(&self, db: &Client, now: i64) -> Result<Option<Checkpoint>> {
+        if !self.state.checkpoint_table.load(Ordering::Relaxed) {
+            if !store::table_exists(db, "event_follower").await? {
+                return Ok(None);
+            }
+            // Migrations never drop it: not looked up again.
+            self.state.checkpoint_table.store(true, Ordering::Relaxed);
+        }
+        if let Some(cp) = load_checkpoint(db, &self.realm).await? {
+            return Ok(Some(cp));
+        }
+        let start = Mark {
+            time: now - START_MARGIN_MS,
+            ids: Vec::new(),
+        };
+        let cp = Checkpoint {
+            user: start.clone(),
+            admin: start,
+        };
+        save_checkpoint(db, &self.realm, &cp).await?;
+        Ok(None)
+    }
+
+    /// Re-syncs the users a batch touched, through the engine's units. `false` when the batch
+    /// must wait for the next poll (a run is in flight here or in another replica): the
+    /// checkpoint then stays.
+    async fn apply_users(
+        &self,
+        users: &BTreeSet<String>,
+        poll: &mut Poll,
+        cancel: &CancellationToken,
+    ) -> Result<bool> {
         let mut identities: Vec<Identity> = Vec::new();
-        for id in &wanted.users {
+        for id in users {
             if let Some(i) = self.kc.user_identity(id, cancel).await? {
                 identities.push(i);
             }
         }
         poll.users = identities.len();
-        if !identities.is_empty() {
-            let Some(report) = (self.apply)(identities, cancel.clone()).await else {
-                return Ok(poll); // a run is in flight: the batch waits for the next poll
-            };
-            match report.outcome {
-                Outcome::Skipped => return Ok(poll), // another replica runs: next poll
-                Outcome::Failed => {
-                    let e = report.error.clone().unwrap_or_default();
-                    return Err(Error::Keycloak(format!(
-                        "applying an event batch failed: {e}"
-                    )));
-                }
-                Outcome::Succeeded => {}
-            }
-            self.state.batches.inc();
-            self.state.users_applied.inc_by(poll.users as u64);
-            if report
-                .unit(Unit::Identities)
-                .map(|u| u.get(Tally::Deferred))
-                .unwrap_or(0)
-                > 0
-            {
-                self.ask_full_run("an event batch met a username held by another row");
-            }
-            poll.report = Some(report);
+        if identities.is_empty() {
+            return Ok(true);
         }
-        save_checkpoint(db, &self.realm, &next).await?;
-        Ok(poll)
+        let Some(report) = (self.apply)(identities, cancel.clone()).await else {
+            return Ok(false);
+        };
+        match report.outcome {
+            Outcome::Skipped => return Ok(false),
+            Outcome::Failed => {
+                let e = report.error.clone().unwrap_or_default();
+                return Err(Error::Keycloak(format!(
+                    "applying an event batch failed: {e}"
+                )));
+            }
+            Outcome::Succeeded => {}
+        }
+        self.state.batches.inc();
+        self.state.users_applied.inc_by(poll.users as u64);
+        let deferred = report
+            .unit(Unit::Identities)
+            .map(|u| u.get(Tally::Deferred));
+        if deferred.unwrap_or(0) > 0 {
+            self.ask_full_run("an event batch met a username held by another row");
+        }
+        poll.report = Some(report);
+        Ok(true)
     }
 
     async fn gap(&self, db: &Client, now: i64, why: String) -> Result<Poll> {

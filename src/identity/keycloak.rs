@@ -419,6 +419,18 @@ impl KeycloakSource {
         cancel: &CancellationToken,
     ) -> Result<T, Retry<Transient>> {
         let token = self.token(cancel).await.map_err(Retry::Fail)?;
+        let answer = self.fetch(url, query, &token).await?;
+        self.judge(path, answer, renewed)
+    }
+
+    /// Sends one GET and reads its answer whole; counted, unless it is a 200 (counted once its
+    /// body is parsed). No answer, or a body cut short, is worth repeating.
+    async fn fetch(
+        &self,
+        url: &str,
+        query: &[(&str, String)],
+        token: &SecretString,
+    ) -> Result<Answer, Retry<Transient>> {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = Instant::now();
@@ -443,30 +455,27 @@ impl KeycloakSource {
             }
         };
         let status = resp.status().as_u16();
-        let asked = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(retry::retry_after);
-        let is_json = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.contains("json"))
-            .unwrap_or(false);
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let asked = header(reqwest::header::RETRY_AFTER).and_then(retry::retry_after);
+        let is_json = header(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.contains("json"));
         let body = resp.bytes().await;
-        // A 200 is `ok` or `malformed` once its body is parsed, below.
         let took = started.elapsed();
-        match &body {
-            Err(e) => self.metrics.request(KeycloakOutcome::of_reqwest(e), took),
-            Ok(_) if status != 200 => self
-                .metrics
-                .request(KeycloakOutcome::of_status(status), took),
-            Ok(_) => {}
-        }
-        let bytes = match body {
-            Ok(bytes) => bytes,
+        match body {
+            Ok(body) => {
+                if status != 200 {
+                    self.metrics
+                        .request(KeycloakOutcome::of_status(status), took);
+                }
+                Ok(Answer {
+                    status,
+                    asked,
+                    is_json,
+                    body: body.into(),
+                    took,
+                })
+            }
             Err(e) => {
+                self.metrics.request(KeycloakOutcome::of_reqwest(&e), took);
                 let reason = if e.is_timeout() {
                     format!(
                         "the body did not arrive within keycloak.request_timeout ({}s)",
@@ -475,11 +484,28 @@ impl KeycloakSource {
                 } else {
                     format!("body cut off: {}", inner_chain(&e))
                 };
-                return Err(Retry::Backoff(Transient::CutShort(reason)));
+                Err(Retry::Backoff(Transient::CutShort(reason)))
             }
-        };
+        }
+    }
+
+    /// What an answer to `GET path` means: the value, a retry (a first 401 renews the token), or
+    /// an error that says the fix.
+    fn judge<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        answer: Answer,
+        renewed: &AtomicBool,
+    ) -> Result<T, Retry<Transient>> {
+        let Answer {
+            status,
+            asked,
+            is_json,
+            body,
+            took,
+        } = answer;
         Err(match status {
-            200 => match serde_json::from_slice::<T>(&bytes) {
+            200 => match serde_json::from_slice::<T>(&body) {
                 Ok(v) => {
                     self.metrics.request(KeycloakOutcome::Ok, took);
                     return Ok(v);
@@ -510,7 +536,7 @@ impl KeycloakSource {
                 self.client_id()
             )))),
             404 => {
-                let err = error_field(&bytes);
+                let err = error_field(&body);
                 Retry::Fail(if err.contains("Realm not found") {
                     Error::KeycloakAuth(Refusal::http(404, format!(
                         "realm {:?} not found at {}: fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
@@ -525,10 +551,10 @@ impl KeycloakSource {
                 Some(d) => Retry::After(d, Transient::RateLimited),
                 None => Retry::Backoff(Transient::RateLimited),
             },
-            s if s >= 500 => Retry::Backoff(Transient::Server(s, error_field(&bytes))),
+            s if s >= 500 => Retry::Backoff(Transient::Server(s, error_field(&body))),
             s => Retry::Fail(Error::Keycloak(format!(
                 "GET {path}: unexpected status {s} {}",
-                error_field(&bytes)
+                error_field(&body)
             ))),
         })
     }
@@ -815,6 +841,16 @@ impl IdentityProvider for KeycloakSource {
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move { self.stream_users(out, &cancel).await })
     }
+}
+
+/// An Admin API answer read whole.
+struct Answer {
+    status: u16,
+    /// The server's `Retry-After`, in seconds.
+    asked: Option<Duration>,
+    is_json: bool,
+    body: Vec<u8>,
+    took: Duration,
 }
 
 /// Why an Admin API request is worth repeating: it says the warning before each retry, and the
