@@ -47,8 +47,8 @@ pub async fn reconcile(
         FindingKind::Granted,
         mode,
         &mut report,
-    );
-    let granted = granted.await?;
+    )
+    .await?;
     let revoked = change(
         tx,
         revoke_sql(mode),
@@ -56,8 +56,8 @@ pub async fn reconcile(
         FindingKind::Revoked,
         mode,
         &mut report,
-    );
-    let revoked = revoked.await?;
+    )
+    .await?;
     report.bump(Action::Inserted, granted);
     report.bump(Action::Revoked, revoked);
     let active: i64 = tx

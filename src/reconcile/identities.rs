@@ -103,7 +103,7 @@ pub async fn reconcile(
         .await
         .map_err(ctx("deferring the username check"))?;
     let admin_roles = &settings.identity.admin_roles;
-    stage(&tx, (source.clone(), listing), admin_roles, &mut report).await?;
+    stage(&tx, source.clone(), listing, admin_roles, &mut report).await?;
     dedupe(&tx, &mut report).await?;
     if !source.complete() {
         defer_held_usernames(&tx, &mut report).await?;
@@ -127,13 +127,13 @@ pub async fn reconcile(
     report.bump(Action::Updated, updated);
     report.bump(Action::Inserted, inserted);
     if mode == Mode::Plan {
-        for (n, what) in [
-            (inserted, "insert {} user(s)"),
-            (updated, "update {} user(s)"),
-            (realigned, "re-align {} user(s) to new subs"),
+        for (n, verb, tail) in [
+            (inserted, "insert", ""),
+            (updated, "update", ""),
+            (realigned, "re-align", " to new subs"),
         ] {
             if n > 0 {
-                report.add_change(what.replace("{}", &n.to_string()));
+                report.add_change(format!("{verb} {n} user(s){tail}"));
             }
         }
     }
@@ -167,7 +167,8 @@ pub async fn reconcile(
 /// sub (a realm-file user without id).
 async fn stage(
     tx: &Transaction<'_>,
-    (source, listing): (Arc<dyn IdentityProvider>, &CancellationToken),
+    source: Arc<dyn IdentityProvider>,
+    listing: &CancellationToken,
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<()> {

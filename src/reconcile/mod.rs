@@ -141,7 +141,17 @@ impl Engine {
         let _end_listing = listing.clone().drop_guard();
         let source: Arc<dyn IdentityProvider> = Arc::new(Cancellable(identities));
         let mut session = None;
-        let body = self.run_body(mode, report, wait, cancel, (source, &listing), &mut session);
+        let body = self.run_body(
+            mode,
+            report,
+            wait,
+            cancel,
+            Source {
+                provider: source,
+                listing: &listing,
+            },
+            &mut session,
+        );
         let stop = tokio::select! {
             r = body => return r,
             stop = stopped => stop,
@@ -168,7 +178,7 @@ impl Engine {
         // Validate the identity input before anything is written: a bad realm file must leave the
         // database untouched. Nothing is written yet, so a shutdown stops it at once.
         tokio::select! {
-            r = source.0.clone().preflight(source.1.clone()) => r?,
+            r = source.provider.clone().preflight(source.listing.clone()) => r?,
             _ = cancel.cancelled() => return Err(Error::Cancelled),
         }
 
@@ -300,7 +310,7 @@ impl Engine {
             }
             // Its own transaction: it stages the source in a temporary table, even in a plan.
             Unit::Identities => {
-                let (source, listing) = (source.0.clone(), source.1);
+                let (source, listing) = (source.provider.clone(), source.listing);
                 identities::reconcile(&mut db.client, source, listing, &self.settings, mode).await
             }
             Unit::RoleBindings => {
@@ -524,7 +534,10 @@ struct Session {
 }
 
 /// The identity source of a run, and the token that ends its calls when the run ends.
-type Source<'a> = (Arc<dyn IdentityProvider>, &'a CancellationToken);
+struct Source<'a> {
+    provider: Arc<dyn IdentityProvider>,
+    listing: &'a CancellationToken,
+}
 
 /// A source whose calls end as soon as their token fires, even when the listing runs on a task
 /// of its own: a request in flight is dropped, and any retry wait ends (the source also gets the

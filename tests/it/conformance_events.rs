@@ -144,12 +144,7 @@ async fn changes_in_keycloak_reach_the_database_within_seconds_through_events() 
         .scalar("SELECT count(*) FROM seed_runs WHERE trigger = 'schedule'")
         .await;
     assert_eq!(scheduled, 0, "the schedule never ran");
-    let metrics = reqwest::get(format!("{}/metrics", daemon.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("seedkeeper_events_following 1"),
         "{metrics}"
@@ -190,12 +185,7 @@ async fn without_view_events_the_daemon_warns_once_and_keeps_its_schedule() {
             >= 2
     })
     .await;
-    let metrics = reqwest::get(format!("{}/metrics", daemon.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = daemon.metrics().await;
     assert!(
         metrics.contains("seedkeeper_events_following 0"),
         "{metrics}"

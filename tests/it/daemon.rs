@@ -86,12 +86,7 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
     assert_eq!(bindings, 3);
 
     // Metrics parse as exposition text and the counters moved.
-    let text = reqwest::get(format!("{}/metrics", d.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     let mut succeeded = 0.0;
     for line in text
         .lines()

@@ -442,6 +442,18 @@ pub struct Daemon {
     pub task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
 }
 
+impl Daemon {
+    /// The daemon's `/metrics` text (the scrape must succeed).
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the /metrics body")
+    }
+}
+
 pub async fn start_daemon(mut settings: Settings) -> Daemon {
     settings.http.listen = "127.0.0.1:0".into();
     let application = seedkeeper::app::Application::build(settings)
