@@ -74,11 +74,12 @@ pub trait IdentityProvider: Send + Sync {
     /// Checks the input before a run writes anything (a realm file is parsed and validated).
     /// `cancel` is the run's: it fires when the run is stopped, and ends any retry wait.
     fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>>;
-    /// Whether the stream is the whole realm (a full listing) or only some users (an event
-    /// batch). Only a complete listing can tell that a user is missing from the realm or that a
-    /// username moved to a new sub.
-    fn complete(&self) -> bool {
-        true
+    /// `None` when the stream is the whole realm (a full listing); the subs of the users it is
+    /// limited to when it is an event batch. Only a complete listing can tell that a user is
+    /// missing from the realm or that a username moved to a new sub; a batch's derived units
+    /// look at its users' rows only ([`crate::reconcile::Scope`]).
+    fn batch(&self) -> Option<Vec<String>> {
+        None
     }
     /// The source's own instruments (the Keycloak source's request counters), for the app's
     /// registry. None by default.
@@ -230,8 +231,8 @@ impl IdentityProvider for SomeUsers {
         "keycloak events"
     }
 
-    fn complete(&self) -> bool {
-        false
+    fn batch(&self) -> Option<Vec<String>> {
+        Some(self.users.iter().map(|u| u.sub.clone()).collect())
     }
 
     fn preflight(self: Arc<Self>, _: CancellationToken) -> BoxFuture<'static, Result<()>> {

@@ -6,14 +6,16 @@
 //! row. A missing one is granted with `granted_by = 'seedkeeper'` and its basis; a seedkeeper
 //! binding whose basis is gone is revoked (kept, status `revoked`, `revoked_at` set). Bindings
 //! granted by anyone else are never touched, and an active one of theirs counts as present.
-//! Reads `identity.role_map`.
+//! An event batch looks at its own users' bindings only ([`Scope`]). Reads `identity.role_map`.
 
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Row, Transaction};
 
 use crate::config::IdentitySettings;
 use crate::error::Result;
-use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport, FINDINGS_PER_KIND};
+use crate::reconcile::{
+    Action, FindingKind, Mode, Scope, Tally, Unit, UnitReport, FINDINGS_PER_KIND,
+};
 use crate::store::ctx;
 
 const UNIT: Unit = Unit::RoleBindings;
@@ -22,48 +24,45 @@ const UNIT: Unit = Unit::RoleBindings;
 const SAMPLE: usize = FINDINGS_PER_KIND;
 pub const GRANTOR: &str = "seedkeeper";
 
-/// `$1` realm roles and `$2` platform roles of the role map (parallel arrays).
-const DESIRED: &str = "SELECT u.id AS user_id, 'platform_superadmin'::text AS role_name, 'users.role=admin'::text AS basis
-        FROM users u WHERE u.role = 'admin'
-    UNION ALL
-    SELECT u.id, m.platform_role, 'realm-role:' || m.realm_role
-        FROM users u JOIN unnest($1::text[], $2::text[]) AS m(realm_role, platform_role) ON m.realm_role = ANY (u.realm_roles)";
+/// The bindings the users rows in `scope` should have. `$1` realm roles and `$2` platform roles
+/// of the role map (parallel arrays), `$3` the scope's ids.
+fn desired(scope: &Scope) -> String {
+    let only = scope.and("u.id", 3);
+    format!(
+        "SELECT u.id AS user_id, 'platform_superadmin'::text AS role_name, 'users.role=admin'::text AS basis
+            FROM users u WHERE u.role = 'admin'{only}
+        UNION ALL
+        SELECT u.id, m.platform_role, 'realm-role:' || m.realm_role
+            FROM users u JOIN unnest($1::text[], $2::text[]) AS m(realm_role, platform_role) ON m.realm_role = ANY (u.realm_roles){only}"
+    )
+}
 
 /// Grants the missing bindings and revokes the seedkeeper bindings whose basis is gone (plan:
 /// counts and lists them).
 pub async fn reconcile(
     tx: &Transaction<'_>,
     identity: &IdentitySettings,
+    scope: &Scope,
     mode: Mode,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     let realm_roles: Vec<&str> = identity.role_map.keys().map(String::as_str).collect();
     let platform_roles: Vec<&str> = identity.role_map.values().map(String::as_str).collect();
-    let role_map: RoleMap = [&realm_roles, &platform_roles];
-    let granted = change(
-        tx,
-        grant_sql(mode),
-        role_map,
-        FindingKind::Granted,
-        mode,
-        &mut report,
-    )
-    .await?;
-    let revoked = change(
-        tx,
-        revoke_sql(mode),
-        role_map,
-        FindingKind::Revoked,
-        mode,
-        &mut report,
-    )
-    .await?;
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&realm_roles, &platform_roles];
+    params.extend(scope.param());
+    let grant = grant_sql(mode, scope);
+    let granted = change(tx, grant, &params, FindingKind::Granted, mode, &mut report).await?;
+    let revoke = revoke_sql(mode, scope);
+    let revoked = change(tx, revoke, &params, FindingKind::Revoked, mode, &mut report).await?;
     report.bump(Action::Inserted, granted);
     report.bump(Action::Revoked, revoked);
     let active: i64 = tx
         .query_one(
-            "SELECT count(*) FROM platform_role_bindings WHERE status = 'active'",
-            &[],
+            &format!(
+                "SELECT count(*) FROM platform_role_bindings b WHERE b.status = 'active'{}",
+                scope.and("b.user_id", 1)
+            ),
+            &scope.param().into_iter().collect::<Vec<_>>(),
         )
         .await
         .map_err(ctx("counting bindings"))?
@@ -76,28 +75,26 @@ pub async fn reconcile(
     Ok(report)
 }
 
-/// The role map's parameters `$1` (realm roles) and `$2` (platform roles).
-type RoleMap<'a> = [&'a (dyn ToSql + Sync); 2];
-
 /// Runs a grant or a revocation statement and records its sampled rows. Returns the count.
 async fn change(
     tx: &Transaction<'_>,
     (sql, context): (String, &'static str),
-    role_map: RoleMap<'_>,
+    params: &[&(dyn ToSql + Sync)],
     kind: FindingKind,
     mode: Mode,
     report: &mut UnitReport,
 ) -> Result<i64> {
-    let rows = tx.query(&sql, &role_map).await.map_err(ctx(context))?;
+    let rows = tx.query(&sql, params).await.map_err(ctx(context))?;
     Ok(note(report, &rows, kind, mode))
 }
 
 /// The desired bindings no active binding covers: granted (plan: listed), as rows of
 /// `(count, username, role, basis)`; and what the statement does, for its errors.
-fn grant_sql(mode: Mode) -> (String, &'static str) {
+fn grant_sql(mode: Mode, scope: &Scope) -> (String, &'static str) {
+    let desired = desired(scope);
     let to_grant = format!(
         "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis
-         FROM ({DESIRED}) d
+         FROM ({desired}) d
          WHERE NOT EXISTS (SELECT 1 FROM platform_role_bindings b
                            WHERE b.user_id = d.user_id AND b.role_name = d.role_name AND b.status = 'active')
          ORDER BY d.user_id, d.role_name, d.basis"
@@ -123,10 +120,11 @@ fn grant_sql(mode: Mode) -> (String, &'static str) {
 /// Active seedkeeper bindings whose basis no longer holds: revoked, kept as rows (plan:
 /// listed), like [`grant_sql`]. Per binding, whether its basis still holds: O(bindings), not
 /// O(bindings x users).
-fn revoke_sql(mode: Mode) -> (String, &'static str) {
+fn revoke_sql(mode: Mode, scope: &Scope) -> (String, &'static str) {
+    let only = scope.and("b.user_id", 3);
     let to_revoke = format!(
         "SELECT b.id FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
-         WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'
+         WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'{only}
            AND NOT ((b.role_name = 'platform_superadmin' AND u.role = 'admin')
                     OR EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
                                WHERE m.platform_role = b.role_name AND m.realm_role = ANY (u.realm_roles)))"

@@ -105,7 +105,8 @@ pub async fn reconcile(
     let admin_roles = &settings.identity.admin_roles;
     stage(&tx, source.clone(), listing, admin_roles, &mut report).await?;
     dedupe(&tx, &mut report).await?;
-    if !source.complete() {
+    let complete = source.batch().is_none();
+    if !complete {
         defer_held_usernames(&tx, &mut report).await?;
     }
     let (unsettled, changed) = compare(&tx).await?;
@@ -145,7 +146,7 @@ pub async fn reconcile(
     let unchanged = (staged - inserted - updated - realigned).max(0);
     report.bump(Tally::Unchanged, unchanged);
     // Users the source no longer lists: reported, never deleted. Only a full listing knows.
-    let missing = if source.complete() {
+    let missing = if complete {
         report_missing(&tx, source.name(), &mut report).await?
     } else {
         0

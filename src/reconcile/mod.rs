@@ -21,8 +21,8 @@ pub mod reference;
 pub mod tenants;
 
 pub use model::{
-    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Tally, Unit, UnitReport,
-    FINDINGS_PER_KIND,
+    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Unit,
+    UnitReport, FINDINGS_PER_KIND,
 };
 
 use std::sync::Arc;
@@ -313,10 +313,14 @@ impl Engine {
                 let (source, listing) = (source.provider.clone(), source.listing);
                 identities::reconcile(&mut db.client, source, listing, &self.settings, mode).await
             }
-            Unit::RoleBindings => {
-                in_transaction!(|tx| bindings::reconcile(&tx, &self.settings.identity, mode))
-            }
-            Unit::Tenants => in_transaction!(|tx| tenants::reconcile(&tx, mode)),
+            Unit::RoleBindings => in_transaction!(|tx| async {
+                let scope = Scope::of(&tx, source.provider.batch()).await?;
+                bindings::reconcile(&tx, &self.settings.identity, &scope, mode).await
+            }),
+            Unit::Tenants => in_transaction!(|tx| async {
+                let scope = Scope::of(&tx, source.provider.batch()).await?;
+                tenants::reconcile(&tx, &scope, mode).await
+            }),
         }
     }
 
@@ -549,8 +553,8 @@ impl IdentityProvider for Cancellable {
         self.0.name()
     }
 
-    fn complete(&self) -> bool {
-        self.0.complete()
+    fn batch(&self) -> Option<Vec<String>> {
+        self.0.batch()
     }
 
     fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {

@@ -253,6 +253,60 @@ impl FindingKind {
     }
 }
 
+/// The users rows a run's derived units (`role_bindings`, `tenants`) look at: every row in a full
+/// run; in an event batch only the rows of the users it re-synced, so one changed user costs the
+/// same at a hundred users as at 100,000. Whatever a batch leaves out, the next full run covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    All,
+    /// The rows with these `users.id`s.
+    Users(Vec<Uuid>),
+}
+
+impl Scope {
+    /// The rows of the users with these subs (`users.keycloak_sub`), or every row for `None`.
+    pub async fn of(
+        tx: &tokio_postgres::Transaction<'_>,
+        subs: Option<Vec<String>>,
+    ) -> crate::error::Result<Scope> {
+        let Some(subs) = subs else {
+            return Ok(Scope::All);
+        };
+        let rows = tx
+            .query(
+                "SELECT id FROM users WHERE keycloak_sub = ANY($1)",
+                &[&subs],
+            )
+            .await
+            .map_err(crate::store::ctx("finding the event batch's users rows"))?;
+        Ok(Scope::Users(rows.iter().map(|r| r.get(0)).collect()))
+    }
+
+    /// An SQL condition keeping `column` (a users id) in scope, with the ids as parameter
+    /// `$param`; `None` for every row.
+    pub fn condition(&self, column: &str, param: usize) -> Option<String> {
+        match self {
+            Scope::All => None,
+            Scope::Users(_) => Some(format!("{column} = ANY(${param}::uuid[])")),
+        }
+    }
+
+    /// [`Scope::condition`] to append to a WHERE clause: `" AND …"`, or nothing.
+    pub fn and(&self, column: &str, param: usize) -> String {
+        self.condition(column, param)
+            .map(|c| format!(" AND {c}"))
+            .unwrap_or_default()
+    }
+
+    /// The ids parameter that [`Scope::condition`] refers to, when there is one.
+    pub fn param(&self) -> Option<&(dyn tokio_postgres::types::ToSql + Sync)> {
+        match self {
+            Scope::All => None,
+            Scope::Users(ids) => Some(ids),
+        }
+    }
+}
+
 /// Findings listed per kind are capped so a 100,000-user re-import does not make a 100,000-entry
 /// evidence row; the counts stay exact.
 pub const FINDINGS_PER_KIND: usize = 50;

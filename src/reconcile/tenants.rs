@@ -3,12 +3,13 @@
 //!
 //! One read-only check of every user's chain; when something lacks, six whole-table statements,
 //! each writing only rows that are missing or differ. A no-op run reads once and writes nothing.
+//! An event batch runs the same statements over its own users' rows only ([`Scope`]).
 //! Slugs derive from the user id, which never changes (usernames can).
 
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{Action, Mode, Tally, Unit, UnitReport};
+use crate::reconcile::{Action, Mode, Scope, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
 const UNIT: Unit = Unit::Tenants;
@@ -16,8 +17,10 @@ const UNIT: Unit = Unit::Tenants;
 struct Step {
     count: Tally,
     what: &'static str,
-    /// Rows to write: a SELECT.
+    /// Rows to write: a SELECT ending in its WHERE clause, so the scope's condition can follow.
     select: &'static str,
+    /// The select's column holding the owner's `users.id`, which the scope restricts.
+    owner: &'static str,
     /// The write, given `x` = the select.
     write: &'static str,
 }
@@ -30,6 +33,7 @@ const STEPS: &[Step] = &[
         what: "personal tenant(s)",
         select: "SELECT u.id AS owner_user_id, 'personal-' || u.id::text AS slug, u.username AS name FROM users u
                  WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.kind = 'personal' AND t.owner_user_id = u.id)",
+        owner: "u.id",
         write: "INSERT INTO tenants (kind, owner_user_id, slug, name) SELECT 'personal', owner_user_id, slug, name FROM x",
     },
     Step {
@@ -37,6 +41,7 @@ const STEPS: &[Step] = &[
         what: "default project(s)",
         select: "SELECT t.id AS tenant_id FROM tenants t
                  WHERE t.kind = 'personal' AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.tenant_id = t.id AND p.is_default)",
+        owner: "t.owner_user_id",
         write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
     },
     Step {
@@ -45,6 +50,7 @@ const STEPS: &[Step] = &[
         select: "SELECT m.tenant_id, m.user_id FROM tenants t
                  JOIN tenant_memberships m ON m.tenant_id = t.id AND m.user_id = t.owner_user_id
                  WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
+        owner: "t.owner_user_id",
         write: "UPDATE tenant_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
     },
@@ -54,6 +60,7 @@ const STEPS: &[Step] = &[
         select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
+        owner: "t.owner_user_id",
         write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
     },
     Step {
@@ -63,6 +70,7 @@ const STEPS: &[Step] = &[
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
                  JOIN project_memberships m ON m.project_id = p.id AND m.user_id = t.owner_user_id
                  WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
+        owner: "t.owner_user_id",
         write: "UPDATE project_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
     },
@@ -73,12 +81,14 @@ const STEPS: &[Step] = &[
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
+        owner: "t.owner_user_id",
         write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
     },
 ];
 
 /// One pass over every user's whole chain (tenant, default project, both memberships): the users
-/// covered and how many lack something. In sync (the common case) it is the only statement.
+/// covered and how many lack something. In sync (the common case) it is the only statement. The
+/// scope's condition on `u.id` follows as its WHERE clause.
 const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.id IS NULL OR tm.tenant_id IS NULL OR pm.project_id IS NULL
                                               OR tm.role <> 'owner' OR tm.status <> 'active' OR pm.role <> 'owner' OR pm.status <> 'active')
      FROM users u
@@ -87,10 +97,15 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
      LEFT JOIN tenant_memberships tm ON tm.tenant_id = t.id AND tm.user_id = u.id
      LEFT JOIN project_memberships pm ON pm.project_id = p.id AND pm.user_id = u.id";
 
-pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
+pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, mode: Mode) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
+    let params: Vec<_> = scope.param().into_iter().collect();
+    let check = match scope.condition("u.id", 1) {
+        Some(c) => format!("{CHECK} WHERE {c}"),
+        None => CHECK.to_string(),
+    };
     let row = tx
-        .query_one(CHECK, &[])
+        .query_one(&check, &params)
         .await
         .map_err(ctx("checking tenants"))?;
     let (users, lacking): (i64, i64) = (row.get(0), row.get(1));
@@ -100,12 +115,13 @@ pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
     }
     let mut total = 0i64;
     for step in STEPS {
+        let select = format!("{}{}", step.select, scope.and(step.owner, 1));
         // Apply writes straight away (the anti-joins write nothing when nothing is missing);
         // plan counts the same rows. The run lock keeps other seedkeepers out between the two.
         let n = match mode {
             Mode::Plan => {
                 let planned: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM ({}) x", step.select), &[])
+                    .query_one(&format!("SELECT count(*) FROM ({select}) x"), &params)
                     .await
                     .map_err(ctx("comparing tenants"))?
                     .get(0);
@@ -115,7 +131,7 @@ pub async fn reconcile(tx: &Transaction<'_>, mode: Mode) -> Result<UnitReport> {
                 planned
             }
             Mode::Apply => tx
-                .execute(&format!("WITH x AS ({}) {}", step.select, step.write), &[])
+                .execute(&format!("WITH x AS ({select}) {}", step.write), &params)
                 .await
                 .map_err(ctx("writing tenants"))? as i64,
         };

@@ -240,6 +240,68 @@ async fn events_out_of_order_and_in_the_same_millisecond_are_each_applied_once()
     assert_eq!(s.poll().await.events, 0);
 }
 
+/// A batch's role_bindings and tenants units look at the batch's users only (so one changed user
+/// costs the same whatever the realm's size); what they leave out, the next full run heals.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_touches_its_own_users_rows_only_and_the_full_run_heals_the_rest() {
+    let s = setup(vec![]).await;
+    s.poll().await;
+    // Damage outside the coming batch: a seedkeeper binding whose basis is gone, and an owner
+    // membership demoted.
+    let c = s.db.client().await;
+    c.batch_execute(
+        "INSERT INTO platform_role_bindings (user_id, role_name, status, granted_by, basis)
+           SELECT id, 'platform_superadmin', 'active', 'seedkeeper', 'users.role=admin' FROM users WHERE username = 'dev-user';
+         UPDATE tenant_memberships m SET role = 'member' FROM tenants t, users u
+           WHERE m.tenant_id = t.id AND t.owner_user_id = u.id AND m.user_id = u.id AND u.username = 'dev-ops'",
+    )
+    .await
+    .unwrap();
+    let users_before = s.db.scalar("SELECT count(*) FROM users").await;
+
+    s.kc.set_realm(realm_with(vec![user(ALICE, "alice", &["admin"], &[])]));
+    s.kc.push_user_event(user_event("sc-1", now_ms(), "REGISTER", ALICE));
+    let r = s.poll().await.report.expect("a batch run");
+    assert_ok(&r);
+    assert_eq!(
+        count(&r, "tenants", "users_covered"),
+        1,
+        "alice only, not {users_before} rows"
+    );
+    assert_eq!(count(&r, "tenants", "tenants_inserted"), 1);
+    assert_eq!(count(&r, "tenants", "tenant_memberships_updated"), 0);
+    assert_eq!(
+        count(&r, "role_bindings", "inserted"),
+        1,
+        "alice's superadmin"
+    );
+    assert_eq!(count(&r, "role_bindings", "revoked"), 0);
+    assert_eq!(count(&r, "role_bindings", "unchanged"), 0);
+    let alice = "SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id
+                 JOIN projects p ON p.tenant_id = t.id AND p.is_default
+                 JOIN tenant_memberships tm ON tm.tenant_id = t.id AND tm.user_id = u.id AND tm.role = 'owner'
+                 JOIN project_memberships pm ON pm.project_id = p.id AND pm.user_id = u.id AND pm.role = 'owner'
+                 JOIN platform_role_bindings b ON b.user_id = u.id AND b.status = 'active'
+                 WHERE u.username = 'alice'";
+    assert_eq!(
+        s.db.scalar(alice).await,
+        1,
+        "alice's whole chain and binding"
+    );
+    let stale = "SELECT count(*) FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
+                 WHERE u.username = 'dev-user' AND b.status = 'active'";
+    assert_eq!(s.db.scalar(stale).await, 1, "left to the full run");
+
+    // The scheduled full run covers every row again.
+    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
+    let full = apply(&engine).await;
+    assert_ok(&full);
+    assert_eq!(count(&full, "tenants", "users_covered"), users_before + 1);
+    assert_eq!(count(&full, "tenants", "tenant_memberships_updated"), 1);
+    assert_eq!(count(&full, "role_bindings", "revoked"), 1);
+    assert_eq!(s.db.scalar(stale).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_structural_change_or_an_expired_checkpoint_asks_for_a_full_run() {
     let s = setup(vec![]).await;
