@@ -841,7 +841,7 @@ fn report(
                 e.provisioned
             );
             println!(
-                "the next idle poll: {} (Keycloak's dateFrom is inclusive: the applied event comes back, then an empty page ends the stream)",
+                "the next idle poll: {} (Keycloak's dateFrom is inclusive: the applied event comes back on a page shorter than max, which ends the stream)",
                 e.idle_after_paths.join(", ")
             );
         }
