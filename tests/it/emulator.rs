@@ -6,7 +6,7 @@ use base64::Engine as _;
 use serde_json::{json, Value};
 
 use crate::harness::dev_realm;
-use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::keycloak::{KeycloakEmulator, Release};
 
 const SECRET: &str = "seedkeeper-dev-secret";
 
@@ -199,6 +199,41 @@ async fn tokens_carry_keycloaks_claims_and_verify_against_the_published_key() {
     ] {
         assert!(claims.get(key).is_some(), "claim {key} missing");
     }
+}
+
+/// Keycloak 26.7 answers some requests differently from 26.4 (found by `emulator_vs_real` against
+/// 26.7.3); the emulator answers as either.
+#[tokio::test(flavor = "multi_thread")]
+async fn answering_as_26_7_the_users_listing_honours_brief_and_role_members_carry_access() {
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let t = token(&kc).await;
+    let fields = |v: &Value, k: &str| v[0].get(k).is_some();
+    for release in [Release::V26_4, Release::V26_7] {
+        kc.set_release(release);
+        let v26_4 = release == Release::V26_4;
+        let (_, brief) = admin_get(&kc, Some(&t), "users?max=1&briefRepresentation=true").await;
+        assert_eq!(fields(&brief, "requiredActions"), v26_4, "{release:?}");
+        assert_eq!(fields(&brief, "userProfileMetadata"), v26_4, "{release:?}");
+        assert!(fields(&brief, "access"), "{release:?}");
+        assert_eq!(
+            fields(&brief, "createdTimestamp"),
+            !v26_4,
+            "{release:?}: stamped on import"
+        );
+        let (_, full) = admin_get(&kc, Some(&t), "users?max=1").await;
+        assert!(fields(&full, "requiredActions"), "{release:?}");
+        assert_eq!(fields(&full, "userProfileMetadata"), v26_4, "{release:?}");
+        let id = full[0]["id"].as_str().unwrap().to_string();
+        let (_, one) = admin_get(&kc, Some(&t), &format!("users/{id}")).await;
+        assert!(one.get("userProfileMetadata").is_some(), "{release:?}");
+        let (_, members) =
+            admin_get(&kc, Some(&t), "roles/admin/users?briefRepresentation=true").await;
+        assert_eq!(fields(&members, "access"), !v26_4, "{release:?}");
+        assert!(!fields(&members, "requiredActions"), "{release:?}");
+    }
+    assert_eq!(Release::of("26.4.0"), Release::V26_4);
+    assert_eq!(Release::of("26.7.3"), Release::V26_7);
+    assert_eq!(Release::of("25.0.6"), Release::V26_4);
 }
 
 #[tokio::test(flavor = "multi_thread")]

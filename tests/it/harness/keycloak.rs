@@ -124,6 +124,9 @@ struct Realm {
     group_by_path: HashMap<String, String>,
     group_members: HashMap<String, Vec<usize>>,
     clients: Vec<Client>,
+    /// When the realm was imported: Keycloak 26.7 stamps it as `createdTimestamp` on imported
+    /// users that carry none.
+    loaded_at: i64,
 }
 
 fn s(v: &Value, k: &str) -> Option<String> {
@@ -321,6 +324,9 @@ impl Realm {
             group_by_path,
             group_members,
             clients,
+            loaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
         }
     }
 
@@ -433,6 +439,47 @@ struct Shared {
     moved: std::sync::atomic::AtomicBool,
     /// Stored user and admin events and the realm's event settings.
     events: Mutex<EventStore>,
+    release: Mutex<Release>,
+}
+
+/// The Keycloak release whose answers the emulator gives, where releases differ on the wire
+/// (found by `emulator_vs_real` against each): 26.4 by default, the version `make test` pins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Release {
+    /// 26.4: `GET users` answers in full whatever `briefRepresentation` says, each user with its
+    /// `userProfileMetadata`; imported users without `createdTimestamp` have none; role members
+    /// carry no `access`.
+    #[default]
+    V26_4,
+    /// 26.7 (checked on 26.7.3; 26.5 and 26.6 were not run): `GET users` honours
+    /// `briefRepresentation` and lists no `userProfileMetadata` even in full (`GET users/{id}`
+    /// still has it); the import stamps `createdTimestamp`; role members carry `access`.
+    V26_7,
+}
+
+impl Release {
+    /// The release a Keycloak version (`26.7.3`, as `GET /admin/serverinfo` gives it) answers as:
+    /// 26.4 and older as 26.4, later ones as 26.7.
+    pub fn of(version: &str) -> Release {
+        let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+        match (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) {
+            (major, minor) if major > 26 || (major == 26 && minor > 4) => Release::V26_7,
+            _ => Release::V26_4,
+        }
+    }
+}
+
+/// Where a user is served: which fields it has depends on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Served {
+    /// `GET users`
+    Listing,
+    /// `GET users/{id}`
+    ById,
+    /// `GET roles/{role}/users`
+    RoleMembers,
+    /// `GET groups/{id}/members`
+    GroupMembers,
 }
 
 /// What `GET events`, `GET admin-events` and `GET events/config` serve.
@@ -481,6 +528,7 @@ impl KeycloakEmulator {
                 admin_enabled: true,
                 expiration: None,
             }),
+            release: Mutex::new(Release::default()),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -609,6 +657,11 @@ impl KeycloakEmulator {
         e.enabled = enabled;
         e.admin_enabled = admin_enabled;
         e.expiration = expiration;
+    }
+
+    /// Answer as `release` from now on.
+    pub fn set_release(&self, release: Release) {
+        *self.shared.release.lock().unwrap() = release;
     }
 
     pub fn set_latency(&self, d: Duration) {
@@ -982,7 +1035,8 @@ fn page<T: Clone>(
     shorten(sh, items.iter().skip(first).take(max).cloned().collect())
 }
 
-fn user_json(u: &User, brief: bool, with_access: bool) -> Value {
+fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Release) -> Value {
+    let v26_4 = release == Release::V26_4;
     let mut m = serde_json::Map::new();
     m.insert("id".into(), json!(u.id));
     m.insert("username".into(), json!(u.username));
@@ -996,25 +1050,31 @@ fn user_json(u: &User, brief: bool, with_access: bool) -> Value {
         m.insert("email".into(), json!(v));
     }
     m.insert("emailVerified".into(), json!(u.email_verified));
-    if let Some(c) = u.created {
+    if let Some(c) = u.created.or((!v26_4).then_some(realm.loaded_at)) {
         m.insert("createdTimestamp".into(), json!(c));
     }
     m.insert("enabled".into(), json!(u.enabled));
-    // Keycloak 26.4 answers the users listing in full whatever briefRepresentation says, with
-    // the user profile's metadata; role and group members honour brief.
-    if !brief || with_access {
+    // 26.4 answers the users listing in full whatever briefRepresentation says; members, and
+    // every listing on 26.7, honour it.
+    let full = !brief || served == Served::ById || (served == Served::Listing && v26_4);
+    if full {
         m.insert("totp".into(), json!(false));
         m.insert("disableableCredentialTypes".into(), json!([]));
         m.insert("requiredActions".into(), json!([]));
         m.insert("notBefore".into(), json!(0));
     }
-    if with_access {
+    if served == Served::ById || (served == Served::Listing && v26_4) {
         m.insert("userProfileMetadata".into(), user_profile_metadata());
     }
     if let Some(c) = &u.service_account_client {
         m.insert("serviceAccountClientId".into(), json!(c));
     }
-    if with_access {
+    let access = match served {
+        Served::Listing | Served::ById => true,
+        Served::RoleMembers => !v26_4,
+        Served::GroupMembers => false,
+    };
+    if access {
         m.insert("access".into(), json!({"manage": false}));
     }
     Value::Object(m)
@@ -1156,6 +1216,7 @@ fn admin(
         .map(|v| v == "true")
         .unwrap_or(false);
     let can = |r: &str| management.contains(r);
+    let release = *sh.release.lock().unwrap();
     match rest {
         ["users"] => {
             if !can("query-users") {
@@ -1174,7 +1235,7 @@ fn admin(
                 .skip(first)
                 .take(max)
                 .filter(|(pos, _)| hide == 0 || pos % hide != hide - 1)
-                .map(|(_, &i)| user_json(&realm.users[i], brief, true))
+                .map(|(_, &i)| user_json(&realm, &realm.users[i], brief, Served::Listing, release))
                 .collect();
             json_response(200, Value::Array(shorten(sh, page)))
         }
@@ -1235,9 +1296,10 @@ fn admin(
             json_response(200, json!(realm.humans.len()))
         }
         ["users", id] => match realm.by_id.get(*id) {
-            Some(i) if can("view-users") => {
-                json_response(200, user_json(&realm.users[*i], false, true))
-            }
+            Some(i) if can("view-users") => json_response(
+                200,
+                user_json(&realm, &realm.users[*i], false, Served::ById, release),
+            ),
             Some(_) => error(403, FORBIDDEN),
             None => error(404, "User not found"),
         },
@@ -1305,7 +1367,15 @@ fn admin(
                 .get(*name)
                 .map(|m| {
                     m.iter()
-                        .map(|i| user_json(&realm.users[*i], brief, false))
+                        .map(|i| {
+                            user_json(
+                                &realm,
+                                &realm.users[*i],
+                                brief,
+                                Served::RoleMembers,
+                                release,
+                            )
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -1364,7 +1434,10 @@ fn admin(
                         .get(*id)
                         .map(|m| {
                             m.iter()
-                                .map(|i| user_json(&realm.users[*i], brief, false))
+                                .map(|i| {
+                                    let u = &realm.users[*i];
+                                    user_json(&realm, u, brief, Served::GroupMembers, release)
+                                })
                                 .collect()
                         })
                         .unwrap_or_default();

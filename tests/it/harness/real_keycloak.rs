@@ -150,6 +150,16 @@ impl RealKeycloak {
         self.admin(reqwest::Method::GET, path, None).await
     }
 
+    /// The server's version (`GET /admin/serverinfo`), such as `26.4.0`.
+    pub async fn version(&self) -> String {
+        let a = self
+            .send(reqwest::Method::GET, "/admin/serverinfo", None, None)
+            .await;
+        assert_eq!(a.status, 200, "GET /admin/serverinfo: {}", a.body);
+        let v = a.body["systemInfo"]["version"].as_str();
+        v.expect("systemInfo.version in serverinfo").to_string()
+    }
+
     /// Creates a realm from a full representation (the import code `--import-realm` uses).
     pub async fn create_realm(self: &Arc<Self>, rep: Value) -> TestRealm {
         let name = rep["realm"].as_str().expect("realm name").to_string();
