@@ -1235,7 +1235,7 @@ fn admin(
                 .skip(first)
                 .take(max)
                 .filter(|(pos, _)| hide == 0 || pos % hide != hide - 1)
-                .map(|(_, &i)| user_json(&realm, &realm.users[i], brief, Served::Listing, release))
+                .map(|(_, &i)| user_json(realm, &realm.users[i], brief, Served::Listing, release))
                 .collect();
             json_response(200, Value::Array(shorten(sh, page)))
         }
@@ -1298,7 +1298,7 @@ fn admin(
         ["users", id] => match realm.by_id.get(*id) {
             Some(i) if can("view-users") => json_response(
                 200,
-                user_json(&realm, &realm.users[*i], false, Served::ById, release),
+                user_json(realm, &realm.users[*i], false, Served::ById, release),
             ),
             Some(_) => error(403, FORBIDDEN),
             None => error(404, "User not found"),
@@ -1368,13 +1368,7 @@ fn admin(
                 .map(|m| {
                     m.iter()
                         .map(|i| {
-                            user_json(
-                                &realm,
-                                &realm.users[*i],
-                                brief,
-                                Served::RoleMembers,
-                                release,
-                            )
+                            user_json(realm, &realm.users[*i], brief, Served::RoleMembers, release)
                         })
                         .collect()
                 })
@@ -1436,7 +1430,7 @@ fn admin(
                             m.iter()
                                 .map(|i| {
                                     let u = &realm.users[*i];
-                                    user_json(&realm, u, brief, Served::GroupMembers, release)
+                                    user_json(realm, u, brief, Served::GroupMembers, release)
                                 })
                                 .collect()
                         })
