@@ -49,7 +49,7 @@ pub async fn reconcile(
     let realm_roles: Vec<&str> = identity.role_map.keys().map(String::as_str).collect();
     let platform_roles: Vec<&str> = identity.role_map.values().map(String::as_str).collect();
     let mut params: Vec<&(dyn ToSql + Sync)> = vec![&realm_roles, &platform_roles];
-    params.extend(scope.param());
+    params.extend(scope.params());
     let grant = grant_sql(mode, scope);
     let granted = change(tx, grant, &params, FindingKind::Granted, mode, &mut report).await?;
     let revoke = revoke_sql(mode, scope);
@@ -62,7 +62,7 @@ pub async fn reconcile(
                 "SELECT count(*) FROM platform_role_bindings b WHERE b.status = 'active'{}",
                 scope.and("b.user_id", 1)
             ),
-            &scope.param().into_iter().collect::<Vec<_>>(),
+            &scope.params(),
         )
         .await
         .map_err(ctx("counting bindings"))?

@@ -298,11 +298,11 @@ impl Scope {
             .unwrap_or_default()
     }
 
-    /// The ids parameter that [`Scope::condition`] refers to, when there is one.
-    pub fn param(&self) -> Option<&(dyn tokio_postgres::types::ToSql + Sync)> {
+    /// The parameters [`Scope::condition`] refers to: the ids, or none for every row.
+    pub fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         match self {
-            Scope::All => None,
-            Scope::Users(ids) => Some(ids),
+            Scope::All => Vec::new(),
+            Scope::Users(ids) => vec![ids],
         }
     }
 }

@@ -99,7 +99,7 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
 
 pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, mode: Mode) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    let params: Vec<_> = scope.param().into_iter().collect();
+    let params = scope.params();
     let check = match scope.condition("u.id", 1) {
         Some(c) => format!("{CHECK} WHERE {c}"),
         None => CHECK.to_string(),

@@ -1054,16 +1054,16 @@ fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Rele
         m.insert("createdTimestamp".into(), json!(c));
     }
     m.insert("enabled".into(), json!(u.enabled));
-    // 26.4 answers the users listing in full whatever briefRepresentation says; members, and
-    // every listing on 26.7, honour it.
-    let full = !brief || served == Served::ById || (served == Served::Listing && v26_4);
-    if full {
+    // 26.4 answers the users listing in full whatever briefRepresentation says, with the
+    // profile's metadata; members, and every listing on 26.7, honour it.
+    let listed_in_full = served == Served::Listing && v26_4;
+    if !brief || served == Served::ById || listed_in_full {
         m.insert("totp".into(), json!(false));
         m.insert("disableableCredentialTypes".into(), json!([]));
         m.insert("requiredActions".into(), json!([]));
         m.insert("notBefore".into(), json!(0));
     }
-    if served == Served::ById || (served == Served::Listing && v26_4) {
+    if served == Served::ById || listed_in_full {
         m.insert("userProfileMetadata".into(), user_profile_metadata());
     }
     if let Some(c) = &u.service_account_client {
