@@ -54,7 +54,13 @@ impl Unit {
         match self {
             Unit::Schema => &[Action::Applied],
             Unit::ReferenceSeed => &[Action::Inserted, Action::Updated],
-            Unit::Identities => &[Action::Inserted, Action::Updated, Action::Realigned],
+            Unit::Identities => &[
+                Action::Inserted,
+                Action::Updated,
+                Action::Realigned,
+                Action::Deactivated,
+                Action::Reactivated,
+            ],
             Unit::RoleBindings => &[Action::Inserted, Action::Revoked],
             Unit::Tenants => &[Action::Inserted],
         }
@@ -68,6 +74,10 @@ named!(
         Updated => "updated",
         Revoked => "revoked",
         Realigned => "realigned",
+        /// Users offboarded: gone from the realm, row kept, `is_active = false`.
+        Deactivated => "deactivated",
+        /// Offboarded users back in the realm under the same sub.
+        Reactivated => "reactivated",
         Applied => "applied",
     }
 );
@@ -95,6 +105,9 @@ named!(
         Clashes => "clashes",
         /// Rows whose user the source no longer lists (kept).
         Missing => "missing",
+        /// Users Keycloak counts (`users/count`) but its listing did not return: the run was
+        /// narrowed to the listed users, nothing concluded from absence.
+        Unlisted => "unlisted",
         /// Users whose tenant chain was checked.
         UsersCovered => "users_covered",
         TenantsInserted => "tenants_inserted",
@@ -110,7 +123,9 @@ impl Tally {
     /// Whether `status` shows it beside the writes: it asks for a look.
     pub fn notable(self) -> bool {
         match self {
-            Tally::Drift | Tally::Clashes | Tally::Missing | Tally::Rejected => true,
+            Tally::Drift | Tally::Clashes | Tally::Missing | Tally::Rejected | Tally::Unlisted => {
+                true
+            }
             Tally::Unchanged
             | Tally::NotInSeed
             | Tally::Blocked
@@ -214,6 +229,12 @@ named!(
         Clash => "clash",
         /// A row whose user the source no longer lists; kept (identities).
         Missing => "missing",
+        /// A user gone from the realm: row kept, deactivated, its bindings revoked (identities).
+        Offboarded => "offboarded",
+        /// An offboarded user back under the same sub (identities).
+        Reactivated => "reactivated",
+        /// A listing shorter than `users/count`: the run was narrowed (identities).
+        Unlisted => "unlisted",
         /// A reference row the seed no longer lists; kept (reference_seed).
         NotInSeed => "not_in_seed",
         /// A reference row set back to the seed (reference_seed, converge).
@@ -237,9 +258,12 @@ impl FindingKind {
             | FindingKind::NotInSeed
             | FindingKind::Clash
             | FindingKind::Missing
+            | FindingKind::Unlisted
             | FindingKind::Rejected
             | FindingKind::Blocked => true,
             FindingKind::Deferred
+            | FindingKind::Offboarded
+            | FindingKind::Reactivated
             | FindingKind::Realigned
             | FindingKind::DriftCorrected
             | FindingKind::Granted
