@@ -553,6 +553,14 @@ for r in rules:
     a = r.get("alert", "?")
     check((r.get("labels") or {}).get("severity") in ("critical", "warning", "info")
           and {"summary", "description"} <= set(r.get("annotations") or {}), f"alerts.yaml: {a} has a severity, a summary and a description")
+deploy_md_ids = {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                 for h in re.findall(r"^#{1,6}\s+(.*?)\s*$", read("docs/deploy.md"), re.M)}
+for r in rules:
+    a = r.get("alert", "?")
+    url = str((r.get("annotations") or {}).get("runbook_url", ""))
+    path, _, anchor = url.partition("#")
+    check(path == "docs/deploy.md" and anchor in deploy_md_ids,
+          f"alerts.yaml: {a} has a runbook_url to a section of docs/deploy.md", f"runbook_url: {url!r}")
 readme_metrics = read("README.md").split("## Metrics", 1)[-1].split("\n## ", 1)[0]
 used = sorted(set(re.findall(r"\b(seedkeeper_[a-z_]+)", exprs)))
 undocumented = [m for m in used if m not in readme_metrics]

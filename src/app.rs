@@ -139,7 +139,11 @@ impl App {
     pub fn new(engine: Engine) -> Arc<Self> {
         let mut metrics = Metrics::new(&engine);
         let events = Arc::new(crate::events::FollowerState::default());
-        metrics.register_events(&events);
+        // Only a daemon that follows events has their series: `seedkeeper_events_following 0`
+        // then always means "meant to follow, and does not", which an alert can rely on.
+        if engine.settings.events_enabled() {
+            metrics.register_events(&events);
+        }
         Arc::new(App {
             engine,
             metrics,
@@ -166,8 +170,13 @@ impl App {
         let _guard = self.inflight.try_lock().ok()?;
         let users = Arc::new(crate::identity::SomeUsers { users });
         Some(
-            self.run_tracked("event", Duration::from_secs(5), cancel, users)
-                .await,
+            self.run_tracked(
+                crate::events::BATCH_TRIGGER,
+                Duration::from_secs(5),
+                cancel,
+                users,
+            )
+            .await,
         )
     }
 

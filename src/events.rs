@@ -40,6 +40,11 @@ use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
 use crate::retry;
 use crate::store;
 
+/// The trigger of an event batch's run (its `seed_runs` row). Every other trigger is a full run,
+/// and only full runs move the series alerts read as "the realm is in sync" (see
+/// [`crate::metrics`]).
+pub const BATCH_TRIGGER: &str = "event";
+
 /// Events read per request.
 const PAGE: u32 = 100;
 /// More events than this in one poll is a burst better served by one full run.
@@ -190,7 +195,6 @@ pub struct FollowerState {
     /// 1 while events are followed, 0 in schedule-only mode (and before the follower starts).
     pub following: Gauge,
     pub reason: Mutex<Option<String>>,
-    pub batches: Counter,
     pub users_applied: Counter,
     pub full_runs_asked: Counter,
     pub polls: Counter,
@@ -318,7 +322,7 @@ pub fn apply_with(engine: Arc<Engine>) -> Apply {
             let report = engine
                 .run_with(
                     Mode::Apply,
-                    "event",
+                    BATCH_TRIGGER,
                     Duration::from_secs(5),
                     &cancel,
                     Arc::new(SomeUsers { users }),
@@ -614,7 +618,6 @@ impl Follower {
             }
             Outcome::Succeeded => {}
         }
-        self.state.batches.inc();
         self.state.users_applied.inc_by(poll.users as u64);
         let deferred = report
             .unit(Unit::Identities)

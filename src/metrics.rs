@@ -4,13 +4,24 @@
 //! Labels are typed and bounded: outcomes, unit names, actions, sources and error kinds are
 //! enums, never user data. Every series of a bounded label set that can move is registered at
 //! start with 0 (run outcomes, error kinds, the rows each unit can write, Keycloak request
-//! outcomes), so `rate()` and `increase()` see the first error. Gauges that describe the last run
-//! (`seedkeeper_last_run_ok`, `seedkeeper_drift_items`, `seedkeeper_identities_seen`) are absent
-//! until a run has produced them: before the first run there is no value to report, and a 0
-//! would read as a failure.
+//! outcomes, event batch outcomes), so `rate()` and `increase()` see the first error. Gauges that
+//! describe the last full run (`seedkeeper_last_run_ok`, `seedkeeper_drift_items`,
+//! `seedkeeper_identities_seen`, `seedkeeper_identities_unlisted`) are absent until a run has
+//! produced them: before the first run there is no value to report, and a 0 would read as a
+//! failure (or as a complete listing).
+//!
+//! Full runs and event batches are told apart by the trigger ([`crate::events::BATCH_TRIGGER`]
+//! is a batch, every other trigger a full run): the series alerts read as "the realm is in sync"
+//! (`seedkeeper_last_success_timestamp_seconds`, `seedkeeper_last_run_ok`,
+//! `seedkeeper_run_duration_seconds`, and the last-run gauges) describe full runs only, because a
+//! batch re-syncs a handful of users and says nothing about the rest: a trickle of successful
+//! batches must never hide failing full runs. Batches have their own `seedkeeper_event_batch*`
+//! series. `seedkeeper_runs_total`, `seedkeeper_run_errors_total` and
+//! `seedkeeper_rows_changed_total` count every run, batches included: each is a `seed_runs` row
+//! and writes rows, and dashboards built on them keep their meaning.
 
 use std::fmt;
-use std::sync::atomic::{AtomicI8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicI8, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +50,9 @@ pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CON
 const RUN_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
+
+/// Event batches: a few users, tens of milliseconds; seconds when Keycloak or PostgreSQL is slow.
+const BATCH_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
 /// Keycloak requests: a page is tens of milliseconds, `keycloak.request_timeout` is 10 s.
 const KEYCLOAK_BUCKETS: &[f64] = &[
@@ -263,12 +277,90 @@ impl Collector for LastRunOk {
         let gauge = ConstGauge::new(value as i64);
         let metric = encoder.encode_descriptor(
             "seedkeeper_last_run_ok",
-            "1 when the last finished run succeeded, 0 when it failed; absent before the first run finishes (skipped runs do not count)",
+            "1 when the last finished full run succeeded, 0 when it failed; absent before the first full run finishes (skipped runs and event batches do not count)",
             None,
             gauge.metric_type(),
         )?;
         gauge.encode(metric)
     }
+}
+
+/// A gauge of the last full run that is absent until a full run has set it: before one there is
+/// no value to report, and a 0 would claim a fact nobody observed.
+#[derive(Debug)]
+struct LastValue {
+    name: &'static str,
+    help: &'static str,
+    value: AtomicI64,
+    set: AtomicBool,
+}
+
+impl LastValue {
+    fn new(name: &'static str, help: &'static str) -> Self {
+        LastValue {
+            name,
+            help,
+            value: AtomicI64::new(0),
+            set: AtomicBool::new(false),
+        }
+    }
+
+    fn set(&self, v: i64) {
+        self.value.store(v, Ordering::Relaxed);
+        self.set.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Collector for LastValue {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        if !self.set.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let gauge = ConstGauge::new(self.value.load(Ordering::Relaxed));
+        let metric = encoder.encode_descriptor(self.name, self.help, None, gauge.metric_type())?;
+        gauge.encode(metric)
+    }
+}
+
+/// The event batches' own series, registered with the follower's ([`Metrics::register_events`]).
+struct BatchMetrics {
+    outcomes: Family<RunLabels, Counter>,
+    duration: Histogram,
+    last_success: Gauge<f64, AtomicU64>,
+}
+
+impl BatchMetrics {
+    fn new() -> Self {
+        let outcomes = Family::<RunLabels, Counter>::default();
+        for &outcome in Outcome::ALL {
+            let _ = outcomes.get_or_create(&RunLabels { outcome });
+        }
+        BatchMetrics {
+            outcomes,
+            duration: Histogram::new(BATCH_BUCKETS.iter().copied()),
+            last_success: Gauge::default(),
+        }
+    }
+
+    fn record(&self, report: &RunReport) {
+        let outcome = report.outcome;
+        self.outcomes.get_or_create(&RunLabels { outcome }).inc();
+        self.duration.observe(report.duration_ms as f64 / 1000.0);
+        if outcome == Outcome::Succeeded {
+            self.last_success.set(now_seconds());
+        }
+    }
+}
+
+/// Unix time in seconds, with milliseconds.
+fn now_seconds() -> f64 {
+    chrono::Utc::now().timestamp_millis() as f64 / 1000.0
+}
+
+/// Whether a run with this trigger is a full run (anything but an event batch: startup,
+/// schedule, once, event-full, and triggers added later).
+pub fn is_full_run(trigger: &str) -> bool {
+    trigger != crate::events::BATCH_TRIGGER
 }
 
 pub struct Metrics {
@@ -282,6 +374,8 @@ pub struct Metrics {
     last_success: Gauge<f64, AtomicU64>,
     skipped_ticks: Counter,
     last_run_ok: Arc<LastRunOk>,
+    unlisted: Arc<LastValue>,
+    batches: BatchMetrics,
     keycloak: Option<KeycloakMetrics>,
 }
 
@@ -303,7 +397,9 @@ impl Metrics {
         self.keycloak.as_ref()
     }
 
-    /// The Keycloak event follower's series (daemon only).
+    /// The Keycloak event follower's series and the event batches' (a daemon that follows
+    /// events only: with the realm-file source or `events.enabled = false` they do not exist, so
+    /// an alert on `seedkeeper_events_following == 0` finds nothing there).
     pub fn register_events(&mut self, e: &crate::events::FollowerState) {
         self.registry.register(
             "seedkeeper_events_following",
@@ -312,8 +408,18 @@ impl Metrics {
         );
         self.registry.register(
             "seedkeeper_event_batches",
-            "Event batches applied (each a seed_runs row with trigger event)",
-            e.batches.clone(),
+            "Event batches by outcome (each a seed_runs row with trigger event)",
+            self.batches.outcomes.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_batch_duration_seconds",
+            "Duration of event batches (full runs are in seedkeeper_run_duration_seconds)",
+            self.batches.duration.clone(),
+        );
+        self.registry.register(
+            "seedkeeper_event_batch_last_success_timestamp_seconds",
+            "Unix time of the last successful event batch (0: none yet)",
+            self.batches.last_success.clone(),
         );
         self.registry.register(
             "seedkeeper_event_users",
@@ -363,7 +469,7 @@ impl Metrics {
         let duration = register(
             r,
             "seedkeeper_run_duration_seconds",
-            "Duration of reconcile runs",
+            "Duration of full runs (event batches: seedkeeper_event_batch_duration_seconds)",
             Histogram::new(RUN_BUCKETS.iter().copied()),
         );
         let rows = Family::<RowLabels, Counter>::default();
@@ -381,19 +487,19 @@ impl Metrics {
         let drift = register(
             r,
             "seedkeeper_drift_items",
-            "Items found differing from the seed in the last run, by unit",
+            "Items found differing from the seed in the last full run, by unit",
             Family::<UnitLabels, Gauge>::default(),
         );
         let identities = register(
             r,
             "seedkeeper_identities_seen",
-            "Identities listed by the source in the last run",
+            "Identities listed by the source in the last full run",
             Family::<SourceLabels, Gauge>::default(),
         );
         let last_success = register(
             r,
             "seedkeeper_last_success_timestamp_seconds",
-            "Unix time of the last successful run (0: none yet)",
+            "Unix time of the last successful full run (0: none yet; event batches do not count)",
             Gauge::<f64, AtomicU64>::default(),
         );
         let skipped_ticks = register(
@@ -404,6 +510,11 @@ impl Metrics {
         );
         let last_run_ok = Arc::new(LastRunOk::default());
         registry.register_collector(Box::new(last_run_ok.clone()));
+        let unlisted = Arc::new(LastValue::new(
+            "seedkeeper_identities_unlisted",
+            "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
+        ));
+        registry.register_collector(Box::new(unlisted.clone()));
         Metrics {
             registry,
             runs,
@@ -415,10 +526,14 @@ impl Metrics {
             last_success,
             skipped_ticks,
             last_run_ok,
+            unlisted,
+            batches: BatchMetrics::new(),
             keycloak: None,
         }
     }
 
+    /// Counts a finished run: every run in the run, error and row counters; then a full run in
+    /// the series of the last full run, an event batch in its own.
     pub fn record_run(&self, report: &RunReport, source: &str) {
         let outcome = report.outcome;
         self.runs.get_or_create(&RunLabels { outcome }).inc();
@@ -432,7 +547,6 @@ impl Metrics {
         if let Some(kind) = kind {
             self.errors.get_or_create(&ErrorLabels { kind }).inc();
         }
-        self.duration.observe(report.duration_ms as f64 / 1000.0);
         for u in &report.units {
             let unit = u.unit;
             for &action in Action::ALL {
@@ -443,25 +557,35 @@ impl Metrics {
                         .inc_by(n as u64);
                 }
             }
-            if u.error.is_none() {
-                self.drift
-                    .get_or_create(&UnitLabels { unit })
-                    .set(u.get(Tally::Drift).max(0));
-            }
         }
-        if let (Some(id), Some(source)) =
-            (report.unit(Unit::Identities), SourceName::from_name(source))
-        {
-            if id.error.is_none() {
+        if is_full_run(&report.trigger) {
+            self.record_full_run(report, source);
+        } else {
+            self.batches.record(report);
+        }
+    }
+
+    /// The series that describe the last full run. A batch's drift, listing and unlisted count
+    /// cover its few users only, so they never overwrite these.
+    fn record_full_run(&self, report: &RunReport, source: &str) {
+        self.duration.observe(report.duration_ms as f64 / 1000.0);
+        for u in report.units.iter().filter(|u| u.error.is_none()) {
+            self.drift
+                .get_or_create(&UnitLabels { unit: u.unit })
+                .set(u.get(Tally::Drift).max(0));
+        }
+        // A unit that failed has no counts: its 0 would read as "all listed".
+        if let Some(id) = report.unit(Unit::Identities).filter(|u| u.error.is_none()) {
+            if let Some(source) = SourceName::from_name(source) {
                 self.identities
                     .get_or_create(&SourceLabels { source })
                     .set(id.get(Tally::Listed).max(0));
             }
+            self.unlisted.set(id.get(Tally::Unlisted).max(0));
         }
         match report.outcome {
             Outcome::Succeeded => {
-                self.last_success
-                    .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+                self.last_success.set(now_seconds());
                 self.last_run_ok
                     .0
                     .store(LastRunOk::SUCCEEDED, Ordering::Relaxed);
@@ -584,6 +708,188 @@ mod tests {
         assert!(
             !text.contains("seedkeeper_keycloak_"),
             "no Keycloak source, no Keycloak series"
+        );
+    }
+
+    /// A finished run of `trigger` with an identities unit that listed `listed` users and
+    /// missed `unlisted`.
+    fn run(trigger: &str, outcome: Outcome, listed: i64, unlisted: i64) -> RunReport {
+        let mut identities = crate::reconcile::UnitReport::new(Unit::Identities);
+        identities.bump(Tally::Listed, listed);
+        identities.bump(Tally::Unlisted, unlisted);
+        identities.bump(Action::Inserted, 1);
+        RunReport {
+            id: uuid::Uuid::nil(),
+            trigger: trigger.into(),
+            mode: crate::reconcile::Mode::Apply,
+            outcome,
+            seed_digest: "d".into(),
+            duration_ms: 40,
+            units: vec![identities],
+            error: None,
+            error_value: None,
+        }
+    }
+
+    fn with_events() -> Metrics {
+        let mut m = Metrics::with_seed_digest("d");
+        m.register_events(&crate::events::FollowerState::default());
+        m
+    }
+
+    #[test]
+    fn every_trigger_but_the_event_batch_is_a_full_run() {
+        for t in ["startup", "schedule", "once", "event-full", "retry", "test"] {
+            assert!(is_full_run(t), "{t}");
+        }
+        assert!(!is_full_run(crate::events::BATCH_TRIGGER));
+    }
+
+    #[test]
+    fn event_batches_move_their_own_series_and_never_the_full_runs() {
+        let m = with_events();
+        let text = m.render();
+        for outcome in Outcome::ALL {
+            let s = format!(
+                "seedkeeper_event_batches_total{{outcome=\"{}\"}}",
+                outcome.as_str()
+            );
+            assert_eq!(sample(&text, &s), Some(0.0), "{s} in {text}");
+        }
+        assert_eq!(
+            sample(
+                &text,
+                "seedkeeper_event_batch_last_success_timestamp_seconds"
+            ),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "seedkeeper_events_following"), Some(0.0));
+
+        // A full run fails, then batches succeed: the full-run series still say it failed.
+        m.record_run(&run("schedule", Outcome::Failed, 6, 0), "keycloak");
+        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
+        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
+        m.record_run(&run("event", Outcome::Failed, 1, 0), "keycloak");
+        let text = m.render();
+        assert_eq!(sample(&text, "seedkeeper_last_run_ok"), Some(0.0), "{text}");
+        assert_eq!(
+            sample(&text, "seedkeeper_last_success_timestamp_seconds"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_run_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_identities_seen{source=\"keycloak\"}"),
+            Some(6.0),
+            "a batch's one user is not the realm's listing"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "seedkeeper_event_batches_total{outcome=\"succeeded\"}"
+            ),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_event_batches_total{outcome=\"failed\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_event_batch_duration_seconds_count"),
+            Some(3.0)
+        );
+        assert!(
+            sample(
+                &text,
+                "seedkeeper_event_batch_last_success_timestamp_seconds"
+            )
+            .is_some_and(|t| t > 1.7e9),
+            "{text}"
+        );
+        // Every run, batches included, is a seed_runs row and counted as one.
+        assert_eq!(
+            sample(&text, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_runs_total{outcome=\"failed\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "seedkeeper_rows_changed_total{unit=\"identities\",action=\"inserted\"}"
+            ),
+            Some(4.0)
+        );
+
+        // A full run under a trigger this module has never heard of counts as one.
+        m.record_run(&run("retry", Outcome::Succeeded, 6, 0), "keycloak");
+        let text = m.render();
+        assert_eq!(sample(&text, "seedkeeper_last_run_ok"), Some(1.0));
+        assert!(
+            sample(&text, "seedkeeper_last_success_timestamp_seconds").is_some_and(|t| t > 1.7e9)
+        );
+        assert_eq!(
+            sample(&text, "seedkeeper_event_batch_duration_seconds_count"),
+            Some(3.0)
+        );
+    }
+
+    #[test]
+    fn identities_unlisted_follows_the_last_full_run_that_reached_the_identities_unit() {
+        let m = Metrics::with_seed_digest("d");
+        assert!(
+            !m.render().contains("seedkeeper_identities_unlisted"),
+            "absent before a full run"
+        );
+        m.record_run(&run("startup", Outcome::Succeeded, 247, 1), "keycloak");
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "seedkeeper_identities_unlisted"),
+            Some(1.0),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE seedkeeper_identities_unlisted gauge"),
+            "{text}"
+        );
+
+        // A batch lists its own users only: it leaves the gauge.
+        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
+        assert_eq!(
+            sample(&m.render(), "seedkeeper_identities_unlisted"),
+            Some(1.0)
+        );
+
+        // A full run whose identities unit failed has no counts: the gauge stays.
+        let mut failed = run("schedule", Outcome::Failed, 0, 0);
+        failed.units = vec![crate::reconcile::UnitReport::failed(
+            Unit::Identities,
+            &Error::Keycloak("x".into()),
+        )];
+        m.record_run(&failed, "keycloak");
+        assert_eq!(
+            sample(&m.render(), "seedkeeper_identities_unlisted"),
+            Some(1.0)
+        );
+
+        // A full run that stopped before the identities unit leaves it too.
+        let mut early = run("schedule", Outcome::Failed, 0, 0);
+        early.units.clear();
+        m.record_run(&early, "keycloak");
+        assert_eq!(
+            sample(&m.render(), "seedkeeper_identities_unlisted"),
+            Some(1.0)
+        );
+
+        // The listing is complete again.
+        m.record_run(&run("schedule", Outcome::Succeeded, 248, 0), "keycloak");
+        assert_eq!(
+            sample(&m.render(), "seedkeeper_identities_unlisted"),
+            Some(0.0)
         );
     }
 

@@ -109,6 +109,8 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
         "{text}"
     );
     assert!(text.contains("# TYPE seedkeeper_run_duration_seconds histogram"));
+    // The realm-file source follows no events: no event series, so no alert on them can fire.
+    assert!(!text.contains("# TYPE seedkeeper_event"), "{text}");
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
 }

@@ -18,7 +18,7 @@ const ALICE: &str = "e1000000-0000-4000-8000-000000000001";
 const BOB: &str = "e1000000-0000-4000-8000-000000000002";
 
 /// The dev realm with events readable by the seedkeeper service account.
-fn realm_with(users: Vec<Value>) -> Value {
+pub(crate) fn realm_with(users: Vec<Value>) -> Value {
     let mut realm = dev_realm();
     for u in realm["users"].as_array_mut().unwrap() {
         if u.get("serviceAccountClientId").is_some() {
@@ -87,7 +87,7 @@ impl Setup {
     }
 }
 
-fn user_event(id: &str, time: i64, kind: &str, user_id: &str) -> Value {
+pub(crate) fn user_event(id: &str, time: i64, kind: &str, user_id: &str) -> Value {
     json!({"id": id, "time": time, "type": kind, "realmId": "dev", "clientId": "account", "userId": user_id, "ipAddress": "127.0.0.1"})
 }
 

@@ -4,6 +4,10 @@
 //! `SEEDKEEPER_LOG__FORMAT=json` everything `--once` prints is a JSON line (summary with `counts`
 //! as an object, errors included, configuration and usage errors too), and every line of a run
 //! carries its `run.id`.
+//!
+//! Issue 17: event batches have their own series, and never move the ones that describe full
+//! runs (`seedkeeper_last_success_timestamp_seconds`, `seedkeeper_last_run_ok`, the run
+//! duration), so they cannot mask full runs that fail.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,9 +17,10 @@ use seedkeeper::reconcile::Outcome;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use crate::events::{realm_with, user_event};
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
-use crate::identities::{kc_env, refs};
+use crate::identities::{kc_env, refs, user};
 
 /// Every sample of a Prometheus text exposition, `name{labels}` -> value. Fails on a line that
 /// is not a comment, a blank or `series value`.
@@ -292,6 +297,134 @@ async fn the_event_followers_keycloak_requests_count_in_the_same_series() {
         polled && total == journal.len() as f64
     })
     .await;
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+/// The daemon's samples, or none while it does not answer.
+async fn try_samples(base: &str) -> BTreeMap<String, f64> {
+    match reqwest::get(format!("{base}/metrics")).await {
+        Ok(r) => samples(&r.text().await.unwrap_or_default()),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series_failed() {
+    const MALLORY: &str = "e1700000-0000-4000-8000-000000000001";
+    const ALICE: &str = "e1700000-0000-4000-8000-000000000002";
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(realm_with(vec![])).await;
+    let mut env = kc_env(&kc);
+    // No scheduled tick: the test runs the full run that fails itself.
+    env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+    env.push(("SEEDKEEPER_EVENTS__POLL_INTERVAL".into(), "1s".into()));
+    let d = start_daemon(db.settings(&refs(&env))).await;
+    until(
+        "the startup run succeeded and events are followed",
+        60,
+        || async {
+            let s = try_samples(&d.base).await;
+            s.get("seedkeeper_last_run_ok") == Some(&1.0)
+                && s.get("seedkeeper_events_following") == Some(&1.0)
+        },
+    )
+    .await;
+    // The follower's first poll after the startup run sets its checkpoint: an event from now on
+    // is read.
+    until("the event checkpoint exists", 30, || async {
+        db.scalar_or_zero("SELECT count(*) FROM event_follower WHERE following")
+            .await
+            == 1
+    })
+    .await;
+    let s0 = samples(&d.metrics().await);
+    let full_success = get(&s0, "seedkeeper_last_success_timestamp_seconds");
+    assert!(full_success > 1.7e9, "{s0:#?}");
+    let batch = |o: &str| format!("seedkeeper_event_batches_total{{outcome=\"{o}\"}}");
+    for o in Outcome::ALL {
+        assert_eq!(get(&s0, &batch(o.as_str())), 0.0);
+    }
+    assert_eq!(
+        get(&s0, "seedkeeper_event_batch_last_success_timestamp_seconds"),
+        0.0
+    );
+
+    // A row someone else made holds "mallory", whom Keycloak now lists under a sub of its own:
+    // every full run fails on the clash from here on.
+    db.client()
+        .await
+        .execute(
+            "INSERT INTO users (username, email, role) VALUES ('mallory', 'other-mallory@example.test', 'user')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mallory = user(MALLORY, "mallory", &[], &[]);
+    kc.set_realm(realm_with(vec![mallory.clone()]));
+    let r = d
+        .app
+        .run_once("schedule", Duration::ZERO, &CancellationToken::new())
+        .await;
+    assert_eq!(r.outcome, Outcome::Failed, "{:?}", r.error);
+    let s1 = samples(&d.metrics().await);
+    assert_eq!(get(&s1, "seedkeeper_last_run_ok"), 0.0);
+    let full_runs = get(&s1, "seedkeeper_run_duration_seconds_count");
+
+    // Alice registers: the event batch that provisions her succeeds.
+    kc.set_realm(realm_with(vec![mallory, user(ALICE, "alice", &[], &[])]));
+    kc.push_user_event(user_event(
+        "ev-17",
+        seedkeeper::events::now_ms(),
+        "REGISTER",
+        ALICE,
+    ));
+    until("the event batch is counted", 30, || async {
+        try_samples(&d.base)
+            .await
+            .get(&batch("succeeded"))
+            .is_some_and(|n| *n >= 1.0)
+    })
+    .await;
+    let s2 = samples(&d.metrics().await);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users WHERE username = 'alice' AND is_active")
+            .await,
+        1,
+        "the batch provisioned alice"
+    );
+    // The full-run series still say the full runs fail, as they do.
+    assert_eq!(get(&s2, "seedkeeper_last_run_ok"), 0.0, "{s2:#?}");
+    assert_eq!(
+        get(&s2, "seedkeeper_last_success_timestamp_seconds"),
+        full_success
+    );
+    assert_eq!(
+        get(&s2, "seedkeeper_run_duration_seconds_count"),
+        full_runs,
+        "a batch is not a full run's duration"
+    );
+    // The batch's own series moved.
+    assert_eq!(get(&s2, &batch("succeeded")), 1.0);
+    assert_eq!(get(&s2, &batch("failed")), 0.0);
+    assert_eq!(
+        get(&s2, "seedkeeper_event_batch_duration_seconds_count"),
+        1.0
+    );
+    assert!(
+        get(&s2, "seedkeeper_event_batch_last_success_timestamp_seconds") > full_success,
+        "{s2:#?}"
+    );
+    // Every run is a seed_runs row and counted as one: the startup run and the batch succeeded,
+    // the scheduled run failed on the clash.
+    assert_eq!(
+        get(&s2, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+        2.0
+    );
+    assert_eq!(run_errors(&s2, ErrorKind::IdentityClash), 1.0);
+    // Readiness follows the full runs too.
+    assert_eq!(status_of(&format!("{}/readyz", d.base)).await, 503);
+    promtool_lint(&d.metrics().await);
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
 }
