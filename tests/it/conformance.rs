@@ -319,22 +319,34 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
         .await;
     assert_eq!(
         active_super,
-        ["disabled", "stays"],
-        "granted bindings revoked with the role"
+        ["stays"],
+        "granted bindings revoked with the role, and from the disabled admin"
+    );
+    let reasons = db
+        .strings("SELECT u.username || ' ' || b.revoked_reason FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'revoked' AND u.username IN ('disabled', 'revoked') ORDER BY 1")
+        .await;
+    assert_eq!(
+        reasons,
+        ["disabled identity-disabled", "revoked basis-gone"],
+        "each revocation says why"
     );
     let inactive = db
-        .strings("SELECT username FROM users WHERE NOT is_active")
+        .strings("SELECT username FROM users WHERE NOT is_active ORDER BY 1")
         .await;
-    assert_eq!(inactive, ["disabled"]);
+    assert_eq!(inactive, ["disabled", "leaver"]);
     assert_eq!(
-        count(&r, "identities", "missing"),
+        count(&r, "identities", "deactivated"),
         1,
-        "the deleted user is reported"
+        "the deleted user is offboarded"
     );
     let leaver = db
-        .scalar("SELECT count(*) FROM users WHERE username = 'leaver'")
+        .strings("SELECT username FROM users WHERE offboarded_at IS NOT NULL")
         .await;
-    assert_eq!(leaver, 1, "a user deleted in Keycloak keeps its row");
+    assert_eq!(
+        leaver,
+        ["leaver"],
+        "a user deleted in Keycloak keeps its row, offboarded"
+    );
 
     // The realm deleted and imported again: every user gets a new id. Rows are re-aligned by
     // username, never duplicated, and no row moves to another person.
