@@ -252,6 +252,7 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     realm.grant_realm_roles(&ids["disabled"], &["admin"]).await;
     realm.grant_realm_roles(&ids["composite"], &["super"]).await;
     realm.grant_realm_roles(&ids["stays"], &["admin"]).await;
+    realm.grant_realm_roles(&ids["leaver"], &["admin"]).await;
     let emea = realm.group_id("/admins/emea").await;
     realm
         .admin(
@@ -271,6 +272,7 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
             "dev-admin",
             "disabled",
             "grouped",
+            "leaver",
             "revoked",
             "stays"
         ]
@@ -311,8 +313,8 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     assert_ok(&r);
     assert_eq!(
         admins(&db).await,
-        ["dev-admin", "disabled", "stays"],
-        "role follows the realm"
+        ["dev-admin", "disabled", "leaver", "stays"],
+        "role follows the realm (the offboarded row keeps its last known role)"
     );
     let active_super = db
         .strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.role_name = 'platform_superadmin' AND b.status = 'active' AND u.username IN ('revoked', 'grouped', 'composite', 'disabled', 'stays') ORDER BY 1")
@@ -346,6 +348,27 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
         leaver,
         ["leaver"],
         "a user deleted in Keycloak keeps its row, offboarded"
+    );
+    assert_eq!(
+        db.strings("SELECT b.status || ' ' || b.revoked_reason FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE u.username = 'leaver'")
+            .await,
+        ["revoked identity-offboarded"],
+        "the deleted admin keeps no privilege"
+    );
+
+    // The disabled admin is enabled again: its binding comes back.
+    let mut rep = realm.get(&format!("/users/{}", ids["disabled"])).await;
+    rep["enabled"] = json!(true);
+    realm
+        .admin(Method::PUT, &format!("/users/{}", ids["disabled"]), Some(rep))
+        .await;
+    let r = apply(&db.engine(&refs(&env))).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "role_bindings", "inserted"), 1);
+    assert_eq!(
+        db.strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'active' AND u.username IN ('disabled', 'leaver')")
+            .await,
+        ["disabled"]
     );
 
     // The realm deleted and imported again: every user gets a new id. Rows are re-aligned by
