@@ -360,7 +360,11 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     let mut rep = realm.get(&format!("/users/{}", ids["disabled"])).await;
     rep["enabled"] = json!(true);
     realm
-        .admin(Method::PUT, &format!("/users/{}", ids["disabled"]), Some(rep))
+        .admin(
+            Method::PUT,
+            &format!("/users/{}", ids["disabled"]),
+            Some(rep),
+        )
         .await;
     let r = apply(&db.engine(&refs(&env))).await;
     assert_ok(&r);
@@ -548,5 +552,78 @@ async fn an_access_token_that_expires_during_a_listing_is_renewed_and_the_listin
     assert!(
         matches!(expires_in, Some(1..=2)),
         "the realm's 2 s lifespan is in force: expires_in {expires_in:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_keycloak_counts_but_cannot_list_narrows_the_run_instead_of_stopping_it() {
+    let kc = real_keycloak();
+    let mut rep = richer_skeleton(&realm_name("unlistable"));
+    // An id naming a user storage provider the realm does not have: Keycloak imports and counts
+    // this user, but no listing or lookup ever returns it.
+    rep["users"].as_array_mut().unwrap().extend([
+        json!({"id": "f:5b1e7c1e-ldap:frank", "username": "frank", "enabled": true, "realmRoles": ["admin"]}),
+        json!({"username": "leaver", "enabled": true, "email": "leaver@example.test", "realmRoles": ["admin"]}),
+    ]);
+    let realm = kc.create_realm(rep).await;
+    let count_now: i64 = realm.get("/users/count").await.as_i64().unwrap();
+    let listed = realm.get("/users?max=1000&briefRepresentation=true").await;
+    let listed = listed.as_array().unwrap().len() as i64;
+    assert_eq!(
+        count_now - listed,
+        1,
+        "Keycloak counts frank but does not list him"
+    );
+
+    let db = TestDb::new().await;
+    let env: Vec<(String, String)> = realm.env();
+    let out = run_bin(&["--once"], &[db.env(), env.clone()].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The listed users are exact: the realm's users as the realm file gives them, less frank.
+    let users = db
+        .strings("SELECT username || ' ' || role || ' ' || is_active FROM users ORDER BY 1")
+        .await;
+    assert!(
+        users.contains(&"leaver admin true".to_string()),
+        "{users:?}"
+    );
+    assert!(
+        users.contains(&"dev-admin admin true".to_string()),
+        "{users:?}"
+    );
+    assert!(!users.iter().any(|u| u.starts_with("frank")), "{users:?}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id")
+            .await,
+        users.len() as i64,
+        "every listed user provisioned"
+    );
+    let finding = db
+        .strings("SELECT f->>'detail' FROM seed_runs, jsonb_array_elements(findings) f WHERE f->>'kind' = 'unlisted'")
+        .await;
+    assert_eq!(finding.len(), 1, "{finding:?}");
+    assert!(
+        finding[0].contains(&format!("users/count reported {count_now}")),
+        "{finding:?}"
+    );
+    let plan = run_bin(&["plan"], &[db.env(), env.clone()].concat());
+    let plan_text = text(&plan);
+    assert!(plan_text.contains("unlisted"), "{plan_text}");
+
+    // A user deleted meanwhile is not offboarded while the listing is short: absence proves
+    // nothing in that run.
+    let leaver = realm.user_id("leaver").await;
+    realm
+        .admin(Method::DELETE, &format!("/users/{leaver}"), None)
+        .await;
+    let out = run_bin(&["--once"], &[db.env(), env].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        db.strings("SELECT is_active || ' ' || (offboarded_at IS NULL) FROM users WHERE username = 'leaver'").await,
+        ["true true"]
+    );
+    assert_eq!(
+        db.scalar("SELECT (counts->'identities'->>'unlisted')::bigint FROM seed_runs ORDER BY started_at DESC LIMIT 1").await,
+        1
     );
 }
