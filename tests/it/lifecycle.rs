@@ -1,12 +1,14 @@
-//! Issue 17: the whole life of an identity, through the realm-file source (the emulator and the
-//! real Keycloak cases are in `events.rs`, `listing.rs` and `conformance*.rs`): provisioned,
-//! disabled, deleted (offboarded), back again, and a new person reusing an offboarded name. A
-//! privilege never outlives the identity's standing.
+//! Issue 17: the whole life of an identity, through the realm-file source and the Keycloak
+//! source against the emulator (the real Keycloak cases are in `conformance*.rs`, the event
+//! follower's in `events.rs`, short listings in `listing.rs`): provisioned, disabled, deleted
+//! (offboarded), back again, and a new person reusing an offboarded name. A privilege never
+//! outlives the identity's standing.
 
 use serde_json::Value;
 
+use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
-use crate::identities::{realm_file_env, refs, test_realm, user};
+use crate::identities::{kc_env, realm_file_env, refs, test_realm, user};
 use seedkeeper::reconcile::{FindingKind, RunReport, Unit};
 
 const BOSS: &str = "b7000000-0000-4000-8000-000000000001";
@@ -19,8 +21,39 @@ fn boss(enabled: bool) -> Value {
     u
 }
 
-async fn run_with(db: &TestDb, dir: &TempDir, realm: &Value) -> RunReport {
-    apply(&db.engine(&refs(&realm_file_env(dir, realm)))).await
+/// Where the realm comes from: a realm file, or the emulator serving it.
+enum Source {
+    File(TempDir),
+    Emulator(KeycloakEmulator),
+}
+
+impl Source {
+    async fn both() -> [Source; 2] {
+        let kc = KeycloakEmulator::start(test_realm(vec![])).await;
+        [Source::File(TempDir::new()), Source::Emulator(kc)]
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Source::File(_) => "realm-file",
+            Source::Emulator(_) => "keycloak",
+        }
+    }
+
+    /// The realm as it is now, and the settings that read it.
+    fn env(&self, realm: &Value) -> Vec<(String, String)> {
+        match self {
+            Source::File(dir) => realm_file_env(dir, realm),
+            Source::Emulator(kc) => {
+                kc.set_realm(realm.clone());
+                kc_env(kc)
+            }
+        }
+    }
+}
+
+async fn run_with(db: &TestDb, source: &Source, realm: &Value) -> RunReport {
+    apply(&db.engine(&refs(&source.env(realm)))).await
 }
 
 /// boss's bindings: `role status granted_by reason`, sorted.
@@ -43,9 +76,15 @@ fn findings(r: &RunReport, kind: FindingKind) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deleted_admin_is_offboarded_keeps_its_row_and_tenant_and_comes_back_with_its_bindings() {
+    for source in Source::both().await {
+        offboarded_and_back(&source).await;
+    }
+}
+
+async fn offboarded_and_back(source: &Source) {
     let db = TestDb::new().await;
-    let dir = TempDir::new();
-    assert_ok(&run_with(&db, &dir, &test_realm(vec![boss(true)])).await);
+    eprintln!("source: {}", source.name());
+    assert_ok(&run_with(&db, source, &test_realm(vec![boss(true)])).await);
     assert_eq!(
         bindings_of(&db, "boss").await,
         [
@@ -69,7 +108,7 @@ async fn a_deleted_admin_is_offboarded_keeps_its_row_and_tenant_and_comes_back_w
     assert_eq!(tenant_before.len(), 1);
 
     // boss is deleted from the realm: offboarded by the next complete listing.
-    let r = run_with(&db, &dir, &test_realm(vec![])).await;
+    let r = run_with(&db, source, &test_realm(vec![])).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 1);
     assert_eq!(count(&r, "role_bindings", "revoked"), 2);
@@ -109,7 +148,7 @@ async fn a_deleted_admin_is_offboarded_keeps_its_row_and_tenant_and_comes_back_w
     // The next run writes nothing: boss stays offboarded, counted missing, not offboarded again.
     db.settle_stats(2).await;
     let written = db.tuples_written().await;
-    let r = run_with(&db, &dir, &test_realm(vec![])).await;
+    let r = run_with(&db, source, &test_realm(vec![])).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 0);
     assert_eq!(count(&r, "identities", "missing"), 1);
@@ -123,7 +162,7 @@ async fn a_deleted_admin_is_offboarded_keeps_its_row_and_tenant_and_comes_back_w
 
     // boss is back under the same sub: reactivated, its bindings granted again as new rows; the
     // revoked ones stay as history.
-    let r = run_with(&db, &dir, &test_realm(vec![boss(true)])).await;
+    let r = run_with(&db, source, &test_realm(vec![boss(true)])).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "reactivated"), 1);
     assert_eq!(count(&r, "identities", "updated"), 0);
@@ -151,17 +190,23 @@ async fn a_deleted_admin_is_offboarded_keeps_its_row_and_tenant_and_comes_back_w
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_disabled_admin_holds_no_binding_and_gets_it_back_when_enabled() {
+    for source in Source::both().await {
+        disabled_and_enabled(&source).await;
+    }
+}
+
+async fn disabled_and_enabled(source: &Source) {
     let db = TestDb::new().await;
-    let dir = TempDir::new();
-    assert_ok(&run_with(&db, &dir, &test_realm(vec![boss(true)])).await);
+    eprintln!("source: {}", source.name());
+    assert_ok(&run_with(&db, source, &test_realm(vec![boss(true)])).await);
 
     // Disabled in Keycloak: deactivated, not offboarded. (A plan compares each unit with the
     // database as it is, so it shows the user's update; the revocations follow from it.)
     let disabled = test_realm(vec![boss(false)]);
-    let p = plan(&db.engine(&refs(&realm_file_env(&dir, &disabled)))).await;
+    let p = plan(&db.engine(&refs(&source.env(&disabled)))).await;
     let changes: Vec<&String> = p.units.iter().flat_map(|u| &u.changes).collect();
     assert_eq!(changes, ["update 1 user(s)"]);
-    let r = run_with(&db, &dir, &disabled).await;
+    let r = run_with(&db, source, &disabled).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "updated"), 1);
     assert_eq!(count(&r, "identities", "deactivated"), 0);
@@ -189,7 +234,7 @@ async fn a_disabled_admin_holds_no_binding_and_gets_it_back_when_enabled() {
         db.scalar("SELECT count(*) FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'active' AND b.granted_by = 'seedkeeper' AND NOT u.is_active").await,
         0
     );
-    let again = run_with(&db, &dir, &disabled).await;
+    let again = run_with(&db, source, &disabled).await;
     assert_ok(&again);
     assert_eq!(
         again.units.iter().map(|u| u.counts.writes()).sum::<i64>(),
@@ -197,7 +242,7 @@ async fn a_disabled_admin_holds_no_binding_and_gets_it_back_when_enabled() {
     );
 
     // Enabled again: the bindings come back.
-    let r = run_with(&db, &dir, &test_realm(vec![boss(true)])).await;
+    let r = run_with(&db, source, &test_realm(vec![boss(true)])).await;
     assert_ok(&r);
     assert_eq!(count(&r, "role_bindings", "inserted"), 2);
     assert_eq!(
@@ -208,16 +253,22 @@ async fn a_disabled_admin_holds_no_binding_and_gets_it_back_when_enabled() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_new_sub_reusing_an_offboarded_users_name_is_a_clash_and_inherits_nothing() {
+    for source in Source::both().await {
+        reused_name(&source).await;
+    }
+}
+
+async fn reused_name(source: &Source) {
     let db = TestDb::new().await;
-    let dir = TempDir::new();
-    assert_ok(&run_with(&db, &dir, &test_realm(vec![boss(true)])).await);
-    assert_ok(&run_with(&db, &dir, &test_realm(vec![])).await);
+    eprintln!("source: {}", source.name());
+    assert_ok(&run_with(&db, source, &test_realm(vec![boss(true)])).await);
+    assert_ok(&run_with(&db, source, &test_realm(vec![])).await);
 
     // Another person joins under the name "boss", with a sub of their own.
     let newcomer = user(NEWCOMER, "boss", &["admin"], &[]);
     let realm = test_realm(vec![newcomer]);
     for attempt in 1..=2 {
-        let r = run_with(&db, &dir, &realm).await;
+        let r = run_with(&db, source, &realm).await;
         assert_eq!(
             r.outcome.as_str(),
             "failed",
