@@ -201,6 +201,8 @@ struct KeycloakFigures {
     version: String,
     create: Vec<Option<Duration>>,
     revoke: Vec<Option<Duration>>,
+    /// Deletion in Keycloak to the user offboarded (row inactive, `offboarded_at` set).
+    offboard: Vec<Option<Duration>>,
     idle_secs: u64,
     idle: BTreeMap<&'static str, f64>,
     runs: BTreeMap<String, i64>,
@@ -399,6 +401,48 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     idle.insert("seed_runs_written", (runs1 - runs0) as f64);
     idle.insert("following", metric_sum(&m1, "seedkeeper_events_following"));
 
+    // Offboarding: `changes` users deleted one by one (the created ones, and as many more made
+    // first, not measured), each timed until its row is offboarded.
+    for i in 0..changes.saturating_sub(n_create) {
+        let username = format!("bench-off-{i:03}");
+        realm
+            .admin(
+                reqwest::Method::POST,
+                "/users",
+                Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example")})),
+            )
+            .await;
+        let d = until_count(&c, provisioned, &[&username], 1, Instant::now(), limit).await;
+        assert!(
+            d.is_some(),
+            "{username} never provisioned:\n{}",
+            daemon.log_tail()
+        );
+    }
+    let doomed: Vec<String> = c
+        .query(
+            "SELECT keycloak_sub FROM users WHERE username LIKE 'bench-ev-%' OR username LIKE 'bench-off-%' ORDER BY username",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(doomed.len(), changes.max(n_create), "users to delete");
+    let offboarded = "SELECT count(*) FROM users WHERE keycloak_sub = $1 AND NOT is_active AND offboarded_at IS NOT NULL";
+    let mut offboard = Vec::new();
+    for (i, sub) in doomed.iter().enumerate() {
+        tokio::time::sleep(jitter()).await;
+        let start = Instant::now();
+        realm
+            .admin(reqwest::Method::DELETE, &format!("/users/{sub}"), None)
+            .await;
+        let d = until_count(&c, offboarded, &[sub], 1, start, limit).await;
+        eprintln!("bench-events: offboarded #{i}: {d:?}");
+        offboard.push(d);
+    }
+
     let batch_ms: Vec<f64> = c
         .query(
             "SELECT (extract(epoch FROM finished_at - started_at) * 1000)::float8 FROM seed_runs \
@@ -430,6 +474,7 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
         version,
         create,
         revoke,
+        offboard,
         idle_secs,
         idle,
         runs,
@@ -723,6 +768,7 @@ fn report(
     if let Some(r) = real {
         let c = stats(&r.create);
         let v = stats(&r.revoke);
+        let o = stats(&r.offboard);
         let all: Vec<Option<Duration>> = r.create.iter().chain(r.revoke.iter()).copied().collect();
         let a = stats(&all);
         println!();
@@ -736,6 +782,7 @@ fn report(
             ("user created (row, tenant, project)", &c),
             ("admin role revoked (binding revoked)", &v),
             ("all", &a),
+            ("user deleted (offboarded, bindings revoked)", &o),
         ] {
             println!(
                 "| {what} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
@@ -745,6 +792,14 @@ fn report(
         println!(
             "target p95 <= 5 s: {}",
             if a.missed == 0 && a.p95 <= 5.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!(
+            "offboarding target p95 <= 5 s: {}",
+            if o.missed == 0 && o.p95 <= 5.0 {
                 "met"
             } else {
                 "NOT met"
@@ -784,7 +839,8 @@ fn report(
         let ms = |s: &Stats| json!({"n": s.n, "missed": s.missed, "p50_s": s.p50, "p95_s": s.p95, "max_s": s.max, "min_s": s.min});
         out["real_keycloak"] = json!({
             "version": r.version,
-            "created": ms(&c), "revoked": ms(&v), "all": ms(&a),
+            "created": ms(&c), "revoked": ms(&v), "all": ms(&a), "offboarded": ms(&o),
+            "offboarded_s": r.offboard.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "created_s": r.create.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "revoked_s": r.revoke.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "idle_secs": r.idle_secs, "idle": r.idle, "seed_runs": r.runs, "event_batch_ms": r.batch_ms,
