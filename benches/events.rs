@@ -141,6 +141,19 @@ async fn until_count(
 }
 
 /// A random delay in 0..POLL, so that changes fall anywhere in the poll cycle.
+/// The subs of the users rows matching `condition`, by username.
+async fn subs_of(c: &Client, condition: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT keycloak_sub FROM users WHERE {condition} ORDER BY username"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 fn jitter() -> Duration {
     Duration::from_millis((uuid::Uuid::new_v4().as_u128() % POLL.as_millis()) as u64)
 }
@@ -298,35 +311,36 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     let limit = Duration::from_secs(30);
     let provisioned = "SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id \
          JOIN projects p ON p.tenant_id = t.id WHERE u.username = $1";
+    // A user created through the admin API, timed until its row, tenant and project exist.
+    let create_user = |username: String| {
+        let (realm, c) = (&realm, &c);
+        async move {
+            let start = Instant::now();
+            realm
+                .admin(
+                    reqwest::Method::POST,
+                    "/users",
+                    Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example"),
+                                "firstName": "Bench", "lastName": "Events"})),
+                )
+                .await;
+            until_count(c, provisioned, &[&username], 1, start, limit).await
+        }
+    };
     let mut create = Vec::new();
     for i in 0..n_create {
         tokio::time::sleep(jitter()).await;
         let username = format!("bench-ev-{i:03}");
-        let start = Instant::now();
-        realm
-            .admin(
-                reqwest::Method::POST,
-                "/users",
-                Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example"),
-                            "firstName": "Bench", "lastName": format!("Events {i}")})),
-            )
-            .await;
-        let d = until_count(&c, provisioned, &[&username], 1, start, limit).await;
+        let d = create_user(username.clone()).await;
         eprintln!("bench-events: created {username}: {d:?}");
         create.push(d);
     }
 
     // Grants first (through events too, not measured), then each one taken away.
     let admin_role = realm.role("admin").await;
-    let subs: Vec<String> = c
-        .query(
-            "SELECT keycloak_sub FROM users WHERE username LIKE 'bench-ev-%' ORDER BY username",
-            &[],
-        )
+    let subs: Vec<String> = subs_of(&c, "username LIKE 'bench-ev-%'")
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .take(n_revoke)
         .collect();
     assert_eq!(subs.len(), n_revoke, "users to revoke");
@@ -405,30 +419,18 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     // first, not measured), each timed until its row is offboarded.
     for i in 0..changes.saturating_sub(n_create) {
         let username = format!("bench-off-{i:03}");
-        realm
-            .admin(
-                reqwest::Method::POST,
-                "/users",
-                Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example")})),
-            )
-            .await;
-        let d = until_count(&c, provisioned, &[&username], 1, Instant::now(), limit).await;
+        let d = create_user(username.clone()).await;
         assert!(
             d.is_some(),
             "{username} never provisioned:\n{}",
             daemon.log_tail()
         );
     }
-    let doomed: Vec<String> = c
-        .query(
-            "SELECT keycloak_sub FROM users WHERE username LIKE 'bench-ev-%' OR username LIKE 'bench-off-%' ORDER BY username",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let doomed = subs_of(
+        &c,
+        "username LIKE 'bench-ev-%' OR username LIKE 'bench-off-%'",
+    )
+    .await;
     assert_eq!(doomed.len(), changes.max(n_create), "users to delete");
     let offboarded = "SELECT count(*) FROM users WHERE keycloak_sub = $1 AND NOT is_active AND offboarded_at IS NOT NULL";
     let mut offboard = Vec::new();
