@@ -7,7 +7,8 @@
 //!
 //! Issue 17: event batches have their own series, and never move the ones that describe full
 //! runs (`seedkeeper_last_success_timestamp_seconds`, `seedkeeper_last_run_ok`, the run
-//! duration), so they cannot mask full runs that fail.
+//! duration), so they cannot mask full runs that fail; `seedkeeper_identities_unlisted` shows a
+//! listing short of `users/count` for as long as it lasts.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -427,6 +428,50 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
     promtool_lint(&d.metrics().await);
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_complete_one() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let env = kc_env(&kc);
+    let app = seedkeeper::app::App::new(db.engine(&refs(&env)));
+    let cancel = CancellationToken::new();
+    assert!(!app
+        .metrics
+        .render()
+        .contains("seedkeeper_identities_unlisted"));
+    assert_ok(
+        &app.run_once("startup", Duration::from_secs(5), &cancel)
+            .await,
+    );
+    assert_eq!(
+        get(
+            &samples(&app.metrics.render()),
+            "seedkeeper_identities_unlisted"
+        ),
+        0.0
+    );
+
+    // users/count counts users the listing leaves out: the run succeeds, narrowed, and the
+    // gauge says by how many.
+    kc.hide_from_listing_every(2);
+    let hidden = kc.hidden_users(2).len();
+    assert!(hidden > 0);
+    assert_ok(&app.run_once("schedule", Duration::ZERO, &cancel).await);
+    let s = samples(&app.metrics.render());
+    assert_eq!(get(&s, "seedkeeper_identities_unlisted"), hidden as f64);
+    assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
+
+    kc.clear_paging_faults();
+    assert_ok(&app.run_once("schedule", Duration::ZERO, &cancel).await);
+    assert_eq!(
+        get(
+            &samples(&app.metrics.render()),
+            "seedkeeper_identities_unlisted"
+        ),
+        0.0
+    );
 }
 
 /// Every line of `out` parsed as a JSON object; fails naming the first line that is not one.
