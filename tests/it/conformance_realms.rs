@@ -244,3 +244,29 @@ async fn group_paths_without_leading_or_with_trailing_slash_import_as_the_realm_
         }
     }
 }
+
+/// `keycloak.issuer` must be an http(s) URL; anything else is refused when the configuration
+/// is loaded, naming the key.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keycloak_issuer_that_is_not_an_http_url_is_refused_naming_the_key() {
+    let env: Vec<(String, String)> = [
+        ("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),
+        ("SEEDKEEPER_KEYCLOAK__BASE_URL", "http://keycloak:8080"),
+        ("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "x"),
+        ("SEEDKEEPER_KEYCLOAK__ISSUER", "auth.example.com/realms/dev"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let (code, t) = tokio::task::spawn_blocking(move || {
+        let out = run_bin(&["config"], &env);
+        (out.status.code(), text(&out))
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(78), "{t}");
+    assert!(
+        t.contains("keycloak.issuer") && t.contains("SEEDKEEPER_KEYCLOAK__ISSUER"),
+        "{t}"
+    );
+}
