@@ -1341,6 +1341,7 @@ impl KeycloakSource {
 }
 
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -1364,7 +1365,10 @@ mod tests {
             let e = accept_issuer(iss, "x", None, DOC).expect_err(iss);
             assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
             let t = e.to_string();
-            assert!(t.contains(iss) && t.contains(DOC) && t.contains("keycloak.issuer"), "{t}");
+            assert!(
+                t.contains(iss) && t.contains(DOC) && t.contains("keycloak.issuer"),
+                "{t}"
+            );
         }
     }
 
@@ -1416,7 +1420,11 @@ mod tests {
             ),
         ];
         for (iss, announced, want) in cases {
-            assert_eq!(rebased_token_url(base, "x", iss, announced), want, "{announced}");
+            assert_eq!(
+                rebased_token_url(base, "x", iss, announced),
+                want,
+                "{announced}"
+            );
         }
     }
 }

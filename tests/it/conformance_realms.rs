@@ -73,7 +73,10 @@ async fn synced_behind_the_frontend_url(rep: &Value, kc_env: Vec<(String, String
 
     let file_db = TestDb::new().await;
     let dir = TempDir::new();
-    let file_env = with(realm_file_env(&dir, rep), &[("SEEDKEEPER_KEYCLOAK__REALM", realm)]);
+    let file_env = with(
+        realm_file_env(&dir, rep),
+        &[("SEEDKEEPER_KEYCLOAK__REALM", realm)],
+    );
     assert_ok(&apply(&file_db.engine(&refs(&file_env))).await);
     assert_eq!(identity_state(&db).await, identity_state(&file_db).await);
 
@@ -100,7 +103,10 @@ async fn a_wrong_pin_is_refused(realm: &str, kc_env: Vec<(String, String)>) {
     ] {
         assert!(t.contains(needle), "{needle:?} missing from: {t}");
     }
-    assert!(!t.contains("unavailable"), "not reported as unavailable: {t}");
+    assert!(
+        !t.contains("unavailable"),
+        "not reported as unavailable: {t}"
+    );
     assert_eq!(tables(&db).await, 0, "nothing written");
 }
 
@@ -201,7 +207,10 @@ async fn the_emulator_announces_a_frontend_url_as_keycloak_does() {
 async fn group_paths_without_leading_or_with_trailing_slash_import_as_the_realm_file_reads_them() {
     let kc = real_keycloak();
     let (mut rep, _) = as_new_realm(&dev_realm(), &realm_name("group-paths"));
-    rep["groups"].as_array_mut().unwrap().push(json!({"name": "Admin", "path": "/Admin",
+    rep["groups"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "Admin", "path": "/Admin",
         "realmRoles": ["admin"], "subGroups": [{"name": "Ops", "path": "/Admin/Ops",
         "realmRoles": ["ops"], "subGroups": []}]}));
     let spellings = [

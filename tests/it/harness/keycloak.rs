@@ -1,9 +1,9 @@
 //! A Keycloak 26 emulator for tests and the benchmark: an in-process HTTP server on port 0 that
 //! loads a realm export and answers what seedkeeper calls, in Keycloak's wire formats
-//! (`shared/keycloak/SUMMARY.md`): discovery, JWKS, the client-credentials token endpoint and its
-//! error bodies, and the admin API for users, counts, roles, role members, role groups, group
-//! members and children and role mappings, with Keycloak's paging, ordering, permission checks
-//! and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
+//! (`shared/keycloak/SUMMARY.md`): discovery (naming the realm's `frontendUrl` host when it has
+//! one, as Keycloak does), JWKS, the client-credentials token endpoint and its error bodies, and
+//! the admin API for users, counts, roles, role members, role groups, group members and children
+//! and role mappings, with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
 //!
 //! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
 //! become invalid mid-listing; short pages, a capped `max`, users filtered out of the listing
