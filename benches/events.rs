@@ -141,6 +141,19 @@ async fn until_count(
 }
 
 /// A random delay in 0..POLL, so that changes fall anywhere in the poll cycle.
+/// The subs of the users rows matching `condition`, by username.
+async fn subs_of(c: &Client, condition: &str) -> Vec<String> {
+    c.query(
+        &format!("SELECT keycloak_sub FROM users WHERE {condition} ORDER BY username"),
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
 fn jitter() -> Duration {
     Duration::from_millis((uuid::Uuid::new_v4().as_u128() % POLL.as_millis()) as u64)
 }
@@ -201,6 +214,8 @@ struct KeycloakFigures {
     version: String,
     create: Vec<Option<Duration>>,
     revoke: Vec<Option<Duration>>,
+    /// Deletion in Keycloak to the user offboarded (row inactive, `offboarded_at` set).
+    offboard: Vec<Option<Duration>>,
     idle_secs: u64,
     idle: BTreeMap<&'static str, f64>,
     runs: BTreeMap<String, i64>,
@@ -296,35 +311,36 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     let limit = Duration::from_secs(30);
     let provisioned = "SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id \
          JOIN projects p ON p.tenant_id = t.id WHERE u.username = $1";
+    // A user created through the admin API, timed until its row, tenant and project exist.
+    let create_user = |username: String| {
+        let (realm, c) = (&realm, &c);
+        async move {
+            let start = Instant::now();
+            realm
+                .admin(
+                    reqwest::Method::POST,
+                    "/users",
+                    Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example"),
+                                "firstName": "Bench", "lastName": "Events"})),
+                )
+                .await;
+            until_count(c, provisioned, &[&username], 1, start, limit).await
+        }
+    };
     let mut create = Vec::new();
     for i in 0..n_create {
         tokio::time::sleep(jitter()).await;
         let username = format!("bench-ev-{i:03}");
-        let start = Instant::now();
-        realm
-            .admin(
-                reqwest::Method::POST,
-                "/users",
-                Some(json!({"username": username, "enabled": true, "email": format!("{username}@bench.example"),
-                            "firstName": "Bench", "lastName": format!("Events {i}")})),
-            )
-            .await;
-        let d = until_count(&c, provisioned, &[&username], 1, start, limit).await;
+        let d = create_user(username.clone()).await;
         eprintln!("bench-events: created {username}: {d:?}");
         create.push(d);
     }
 
     // Grants first (through events too, not measured), then each one taken away.
     let admin_role = realm.role("admin").await;
-    let subs: Vec<String> = c
-        .query(
-            "SELECT keycloak_sub FROM users WHERE username LIKE 'bench-ev-%' ORDER BY username",
-            &[],
-        )
+    let subs: Vec<String> = subs_of(&c, "username LIKE 'bench-ev-%'")
         .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
+        .into_iter()
         .take(n_revoke)
         .collect();
     assert_eq!(subs.len(), n_revoke, "users to revoke");
@@ -399,6 +415,36 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
     idle.insert("seed_runs_written", (runs1 - runs0) as f64);
     idle.insert("following", metric_sum(&m1, "seedkeeper_events_following"));
 
+    // Offboarding: `changes` users deleted one by one (the created ones, and as many more made
+    // first, not measured), each timed until its row is offboarded.
+    for i in 0..changes.saturating_sub(n_create) {
+        let username = format!("bench-off-{i:03}");
+        let d = create_user(username.clone()).await;
+        assert!(
+            d.is_some(),
+            "{username} never provisioned:\n{}",
+            daemon.log_tail()
+        );
+    }
+    let doomed = subs_of(
+        &c,
+        "username LIKE 'bench-ev-%' OR username LIKE 'bench-off-%'",
+    )
+    .await;
+    assert_eq!(doomed.len(), changes.max(n_create), "users to delete");
+    let offboarded = "SELECT count(*) FROM users WHERE keycloak_sub = $1 AND NOT is_active AND offboarded_at IS NOT NULL";
+    let mut offboard = Vec::new();
+    for (i, sub) in doomed.iter().enumerate() {
+        tokio::time::sleep(jitter()).await;
+        let start = Instant::now();
+        realm
+            .admin(reqwest::Method::DELETE, &format!("/users/{sub}"), None)
+            .await;
+        let d = until_count(&c, offboarded, &[sub], 1, start, limit).await;
+        eprintln!("bench-events: offboarded #{i}: {d:?}");
+        offboard.push(d);
+    }
+
     let batch_ms: Vec<f64> = c
         .query(
             "SELECT (extract(epoch FROM finished_at - started_at) * 1000)::float8 FROM seed_runs \
@@ -430,6 +476,7 @@ async fn against_real_keycloak(admin: &Client, changes: usize, idle_secs: u64) -
         version,
         create,
         revoke,
+        offboard,
         idle_secs,
         idle,
         runs,
@@ -723,6 +770,7 @@ fn report(
     if let Some(r) = real {
         let c = stats(&r.create);
         let v = stats(&r.revoke);
+        let o = stats(&r.offboard);
         let all: Vec<Option<Duration>> = r.create.iter().chain(r.revoke.iter()).copied().collect();
         let a = stats(&all);
         println!();
@@ -736,6 +784,7 @@ fn report(
             ("user created (row, tenant, project)", &c),
             ("admin role revoked (binding revoked)", &v),
             ("all", &a),
+            ("user deleted (offboarded, bindings revoked)", &o),
         ] {
             println!(
                 "| {what} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
@@ -745,6 +794,14 @@ fn report(
         println!(
             "target p95 <= 5 s: {}",
             if a.missed == 0 && a.p95 <= 5.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
+        );
+        println!(
+            "offboarding target p95 <= 5 s: {}",
+            if o.missed == 0 && o.p95 <= 5.0 {
                 "met"
             } else {
                 "NOT met"
@@ -784,7 +841,8 @@ fn report(
         let ms = |s: &Stats| json!({"n": s.n, "missed": s.missed, "p50_s": s.p50, "p95_s": s.p95, "max_s": s.max, "min_s": s.min});
         out["real_keycloak"] = json!({
             "version": r.version,
-            "created": ms(&c), "revoked": ms(&v), "all": ms(&a),
+            "created": ms(&c), "revoked": ms(&v), "all": ms(&a), "offboarded": ms(&o),
+            "offboarded_s": r.offboard.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "created_s": r.create.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "revoked_s": r.revoke.iter().map(|d| d.map(|d| d.as_secs_f64())).collect::<Vec<_>>(),
             "idle_secs": r.idle_secs, "idle": r.idle, "seed_runs": r.runs, "event_batch_ms": r.batch_ms,

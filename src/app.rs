@@ -155,16 +155,17 @@ impl App {
         })
     }
 
-    /// An event batch: the users it touched, through the same units, as a run with trigger
-    /// `event`. `None` when a run is in flight: the batch waits for the next poll, so a full
-    /// run and an event batch never interleave (the run lock keeps replicas apart too).
+    /// An event batch: the users it touched (and those Keycloak says are gone), through the
+    /// same units, as a run with trigger `event`. `None` when a run is in flight: the batch
+    /// waits for the next poll, so a full run and an event batch never interleave (the run lock
+    /// keeps replicas apart too).
     pub async fn run_event_batch(
         &self,
-        users: Vec<crate::identity::Identity>,
+        batch: crate::identity::SomeUsers,
         cancel: &CancellationToken,
     ) -> Option<RunReport> {
         let _guard = self.inflight.try_lock().ok()?;
-        let users = Arc::new(crate::identity::SomeUsers { users });
+        let users = Arc::new(batch);
         Some(
             self.run_tracked("event", Duration::from_secs(5), cancel, users)
                 .await,

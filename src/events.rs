@@ -34,8 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
-use crate::identity::keycloak::{AdminEvent, KeycloakSource, Stream, UserEvent};
-use crate::identity::{BoxFuture, Identity, SomeUsers};
+use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
+use crate::identity::{BoxFuture, SomeUsers};
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
 use crate::retry;
 use crate::store;
@@ -304,15 +304,15 @@ pub struct Poll {
     pub full_run: Option<String>,
 }
 
-/// Applies the identities of an event batch as a run with trigger `event`; `None` when a run is
-/// in flight (the batch waits for the next poll).
+/// Applies an event batch (the users it re-synced, and those gone from the realm) as a run
+/// with trigger `event`; `None` when a run is in flight (the batch waits for the next poll).
 pub type Apply = Arc<
-    dyn Fn(Vec<Identity>, CancellationToken) -> BoxFuture<'static, Option<RunReport>> + Send + Sync,
+    dyn Fn(SomeUsers, CancellationToken) -> BoxFuture<'static, Option<RunReport>> + Send + Sync,
 >;
 
 /// An [`Apply`] straight on an engine (the run lock still keeps replicas apart).
 pub fn apply_with(engine: Arc<Engine>) -> Apply {
-    Arc::new(move |users: Vec<Identity>, cancel: CancellationToken| {
+    Arc::new(move |batch: SomeUsers, cancel: CancellationToken| {
         let engine = engine.clone();
         Box::pin(async move {
             let report = engine
@@ -321,7 +321,7 @@ pub fn apply_with(engine: Arc<Engine>) -> Apply {
                     "event",
                     Duration::from_secs(5),
                     &cancel,
-                    Arc::new(SomeUsers { users }),
+                    Arc::new(batch),
                 )
                 .await;
             Some(report)
@@ -591,17 +591,20 @@ impl Follower {
         poll: &mut Poll,
         cancel: &CancellationToken,
     ) -> Result<bool> {
-        let mut identities: Vec<Identity> = Vec::new();
+        let mut batch = SomeUsers::default();
         for id in users {
-            if let Some(i) = self.kc.user_identity(id, cancel).await? {
-                identities.push(i);
+            match self.kc.user_identity(id, cancel).await? {
+                Lookup::Found(i) => batch.users.push(i),
+                // Deleted in Keycloak: offboarded by this batch.
+                Lookup::Gone => batch.gone.push(id.clone()),
+                Lookup::NotAnIdentity => {}
             }
         }
-        poll.users = identities.len();
-        if identities.is_empty() {
+        poll.users = batch.users.len() + batch.gone.len();
+        if poll.users == 0 {
             return Ok(true);
         }
-        let Some(report) = (self.apply)(identities, cancel.clone()).await else {
+        let Some(report) = (self.apply)(batch, cancel.clone()).await else {
             return Ok(false);
         };
         match report.outcome {

@@ -25,7 +25,8 @@
 //! query (fine-grained admin permissions), federation providers cap what they return, and a
 //! server may cap `max`. Every listing advances `first` by what was returned, deduplicates by id
 //! and ends at an empty page. The user listing is then checked against `users/count`: fewer
-//! distinct users than counted fails the run, and nothing is written from a partial listing.
+//! distinct users than counted is a [`crate::identity::Shortfall`], which narrows the run to the
+//! listed users (nothing is concluded from absence) instead of failing it.
 //!
 //! The client secret is exposed only in the token request; the token only in the
 //! `Authorization` header. Error messages carry the API path and Keycloak's `error` field, never
@@ -125,8 +126,9 @@ struct Window<T> {
 /// The user ids seen in one listing, as 64-bit hashes keyed at random per listing: 8 bytes per
 /// user rather than a string (about 1.2 MiB at 100,000 users against 7.6 MiB for a set of the
 /// ids). Two ids collide with a chance of about 3 in 10^10 per listing of 100,000; the second is
-/// then taken for a duplicate, and the count check fails the run (unless as many users were
-/// created during the listing, when that user is reported `missing` for one run).
+/// then taken for a duplicate, and the count check narrows the run (unless as many users were
+/// created during the listing, when that user is offboarded for one run and reactivated by the
+/// next).
 struct IdSet {
     seen: HashSet<u64>,
     keys: RandomState,
@@ -902,12 +904,14 @@ impl KeycloakSource {
                 )));
             }
         }
+        // Short of the count: the run goes on narrowed to the listed users (the identities unit
+        // concludes nothing from absence and says so), instead of one unlistable user stopping
+        // every full run.
         if distinct < expected {
-            return Err(Error::Keycloak(format!(
-                "the user listing ended with {distinct} distinct users but GET users/count reported {expected} ({} missing), so no identity from this listing was written, revoked or re-aligned. Likely causes: fine-grained admin permissions filtering the listing for the service account of client {:?}, a user federation provider (LDAP, Kerberos) capping its results, or users created and deleted while the listing ran (then the next run succeeds)",
-                expected - distinct,
-                self.client_id()
-            )));
+            stats.shortfall = Some(crate::identity::Shortfall {
+                listed: distinct,
+                counted: expected,
+            });
         }
         if !batch.is_empty() {
             out.send(batch).await.map_err(|_| Error::Cancelled)?;
@@ -922,6 +926,16 @@ impl KeycloakSource {
         );
         Ok(stats)
     }
+}
+
+/// What `GET users/{id}` says of one user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lookup {
+    Found(Identity),
+    /// 404: deleted in Keycloak (offboarded).
+    Gone,
+    /// A service account: not an identity.
+    NotAnIdentity,
 }
 
 impl IdentityProvider for KeycloakSource {
@@ -1280,21 +1294,17 @@ impl KeycloakSource {
     }
 
     /// One user as an identity (`GET users/{id}` and its effective realm roles, composites and
-    /// groups expanded by Keycloak in `role-mappings/realm/composite`); `None` when the user is
-    /// gone or is a service account.
-    pub async fn user_identity(
-        &self,
-        id: &str,
-        cancel: &CancellationToken,
-    ) -> Result<Option<Identity>> {
+    /// groups expanded by Keycloak in `role-mappings/realm/composite`), or why not: the user is
+    /// gone (404), or is a service account.
+    pub async fn user_identity(&self, id: &str, cancel: &CancellationToken) -> Result<Lookup> {
         let path = format!("users/{}", enc(id));
         let u: UserRep = match self.get(&path, &[], cancel).await {
             Ok(u) => u,
-            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(None),
+            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
         if u.service_account_client_id.is_some() || u.username.starts_with("service-account-") {
-            return Ok(None);
+            return Ok(Lookup::NotAnIdentity);
         }
         let roles: Vec<RoleRep> = match self
             .get(
@@ -1305,10 +1315,11 @@ impl KeycloakSource {
             .await
         {
             Ok(r) => r,
-            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(None),
+            // Deleted between the two requests.
+            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
-        Ok(Some(Identity {
+        Ok(Lookup::Found(Identity {
             sub: u.id,
             username: u.username,
             email: u.email,

@@ -48,6 +48,25 @@ pub struct SourceStats {
     /// unit reports them as `rejected`, like an identity with an invalid value.
     pub rejected: u64,
     pub rejections: Vec<Rejection>,
+    /// Set when the listing returned fewer distinct users than the source counts (Keycloak's
+    /// `users/count`): the run is narrowed to the listed users, and nothing is concluded from
+    /// absence.
+    pub shortfall: Option<Shortfall>,
+}
+
+/// A listing that ended short of the source's own count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// Distinct users the listing returned (service accounts included, as the count does).
+    pub listed: u64,
+    /// Users the source counts.
+    pub counted: u64,
+}
+
+impl Shortfall {
+    pub fn unlisted(&self) -> u64 {
+        self.counted.saturating_sub(self.listed)
+    }
 }
 
 /// How many rejections a source describes; the rest are only counted.
@@ -80,6 +99,12 @@ pub trait IdentityProvider: Send + Sync {
     /// look at its users' rows only ([`crate::reconcile::Scope`]).
     fn batch(&self) -> Option<Vec<String>> {
         None
+    }
+    /// Subs the source knows are gone from the realm (an event batch's `GET users/{id}` answered
+    /// 404): offboarded by the identities unit. Empty for a full listing, whose absences say the
+    /// same for every user at once.
+    fn gone(&self) -> Vec<String> {
+        Vec::new()
     }
     /// The source's own instruments (the Keycloak source's request counters), for the app's
     /// registry. None by default.
@@ -221,9 +246,12 @@ pub fn granting_roles(
 }
 
 /// A fixed set of identities, already fetched (the users an event batch touched): not the whole
-/// realm, so nothing is reported missing and no row is re-aligned on its strength.
+/// realm, so nothing is concluded from absence and no row is re-aligned on its strength. `gone`
+/// are the batch's users Keycloak answered 404 for: deleted, so offboarded.
+#[derive(Debug, Clone, Default)]
 pub struct SomeUsers {
     pub users: Vec<Identity>,
+    pub gone: Vec<String>,
 }
 
 impl IdentityProvider for SomeUsers {
@@ -232,7 +260,12 @@ impl IdentityProvider for SomeUsers {
     }
 
     fn batch(&self) -> Option<Vec<String>> {
-        Some(self.users.iter().map(|u| u.sub.clone()).collect())
+        let subs = self.users.iter().map(|u| u.sub.clone());
+        Some(subs.chain(self.gone.iter().cloned()).collect())
+    }
+
+    fn gone(&self) -> Vec<String> {
+        self.gone.clone()
     }
 
     fn preflight(self: Arc<Self>, _: CancellationToken) -> BoxFuture<'static, Result<()>> {

@@ -1,11 +1,14 @@
 //! Unit `role_bindings`: platform role bindings derived from the users table (README → Seeding
 //! rules).
 //!
-//! Desired bindings: `platform_superadmin` for every users row with `role = 'admin'` (synced or
-//! not, as seed 000 does), and `identity.role_map` applied to the realm roles recorded on each
-//! row. A missing one is granted with `granted_by = 'seedkeeper'` and its basis; a seedkeeper
-//! binding whose basis is gone is revoked (kept, status `revoked`, `revoked_at` set). Bindings
-//! granted by anyone else are never touched, and an active one of theirs counts as present.
+//! Desired bindings: `platform_superadmin` for every active users row with `role = 'admin'`
+//! (synced or not, as seed 000 does), and `identity.role_map` applied to the realm roles
+//! recorded on each active row. A privilege never outlives its identity's standing: an inactive
+//! row (disabled in Keycloak, or offboarded) is owed no binding. A missing one is granted with
+//! `granted_by = 'seedkeeper'` and its basis; a seedkeeper binding that is no longer owed is
+//! revoked (kept, status `revoked`, `revoked_at` set, `revoked_reason` saying why: the basis is
+//! gone, the identity is disabled, or it is offboarded). Bindings granted by anyone else are
+//! never touched, and an active one of theirs counts as present.
 //! An event batch looks at its own users' bindings only ([`Scope`]). Reads `identity.role_map`.
 
 use tokio_postgres::types::ToSql;
@@ -30,12 +33,23 @@ fn desired(scope: &Scope) -> String {
     let only = scope.and("u.id", 3);
     format!(
         "SELECT u.id AS user_id, 'platform_superadmin'::text AS role_name, 'users.role=admin'::text AS basis
-            FROM users u WHERE u.role = 'admin'{only}
+            FROM users u WHERE u.role = 'admin' AND u.is_active{only}
         UNION ALL
         SELECT u.id, m.platform_role, 'realm-role:' || m.realm_role
-            FROM users u JOIN unnest($1::text[], $2::text[]) AS m(realm_role, platform_role) ON m.realm_role = ANY (u.realm_roles){only}"
+            FROM users u JOIN unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
+                ON m.realm_role = ANY (u.realm_roles) AND u.is_active{only}"
     )
 }
+
+/// Why a seedkeeper binding is no longer owed (`platform_role_bindings.revoked_reason`), for
+/// the binding `b` of the row `u`; NULL while it still is.
+const REVOKE_REASON: &str = "CASE
+        WHEN u.offboarded_at IS NOT NULL THEN 'identity-offboarded'
+        WHEN NOT u.is_active THEN 'identity-disabled'
+        WHEN (b.role_name = 'platform_superadmin' AND u.role = 'admin')
+             OR EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
+                        WHERE m.platform_role = b.role_name AND m.realm_role = ANY (u.realm_roles)) THEN NULL
+        ELSE 'basis-gone' END";
 
 /// Grants the missing bindings and revokes the seedkeeper bindings whose basis is gone (plan:
 /// counts and lists them).
@@ -117,40 +131,41 @@ fn grant_sql(mode: Mode, scope: &Scope) -> (String, &'static str) {
     }
 }
 
-/// Active seedkeeper bindings whose basis no longer holds: revoked, kept as rows (plan:
-/// listed), like [`grant_sql`]. Per binding, whether its basis still holds: O(bindings), not
-/// O(bindings x users).
+/// Active seedkeeper bindings no longer owed (basis gone, identity inactive): revoked with
+/// their reason, kept as rows (plan: listed), like [`grant_sql`]. Per binding, whether it is
+/// still owed: O(bindings), not O(bindings x users).
 fn revoke_sql(mode: Mode, scope: &Scope) -> (String, &'static str) {
     let only = scope.and("b.user_id", 3);
     let to_revoke = format!(
-        "SELECT b.id FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
-         WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'{only}
-           AND NOT ((b.role_name = 'platform_superadmin' AND u.role = 'admin')
-                    OR EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
-                               WHERE m.platform_role = b.role_name AND m.realm_role = ANY (u.realm_roles)))"
+        "SELECT * FROM (SELECT b.id, {REVOKE_REASON} AS reason
+                        FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
+                        WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'{only}) x
+         WHERE x.reason IS NOT NULL"
     );
     match mode {
         Mode::Apply => (
             format!(
-                "WITH r AS (UPDATE platform_role_bindings b SET status = 'revoked', revoked_at = now(), revoked_by = '{GRANTOR}'
-                            WHERE b.id IN ({to_revoke}) RETURNING b.user_id, b.role_name, b.basis)
-                 SELECT count(*) OVER (), u.username, r.role_name, r.basis FROM r JOIN users u ON u.id = r.user_id
+                "WITH r AS (UPDATE platform_role_bindings b SET status = 'revoked', revoked_at = now(), revoked_by = '{GRANTOR}',
+                                   revoked_reason = x.reason
+                            FROM ({to_revoke}) x WHERE b.id = x.id RETURNING b.user_id, b.role_name, b.basis, x.reason)
+                 SELECT count(*) OVER (), u.username, r.role_name, r.basis, r.reason FROM r JOIN users u ON u.id = r.user_id
                  ORDER BY u.username LIMIT {SAMPLE}"
             ),
             "revoking platform role bindings",
         ),
         Mode::Plan => (
             format!(
-                "SELECT count(*) OVER (), u.username, b.role_name, b.basis FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
-                 WHERE b.id IN ({to_revoke}) ORDER BY u.username LIMIT {SAMPLE}"
+                "SELECT count(*) OVER (), u.username, b.role_name, b.basis, x.reason
+                 FROM ({to_revoke}) x JOIN platform_role_bindings b ON b.id = x.id JOIN users u ON u.id = b.user_id
+                 ORDER BY u.username LIMIT {SAMPLE}"
             ),
             "planning revocations",
         ),
     }
 }
 
-/// Records the sampled grants or revocations, rows of `(count, username, role, basis)`, as
-/// findings (and, in a plan, as changes). Returns the count.
+/// Records the sampled grants or revocations, rows of `(count, username, role, basis)` and,
+/// for revocations, the reason, as findings (and, in a plan, as changes). Returns the count.
 fn note(report: &mut UnitReport, rows: &[Row], kind: FindingKind, mode: Mode) -> i64 {
     for r in rows {
         let (username, role, basis): (String, String, Option<String>) =
@@ -162,8 +177,16 @@ fn note(report: &mut UnitReport, rows: &[Row], kind: FindingKind, mode: Mode) ->
                 format!("grant {role} to {username}"),
             )
         } else {
+            let reason: Option<String> = r.get(4);
+            let why = match reason.as_deref() {
+                Some("identity-offboarded") => {
+                    "the user is gone from the realm (offboarded)".to_string()
+                }
+                Some("identity-disabled") => "the user is disabled in Keycloak".to_string(),
+                _ => format!("its basis ({basis}) is gone"),
+            };
             (
-                format!("{role}: its basis ({basis}) is gone"),
+                format!("{role}: {why}"),
                 format!("revoke {role} from {username}"),
             )
         };

@@ -1,14 +1,21 @@
 //! Unit `identities`: realm users become `users` rows keyed by `keycloak_sub`, a username is never
-//! taken over, and a user the source no longer lists is reported, never deleted (README → Seeding
-//! rules).
+//! taken over, and a user gone from the realm is offboarded, never deleted (README → Seeding
+//! rules, the lifecycle table).
 //!
 //! The source streams batches into a temporary staging table with binary `COPY` while pages are
 //! still arriving, so client memory stays flat; the comparison and the writes are then a handful
 //! of set-based statements over the whole realm. Order inside the one transaction:
-//! de-duplicate the stage, re-align rows whose username matches and whose old sub left the realm,
-//! mark username clashes (never a takeover), update differing rows, insert new ones, report users
-//! missing from the source (never deleted). Plan runs the same classification and counts instead
-//! of writing; only the temporary table is written, and the transaction is rolled back.
+//! de-duplicate the stage, re-align rows whose username matches and whose old sub left the realm
+//! (never an offboarded row: that name was reused by another person), mark username clashes
+//! (never a takeover), update differing rows (reactivating offboarded users who came back),
+//! insert new ones, then offboard the users gone from the realm (row kept, `is_active = false`,
+//! `offboarded_at` set; the `role_bindings` unit then revokes their bindings).
+//!
+//! Only a complete listing knows who is gone. An event batch, or a Keycloak listing shorter than
+//! `users/count`, is *narrowed*: what its listed users say is applied, and nothing that rests on
+//! absence is done (no offboarding, no re-alignment away from an unlisted row); a batch offboards
+//! only the users Keycloak answered 404 for. Plan runs the same classification and counts
+//! instead of writing; only the temporary table is written, and the transaction is rolled back.
 
 use std::sync::Arc;
 
@@ -22,7 +29,7 @@ use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::error::{Error, Result};
-use crate::identity::{check_identity, printable, IdentityProvider};
+use crate::identity::{check_identity, printable, IdentityProvider, Shortfall};
 use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
@@ -61,21 +68,25 @@ const REALIGN_CANDIDATES: &str =
     "SELECT u.id, s.sub AS new_sub, u.keycloak_sub AS old_sub, s.username
     FROM sk_stage s JOIN users u ON u.username = s.username
     WHERE u.keycloak_sub IS DISTINCT FROM s.sub AND u.keycloak_sub IS NOT NULL AND NOT s.skip
+      AND u.offboarded_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
       AND NOT EXISTS (SELECT 1 FROM users u2 WHERE u2.keycloak_sub = s.sub)";
 
 /// Realm users whose username is held by a row that is not theirs and cannot be re-aligned:
-/// a row without a sub, or a stale row while the user already has its own row.
-const CLASHES: &str = "SELECT s.sub, s.username, u.keycloak_sub AS holder_sub
+/// a row without a sub, an offboarded row (another person reused the name), or a stale row
+/// while the user already has its own row.
+const CLASHES: &str = "SELECT s.sub, s.username, u.keycloak_sub AS holder_sub,
+        to_char(u.offboarded_at AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS offboarded_on
     FROM sk_stage s JOIN users u ON u.username = s.username
     WHERE NOT s.realigned AND NOT s.skip AND u.keycloak_sub IS DISTINCT FROM s.sub
       AND (u.keycloak_sub IS NULL
            OR (NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
-               AND EXISTS (SELECT 1 FROM users u2 WHERE u2.keycloak_sub = s.sub)))";
+               AND (u.offboarded_at IS NOT NULL
+                    OR EXISTS (SELECT 1 FROM users u2 WHERE u2.keycloak_sub = s.sub))))";
 
 const DIFFERS: &str = "u.keycloak_sub = s.sub AND NOT s.skip
-    AND (u.username, u.email, u.first_name, u.last_name, u.is_active, u.role, u.realm_roles)
-        IS DISTINCT FROM (s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles)";
+    AND (u.username, u.email, u.first_name, u.last_name, u.is_active, u.role, u.realm_roles, u.offboarded_at IS NULL)
+        IS DISTINCT FROM (s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, true)";
 
 const NEW: &str = "NOT s.skip AND NOT s.realigned AND NOT EXISTS (SELECT 1 FROM users u WHERE u.keycloak_sub = s.sub)";
 
@@ -103,11 +114,21 @@ pub async fn reconcile(
         .await
         .map_err(ctx("deferring the username check"))?;
     let admin_roles = &settings.identity.admin_roles;
-    stage(&tx, source.clone(), listing, admin_roles, &mut report).await?;
+    let shortfall = stage(&tx, source.clone(), listing, admin_roles, &mut report).await?;
     dedupe(&tx, &mut report).await?;
-    let complete = source.batch().is_none();
-    if !complete {
-        defer_held_usernames(&tx, &mut report).await?;
+    let batch = source.batch().is_some();
+    // Only a complete listing can tell who is gone from the realm.
+    let narrowed = batch || shortfall.is_some();
+    if let Some(short) = shortfall {
+        note_shortfall(&short, &mut report);
+    }
+    if narrowed {
+        let next = if batch {
+            "left to the full run this starts"
+        } else {
+            "left to the next complete listing"
+        };
+        defer_held_usernames(&tx, next, &mut report).await?;
     }
     let (unsettled, changed) = compare(&tx).await?;
     // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
@@ -120,38 +141,57 @@ pub async fn reconcile(
     };
     report.bump(Action::Realigned, realigned);
     report.bump(Tally::Clashes, clashes);
-    let (updated, inserted) = if changed == 0 {
-        (0, 0)
+    let changes = if changed == 0 {
+        Changes::default()
     } else {
-        write_changes(&tx, mode).await?
+        write_changes(&tx, mode, &mut report).await?
     };
-    report.bump(Action::Updated, updated);
-    report.bump(Action::Inserted, inserted);
+    report.bump(Action::Updated, changes.updated);
+    report.bump(Action::Inserted, changes.inserted);
+    report.bump(Action::Reactivated, changes.reactivated);
+    let staged: i64 = tx
+        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
+        .await
+        .map_err(ctx("counting the identity stage"))?
+        .get(0);
+    let unchanged =
+        (staged - changes.inserted - changes.updated - changes.reactivated - realigned).max(0);
+    report.bump(Tally::Unchanged, unchanged);
+    // Users gone from the realm: offboarded, never deleted. A complete listing says it of every
+    // user it lacks; a batch only of the users Keycloak answered 404 for.
+    let deactivated = if !narrowed {
+        let (missing, to_offboard) = count_missing(&tx).await?;
+        report.bump(Tally::Missing, missing);
+        if to_offboard == 0 {
+            0
+        } else {
+            let why = format!("not in the complete {} listing", source.name());
+            offboard(&tx, mode, MISSING, &[], &why, &mut report).await?
+        }
+    } else {
+        let gone = source.gone();
+        if gone.is_empty() {
+            0
+        } else {
+            let why = "GET users/{id} answered 404 (deleted in Keycloak)";
+            let only = "u.keycloak_sub = ANY ($1::text[])";
+            offboard(&tx, mode, only, &[&gone], why, &mut report).await?
+        }
+    };
+    report.bump(Action::Deactivated, deactivated);
     if mode == Mode::Plan {
         for (n, verb, tail) in [
-            (inserted, "insert", ""),
-            (updated, "update", ""),
+            (changes.inserted, "insert", ""),
+            (changes.updated, "update", ""),
             (realigned, "re-align", " to new subs"),
+            (changes.reactivated, "reactivate", " back in the realm"),
+            (deactivated, "offboard", " gone from the realm"),
         ] {
             if n > 0 {
                 report.add_change(format!("{verb} {n} user(s){tail}"));
             }
         }
     }
-    let staged: i64 = tx
-        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
-        .await
-        .map_err(ctx("counting the identity stage"))?
-        .get(0);
-    let unchanged = (staged - inserted - updated - realigned).max(0);
-    report.bump(Tally::Unchanged, unchanged);
-    // Users the source no longer lists: reported, never deleted. Only a full listing knows.
-    let missing = if complete {
-        report_missing(&tx, source.name(), &mut report).await?
-    } else {
-        0
-    };
-    report.bump(Tally::Missing, missing);
     match mode {
         Mode::Apply => tx.commit().await.map_err(ctx("committing identities"))?,
         Mode::Plan => tx
@@ -172,7 +212,7 @@ async fn stage(
     listing: &CancellationToken,
     admin_roles: &[String],
     report: &mut UnitReport,
-) -> Result<()> {
+) -> Result<Option<Shortfall>> {
     tx.batch_execute(STAGE)
         .await
         .map_err(ctx("creating the identity stage"))?;
@@ -238,7 +278,30 @@ async fn stage(
         report.find(FindingKind::Rejected, r.entity, r.detail);
     }
     report.bump(Tally::Rejected, rejected + stats.rejected as i64);
-    Ok(())
+    Ok(stats.shortfall)
+}
+
+/// A listing shorter than the source's count: the run goes on, narrowed to the listed users,
+/// and says so where an operator looks (a finding under `!` in `plan`, the `unlisted` count,
+/// the `seedkeeper_identities_unlisted` gauge).
+fn note_shortfall(short: &Shortfall, report: &mut UnitReport) {
+    let unlisted = short.unlisted();
+    tracing::warn!(
+        unit = UNIT.as_str(),
+        users.listed = short.listed,
+        users.count = short.counted,
+        unlisted,
+        "the user listing is short of users/count; the run is narrowed to the listed users"
+    );
+    report.find(
+        FindingKind::Unlisted,
+        "realm".to_string(),
+        format!(
+            "the user listing returned {} distinct users but GET users/count reported {} ({unlisted} unlisted): the listed users were applied, and nothing was concluded from absence (no user offboarded, no username re-aligned away from an unlisted row). Likely causes: users of a user storage provider the realm no longer has (a removed LDAP or Kerberos federation, or ids naming one), fine-grained admin permissions hiding users from the service account, a federation provider capping its results, or users created and deleted while the listing ran",
+            short.listed, short.counted
+        ),
+    );
+    report.bump(Tally::Unlisted, unlisted as i64);
 }
 
 /// Paging can repeat a user when the realm changes during the listing. The unique indexes
@@ -281,14 +344,20 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
     Ok(())
 }
 
-/// A partial stage (an event batch) cannot tell whether a username held by another sub
-/// belongs to a user who left the realm (re-align) or to one who is still in it under another
-/// name (a clash): such users are left to the next full run, which the caller then starts.
-async fn defer_held_usernames(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
+/// A narrowed stage (an event batch, a short listing) cannot tell whether a username held by a
+/// sub it does not list belongs to a user who left the realm (re-align) or to one who is still
+/// in it, unlisted or under another name (a clash): such users are left to a complete listing
+/// (`next` says which). A holder the stage lists is renaming too, and settles at commit.
+async fn defer_held_usernames(
+    tx: &Transaction<'_>,
+    next: &str,
+    report: &mut UnitReport,
+) -> Result<()> {
     let rows = tx
         .query(
             "UPDATE sk_stage s SET skip = true FROM users u
              WHERE u.username = s.username AND u.keycloak_sub IS DISTINCT FROM s.sub
+               AND NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
              RETURNING s.username",
             &[],
         )
@@ -299,7 +368,7 @@ async fn defer_held_usernames(tx: &Transaction<'_>, report: &mut UnitReport) -> 
         report.find(
             FindingKind::Deferred,
             format!("user:{username}"),
-            "the username is held by another row; left to the full run this starts",
+            format!("the username is held by a row this listing does not list; {next}"),
         );
     }
     report.bump(Tally::Deferred, rows.len() as i64);
@@ -361,15 +430,20 @@ async fn realign(tx: &Transaction<'_>, mode: Mode, report: &mut UnitReport) -> R
 /// takeover; any makes the run fail. Returns how many.
 async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
     let rows = tx
-        .query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub"), &[])
+        .query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub, c.offboarded_on"), &[])
         .await
         .map_err(ctx("checking username clashes"))?;
     for r in &rows {
-        let (sub, username, holder): (String, String, Option<String>) =
-            (r.get(0), r.get(1), r.get(2));
-        let detail = match holder {
-            None => format!("username {username:?} belongs to a users row without a keycloak_sub (not created by sync); realm user {sub} was not stored. Rename one of them, or set that row's keycloak_sub to {sub} if it is the same person"),
-            Some(h) => format!("username {username:?} belongs to the row of sub {h}, which left the realm, while realm user {sub} already has its own row; resolve by hand (rename or retire the old row)"),
+        let (sub, username, holder, offboarded_on): (
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+        ) = (r.get(0), r.get(1), r.get(2), r.get(3));
+        let detail = match (holder, offboarded_on) {
+            (Some(h), Some(on)) => format!("username {username:?} belongs to the row of sub {h}, offboarded on {on} (gone from the realm); realm user {sub} is another person reusing the name and was not stored, so it inherits none of that row's tenant and data. Decide by hand: rename one of them in Keycloak, or, if it is the same person, set that row's keycloak_sub to {sub} (the next run reactivates it)"),
+            (None, _) => format!("username {username:?} belongs to a users row without a keycloak_sub (not created by sync); realm user {sub} was not stored. Rename one of them, or set that row's keycloak_sub to {sub} if it is the same person"),
+            (Some(h), None) => format!("username {username:?} belongs to the row of sub {h}, which left the realm, while realm user {sub} already has its own row; resolve by hand (rename or retire the old row)"),
         };
         report.find(FindingKind::Clash, format!("user:{username}"), detail);
     }
@@ -382,78 +456,131 @@ async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
     Ok(rows.len() as i64)
 }
 
-/// Updates the rows that differ and inserts the new users: `(updated, inserted)`, where a
-/// re-aligned row that also changed counts as re-aligned only. Plan counts the same rows.
-async fn write_changes(tx: &Transaction<'_>, mode: Mode) -> Result<(i64, i64)> {
-    match mode {
-        Mode::Apply => {
-            let updated: i64 = tx
-                .query_one(
-                    &format!(
-                        "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
-                                last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
-                                updated_at = now(), synced_at = now()
-                            FROM sk_stage s WHERE {DIFFERS} RETURNING s.realigned)
-                         SELECT count(*) FILTER (WHERE NOT realigned) FROM upd"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(ctx("updating users"))?
-                .get(0);
-            let inserted = tx
-                .execute(
-                    &format!(
-                        "INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
-                         SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
-                         FROM sk_stage s WHERE {NEW} ORDER BY s.ord"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(ctx("inserting users"))?;
-            Ok((updated, inserted as i64))
-        }
-        Mode::Plan => {
-            let r = tx
-                .query_one(
-                    &format!(
-                        "SELECT (SELECT count(*) FROM users u JOIN sk_stage s ON u.keycloak_sub = s.sub WHERE {DIFFERS}),
-                                (SELECT count(*) FROM sk_stage s WHERE {NEW})"
-                    ),
-                    &[],
-                )
-                .await
-                .map_err(ctx("comparing users"))?;
-            Ok((r.get(0), r.get(1)))
-        }
-    }
+/// What [`write_changes`] wrote (plan: would write).
+#[derive(Debug, Default, Clone, Copy)]
+struct Changes {
+    /// Rows that differed, re-aligned and reactivated ones aside.
+    updated: i64,
+    inserted: i64,
+    /// Offboarded rows whose sub the source lists again.
+    reactivated: i64,
 }
 
-/// Rows whose sub the (complete) source no longer lists: reported, never deleted. Returns how
-/// many.
-async fn report_missing(
+/// Updates the rows that differ (reactivating offboarded users who came back under their sub)
+/// and inserts the new users. A re-aligned row that also changed counts as re-aligned only.
+async fn write_changes(
     tx: &Transaction<'_>,
-    source: &str,
+    mode: Mode,
     report: &mut UnitReport,
-) -> Result<i64> {
-    let rows = tx
-        .query(
-            &format!("SELECT count(*) OVER (), u.username, u.keycloak_sub FROM users u WHERE {MISSING} ORDER BY u.username LIMIT {SAMPLE}"),
+) -> Result<Changes> {
+    // `prev` is the row before this statement: whether it was offboarded.
+    let back = match mode {
+        Mode::Apply => format!(
+            "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
+                    last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
+                    offboarded_at = NULL, updated_at = now(), synced_at = now()
+                FROM sk_stage s, users prev WHERE prev.id = u.id AND {DIFFERS}
+                RETURNING s.realigned, prev.offboarded_at IS NOT NULL AS back, u.username, u.keycloak_sub)
+             SELECT (SELECT count(*) FROM upd WHERE NOT realigned AND NOT back),
+                    (SELECT count(*) FROM upd WHERE back),
+                    ARRAY(SELECT username FROM upd WHERE back ORDER BY username LIMIT {SAMPLE}),
+                    ARRAY(SELECT keycloak_sub FROM upd WHERE back ORDER BY username LIMIT {SAMPLE})"
+        ),
+        Mode::Plan => format!(
+            "WITH d AS (SELECT s.realigned, u.offboarded_at IS NOT NULL AS back, u.username, u.keycloak_sub
+                        FROM users u JOIN sk_stage s ON u.keycloak_sub = s.sub WHERE {DIFFERS})
+             SELECT (SELECT count(*) FROM d WHERE NOT realigned AND NOT back),
+                    (SELECT count(*) FROM d WHERE back),
+                    ARRAY(SELECT username FROM d WHERE back ORDER BY username LIMIT {SAMPLE}),
+                    ARRAY(SELECT keycloak_sub FROM d WHERE back ORDER BY username LIMIT {SAMPLE})"
+        ),
+    };
+    let row = tx
+        .query_one(&back, &[])
+        .await
+        .map_err(ctx("updating users"))?;
+    let (usernames, subs): (Vec<String>, Vec<String>) = (row.get(2), row.get(3));
+    for (username, sub) in usernames.iter().zip(&subs) {
+        report.find(
+            FindingKind::Reactivated,
+            format!("user:{username}"),
+            format!("sub {sub} is back in the realm: reactivated (is_active follows Keycloak's enabled), its bindings granted again"),
+        );
+    }
+    let inserted = match mode {
+        Mode::Apply => tx
+            .execute(
+                &format!(
+                    "INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
+                     SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
+                     FROM sk_stage s WHERE {NEW} ORDER BY s.ord"
+                ),
+                &[],
+            )
+            .await
+            .map_err(ctx("inserting users"))? as i64,
+        Mode::Plan => tx
+            .query_one(&format!("SELECT count(*) FROM sk_stage s WHERE {NEW}"), &[])
+            .await
+            .map_err(ctx("comparing users"))?
+            .get(0),
+    };
+    Ok(Changes {
+        updated: row.get(0),
+        inserted,
+        reactivated: row.get(1),
+    })
+}
+
+/// Rows with a sub the complete listing lacks: `(all of them, those not offboarded yet)`.
+async fn count_missing(tx: &Transaction<'_>) -> Result<(i64, i64)> {
+    let row = tx
+        .query_one(
+            &format!("SELECT count(*), count(*) FILTER (WHERE u.offboarded_at IS NULL) FROM users u WHERE {MISSING}"),
             &[],
         )
         .await
-        .map_err(ctx("listing users missing from the source"))?;
-    let missing: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+        .map_err(ctx("counting users missing from the source"))?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Offboards the rows matching `which` that are not offboarded yet: kept, `is_active = false`,
+/// `offboarded_at` set (the `role_bindings` unit revokes their bindings). `why` says how the
+/// user is known to be gone. Returns how many (plan: would be).
+async fn offboard(
+    tx: &Transaction<'_>,
+    mode: Mode,
+    which: &str,
+    params: &[&(dyn ToSql + Sync)],
+    why: &str,
+    report: &mut UnitReport,
+) -> Result<i64> {
+    let target = format!("SELECT u.id FROM users u WHERE ({which}) AND u.offboarded_at IS NULL");
+    let sql = match mode {
+        Mode::Apply => format!(
+            "WITH off AS (UPDATE users u SET is_active = false, offboarded_at = now(), updated_at = now()
+                          WHERE u.id IN ({target}) RETURNING u.username, u.keycloak_sub)
+             SELECT count(*) OVER (), username, keycloak_sub FROM off ORDER BY username LIMIT {SAMPLE}"
+        ),
+        Mode::Plan => format!(
+            "SELECT count(*) OVER (), u.username, u.keycloak_sub FROM users u WHERE u.id IN ({target})
+             ORDER BY u.username LIMIT {SAMPLE}"
+        ),
+    };
+    let rows = tx
+        .query(&sql, params)
+        .await
+        .map_err(ctx("offboarding users gone from the realm"))?;
     for r in &rows {
         let (username, sub): (String, String) = (r.get(1), r.get(2));
+        tracing::info!(unit = UNIT.as_str(), user.sub = %printable(&sub), reason = why, "user offboarded");
         report.find(
-            FindingKind::Missing,
+            FindingKind::Offboarded,
             format!("user:{username}"),
-            format!("sub {sub} is not in the {source} source; row kept"),
+            format!("sub {sub}: {why}; offboarded: row kept, is_active = false, its seedkeeper bindings revoked"),
         );
     }
-    Ok(missing)
+    Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
 }
 
 /// Builds a unique index inside a savepoint; `false` when the stage holds duplicates.

@@ -557,6 +557,10 @@ impl IdentityProvider for Cancellable {
         self.0.batch()
     }
 
+    fn gone(&self) -> Vec<String> {
+        self.0.gone()
+    }
+
     fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {
         let work = self.0.clone().preflight(cancel.clone());
         Box::pin(async move {

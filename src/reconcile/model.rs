@@ -103,7 +103,7 @@ named!(
         Deferred => "deferred",
         /// Realm users whose username another row holds.
         Clashes => "clashes",
-        /// Rows whose user the source no longer lists (kept).
+        /// Rows with a sub that a complete listing lacks: offboarded, kept.
         Missing => "missing",
         /// Users Keycloak counts (`users/count`) but its listing did not return: the run was
         /// narrowed to the listed users, nothing concluded from absence.
@@ -123,10 +123,9 @@ impl Tally {
     /// Whether `status` shows it beside the writes: it asks for a look.
     pub fn notable(self) -> bool {
         match self {
-            Tally::Drift | Tally::Clashes | Tally::Missing | Tally::Rejected | Tally::Unlisted => {
-                true
-            }
+            Tally::Drift | Tally::Clashes | Tally::Rejected | Tally::Unlisted => true,
             Tally::Unchanged
+            | Tally::Missing
             | Tally::NotInSeed
             | Tally::Blocked
             | Tally::Listed
@@ -227,8 +226,6 @@ named!(
         Realigned => "realigned",
         /// A username held by another row; never taken over (identities).
         Clash => "clash",
-        /// A row whose user the source no longer lists; kept (identities).
-        Missing => "missing",
         /// A user gone from the realm: row kept, deactivated, its bindings revoked (identities).
         Offboarded => "offboarded",
         /// An offboarded user back under the same sub (identities).
@@ -257,7 +254,6 @@ impl FindingKind {
             FindingKind::DriftKept
             | FindingKind::NotInSeed
             | FindingKind::Clash
-            | FindingKind::Missing
             | FindingKind::Unlisted
             | FindingKind::Rejected
             | FindingKind::Blocked => true,
@@ -527,7 +523,7 @@ mod tests {
     fn findings_are_capped_per_kind_and_carry_their_unit() {
         let mut u = UnitReport::new(Unit::Identities);
         for i in 0..FINDINGS_PER_KIND + 5 {
-            u.find(FindingKind::Missing, format!("user:{i}"), "kept");
+            u.find(FindingKind::Offboarded, format!("user:{i}"), "kept");
         }
         u.find(FindingKind::Clash, "user:x", "held");
         assert_eq!(u.findings.len(), FINDINGS_PER_KIND + 1);

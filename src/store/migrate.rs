@@ -31,6 +31,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "event_follower",
         sql: include_str!("../../migrations/V2__event_follower.sql"),
     },
+    Migration {
+        version: 3,
+        name: "identity_lifecycle",
+        sql: include_str!("../../migrations/V3__identity_lifecycle.sql"),
+    },
 ];
 
 impl Migration {

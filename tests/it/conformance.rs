@@ -252,6 +252,7 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     realm.grant_realm_roles(&ids["disabled"], &["admin"]).await;
     realm.grant_realm_roles(&ids["composite"], &["super"]).await;
     realm.grant_realm_roles(&ids["stays"], &["admin"]).await;
+    realm.grant_realm_roles(&ids["leaver"], &["admin"]).await;
     let emea = realm.group_id("/admins/emea").await;
     realm
         .admin(
@@ -271,6 +272,7 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
             "dev-admin",
             "disabled",
             "grouped",
+            "leaver",
             "revoked",
             "stays"
         ]
@@ -311,30 +313,67 @@ async fn changes_made_in_keycloak_are_followed_on_the_next_run_and_nobody_is_del
     assert_ok(&r);
     assert_eq!(
         admins(&db).await,
-        ["dev-admin", "disabled", "stays"],
-        "role follows the realm"
+        ["dev-admin", "disabled", "leaver", "stays"],
+        "role follows the realm (the offboarded row keeps its last known role)"
     );
     let active_super = db
         .strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.role_name = 'platform_superadmin' AND b.status = 'active' AND u.username IN ('revoked', 'grouped', 'composite', 'disabled', 'stays') ORDER BY 1")
         .await;
     assert_eq!(
         active_super,
-        ["disabled", "stays"],
-        "granted bindings revoked with the role"
+        ["stays"],
+        "granted bindings revoked with the role, and from the disabled admin"
+    );
+    let reasons = db
+        .strings("SELECT u.username || ' ' || b.revoked_reason FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'revoked' AND u.username IN ('disabled', 'revoked') ORDER BY 1")
+        .await;
+    assert_eq!(
+        reasons,
+        ["disabled identity-disabled", "revoked basis-gone"],
+        "each revocation says why"
     );
     let inactive = db
-        .strings("SELECT username FROM users WHERE NOT is_active")
+        .strings("SELECT username FROM users WHERE NOT is_active ORDER BY 1")
         .await;
-    assert_eq!(inactive, ["disabled"]);
+    assert_eq!(inactive, ["disabled", "leaver"]);
     assert_eq!(
-        count(&r, "identities", "missing"),
+        count(&r, "identities", "deactivated"),
         1,
-        "the deleted user is reported"
+        "the deleted user is offboarded"
     );
     let leaver = db
-        .scalar("SELECT count(*) FROM users WHERE username = 'leaver'")
+        .strings("SELECT username FROM users WHERE offboarded_at IS NOT NULL")
         .await;
-    assert_eq!(leaver, 1, "a user deleted in Keycloak keeps its row");
+    assert_eq!(
+        leaver,
+        ["leaver"],
+        "a user deleted in Keycloak keeps its row, offboarded"
+    );
+    assert_eq!(
+        db.strings("SELECT b.status || ' ' || b.revoked_reason FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE u.username = 'leaver'")
+            .await,
+        ["revoked identity-offboarded"],
+        "the deleted admin keeps no privilege"
+    );
+
+    // The disabled admin is enabled again: its binding comes back.
+    let mut rep = realm.get(&format!("/users/{}", ids["disabled"])).await;
+    rep["enabled"] = json!(true);
+    realm
+        .admin(
+            Method::PUT,
+            &format!("/users/{}", ids["disabled"]),
+            Some(rep),
+        )
+        .await;
+    let r = apply(&db.engine(&refs(&env))).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "role_bindings", "inserted"), 1);
+    assert_eq!(
+        db.strings("SELECT u.username FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE b.status = 'active' AND u.username IN ('disabled', 'leaver')")
+            .await,
+        ["disabled"]
+    );
 
     // The realm deleted and imported again: every user gets a new id. Rows are re-aligned by
     // username, never duplicated, and no row moves to another person.
@@ -513,5 +552,78 @@ async fn an_access_token_that_expires_during_a_listing_is_renewed_and_the_listin
     assert!(
         matches!(expires_in, Some(1..=2)),
         "the realm's 2 s lifespan is in force: expires_in {expires_in:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_user_keycloak_counts_but_cannot_list_narrows_the_run_instead_of_stopping_it() {
+    let kc = real_keycloak();
+    let mut rep = richer_skeleton(&realm_name("unlistable"));
+    // An id naming a user storage provider the realm does not have: Keycloak imports and counts
+    // this user, but no listing or lookup ever returns it.
+    rep["users"].as_array_mut().unwrap().extend([
+        json!({"id": "f:5b1e7c1e-ldap:frank", "username": "frank", "enabled": true, "realmRoles": ["admin"]}),
+        json!({"username": "leaver", "enabled": true, "email": "leaver@example.test", "realmRoles": ["admin"]}),
+    ]);
+    let realm = kc.create_realm(rep).await;
+    let count_now: i64 = realm.get("/users/count").await.as_i64().unwrap();
+    let listed = realm.get("/users?max=1000&briefRepresentation=true").await;
+    let listed = listed.as_array().unwrap().len() as i64;
+    assert_eq!(
+        count_now - listed,
+        1,
+        "Keycloak counts frank but does not list him"
+    );
+
+    let db = TestDb::new().await;
+    let env: Vec<(String, String)> = realm.env();
+    let out = run_bin(&["--once"], &[db.env(), env.clone()].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The listed users are exact: the realm's users as the realm file gives them, less frank.
+    let users = db
+        .strings("SELECT username || ' ' || role || ' ' || is_active FROM users ORDER BY 1")
+        .await;
+    assert!(
+        users.contains(&"leaver admin true".to_string()),
+        "{users:?}"
+    );
+    assert!(
+        users.contains(&"dev-admin admin true".to_string()),
+        "{users:?}"
+    );
+    assert!(!users.iter().any(|u| u.starts_with("frank")), "{users:?}");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users u JOIN tenants t ON t.owner_user_id = u.id")
+            .await,
+        users.len() as i64,
+        "every listed user provisioned"
+    );
+    let finding = db
+        .strings("SELECT f->>'detail' FROM seed_runs, jsonb_array_elements(findings) f WHERE f->>'kind' = 'unlisted'")
+        .await;
+    assert_eq!(finding.len(), 1, "{finding:?}");
+    assert!(
+        finding[0].contains(&format!("users/count reported {count_now}")),
+        "{finding:?}"
+    );
+    let plan = run_bin(&["plan"], &[db.env(), env.clone()].concat());
+    let plan_text = text(&plan);
+    assert!(plan_text.contains("unlisted"), "{plan_text}");
+
+    // A user deleted meanwhile is not offboarded while the listing is short: absence proves
+    // nothing in that run.
+    let leaver = realm.user_id("leaver").await;
+    realm
+        .admin(Method::DELETE, &format!("/users/{leaver}"), None)
+        .await;
+    let out = run_bin(&["--once"], &[db.env(), env].concat());
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(
+        db.strings("SELECT is_active || ' ' || (offboarded_at IS NULL) FROM users WHERE username = 'leaver'").await,
+        ["true true"]
+    );
+    assert_eq!(
+        db.scalar("SELECT (counts->'identities'->>'unlisted')::bigint FROM seed_runs ORDER BY started_at DESC LIMIT 1").await,
+        1
     );
 }

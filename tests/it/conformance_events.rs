@@ -104,6 +104,35 @@ async fn changes_in_keycloak_reach_the_database_within_seconds_through_events() 
     )
     .await;
 
+    // An admin's whole life through events: disabled (the binding goes), enabled again (it
+    // comes back), deleted (offboarded: row kept, inactive, binding revoked saying why).
+    let boss = realm
+        .create_user(json!({"username": "boss", "enabled": true, "email": "boss@example.test"}))
+        .await;
+    realm.grant_realm_roles(&boss, &["admin"]).await;
+    const BOSS_ACTIVE: &str = "SELECT count(*) FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE u.username = 'boss' AND b.status = 'active'";
+    within(&db, 5, "boss's binding granted", BOSS_ACTIVE, 1).await;
+    let mut rep = realm.get(&format!("/users/{boss}")).await;
+    rep["enabled"] = json!(false);
+    realm
+        .admin(Method::PUT, &format!("/users/{boss}"), Some(rep.clone()))
+        .await;
+    within(&db, 5, "the disabled admin's binding revoked",
+        "SELECT count(*) FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE u.username = 'boss' AND b.status = 'revoked' AND b.revoked_reason = 'identity-disabled'", 1).await;
+    assert_eq!(db.scalar(BOSS_ACTIVE).await, 0);
+    rep["enabled"] = json!(true);
+    realm
+        .admin(Method::PUT, &format!("/users/{boss}"), Some(rep))
+        .await;
+    within(&db, 5, "the binding back when enabled", BOSS_ACTIVE, 1).await;
+    realm
+        .admin(Method::DELETE, &format!("/users/{boss}"), None)
+        .await;
+    let t = within(&db, 5, "the deleted admin offboarded",
+        "SELECT count(*) FROM users u JOIN platform_role_bindings b ON b.user_id = u.id WHERE u.username = 'boss' AND NOT u.is_active AND u.offboarded_at IS NOT NULL AND b.revoked_reason = 'identity-offboarded'", 1).await;
+    eprintln!("offboarded in {t:?}");
+    assert_eq!(db.scalar(BOSS_ACTIVE).await, 0);
+
     // A group's roles changed: whose roles that changes is unknown, so a full run follows.
     let dev_user = realm.user_id("dev-user").await;
     let group = realm.group_id("/admins").await;
@@ -144,7 +173,7 @@ async fn changes_in_keycloak_reach_the_database_within_seconds_through_events() 
     let batches = db
         .scalar("SELECT count(*) FROM seed_runs WHERE trigger = 'event' AND outcome = 'succeeded'")
         .await;
-    assert!(batches >= 4, "{batches} event batches");
+    assert!(batches >= 7, "{batches} event batches");
     let scheduled = db
         .scalar("SELECT count(*) FROM seed_runs WHERE trigger = 'schedule'")
         .await;

@@ -382,3 +382,95 @@ async fn keycloak_down_between_polls_loses_nothing_and_a_restart_resumes_from_th
             .await;
     assert_eq!(n, 2);
 }
+
+/// `revoked_reason` of each of a user's bindings, sorted.
+async fn revocations_of(db: &TestDb, username: &str) -> Vec<String> {
+    db.strings(&format!(
+        "SELECT b.role_name || ' ' || b.status || ' ' || coalesce(b.revoked_reason, '-')
+         FROM platform_role_bindings b JOIN users u ON u.id = b.user_id WHERE u.username = '{username}' ORDER BY 1"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_admin_is_offboarded_by_the_next_event_batch_by_admin_or_user_event() {
+    let s = setup(vec![
+        user(ALICE, "alice", &["admin"], &[]),
+        user(BOB, "bob", &["admin"], &[]),
+    ])
+    .await;
+    assert_eq!(
+        s.poll().await.events,
+        0,
+        "the first poll sets the checkpoint"
+    );
+    // Alice is deleted by an administrator (admin event DELETE USER), Bob deletes his own
+    // account (user event DELETE_ACCOUNT): Keycloak answers 404 for both.
+    s.kc.set_realm(realm_with(vec![]));
+    let t = now_ms();
+    s.kc.push_admin_event(admin_event(
+        "ad-del",
+        t,
+        "DELETE",
+        "USER",
+        &format!("users/{ALICE}"),
+    ));
+    s.kc.push_user_event(user_event("ev-del", t, "DELETE_ACCOUNT", BOB));
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (2, 2));
+    let r = p.report.expect("a batch run");
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "deactivated"), 2);
+    assert_eq!(count(&r, "role_bindings", "revoked"), 2);
+    assert_eq!(
+        s.db.strings("SELECT username || ' ' || is_active || ' ' || (offboarded_at IS NOT NULL) FROM users WHERE username IN ('alice', 'bob') ORDER BY 1")
+            .await,
+        ["alice false true", "bob false true"]
+    );
+    for who in ["alice", "bob"] {
+        assert_eq!(
+            revocations_of(&s.db, who).await,
+            ["platform_superadmin revoked identity-offboarded"]
+        );
+    }
+    assert!(
+        s.full_runs.lock().unwrap().is_empty(),
+        "a deletion needs no full run"
+    );
+    // The other admins are untouched: the batch looked at its own users only.
+    assert_eq!(
+        s.db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL")
+            .await,
+        2
+    );
+
+    // The full run agrees: nothing more to offboard, nothing written twice.
+    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "deactivated"), 0);
+    assert_eq!(count(&r, "identities", "missing"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deletion_whose_event_is_lost_is_offboarded_by_the_next_full_run() {
+    let s = setup(vec![user(ALICE, "alice", &["admin"], &[])]).await;
+    assert_eq!(s.poll().await.events, 0);
+    // Alice is deleted, and the event never arrives (expired, or events were off).
+    s.kc.set_realm(realm_with(vec![]));
+    let p = s.poll().await;
+    assert!(p.report.is_none());
+    assert_eq!(
+        revocations_of(&s.db, "alice").await,
+        ["platform_superadmin active -"],
+        "no event, no batch"
+    );
+    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    assert_eq!(count(&r, "identities", "deactivated"), 1);
+    assert_eq!(
+        revocations_of(&s.db, "alice").await,
+        ["platform_superadmin revoked identity-offboarded"]
+    );
+}

@@ -1,7 +1,8 @@
 //! Issue 10, part 4: a listing never ends early in silence. Keycloak returns pages shorter than
 //! `max` before the end (permissions filtered after the query, federation providers capping
 //! results, a server limit on `max`); every listing goes on to an empty page, advancing by what
-//! was returned, and the user listing is checked against `users/count`. Each case runs with one
+//! was returned, and the user listing is checked against `users/count` (short of it, the run is
+//! narrowed to the listed users and offboards nobody). Each case runs with one
 //! and with eight pages in flight.
 
 use serde_json::{json, Value};
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 use crate::harness::keycloak::{IgnoreFirst, KeycloakEmulator};
 use crate::harness::*;
 use crate::identities::{identity_state, kc_env, refs, test_realm, user};
-use seedkeeper::reconcile::Unit;
+use seedkeeper::reconcile::{FindingKind, Tally, Unit};
 
 const USERS: usize = 300;
 /// The realm's human users: the generated ones and the six dev personas.
@@ -215,8 +216,7 @@ fn base_users(bulk: usize) -> Vec<Value> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_revoked_or_realigned()
-{
+async fn a_listing_short_of_users_count_narrows_the_run_to_the_listed_users_and_offboards_nobody() {
     for concurrency in [1, 8] {
         let kc = KeycloakEmulator::start(test_realm(base_users(50))).await;
         let env = env_for(&kc, 10, concurrency);
@@ -227,8 +227,8 @@ async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_rev
         assert!(state.contains(&"binding boss platform_superadmin active seedkeeper".to_string()));
 
         // The realm changes: boss loses admin, mover is re-imported with a new id, 20 users
-        // join. A complete listing would revoke, re-align and insert; this one is filtered after
-        // the query (every 5th user hidden), while users/count still counts everyone.
+        // join. The listing is filtered after the query (every 5th user hidden), while
+        // users/count still counts everyone.
         let mut next = base_users(70);
         next[70] = user("f1000000-0000-4000-8000-000000000001", "boss", &[], &[]);
         next[71] = user("f2000000-0000-4000-8000-000000000002", "mover", &[], &[]);
@@ -239,45 +239,71 @@ async fn a_listing_short_of_users_count_fails_the_run_and_nothing_is_written_rev
         let counted = 70 + 2 + 6;
         let listed = counted - hidden.len();
         assert_eq!(listed, 63);
-        db.settle_stats(1).await;
-        let written = db.tuples_written().await;
+        let hidden_new = hidden
+            .iter()
+            .filter(|u| u.strip_prefix("bulk").and_then(|n| n.parse::<usize>().ok()) >= Some(50))
+            .count();
 
         let r = apply(&engine).await;
-        assert_eq!(r.outcome.as_str(), "failed", "{concurrency} in flight");
-        let err = r.error.clone().unwrap_or_default();
+        assert_ok(&r);
+        let ids = r.unit(Unit::Identities).expect("identities ran");
+        assert_eq!(ids.get(Tally::Unlisted), (counted - listed) as i64);
+        let finding = ids
+            .findings
+            .iter()
+            .find(|f| f.kind == FindingKind::Unlisted)
+            .expect("a finding names the shortfall");
         for part in [
             format!("{listed} distinct users"),
             format!("users/count reported {counted}"),
+            "user storage provider".to_string(),
             "fine-grained admin permissions".to_string(),
-            "federation provider".to_string(),
-            "created and deleted".to_string(),
         ] {
-            assert!(err.contains(&part), "{part:?} not in: {err}");
+            assert!(
+                finding.detail.contains(&part),
+                "{part:?} not in: {}",
+                finding.detail
+            );
         }
-        assert_eq!(r.error_value.as_ref().map(|e| e.exit_code()), Some(1));
-        assert!(
-            r.unit(Unit::Identities)
-                .and_then(|u| u.error.clone())
-                .is_some(),
-            "{:#?}",
-            r.units
-        );
-        db.settle_stats(2).await;
-        assert_eq!(db.tuples_written().await, written, "nothing written");
-        assert_eq!(identity_state(&db).await, state, "nothing changed");
+        assert!(FindingKind::Unlisted.needs_attention());
+        // What the listed users say is applied: the new listed users inserted, boss's binding
+        // revoked from its own roles.
         assert_eq!(
-            db.strings("SELECT outcome FROM seed_runs ORDER BY started_at")
+            count(&r, "identities", "inserted"),
+            (20 - hidden_new) as i64,
+            "{concurrency} in flight"
+        );
+        assert_eq!(count(&r, "role_bindings", "revoked"), 1);
+        // Nothing rests on absence: nobody offboarded (the hidden users are still in the realm),
+        // mover's row is not re-aligned away from its unlisted old sub.
+        assert_eq!(count(&r, "identities", "deactivated"), 0);
+        assert_eq!(count(&r, "identities", "realigned"), 0);
+        assert_eq!(
+            count(&r, "identities", "deferred"),
+            1,
+            "mover waits for a complete listing"
+        );
+        assert_eq!(
+            db.scalar(
+                "SELECT count(*) FROM users WHERE NOT is_active OR offboarded_at IS NOT NULL"
+            )
+            .await,
+            0
+        );
+        assert_eq!(
+            db.strings("SELECT keycloak_sub FROM users WHERE username = 'mover'")
                 .await,
-            ["succeeded", "failed"]
+            ["f1000000-0000-4000-8000-000000000002"]
         );
 
-        // The filter is gone: the next run converges.
+        // The filter is gone: the complete listing converges.
         kc.clear_paging_faults();
         let r = apply(&engine).await;
         assert_ok(&r);
-        assert_eq!(count(&r, "identities", "inserted"), 20);
+        assert_eq!(count(&r, "identities", "inserted"), hidden_new as i64);
         assert_eq!(count(&r, "identities", "realigned"), 1);
-        assert_eq!(count(&r, "role_bindings", "revoked"), 1);
+        assert_eq!(count(&r, "identities", "unlisted"), 0);
+        assert_eq!(count(&r, "identities", "deactivated"), 0);
         assert_eq!(db.scalar("SELECT count(*) FROM users").await, 78);
     }
 }

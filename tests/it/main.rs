@@ -16,6 +16,7 @@ mod emulator_vs_real;
 mod events;
 mod hardening;
 mod identities;
+mod lifecycle;
 mod listing;
 mod ops;
 mod parsers;
