@@ -138,6 +138,10 @@ pub struct IdentitySettings {
 #[serde(deny_unknown_fields)]
 pub struct KeycloakSettings {
     pub base_url: Option<String>,
+    /// The issuer Keycloak must announce, exactly; unset: any issuer whose path ends in
+    /// `/realms/{realm}` (a realm behind a frontend URL announces its public host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
     pub realm: String,
     pub client_id: String,
     #[serde(default, deserialize_with = "de_secret", serialize_with = "ser_secret")]
@@ -256,6 +260,7 @@ impl Default for Settings {
             },
             keycloak: KeycloakSettings {
                 base_url: None,
+                issuer: None,
                 realm: "dev".to_string(),
                 client_id: "seedkeeper".to_string(),
                 client_secret: None,
@@ -679,6 +684,15 @@ fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
                     "keycloak.base_url {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)"
                 )),
             },
+        }
+        if let Some(u) = &s.keycloak.issuer {
+            match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "keycloak.issuer {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
+                    s.keycloak.realm
+                )),
+            }
         }
         if s.keycloak.realm.trim().is_empty() {
             problems.push("keycloak.realm is empty: set SEEDKEEPER_KEYCLOAK__REALM".into());

@@ -1,8 +1,17 @@
 //! Identity source `keycloak`: the live Admin REST API of Keycloak 26.
 //!
-//! Token: OIDC discovery from `{base_url}/realms/{realm}` and the client-credentials grant, both
-//! through `openidconnect`; the token is cached until shortly before it expires and renewed once
-//! when the API answers 401. Every request has a timeout; 429 (honouring `Retry-After`), 5xx,
+//! Token: the discovery document of `{base_url}/realms/{realm}` and the client-credentials grant
+//! (through `openidconnect`); the token is cached until shortly before it expires and renewed once
+//! when the API answers 401.
+//!
+//! Every endpoint is reached through `keycloak.base_url`, whatever host the discovery document
+//! names: a realm's `frontendUrl` (or Keycloak's `--hostname`) makes Keycloak announce its public
+//! URL, which seedkeeper inside a cluster may not reach or resolve. So the document is fetched
+//! here rather than by openidconnect's discovery (which refuses an issuer other than the URL it
+//! was asked, and fetches the JWKS from the announced host), and the token endpoint is rebased
+//! onto `base_url`. The announced issuer is accepted when it names the configured realm (its path
+//! ends in `/realms/{realm}`), or when it equals `keycloak.issuer`, which pins it; anything else
+//! is a configuration error, never retried as Keycloak being unavailable. Every request has a timeout; 429 (honouring `Retry-After`), 5xx,
 //! timeouts, connection errors and malformed bodies are retried with bounded backoff. TLS is
 //! rustls, with an optional extra CA; redirects are never followed.
 //!
@@ -32,10 +41,10 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_util::{stream, StreamExt};
-use openidconnect::core::{CoreClient, CoreProviderMetadata};
+use openidconnect::core::CoreClient;
 use openidconnect::{
-    AsyncHttpClient, ClientId, ClientSecret, DiscoveryError, HttpClientError, HttpRequest,
-    HttpResponse, IssuerUrl, OAuth2TokenResponse, RequestTokenError,
+    AsyncHttpClient, ClientId, ClientSecret, HttpClientError, HttpRequest, HttpResponse, IssuerUrl,
+    JsonWebKeySet, OAuth2TokenResponse, RequestTokenError, TokenUrl,
 };
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -140,6 +149,22 @@ impl IdSet {
     }
 }
 
+/// What discovery established: the issuer Keycloak announces, accepted for the configured realm,
+/// and the token endpoint as reached through `keycloak.base_url`.
+#[derive(Debug, Clone)]
+struct Discovered {
+    issuer: IssuerUrl,
+    token_url: TokenUrl,
+}
+
+/// The two fields of the discovery document seedkeeper reads; Keycloak serves some fifty more.
+#[derive(Debug, Deserialize)]
+struct DiscoveryDoc {
+    issuer: String,
+    #[serde(default)]
+    token_endpoint: Option<String>,
+}
+
 struct CachedToken {
     token: SecretString,
     renew_at: Instant,
@@ -153,7 +178,9 @@ pub struct KeycloakSource {
     batch_size: usize,
     /// Startup wait for discovery (the daemon's `startup.wait_timeout`).
     wait: Duration,
-    metadata: tokio::sync::Mutex<Option<CoreProviderMetadata>>,
+    metadata: tokio::sync::Mutex<Option<Discovered>>,
+    /// The issuer last logged, so that it is logged at start and when it changes, not per run.
+    issuer_logged: Mutex<Option<String>>,
     token: Mutex<Option<CachedToken>>,
     requests: std::sync::atomic::AtomicU64,
     /// Every HTTP exchange (counted by outcome and timed) and every retry.
@@ -208,6 +235,7 @@ impl KeycloakSource {
             batch_size,
             wait,
             metadata: tokio::sync::Mutex::new(None),
+            issuer_logged: Mutex::new(None),
             token: Mutex::new(None),
             requests: std::sync::atomic::AtomicU64::new(0),
             metrics: KeycloakMetrics::new(),
@@ -253,40 +281,27 @@ impl KeycloakSource {
         }
     }
 
-    /// Discovery, retried with backoff up to the startup wait.
-    async fn discover(&self, cancel: &CancellationToken) -> Result<CoreProviderMetadata> {
+    /// Discovery, retried with backoff up to the startup wait. The document is fetched from
+    /// `keycloak.base_url`; its issuer is judged by [`accept_issuer`] and its token endpoint
+    /// rebased onto `keycloak.base_url` by [`rebased_token_url`].
+    async fn discover(&self, cancel: &CancellationToken) -> Result<Discovered> {
         let mut guard = self.metadata.lock().await;
         if let Some(m) = guard.as_ref() {
             return Ok(m.clone());
         }
         let issuer = format!("{}/realms/{}", self.base, self.realm());
-        let issuer_url = IssuerUrl::new(issuer.clone()).map_err(|e| {
-            Error::config(format!(
-                "keycloak.base_url/realm give an invalid issuer {issuer}: {e}"
-            ))
-        })?;
+        let doc_url = format!("{issuer}/.well-known/openid-configuration");
         let policy = Policy {
             limit: Limit::Deadline(self.wait),
             ..self.request_policy()
         };
-        // Everything is worth waiting out but a realm that does not exist.
+        // Everything is worth waiting out but a realm that does not exist and an issuer that is
+        // not the realm's: waiting changes neither.
         let attempt = |_| async {
-            self.requests
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            CoreProviderMetadata::discover_async(issuer_url.clone(), &self.oidc_http())
-                .await
-                .map_err(|e| match &e {
-                    DiscoveryError::Response(status, _, _) if status.as_u16() == 404 => {
-                        Retry::Fail(Error::KeycloakAuth(Refusal::http(404, format!(
-                            "realm {:?} does not exist at {} (discovery answered 404): fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
-                            self.realm(),
-                            self.base
-                        ))))
-                    }
-                    _ => Retry::Backoff(describe_discovery_error(&e)),
-                })
+            let doc = self.fetch_discovery(&doc_url).await?;
+            self.judge_discovery(doc, &doc_url).map_err(Retry::Fail)
         };
-        let metadata = policy
+        let discovered = policy
             .run(cancel, attempt, |reason, attempt, d| {
                 tracing::warn!(keycloak.issuer = %issuer, attempt, error = %reason, retry_in_ms = d.as_millis() as u64, "waiting for Keycloak");
                 self.metrics.retry();
@@ -299,8 +314,105 @@ impl KeycloakSource {
                     reason: format!("OIDC discovery of {issuer} failed: {reason}"),
                 })
             })?;
-        *guard = Some(metadata.clone());
-        Ok(metadata)
+        self.log_issuer(&discovered);
+        *guard = Some(discovered.clone());
+        Ok(discovered)
+    }
+
+    /// One GET of the discovery document through the shared client, counted and timed like
+    /// every other request: the document, or what the answer asks for.
+    async fn fetch_discovery(&self, url: &str) -> Result<DiscoveryDoc, Retry<String>> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = Instant::now();
+        let unanswered = |e: reqwest::Error| {
+            self.metrics
+                .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
+            Retry::Backoff(if e.is_timeout() {
+                "timed out".to_string()
+            } else {
+                inner_chain(&e)
+            })
+        };
+        let resp = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, "application/json")
+            .send()
+            .await
+            .map_err(unanswered)?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(unanswered)?;
+        let took = started.elapsed();
+        if !status.is_success() {
+            self.metrics
+                .request(KeycloakOutcome::of_status(status.as_u16()), took);
+            return Err(if status.as_u16() == 404 {
+                Retry::Fail(Error::KeycloakAuth(Refusal::http(404, format!(
+                    "realm {:?} does not exist at {} (discovery answered 404): fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
+                    self.realm(),
+                    self.base
+                ))))
+            } else {
+                Retry::Backoff(format!("HTTP {status}"))
+            });
+        }
+        match serde_json::from_slice::<DiscoveryDoc>(&body) {
+            Ok(doc) => {
+                self.metrics.request(KeycloakOutcome::Ok, took);
+                Ok(doc)
+            }
+            // A proxy's or a booting server's page: worth waiting out, as any unreadable answer.
+            Err(_) => {
+                self.metrics.request(KeycloakOutcome::Malformed, took);
+                Err(Retry::Backoff(
+                    "the discovery document is not valid JSON".to_string(),
+                ))
+            }
+        }
+    }
+
+    /// The announced issuer accepted (or the configuration error that says why not) and the
+    /// token endpoint rebased onto `keycloak.base_url`.
+    fn judge_discovery(&self, doc: DiscoveryDoc, doc_url: &str) -> Result<Discovered> {
+        let pinned = self.settings.issuer.as_deref();
+        accept_issuer(&doc.issuer, self.realm(), pinned, doc_url)?;
+        let issuer = IssuerUrl::new(doc.issuer.clone()).map_err(|e| {
+            Error::Keycloak(format!(
+                "{doc_url} announces issuer {:?}, which is not a URL: {e}",
+                doc.issuer
+            ))
+        })?;
+        let announced = doc.token_endpoint.ok_or_else(|| {
+            Error::Keycloak(format!(
+                "the discovery document {doc_url} has no token_endpoint"
+            ))
+        })?;
+        let token = rebased_token_url(&self.base, self.realm(), &doc.issuer, &announced);
+        let token_url = TokenUrl::new(token.clone()).map_err(|e| {
+            Error::config(format!(
+                "keycloak.base_url gives an invalid token endpoint {token}: {e}: fix SEEDKEEPER_KEYCLOAK__BASE_URL"
+            ))
+        })?;
+        Ok(Discovered { issuer, token_url })
+    }
+
+    /// Logs the accepted issuer at start, and again only when it changes: every run discovers
+    /// afresh, and one line per run would say nothing new.
+    fn log_issuer(&self, d: &Discovered) {
+        let Ok(mut last) = self.issuer_logged.lock() else {
+            return;
+        };
+        if last.as_deref() == Some(d.issuer.as_str()) {
+            return;
+        }
+        tracing::info!(
+            keycloak.issuer = %d.issuer.as_str(),
+            keycloak.base_url = %self.base,
+            keycloak.token_endpoint = %d.token_url.as_str(),
+            "Keycloak announces this issuer; every endpoint is reached through keycloak.base_url"
+        );
+        *last = Some(d.issuer.to_string());
     }
 
     fn forget_token(&self) {
@@ -317,27 +429,27 @@ impl KeycloakSource {
                 }
             }
         }
-        let meta = self.discover(cancel).await?;
+        let discovered = self.discover(cancel).await?;
         let secret = self.settings.client_secret.as_ref().ok_or_else(|| {
             Error::config(
                 "keycloak.client_secret is not set (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE)",
             )
         })?;
-        let client = CoreClient::from_provider_metadata(
-            meta,
+        // No JWKS: the access token is read (for its roles), never verified here; Keycloak
+        // verifies it on every admin call.
+        let client = CoreClient::new(
             ClientId::new(self.client_id().to_string()),
-            Some(ClientSecret::new(secret.expose_secret().to_string())),
-        );
+            discovered.issuer,
+            JsonWebKeySet::default(),
+        )
+        .set_client_secret(ClientSecret::new(secret.expose_secret().to_string()))
+        .set_token_uri(discovered.token_url);
         // A refused client is final; no answer, or an unreadable one, is worth repeating.
         let attempt = |_| async {
             self.requests
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let request = client.exchange_client_credentials().map_err(|e| {
-                Retry::Fail(Error::Keycloak(format!(
-                    "the discovery document has no token endpoint: {e}"
-                )))
-            })?;
-            request
+            client
+                .exchange_client_credentials()
                 .request_async(&self.oidc_http())
                 .await
                 .map_err(|e| match e {
@@ -1009,15 +1121,53 @@ fn inner_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn describe_discovery_error<E: std::error::Error + 'static>(
-    e: &openidconnect::DiscoveryError<E>,
-) -> String {
-    match e {
-        openidconnect::DiscoveryError::Response(status, _, _) => format!("HTTP {status}"),
-        openidconnect::DiscoveryError::Parse(_) => {
-            "the discovery document is not valid JSON".to_string()
+/// Whether the issuer Keycloak announces may be used (issue 17). With `keycloak.issuer` set it
+/// must be exactly that (a trailing `/` aside): the operator named it. Otherwise its path must end
+/// in `/realms/{realm}`, whatever its host: a frontend URL moves the host (and may add a path
+/// prefix), never the realm. Anything else means seedkeeper and Keycloak disagree about which
+/// realm or server this is, which waiting does not change: a configuration error naming both URLs
+/// and the key.
+fn accept_issuer(announced: &str, realm: &str, pinned: Option<&str>, doc_url: &str) -> Result<()> {
+    let trim = |s: &str| s.trim_end_matches('/').to_string();
+    if let Some(pinned) = pinned {
+        if trim(announced) == trim(pinned) {
+            return Ok(());
         }
-        other => inner_chain(other),
+        return Err(Error::config(format!(
+            "Keycloak announces issuer {announced} ({doc_url}) but keycloak.issuer pins {pinned}: set keycloak.issuer (SEEDKEEPER_KEYCLOAK__ISSUER) to {announced} if that is the realm's public URL, or fix the realm's frontendUrl (Keycloak's --hostname) if it is not"
+        )));
+    }
+    let names_realm = reqwest::Url::parse(announced).is_ok_and(|u| {
+        let path = u.path().trim_end_matches('/');
+        matches!(u.scheme(), "http" | "https")
+            && (path.ends_with(&format!("/realms/{realm}"))
+                || path.ends_with(&format!("/realms/{}", enc(realm))))
+    });
+    if names_realm {
+        Ok(())
+    } else {
+        Err(Error::config(format!(
+            "Keycloak announces issuer {announced:?} ({doc_url}), which does not name realm {realm:?} (its path must end in /realms/{realm}): check keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM) and keycloak.base_url (SEEDKEEPER_KEYCLOAK__BASE_URL), or pin the issuer with keycloak.issuer (SEEDKEEPER_KEYCLOAK__ISSUER)"
+        )))
+    }
+}
+
+/// The token endpoint through `base`: the announced endpoint's path below the announced server
+/// root (the issuer less `/realms/{realm}`: a frontend URL's host and any path prefix), put
+/// under `base`. So a document that moves the endpoint on the same server is followed, and one
+/// naming a public host is reached internally. An endpoint outside the announced root (or an
+/// issuer pinned without the realm in its path) falls back to Keycloak's own path.
+fn rebased_token_url(base: &str, realm: &str, issuer: &str, announced: &str) -> String {
+    let issuer = issuer.trim_end_matches('/');
+    let root = issuer
+        .strip_suffix(&format!("/realms/{realm}"))
+        .or_else(|| issuer.strip_suffix(&format!("/realms/{}", enc(realm))));
+    match root
+        .and_then(|r| announced.strip_prefix(r))
+        .filter(|rest| rest.starts_with('/'))
+    {
+        Some(rest) => format!("{base}{rest}"),
+        None => format!("{base}/realms/{realm}/protocol/openid-connect/token"),
     }
 }
 
@@ -1198,5 +1348,94 @@ impl KeycloakSource {
     /// Requests made so far (every attempt counts).
     pub fn request_count(&self) -> u64 {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    const DOC: &str = "http://keycloak:8080/realms/x/.well-known/openid-configuration";
+
+    #[test]
+    fn an_issuer_on_another_host_is_accepted_when_it_names_the_realm() {
+        for iss in [
+            "https://auth.example.com/realms/x",
+            "https://auth.example.com/auth/realms/x/",
+            "http://keycloak:8080/realms/x",
+        ] {
+            assert!(accept_issuer(iss, "x", None, DOC).is_ok(), "{iss}");
+        }
+        for iss in [
+            "https://auth.example.com/realms/y",
+            "https://auth.example.com/realms/x/extra",
+            "not a url",
+            "ftp://auth.example.com/realms/x",
+        ] {
+            let e = accept_issuer(iss, "x", None, DOC).expect_err(iss);
+            assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+            let t = e.to_string();
+            assert!(
+                t.contains(iss) && t.contains(DOC) && t.contains("keycloak.issuer"),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pinned_issuer_must_match_exactly_and_names_both_urls_and_the_key() {
+        let pinned = Some("https://auth.example.com/realms/x");
+        assert!(accept_issuer("https://auth.example.com/realms/x/", "x", pinned, DOC).is_ok());
+        let e = accept_issuer("https://other.example.com/realms/x", "x", pinned, DOC)
+            .expect_err("mismatch");
+        assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+        let t = e.to_string();
+        for needle in [
+            "https://other.example.com/realms/x",
+            "https://auth.example.com/realms/x",
+            "keycloak.issuer",
+            "SEEDKEEPER_KEYCLOAK__ISSUER",
+        ] {
+            assert!(t.contains(needle), "{needle} not in {t}");
+        }
+    }
+
+    #[test]
+    fn the_token_endpoint_is_rebased_onto_base_url() {
+        let base = "http://keycloak:8080";
+        let cases = [
+            // A frontend URL: the announced host is replaced.
+            (
+                "https://auth.invalid/realms/x",
+                "https://auth.invalid/realms/x/protocol/openid-connect/token",
+                "http://keycloak:8080/realms/x/protocol/openid-connect/token",
+            ),
+            // A frontend URL with a path prefix: the prefix is the public server's, not ours.
+            (
+                "https://auth.invalid/auth/realms/x",
+                "https://auth.invalid/auth/realms/x/protocol/openid-connect/token",
+                "http://keycloak:8080/realms/x/protocol/openid-connect/token",
+            ),
+            // An endpoint moved on the same server is followed.
+            (
+                "http://keycloak:8080/realms/x",
+                "http://keycloak:8080/moved/realms/x/protocol/openid-connect/token",
+                "http://keycloak:8080/moved/realms/x/protocol/openid-connect/token",
+            ),
+            // Elsewhere entirely: Keycloak's own path.
+            (
+                "https://auth.invalid/realms/x",
+                "https://tokens.invalid/t",
+                "http://keycloak:8080/realms/x/protocol/openid-connect/token",
+            ),
+        ];
+        for (iss, announced, want) in cases {
+            assert_eq!(
+                rebased_token_url(base, "x", iss, announced),
+                want,
+                "{announced}"
+            );
+        }
     }
 }

@@ -5,7 +5,9 @@
 //! batches, so memory stays near the size of one batch plus the role and group definitions.
 //! Keycloak's import rules apply: usernames are lower-cased, a user without `"enabled": true`
 //! is disabled, service-account users are not identities, and a realm role a user or group names
-//! without `roles.realm` declaring it is a plain role (Keycloak's import creates it). Effective
+//! without `roles.realm` declaring it is a plain role (Keycloak's import creates it), and a group
+//! named by path is looked up with one optional leading and one optional trailing `/` (`"Admin"`
+//! and `"Admin/Ops/"` name `/Admin` and `/Admin/Ops`). Effective
 //! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct roles,
 //! composites, and the roles of the user's groups and their parent groups.
 //!
@@ -316,7 +318,8 @@ impl RealmIndex {
         for g in groups {
             let path = g
                 .path
-                .clone()
+                .as_deref()
+                .map(group_path)
                 .unwrap_or_else(|| format!("{parent_path}/{}", g.name));
             let mut roles: Vec<String> = inherited.to_vec();
             roles.extend(g.realm_roles.iter().cloned());
@@ -325,17 +328,33 @@ impl RealmIndex {
         }
     }
 
+    /// The realm roles of the group a realm file names by `path`, spelled as Keycloak's import
+    /// accepts it (see [`group_path`]); `None` for a group the realm does not define.
+    fn group(&self, path: &str) -> Option<&Vec<String>> {
+        self.group_roles.get(&group_path(path))
+    }
+
     /// Direct roles, group roles and everything they contain. A role `roles.realm` does not
     /// declare is a plain role: it is its own effective set.
     fn effective(&self, u: &RealmUser) -> HashSet<String> {
         let mut start: Vec<&str> = u.realm_roles.iter().map(String::as_str).collect();
         for g in &u.groups {
-            if let Some(r) = self.group_roles.get(g) {
+            if let Some(r) = self.group(g) {
                 start.extend(r.iter().map(String::as_str));
             }
         }
         self.graph.closure(start)
     }
+}
+
+/// A group path as Keycloak's import looks it up (`KeycloakModelUtils.findGroupByPath`): one
+/// optional leading and one optional trailing `/` are stripped before the path is split, so
+/// `"Admin"`, `"/Admin"` and `"Admin/"` all name `/Admin`. Realm files written by hand or by
+/// Helm charts use every spelling; refusing them would refuse realms Keycloak imports.
+fn group_path(raw: &str) -> String {
+    let p = raw.strip_prefix('/').unwrap_or(raw);
+    let p = p.strip_suffix('/').unwrap_or(p);
+    format!("/{p}")
 }
 
 /// Service accounts are not identities, whatever fields they carry: Keycloak marks them with
@@ -580,7 +599,7 @@ impl RealmCheck {
         } = self;
         let mut refs: Vec<String> = group_refs
             .iter()
-            .filter(|(g, _)| !index.group_roles.contains_key(*g))
+            .filter(|(g, _)| index.group(g).is_none())
             .map(|(g, at)| format!("{at}: group {g:?} is not defined in groups"))
             .collect();
         refs.sort();

@@ -7,6 +7,7 @@ mod harness;
 
 mod conformance;
 mod conformance_events;
+mod conformance_realms;
 mod core;
 mod daemon;
 mod deadlines;

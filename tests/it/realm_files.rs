@@ -488,3 +488,85 @@ async fn structural_damage_is_still_refused_whole() {
         "{t}"
     );
 }
+
+/// Issue 17 point 6: users' group paths spelled as Keycloak's import accepts them (one optional
+/// leading and one optional trailing `/`) resolve to the same groups as the canonical paths;
+/// anything more is still an unknown group.
+#[tokio::test(flavor = "multi_thread")]
+async fn group_paths_without_leading_or_with_trailing_slash_resolve_as_keycloak_resolves_them() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let spellings = [
+        ("canon-admin", "/Admin"),
+        ("bare-admin", "Admin"),
+        ("trailing-admin", "Admin/"),
+        ("canon-ops", "/Admin/Ops"),
+        ("bare-ops", "Admin/Ops"),
+        ("trailing-ops", "Admin/Ops/"),
+    ];
+    let users: Vec<Value> = spellings
+        .iter()
+        .enumerate()
+        .map(|(i, (name, group))| {
+            json!({"id": format!("c1000000-0000-4000-8000-00000000000{i}"), "username": name,
+                   "enabled": true, "groups": [group]})
+        })
+        .collect();
+    // The subgroup's `path` is written the way some hand-made realms do: no leading slash.
+    let realm = json!({
+        "realm": "dev",
+        "groups": [{"name": "Admin", "path": "/Admin", "realmRoles": ["admin"],
+                    "subGroups": [{"name": "Ops", "path": "Admin/Ops/", "realmRoles": ["ops"], "subGroups": []}]}],
+        "users": users,
+    });
+    let env = realm_file_env(&dir, &realm);
+    let r = apply(&db.engine(&refs(&env))).await;
+    assert_ok(&r);
+    let state = identity_state(&db).await;
+    let bindings: Vec<&str> = state
+        .iter()
+        .filter(|s| s.starts_with("binding"))
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        bindings,
+        [
+            "binding bare-admin platform_superadmin active seedkeeper",
+            "binding bare-ops platform_ops active seedkeeper",
+            "binding bare-ops platform_superadmin active seedkeeper",
+            "binding canon-admin platform_superadmin active seedkeeper",
+            "binding canon-ops platform_ops active seedkeeper",
+            "binding canon-ops platform_superadmin active seedkeeper",
+            "binding trailing-admin platform_superadmin active seedkeeper",
+            "binding trailing-ops platform_ops active seedkeeper",
+            "binding trailing-ops platform_superadmin active seedkeeper",
+        ],
+        "{state:#?}"
+    );
+    // The effective realm roles each spelling gives equal the canonical path's.
+    let roles = |name: &str| {
+        state
+            .iter()
+            .find(|s| s.starts_with("user ") && s.split(' ').nth(2) == Some(name))
+            .map(|s| s.rsplit(' ').next().unwrap_or_default().to_string())
+            .unwrap_or_else(|| panic!("no row for {name}: {state:#?}"))
+    };
+    for (canon, others) in [
+        ("canon-admin", ["bare-admin", "trailing-admin"]),
+        ("canon-ops", ["bare-ops", "trailing-ops"]),
+    ] {
+        for other in others {
+            assert_eq!(roles(other), roles(canon), "{other} against {canon}");
+        }
+    }
+
+    // Keycloak strips one slash at each end, no more: `//Admin` names no group.
+    let bad = dir.write(
+        "two-slashes.json",
+        &json!({"realm": "dev", "groups": [{"name": "Admin", "path": "/Admin"}],
+                "users": [{"id": "1", "username": "a", "groups": ["//Admin"]}]})
+        .to_string(),
+    );
+    let t = refused(&bad, &[]).await;
+    assert!(t.contains("group \"//Admin\" is not defined"), "{t}");
+}

@@ -231,7 +231,7 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     assert_eq!(
         total,
         journal.len() as f64,
-        "every request the emulator answered (discovery, JWKS, token, admin) is counted once"
+        "every request the emulator answered (discovery, token, admin) is counted once"
     );
     assert_eq!(
         get(&s, "seedkeeper_keycloak_request_duration_seconds_count"),

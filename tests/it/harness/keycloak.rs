@@ -1,9 +1,9 @@
 //! A Keycloak 26 emulator for tests and the benchmark: an in-process HTTP server on port 0 that
 //! loads a realm export and answers what seedkeeper calls, in Keycloak's wire formats
-//! (`shared/keycloak/SUMMARY.md`): discovery, JWKS, the client-credentials token endpoint and its
-//! error bodies, and the admin API for users, counts, roles, role members, role groups, group
-//! members and children and role mappings, with Keycloak's paging, ordering, permission checks
-//! and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
+//! (`shared/keycloak/SUMMARY.md`): discovery (naming the realm's `frontendUrl` host when it has
+//! one, as Keycloak does), JWKS, the client-credentials token endpoint and its error bodies, and
+//! the admin API for users, counts, roles, role members, role groups, group members and children
+//! and role mappings, with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
 //!
 //! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
 //! become invalid mid-listing; short pages, a capped `max`, users filtered out of the listing
@@ -127,6 +127,18 @@ struct Realm {
     /// When the realm was imported: Keycloak 26.7 stamps it as `createdTimestamp` on imported
     /// users that carry none.
     loaded_at: i64,
+    /// The realm attribute `frontendUrl`: as in Keycloak, discovery then names this host for the
+    /// issuer and every endpoint, and tokens carry it in `iss`, while the server still answers
+    /// on its own address.
+    frontend_url: Option<String>,
+}
+
+/// A group path as Keycloak's import looks a user's `groups` entry up: one optional leading and
+/// one optional trailing `/` stripped (`"Admin"`, `"Admin/"` and `"/Admin"` name `/Admin`).
+fn group_path(raw: &str) -> String {
+    let p = raw.strip_prefix('/').unwrap_or(raw);
+    let p = p.strip_suffix('/').unwrap_or(p);
+    format!("/{p}")
 }
 
 fn s(v: &Value, k: &str) -> Option<String> {
@@ -186,8 +198,8 @@ impl Realm {
         ) -> String {
             *counter += 1;
             let name = s(g, "name").unwrap_or_default();
-            let path = s(g, "path")
-                .unwrap_or_else(|| format!("{}/{name}", parent.map(|p| p.1).unwrap_or("")));
+            // Keycloak's import builds the path from the names and ignores the `path` field.
+            let path = format!("{}/{name}", parent.map(|p| p.1).unwrap_or(""));
             let id =
                 s(g, "id").unwrap_or_else(|| format!("00000000-0000-4000-a000-{:012}", *counter));
             let mut children = Vec::new();
@@ -280,7 +292,7 @@ impl Realm {
                 role_members.entry(r.clone()).or_default().push(i);
             }
             for g in &u.groups {
-                if let Some(gid) = group_by_path.get(g) {
+                if let Some(gid) = group_by_path.get(&group_path(g)) {
                     group_members.entry(gid.clone()).or_default().push(i);
                 }
             }
@@ -327,6 +339,11 @@ impl Realm {
             loaded_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
+            frontend_url: export
+                .pointer("/attributes/frontendUrl")
+                .and_then(Value::as_str)
+                .filter(|u| !u.is_empty())
+                .map(|u| u.trim_end_matches('/').to_string()),
         }
     }
 
@@ -342,7 +359,7 @@ impl Realm {
     fn effective_roles(&self, u: &User) -> BTreeSet<String> {
         let mut start: Vec<String> = u.realm_roles.clone();
         for path in &u.groups {
-            let mut gid = self.group_by_path.get(path).cloned();
+            let mut gid = self.group_by_path.get(&group_path(path)).cloned();
             while let Some(id) = gid {
                 let g = &self.groups[&id];
                 start.extend(g.realm_roles.iter().cloned());
@@ -780,7 +797,12 @@ fn route(
             if *r != realm.name {
                 return error(404, "Realm does not exist");
             }
-            discovery(&sh.base, r, sh.moved.load(Ordering::SeqCst))
+            discovery(
+                &sh.base,
+                realm.frontend_url.as_deref(),
+                r,
+                sh.moved.load(Ordering::SeqCst),
+            )
         }
         ["realms", r, "protocol", "openid-connect", "certs"] if method == Method::GET => {
             if *r != realm.name {
@@ -822,7 +844,10 @@ fn route(
     }
 }
 
-fn discovery(base: &str, realm: &str, moved: bool) -> Response {
+/// The discovery document; with a frontend URL every URL in it names that host instead of the
+/// server's own, as Keycloak 26.4 serves it.
+fn discovery(base: &str, frontend: Option<&str>, realm: &str, moved: bool) -> Response {
+    let base = frontend.unwrap_or(base);
     let iss = format!("{base}/realms/{realm}");
     let token_endpoint = if moved {
         format!("{base}/moved/realms/{realm}/protocol/openid-connect/token")
@@ -940,7 +965,11 @@ fn token(sh: &Shared, realm: &Realm, headers: &HeaderMap, body: &[u8]) -> Respon
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let iss = format!("{}/realms/{}", sh.base, realm.name);
+    let iss = format!(
+        "{}/realms/{}",
+        realm.frontend_url.as_deref().unwrap_or(&sh.base),
+        realm.name
+    );
     let mut resource_access = serde_json::Map::new();
     if !management.is_empty() {
         resource_access.insert(
