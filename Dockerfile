@@ -4,8 +4,9 @@
 #   scripts/image-build.sh                   # tags seedkeeper:dev, sets the version/revision labels
 #   docker build -t seedkeeper .             # the same without the labels' values
 #   docker run --rm seedkeeper --help
-# Works with the classic builder and with BuildKit. The base image names are matched by
-# scripts/base-images.sh (local stand-ins where no registry is reachable): keep them literal.
+# Needs no BuildKit feature (CI builds it with Docker 20.10's classic builder). The base image
+# names are read by scripts/base-images.sh (local stand-ins where no registry is reachable):
+# keep them literal, no ARG in FROM.
 
 # --- planner: the manifest's target files ------------------------------------------------------
 # The dependency layer below needs every target the manifest names (cargo refuses a manifest whose

@@ -47,8 +47,11 @@ cleanup() {
         dc ps -a 2>&1 | sed 's/^/   /'
         dc logs --no-color --tail 60 2>&1 | sed 's/^/   /'
     fi
-    dc --profile once down -v --remove-orphans >/dev/null 2>&1
-    ok "$t" "docker compose down -v"
+    if out=$(dc --profile once down -v --remove-orphans 2>&1); then
+        ok "$t" "docker compose down -v"
+    else
+        fail "$t" "docker compose down -v" "$out"
+    fi
     echo "stack-test: $((failed)) failed, $(secs "$t_start" "$(now)") s in all"
     ((failed == 0))
 }
