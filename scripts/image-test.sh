@@ -30,7 +30,8 @@ cleanup() {
     echo "image-test: $failed failed"
     ((failed == 0))
 }
-trap 'cleanup; exit $?' EXIT
+# An unexpected exit (an error under set -u, a signal) is a failure too, never a pass.
+trap 'rc=$?; if ((rc != 0 && failed == 0)); then echo "FAIL $(basename "$0") stopped early (exit $rc)"; failed=1; fi; cleanup; exit $?' EXIT
 trap 'exit 130' INT TERM
 
 docker image inspect "$image" >/dev/null 2>&1 || { echo "FAIL no image $image (scripts/image-build.sh)"; failed=1; exit 1; }

@@ -55,7 +55,8 @@ cleanup() {
     echo "stack-test: $((failed)) failed, $(secs "$t_start" "$(now)") s in all"
     ((failed == 0))
 }
-trap 'cleanup; exit $?' EXIT
+# An unexpected exit (an error under set -u, a signal) is a failure too, never a pass.
+trap 'rc=$?; if ((rc != 0 && failed == 0)); then echo "FAIL $(basename "$0") stopped early (exit $rc)"; failed=1; fi; cleanup; exit $?' EXIT
 trap 'exit 130' INT TERM
 
 for tool in docker curl python3; do
@@ -122,8 +123,8 @@ if [[ -z "$created" ]]; then
     fail "$t" "Keycloak admin API: POST /admin/realms/dev/users as admin (master realm token)"
 else
     t_created=$(now)
-    deadline=$(awk -v a="$t_created" 'BEGIN { print a + 5 }')
-    arrived=""
+    deadline=$(awk -v a="$t_created" 'BEGIN { printf "%.3f", a + 5 }')
+    arrived="" got="" owned=""
     while awk -v n="$(now)" -v d="$deadline" 'BEGIN { exit !(n < d) }'; do
         got=$(sql "SELECT count(*) FROM users WHERE keycloak_sub = '$created'")
         owned=$(sql "$(owned_sql "$newuser")")
@@ -188,7 +189,7 @@ fi
 t=$(now)
 if out=$(dc restart postgres 2>&1); then
     t_back=$(now)
-    deadline=$(awk -v a="$t_back" 'BEGIN { print a + 30 }')
+    deadline=$(awk -v a="$t_back" 'BEGIN { printf "%.3f", a + 30 }')
     streak=0
     code=""
     # Ready means ready for good: three 200s in a row, a second apart (a 200 answered before a
