@@ -36,9 +36,13 @@ banner() {
     log "################################################################################"
 }
 
-# The names, exactly as the two files spell them (seedkeeper's own image excluded).
+# The names, exactly as the two files spell them (seedkeeper's own image, `scratch` and the
+# Dockerfile's own stages excluded).
 names() {
-    sed -nE 's/^FROM[[:space:]]+(--platform=[^[:space:]]+[[:space:]]+)?([^[:space:]]+).*/\2/p' Dockerfile
+    local stages
+    stages="$(sed -nE 's/^FROM[[:space:]].*[[:space:]][Aa][Ss][[:space:]]+([^[:space:]]+).*/\1/p' Dockerfile)"
+    sed -nE 's/^FROM[[:space:]]+(--platform=[^[:space:]]+[[:space:]]+)?([^[:space:]]+).*/\2/p' Dockerfile \
+        | grep -vxF -e scratch $(printf -- ' -e %s' $stages)
     sed -nE 's/^[[:space:]]+image:[[:space:]]*"?([^"[:space:]]+)"?.*/\1/p' docker-compose.yml | grep -v '^seedkeeper:'
 }
 mapfile -t images < <(names | awk '!seen[$0]++')
