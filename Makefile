@@ -6,7 +6,7 @@ SEEDKEEPER ?= target/debug/seedkeeper
 # else seedkeeper (scripts/local-db.sh decides; `scripts/local-db.sh db` prints it).
 DB ?=
 
-.PHONY: help demo test db-reset-fast dev dev-stack keycloak plan bench bench-keycloak bench-events lint check-deploy build
+.PHONY: help demo test db-reset-fast dev dev-stack keycloak plan bench bench-keycloak bench-events lint check-deploy build docker-setup image image-test stack-test
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -53,5 +53,17 @@ lint: ## formatting and clippy, as CI runs them
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 
-check-deploy: ## offline checks of the compose file, manifests, systemd unit and Dockerfile
+check-deploy: ## checks of the compose file, manifests, systemd unit and Dockerfile (builds the image when Docker runs)
 	bash scripts/check-deploy.sh
+
+docker-setup: ## Docker engine, Compose v2 and the base images (stand-ins where no registry answers; root)
+	bash scripts/docker-setup.sh
+
+image: ## build the image seedkeeper:dev with its version and revision labels
+	bash scripts/image-build.sh
+
+image-test: image ## the built image: --help, config, secure default (exit 78, nothing written)
+	bash scripts/image-test.sh
+
+stack-test: image ## the compose stack end to end on Docker: up, converge, events, once, postgres restart, down
+	bash scripts/stack-test.sh

@@ -242,7 +242,48 @@ for block in re.findall(r"^ENV\s+((?:.*\\\n)*.*)$", df, re.M):
     df_env.update(re.findall(r"(SEEDKEEPER_\w+)=(\S+)", block))
 check(df_env.get("SEEDKEEPER_HTTP__LISTEN", "").startswith("0.0.0.0:8787"),
       "Dockerfile: ENV SEEDKEEPER_HTTP__LISTEN=0.0.0.0:8787")
-seedkeeper_config(df_env, "Dockerfile ENV")
+check(df_env.get("SEEDKEEPER_ENVIRONMENT") == "production",
+      "Dockerfile: ENV SEEDKEEPER_ENVIRONMENT=production (secure default; compose says development itself)")
+# What an operator adds to the image's ENV at the least: a Keycloak and its client secret.
+seedkeeper_config(dict(df_env, SEEDKEEPER_IDENTITY__SOURCE="keycloak",
+                       SEEDKEEPER_KEYCLOAK__BASE_URL="https://keycloak.example.com",
+                       SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE="/run/secrets/keycloak_client_secret"),
+                  "Dockerfile ENV (+ the keycloak source)")
+m = re.search(r"^FROM .* AS planner$(.*?)^FROM ", df, re.M | re.S)
+check(m is not None and "cargo metadata" in m.group(1),
+      "Dockerfile: the dependency layer's stub targets come from `cargo metadata` (a new bench or test cannot break it)")
+check(re.search(r"cargo build --profile dist --locked --bin seedkeeper", df) is not None,
+      "Dockerfile: builds with --profile dist (lto, codegen-units 1, strip)")
+dist = tomllib.loads(read("Cargo.toml")).get("profile", {}).get("dist", {})
+check(dist.get("inherits") == "release" and dist.get("lto") in (True, "fat") and dist.get("codegen-units") == 1
+      and dist.get("strip") in (True, "symbols"), "Cargo.toml: [profile.dist] inherits release with lto, codegen-units = 1, strip")
+check(all(f'org.opencontainers.image.{k}="${v}"' in df for k, v in [("version", "VERSION"), ("revision", "REVISION")]),
+      "Dockerfile: OCI labels version and revision from build args")
+
+# The real build, where a Docker engine answers: scripts/image-build.sh (cached layers make a
+# second build take seconds). SEEDKEEPER_CHECK_DEPLOY_DOCKER=1 (CI) makes a missing engine a
+# failure instead of a skip.
+docker_ok = shutil.which("docker") is not None and subprocess.run(
+    ["docker", "info"], capture_output=True).returncode == 0
+if docker_ok:
+    r = subprocess.run(["bash", "scripts/image-build.sh", "seedkeeper:dev"], capture_output=True, text=True)
+    if check(r.returncode == 0, "Dockerfile: `docker build` succeeds (scripts/image-build.sh, tag seedkeeper:dev)",
+             "\n".join((r.stdout + r.stderr).splitlines()[-30:])):
+        cfg = json.loads(subprocess.run(["docker", "image", "inspect", "seedkeeper:dev"], capture_output=True,
+                                        text=True).stdout)[0]["Config"]
+        check(cfg.get("User") == f"{image_uid}:{image_uid}", f"image: runs as {cfg.get('User')} (numeric, non-root)")
+        check("SEEDKEEPER_ENVIRONMENT=production" in (cfg.get("Env") or []), "image: SEEDKEEPER_ENVIRONMENT=production")
+        version = tomllib.loads(read("Cargo.toml"))["package"]["version"]
+        labels = cfg.get("Labels") or {}
+        check(labels.get("org.opencontainers.image.version") == version
+              and re.fullmatch(r"[0-9a-f]{40}", labels.get("org.opencontainers.image.revision", "")) is not None,
+              f"image: labels version {labels.get('org.opencontainers.image.version')} (Cargo.toml: {version}) "
+              f"and revision {labels.get('org.opencontainers.image.revision')}")
+elif os.environ.get("SEEDKEEPER_CHECK_DEPLOY_DOCKER") == "1":
+    check(False, "Dockerfile: a Docker engine answers `docker info` to build the image (SEEDKEEPER_CHECK_DEPLOY_DOCKER=1)",
+          "run scripts/docker-setup.sh engine")
+else:
+    skip("Dockerfile: `docker build`: no Docker engine answers `docker info` (scripts/docker-setup.sh starts one)")
 
 # --- docker compose ----------------------------------------------------------------------------
 section("docker compose")
@@ -425,6 +466,10 @@ for name in ["seedkeeper", "seedkeeper-once"]:
         check(re.fullmatch(r"https?://keycloak:8080/?", env.get("SEEDKEEPER_KEYCLOAK__BASE_URL", "")) is not None,
               "compose: seedkeeper calls Keycloak by its service name")
     seedkeeper_config(env, f"compose {name}")
+for name, svc in sorted(svcs.items()):
+    if "build" in svc:
+        check(env_of(svc).get("SEEDKEEPER_ENVIRONMENT") == "development",
+              f"compose: {name} says SEEDKEEPER_ENVIRONMENT=development (the image defaults to production)")
 once = svcs.get("seedkeeper-once")
 if once is not None:
     check("--once" in cmd_of(once) and "once" in (once.get("profiles") or []),
@@ -454,8 +499,12 @@ def one(kind):
     check(len(items) == 1, f"Kubernetes: exactly one {kind}")
     return items[0] if items else {}
 
-cron, dep, cm_doc, secret, sa, service = (one(k) for k in
-    ["CronJob", "Deployment", "ConfigMap", "Secret", "ServiceAccount", "Service"])
+cron, dep, cm_doc, sa, service, mjob = (one(k) for k in
+    ["CronJob", "Deployment", "ConfigMap", "ServiceAccount", "Service", "Job"])
+secrets_by_name = {(d.get("metadata") or {}).get("name"): d for d in by_kind.get("Secret", [])}
+check(set(secrets_by_name) == {"seedkeeper", "seedkeeper-owner"},
+      f"Secret examples: seedkeeper (the least-privilege role) and seedkeeper-owner (the migration Job) ({sorted(secrets_by_name)})")
+secret = secrets_by_name.get("seedkeeper", {})
 spec = cron.get("spec", {})
 check(spec.get("concurrencyPolicy") == "Forbid", "CronJob: concurrencyPolicy Forbid")
 check(spec.get("successfulJobsHistoryLimit") == 1, "CronJob: successfulJobsHistoryLimit 1")
@@ -485,14 +534,97 @@ check(bool(sel) and all(pod_labels.get(k) == v for k, v in sel.items()), "Servic
 check(service.get("spec", {}).get("type", "ClusterIP") == "ClusterIP"
       and any(p.get("port") == 8787 for p in service.get("spec", {}).get("ports", [])), "Service: ClusterIP on port 8787")
 check(sa.get("automountServiceAccountToken") is False, "ServiceAccount: automountServiceAccountToken false")
-check(secret.get("metadata", {}).get("namespace") in (None, kust.get("namespace")),
-      "Secret example: same namespace as the kustomization")
+for sname, sdoc in sorted(secrets_by_name.items()):
+    check(sdoc.get("metadata", {}).get("namespace") in (None, kust.get("namespace")),
+          f"Secret example {sname}: same namespace as the kustomization")
+
+# The migration Job: `seedkeeper migrate` as the owner, as compose's seedkeeper-migrate.
+mspec = mjob.get("spec", {})
+mpod = mspec.get("template", {}).get("spec", {})
+mctr = (mpod.get("containers") or [{}])[0]
+menv = {e["name"]: str(e.get("value", "")) for e in mctr.get("env", [])}
+check(mctr.get("args") == ["migrate"] and mpod.get("restartPolicy") in ("Never", "OnFailure"),
+      "Job: runs `seedkeeper migrate` once (restartPolicy Never or OnFailure)")
+check(isinstance(mspec.get("backoffLimit"), int) and isinstance(mspec.get("activeDeadlineSeconds"), int),
+      "Job: backoffLimit and activeDeadlineSeconds set")
+check(menv.get("SEEDKEEPER_SCHEMA__MODE") == "apply", "Job: schema.mode apply (the owner runs the DDL)")
+def secret_of(podspec, ctr, path):
+    """The Secret (name, key) a file path of the container comes from, or (None, None)."""
+    vols = {v["name"]: v for v in podspec.get("volumes", [])}
+    d, f = os.path.split(path)
+    for m in ctr.get("volumeMounts", []):
+        if m["mountPath"].rstrip("/") == d:
+            sec = vols.get(m["name"], {}).get("secret") or {}
+            items = {i.get("path"): i.get("key") for i in sec.get("items", []) or []}
+            return sec.get("secretName"), items.get(f, f) if items else f
+    return None, None
+owner_secret, _ = secret_of(mpod, mctr, menv.get("SEEDKEEPER_DATABASE__URL_FILE", ""))
+check(owner_secret == "seedkeeper-owner", f"Job: the database URL is the owner's, from the Secret seedkeeper-owner ({owner_secret})")
+
+# Every layout kustomize can make of these files renders: the default (CronJob), daemon mode
+# (Deployment and Service instead), daemon mode with the monitoring component. The rendered
+# objects are validated like the files above.
+kubectl = shutil.which("kubectl") or shutil.which("kustomize")
+comp_dir = f"{kdir}/components/monitoring"
+comp = {}
+try:
+    comp = load_all(f"{comp_dir}/kustomization.yaml")[0]
+    check(comp.get("kind") == "Component" and "servicemonitor.yaml" in (comp.get("resources") or []),
+          "components/monitoring: a kustomize Component with servicemonitor.yaml")
+    smon = load_all(f"{comp_dir}/servicemonitor.yaml")[0]
+    sel = ((smon.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    svc_labels = dict(service.get("metadata", {}).get("labels") or {})
+    ports = {p.get("name") for p in service.get("spec", {}).get("ports", [])}
+    eps = (smon.get("spec") or {}).get("endpoints") or []
+    check(smon.get("apiVersion") == "monitoring.coreos.com/v1" and smon.get("kind") == "ServiceMonitor"
+          and bool(sel) and all(svc_labels.get(k) == v for k, v in sel.items())
+          and bool(eps) and all(e.get("port") in ports and e.get("path", "/metrics") == "/metrics" for e in eps),
+          "components/monitoring: the ServiceMonitor selects service.yaml and scrapes /metrics on its named port")
+except Exception as e:
+    check(False, "components/monitoring parses", str(e))
+if kubectl:
+    layouts = {
+        "default (CronJob)": (None, False, {"ServiceAccount", "ConfigMap", "Job", "CronJob"}),
+        "daemon (Deployment + Service)": ("daemon", False, {"ServiceAccount", "ConfigMap", "Job", "Deployment", "Service"}),
+        "daemon + components/monitoring": ("daemon", True, {"ServiceAccount", "ConfigMap", "Job", "Deployment", "Service", "ServiceMonitor"}),
+    }
+    for what, (mode, monitoring, kinds) in layouts.items():
+        ldir = tempfile.mkdtemp(dir=SCRATCH)
+        shutil.copytree(kdir, ldir, dirs_exist_ok=True)
+        k = dict(kust)
+        if mode == "daemon":
+            k["resources"] = [r for r in listed if r != "cronjob.yaml"] + ["deployment.yaml", "service.yaml"]
+        if monitoring:
+            k["components"] = ["components/monitoring"]
+        with open(os.path.join(ldir, "kustomization.yaml"), "w") as f:
+            yaml.safe_dump(k, f, sort_keys=False)
+        cmd = [kubectl, "kustomize", ldir] if os.path.basename(kubectl) == "kubectl" else [kubectl, "build", ldir]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if not check(r.returncode == 0, f"kustomize renders the {what} layout", r.stderr):
+            continue
+        objs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        got = {d.get("kind") for d in objs}
+        check(got == kinds and all((d.get("metadata") or {}).get("namespace") == kust.get("namespace") for d in objs),
+              f"kustomize {what}: {sorted(got)}, all in namespace {kust.get('namespace')}", f"want {sorted(kinds)}")
+        if kv:
+            rendered = os.path.join(ldir, "rendered.yaml")
+            with open(rendered, "w") as f:
+                yaml.safe_dump_all([d for d in objs if d.get("kind") != "ServiceMonitor"], f)
+            r = subprocess.run([kv, "--strict", "--quiet", rendered], capture_output=True, text=True)
+            check(r.returncode == 0, f"kustomize {what}: the rendered objects are valid against the 1.37 schemas (strict)",
+                  r.stdout + r.stderr)
+elif os.environ.get("SEEDKEEPER_CHECK_DEPLOY_OFFLINE") == "1":
+    skip("kustomize layouts: neither kubectl nor kustomize installed (SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1)")
+else:
+    check(False, "kustomize layouts: kubectl (or kustomize) is installed to render them",
+          "install kubectl, or set SEEDKEEPER_CHECK_DEPLOY_OFFLINE=1 to skip knowingly")
 
 cm = {k: str(v) for k, v in (cm_doc.get("data") or {}).items()}
 check(not secret_leaks(cm), "ConfigMap: no secrets", f"inline: {secret_leaks(cm)}")
-secret_keys = set((secret.get("stringData") or {}).keys()) | set((secret.get("data") or {}).keys())
+check(cm.get("SEEDKEEPER_SCHEMA__MODE") == "verify",
+      "ConfigMap: schema.mode verify (the README's least-privilege role has no CREATE; the migration Job applies the DDL)")
 image_names = {i.get("name") for i in kust.get("images", []) or []}
-for kind, podspec in [("CronJob", cpod), ("Deployment", dpod)]:
+for kind, podspec in [("CronJob", cpod), ("Deployment", dpod), ("Job", mpod)]:
     psc = podspec.get("securityContext", {}) or {}
     check(psc.get("runAsNonRoot") is True and str(psc.get("runAsUser")) == str(image_uid),
           f"{kind}: runAsNonRoot, runAsUser {psc.get('runAsUser')} = the image's USER")
@@ -514,15 +646,17 @@ for kind, podspec in [("CronJob", cpod), ("Deployment", dpod)]:
     envs = {e["name"]: str(e.get("value", "")) for e in c0.get("env", [])}
     check(not secret_leaks(envs) and not any("valueFrom" in e for e in c0.get("env", [])),
           f"{kind}: secrets only as files (no inline values, no secretKeyRef)")
-    vols = {v["name"]: v for v in podspec.get("volumes", [])}
-    mounts_ = {m["mountPath"].rstrip("/"): vols.get(m["name"], {}) for m in c0.get("volumeMounts", [])}
     for k, v in envs.items():
         if not k.endswith("_FILE"):
             continue
-        d, f = os.path.split(v)
-        vol = mounts_.get(d, {})
-        check((vol.get("secret") or {}).get("secretName") == secret.get("metadata", {}).get("name")
-              and f in secret_keys, f"{kind}: {k} is key {f} of the Secret {secret.get('metadata', {}).get('name')}, mounted")
+        sname, key = secret_of(podspec, c0, v)
+        sdoc = secrets_by_name.get(sname) or {}
+        keys = set((sdoc.get("stringData") or {}).keys()) | set((sdoc.get("data") or {}).keys())
+        check(sname is not None and key in keys, f"{kind}: {k} is key {key} of the Secret {sname}, mounted")
+    if kind != "Job":
+        check(envs.get("SEEDKEEPER_SCHEMA__MODE", cm.get("SEEDKEEPER_SCHEMA__MODE")) == "verify"
+              and secret_of(podspec, c0, envs.get("SEEDKEEPER_DATABASE__URL_FILE", ""))[0] == "seedkeeper",
+              f"{kind}: schema.mode verify, as the least-privilege role (database URL from the Secret seedkeeper)")
     seedkeeper_config({**cm, **envs}, f"{kind} (ConfigMap + env)")
 dgrace = dpod.get("terminationGracePeriodSeconds", 30)
 grace_ms = parse_duration(cm.get("SEEDKEEPER_SHUTDOWN__GRACE", "30s")) or 30000
@@ -599,7 +733,7 @@ else:
 
 # --- systemd -----------------------------------------------------------------------------------
 section("systemd")
-unit = read("scripts/seedkeeper.service")
+unit = read("deploy/systemd/seedkeeper.service")
 def unit_values(key):
     return re.findall(rf"^{key}=(.*)$", unit, re.M)
 for key, want in [("Type", "notify"), ("NotifyAccess", "main"), ("DynamicUser", "yes"),
