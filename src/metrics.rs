@@ -182,8 +182,17 @@ struct KeycloakLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// The git revision the binary was built from, when the build said (`SEEDKEEPER_REVISION`
+    /// at compile time, as the image build does), else `unknown`.
+    revision: &'static str,
     seed_digest: String,
 }
+
+/// The revision compiled in (see [`BuildLabels::revision`]).
+pub const REVISION: &str = match option_env!("SEEDKEEPER_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
 
 /// The Keycloak source's instruments. Cheap to clone (the series are shared); the source
 /// records into them and [`Metrics`] registers them.
@@ -444,11 +453,12 @@ impl Metrics {
         let r = &mut registry;
         let build = Info::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
+            revision: REVISION,
             seed_digest: seed_digest.to_string(),
         });
         r.register(
             "seedkeeper_build",
-            "The running build: package version and the digest of the reference seed it applies (always 1)",
+            "The running build: package version, git revision and the digest of the reference seed it applies (always 1)",
             build,
         );
         let runs = Family::<RunLabels, Counter>::default();
@@ -672,7 +682,7 @@ mod tests {
         let m = Metrics::with_seed_digest("abc123");
         let text = m.render();
         let build = format!(
-            "seedkeeper_build_info{{version=\"{}\",seed_digest=\"abc123\"}}",
+            "seedkeeper_build_info{{version=\"{}\",revision=\"{REVISION}\",seed_digest=\"abc123\"}}",
             env!("CARGO_PKG_VERSION")
         );
         assert_eq!(sample(&text, &build), Some(1.0), "{text}");

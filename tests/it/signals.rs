@@ -136,8 +136,9 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
         get(
             &s,
             &format!(
-                "seedkeeper_build_info{{version=\"{}\",seed_digest=\"{digest}\"}}",
-                env!("CARGO_PKG_VERSION")
+                "seedkeeper_build_info{{version=\"{}\",revision=\"{}\",seed_digest=\"{digest}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                seedkeeper::metrics::REVISION
             )
         ),
         1.0
