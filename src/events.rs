@@ -36,7 +36,7 @@ use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Stream, UserEvent};
 use crate::identity::{BoxFuture, Identity, SomeUsers};
-use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
+use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Trigger, Unit};
 use crate::retry;
 use crate::store;
 
@@ -318,7 +318,7 @@ pub fn apply_with(engine: Arc<Engine>) -> Apply {
             let report = engine
                 .run_with(
                     Mode::Apply,
-                    "event",
+                    Trigger::Event,
                     Duration::from_secs(5),
                     &cancel,
                     Arc::new(SomeUsers { users }),

@@ -1,9 +1,9 @@
 //! Prometheus metrics with `prometheus-client`: one [`Registry`] per app (no global recorder), so
 //! tests can run many apps in one process; rendered in the Prometheus text format 0.0.4.
 //!
-//! Labels are typed and bounded: outcomes, unit names, actions, sources and error kinds are
-//! enums, never user data. Every series of a bounded label set that can move is registered at
-//! start with 0 (run outcomes, error kinds, the rows each unit can write, Keycloak request
+//! Labels are typed and bounded: outcomes, triggers, unit names, actions, sources and error kinds
+//! are enums, never user data. Every series of a bounded label set that can move is registered at
+//! start with 0 (run outcomes by the triggers the daemon runs, error kinds, the rows each unit can write, Keycloak request
 //! outcomes), so `rate()` and `increase()` see the first error. Gauges that describe the last run
 //! (`seedkeeper_last_run_ok`, `seedkeeper_drift_items`, `seedkeeper_identities_seen`) are absent
 //! until a run has produced them: before the first run there is no value to report, and a 0
@@ -25,7 +25,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::Error;
 use crate::names::named;
-use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Unit};
+use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Trigger, Unit};
 
 /// Registers `metric` and returns it: the registry keeps a clone that shares its series.
 fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
@@ -55,6 +55,7 @@ named!(
         RealmFile => "realm_file",
         DatabaseUnavailable => "database_unavailable",
         KeycloakUnavailable => "keycloak_unavailable",
+        RunLockHeld => "run_lock_held",
         KeycloakAuth => "keycloak_auth",
         Keycloak => "keycloak",
         Schema => "schema",
@@ -77,6 +78,7 @@ impl ErrorKind {
             Error::RealmFile { .. } => ErrorKind::RealmFile,
             Error::DatabaseUnavailable { .. } => ErrorKind::DatabaseUnavailable,
             Error::KeycloakUnavailable { .. } => ErrorKind::KeycloakUnavailable,
+            Error::RunLockHeld { .. } => ErrorKind::RunLockHeld,
             Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
             Error::Keycloak(_) => ErrorKind::Keycloak,
             Error::Schema(_) => ErrorKind::Schema,
@@ -137,6 +139,7 @@ impl KeycloakOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RunLabels {
     outcome: Outcome,
+    trigger: Trigger,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -347,9 +350,16 @@ impl Metrics {
         );
         let runs = Family::<RunLabels, Counter>::default();
         for &outcome in Outcome::ALL {
-            let _ = runs.get_or_create(&RunLabels { outcome });
+            for &trigger in Trigger::ALL.iter().filter(|t| t.in_daemon()) {
+                let _ = runs.get_or_create(&RunLabels { outcome, trigger });
+            }
         }
-        let runs = register(r, "seedkeeper_runs", "Reconcile runs by outcome", runs);
+        let runs = register(
+            r,
+            "seedkeeper_runs",
+            "Reconcile runs by outcome and by what started them (a retry of a failed run is a run)",
+            runs,
+        );
         let errors = Family::<ErrorLabels, Counter>::default();
         for &kind in ErrorKind::ALL {
             let _ = errors.get_or_create(&ErrorLabels { kind });
@@ -420,8 +430,10 @@ impl Metrics {
     }
 
     pub fn record_run(&self, report: &RunReport, source: &str) {
-        let outcome = report.outcome;
-        self.runs.get_or_create(&RunLabels { outcome }).inc();
+        let (outcome, trigger) = (report.outcome, report.trigger);
+        self.runs
+            .get_or_create(&RunLabels { outcome, trigger })
+            .inc();
         let kind = match (&report.error_value, report.outcome) {
             (Some(e), _) => Some(ErrorKind::of(e)),
             // A run that finished without an error but failed: its blocking findings, which are
@@ -521,6 +533,10 @@ mod tests {
                 waited_secs: 1,
                 reason: "r".into(),
             },
+            Error::RunLockHeld {
+                holder: "pid 1".into(),
+                waited_secs: 1,
+            },
             Error::KeycloakAuth("x".into()),
             Error::Keycloak("x".into()),
             Error::Schema("x".into()),
@@ -557,8 +573,15 @@ mod tests {
             assert_eq!(sample(&text, &s), Some(0.0), "{s} in {text}");
         }
         for outcome in Outcome::ALL {
-            let s = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
-            assert_eq!(sample(&text, &s), Some(0.0), "{s}");
+            for trigger in Trigger::ALL {
+                let s = format!(
+                    "seedkeeper_runs_total{{outcome=\"{}\",trigger=\"{}\"}}",
+                    outcome.as_str(),
+                    trigger.as_str()
+                );
+                let want = trigger.in_daemon().then_some(0.0);
+                assert_eq!(sample(&text, &s), want, "{s}");
+            }
         }
         for (unit, action) in Unit::ALL
             .iter()
