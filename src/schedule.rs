@@ -78,10 +78,9 @@ pub fn interval(cron: &str) -> std::result::Result<Duration, String> {
         .build()
         .parse(cron)
         .map_err(|e| e.to_string())?;
-    let mut fires = schedule.iter_after(Utc::now());
-    let (Some(first), Some(second)) = (fires.next(), fires.next()) else {
-        return Err("it never fires (twice) from now on".into());
-    };
+    let never = |_| "it never fires (twice) from now on".to_string();
+    let first = schedule.find_next_occurrence(&Utc::now(), false).map_err(never)?;
+    let second = schedule.find_next_occurrence(&first, false).map_err(never)?;
     (second - first)
         .to_std()
         .map_err(|_| "its fire times do not follow one another".into())
