@@ -353,10 +353,20 @@ impl App {
         self.retry_due.subscribe()
     }
 
-    /// The retry of a failed full run, once it is due: `None` when a run is going or has started
-    /// since it was made due (that run took its place, and decides whether another is due).
+    /// The retry of a failed full run, once it is due: `None` when a full run has started since
+    /// it was made due (that run took its place, and decides whether another is due), or on
+    /// shutdown.
     pub async fn retry(&self, cancel: &CancellationToken) -> Option<RunReport> {
-        let _guard = self.inflight.try_lock().ok()?;
+        // Waits for a run in flight (an event batch, which leaves the retry due) instead of
+        // trying again and again; whatever ran meanwhile is judged by the due time read under
+        // the guard. The guard is fair: a shutdown's drain queued behind this wait gets it next.
+        let _guard = tokio::select! {
+            guard = self.inflight.lock() => guard,
+            _ = cancel.cancelled() => return None,
+        };
+        if cancel.is_cancelled() {
+            return None;
+        }
         let due = (*self.retry_due.borrow())?;
         if due > tokio::time::Instant::now() {
             return None;

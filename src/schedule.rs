@@ -79,8 +79,12 @@ pub fn interval(cron: &str) -> std::result::Result<Duration, String> {
         .parse(cron)
         .map_err(|e| e.to_string())?;
     let never = |_| "it never fires (twice) from now on".to_string();
-    let first = schedule.find_next_occurrence(&Utc::now(), false).map_err(never)?;
-    let second = schedule.find_next_occurrence(&first, false).map_err(never)?;
+    let first = schedule
+        .find_next_occurrence(&Utc::now(), false)
+        .map_err(never)?;
+    let second = schedule
+        .find_next_occurrence(&first, false)
+        .map_err(never)?;
     (second - first)
         .to_std()
         .map_err(|_| "its fire times do not follow one another".into())
