@@ -5,6 +5,7 @@
 //! Every wait polls a condition with a deadline.
 
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seedkeeper::app::App;
@@ -12,6 +13,7 @@ use seedkeeper::reconcile::{Outcome, Trigger};
 use seedkeeper::store::lock::RUN_LOCK_KEY;
 use tokio_util::sync::CancellationToken;
 
+use crate::harness::cluster::OwnCluster;
 use crate::harness::*;
 
 /// Once a year, on January 1st: no scheduled tick during a test.
@@ -131,6 +133,68 @@ async fn a_failed_run_is_retried_with_backoff_and_readiness_returns_without_wait
         between.len() + 1,
         if between.is_empty() { "y" } else { "ies" },
         healed.as_secs_f64()
+    );
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready_again_within_seconds(
+) {
+    let cluster = Arc::new(tokio::task::spawn_blocking(OwnCluster::new).await.unwrap());
+    let env = [
+        ("SEEDKEEPER_DATABASE__URL", cluster.url()),
+        ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK.into()),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "1s".into()),
+        ("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s".into()),
+        ("SEEDKEEPER_EVENTS__ENABLED", "false".into()),
+    ];
+    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    })
+    .unwrap();
+    let d = start_daemon(settings).await;
+    let ready = format!("{}/readyz", d.base);
+    until("ready after the startup run", 60, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+
+    // PostgreSQL restarts, and the run that comes meanwhile (a tick) fails.
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.stop())
+        .await
+        .unwrap();
+    let failed = d.app.tick(&d.cancel).await.expect("no run in flight");
+    assert_eq!(failed.outcome, Outcome::Failed);
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.start())
+        .await
+        .unwrap();
+    let back = Instant::now();
+    // Ready again through a retry, a year before the next tick.
+    until("ready again after the restart", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    let took = back.elapsed();
+    let c = connect(&cluster.url()).await;
+    let retried: i64 = c
+        .query_one(
+            "SELECT count(*) FROM seed_runs WHERE trigger = 'retry' AND outcome = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, 1);
+    println!(
+        "ready again {:.1}s after PostgreSQL was back",
+        took.as_secs_f64()
     );
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
