@@ -339,3 +339,29 @@ async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_
     assert_eq!(runs(&db).await.len(), 1);
     println!("--once gave up after {:.1}s", took.as_secs_f64());
 }
+
+#[test]
+fn a_retry_delay_below_100ms_and_a_schedule_that_never_fires_are_refused_naming_their_keys() {
+    let env = [
+        ("SEEDKEEPER_DATABASE__URL", "postgres://u@127.0.0.1/db"),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "50ms"),
+        // February 30th: no interval to cap the backoff with, and no run ever.
+        ("SEEDKEEPER_SCHEDULE__CRON", "0 0 0 30 2 *"),
+    ];
+    let e = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "schedule.retry_initial 50ms is below 100ms (SEEDKEEPER_SCHEDULE__RETRY_INITIAL)",
+        "schedule.cron \"0 0 0 30 2 *\"",
+        "never fires",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?}: {e}");
+    }
+}
