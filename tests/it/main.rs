@@ -23,4 +23,5 @@ mod parsers;
 mod pg_tls;
 mod realm_files;
 mod retry;
+mod runs;
 mod signals;
