@@ -15,15 +15,8 @@ net="$run_id"
 pg="$run_id-pg"
 pg_image=postgres:15
 
-failed=0
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-ok() { echo "ok   [$(secs "$1" "$(now)") s] $2"; }
-fail() {
-    echo "FAIL [$(secs "$1" "$(now)") s] $2"
-    [[ -z "${3:-}" ]] || printf '%s\n' "$3" | sed 's/^/       /'
-    failed=$((failed + 1))
-}
+# shellcheck source=lib/checks.sh
+source scripts/lib/checks.sh
 cleanup() {
     docker rm -f "$pg" >/dev/null 2>&1
     docker network rm "$net" >/dev/null 2>&1

@@ -23,16 +23,9 @@ metrics_url=http://127.0.0.1:8787/metrics
 personas="dev-admin,dev-ops,dev-platform-admin,dev-project-admin,dev-tenant-admin,dev-user"
 superadmins="dev-admin,dev-platform-admin"
 
-failed=0
+# shellcheck source=lib/checks.sh
+source scripts/lib/checks.sh
 t_start=$(date +%s.%N)
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
-ok() { echo "ok   [$(secs "$1" "$(now)") s] $2"; }
-fail() {
-    echo "FAIL [$(secs "$1" "$(now)") s] $2"
-    [[ -z "${3:-}" ]] || printf '%s\n' "$3" | sed 's/^/       /'
-    failed=$((failed + 1))
-}
 
 dc() { docker compose "$@"; }
 # psql as the owner inside the postgres container (local connections are trusted there).
