@@ -59,23 +59,29 @@ impl Drop for Prometheus {
     }
 }
 
-/// `SEEDKEEPER_PROMETHEUS`, else `prometheus` on the PATH, else Debian's `/usr/bin/prometheus`.
-/// None is a failure, not a skip: a skipped check proves nothing.
+/// `SEEDKEEPER_PROMETHEUS` when set, else `prometheus` on the PATH, else Debian's
+/// `/usr/bin/prometheus`. None is a failure, not a skip: a skipped check proves nothing.
 fn prometheus_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("SEEDKEEPER_PROMETHEUS") {
-        return p.into();
-    }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("prometheus"))
-        .chain([PathBuf::from("/usr/bin/prometheus")])
+    let candidates: Vec<PathBuf> = match std::env::var_os("SEEDKEEPER_PROMETHEUS") {
+        Some(p) => vec![p.into()],
+        None => {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("prometheus"))
+                .chain([PathBuf::from("/usr/bin/prometheus")])
+                .collect()
+        }
+    };
+    candidates
+        .into_iter()
         .find(|p| p.is_file())
         .unwrap_or_else(|| {
             panic!(
-                "this test needs a Prometheus server and found none: install Debian's prometheus \
-                 package (`DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-                 prometheus`, as .ci/run does; the test runs the binary itself, no service needed) \
-                 or set SEEDKEEPER_PROMETHEUS to a prometheus binary"
+                "this test needs a Prometheus server and found none (SEEDKEEPER_PROMETHEUS, \
+                 prometheus on the PATH, /usr/bin/prometheus): install Debian's prometheus \
+                 package (`DEBIAN_FRONTEND=noninteractive apt-get install -y \
+                 --no-install-recommends prometheus`, as .ci/run does; the test runs the binary \
+                 itself, no service needed) or set SEEDKEEPER_PROMETHEUS to a prometheus binary"
             )
         })
 }
@@ -83,8 +89,7 @@ fn prometheus_binary() -> PathBuf {
 impl Prometheus {
     /// Starts Prometheus scraping `target` (`host:port`) every second, and waits until it is
     /// ready.
-    async fn start(target: &str) -> Prometheus {
-        let bin = prometheus_binary();
+    async fn start(bin: &std::path::Path, target: &str) -> Prometheus {
         let dir = TempDir::new();
         let config = dir.write(
             "prometheus.yml",
@@ -99,7 +104,7 @@ impl Prometheus {
             .expect("a free port")
             .port();
         let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("prometheus.log");
-        let child = Command::new(&bin)
+        let child = Command::new(bin)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
@@ -291,6 +296,8 @@ fn alert_exprs(yaml: &str) -> Vec<String> {
 async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scraped_from_the_daemon()
 {
     let started = Instant::now();
+    // First: without Prometheus nothing below can be checked.
+    let bin = prometheus_binary();
     let dashboard: Value = serde_json::from_str(DASHBOARD).expect("the dashboard is JSON");
 
     // The daemon: full runs every two seconds, events polled every 300 ms, one retry per
@@ -304,7 +311,7 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
         ("SEEDKEEPER_KEYCLOAK__MAX_RETRIES".into(), "1".into()),
     ]);
     let d = start_daemon(db.settings(&refs(&env))).await;
-    let prom = Prometheus::start(d.base.trim_start_matches("http://")).await;
+    let prom = Prometheus::start(&bin, d.base.trim_start_matches("http://")).await;
     until("Prometheus scrapes the daemon", 20, || async {
         prom.query(r#"up{job="seedkeeper"} == 1"#).await.len() == 1
     })
