@@ -40,9 +40,11 @@ COPY migrations ./migrations
 COPY config ./config
 COPY realms ./realms
 # COPY keeps the files' own mtimes, which can be older than the stub build: touch the crate
-# roots so cargo rebuilds seedkeeper itself (the dependencies stay cached).
+# roots so cargo rebuilds seedkeeper itself (the dependencies stay cached). The revision is
+# compiled in (seedkeeper_build_info's `revision`), the same value as the image's label.
+ARG REVISION=unknown
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --profile dist --locked --bin seedkeeper
+    && SEEDKEEPER_REVISION="$REVISION" cargo build --profile dist --locked --bin seedkeeper
 
 # --- rootfs: what the runtime image holds ------------------------------------------------------
 # The binary, the glibc pieces `ldd` names (libc, libm, libgcc_s, the loader), a passwd entry for

@@ -156,6 +156,11 @@ label=$(docker image inspect --format '{{index .Config.Labels "org.opencontainer
 metric=$(curl -s --max-time 5 "$metrics_url" | sed -n 's/^seedkeeper_build_info{.*version="\([^"]*\)".*/\1/p')
 if [[ -n "$label" && "$label" == "$metric" ]]; then ok "$t" "image label version = seedkeeper_build_info version ($label)"
 else fail "$t" "image label version = seedkeeper_build_info version" "label '$label', metric '$metric'"; fi
+t=$(now)
+label=$(docker image inspect --format '{{index .Config.Labels "org.opencontainers.image.revision"}}' "$image")
+metric=$(curl -s --max-time 5 "$metrics_url" | sed -n 's/^seedkeeper_build_info{.*revision="\([^"]*\)".*/\1/p')
+if [[ -n "$label" && "$label" != unknown && "$label" == "$metric" ]]; then ok "$t" "image label revision = seedkeeper_build_info revision ($label)"
+else fail "$t" "image label revision = seedkeeper_build_info revision" "label '$label', metric '$metric'"; fi
 
 # --- a one-shot run on the converged database writes nothing ----------------------------------
 # A no-op run still records its seed_runs row (README, Evidence): outcome succeeded, and no

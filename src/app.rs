@@ -1,8 +1,9 @@
 //! Builds the object graph once and runs it: `run_once` for `--once`, `plan` and the tests, and
 //! [`Application`] for the daemon: `Application::build` validates the inputs, builds the engine
 //! and binds `http.listen` (port 0 picks a free port, [`Application::local_addr`] says which);
-//! `run_until_stopped` serves HTTP, runs the schedule, notifies systemd and shuts down gracefully
-//! on one `CancellationToken`. `main` and the test harness both start the daemon this way.
+//! `run_until_stopped` serves HTTP, runs the schedule and the retries of failed full runs
+//! (`schedule::spawn_retries`), notifies systemd and shuts down gracefully on one
+//! `CancellationToken`. `main` and the test harness both start the daemon this way.
 //! Reads every section of the config, through the units.
 //!
 //! Liveness ([`App::liveness`]) is what `/healthz` and the systemd watchdog report: the
@@ -24,7 +25,8 @@ use crate::identity::keycloak::KeycloakSource;
 use crate::identity::realm_file::{RealmFileSource, RealmInput};
 use crate::identity::{IdentityProvider, RoleFilter};
 use crate::metrics::Metrics;
-use crate::reconcile::{Engine, Mode, Outcome, RunReport};
+use crate::reconcile::{Engine, Mode, Outcome, RunReport, Trigger};
+use crate::schedule::RetryBackoff;
 use crate::seed::ReferenceSeed;
 use crate::store::Db;
 
@@ -35,6 +37,9 @@ pub const HEARTBEAT_STALE: Duration = Duration::from_secs(10);
 /// How far past `run.timeout` a run may still be in flight (being stopped and recorded, see
 /// `reconcile::STOP_BUDGET`) before the daemon counts as wedged.
 pub const RUN_OVERRUN: Duration = Duration::from_secs(15);
+
+/// The interval of the default `schedule.cron` (every 5 minutes).
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 
 /// How long `/readyz` waits for the database.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -100,6 +105,11 @@ pub struct App {
     pub events: Arc<crate::events::FollowerState>,
     /// A full run asked for by the event follower (a structural change, a gap).
     full_run: tokio::sync::Notify,
+    /// The backoff of the retries of failed full runs.
+    retry_backoff: Mutex<RetryBackoff>,
+    /// When the retry of the last failed full run is due; `None` when none is (the last full
+    /// run did not fail, or a run has started since). Watched by `schedule::spawn_retries`.
+    retry_due: tokio::sync::watch::Sender<Option<tokio::time::Instant>>,
 }
 
 /// Whether the daemon is alive, and the figures behind the verdict.
@@ -144,6 +154,11 @@ impl App {
         if engine.settings.events_enabled() {
             metrics.register_events(&events);
         }
+        let schedule = &engine.settings.schedule;
+        // schedule.cron is validated at load (config::validate_cron asks for its interval too);
+        // were it to fail here, the default schedule's interval caps the backoff.
+        let cap = crate::schedule::interval(&schedule.cron).unwrap_or(DEFAULT_INTERVAL);
+        let retry_backoff = Mutex::new(RetryBackoff::new(schedule.retry_initial, cap));
         Arc::new(App {
             engine,
             metrics,
@@ -156,6 +171,8 @@ impl App {
             probe: tokio::sync::Mutex::new(None),
             events,
             full_run: tokio::sync::Notify::new(),
+            retry_backoff,
+            retry_due: tokio::sync::watch::Sender::new(None),
         })
     }
 
@@ -171,13 +188,8 @@ impl App {
         let _guard = self.inflight.try_lock().ok()?;
         let users = Arc::new(batch);
         Some(
-            self.run_tracked(
-                crate::events::BATCH_TRIGGER,
-                Duration::from_secs(5),
-                cancel,
-                users,
-            )
-            .await,
+            self.run_tracked(Trigger::Event, Duration::from_secs(5), cancel, users)
+                .await,
         )
     }
 
@@ -186,7 +198,7 @@ impl App {
     /// means (the last outcome for readiness, READY=1 to systemd) is the caller's to add.
     async fn run_tracked(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         wait: Duration,
         cancel: &CancellationToken,
         identities: Arc<dyn IdentityProvider>,
@@ -289,7 +301,7 @@ impl App {
     /// One run, waiting for the previous one to finish if needed.
     pub async fn run_once(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         wait: Duration,
         cancel: &CancellationToken,
     ) -> RunReport {
@@ -297,15 +309,21 @@ impl App {
         self.run_locked(trigger, wait, cancel).await
     }
 
+    /// A full run under the overlap guard the caller holds: it takes the place of a retry due,
+    /// and when it fails, the next retry is due after the backoff.
     async fn run_locked(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         wait: Duration,
         cancel: &CancellationToken,
     ) -> RunReport {
+        self.retry_due.send_replace(None);
         let report = self
             .run_tracked(trigger, wait, cancel, self.engine.identities.clone())
             .await;
+        if trigger.is_retried() {
+            self.make_retry_due(&report);
+        }
         if report.outcome != Outcome::Skipped {
             if let Ok(mut l) = self.last.lock() {
                 *l = Some(report.outcome);
@@ -322,10 +340,55 @@ impl App {
         report
     }
 
+    /// After a full run: the retry it calls for, if any, made due (see [`RetryBackoff::after`]).
+    fn make_retry_due(&self, report: &RunReport) {
+        let delay = match self.retry_backoff.lock() {
+            Ok(mut b) => b.after(report),
+            Err(_) => None,
+        };
+        if let Some(delay) = delay {
+            tracing::info!(run.id = %report.id, retry_in_ms = delay.as_millis() as u64, "the run failed: retrying it without waiting for the schedule");
+            self.retry_due
+                .send_replace(Some(tokio::time::Instant::now() + delay));
+        }
+    }
+
+    /// When the retry of the last failed full run is due, watched (`None`: no retry is due).
+    pub fn retry_due(&self) -> tokio::sync::watch::Receiver<Option<tokio::time::Instant>> {
+        self.retry_due.subscribe()
+    }
+
+    /// The retry of a failed full run, once it is due: `None` when a full run has started since
+    /// it was made due (that run took its place, and decides whether another is due), or on
+    /// shutdown.
+    pub async fn retry(&self, cancel: &CancellationToken) -> Option<RunReport> {
+        // Waits for a run in flight (an event batch, which leaves the retry due) instead of
+        // trying again and again; whatever ran meanwhile is judged by the due time read under
+        // the guard. The guard is fair: a shutdown's drain queued behind this wait gets it next.
+        let _guard = tokio::select! {
+            guard = self.inflight.lock() => guard,
+            _ = cancel.cancelled() => return None,
+        };
+        if cancel.is_cancelled() {
+            return None;
+        }
+        let due = (*self.retry_due.borrow())?;
+        if due > tokio::time::Instant::now() {
+            return None;
+        }
+        Some(
+            self.run_locked(Trigger::Retry, Duration::ZERO, cancel)
+                .await,
+        )
+    }
+
     /// A scheduled tick: skipped (and counted) when a run is still going.
     pub async fn tick(&self, cancel: &CancellationToken) -> Option<RunReport> {
         match self.inflight.try_lock() {
-            Ok(_guard) => Some(self.run_locked("schedule", Duration::ZERO, cancel).await),
+            Ok(_guard) => Some(
+                self.run_locked(Trigger::Schedule, Duration::ZERO, cancel)
+                    .await,
+            ),
             Err(_) => {
                 tracing::info!("scheduled tick skipped: the previous run is still going");
                 self.metrics.record_skipped_tick();
@@ -437,11 +500,12 @@ impl Application {
             let cancel = cancel.clone();
             tokio::spawn(async move {
                 let wait = app.settings().startup.wait_timeout;
-                app.run_once("startup", wait, &cancel).await
+                app.run_once(Trigger::Startup, wait, &cancel).await
             })
         };
 
         let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
+        let retries = crate::schedule::spawn_retries(app.clone(), cancel.clone());
         let events = start_following(&app, &cancel)?;
         cancel.cancelled().await;
         let stopping = Instant::now();
@@ -454,6 +518,7 @@ impl Application {
             tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
         }
         first.abort();
+        retries.abort();
         // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
         // run guard drained above, so it gets a moment within the grace, then is dropped, request and
         // all; its checkpoint makes the next start read again what it had not applied.
@@ -519,7 +584,8 @@ fn start_following(
                     _ = cancel.cancelled() => return,
                     _ = app.full_run.notified() => {}
                 }
-                app.run_once("event-full", Duration::ZERO, &cancel).await;
+                app.run_once(Trigger::EventFull, Duration::ZERO, &cancel)
+                    .await;
             }
         })
     };

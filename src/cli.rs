@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogFormat, Settings, Sources};
 use crate::error::{exit, Error};
-use crate::reconcile::{Count, Mode, Outcome, RunReport};
+use crate::reconcile::{Count, Mode, Outcome, RunReport, Trigger};
 use crate::retry::{Limit, Policy, Retry};
 use crate::store;
 
@@ -19,7 +19,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   1   the reconcile failed (see the error and `seedkeeper status`)
   2   `plan` found changes pending
   64  usage error (bad command line)
-  69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout
+  69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
+      (--once) another session held the run lock that long (the error names it)
   78  invalid configuration, reference seed or realm file (fix the input; do not restart)
 
 Configuration: defaults < TOML (--config, SEEDKEEPER_CONFIG, else config/seedkeeper.toml) <
@@ -52,7 +53,8 @@ pub enum OutputFormat {
 pub enum Command {
     /// Daemon: reconcile at start, then on schedule.cron; serves /healthz, /readyz, /metrics.
     Run {
-        /// One reconcile, then exit with its outcome.
+        /// One reconcile, then exit with its outcome. Waits up to startup.wait_timeout for a run
+        /// lock another session holds; exit 0 only after a run of its own succeeded.
         #[arg(long)]
         once: bool,
     },
@@ -182,7 +184,7 @@ pub async fn execute(
                 Err(e) => return fail(&e),
             };
             let wait = engine.settings.startup.wait_timeout;
-            let report = engine.run(Mode::Plan, "plan", wait, &cancel).await;
+            let report = engine.run(Mode::Plan, Trigger::Plan, wait, &cancel).await;
             match format {
                 OutputFormat::Json => print(
                     out,
@@ -214,7 +216,7 @@ pub async fn execute(
             };
             let app = crate::app::App::new(engine);
             let wait = app.settings().startup.wait_timeout;
-            let report = app.run_once("once", wait, &cancel).await;
+            let report = app.run_once(Trigger::Once, wait, &cancel).await;
             if crate::telemetry::is_json() {
                 print(out, &format!("{}\n", summary_json(&report)));
             } else {
@@ -230,7 +232,18 @@ pub async fn execute(
                     );
                     exit::RECONCILE_FAILED
                 }
-                _ => exit::OK,
+                // Exit 0 means a run of its own converged the database. A `--once` waits for the
+                // run lock instead of being skipped, so this is not expected; were it to happen,
+                // it must not pass for a success.
+                (None, Outcome::Skipped) => {
+                    crate::telemetry::print_error(
+                        report.error.as_deref().unwrap_or("skipped"),
+                        "run_lock_held",
+                        exit::UNAVAILABLE,
+                    );
+                    exit::UNAVAILABLE
+                }
+                (None, Outcome::Succeeded) => exit::OK,
             }
         }
     }
@@ -245,7 +258,7 @@ pub fn summary_json(r: &RunReport) -> String {
     };
     let mut fields: Vec<(String, serde_json::Value)> = vec![
         ("run.id".into(), r.id.to_string().into()),
-        ("trigger".into(), r.trigger.clone().into()),
+        ("trigger".into(), r.trigger.as_str().into()),
         ("mode".into(), r.mode.as_str().into()),
         ("outcome".into(), r.outcome.as_str().into()),
         ("duration_ms".into(), r.duration_ms.into()),

@@ -164,6 +164,10 @@ pub struct KeycloakSettings {
 pub struct ScheduleSettings {
     /// Six fields, seconds first, UTC.
     pub cron: String,
+    /// The wait before the daemon retries a failed full run; it doubles with each failure in a
+    /// row, up to the schedule's interval.
+    #[serde(with = "duration_str")]
+    pub retry_initial: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -273,6 +277,7 @@ impl Default for Settings {
             },
             schedule: ScheduleSettings {
                 cron: "0 */5 * * * *".to_string(),
+                retry_initial: Duration::from_secs(10),
             },
             run: RunSettings {
                 timeout: Duration::from_secs(600),
@@ -732,7 +737,8 @@ fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
     }
 }
 
-/// The daemon's `events.poll_interval`, `schedule.cron` and `http.listen`.
+/// The daemon's `events.poll_interval`, `schedule.cron`, `schedule.retry_initial` and
+/// `http.listen`.
 fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
     if s.events.poll_interval < Duration::from_millis(100) {
         problems.push(format!(
@@ -744,6 +750,12 @@ fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
         problems.push(format!(
             "schedule.cron {:?} is not a valid six-field cron expression (seconds first, e.g. \"0 */5 * * * *\") (SEEDKEEPER_SCHEDULE__CRON): {why}",
             s.schedule.cron
+        ));
+    }
+    if s.schedule.retry_initial < Duration::from_millis(100) {
+        problems.push(format!(
+            "schedule.retry_initial {} is below 100ms (SEEDKEEPER_SCHEDULE__RETRY_INITIAL): a failed run would be retried without pause",
+            duration_str::format(&s.schedule.retry_initial)
         ));
     }
     if SocketAddr::from_str(&s.http.listen).is_err() {
@@ -843,8 +855,9 @@ pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
         ));
     }
     tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    // Its interval caps the retry backoff: an expression that never fires has none.
+    crate::schedule::interval(expr).map(|_| ())
 }
 
 impl DatabaseSettings {

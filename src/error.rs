@@ -62,6 +62,10 @@ pub enum Error {
         reason: String,
     },
 
+    /// `--once` waited `startup.wait_timeout` for the run lock and another session still held it.
+    #[error("the run lock is held by another session, {holder}, which did not let it go within startup.wait_timeout ({waited_secs}s): most likely another seedkeeper run (a replica, a CronJob pod, or a process just killed whose backend is still finishing its statement). Run again once it is done, raise SEEDKEEPER_STARTUP__WAIT_TIMEOUT, or end a stuck session with SELECT pg_terminate_backend(pid)")]
+    RunLockHeld { holder: String, waited_secs: u64 },
+
     #[error("Keycloak refused seedkeeper: {0}")]
     KeycloakAuth(Refusal),
 
@@ -94,9 +98,9 @@ impl Error {
         match self {
             Error::Config(_) | Error::Seed { .. } | Error::RealmFile { .. } => exit::CONFIG,
             Error::KeycloakAuth(_) => exit::CONFIG,
-            Error::DatabaseUnavailable { .. } | Error::KeycloakUnavailable { .. } => {
-                exit::UNAVAILABLE
-            }
+            Error::DatabaseUnavailable { .. }
+            | Error::KeycloakUnavailable { .. }
+            | Error::RunLockHeld { .. } => exit::UNAVAILABLE,
             _ => exit::RECONCILE_FAILED,
         }
     }
@@ -109,6 +113,7 @@ impl Error {
             Error::RealmFile { .. } => "realm_file",
             Error::DatabaseUnavailable { .. } => "database_unavailable",
             Error::KeycloakUnavailable { .. } => "keycloak_unavailable",
+            Error::RunLockHeld { .. } => "run_lock_held",
             Error::KeycloakAuth(_) => "keycloak_auth",
             Error::Keycloak(_) => "keycloak",
             Error::Schema(_) => "schema",

@@ -36,14 +36,9 @@ use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
 use crate::identity::{BoxFuture, SomeUsers};
-use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Unit};
+use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Trigger, Unit};
 use crate::retry;
 use crate::store;
-
-/// The trigger of an event batch's run (its `seed_runs` row). Every other trigger is a full run,
-/// and only full runs move the series alerts read as "the realm is in sync" (see
-/// [`crate::metrics`]).
-pub const BATCH_TRIGGER: &str = "event";
 
 /// Events read per request.
 const PAGE: u32 = 100;
@@ -322,7 +317,7 @@ pub fn apply_with(engine: Arc<Engine>) -> Apply {
             let report = engine
                 .run_with(
                     Mode::Apply,
-                    BATCH_TRIGGER,
+                    Trigger::Event,
                     Duration::from_secs(5),
                     &cancel,
                     Arc::new(batch),

@@ -1,17 +1,17 @@
 //! Prometheus metrics with `prometheus-client`: one [`Registry`] per app (no global recorder), so
 //! tests can run many apps in one process; rendered in the Prometheus text format 0.0.4.
 //!
-//! Labels are typed and bounded: outcomes, unit names, actions, sources and error kinds are
+//! Labels are typed and bounded: outcomes, triggers, unit names, actions, sources and error kinds are
 //! enums, never user data. Every series of a bounded label set that can move is registered at
-//! start with 0 (run outcomes, error kinds, the rows each unit can write, Keycloak request
+//! start with 0 (run outcomes by the triggers the daemon runs, error kinds, the rows each unit can write, Keycloak request
 //! outcomes, event batch outcomes), so `rate()` and `increase()` see the first error. Gauges that
 //! describe the last full run (`seedkeeper_last_run_ok`, `seedkeeper_drift_items`,
 //! `seedkeeper_identities_seen`, `seedkeeper_identities_unlisted`) are absent until a run has
 //! produced them: before the first run there is no value to report, and a 0 would read as a
 //! failure (or as a complete listing).
 //!
-//! Full runs and event batches are told apart by the trigger ([`crate::events::BATCH_TRIGGER`]
-//! is a batch, every other trigger a full run): the series alerts read as "the realm is in sync"
+//! Full runs and event batches are told apart by the trigger ([`crate::reconcile::Trigger::is_full_run`]:
+//! `event` is a batch, every other trigger a full run): the series alerts read as "the realm is in sync"
 //! (`seedkeeper_last_success_timestamp_seconds`, `seedkeeper_last_run_ok`,
 //! `seedkeeper_run_duration_seconds`, and the last-run gauges) describe full runs only, because a
 //! batch re-syncs a handful of users and says nothing about the rest: a trickle of successful
@@ -36,7 +36,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::error::Error;
 use crate::names::named;
-use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Unit};
+use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Trigger, Unit};
 
 /// Registers `metric` and returns it: the registry keeps a clone that shares its series.
 fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
@@ -69,6 +69,7 @@ named!(
         RealmFile => "realm_file",
         DatabaseUnavailable => "database_unavailable",
         KeycloakUnavailable => "keycloak_unavailable",
+        RunLockHeld => "run_lock_held",
         KeycloakAuth => "keycloak_auth",
         Keycloak => "keycloak",
         Schema => "schema",
@@ -91,6 +92,7 @@ impl ErrorKind {
             Error::RealmFile { .. } => ErrorKind::RealmFile,
             Error::DatabaseUnavailable { .. } => ErrorKind::DatabaseUnavailable,
             Error::KeycloakUnavailable { .. } => ErrorKind::KeycloakUnavailable,
+            Error::RunLockHeld { .. } => ErrorKind::RunLockHeld,
             Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
             Error::Keycloak(_) => ErrorKind::Keycloak,
             Error::Schema(_) => ErrorKind::Schema,
@@ -151,6 +153,12 @@ impl KeycloakOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RunLabels {
     outcome: Outcome,
+    trigger: Trigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Outcome,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -182,8 +190,17 @@ struct KeycloakLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// The git revision the binary was built from, when the build said (`SEEDKEEPER_REVISION`
+    /// at compile time, as the image build does), else `unknown`.
+    revision: &'static str,
     seed_digest: String,
 }
+
+/// The revision compiled in (see [`BuildLabels::revision`]).
+pub const REVISION: &str = match option_env!("SEEDKEEPER_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
 
 /// The Keycloak source's instruments. Cheap to clone (the series are shared); the source
 /// records into them and [`Metrics`] registers them.
@@ -324,16 +341,16 @@ impl Collector for LastValue {
 
 /// The event batches' own series, registered with the follower's ([`Metrics::register_events`]).
 struct BatchMetrics {
-    outcomes: Family<RunLabels, Counter>,
+    outcomes: Family<OutcomeLabels, Counter>,
     duration: Histogram,
     last_success: Gauge<f64, AtomicU64>,
 }
 
 impl BatchMetrics {
     fn new() -> Self {
-        let outcomes = Family::<RunLabels, Counter>::default();
+        let outcomes = Family::<OutcomeLabels, Counter>::default();
         for &outcome in Outcome::ALL {
-            let _ = outcomes.get_or_create(&RunLabels { outcome });
+            let _ = outcomes.get_or_create(&OutcomeLabels { outcome });
         }
         BatchMetrics {
             outcomes,
@@ -344,7 +361,9 @@ impl BatchMetrics {
 
     fn record(&self, report: &RunReport) {
         let outcome = report.outcome;
-        self.outcomes.get_or_create(&RunLabels { outcome }).inc();
+        self.outcomes
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
         self.duration.observe(report.duration_ms as f64 / 1000.0);
         if outcome == Outcome::Succeeded {
             self.last_success.set(now_seconds());
@@ -355,12 +374,6 @@ impl BatchMetrics {
 /// Unix time in seconds, with milliseconds.
 fn now_seconds() -> f64 {
     chrono::Utc::now().timestamp_millis() as f64 / 1000.0
-}
-
-/// Whether a run with this trigger is a full run (anything but an event batch: startup,
-/// schedule, once, event-full, and triggers added later).
-pub fn is_full_run(trigger: &str) -> bool {
-    trigger != crate::events::BATCH_TRIGGER
 }
 
 pub struct Metrics {
@@ -444,18 +457,26 @@ impl Metrics {
         let r = &mut registry;
         let build = Info::new(BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
+            revision: REVISION,
             seed_digest: seed_digest.to_string(),
         });
         r.register(
             "seedkeeper_build",
-            "The running build: package version and the digest of the reference seed it applies (always 1)",
+            "The running build: package version, git revision and the digest of the reference seed it applies (always 1)",
             build,
         );
         let runs = Family::<RunLabels, Counter>::default();
         for &outcome in Outcome::ALL {
-            let _ = runs.get_or_create(&RunLabels { outcome });
+            for &trigger in Trigger::ALL.iter().filter(|t| t.in_daemon()) {
+                let _ = runs.get_or_create(&RunLabels { outcome, trigger });
+            }
         }
-        let runs = register(r, "seedkeeper_runs", "Reconcile runs by outcome", runs);
+        let runs = register(
+            r,
+            "seedkeeper_runs",
+            "Reconcile runs by outcome and by what started them (a retry of a failed run is a run)",
+            runs,
+        );
         let errors = Family::<ErrorLabels, Counter>::default();
         for &kind in ErrorKind::ALL {
             let _ = errors.get_or_create(&ErrorLabels { kind });
@@ -535,8 +556,10 @@ impl Metrics {
     /// Counts a finished run: every run in the run, error and row counters; then a full run in
     /// the series of the last full run, an event batch in its own.
     pub fn record_run(&self, report: &RunReport, source: &str) {
-        let outcome = report.outcome;
-        self.runs.get_or_create(&RunLabels { outcome }).inc();
+        let (outcome, trigger) = (report.outcome, report.trigger);
+        self.runs
+            .get_or_create(&RunLabels { outcome, trigger })
+            .inc();
         let kind = match (&report.error_value, report.outcome) {
             (Some(e), _) => Some(ErrorKind::of(e)),
             // A run that finished without an error but failed: its blocking findings, which are
@@ -558,7 +581,7 @@ impl Metrics {
                 }
             }
         }
-        if is_full_run(&report.trigger) {
+        if report.trigger.is_full_run() {
             self.record_full_run(report, source);
         } else {
             self.batches.record(report);
@@ -645,6 +668,10 @@ mod tests {
                 waited_secs: 1,
                 reason: "r".into(),
             },
+            Error::RunLockHeld {
+                holder: "pid 1".into(),
+                waited_secs: 1,
+            },
             Error::KeycloakAuth("x".into()),
             Error::Keycloak("x".into()),
             Error::Schema("x".into()),
@@ -672,7 +699,7 @@ mod tests {
         let m = Metrics::with_seed_digest("abc123");
         let text = m.render();
         let build = format!(
-            "seedkeeper_build_info{{version=\"{}\",seed_digest=\"abc123\"}}",
+            "seedkeeper_build_info{{version=\"{}\",revision=\"{REVISION}\",seed_digest=\"abc123\"}}",
             env!("CARGO_PKG_VERSION")
         );
         assert_eq!(sample(&text, &build), Some(1.0), "{text}");
@@ -681,8 +708,15 @@ mod tests {
             assert_eq!(sample(&text, &s), Some(0.0), "{s} in {text}");
         }
         for outcome in Outcome::ALL {
-            let s = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
-            assert_eq!(sample(&text, &s), Some(0.0), "{s}");
+            for trigger in Trigger::ALL {
+                let s = format!(
+                    "seedkeeper_runs_total{{outcome=\"{}\",trigger=\"{}\"}}",
+                    outcome.as_str(),
+                    trigger.as_str()
+                );
+                let want = trigger.in_daemon().then_some(0.0);
+                assert_eq!(sample(&text, &s), want, "{s}");
+            }
         }
         for (unit, action) in Unit::ALL
             .iter()
@@ -713,14 +747,14 @@ mod tests {
 
     /// A finished run of `trigger` with an identities unit that listed `listed` users and
     /// missed `unlisted`.
-    fn run(trigger: &str, outcome: Outcome, listed: i64, unlisted: i64) -> RunReport {
+    fn run(trigger: Trigger, outcome: Outcome, listed: i64, unlisted: i64) -> RunReport {
         let mut identities = crate::reconcile::UnitReport::new(Unit::Identities);
         identities.bump(Tally::Listed, listed);
         identities.bump(Tally::Unlisted, unlisted);
         identities.bump(Action::Inserted, 1);
         RunReport {
             id: uuid::Uuid::nil(),
-            trigger: trigger.into(),
+            trigger,
             mode: crate::reconcile::Mode::Apply,
             outcome,
             seed_digest: "d".into(),
@@ -739,10 +773,9 @@ mod tests {
 
     #[test]
     fn every_trigger_but_the_event_batch_is_a_full_run() {
-        for t in ["startup", "schedule", "once", "event-full", "retry", "test"] {
-            assert!(is_full_run(t), "{t}");
+        for &t in Trigger::ALL {
+            assert_eq!(t.is_full_run(), t != Trigger::Event, "{t}");
         }
-        assert!(!is_full_run(crate::events::BATCH_TRIGGER));
     }
 
     #[test]
@@ -766,10 +799,10 @@ mod tests {
         assert_eq!(sample(&text, "seedkeeper_events_following"), Some(0.0));
 
         // A full run fails, then batches succeed: the full-run series still say it failed.
-        m.record_run(&run("schedule", Outcome::Failed, 6, 0), "keycloak");
-        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
-        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
-        m.record_run(&run("event", Outcome::Failed, 1, 0), "keycloak");
+        m.record_run(&run(Trigger::Schedule, Outcome::Failed, 6, 0), "keycloak");
+        m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");
+        m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");
+        m.record_run(&run(Trigger::Event, Outcome::Failed, 1, 0), "keycloak");
         let text = m.render();
         assert_eq!(sample(&text, "seedkeeper_last_run_ok"), Some(0.0), "{text}");
         assert_eq!(
@@ -809,14 +842,14 @@ mod tests {
             "{text}"
         );
         // Every run, batches included, is a seed_runs row and counted as one.
-        assert_eq!(
-            sample(&text, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample(&text, "seedkeeper_runs_total{outcome=\"failed\"}"),
-            Some(2.0)
-        );
+        for (series, n) in [
+            ("{outcome=\"succeeded\",trigger=\"event\"}", 2.0),
+            ("{outcome=\"failed\",trigger=\"event\"}", 1.0),
+            ("{outcome=\"failed\",trigger=\"schedule\"}", 1.0),
+        ] {
+            let series = format!("seedkeeper_runs_total{series}");
+            assert_eq!(sample(&text, &series), Some(n), "{series}");
+        }
         assert_eq!(
             sample(
                 &text,
@@ -826,7 +859,7 @@ mod tests {
         );
 
         // A full run under a trigger this module has never heard of counts as one.
-        m.record_run(&run("retry", Outcome::Succeeded, 6, 0), "keycloak");
+        m.record_run(&run(Trigger::Retry, Outcome::Succeeded, 6, 0), "keycloak");
         let text = m.render();
         assert_eq!(sample(&text, "seedkeeper_last_run_ok"), Some(1.0));
         assert!(
@@ -845,7 +878,10 @@ mod tests {
             !m.render().contains("seedkeeper_identities_unlisted"),
             "absent before a full run"
         );
-        m.record_run(&run("startup", Outcome::Succeeded, 247, 1), "keycloak");
+        m.record_run(
+            &run(Trigger::Startup, Outcome::Succeeded, 247, 1),
+            "keycloak",
+        );
         let text = m.render();
         assert_eq!(
             sample(&text, "seedkeeper_identities_unlisted"),
@@ -858,14 +894,14 @@ mod tests {
         );
 
         // A batch lists its own users only: it leaves the gauge.
-        m.record_run(&run("event", Outcome::Succeeded, 1, 0), "keycloak");
+        m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");
         assert_eq!(
             sample(&m.render(), "seedkeeper_identities_unlisted"),
             Some(1.0)
         );
 
         // A full run whose identities unit failed has no counts: the gauge stays.
-        let mut failed = run("schedule", Outcome::Failed, 0, 0);
+        let mut failed = run(Trigger::Schedule, Outcome::Failed, 0, 0);
         failed.units = vec![crate::reconcile::UnitReport::failed(
             Unit::Identities,
             &Error::Keycloak("x".into()),
@@ -877,7 +913,7 @@ mod tests {
         );
 
         // A full run that stopped before the identities unit leaves it too.
-        let mut early = run("schedule", Outcome::Failed, 0, 0);
+        let mut early = run(Trigger::Schedule, Outcome::Failed, 0, 0);
         early.units.clear();
         m.record_run(&early, "keycloak");
         assert_eq!(
@@ -886,7 +922,10 @@ mod tests {
         );
 
         // The listing is complete again.
-        m.record_run(&run("schedule", Outcome::Succeeded, 248, 0), "keycloak");
+        m.record_run(
+            &run(Trigger::Schedule, Outcome::Succeeded, 248, 0),
+            "keycloak",
+        );
         assert_eq!(
             sample(&m.render(), "seedkeeper_identities_unlisted"),
             Some(0.0)

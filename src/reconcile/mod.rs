@@ -21,8 +21,8 @@ pub mod reference;
 pub mod tenants;
 
 pub use model::{
-    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Unit,
-    UnitReport, FINDINGS_PER_KIND,
+    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Trigger,
+    Unit, UnitReport, FINDINGS_PER_KIND,
 };
 
 use std::sync::Arc;
@@ -52,7 +52,7 @@ impl Engine {
     pub async fn run(
         &self,
         mode: Mode,
-        trigger: &str,
+        trigger: Trigger,
         wait: std::time::Duration,
         cancel: &CancellationToken,
     ) -> RunReport {
@@ -65,7 +65,7 @@ impl Engine {
     pub async fn run_with(
         &self,
         mode: Mode,
-        trigger: &str,
+        trigger: Trigger,
         wait: std::time::Duration,
         cancel: &CancellationToken,
         identities: Arc<dyn IdentityProvider>,
@@ -73,7 +73,7 @@ impl Engine {
         let started = Instant::now();
         let mut report = RunReport {
             id: Uuid::new_v4(),
-            trigger: trigger.to_string(),
+            trigger,
             mode,
             outcome: Outcome::Failed,
             seed_digest: self.seed.digest.clone(),
@@ -83,6 +83,7 @@ impl Engine {
             error_value: None,
         };
         // Every line of the run, the source's included, carries the run's id and trigger.
+        let trigger = trigger.as_str();
         let span =
             tracing::info_span!("run", run.id = %report.id, trigger, mode = report.mode.as_str());
         span.in_scope(
@@ -192,7 +193,10 @@ impl Engine {
             .get(0);
         let db = &mut session.insert(Session { db, pid }).db;
         if !lock::try_acquire(&db.client).await? {
-            return self.skip_locked_out(mode, report, db).await;
+            if !report.trigger.waits_for_the_run_lock() {
+                return self.skip_locked_out(mode, report, db).await;
+            }
+            self.wait_for_the_run_lock(mode, report, db, cancel).await?;
         }
         let result = self
             .units(mode, report, db, source)
@@ -219,11 +223,52 @@ impl Engine {
         let why = "another run holds the run lock (a second replica or an overlapping tick)";
         report.error = Some(why.into());
         if mode == Mode::Apply && store::table_exists(&db.client, "seed_runs").await? {
-            let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+            let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
             runs::insert(&db.client, id, trigger, Utc::now(), "skipped", digest).await?;
             runs::finish(&db.client, id, "skipped", &json!({}), &json!([]), Some(why)).await?;
         }
         Ok(())
+    }
+
+    /// A run that must not be skipped (`--once`) and found the run lock held: waits for it up to
+    /// `startup.wait_timeout`. When the wait ends without it, the run is recorded `failed` naming
+    /// the session that holds it (and nothing else is written); a shutdown ends the wait at once,
+    /// before anything is written.
+    async fn wait_for_the_run_lock(
+        &self,
+        mode: Mode,
+        report: &RunReport,
+        db: &Db,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let wait = self.settings.startup.wait_timeout;
+        // Named now for the operator watching the log; named again if the wait runs out.
+        let holder = lock::holder(&db.client).await?;
+        let holder = holder.map_or_else(
+            || "a session that has just let it go".into(),
+            |h| h.to_string(),
+        );
+        tracing::warn!(run.id = %report.id, holder = %holder, wait = %duration_str::format(&wait), "the run lock is held by another session: waiting for it (startup.wait_timeout)");
+        let started = Instant::now();
+        match lock::acquire_within(&db.client, wait, cancel).await {
+            Ok(()) => {
+                let waited_ms = started.elapsed().as_millis() as u64;
+                tracing::info!(run.id = %report.id, waited_ms, "run lock taken");
+                Ok(())
+            }
+            Err(e @ Error::RunLockHeld { .. }) => {
+                // Only its own row: pruning is left to the run that holds the lock.
+                if mode == Mode::Apply {
+                    let error = e.to_string();
+                    let recorded = close_run_row(db, report, Outcome::Failed, Some(&error)).await;
+                    if let Err(why) = recorded {
+                        tracing::error!(run.id = %report.id, error = %why, "could not record the run in seed_runs");
+                    }
+                }
+                Err(e)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Closes the run's `seed_runs` row and prunes old rows. A failure here is logged: the
@@ -350,7 +395,7 @@ impl Engine {
     /// Apply, once the schema is there: the run's `seed_runs` row, and closing rows a process
     /// that died left `running`.
     async fn open_run_row(&self, db: &Db, report: &RunReport) -> Result<()> {
-        let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+        let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
         runs::insert(&db.client, id, trigger, Utc::now(), "running", digest).await?;
         let closed = runs::close_abandoned(&db.client, id).await?;
         if closed > 0 {
@@ -503,7 +548,7 @@ async fn close_run_row(
     if !store::table_exists(&db.client, "seed_runs").await? {
         return Ok(false);
     }
-    let (id, trigger, digest) = (report.id, &report.trigger, &report.seed_digest);
+    let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
     runs::insert_if_missing(&db.client, id, trigger, digest).await?;
     let (counts, findings) = (report.counts_json(), report.findings_json());
     runs::finish(&db.client, id, outcome.as_str(), &counts, &findings, error).await?;

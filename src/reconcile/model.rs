@@ -24,6 +24,84 @@ named!(
 );
 
 named!(
+    /// What started a run (`seed_runs.trigger`, the `trigger` label of `seedkeeper_runs_total`,
+    /// the `trigger` field of a run's log lines).
+    pub enum Trigger {
+        /// The daemon's first run, which waits for its dependencies (`startup.wait_timeout`).
+        Startup => "startup",
+        /// A tick of `schedule.cron`.
+        Schedule => "schedule",
+        /// A failed full run of the daemon run again after a backoff (`schedule.retry_initial`,
+        /// doubling, capped at the schedule's interval).
+        Retry => "retry",
+        /// `seedkeeper --once`.
+        Once => "once",
+        /// `seedkeeper plan` (writes nothing, so never in `seed_runs`).
+        Plan => "plan",
+        /// A batch of users Keycloak's events touched.
+        Event => "event",
+        /// A full run the event follower asked for.
+        EventFull => "event-full",
+    }
+);
+
+impl Trigger {
+    /// Whether a run with this trigger is a full run (everything but an event batch): only full
+    /// runs move the series alerts read as "the realm is in sync" (see [`crate::metrics`]), since
+    /// a batch re-syncs a handful of users and says nothing about the rest.
+    pub fn is_full_run(self) -> bool {
+        match self {
+            Trigger::Event => false,
+            Trigger::Startup
+            | Trigger::Schedule
+            | Trigger::Retry
+            | Trigger::Once
+            | Trigger::Plan
+            | Trigger::EventFull => true,
+        }
+    }
+
+    /// Whether a run with this trigger waits for a run lock another session holds (up to
+    /// `startup.wait_timeout`) instead of being skipped. Only `--once` does: its exit 0 must mean
+    /// that a run of its own has converged the database, whereas the daemon's runs come again on
+    /// their own, and a replica holding the lock is already doing the work.
+    pub fn waits_for_the_run_lock(self) -> bool {
+        match self {
+            Trigger::Once => true,
+            Trigger::Startup
+            | Trigger::Schedule
+            | Trigger::Retry
+            | Trigger::Plan
+            | Trigger::Event
+            | Trigger::EventFull => false,
+        }
+    }
+
+    /// Whether the daemon starts runs with this trigger (their `seedkeeper_runs_total` series
+    /// exist from the start).
+    pub fn in_daemon(self) -> bool {
+        match self {
+            Trigger::Startup
+            | Trigger::Schedule
+            | Trigger::Retry
+            | Trigger::Event
+            | Trigger::EventFull => true,
+            Trigger::Once | Trigger::Plan => false,
+        }
+    }
+
+    /// Whether the daemon retries a failed run with this trigger (see `schedule::spawn_retries`):
+    /// its full runs. Not `--once`, whose caller decides (a Job's `backoffLimit`, a CI step);
+    /// not an event batch, whose checkpoint stays so that the follower reads it again; not `plan`.
+    pub fn is_retried(self) -> bool {
+        match self {
+            Trigger::Startup | Trigger::Schedule | Trigger::Retry | Trigger::EventFull => true,
+            Trigger::Once | Trigger::Plan | Trigger::Event => false,
+        }
+    }
+}
+
+named!(
     /// How a run ended (`seed_runs.outcome`, `seedkeeper_runs_total`).
     pub enum Outcome {
         Succeeded => "succeeded",
@@ -436,7 +514,7 @@ impl UnitReport {
 #[derive(Debug, Serialize)]
 pub struct RunReport {
     pub id: Uuid,
-    pub trigger: String,
+    pub trigger: Trigger,
     pub mode: Mode,
     pub outcome: Outcome,
     pub seed_digest: String,

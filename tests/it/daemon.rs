@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use seedkeeper::app::App;
+use seedkeeper::reconcile::Trigger;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
@@ -14,17 +15,22 @@ async fn spawn_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
     start_daemon(db.settings(&all)).await
 }
 
-/// `seedkeeper_runs_total{outcome=...}` as /metrics shows it (0 when absent).
+/// `seedkeeper_runs_total{outcome=...}` as /metrics shows it, summed over the triggers (0 when
+/// absent).
 async fn runs_counted(base: &str, outcome: &str) -> f64 {
     let Ok(r) = reqwest::get(format!("{base}/metrics")).await else {
         return 0.0;
     };
-    let text = r.text().await.unwrap_or_default();
-    let series = format!("seedkeeper_runs_total{{outcome=\"{outcome}\"}} ");
+    runs_in(&r.text().await.unwrap_or_default(), outcome)
+}
+
+/// The sum of `seedkeeper_runs_total{outcome=...,trigger=...}` over the triggers in `text`.
+fn runs_in(text: &str, outcome: &str) -> f64 {
+    let series = format!("seedkeeper_runs_total{{outcome=\"{outcome}\",trigger=");
     text.lines()
-        .find_map(|l| l.strip_prefix(&series))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -99,8 +105,8 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
             .parse()
             .unwrap_or_else(|_| panic!("bad value in {line:?}"));
         assert!(name.starts_with("seedkeeper_"), "{line}");
-        if name == "seedkeeper_runs_total{outcome=\"succeeded\"}" {
-            succeeded = v;
+        if name.starts_with("seedkeeper_runs_total{outcome=\"succeeded\",") {
+            succeeded += v;
         }
     }
     assert!(succeeded >= 2.0, "{text}");
@@ -220,8 +226,10 @@ async fn an_overlapping_tick_is_skipped_and_counted() {
     let cancel = CancellationToken::new();
     let app2 = app.clone();
     let c2 = cancel.clone();
-    let slow =
-        tokio::spawn(async move { app2.run_once("test", Duration::from_secs(5), &c2).await });
+    let slow = tokio::spawn(async move {
+        app2.run_once(Trigger::Schedule, Duration::from_secs(5), &c2)
+            .await
+    });
     // Hold the overlap guard: while the first run is going, a tick must skip.
     until("the first run is in flight or done", 10, || async { true }).await;
     let mut skipped = false;

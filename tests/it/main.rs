@@ -24,4 +24,5 @@ mod parsers;
 mod pg_tls;
 mod realm_files;
 mod retry;
+mod runs;
 mod signals;

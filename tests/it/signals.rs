@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use seedkeeper::metrics::{ErrorKind, KeycloakOutcome};
-use seedkeeper::reconcile::Outcome;
+use seedkeeper::reconcile::{Outcome, Trigger};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +44,11 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
         );
     }
     out
+}
+
+/// The `seedkeeper_runs_total` series of an outcome and a trigger.
+fn runs_series(outcome: Outcome, trigger: Trigger) -> String {
+    format!("seedkeeper_runs_total{{outcome=\"{outcome}\",trigger=\"{trigger}\"}}")
 }
 
 fn get(s: &BTreeMap<String, f64>, series: &str) -> f64 {
@@ -136,8 +141,9 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
         get(
             &s,
             &format!(
-                "seedkeeper_build_info{{version=\"{}\",seed_digest=\"{digest}\"}}",
-                env!("CARGO_PKG_VERSION")
+                "seedkeeper_build_info{{version=\"{}\",revision=\"{}\",seed_digest=\"{digest}\"}}",
+                env!("CARGO_PKG_VERSION"),
+                seedkeeper::metrics::REVISION
             )
         ),
         1.0
@@ -146,8 +152,10 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
         assert_eq!(run_errors(&s, *kind), 0.0, "{kind:?}");
     }
     for outcome in Outcome::ALL {
-        let series = format!("seedkeeper_runs_total{{outcome=\"{}\"}}", outcome.as_str());
-        assert_eq!(get(&s, &series), 0.0);
+        for trigger in Trigger::ALL.iter().filter(|t| t.in_daemon()) {
+            let series = runs_series(*outcome, *trigger);
+            assert_eq!(get(&s, &series), 0.0);
+        }
     }
     for outcome in KeycloakOutcome::ALL {
         assert_eq!(kc_requests(&s, *outcome), 0.0, "{outcome:?}");
@@ -168,12 +176,17 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
 
     // The first run sets it.
     let r = app
-        .run_once("test", Duration::from_secs(5), &CancellationToken::new())
+        .run_once(
+            Trigger::Schedule,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
         .await;
     assert_ok(&r);
     let s = samples(&scrape(&base).await.1);
     assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
-    assert_eq!(get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"), 1.0);
+    let succeeded = runs_series(Outcome::Succeeded, Trigger::Schedule);
+    assert_eq!(get(&s, &succeeded), 1.0);
     assert!(get(&s, "seedkeeper_last_success_timestamp_seconds") > 1.7e9);
     assert_eq!(
         get(&s, "seedkeeper_identities_seen{source=\"keycloak\"}"),
@@ -204,13 +217,13 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
         };
         let text = r.text().await.unwrap_or_default();
         let s = samples(&text);
-        s.get("seedkeeper_runs_total{outcome=\"succeeded\"}") == Some(&1.0)
-            || s.get("seedkeeper_runs_total{outcome=\"failed\"}") == Some(&1.0)
+        s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
+            || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
     })
     .await;
     let s = samples(&scrape(&d.base).await.1);
     assert_eq!(
-        get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+        get(&s, &runs_series(Outcome::Succeeded, Trigger::Startup)),
         1.0,
         "{s:#?}"
     );
@@ -249,7 +262,11 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     kc.fail_next_admin(4, 503);
     let r = d
         .app
-        .run_once("test", Duration::from_secs(5), &CancellationToken::new())
+        .run_once(
+            Trigger::Schedule,
+            Duration::from_secs(5),
+            &CancellationToken::new(),
+        )
         .await;
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
     let s2 = samples(&scrape(&d.base).await.1);
@@ -268,7 +285,10 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     {
         assert_eq!(run_errors(&s2, *kind), 0.0, "{kind:?}");
     }
-    assert_eq!(get(&s2, "seedkeeper_runs_total{outcome=\"failed\"}"), 1.0);
+    assert_eq!(
+        get(&s2, &runs_series(Outcome::Failed, Trigger::Schedule)),
+        1.0
+    );
     assert_eq!(get(&s2, "seedkeeper_last_run_ok"), 0.0);
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
@@ -365,7 +385,7 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
     kc.set_realm(realm_with(vec![mallory.clone()]));
     let r = d
         .app
-        .run_once("schedule", Duration::ZERO, &CancellationToken::new())
+        .run_once(Trigger::Schedule, Duration::ZERO, &CancellationToken::new())
         .await;
     assert_eq!(r.outcome, Outcome::Failed, "{:?}", r.error);
     let s1 = samples(&d.metrics().await);
@@ -419,8 +439,16 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
     // Every run is a seed_runs row and counted as one: the startup run and the batch succeeded,
     // the scheduled run failed on the clash.
     assert_eq!(
-        get(&s2, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
-        2.0
+        get(&s2, &runs_series(Outcome::Succeeded, Trigger::Startup)),
+        1.0
+    );
+    assert_eq!(
+        get(&s2, &runs_series(Outcome::Succeeded, Trigger::Event)),
+        1.0
+    );
+    assert_eq!(
+        get(&s2, &runs_series(Outcome::Failed, Trigger::Schedule)),
+        1.0
     );
     assert_eq!(run_errors(&s2, ErrorKind::IdentityClash), 1.0);
     // Readiness follows the full runs too.
@@ -442,7 +470,7 @@ async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_com
         .render()
         .contains("seedkeeper_identities_unlisted"));
     assert_ok(
-        &app.run_once("startup", Duration::from_secs(5), &cancel)
+        &app.run_once(Trigger::Startup, Duration::from_secs(5), &cancel)
             .await,
     );
     assert_eq!(
@@ -458,13 +486,19 @@ async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_com
     kc.hide_from_listing_every(2);
     let hidden = kc.hidden_users(2).len();
     assert!(hidden > 0);
-    assert_ok(&app.run_once("schedule", Duration::ZERO, &cancel).await);
+    assert_ok(
+        &app.run_once(Trigger::Schedule, Duration::ZERO, &cancel)
+            .await,
+    );
     let s = samples(&app.metrics.render());
     assert_eq!(get(&s, "seedkeeper_identities_unlisted"), hidden as f64);
     assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
 
     kc.clear_paging_faults();
-    assert_ok(&app.run_once("schedule", Duration::ZERO, &cancel).await);
+    assert_ok(
+        &app.run_once(Trigger::Schedule, Duration::ZERO, &cancel)
+            .await,
+    );
     assert_eq!(
         get(
             &samples(&app.metrics.render()),

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use seedkeeper::config::{self, SchemaMode, Settings, Sources};
 use seedkeeper::reconcile::{Count, Unit};
-use seedkeeper::reconcile::{Engine, Mode, RunReport};
+use seedkeeper::reconcile::{Engine, Mode, RunReport, Trigger};
 use seedkeeper::store::migrate::MIGRATIONS;
 use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
@@ -303,7 +303,7 @@ pub async fn apply(engine: &Engine) -> RunReport {
     engine
         .run(
             Mode::Apply,
-            "test",
+            Trigger::Schedule,
             Duration::from_secs(5),
             &CancellationToken::new(),
         )
@@ -314,7 +314,7 @@ pub async fn plan(engine: &Engine) -> RunReport {
     engine
         .run(
             Mode::Plan,
-            "test-plan",
+            Trigger::Plan,
             Duration::from_secs(5),
             &CancellationToken::new(),
         )

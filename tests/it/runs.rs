@@ -1,0 +1,367 @@
+//! Issue 18, point 5: runs that mean what they say. The daemon retries a failed full run with
+//! backoff instead of waiting a whole schedule interval (readiness comes back within seconds),
+//! and `--once` exits 0 only after a run of its own: it waits for a run lock another session
+//! holds, up to `startup.wait_timeout`, and exits 69 naming the holder when the wait runs out.
+//! Every wait polls a condition with a deadline.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use seedkeeper::app::App;
+use seedkeeper::reconcile::{Outcome, Trigger};
+use seedkeeper::store::lock::RUN_LOCK_KEY;
+use tokio_util::sync::CancellationToken;
+
+use crate::harness::cluster::OwnCluster;
+use crate::harness::*;
+
+/// Once a year, on January 1st: no scheduled tick during a test.
+const NO_TICK: &str = "0 0 0 1 1 *";
+
+/// A session of the test holding `LOCK TABLE users IN ACCESS EXCLUSIVE MODE` in an open
+/// transaction: a run fails on `database.lock_timeout` while it is held.
+async fn lock_users(db: &TestDb) -> tokio_postgres::Client {
+    let c = db.client().await;
+    c.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c
+}
+
+/// A session of the test, named `test-holder`, holding the run lock; and its backend's pid.
+async fn hold_run_lock(db: &TestDb) -> (tokio_postgres::Client, i32) {
+    let c = db.client().await;
+    c.batch_execute("SET application_name = 'test-holder'")
+        .await
+        .unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    c.query_one("SELECT pg_advisory_lock($1)", &[&RUN_LOCK_KEY])
+        .await
+        .unwrap();
+    (c, pid)
+}
+
+/// (trigger, outcome, error) of every `seed_runs` row, oldest first.
+async fn runs(db: &TestDb) -> Vec<(String, String, String)> {
+    db.client()
+        .await
+        .query(
+            "SELECT trigger, outcome, coalesce(error, '') FROM seed_runs ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+/// `seedkeeper_runs_total{outcome, trigger}` in a /metrics text (0 when absent).
+fn runs_total(text: &str, outcome: Outcome, trigger: Trigger) -> f64 {
+    let series = format!("seedkeeper_runs_total{{outcome=\"{outcome}\",trigger=\"{trigger}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_run_is_retried_with_backoff_and_readiness_returns_without_waiting_for_the_schedule(
+) {
+    let db = TestDb::new().await;
+    let locked = lock_users(&db).await;
+    let started = Instant::now();
+    let d = start_daemon(db.settings(&[
+        ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "1s"),
+        ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "300ms"),
+        ("SEEDKEEPER_EVENTS__ENABLED", "false"),
+    ]))
+    .await;
+    let ready = format!("{}/readyz", d.base);
+    until("the startup run failed on the users lock", 30, || async {
+        db.scalar_or_zero(
+            "SELECT count(*) FROM seed_runs WHERE trigger = 'startup' AND outcome = 'failed'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    assert_eq!(status_of(&ready).await, 503, "not ready after a failed run");
+    // The blip ends: the retry converges without a tick (the next one is up to a year away).
+    locked.batch_execute("COMMIT").await.unwrap();
+    until("ready again through a retry", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    let healed = started.elapsed();
+    until("the retry's success is counted", 10, || async {
+        runs_total(&d.metrics().await, Outcome::Succeeded, Trigger::Retry) == 1.0
+    })
+    .await;
+    let rows = runs(&db).await;
+    let (first, rest) = rows.split_first().unwrap();
+    assert_eq!((first.0.as_str(), first.1.as_str()), ("startup", "failed"));
+    assert!(first.2.contains("database.lock_timeout"), "{}", first.2);
+    // Retries while the lock was still held failed; the last one succeeded, and nothing else ran.
+    let (last, between) = rest.split_last().unwrap();
+    assert_eq!((last.0.as_str(), last.1.as_str()), ("retry", "succeeded"));
+    assert!(
+        between
+            .iter()
+            .all(|r| (r.0.as_str(), r.1.as_str()) == ("retry", "failed")),
+        "{rows:?}"
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 6);
+    // Metrics count each retry as a run, under its own trigger.
+    let text = d.metrics().await;
+    assert_eq!(runs_total(&text, Outcome::Failed, Trigger::Startup), 1.0);
+    assert_eq!(
+        runs_total(&text, Outcome::Failed, Trigger::Retry),
+        between.len() as f64
+    );
+    assert_eq!(
+        runs_total(&text, Outcome::Succeeded, Trigger::Schedule),
+        0.0
+    );
+    println!(
+        "healed through {} retr{} in {:.1}s after the start",
+        between.len() + 1,
+        if between.is_empty() { "y" } else { "ies" },
+        healed.as_secs_f64()
+    );
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready_again_within_seconds(
+) {
+    let cluster = Arc::new(tokio::task::spawn_blocking(OwnCluster::new).await.unwrap());
+    let env = [
+        ("SEEDKEEPER_DATABASE__URL", cluster.url()),
+        ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK.into()),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "1s".into()),
+        ("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s".into()),
+        ("SEEDKEEPER_EVENTS__ENABLED", "false".into()),
+    ];
+    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+    })
+    .unwrap();
+    let d = start_daemon(settings).await;
+    let ready = format!("{}/readyz", d.base);
+    until("ready after the startup run", 60, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+
+    // PostgreSQL restarts, and the run that comes meanwhile (a tick) fails.
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.stop())
+        .await
+        .unwrap();
+    let failed = d.app.tick(&d.cancel).await.expect("no run in flight");
+    assert_eq!(failed.outcome, Outcome::Failed);
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.start())
+        .await
+        .unwrap();
+    let back = Instant::now();
+    // Ready again through a retry, a year before the next tick.
+    until("ready again after the restart", 30, || async {
+        status_of(&ready).await == 200
+    })
+    .await;
+    let took = back.elapsed();
+    let c = connect(&cluster.url()).await;
+    let retried: i64 = c
+        .query_one(
+            "SELECT count(*) FROM seed_runs WHERE trigger = 'retry' AND outcome = 'succeeded'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(retried, 1);
+    println!(
+        "ready again {:.1}s after PostgreSQL was back",
+        took.as_secs_f64()
+    );
+    d.cancel.cancel();
+    d.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_starts_takes_the_place_of_a_due_retry_and_a_success_clears_it() {
+    let db = TestDb::new().await;
+    let app = App::new(db.engine(&[
+        ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "100ms"),
+        ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "300ms"),
+    ]));
+    let cancel = CancellationToken::new();
+    let due = app.retry_due();
+    assert!(due.borrow().is_none(), "no retry before any run");
+    let locked = lock_users(&db).await;
+    let failed = app.tick(&cancel).await.unwrap();
+    assert_eq!(failed.outcome, Outcome::Failed, "{:?}", failed.error);
+    let first_due = due.borrow().expect("a failed tick makes a retry due");
+    // A second failure in a row waits longer.
+    let failed = app.tick(&cancel).await.unwrap();
+    assert_eq!(failed.outcome, Outcome::Failed);
+    let second_due = due.borrow().expect("due again");
+    assert!(
+        second_due - first_due >= Duration::from_millis(100),
+        "{first_due:?} then {second_due:?}"
+    );
+    locked.batch_execute("COMMIT").await.unwrap();
+    // A run that starts before the retry is due (a tick) takes its place; its success clears it.
+    let ok = app.tick(&cancel).await.unwrap();
+    assert_ok(&ok);
+    assert!(due.borrow().is_none(), "a success leaves no retry due");
+    assert!(app.retry(&cancel).await.is_none(), "nothing to retry");
+    let triggers = db
+        .strings("SELECT trigger || ' ' || outcome FROM seed_runs ORDER BY started_at")
+        .await;
+    assert_eq!(
+        triggers,
+        ["schedule failed", "schedule failed", "schedule succeeded"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0() {
+    let db = TestDb::new().await;
+    let (holder, _) = hold_run_lock(&db).await;
+    let env = db.env();
+    let started = Instant::now();
+    let child = spawn::command(&["--once"], &env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                   AND application_name = 'seedkeeper' AND query LIKE '%pg_try_advisory_lock%'";
+    until("--once is waiting for the run lock", 30, || async {
+        db.scalar(waiting).await >= 1
+    })
+    .await;
+    // Hold it a moment longer, as a killed process's backend would while it finishes.
+    until("--once has asked again", 10, || async {
+        started.elapsed() > Duration::from_millis(1500)
+    })
+    .await;
+    assert!(
+        runs(&db).await.is_empty(),
+        "nothing recorded while it waits"
+    );
+    holder
+        .query_one("SELECT pg_advisory_unlock($1)", &[&RUN_LOCK_KEY])
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the run lock is held by another session")
+            && stderr.contains("test-holder"),
+        "{stderr}"
+    );
+    let rows = runs(&db).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(
+        (rows[0].0.as_str(), rows[0].1.as_str()),
+        ("once", "succeeded")
+    );
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, 6);
+    println!(
+        "--once waited for the lock and converged in {:.1}s",
+        took.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_wait_timeout() {
+    let db = TestDb::new().await;
+    let (_holder, pid) = hold_run_lock(&db).await;
+    let mut env = db.env();
+    env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "2s".into()));
+    let started = Instant::now();
+    let out = run_bin(&["--once"], &env);
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for part in [
+        format!("pid {pid} "),
+        "application_name \"test-holder\"".to_string(),
+        "startup.wait_timeout (2s)".to_string(),
+        "SEEDKEEPER_STARTUP__WAIT_TIMEOUT".to_string(),
+    ] {
+        assert!(stderr.contains(&part), "{part:?} not in {stderr}");
+    }
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(20),
+        "{took:?}"
+    );
+    // What is documented: the run's own seed_runs row, failed and naming the holder; nothing else.
+    let rows = runs(&db).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("once", "failed"));
+    assert!(rows[0].2.contains(&format!("pid {pid} ")), "{}", rows[0].2);
+    db.settle_stats(1).await;
+    assert_eq!(db.tuples_written().await, 0);
+
+    // plan is as it was: a held lock is not waited for (exit 1 at once, nothing recorded).
+    let mut env = db.env();
+    env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "30s".into()));
+    let started = Instant::now();
+    let out = run_bin(&["plan"], &env);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("plan again when it is done"),
+        "{}",
+        text(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "plan waited");
+    assert_eq!(runs(&db).await.len(), 1);
+    println!("--once gave up after {:.1}s", took.as_secs_f64());
+}
+
+#[test]
+fn a_retry_delay_below_100ms_and_a_schedule_that_never_fires_are_refused_naming_their_keys() {
+    let env = [
+        ("SEEDKEEPER_DATABASE__URL", "postgres://u@127.0.0.1/db"),
+        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "50ms"),
+        // February 30th: no interval to cap the backoff with, and no run ever.
+        ("SEEDKEEPER_SCHEDULE__CRON", "0 0 0 30 2 *"),
+    ];
+    let e = seedkeeper::config::load(&seedkeeper::config::Sources {
+        file: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .unwrap_err()
+    .to_string();
+    for needle in [
+        "schedule.retry_initial 50ms is below 100ms (SEEDKEEPER_SCHEDULE__RETRY_INITIAL)",
+        "schedule.cron \"0 0 0 30 2 *\"",
+        "never fires",
+    ] {
+        assert!(e.contains(needle), "missing {needle:?}: {e}");
+    }
+}
