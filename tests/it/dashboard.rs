@@ -18,7 +18,7 @@ use crate::events::{realm_with, user_event};
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 use crate::identities::{kc_env, refs, user};
-use seedkeeper::reconcile::Outcome;
+use seedkeeper::reconcile::{Outcome, Trigger};
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/seedkeeper.json");
 const ALERTS: &str = include_str!("../../deploy/kubernetes/alerts.yaml");
@@ -343,7 +343,7 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
         faults += 6.0;
         let r = d
             .app
-            .run_once("schedule", Duration::ZERO, &CancellationToken::new())
+            .run_once(Trigger::Schedule, Duration::ZERO, &CancellationToken::new())
             .await;
         if r.outcome == Outcome::Failed {
             break;
@@ -384,7 +384,7 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
 
     // Prometheus has scraped all of it: what the drive did, as Prometheus sees it.
     let proofs = [
-        r#"sum(seedkeeper_runs_total{outcome="failed"}) - sum(seedkeeper_event_batches_total{outcome="failed"}) >= 1"#,
+        r#"sum(seedkeeper_runs_total{outcome="failed", trigger!="event"}) >= 1"#,
         "seedkeeper_run_duration_seconds_count >= 3",
         "seedkeeper_last_run_ok == 1",
         r#"seedkeeper_event_batches_total{outcome="succeeded"} >= 1"#,
@@ -456,12 +456,25 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
             let expr = substitute(raw);
             let series = prom.query(&expr).await;
             let value = series.iter().map(|(_, v)| *v).find(|v| v.is_finite());
+            // Each series as its labels (job and instance left out) and value, for the record.
+            let shown: Vec<String> = series
+                .iter()
+                .map(|(labels, v)| {
+                    let labels: Vec<String> = labels
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .filter(|(k, _)| !["job", "instance"].contains(&k.as_str()))
+                        .map(|(k, l)| format!("{k}={}", l.as_str().unwrap_or("?")))
+                        .collect();
+                    format!("{{{}}} {v:.3}", labels.join(","))
+                })
+                .collect();
             eprintln!(
-                "{:>2} series  {:<48} {}  e.g. {}\n      {expr}",
+                "{:>2} series  {title} [{}]: {}\n      {expr}",
                 series.len(),
-                title,
                 t["refId"].as_str().unwrap_or("?"),
-                value.map_or("no number".into(), |v| format!("{v:.3}")),
+                shown.join("  "),
             );
             count += 1;
             if value.is_none() {
