@@ -10,6 +10,7 @@ mod conformance_events;
 mod conformance_realms;
 mod core;
 mod daemon;
+mod dashboard;
 mod deadlines;
 mod emulator;
 mod emulator_vs_real;
