@@ -4,7 +4,8 @@
 //! through `openidconnect`; the token is cached until shortly before it expires and renewed once
 //! when the API answers 401. Every request has a timeout; 429 (honouring `Retry-After`), 5xx,
 //! timeouts, connection errors and malformed bodies are retried with bounded backoff. TLS is
-//! rustls, with an optional extra CA; redirects are never followed.
+//! rustls trusting the OS trust store plus `keycloak.ca_file` ([`crate::trust`]); a certificate
+//! that does not verify fails the run at once (exit 78) naming it; redirects are never followed.
 //!
 //! Effective roles: `roles/{role}/users` lists direct members only (keycloak#37209), so for each
 //! mapped role the source finds every role that grants it through composites, then the direct
@@ -50,6 +51,7 @@ use crate::identity::{
 };
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
 use crate::retry::{self, Limit, Policy, Retry};
+use crate::trust;
 
 /// Renew this long before the token's `expires_in` runs out.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
@@ -180,23 +182,12 @@ impl KeycloakSource {
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout)
             .user_agent(concat!("seedkeeper/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::config(format!("keycloak.ca_file {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Error::config(format!(
-                    "keycloak.ca_file {} is not a PEM CA bundle: {e}",
-                    ca.display()
-                ))
-            })?;
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
         if !settings.tls_verify {
             tracing::warn!("keycloak.tls_verify = false: TLS certificates of Keycloak are not verified (development only)");
-            builder = builder.danger_accept_invalid_certs(true);
         }
+        // Our own rustls config: reqwest is built without roots of its own (see Cargo.toml).
+        let tls = trust::https_client_config(settings.ca_file.as_deref(), settings.tls_verify)?;
+        builder = builder.use_preconfigured_tls(tls);
         let http = builder
             .build()
             .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
@@ -283,7 +274,13 @@ impl KeycloakSource {
                             self.base
                         ))))
                     }
-                    _ => Retry::Backoff(describe_discovery_error(&e)),
+                    // A certificate that does not verify is not healed by waiting.
+                    _ => match trust::explain_keycloak(&e, &self.base) {
+                        Some(why) => Retry::Fail(Error::config(format!(
+                            "OIDC discovery of {issuer} failed: {why}"
+                        ))),
+                        None => Retry::Backoff(describe_discovery_error(&e)),
+                    },
                 })
         };
         let metadata = policy

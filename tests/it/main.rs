@@ -23,3 +23,4 @@ mod pg_tls;
 mod realm_files;
 mod retry;
 mod signals;
+mod trust;
