@@ -960,8 +960,8 @@ impl SslMode {
 pub enum RootCert {
     /// A PEM file of CA certificates.
     File(PathBuf),
-    /// `sslrootcert=system`, or none given: the Mozilla root set built into the binary
-    /// (webpki-roots, as for Keycloak).
+    /// `sslrootcert=system`, or none given: the OS trust store, else the Mozilla root set built
+    /// into the binary ([`crate::trust::system_roots`], as for Keycloak).
     System,
 }
 
