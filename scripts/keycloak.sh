@@ -2,7 +2,8 @@
 # A real Keycloak 26 without Docker: Keycloak's own server distribution from Maven Central, run
 # with `kc.sh start-dev` on this machine's Java, its data in a PostgreSQL database of its own.
 #
-#   scripts/keycloak.sh fetch         download (once, into ~/.m2) and unpack the pinned version;
+#   scripts/keycloak.sh fetch         download (once, into Maven's local repository) with
+#                                     `mvn dependency:copy` and unpack the copy it wrote;
 #                                     print KEYCLOAK_HOME
 #   scripts/keycloak.sh start [REALM_FILE...]
 #                                     start on free loopback ports with a bootstrap admin
@@ -50,20 +51,25 @@ java_home() {
 fetch() {
     if [[ -x "$home/bin/kc.sh" ]]; then echo "$home"; return; fi
     command -v mvn >/dev/null || die "mvn is not installed: apt-get install -y maven"
-    local zip="$HOME/.m2/repository/org/keycloak/keycloak-quarkus-dist/$version/keycloak-quarkus-dist-$version.zip"
-    if [[ ! -f "$zip" ]]; then
-        log "downloading org.keycloak:keycloak-quarkus-dist:$version (about 160 MB, once)"
-        mvn -q -B dependency:copy -DoutputDirectory="$state/download" \
-            -Dartifact="org.keycloak:keycloak-quarkus-dist:$version:zip" >&2 ||
-            die "could not fetch org.keycloak:keycloak-quarkus-dist:$version:zip from Maven Central"
-        rm -rf "$state/download" # dependency:copy resolved it into ~/.m2 first: unpack from there
-    fi
-    mkdir -p "$state"
+    # Unpack what dependency:copy wrote, never a path guessed in Maven's local repository: Maven
+    # finds that repository from the account's home (not $HOME) or settings.xml's
+    # localRepository, so under sudo, a CI runner or a container with another HOME, a guess
+    # misses. With the artifact already in the local repository nothing is downloaded.
+    local dl="$state/download"
+    local zip="$dl/keycloak-quarkus-dist-$version.zip"
+    rm -rf "$dl"
+    mkdir -p "$dl"
+    log "fetching org.keycloak:keycloak-quarkus-dist:$version (about 160 MB the first time; Maven's local repository keeps it)"
+    mvn -q -B dependency:copy -DoutputDirectory="$dl" \
+        -Dartifact="org.keycloak:keycloak-quarkus-dist:$version:zip" >&2 ||
+        die "could not fetch org.keycloak:keycloak-quarkus-dist:$version:zip from Maven Central"
+    [[ -f "$zip" ]] || die "mvn dependency:copy wrote no $zip (its output folder holds: $(ls "$dl" | tr '\n' ' '))"
     local tmp
     tmp="$(mktemp -d "$state/unpack.XXXXXX")"
     unzip -q "$zip" -d "$tmp"
     mv "$tmp/keycloak-$version" "$home"
     rmdir "$tmp"
+    rm -rf "$dl" # the unpacked tree is what is kept; the zip stays in Maven's local repository
     echo "$home"
 }
 

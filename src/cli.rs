@@ -508,10 +508,18 @@ async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
             .replace("[::]", "[::1]");
         format!("http://{listen}/healthz")
     });
-    let client = match reqwest::Client::builder()
-        .timeout(Duration::from_secs(3))
-        .build()
-    {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(3));
+    // reqwest has no roots of its own (Cargo.toml): an https:// URL trusts the OS store.
+    if url.starts_with("https://") {
+        match crate::trust::https_client_config(None, true) {
+            Ok(tls) => builder = builder.use_preconfigured_tls(tls),
+            Err(e) => {
+                eprintln!("seedkeeper healthcheck: {e}");
+                return exit::RECONCILE_FAILED;
+            }
+        }
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("seedkeeper healthcheck: {e}");

@@ -805,6 +805,22 @@ fn validate_production(s: &Settings, problems: &mut Vec<String>) {
                 "environment = \"production\" refuses keycloak.tls_verify = false: trust the CA with keycloak.ca_file (SEEDKEEPER_KEYCLOAK__CA_FILE) instead".into(),
             );
         }
+        // The client secret and every token would cross the network in clear; on loopback
+        // (a sidecar, a local proxy that terminates TLS) nothing leaves the machine.
+        if let Some(url) = s
+            .keycloak
+            .base_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+        {
+            if url.scheme() == "http" && !url_is_loopback(&url) {
+                problems.push(format!(
+                    "environment = \"production\" refuses keycloak.base_url {} (http:// to the non-loopback host {}): the client secret and every token would cross the network in clear. Use https:// in SEEDKEEPER_KEYCLOAK__BASE_URL (trusting its CA through the OS trust store or keycloak.ca_file)",
+                    url.as_str().trim_end_matches('/'),
+                    url.host_str().unwrap_or_default()
+                ));
+            }
+        }
     }
 }
 
@@ -971,8 +987,8 @@ impl SslMode {
 pub enum RootCert {
     /// A PEM file of CA certificates.
     File(PathBuf),
-    /// `sslrootcert=system`, or none given: the Mozilla root set built into the binary
-    /// (webpki-roots, as for Keycloak).
+    /// `sslrootcert=system`, or none given: the OS trust store, else the Mozilla root set built
+    /// into the binary ([`crate::trust::system_roots`], as for Keycloak).
     System,
 }
 
@@ -1154,6 +1170,12 @@ fn split_key_value(s: &str) -> Option<Vec<(&str, &str, String)>> {
         }
         out.push((key, &s[start..end], value));
     }
+}
+
+/// Whether a URL's host is this machine: `localhost` (and `*.localhost`) or a loopback address.
+pub fn url_is_loopback(url: &reqwest::Url) -> bool {
+    url.host_str()
+        .is_some_and(|h| is_loopback_host(&tokio_postgres::config::Host::Tcp(h.to_string())))
 }
 
 /// Whether a host is this machine: a Unix socket directory, `localhost` or a loopback address.

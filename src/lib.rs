@@ -17,6 +17,7 @@
 //! - [`identity`]: identity sources (`keycloak`, `realm-file`).
 //! - [`reconcile`]: units (schema, reference_seed, identities, role_bindings, tenants), plan/apply.
 //! - [`store`]: connections, migrations, the advisory lock, the evidence table.
+//! - [`trust`]: which CAs TLS trusts (the OS trust store, else the built-in Mozilla set).
 //! - [`retry`]: the one retry policy (backoff, limits, cancellable waits) of every dependency wait.
 //! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
 
@@ -37,3 +38,4 @@ pub mod schedule;
 pub mod seed;
 pub mod store;
 pub mod telemetry;
+pub mod trust;

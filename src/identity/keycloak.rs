@@ -13,7 +13,8 @@
 //! ends in `/realms/{realm}`), or when it equals `keycloak.issuer`, which pins it; anything else
 //! is a configuration error, never retried as Keycloak being unavailable. Every request has a timeout; 429 (honouring `Retry-After`), 5xx,
 //! timeouts, connection errors and malformed bodies are retried with bounded backoff. TLS is
-//! rustls, with an optional extra CA; redirects are never followed.
+//! rustls trusting the OS trust store plus `keycloak.ca_file` ([`crate::trust`]); a certificate
+//! that does not verify fails the run at once (exit 78) naming it; redirects are never followed.
 //!
 //! Effective roles: `roles/{role}/users` lists direct members only (keycloak#37209), so for each
 //! mapped role the source finds every role that grants it through composites, then the direct
@@ -59,6 +60,7 @@ use crate::identity::{
 };
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
 use crate::retry::{self, Limit, Policy, Retry};
+use crate::trust;
 
 /// Renew this long before the token's `expires_in` runs out.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
@@ -207,23 +209,12 @@ impl KeycloakSource {
             .timeout(settings.request_timeout)
             .connect_timeout(settings.request_timeout)
             .user_agent(concat!("seedkeeper/", env!("CARGO_PKG_VERSION")));
-        if let Some(ca) = &settings.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| Error::config(format!("keycloak.ca_file {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                Error::config(format!(
-                    "keycloak.ca_file {} is not a PEM CA bundle: {e}",
-                    ca.display()
-                ))
-            })?;
-            for c in certs {
-                builder = builder.add_root_certificate(c);
-            }
-        }
         if !settings.tls_verify {
             tracing::warn!("keycloak.tls_verify = false: TLS certificates of Keycloak are not verified (development only)");
-            builder = builder.danger_accept_invalid_certs(true);
         }
+        // Our own rustls config: reqwest is built without roots of its own (see Cargo.toml).
+        let tls = trust::https_client_config(settings.ca_file.as_deref(), settings.tls_verify)?;
+        builder = builder.use_preconfigured_tls(tls);
         let http = builder
             .build()
             .map_err(|e| Error::config(format!("cannot build the HTTP client: {e}")))?;
@@ -328,6 +319,12 @@ impl KeycloakSource {
         let unanswered = |e: reqwest::Error| {
             self.metrics
                 .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
+            // A certificate that does not verify is not healed by waiting.
+            if let Some(why) = trust::explain_keycloak(&e, &self.base) {
+                return Retry::Fail(Error::config(format!(
+                    "OIDC discovery at {url} failed: {why}"
+                )));
+            }
             Retry::Backoff(if e.is_timeout() {
                 "timed out".to_string()
             } else {

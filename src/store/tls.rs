@@ -6,15 +6,16 @@
 //! - `verify-ca` checks the chain against the roots but not the host name.
 //! - `verify-full` checks both (rustls' own WebPKI verifier).
 //!
-//! The roots are `sslrootcert`'s PEM file, else the Mozilla set built into the binary. Files are
-//! read at every connection, so a rotated CA or client certificate needs no restart.
+//! The roots are `sslrootcert`'s PEM file, else (`sslrootcert=system`, or none given) the OS
+//! trust store, with the built-in Mozilla set as the fallback where none is found
+//! ([`crate::trust`]). Files are read at every connection, so a rotated CA or client certificate
+//! needs no restart.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
@@ -24,12 +25,11 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{DbTls, RootCert, SslMode};
 use crate::error::{Error, Result};
+use crate::trust::{self, AnyChain, NamesUntrusted};
 
 /// The connector for `tls`. File problems are configuration errors naming the parameter.
 pub fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {
-    let provider = CryptoProvider::get_default()
-        .cloned()
-        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()));
+    let provider = trust::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| Error::config(format!("TLS to PostgreSQL: {e}")))?;
@@ -40,16 +40,18 @@ pub fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {
             .with_custom_certificate_verifier(Arc::new(AnyChain { algs })),
         SslMode::VerifyCa => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
+            .with_custom_certificate_verifier(Arc::new(NamesUntrusted(Arc::new(ChainOnly {
                 roots: roots(tls)?,
                 algs,
-            })),
+            })))),
         SslMode::VerifyFull => {
             let verifier =
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots(tls)?), provider)
                     .build()
                     .map_err(|e| Error::config(format!("database.url: sslrootcert: {e}")))?;
-            builder.with_webpki_verifier(verifier)
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(NamesUntrusted(verifier)))
         }
     };
     let config = match (&tls.client_cert, &tls.client_key) {
@@ -85,12 +87,10 @@ fn pem_problem(key: &str, path: &Path, what: &str, e: rustls::pki_types::pem::Er
     ))
 }
 
-/// The trust anchors: `sslrootcert`'s PEM file, else the built-in Mozilla set.
+/// The trust anchors: `sslrootcert`'s PEM file, else the OS trust store (or its fallback).
 fn roots(tls: &DbTls) -> Result<RootCertStore> {
     match &tls.root_cert {
-        RootCert::System => Ok(RootCertStore {
-            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-        }),
+        RootCert::System => Ok(trust::system_roots()),
         RootCert::File(path) => {
             let certs = CertificateDer::pem_file_iter(path)
                 .and_then(|it| it.collect::<std::result::Result<Vec<_>, _>>())
@@ -106,13 +106,6 @@ fn roots(tls: &DbTls) -> Result<RootCertStore> {
             Ok(store)
         }
     }
-}
-
-/// `prefer`/`require`: any chain is accepted (libpq verifies nothing in these modes), but the
-/// handshake must be signed with the certificate's key.
-#[derive(Debug)]
-struct AnyChain {
-    algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 /// `verify-ca`: the chain must lead to a root; the name is not checked.
@@ -148,21 +141,6 @@ macro_rules! signatures_checked {
     };
 }
 
-impl ServerCertVerifier for AnyChain {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    signatures_checked!();
-}
-
 impl ServerCertVerifier for ChainOnly {
     fn verify_server_cert(
         &self,
@@ -190,17 +168,11 @@ impl ServerCertVerifier for ChainOnly {
 /// not verify, a server without TLS, a handshake the server refuses), what went wrong and the
 /// fix. `None` for everything else (including the network failing mid-handshake).
 pub fn refusal(e: &tokio_postgres::Error, tls: &DbTls, host: &str) -> Option<String> {
+    if let Some(r) = trust::rustls_error(e) {
+        return Some(explain(r, tls, host));
+    }
     let mut src = std::error::Error::source(e);
     while let Some(inner) = src {
-        let rustls_err = inner.downcast_ref::<rustls::Error>().or_else(|| {
-            inner
-                .downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .and_then(|i| i.downcast_ref::<rustls::Error>())
-        });
-        if let Some(r) = rustls_err {
-            return Some(explain(r, tls, host));
-        }
         if inner.to_string() == "server does not support TLS" {
             return Some(format!(
                 "the server does not accept TLS (its ssl setting is off) but sslmode={} requires it: turn on ssl in the server's postgresql.conf, or choose a weaker sslmode (not in production)",
@@ -215,8 +187,16 @@ pub fn refusal(e: &tokio_postgres::Error, tls: &DbTls, host: &str) -> Option<Str
 fn explain(e: &rustls::Error, tls: &DbTls, host: &str) -> String {
     let roots = match &tls.root_cert {
         RootCert::File(p) => format!("the CAs of sslrootcert={}", p.display()),
-        RootCert::System => "the built-in (Mozilla) root set, as no sslrootcert is given".into(),
+        RootCert::System => format!(
+            "{}, as sslrootcert is system or not given",
+            trust::system_roots_description()
+        ),
     };
+    if let Some(u) = trust::untrusted(e) {
+        return format!(
+            "the server certificate is not trusted: {u} is not signed by {roots}: set sslrootcert=/path/ca.pem in database.url to the CA that signed it (or add that CA to the OS trust store for sslrootcert=system), or sslmode=require to encrypt without verifying"
+        );
+    }
     match e {
         rustls::Error::InvalidCertificate(c) => match c {
             CertificateError::UnknownIssuer => format!(

@@ -535,6 +535,46 @@ async fn the_secret_never_appears_in_config_errors_or_trace_logs() {
         .await;
 }
 
+/// Issue 19: in production `http://` is refused for a Keycloak on another host (the secret and
+/// tokens would travel in clear) and accepted on loopback, where nothing leaves the machine.
+#[test]
+fn production_accepts_http_to_keycloak_on_loopback_only() {
+    for (base_url, refused) in [
+        ("http://kc.example", true),
+        ("http://10.1.2.3:8080", true),
+        ("http://[2001:db8::1]:8080", true),
+        ("http://127.0.0.1:8080", false),
+        ("http://localhost:8080", false),
+        ("http://[::1]:8080", false),
+        ("https://kc.example", false),
+    ] {
+        let env: Vec<(String, String)> = [
+            ("SEEDKEEPER_ENVIRONMENT", "production"),
+            ("SEEDKEEPER_DATABASE__URL", "postgres://u@127.0.0.1/db"),
+            ("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),
+            ("SEEDKEEPER_KEYCLOAK__BASE_URL", base_url),
+            ("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "x"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let r = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env });
+        match (refused, r) {
+            (true, Err(e)) => {
+                let e = e.to_string();
+                assert!(
+                    e.contains("refuses keycloak.base_url") && e.contains("https://"),
+                    "{base_url}: {e}"
+                );
+                assert_eq!(e.matches("keycloak.base_url").count(), 1, "{base_url}: {e}");
+            }
+            (true, Ok(_)) => panic!("{base_url}: accepted in production"),
+            (false, Err(e)) => panic!("{base_url}: refused: {e}"),
+            (false, Ok(_)) => {}
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn config_reports_every_problem_and_refuses_unsafe_production_settings() {
     let env = vec![

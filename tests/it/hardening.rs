@@ -423,6 +423,22 @@ async fn bad_config_inputs_are_refused_naming_the_key_and_write_nothing() {
             ],
             vec!["tls_verify"],
         ),
+        (
+            "production with http:// to a remote Keycloak",
+            vec![
+                e("SEEDKEEPER_ENVIRONMENT", "production"),
+                e("SEEDKEEPER_IDENTITY__SOURCE", "keycloak"),
+                e("SEEDKEEPER_KEYCLOAK__BASE_URL", "http://kc.example:8080/"),
+                e("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "x"),
+            ],
+            vec![
+                "keycloak.base_url http://kc.example:8080",
+                "non-loopback host kc.example",
+                "in clear",
+                "https://",
+                "SEEDKEEPER_KEYCLOAK__BASE_URL",
+            ],
+        ),
     ];
     for (case, env, needles) in cases {
         refused(case, env, &needles).await;

@@ -26,3 +26,4 @@ mod realm_files;
 mod retry;
 mod runs;
 mod signals;
+mod trust;

@@ -15,7 +15,7 @@ fn e(k: &str, v: &str) -> (String, String) {
     (k.to_string(), v.to_string())
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
+pub(crate) fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
         .args(args)
         .current_dir(dir)
@@ -34,7 +34,7 @@ const NEW_P256_KEY: [&str; 5] = [
 ];
 
 /// A CA (`{name}.crt`, `{name}.key`) in `dir`.
-fn make_ca(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn make_ca(dir: &Path, name: &str) -> PathBuf {
     let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
     openssl(
         dir,
@@ -63,7 +63,7 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
 
 /// A key and a certificate (`{name}.key`, `{name}.crt`) in `dir` for `subject`, signed by the
 /// CA `ca`, with the X.509 extensions `ext`.
-fn sign(dir: &Path, name: &str, subject: &str, ext: &str) {
+pub(crate) fn sign(dir: &Path, name: &str, subject: &str, ext: &str) {
     let (key, csr, crt, extfile) = (
         format!("{name}.key"),
         format!("{name}.csr"),
@@ -338,6 +338,72 @@ async fn tls_to_a_hostssl_only_postgresql_follows_libpq_sslmode() {
                     assert!(t.contains(n), "{case}: missing {n:?} in: {t}");
                 }
                 assert!(!t.contains("not a valid PostgreSQL URL"), "{case}: {t}");
+                assert_eq!(tables, 0, "{case}: nothing written");
+            }
+        }
+    }
+}
+
+/// Issue 19: `sslrootcert=system` is the OS trust store. `SSL_CERT_FILE` stands for it here (it
+/// replaces the OS locations, as for OpenSSL), naming a bundle with only the test's CA, so no
+/// root access is needed and the machine's own store is not touched.
+#[tokio::test(flavor = "multi_thread")]
+async fn sslrootcert_system_trusts_a_ca_that_only_the_os_trust_store_holds() {
+    seedkeeper::telemetry::install_crypto();
+    let cluster = TlsCluster::new();
+    let admin = connect(&cluster.socket("postgres")).await;
+    let cases = [
+        ("the test CA in the OS store", cluster.file("ca.crt"), None),
+        (
+            "another CA in the OS store",
+            cluster.file("other-ca.crt"),
+            Some(vec![
+                "TLS to PostgreSQL at localhost:",
+                "not trusted",
+                "\"CN=localhost\" issued by \"CN=seedkeeper test ca\"",
+                "the OS trust store (SSL_CERT_FILE=",
+                "sslrootcert=",
+            ]),
+        ),
+    ];
+    for (i, (case, bundle, refused)) in cases.into_iter().enumerate() {
+        let db = format!("s{i}");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .unwrap();
+        let out = run_bin(
+            &["--once"],
+            &[
+                e(
+                    "SEEDKEEPER_DATABASE__URL",
+                    &cluster.url("localhost", &db, "sslmode=verify-full&sslrootcert=system"),
+                ),
+                e("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "3s"),
+                e("SSL_CERT_FILE", &bundle),
+            ],
+        );
+        let t = text(&out);
+        assert!(!t.contains("canary-pw"), "{case}: {t}");
+        let c = connect(&cluster.socket(&db)).await;
+        let tables: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        match refused {
+            None => {
+                assert_eq!(out.status.code(), Some(0), "{case}: {t}");
+                assert!(tables > 0, "{case}: the schema was written");
+            }
+            Some(needles) => {
+                assert_eq!(out.status.code(), Some(78), "{case}: {t}");
+                for n in needles {
+                    assert!(t.contains(n), "{case}: missing {n:?} in: {t}");
+                }
                 assert_eq!(tables, 0, "{case}: nothing written");
             }
         }

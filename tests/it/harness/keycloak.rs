@@ -520,12 +520,56 @@ impl Drop for KeycloakEmulator {
     }
 }
 
+/// TCP with a TLS handshake on accept; a failed handshake (a client that does not trust the
+/// certificate) is dropped and the next connection awaited.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(tcp).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
 impl KeycloakEmulator {
     pub async fn start(realm_export: Value) -> KeycloakEmulator {
+        Self::start_with(realm_export, None).await
+    }
+
+    /// The emulator over HTTPS only, at `https://127.0.0.1:port` (the certificate of `tls` must
+    /// name IP 127.0.0.1): for the trust of Keycloak's certificate.
+    pub async fn start_tls(
+        realm_export: Value,
+        tls: Arc<rustls::ServerConfig>,
+    ) -> KeycloakEmulator {
+        Self::start_with(realm_export, Some(tls)).await
+    }
+
+    async fn start_with(
+        realm_export: Value,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> KeycloakEmulator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind emulator");
         let addr = listener.local_addr().expect("emulator address");
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let shared = Arc::new(Shared {
             realm: RwLock::new(Arc::new(Realm::load(&realm_export))),
             faults: Mutex::new(Faults::default()),
@@ -535,7 +579,7 @@ impl KeycloakEmulator {
             lifespan: AtomicU64::new(300),
             key: CoreRsaPrivateSigningKey::from_pem(KEY_PEM, Some(JsonWebKeyId::new(KID.into())))
                 .expect("emulator key"),
-            base: format!("http://{addr}"),
+            base: format!("{scheme}://{addr}"),
             jti: AtomicU64::new(1),
             moved: std::sync::atomic::AtomicBool::new(false),
             events: Mutex::new(EventStore {
@@ -550,9 +594,20 @@ impl KeycloakEmulator {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let task = match tls {
+            None => tokio::spawn(async move {
+                let _ = axum::serve(listener, app).await;
+            }),
+            Some(tls) => {
+                let listener = TlsListener {
+                    tcp: listener,
+                    acceptor: tokio_rustls::TlsAcceptor::from(tls),
+                };
+                tokio::spawn(async move {
+                    let _ = axum::serve(listener, app).await;
+                })
+            }
+        };
         KeycloakEmulator { shared, addr, task }
     }
 
