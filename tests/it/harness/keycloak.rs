@@ -457,6 +457,9 @@ struct Shared {
     /// Stored user and admin events and the realm's event settings.
     events: Mutex<EventStore>,
     release: Mutex<Release>,
+    /// `GET /admin/serverinfo`: another version than the release's, or a status instead of an
+    /// answer (as behind a proxy that refuses or fails it).
+    serverinfo: Mutex<(Option<String>, Option<u16>)>,
 }
 
 /// The Keycloak release whose answers the emulator gives, where releases differ on the wire
@@ -586,6 +589,7 @@ impl KeycloakEmulator {
                 expiration: None,
             }),
             release: Mutex::new(Release::default()),
+            serverinfo: Mutex::new((None, None)),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -714,6 +718,16 @@ impl KeycloakEmulator {
         e.enabled = enabled;
         e.admin_enabled = admin_enabled;
         e.expiration = expiration;
+    }
+
+    /// `GET /admin/serverinfo` reports `version` instead of the release's (`None`: the release's).
+    pub fn set_server_version(&self, version: Option<&str>) {
+        self.shared.serverinfo.lock().unwrap().0 = version.map(str::to_string);
+    }
+
+    /// `GET /admin/serverinfo` answers `status` with Keycloak's error body (`None`: normally).
+    pub fn serverinfo_status(&self, status: Option<u16>) {
+        self.shared.serverinfo.lock().unwrap().1 = status;
     }
 
     /// Answer as `release` from now on.
@@ -1233,10 +1247,15 @@ fn serverinfo(sh: &Shared, headers: &HeaderMap) -> Response {
     if management.is_empty() {
         return error(403, FORBIDDEN);
     }
+    let (version, status) = sh.serverinfo.lock().unwrap().clone();
+    if let Some(status) = status {
+        return error(status, &format!("HTTP {status}"));
+    }
     let release = *sh.release.lock().unwrap();
     let mut v = json!({"profileInfo": {"name": "default", "disabledFeatures": [], "previewFeatures": [], "experimentalFeatures": []}});
     if management.contains("manage-realm") {
-        v["systemInfo"] = json!({"version": release.version()});
+        let version = version.unwrap_or_else(|| release.version().to_string());
+        v["systemInfo"] = json!({ "version": version });
     }
     json_response(200, v)
 }
