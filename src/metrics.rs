@@ -228,7 +228,7 @@ impl Collector for KeycloakInfo {
         let gauge = ConstGauge::new(1i64);
         let mut metric = encoder.encode_descriptor(
             "seedkeeper_keycloak_info",
-            "The Keycloak server's version, read at start from GET /admin/serverinfo (needs realm-management manage-realm; absent when not readable), and whether it is in the tested range (always 1)",
+            "The Keycloak server's version, read at start from GET /admin/serverinfo (needs realm-management manage-realm, Keycloak 26.5 or later; absent when not readable), and whether it is in the tested range (always 1)",
             None,
             gauge.metric_type(),
         )?;

@@ -94,9 +94,10 @@ pub fn in_tested_range(version: &str) -> bool {
     major_minor(version).is_some_and(|v| low <= v && v <= high)
 }
 
-/// The part of `GET /admin/serverinfo` that holds the version: `systemInfo` is served only to a
-/// token with realm-management `manage-realm` (or `realm-admin`), and absent for the view and
-/// query roles seedkeeper otherwise needs (checked on 26.4.7, 26.5.6 and 26.7.3).
+/// The part of `GET /admin/serverinfo` that holds the version. For a realm's service account,
+/// `systemInfo` is served from 26.5 on to realm-management `manage-realm` (or `realm-admin`),
+/// never to the view and query roles seedkeeper otherwise needs, and on 26.4 to no realm
+/// service account at all (checked on 26.4.7, 26.5.6 and 26.7.3).
 #[derive(Debug, Deserialize)]
 struct ServerInfo {
     #[serde(default, rename = "systemInfo")]
@@ -1432,7 +1433,7 @@ impl KeycloakSource {
         let Some(version) = version else {
             tracing::debug!(
                 url,
-                "Keycloak version not read: serverinfo shows it only to realm-management manage-realm, which the service account need not have"
+                "Keycloak version not read: serverinfo shows it only to realm-management manage-realm (Keycloak 26.5 and later; 26.4 to no realm service account), which the service account need not have"
             );
             return;
         };

@@ -630,8 +630,9 @@ async fn one_user_keycloak_counts_but_cannot_list_narrows_the_run_instead_of_sto
 
 /// Issue 19: against the real Keycloak, the version seedkeeper exports is the server's own
 /// (`GET /admin/serverinfo` as the master admin sees it) when its service account holds
-/// realm-management `manage-realm`, the role Keycloak shows `systemInfo` to; with the dev realm's
-/// roles (view and query only) the version is skipped and the run succeeds.
+/// realm-management `manage-realm`, the role Keycloak 26.5 and later show `systemInfo` to; with
+/// the dev realm's roles (view and query only), and on 26.4 whatever the roles, the version is
+/// skipped and the run succeeds.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_exported_keycloak_version_is_the_real_servers() {
     let kc = real_keycloak();
@@ -671,7 +672,9 @@ async fn the_exported_keycloak_version_is_the_real_servers() {
             .lines()
             .filter(|l| l.starts_with("seedkeeper_keycloak_info"))
             .collect();
-        if manage_realm {
+        // 26.4 shows no realm service account its version, not even realm-admin.
+        let shown = real_version.split('.').take(2).collect::<Vec<_>>() != ["26", "4"];
+        if manage_realm && shown {
             let tested = seedkeeper::identity::keycloak::in_tested_range(&real_version);
             assert_eq!(
                 info,
@@ -681,7 +684,10 @@ async fn the_exported_keycloak_version_is_the_real_servers() {
                 "{m}"
             );
         } else {
-            assert!(info.is_empty(), "without manage-realm: {info:?}");
+            assert!(
+                info.is_empty(),
+                "manage-realm {manage_realm}, {real_version}: {info:?}"
+            );
         }
         d.cancel.cancel();
         let _ = d.task.await;

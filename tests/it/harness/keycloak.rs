@@ -523,6 +523,12 @@ impl Release {
         self != Release::V26_4
     }
 
+    /// `GET /admin/serverinfo` shows a realm's `manage-realm` holder the version (26.4 shows it
+    /// to no realm service account).
+    fn shows_version_to_manage_realm(self) -> bool {
+        self != Release::V26_4
+    }
+
     /// `GET roles/{role}/users` gives each member the caller's `access`.
     fn role_members_carry_access(self) -> bool {
         self == Release::V26_7
@@ -1224,9 +1230,10 @@ fn listed_group_json(g: &Group) -> Value {
 }
 
 /// `GET /admin/serverinfo` as Keycloak 26.4 to 26.7 answer a realm's service account: 401
-/// without a valid token, 403 without any realm-management role, the server's version
-/// (`systemInfo`, nothing else of it) only with `manage-realm` (or `realm-admin`), and without
-/// `systemInfo` for the other roles (the view and query roles seedkeeper holds).
+/// without a valid token, 403 without any realm-management role, else 200. From 26.5 the
+/// server's version (`systemInfo`, nothing else of it) is in it with `manage-realm` (or
+/// `realm-admin`); never for the view and query roles seedkeeper holds, and never on 26.4, not
+/// even for `realm-admin` (checked on 26.4.7, 26.5.6 and 26.7.3).
 fn serverinfo(sh: &Shared, headers: &HeaderMap) -> Response {
     let management = {
         let token = headers
@@ -1253,7 +1260,7 @@ fn serverinfo(sh: &Shared, headers: &HeaderMap) -> Response {
     }
     let release = *sh.release.lock().unwrap();
     let mut v = json!({"profileInfo": {"name": "default", "disabledFeatures": [], "previewFeatures": [], "experimentalFeatures": []}});
-    if management.contains("manage-realm") {
+    if release.shows_version_to_manage_realm() && management.contains("manage-realm") {
         let version = version.unwrap_or_else(|| release.version().to_string());
         v["systemInfo"] = json!({ "version": version });
     }
