@@ -49,13 +49,15 @@ trap stop_ours EXIT
 [[ -x target/release/seedkeeper ]] || { echo "bench-keycloak: no target/release/seedkeeper: cargo build --release" >&2; exit 1; }
 admin_db="${SEEDKEEPER_TEST_DATABASE_URL:-$(scripts/local-db.sh admin-url)}"
 kc_home="$(bash scripts/keycloak.sh fetch)"
-kc_pid="$(cat "${KEYCLOAK_STATE:-.keycloak}/pid")"
+kc_run="$(bash scripts/keycloak.sh run-dir)"
+kc_pid="$(cat "$kc_run/pid")"
 
-python3 - "$base" "$admin_db" "$kc_home" "$kc_pid" <<'PY'
+python3 - "$base" "$admin_db" "$kc_home" "$kc_pid" "$kc_run" <<'PY'
 import json, os, re, shutil, subprocess, sys, tempfile, time, uuid
 import urllib.error, urllib.parse, urllib.request
 
 base, admin_db, kc_home, kc_pid = sys.argv[1].rstrip("/"), sys.argv[2], sys.argv[3], int(sys.argv[4])
+run_dir = sys.argv[5]  # scripts/keycloak.sh run-dir: the instance's pid and logs
 sizes = sorted({int(s) for s in os.environ.get("SEEDKEEPER_BENCH_KC_SIZES", "10000,50000").split(",") if s.strip()})
 chunk = int(os.environ.get("SEEDKEEPER_BENCH_KC_CHUNK", "1000"))
 budget = float(os.environ.get("SEEDKEEPER_BENCH_KC_IMPORT_BUDGET", "600"))
@@ -153,7 +155,7 @@ def bench_user(i):
 
 # --- processes ------------------------------------------------------------------------------
 def keycloak_java():
-    """The Keycloak server's java process: the pid in .keycloak/pid or a descendant of it whose
+    """The Keycloak server's java process: the pid in run-<version>/pid of the state folder or a descendant of it whose
     command line runs the distribution (a `kc.sh export` java is not a descendant)."""
     def cmdline(p):
         try:
@@ -288,7 +290,7 @@ def export(realm, mode):
                   and "For more details" not in l and "Failed to start server" not in l]
         reason = errors[-1] if errors else str(e)[-300:]
         try:  # scripts/keycloak.sh keeps the export's log in its state folder
-            with open(os.path.join(os.environ.get("KEYCLOAK_STATE", ".keycloak"), "export.log")) as fh:
+            with open(os.path.join(run_dir, "export.log")) as fh:
                 if "ARJUNA012121" in fh.read():  # the transaction reaper cancelled the export's transaction
                     reason = "transaction timeout: Keycloak's transaction reaper cancelled the export (" + reason + ")"
         except OSError:

@@ -16,17 +16,25 @@
 #   scripts/keycloak.sh export ARGS   `kc.sh export ARGS` against the running instance's database
 #                                     (for example --realm dev --dir /tmp/out --users different_files)
 #   scripts/keycloak.sh logs          the server log
+#   scripts/keycloak.sh run-dir       the folder of the version's pid, URL, ports and logs
 #
 # Environment: KEYCLOAK_VERSION (default below), KEYCLOAK_STATE (default .keycloak/ in the
-# repository: the unpacked distribution, pid, ports and log), KEYCLOAK_DB_ADMIN_URL (a PostgreSQL
+# repository: keycloak-<version>/, the unpacked distribution, and run-<version>/, the pid, ports
+# and logs of that version's instance, so that two versions can be unpacked and run side by side:
+# CI runs the pin and then the newest 26.x), KEYCLOAK_DB_ADMIN_URL (a PostgreSQL
 # admin URL; default: scripts/local-db.sh admin-url), KEYCLOAK_JAVA_HOME (default: the newest JDK
 # of 17 or later under /usr/lib/jvm that runs). Logs go to stderr, results to stdout.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-version="${KEYCLOAK_VERSION:-26.4.0}"
+# The pin: the newest 26.4 patch Maven Central serves. docker-compose.yml names the same version
+# (scripts/check-deploy.sh keeps them equal); the versions tested are listed in docs/testing.md.
+version="${KEYCLOAK_VERSION:-26.4.7}"
 state="${KEYCLOAK_STATE:-$root/.keycloak}"
 home="$state/keycloak-$version"
+# Per version: a second version started beside the first (CI: the pin, then the newest 26.x)
+# must neither see the first's pid as its own nor overwrite its URL, ports or log.
+run="$state/run-$version"
 # One database per state folder, so two checkouts (a CI clone beside a working tree) never share
 # or drop each other's Keycloak data.
 db="keycloak_${version//./_}_$(printf '%s' "$state" | sha256sum | cut -c1-8)"
@@ -55,7 +63,7 @@ fetch() {
     # finds that repository from the account's home (not $HOME) or settings.xml's
     # localRepository, so under sudo, a CI runner or a container with another HOME, a guess
     # misses. With the artifact already in the local repository nothing is downloaded.
-    local dl="$state/download"
+    local dl="$state/download-$version"
     local zip="$dl/keycloak-quarkus-dist-$version.zip"
     rm -rf "$dl"
     mkdir -p "$dl"
@@ -77,7 +85,7 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-running() { [[ -f "$state/pid" ]] && kill -0 "$(cat "$state/pid")" 2>/dev/null; }
+running() { [[ -f "$run/pid" ]] && kill -0 "$(cat "$run/pid")" 2>/dev/null; }
 
 db_admin() { echo "${KEYCLOAK_DB_ADMIN_URL:-$("$root/scripts/local-db.sh" admin-url)}"; }
 
@@ -91,12 +99,12 @@ db_opts() {
     hostport="${rest#*@}"; hostport="${hostport%%/*}"
     # The database the running instance was started on (older starts used another name).
     local name="$db"
-    [[ -f "$state/db" ]] && name="$(cat "$state/db")"
+    [[ -f "$run/db" ]] && name="$(cat "$run/db")"
     echo "--db-url=jdbc:postgresql://$hostport/$name --db-username=$user --db-password=${KEYCLOAK_DB_PASSWORD:-unused}"
 }
 
 start() {
-    if running; then log "already running"; cat "$state/url"; return; fi
+    if running; then log "already running"; cat "$run/url"; return; fi
     fetch >/dev/null
     local files=("$@")
     [[ ${#files[@]} -gt 0 ]] || files=("$root/realms/dev-realm.json")
@@ -119,9 +127,10 @@ start() {
     port="${KEYCLOAK_PORT:-$(free_port)}"
     mport="$(free_port)"
     jh="$(java_home)"
-    echo "http://127.0.0.1:$port" >"$state/url"
-    echo "$db" >"$state/db"
-    echo "$mport" >"$state/management-port"
+    mkdir -p "$run"
+    echo "http://127.0.0.1:$port" >"$run/url"
+    echo "$db" >"$run/db"
+    echo "$mport" >"$run/management-port"
     log "starting Keycloak $version on 127.0.0.1:$port (management $mport, Java $jh)"
     # shellcheck disable=SC2046
     (
@@ -130,34 +139,34 @@ start() {
             exec setsid bin/kc.sh start-dev --import-realm \
             --http-host=127.0.0.1 --http-port="$port" --http-management-port="$mport" \
             --health-enabled=true --db=postgres $(db_opts) \
-            >"$state/server.log" 2>&1 </dev/null
+            >"$run/server.log" 2>&1 </dev/null
     ) &
-    echo $! >"$state/pid"
+    echo $! >"$run/pid"
     local deadline=$((SECONDS + ${KEYCLOAK_START_TIMEOUT:-300}))
     until curl -fsS "http://127.0.0.1:$mport/health/ready" >/dev/null 2>&1; do
         if ! running; then
-            tail -20 "$state/server.log" >&2
-            die "Keycloak exited during start; the log is $state/server.log"
+            tail -20 "$run/server.log" >&2
+            die "Keycloak exited during start; the log is $run/server.log"
         fi
-        ((SECONDS < deadline)) || { tail -20 "$state/server.log" >&2; stop; die "Keycloak was not ready after ${KEYCLOAK_START_TIMEOUT:-300} s"; }
+        ((SECONDS < deadline)) || { tail -20 "$run/server.log" >&2; stop; die "Keycloak was not ready after ${KEYCLOAK_START_TIMEOUT:-300} s"; }
         sleep 1
     done
-    log "ready after ${SECONDS}s: $(cat "$state/url") (admin/admin)"
-    cat "$state/url"
+    log "ready after ${SECONDS}s: $(cat "$run/url") (admin/admin)"
+    cat "$run/url"
 }
 
 stop() {
-    if ! running; then rm -f "$state/pid"; return; fi
+    if ! running; then rm -f "$run/pid"; return; fi
     local pid
-    pid="$(cat "$state/pid")"
+    pid="$(cat "$run/pid")"
     # setsid made the server a process group leader: signal the whole group (kc.sh and its java).
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for _ in $(seq 1 60); do
-        kill -0 "$pid" 2>/dev/null || { rm -f "$state/pid"; log "stopped"; return; }
+        kill -0 "$pid" 2>/dev/null || { rm -f "$run/pid"; log "stopped"; return; }
         sleep 0.5
     done
     kill -KILL -- "-$pid" 2>/dev/null || true
-    rm -f "$state/pid"
+    rm -f "$run/pid"
     log "killed after 30 s"
 }
 
@@ -165,8 +174,8 @@ export_realm() {
     running || die "Keycloak is not running (scripts/keycloak.sh start)"
     # The server's build (start-dev) is reused; only runtime options are given.
     # shellcheck disable=SC2046
-    (cd "$home" && JAVA_HOME="$(java_home)" bin/kc.sh export --optimized $(db_opts) "$@" </dev/null >"$state/export.log" 2>&1) ||
-        { tail -20 "$state/export.log" >&2; die "kc.sh export failed; the log is $state/export.log" 1; }
+    (cd "$home" && JAVA_HOME="$(java_home)" bin/kc.sh export --optimized $(db_opts) "$@" </dev/null >"$run/export.log" 2>&1) ||
+        { tail -20 "$run/export.log" >&2; die "kc.sh export failed; the log is $run/export.log" 1; }
 }
 
 cmd="${1:-}"
@@ -175,8 +184,9 @@ case "$cmd" in
     fetch) fetch ;;
     start) start "$@" ;;
     stop) stop ;;
-    url) running || die "Keycloak is not running"; cat "$state/url" ;;
+    url) running || die "Keycloak is not running"; cat "$run/url" ;;
     export) export_realm "$@" ;;
-    logs) cat "$state/server.log" ;;
-    *) echo "usage: $0 fetch | start [REALM_FILE...] | url | stop | export ARGS | logs" >&2; exit 64 ;;
+    logs) cat "$run/server.log" ;;
+    run-dir) echo "$run" ;;
+    *) echo "usage: $0 fetch | start [REALM_FILE...] | url | stop | export ARGS | logs | run-dir" >&2; exit 64 ;;
 esac

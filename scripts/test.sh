@@ -21,7 +21,7 @@ if [[ -z "${KEYCLOAK_URL:-}" ]]; then
 fi
 cargo test --no-run --quiet
 if [[ -n "$started" ]]; then
-    wait "$kc_pid" || { echo "test: the real Keycloak did not start (see .keycloak/server.log)" >&2; exit 69; }
+    wait "$kc_pid" || { echo "test: the real Keycloak did not start (see $(bash scripts/keycloak.sh run-dir)/server.log)" >&2; exit 69; }
     KEYCLOAK_URL="$(cat "$kc_out")"
     rm -f "$kc_out"
 fi

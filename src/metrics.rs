@@ -209,6 +209,39 @@ pub struct KeycloakMetrics {
     requests: Family<KeycloakLabels, Counter>,
     duration: Histogram,
     retries: Counter,
+    /// `seedkeeper_keycloak_info`: the server's version once read.
+    info: Arc<KeycloakInfo>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct KeycloakInfoLabels {
+    version: String,
+    tested: &'static str,
+}
+
+/// `seedkeeper_keycloak_info{version, tested}`: absent until the version is read (the service
+/// account may not be allowed to read it), then 1. A gauge of its own rather than a label on
+/// `seedkeeper_build_info`: that one describes the binary and is fixed at start, while this is
+/// learned from the server after start, exists with the keycloak source only, and may change
+/// when Keycloak is upgraded under a running daemon; queries joining on build_info keep their
+/// meaning.
+#[derive(Debug, Default)]
+struct KeycloakInfo(std::sync::Mutex<Option<KeycloakInfoLabels>>);
+
+impl Collector for KeycloakInfo {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let Some(labels) = self.0.lock().ok().and_then(|g| g.clone()) else {
+            return Ok(());
+        };
+        let gauge = ConstGauge::new(1i64);
+        let mut metric = encoder.encode_descriptor(
+            "seedkeeper_keycloak_info",
+            "The Keycloak server's version, read at start from GET /admin/serverinfo (needs realm-management manage-realm, Keycloak 26.5 or later; absent when not readable), and whether it is in the tested range (always 1)",
+            None,
+            gauge.metric_type(),
+        )?;
+        gauge.encode(metric.encode_family(&labels)?)
+    }
 }
 
 impl Default for KeycloakMetrics {
@@ -227,7 +260,28 @@ impl KeycloakMetrics {
             requests,
             duration: Histogram::new(KEYCLOAK_BUCKETS.iter().copied()),
             retries: Counter::default(),
+            info: Arc::new(KeycloakInfo::default()),
         }
+    }
+
+    /// The Keycloak server's version, and whether it is in the range the conformance suite ran
+    /// against.
+    pub fn set_server_version(&self, version: &str, tested: bool) {
+        if let Ok(mut g) = self.info.0.lock() {
+            *g = Some(KeycloakInfoLabels {
+                version: version.to_string(),
+                tested: if tested { "true" } else { "false" },
+            });
+        }
+    }
+
+    /// The version set by [`Self::set_server_version`], if any.
+    pub fn server_version(&self) -> Option<String> {
+        self.info
+            .0
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|l| l.version.clone()))
     }
 
     /// One HTTP exchange with Keycloak (discovery, JWKS, token or admin API) and how long it
@@ -271,6 +325,7 @@ impl KeycloakMetrics {
             "Keycloak requests repeated after a failed attempt (5xx, 429, timeout, connection error, unreadable body, a 401 answered by renewing the token)",
             self.retries.clone(),
         );
+        registry.register_collector(Box::new(self.info.clone()));
     }
 }
 

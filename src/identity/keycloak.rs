@@ -71,6 +71,47 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
 /// Page size for roles, groups and role members.
 const AUX_PAGE: u32 = 500;
 
+/// The Keycloak versions the conformance suite and the emulator comparison have passed against
+/// (docs/testing.md, "Versions run"): the newest patch of each 26.x minor Maven Central serves
+/// (26.6 was never published). A server from the oldest minor to the newest one here is in the
+/// tested range; anything else is warned about once at start.
+pub const TESTED_VERSIONS: &[&str] = &["26.4.7", "26.5.6", "26.7.3"];
+
+/// `major.minor` of a version such as `26.7.3` (or `26.7.3-SNAPSHOT`); `None` when it does not
+/// start with two numbers.
+fn major_minor(version: &str) -> Option<(u32, u32)> {
+    let mut parts = version.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+/// Whether `version` lies within the minors of [`TESTED_VERSIONS`] (any patch of them, and any
+/// minor between the oldest and the newest).
+pub fn in_tested_range(version: &str) -> bool {
+    let tested = TESTED_VERSIONS.iter().filter_map(|v| major_minor(v));
+    let (Some(low), Some(high)) = (tested.clone().min(), tested.max()) else {
+        return false;
+    };
+    major_minor(version).is_some_and(|v| low <= v && v <= high)
+}
+
+/// The part of `GET /admin/serverinfo` that holds the version. For a realm's service account,
+/// `systemInfo` is served from 26.5 on to realm-management `manage-realm` (or `realm-admin`),
+/// never to the view and query roles seedkeeper otherwise needs, and on 26.4 to no realm
+/// service account at all (checked on 26.4.7, 26.5.6 and 26.7.3).
+#[derive(Debug, Deserialize)]
+struct ServerInfo {
+    #[serde(default, rename = "systemInfo")]
+    system_info: Option<SystemInfo>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SystemInfo {
+    #[serde(default)]
+    version: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 struct UserRep {
     id: String,
@@ -184,6 +225,9 @@ pub struct KeycloakSource {
     /// The issuer last logged, so that it is logged at start and when it changes, not per run.
     issuer_logged: Mutex<Option<String>>,
     token: Mutex<Option<CachedToken>>,
+    /// The server's version was asked for and answered (read, or refused for good): it is asked
+    /// once per process, at the first preflight that gets an answer.
+    version_asked: AtomicBool,
     requests: std::sync::atomic::AtomicU64,
     /// Every HTTP exchange (counted by outcome and timed) and every retry.
     metrics: KeycloakMetrics,
@@ -228,6 +272,7 @@ impl KeycloakSource {
             metadata: tokio::sync::Mutex::new(None),
             issuer_logged: Mutex::new(None),
             token: Mutex::new(None),
+            version_asked: AtomicBool::new(false),
             requests: std::sync::atomic::AtomicU64::new(0),
             metrics: KeycloakMetrics::new(),
         })
@@ -953,6 +998,9 @@ impl IdentityProvider for KeycloakSource {
             // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
             // role or an unknown realm fails here, before anything is written.
             let _: serde_json::Value = self.get("users/count", &[], &cancel).await?;
+            if !self.version_asked.load(Ordering::Relaxed) {
+                self.read_server_version(&cancel).await;
+            }
             Ok(())
         })
     }
@@ -1327,6 +1375,79 @@ impl KeycloakSource {
         }))
     }
 
+    /// Reads the server's version (`GET /admin/serverinfo`), logs it, exports it as
+    /// `seedkeeper_keycloak_info` and warns when it is outside [`TESTED_VERSIONS`]. Never fails
+    /// the run: the version is information, and the service account may lawfully lack the role
+    /// that shows it (a 403, or a 200 without `systemInfo`), which is logged at debug only. One
+    /// attempt, no retries: an unanswered request is asked again at the next preflight.
+    async fn read_server_version(&self, cancel: &CancellationToken) {
+        let url = format!("{}/admin/serverinfo", self.base);
+        // A token that cannot be had fails the preflight's own request before this one.
+        let Ok(token) = self.token(cancel).await else {
+            return;
+        };
+        let answer = match self.fetch(&url, &[], &token).await {
+            Ok(a) => a,
+            Err(_) => {
+                tracing::debug!(
+                    url,
+                    "Keycloak version not read: no answer; asked again at the next run"
+                );
+                return;
+            }
+        };
+        if answer.status >= 500 {
+            // Keycloak failing now says nothing of the version: asked again at the next run.
+            tracing::debug!(
+                url,
+                status = answer.status,
+                "Keycloak version not read: server error; asked again at the next run"
+            );
+            return;
+        }
+        self.version_asked.store(true, Ordering::Relaxed);
+        if answer.status != 200 {
+            // fetch counted it; 403 is a service account without any realm-management role
+            // serverinfo accepts.
+            tracing::debug!(
+                url,
+                status = answer.status,
+                "Keycloak version not read: serverinfo refused"
+            );
+            return;
+        }
+        let version = match serde_json::from_slice::<ServerInfo>(&answer.body) {
+            Ok(info) => {
+                self.metrics.request(KeycloakOutcome::Ok, answer.took);
+                info.system_info.and_then(|s| s.version)
+            }
+            Err(_) => {
+                self.metrics
+                    .request(KeycloakOutcome::Malformed, answer.took);
+                None
+            }
+        };
+        let Some(version) = version else {
+            tracing::debug!(
+                url,
+                "Keycloak version not read: serverinfo shows it only to realm-management manage-realm (Keycloak 26.5 and later; 26.4 to no realm service account), which the service account need not have"
+            );
+            return;
+        };
+        let tested = in_tested_range(&version);
+        self.metrics.set_server_version(&version, tested);
+        tracing::info!(keycloak.version = %version, "Keycloak server version");
+        if !tested {
+            tracing::warn!(
+                keycloak.version = %version,
+                tested = %TESTED_VERSIONS.join(", "),
+                "Keycloak version outside the tested range: seedkeeper was tested against Keycloak {} to {}; run the conformance suite against this version (docs/testing.md)",
+                TESTED_VERSIONS.first().copied().unwrap_or("?"),
+                TESTED_VERSIONS.last().copied().unwrap_or("?"),
+            );
+        }
+    }
+
     /// A 403 on an events endpoint names `view-events`, not the listing's roles.
     fn view_events_needed(&self, e: Error, path: &str) -> Error {
         match e {
@@ -1354,6 +1475,22 @@ mod tests {
     use super::*;
 
     const DOC: &str = "http://keycloak:8080/realms/x/.well-known/openid-configuration";
+
+    #[test]
+    fn the_tested_range_spans_the_tested_minors_and_their_patches() {
+        for v in [
+            "26.4.0", "26.4.7", "26.4.9", "26.5.6", "26.6.0", "26.7.3", "26.7.12",
+        ] {
+            assert!(in_tested_range(v), "{v}");
+        }
+        for v in ["26.3.5", "25.0.6", "26.8.0", "27.0.0", "nightly", "", "26"] {
+            assert!(!in_tested_range(v), "{v}");
+        }
+        assert!(in_tested_range("26.5.0-SNAPSHOT"));
+        for v in TESTED_VERSIONS {
+            assert!(in_tested_range(v), "{v}");
+        }
+    }
 
     #[test]
     fn an_issuer_on_another_host_is_accepted_when_it_names_the_realm() {

@@ -627,3 +627,69 @@ async fn one_user_keycloak_counts_but_cannot_list_narrows_the_run_instead_of_sto
         1
     );
 }
+
+/// Issue 19: against the real Keycloak, the version seedkeeper exports is the server's own
+/// (`GET /admin/serverinfo` as the master admin sees it) when its service account holds
+/// realm-management `manage-realm`, the role Keycloak 26.5 and later show `systemInfo` to; with
+/// the dev realm's roles (view and query only), and on 26.4 whatever the roles, the version is
+/// skipped and the run succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_exported_keycloak_version_is_the_real_servers() {
+    let kc = real_keycloak();
+    let real_version = kc.version().await;
+    for manage_realm in [true, false] {
+        let (mut rep, _) = as_new_realm(&dev_realm(), &realm_name("version"));
+        if manage_realm {
+            let sa = rep["users"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .find(|u| u["serviceAccountClientId"] == "seedkeeper")
+                .unwrap();
+            sa["clientRoles"]["realm-management"]
+                .as_array_mut()
+                .unwrap()
+                .push(json!("manage-realm"));
+        }
+        let realm = kc.create_realm(rep).await;
+        let db = TestDb::new().await;
+        let mut env = realm.env();
+        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
+        let d = start_daemon(db.settings(&refs(&env))).await;
+        until("the startup run is counted", 120, || async {
+            let m = d.metrics().await;
+            m.contains("seedkeeper_runs_total{outcome=\"succeeded\"} 1")
+                || m.contains("seedkeeper_runs_total{outcome=\"failed\"} 1")
+        })
+        .await;
+        let m = d.metrics().await;
+        assert!(
+            m.contains("seedkeeper_runs_total{outcome=\"succeeded\"} 1"),
+            "{m}"
+        );
+        let info: Vec<&str> = m
+            .lines()
+            .filter(|l| l.starts_with("seedkeeper_keycloak_info"))
+            .collect();
+        // 26.4 shows no realm service account its version, not even realm-admin.
+        let shown = real_version.split('.').take(2).collect::<Vec<_>>() != ["26", "4"];
+        if manage_realm && shown {
+            let tested = seedkeeper::identity::keycloak::in_tested_range(&real_version);
+            assert_eq!(
+                info,
+                vec![format!(
+                    "seedkeeper_keycloak_info{{version=\"{real_version}\",tested=\"{tested}\"}} 1"
+                )],
+                "{m}"
+            );
+        } else {
+            assert!(
+                info.is_empty(),
+                "manage-realm {manage_realm}, {real_version}: {info:?}"
+            );
+        }
+        d.cancel.cancel();
+        let _ = d.task.await;
+    }
+}

@@ -201,16 +201,17 @@ async fn tokens_carry_keycloaks_claims_and_verify_against_the_published_key() {
     }
 }
 
-/// Keycloak 26.7 answers some requests differently from 26.4 (found by `emulator_vs_real` against
-/// 26.7.3); the emulator answers as either.
+/// Keycloak 26.5 and 26.7 answer some requests differently from 26.4 (found by `emulator_vs_real`
+/// against 26.4.7, 26.5.6 and 26.7.3); the emulator answers as any of them.
 #[tokio::test(flavor = "multi_thread")]
-async fn answering_as_26_7_the_users_listing_honours_brief_and_role_members_carry_access() {
+async fn each_release_profile_answers_the_users_listing_and_role_members_as_that_release() {
     let kc = KeycloakEmulator::start(dev_realm()).await;
     let t = token(&kc).await;
     let fields = |v: &Value, k: &str| v[0].get(k).is_some();
-    for release in [Release::V26_4, Release::V26_7] {
+    for release in Release::ALL {
         kc.set_release(release);
-        let v26_4 = release == Release::V26_4;
+        let (v26_4, v26_7) = (release == Release::V26_4, release == Release::V26_7);
+        // 26.4 ignores briefRepresentation on the listing; 26.5 and 26.7 honour it.
         let (_, brief) = admin_get(&kc, Some(&t), "users?max=1&briefRepresentation=true").await;
         assert_eq!(fields(&brief, "requiredActions"), v26_4, "{release:?}");
         assert_eq!(fields(&brief, "userProfileMetadata"), v26_4, "{release:?}");
@@ -220,20 +221,102 @@ async fn answering_as_26_7_the_users_listing_honours_brief_and_role_members_carr
             !v26_4,
             "{release:?}: stamped on import"
         );
+        // In full, 26.4 and 26.5 list the profile's metadata; 26.7 does not.
         let (_, full) = admin_get(&kc, Some(&t), "users?max=1").await;
         assert!(fields(&full, "requiredActions"), "{release:?}");
-        assert_eq!(fields(&full, "userProfileMetadata"), v26_4, "{release:?}");
+        assert_eq!(fields(&full, "userProfileMetadata"), !v26_7, "{release:?}");
         let id = full[0]["id"].as_str().unwrap().to_string();
         let (_, one) = admin_get(&kc, Some(&t), &format!("users/{id}")).await;
         assert!(one.get("userProfileMetadata").is_some(), "{release:?}");
+        // Only 26.7's role members carry `access`.
         let (_, members) =
             admin_get(&kc, Some(&t), "roles/admin/users?briefRepresentation=true").await;
-        assert_eq!(fields(&members, "access"), !v26_4, "{release:?}");
+        assert_eq!(fields(&members, "access"), v26_7, "{release:?}");
         assert!(!fields(&members, "requiredActions"), "{release:?}");
     }
     assert_eq!(Release::of("26.4.0"), Release::V26_4);
+    assert_eq!(Release::of("26.4.7"), Release::V26_4);
+    assert_eq!(Release::of("26.5.6"), Release::V26_5);
     assert_eq!(Release::of("26.7.3"), Release::V26_7);
     assert_eq!(Release::of("25.0.6"), Release::V26_4);
+    assert_eq!(Release::of("27.0.0"), Release::V26_7);
+}
+
+/// `GET /admin/serverinfo` as a realm's service account gets it: the profile's version with
+/// manage-realm from 26.5 on (never on 26.4), no version with seedkeeper's view roles, 403 without realm-management roles,
+/// 401 without a token.
+#[tokio::test(flavor = "multi_thread")]
+async fn serverinfo_answers_the_profiles_version_to_manage_realm_from_26_5() {
+    let mut realm = dev_realm();
+    realm["users"].as_array_mut().unwrap().extend([
+        json!({"id": "00000000-0000-4000-8000-00000000f001", "username": "service-account-manager", "enabled": true,
+            "serviceAccountClientId": "manager", "clientRoles": {"realm-management": ["manage-realm"]}}),
+        json!({"id": "00000000-0000-4000-8000-00000000f002", "username": "service-account-nothing", "enabled": true,
+            "serviceAccountClientId": "nothing"}),
+    ]);
+    for c in ["manager", "nothing"] {
+        realm["clients"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"clientId": c, "enabled": true,
+            "publicClient": false, "secret": "s", "serviceAccountsEnabled": true}));
+    }
+    let kc = KeycloakEmulator::start(realm).await;
+    let http = reqwest::Client::new();
+    let bearer = |client: &'static str, secret: &'static str| {
+        let (http, base) = (http.clone(), kc.base_url());
+        async move {
+            let v: Value = http
+                .post(format!("{base}/realms/dev/protocol/openid-connect/token"))
+                .form(&[
+                    ("grant_type", "client_credentials"),
+                    ("client_id", client),
+                    ("client_secret", secret),
+                ])
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["access_token"].as_str().unwrap().to_string()
+        }
+    };
+    let info = |t: Option<String>| {
+        let (http, base) = (http.clone(), kc.base_url());
+        async move {
+            let mut req = http.get(format!("{base}/admin/serverinfo"));
+            if let Some(t) = t {
+                req = req.bearer_auth(t);
+            }
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.json::<Value>().await.unwrap())
+        }
+    };
+    let manager = bearer("manager", "s").await;
+    for release in Release::ALL {
+        kc.set_release(release);
+        let (status, body) = info(Some(manager.clone())).await;
+        assert_eq!(status, 200);
+        if release == Release::V26_4 {
+            // 26.4 shows it to no realm service account, not even realm-admin.
+            assert!(body.get("systemInfo").is_none(), "{body}");
+        } else {
+            assert_eq!(
+                body["systemInfo"]["version"],
+                release.version(),
+                "{release:?}"
+            );
+        }
+    }
+    let (status, body) = info(Some(bearer("seedkeeper", "seedkeeper-dev-secret").await)).await;
+    assert_eq!(status, 200);
+    assert!(body.get("systemInfo").is_none(), "{body}");
+    assert_eq!(
+        info(Some(bearer("nothing", "s").await)).await,
+        (403, json!({"error": "HTTP 403 Forbidden"}))
+    );
+    assert_eq!(info(None).await.0, 401);
 }
 
 #[tokio::test(flavor = "multi_thread")]

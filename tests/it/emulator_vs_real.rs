@@ -252,12 +252,17 @@ fn realm_for_both(name: &str) -> Value {
         "clientRoles": {"realm-management": ["query-users"]}}));
     users.push(json!({"id": uuid::Uuid::new_v4().to_string(), "username": "service-account-no-roles", "enabled": true,
         "serviceAccountClientId": "no-roles", "realmRoles": ["default-roles-dev"]}));
+    users.push(json!({"id": uuid::Uuid::new_v4().to_string(), "username": "service-account-realm-manager", "enabled": true,
+        "serviceAccountClientId": "realm-manager", "realmRoles": ["default-roles-dev"],
+        "clientRoles": {"realm-management": ["manage-realm"]}}));
     rep["clients"].as_array_mut().unwrap().extend([
         json!({"clientId": "no-roles", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
         json!({"clientId": "no-sa", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": false, "standardFlowEnabled": false}),
         json!({"clientId": "query-only", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
+               "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
+        json!({"clientId": "realm-manager", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
     ]);
     rep
@@ -524,6 +529,48 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
     }
     for (what, path, tokens) in &refusals {
         both.get(what, Agree::Exactly, [path, path], *tokens).await;
+    }
+
+    // The server's version, as seedkeeper reads it at start: `GET /admin/serverinfo` with a realm
+    // service account's token. Refused without any realm-management role; `systemInfo` (the
+    // version) only for manage-realm, absent for the view and query roles seedkeeper holds.
+    let serverinfo = "/admin/serverinfo";
+    for (what, tokens) in [
+        ("serverinfo without a token", [None, None]),
+        (
+            "serverinfo without realm-management roles",
+            [Some(rn.as_str()), Some(en.as_str())],
+        ),
+    ] {
+        both.get(what, Agree::Exactly, [serverinfo, serverinfo], tokens)
+            .await;
+    }
+    let [rm, em] = both.bearers(r, "realm-manager").await;
+    for (what, tokens) in [
+        (
+            "serverinfo with seedkeeper's roles",
+            [Some(rt.as_str()), Some(et.as_str())],
+        ),
+        (
+            "serverinfo with query-users only",
+            [Some(rq.as_str()), Some(eq.as_str())],
+        ),
+        (
+            "serverinfo with manage-realm",
+            [Some(rm.as_str()), Some(em.as_str())],
+        ),
+    ] {
+        let real = both.real.get(serverinfo, tokens[0]).await;
+        let emu = both.emu.get(serverinfo, tokens[1]).await;
+        compare(what, Agree::Subset, &real, &emu, &mut both.diffs);
+        let has = |v: &Value| v.pointer("/systemInfo/version").is_some();
+        if has(&real.1) != has(&emu.1) {
+            both.diffs.push(format!(
+                "{what}: systemInfo.version {} by Keycloak, {} by the emulator",
+                if has(&real.1) { "served" } else { "not served" },
+                if has(&emu.1) { "served" } else { "not served" },
+            ));
+        }
     }
     let diffs = both.diffs;
 

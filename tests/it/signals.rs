@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::{realm_with, user_event};
-use crate::harness::keycloak::KeycloakEmulator;
+use crate::harness::keycloak::{KeycloakEmulator, Release};
 use crate::harness::*;
 use crate::identities::{kc_env, refs, user};
 
@@ -652,4 +652,148 @@ async fn text_logs_of_a_run_carry_its_id_on_every_line_too() {
         stderr.contains("Keycloak server error; retrying"),
         "{stderr}"
     );
+}
+
+/// The dev realm with the seedkeeper service account also holding realm-management
+/// `manage-realm`, the role Keycloak shows its version to.
+fn realm_showing_the_version() -> Value {
+    let mut realm = dev_realm();
+    let sa = realm["users"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|u| u["serviceAccountClientId"] == "seedkeeper")
+        .unwrap();
+    sa["clientRoles"]["realm-management"]
+        .as_array_mut()
+        .unwrap()
+        .push("manage-realm".into());
+    realm
+}
+
+fn serverinfo_requests(kc: &KeycloakEmulator) -> usize {
+    kc.journal()
+        .iter()
+        .filter(|j| j.path == "/admin/serverinfo")
+        .count()
+}
+
+/// Issue 19: at start seedkeeper reads the Keycloak version from `GET /admin/serverinfo` once,
+/// exports it as `seedkeeper_keycloak_info{version, tested}`, and does not ask again on later
+/// runs; with the profile of each release that shows it (26.5 and 26.7; 26.4 shows no realm
+/// service account its version, as the next test covers).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keycloak_version_is_read_once_and_exported() {
+    for release in [Release::V26_5, Release::V26_7] {
+        let db = TestDb::new().await;
+        let kc = KeycloakEmulator::start(realm_showing_the_version()).await;
+        kc.set_release(release);
+        let mut env = kc_env(&kc);
+        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
+        let d = start_daemon(db.settings(&refs(&env))).await;
+        let series = format!(
+            "seedkeeper_keycloak_info{{version=\"{}\",tested=\"true\"}}",
+            release.version()
+        );
+        until("the version is exported", 60, || async {
+            samples(&d.metrics().await).contains_key(&series)
+        })
+        .await;
+        let s = samples(&d.metrics().await);
+        assert_eq!(get(&s, &series), 1.0);
+        let r = d
+            .app
+            .run_once(Trigger::Once, Duration::from_secs(10), &CancellationToken::new())
+            .await;
+        assert_ok(&r);
+        assert_eq!(serverinfo_requests(&kc), 1, "asked once, not per run");
+        // Every request is counted, serverinfo included.
+        let s = samples(&d.metrics().await);
+        let total: f64 = KeycloakOutcome::ALL
+            .iter()
+            .map(|o| kc_requests(&s, *o))
+            .sum();
+        assert_eq!(total, kc.journal().len() as f64);
+        d.cancel.cancel();
+        let _ = d.task.await;
+    }
+}
+
+/// Without `manage-realm` (the dev realm's service account), on 26.4 (which shows no realm
+/// service account the version), or with serverinfo refused or failing, the version is skipped: the run succeeds and no `seedkeeper_keycloak_info` exists.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
+    for (realm, release, status) in [
+        (dev_realm(), Release::V26_7, None),
+        (realm_showing_the_version(), Release::V26_4, None),
+        (realm_showing_the_version(), Release::V26_7, Some(403)),
+        (realm_showing_the_version(), Release::V26_7, Some(500)),
+    ] {
+        let db = TestDb::new().await;
+        let kc = KeycloakEmulator::start(realm).await;
+        kc.set_release(release);
+        kc.serverinfo_status(status);
+        let mut env = kc_env(&kc);
+        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
+        let d = start_daemon(db.settings(&refs(&env))).await;
+        until("the startup run is counted", 60, || async {
+            let s = samples(&d.metrics().await);
+            s.get("seedkeeper_runs_total{outcome=\"succeeded\"}") == Some(&1.0)
+                || s.get("seedkeeper_runs_total{outcome=\"failed\"}") == Some(&1.0)
+        })
+        .await;
+        let text = d.metrics().await;
+        let s = samples(&text);
+        assert_eq!(
+            get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+            1.0,
+            "{status:?}"
+        );
+        assert!(
+            !text.contains("seedkeeper_keycloak_info"),
+            "{status:?}: {text}"
+        );
+        assert_eq!(serverinfo_requests(&kc), 1, "{status:?}");
+        // A 5xx is no answer: asked again at the next run; a refusal or a 200 is final.
+        let r = d
+            .app
+            .run_once(Trigger::Once, Duration::from_secs(10), &CancellationToken::new())
+            .await;
+        assert_ok(&r);
+        let again = if status == Some(500) { 2 } else { 1 };
+        assert_eq!(serverinfo_requests(&kc), again, "{status:?}");
+        d.cancel.cancel();
+        let _ = d.task.await;
+    }
+}
+
+/// The version is logged once at start (info), and a version outside the tested range is
+/// warned about, naming the tested versions; the run still succeeds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keycloak_version_outside_the_tested_range_is_warned_about() {
+    for (version, tested) in [("26.7.3", true), ("26.3.5", false), ("27.0.0", false)] {
+        let db = TestDb::new().await;
+        let kc = KeycloakEmulator::start(realm_showing_the_version()).await;
+        kc.set_release(Release::V26_7);
+        kc.set_server_version(Some(version));
+        let env = [db.env(), kc_env(&kc)].concat();
+        let out = run_bin(&["--once"], &env);
+        let log = text(&out);
+        assert!(out.status.success(), "{version}: {log}");
+        assert_eq!(
+            log.matches("Keycloak server version").count(),
+            1,
+            "{version}: {log}"
+        );
+        assert!(log.contains(version), "{version}: {log}");
+        let warned = log.contains("outside the tested range");
+        assert_eq!(warned, !tested, "{version}: {log}");
+        if warned {
+            for v in seedkeeper::identity::keycloak::TESTED_VERSIONS {
+                assert!(log.contains(v), "{version}: names {v}: {log}");
+            }
+        }
+    }
 }

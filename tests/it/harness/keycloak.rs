@@ -457,32 +457,81 @@ struct Shared {
     /// Stored user and admin events and the realm's event settings.
     events: Mutex<EventStore>,
     release: Mutex<Release>,
+    /// `GET /admin/serverinfo`: another version than the release's, or a status instead of an
+    /// answer (as behind a proxy that refuses or fails it).
+    serverinfo: Mutex<(Option<String>, Option<u16>)>,
 }
 
 /// The Keycloak release whose answers the emulator gives, where releases differ on the wire
-/// (found by `emulator_vs_real` against each): 26.4 by default, the version `make test` pins.
+/// (found by `emulator_vs_real` against the newest patch of each minor Maven Central serves; 26.6
+/// was never published): 26.4 by default, the version `make test` pins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Release {
-    /// 26.4: `GET users` answers in full whatever `briefRepresentation` says, each user with its
-    /// `userProfileMetadata`; imported users without `createdTimestamp` have none; role members
-    /// carry no `access`.
+    /// 26.4 (checked on 26.4.0 and 26.4.7, which answer alike): `GET users` answers in full
+    /// whatever `briefRepresentation` says, each user with its `userProfileMetadata`; imported
+    /// users without `createdTimestamp` have none; role members carry no `access`.
     #[default]
     V26_4,
-    /// 26.7 (checked on 26.7.3; 26.5 and 26.6 were not run): `GET users` honours
-    /// `briefRepresentation` and lists no `userProfileMetadata` even in full (`GET users/{id}`
-    /// still has it); the import stamps `createdTimestamp`; role members carry `access`.
+    /// 26.5 (checked on 26.5.6): `GET users` honours `briefRepresentation`, but in full it still
+    /// lists `userProfileMetadata`; the import stamps `createdTimestamp`; role members carry no
+    /// `access`.
+    V26_5,
+    /// 26.7 (checked on 26.7.3): `GET users` honours `briefRepresentation` and lists no
+    /// `userProfileMetadata` even in full (`GET users/{id}` still has it); the import stamps
+    /// `createdTimestamp`; role members carry `access`.
     V26_7,
 }
 
 impl Release {
+    /// Every profile, oldest first.
+    pub const ALL: [Release; 3] = [Release::V26_4, Release::V26_5, Release::V26_7];
+
     /// The release a Keycloak version (`26.7.3`, as `GET /admin/serverinfo` gives it) answers as:
-    /// 26.4 and older as 26.4, later ones as 26.7.
+    /// 26.4 and older as 26.4, 26.5 as 26.5, later ones (26.6 was never published) as 26.7.
     pub fn of(version: &str) -> Release {
         let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
         match (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) {
-            (major, minor) if major > 26 || (major == 26 && minor > 4) => Release::V26_7,
+            (major, _) if major > 26 => Release::V26_7,
+            (26, minor) if minor >= 6 => Release::V26_7,
+            (26, 5) => Release::V26_5,
             _ => Release::V26_4,
         }
+    }
+
+    /// The version `GET /admin/serverinfo` reports: the patch of the minor the profile was
+    /// checked against.
+    pub fn version(self) -> &'static str {
+        match self {
+            Release::V26_4 => "26.4.7",
+            Release::V26_5 => "26.5.6",
+            Release::V26_7 => "26.7.3",
+        }
+    }
+
+    /// `GET users` drops the full fields under `briefRepresentation=true` (26.4 ignores it).
+    fn honours_brief_listing(self) -> bool {
+        self != Release::V26_4
+    }
+
+    /// `GET users` in full carries each user's `userProfileMetadata` (26.7 leaves it out).
+    fn lists_profile_metadata(self) -> bool {
+        self != Release::V26_7
+    }
+
+    /// The import gives users without `createdTimestamp` the time of the import.
+    fn stamps_created(self) -> bool {
+        self != Release::V26_4
+    }
+
+    /// `GET /admin/serverinfo` shows a realm's `manage-realm` holder the version (26.4 shows it
+    /// to no realm service account).
+    fn shows_version_to_manage_realm(self) -> bool {
+        self != Release::V26_4
+    }
+
+    /// `GET roles/{role}/users` gives each member the caller's `access`.
+    fn role_members_carry_access(self) -> bool {
+        self == Release::V26_7
     }
 }
 
@@ -590,6 +639,7 @@ impl KeycloakEmulator {
                 expiration: None,
             }),
             release: Mutex::new(Release::default()),
+            serverinfo: Mutex::new((None, None)),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -729,6 +779,16 @@ impl KeycloakEmulator {
         e.enabled = enabled;
         e.admin_enabled = admin_enabled;
         e.expiration = expiration;
+    }
+
+    /// `GET /admin/serverinfo` reports `version` instead of the release's (`None`: the release's).
+    pub fn set_server_version(&self, version: Option<&str>) {
+        self.shared.serverinfo.lock().unwrap().0 = version.map(str::to_string);
+    }
+
+    /// `GET /admin/serverinfo` answers `status` with Keycloak's error body (`None`: normally).
+    pub fn serverinfo_status(&self, status: Option<u16>) {
+        self.shared.serverinfo.lock().unwrap().1 = status;
     }
 
     /// Answer as `release` from now on.
@@ -895,6 +955,7 @@ fn route(
             token(sh, &realm, headers, body)
         }
         ["admin", "realms", r, rest @ ..] => admin(sh, &realm, r, rest, query, headers),
+        ["admin", "serverinfo"] if method == Method::GET => serverinfo(sh, headers),
         _ => error(404, "Unable to find matching target resource method"),
     }
 }
@@ -1120,7 +1181,6 @@ fn page<T: Clone>(
 }
 
 fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Release) -> Value {
-    let v26_4 = release == Release::V26_4;
     let mut m = serde_json::Map::new();
     m.insert("id".into(), json!(u.id));
     m.insert("username".into(), json!(u.username));
@@ -1134,20 +1194,31 @@ fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Rele
         m.insert("email".into(), json!(v));
     }
     m.insert("emailVerified".into(), json!(u.email_verified));
-    if let Some(c) = u.created.or((!v26_4).then_some(realm.loaded_at)) {
+    if let Some(c) = u
+        .created
+        .or(release.stamps_created().then_some(realm.loaded_at))
+    {
         m.insert("createdTimestamp".into(), json!(c));
     }
     m.insert("enabled".into(), json!(u.enabled));
-    // 26.4 answers the users listing in full whatever briefRepresentation says, with the
-    // profile's metadata; members, and every listing on 26.7, honour it.
-    let listed_in_full = served == Served::Listing && v26_4;
-    if !brief || served == Served::ById || listed_in_full {
+    // 26.4 answers the users listing in full whatever briefRepresentation says; members, and
+    // every listing from 26.5 on, honour it.
+    let listed_in_full = served == Served::Listing && !release.honours_brief_listing();
+    let full = !brief || served == Served::ById || listed_in_full;
+    if full {
         m.insert("totp".into(), json!(false));
         m.insert("disableableCredentialTypes".into(), json!([]));
         m.insert("requiredActions".into(), json!([]));
         m.insert("notBefore".into(), json!(0));
     }
-    if served == Served::ById || listed_in_full {
+    // The profile's metadata: always by id; on the listing, whenever it is answered in full,
+    // up to 26.5.
+    let metadata = match served {
+        Served::ById => true,
+        Served::Listing => full && release.lists_profile_metadata(),
+        Served::RoleMembers | Served::GroupMembers => false,
+    };
+    if metadata {
         m.insert("userProfileMetadata".into(), user_profile_metadata());
     }
     if let Some(c) = &u.service_account_client {
@@ -1155,7 +1226,7 @@ fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Rele
     }
     let access = match served {
         Served::Listing | Served::ById => true,
-        Served::RoleMembers => !v26_4,
+        Served::RoleMembers => release.role_members_carry_access(),
         Served::GroupMembers => false,
     };
     if access {
@@ -1211,6 +1282,44 @@ fn listed_group_json(g: &Group) -> Value {
     v["subGroupCount"] = json!(g.children.len());
     v["access"] = json!({"view": true, "viewMembers": true, "manageMembers": false, "manage": false, "manageMembership": false});
     v
+}
+
+/// `GET /admin/serverinfo` as Keycloak 26.4 to 26.7 answer a realm's service account: 401
+/// without a valid token, 403 without any realm-management role, else 200. From 26.5 the
+/// server's version (`systemInfo`, nothing else of it) is in it with `manage-realm` (or
+/// `realm-admin`); never for the view and query roles seedkeeper holds, and never on 26.4, not
+/// even for `realm-admin` (checked on 26.4.7, 26.5.6 and 26.7.3).
+fn serverinfo(sh: &Shared, headers: &HeaderMap) -> Response {
+    let management = {
+        let token = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let tokens = sh.tokens.lock().unwrap();
+        match token.and_then(|t| tokens.get(t)) {
+            Some(t)
+                if t.expires > Instant::now()
+                    && t.generation == sh.generation.load(Ordering::SeqCst) =>
+            {
+                t.management.clone()
+            }
+            _ => return error(401, "HTTP 401 Unauthorized"),
+        }
+    };
+    if management.is_empty() {
+        return error(403, FORBIDDEN);
+    }
+    let (version, status) = sh.serverinfo.lock().unwrap().clone();
+    if let Some(status) = status {
+        return error(status, &format!("HTTP {status}"));
+    }
+    let release = *sh.release.lock().unwrap();
+    let mut v = json!({"profileInfo": {"name": "default", "disabledFeatures": [], "previewFeatures": [], "experimentalFeatures": []}});
+    if release.shows_version_to_manage_realm() && management.contains("manage-realm") {
+        let version = version.unwrap_or_else(|| release.version().to_string());
+        v["systemInfo"] = json!({ "version": version });
+    }
+    json_response(200, v)
 }
 
 fn admin(
