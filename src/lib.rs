@@ -18,6 +18,7 @@
 //! - [`reconcile`]: units (schema, reference_seed, identities, role_bindings, tenants), plan/apply.
 //! - [`store`]: connections, migrations, the advisory lock, the evidence table.
 //! - [`retry`]: the one retry policy (backoff, limits, cancellable waits) of every dependency wait.
+//! - [`progress`]: how far a run has got (bars on a terminal, `seeding_progress` log lines).
 //! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
 
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 mod names;
+pub mod progress;
 pub mod reconcile;
 pub mod retry;
 pub mod schedule;

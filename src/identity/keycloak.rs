@@ -58,6 +58,7 @@ use crate::identity::{
     granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
 };
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
+use crate::progress::Progress;
 use crate::retry::{self, Limit, Policy, Retry};
 
 /// Renew this long before the token's `expires_in` runs out.
@@ -829,6 +830,7 @@ impl KeycloakSource {
         &self,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: &CancellationToken,
+        progress: &Progress,
     ) -> Result<SourceStats> {
         // The count is taken as the listing starts, beside the role resolution: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
@@ -838,6 +840,8 @@ impl KeycloakSource {
             self.get::<u64>("users/count", &[], cancel),
         )
         .await?;
+        // The count includes service accounts, as `distinct` below does.
+        progress.listing_started(Some(expected));
         let page = u64::from(self.settings.page_size);
         let brief = [("briefRepresentation", "true".to_string())];
         // The listing is cut into windows of `page_size`, fetched `concurrency` at a time and
@@ -866,6 +870,7 @@ impl KeycloakSource {
             if !w.items.is_empty() {
                 filled += 1;
             }
+            let distinct_before = distinct;
             for u in w.items {
                 if !seen.insert(&u.id) {
                     continue;
@@ -895,6 +900,8 @@ impl KeycloakSource {
                     out.send(full).await.map_err(|_| Error::Cancelled)?;
                 }
             }
+            // Once per page: the whole cost of progress reporting to the listing.
+            progress.listed(distinct - distinct_before);
             // Each window holds at least one user at a position of its own, so an honest server
             // never fills many more windows than there are distinct users. Past that it ignores
             // `first`, and the listing would never reach an empty window.
@@ -916,6 +923,7 @@ impl KeycloakSource {
         if !batch.is_empty() {
             out.send(batch).await.map_err(|_| Error::Cancelled)?;
         }
+        progress.listing_done();
         stats.requests = self.requests.load(Ordering::Relaxed);
         tracing::debug!(
             users.distinct = distinct,
@@ -964,8 +972,9 @@ impl IdentityProvider for KeycloakSource {
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        Box::pin(async move { self.stream_users(out, &cancel).await })
+        Box::pin(async move { self.stream_users(out, &cancel, &progress).await })
     }
 }
 
