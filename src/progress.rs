@@ -316,6 +316,34 @@ impl Write for LogWriter {
     }
 }
 
+/// `12s`, `3m05s`.
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else {
+        format!("{}m{:02}s", s / 60, s % 60)
+    }
+}
+
+/// The listing's rate so far and, with a total, the time left at that rate.
+fn pace(l: &Listing) -> String {
+    let secs = l.going_for.as_secs_f64().max(0.001);
+    let rate = l.listed as f64 / secs;
+    let per_sec = format!("{rate:.0}/s");
+    match l.total {
+        Some(total) if rate > 0.0 => {
+            let left = total.saturating_sub(l.listed) as f64 / rate;
+            format!(
+                "{per_sec}, {} left",
+                seconds(Duration::from_secs_f64(left.ceil()))
+            )
+        }
+        Some(_) => format!("{per_sec}, time left unknown"),
+        None => per_sec,
+    }
+}
+
 fn style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }
@@ -351,12 +379,14 @@ impl Board {
             }
         }
         if self.stage.is_none() && s.in_stage >= DRAW_AFTER {
-            let bar = self.add(bars, ProgressBar::new_spinner());
-            bar.set_style(style("{spinner} {prefix}: running for {elapsed}"));
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(style("{spinner} {prefix}: running for {msg}"));
             bar.set_prefix(s.stage_name());
-            self.stage = Some((s.unit, bar));
+            self.stage = Some((s.unit, self.add(bars, bar)));
         }
         if let Some((_, bar)) = &self.stage {
+            // The stage's own clock: the spinner appears a second into it.
+            bar.set_message(seconds(s.in_stage));
             bar.tick();
         }
         let Some(l) = s.listing else { return };
@@ -370,21 +400,25 @@ impl Board {
             let bar = match l.total {
                 Some(total) => {
                     let bar = ProgressBar::new(total);
-                    bar.set_style(style(
-                        "{prefix} [{bar:30}] {pos}/{len} users listed, {per_sec}, {eta} left",
-                    ));
+                    bar.set_style(style("{prefix} [{bar:30}] {pos}/{len} users listed, {msg}"));
                     bar
                 }
                 None => {
                     let bar = ProgressBar::new_spinner();
-                    bar.set_style(style("{spinner} {prefix}: {pos} users listed, {per_sec}"));
+                    bar.set_style(style("{spinner} {prefix}: {pos} users listed, {msg}"));
                     bar
                 }
             };
             bar.set_prefix("identities");
+            bar.set_position(l.listed);
+            bar.set_message(pace(&l));
             self.listing = Some(self.add(bars, bar));
         }
         if let Some(bar) = &self.listing {
+            // Rate and time left over the whole listing so far, not indicatif's estimate: the
+            // bar appears a second in, with users already listed, which its estimator would
+            // take for a burst.
+            bar.set_message(pace(&l));
             bar.set_position(l.listed);
             if l.total.is_none() {
                 bar.tick();
@@ -430,5 +464,29 @@ mod tests {
         assert!(p.snapshot().listing.is_some_and(|l| l.done));
         p.listing_started(None);
         assert_eq!(p.snapshot().listing.and_then(|l| l.total), None);
+    }
+
+    #[test]
+    fn the_pace_is_the_average_rate_and_the_time_left_at_it() {
+        let l = Listing {
+            listed: 250,
+            total: Some(1000),
+            done: false,
+            going_for: Duration::from_secs(5),
+        };
+        assert_eq!(pace(&l), "50/s, 15s left");
+        let l = Listing {
+            total: Some(50_000),
+            ..l
+        };
+        assert_eq!(pace(&l), "50/s, 16m35s left");
+        let l = Listing { total: None, ..l };
+        assert_eq!(pace(&l), "50/s");
+        let l = Listing {
+            listed: 0,
+            total: Some(10),
+            ..l
+        };
+        assert_eq!(pace(&l), "0/s, time left unknown");
     }
 }
