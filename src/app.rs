@@ -83,6 +83,7 @@ pub fn build_engine(settings: Settings) -> Result<Engine> {
         settings,
         seed,
         identities,
+        progress: crate::progress::Display::Log,
     })
 }
 

@@ -10,7 +10,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, LogFormat, Settings, Sources};
 use crate::error::{exit, Error};
-use crate::reconcile::{Count, Mode, Outcome, RunReport, Trigger};
+use crate::progress::{self, Progress, Reporter};
+use crate::reconcile::{Count, Mode, Outcome, RunReport, Trigger, Unit};
 use crate::retry::{Limit, Policy, Retry};
 use crate::store;
 
@@ -179,10 +180,11 @@ pub async fn execute(
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
         Some(Command::Plan { format }) => {
-            let engine = match crate::app::build_engine(settings) {
+            let mut engine = match crate::app::build_engine(settings) {
                 Ok(e) => e,
                 Err(e) => return fail(&e),
             };
+            engine.progress = progress::Display::interactive();
             let wait = engine.settings.startup.wait_timeout;
             let report = engine.run(Mode::Plan, Trigger::Plan, wait, &cancel).await;
             match format {
@@ -210,10 +212,11 @@ pub async fn execute(
             }
         }
         Some(Command::Run { .. }) | None => {
-            let engine = match crate::app::build_engine(settings) {
+            let mut engine = match crate::app::build_engine(settings) {
                 Ok(e) => e,
                 Err(e) => return fail(&e),
             };
+            engine.progress = progress::Display::interactive();
             let app = crate::app::App::new(engine);
             let wait = app.settings().startup.wait_timeout;
             let report = app.run_once(Trigger::Once, wait, &cancel).await;
@@ -347,48 +350,13 @@ pub fn render_plan(r: &RunReport) -> String {
     s
 }
 
+/// `migrate`, with its progress shown as the `schema` unit's (waiting for the lock included).
 async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
-    let mut db =
-        match store::connect_with_wait(&settings.database, settings.startup.wait_timeout, cancel)
-            .await
-        {
-            Ok(db) => db,
-            Err(e) => return fail(&e),
-        };
-    // Wait for a run in flight rather than migrate under it.
-    let half_second = Duration::from_millis(500);
-    let waiting = Policy::new(
-        half_second,
-        half_second,
-        Limit::Deadline(settings.startup.wait_timeout),
-    );
-    let locked = waiting
-        .run(
-            cancel,
-            |_| async {
-                match store::lock::try_acquire(&db.client).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(Retry::Backoff(())),
-                    Err(e) => Err(Retry::Fail(e)),
-                }
-            },
-            |_, _, _| {},
-        )
-        .await;
-    if let Err(stop) = locked {
-        return fail(&stop.into_error(|(), _| {
-            Error::Schema(
-                "another seedkeeper run holds the run lock; migrate again when it is done".into(),
-            )
-        }));
-    }
-    let r = store::migrate::run(
-        &mut db.client,
-        config::SchemaMode::Apply,
-        store::migrate::MIGRATIONS,
-    )
-    .await;
-    let _ = store::lock::release(&db.client).await;
+    let progress = Progress::new();
+    progress.enter(Unit::Schema);
+    let reporter = Reporter::start(progress::Display::interactive(), progress, None);
+    let r = migrate_schema(settings, cancel).await;
+    reporter.finish().await;
     match r {
         Ok(rep) if rep.applied.is_empty() => {
             println!(
@@ -403,6 +371,45 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
         }
         Err(e) => fail(&e),
     }
+}
+
+async fn migrate_schema(
+    settings: &Settings,
+    cancel: &CancellationToken,
+) -> Result<store::migrate::SchemaReport, Error> {
+    let wait = settings.startup.wait_timeout;
+    let mut db = store::connect_with_wait(&settings.database, wait, cancel).await?;
+    // Wait for a run in flight rather than migrate under it.
+    let half_second = Duration::from_millis(500);
+    let waiting = Policy::new(half_second, half_second, Limit::Deadline(wait));
+    let locked = waiting
+        .run(
+            cancel,
+            |_| async {
+                match store::lock::try_acquire(&db.client).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(Retry::Backoff(())),
+                    Err(e) => Err(Retry::Fail(e)),
+                }
+            },
+            |_, _, _| {},
+        )
+        .await;
+    if let Err(stop) = locked {
+        return Err(stop.into_error(|(), _| {
+            Error::Schema(
+                "another seedkeeper run holds the run lock; migrate again when it is done".into(),
+            )
+        }));
+    }
+    let r = store::migrate::run(
+        &mut db.client,
+        config::SchemaMode::Apply,
+        store::migrate::MIGRATIONS,
+    )
+    .await;
+    let _ = store::lock::release(&db.client).await;
+    r
 }
 
 async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut dyn Write) -> u8 {

@@ -36,6 +36,8 @@ const NON_KEY_ENV: &[&str] = &[
     "test_database_url",
     "test_keycloak_url",
     "test_keycloak_admin",
+    // Tests only: shortens the progress log interval (crate::progress).
+    "progress_interval",
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,7 @@
 //! - [`store`]: connections, migrations, the advisory lock, the evidence table.
 //! - [`trust`]: which CAs TLS trusts (the OS trust store, else the built-in Mozilla set).
 //! - [`retry`]: the one retry policy (backoff, limits, cancellable waits) of every dependency wait.
+//! - [`progress`]: how far a run has got (bars on a terminal, `seeding_progress` log lines).
 //! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
 
 #![forbid(unsafe_code)]
@@ -32,6 +33,7 @@ pub mod http;
 pub mod identity;
 pub mod metrics;
 mod names;
+pub mod progress;
 pub mod reconcile;
 pub mod retry;
 pub mod schedule;

@@ -48,7 +48,8 @@ pub fn init(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        // Stderr, with progress bars (if any are drawn) lifted while a line is written.
+        .with_writer(crate::progress::LogWriter);
     let _ = match format {
         LogFormat::Json => builder
             .fmt_fields(SpanFields)

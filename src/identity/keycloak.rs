@@ -59,6 +59,7 @@ use crate::identity::{
     granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
 };
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
+use crate::progress::Progress;
 use crate::retry::{self, Limit, Policy, Retry};
 use crate::trust;
 
@@ -871,6 +872,7 @@ impl KeycloakSource {
         &self,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: &CancellationToken,
+        progress: &Progress,
     ) -> Result<SourceStats> {
         // The count is taken as the listing starts, beside the role resolution: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
@@ -880,6 +882,8 @@ impl KeycloakSource {
             self.get::<u64>("users/count", &[], cancel),
         )
         .await?;
+        // The count includes service accounts, as `distinct` below does.
+        progress.listing_started(Some(expected));
         let page = u64::from(self.settings.page_size);
         let brief = [("briefRepresentation", "true".to_string())];
         // The listing is cut into windows of `page_size`, fetched `concurrency` at a time and
@@ -908,6 +912,7 @@ impl KeycloakSource {
             if !w.items.is_empty() {
                 filled += 1;
             }
+            let distinct_before = distinct;
             for u in w.items {
                 if !seen.insert(&u.id) {
                     continue;
@@ -937,6 +942,8 @@ impl KeycloakSource {
                     out.send(full).await.map_err(|_| Error::Cancelled)?;
                 }
             }
+            // Once per page: the whole cost of progress reporting to the listing.
+            progress.listed(distinct - distinct_before);
             // Each window holds at least one user at a position of its own, so an honest server
             // never fills many more windows than there are distinct users. Past that it ignores
             // `first`, and the listing would never reach an empty window.
@@ -958,6 +965,7 @@ impl KeycloakSource {
         if !batch.is_empty() {
             out.send(batch).await.map_err(|_| Error::Cancelled)?;
         }
+        progress.listing_done();
         stats.requests = self.requests.load(Ordering::Relaxed);
         tracing::debug!(
             users.distinct = distinct,
@@ -1009,8 +1017,9 @@ impl IdentityProvider for KeycloakSource {
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        Box::pin(async move { self.stream_users(out, &cancel).await })
+        Box::pin(async move { self.stream_users(out, &cancel, &progress).await })
     }
 }
 

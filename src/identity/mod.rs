@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::IdentitySettings;
 use crate::error::Result;
+use crate::progress::Progress;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -112,11 +113,14 @@ pub trait IdentityProvider: Send + Sync {
         None
     }
     /// Sends every identity, in batches, then returns. An error means the listing is incomplete.
-    /// `cancel` as for [`IdentityProvider::preflight`].
+    /// `cancel` as for [`IdentityProvider::preflight`]. `progress` is told when the listing
+    /// starts (with the source's count of users, when it has one), the users listed so far (once
+    /// per page or batch) and when it is complete.
     fn stream(
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>>;
 }
 
@@ -276,14 +280,18 @@ impl IdentityProvider for SomeUsers {
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
         _: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move {
             let listed = self.users.len() as u64;
+            progress.listing_started(Some(listed));
             if listed > 0 {
                 out.send(self.users.clone())
                     .await
                     .map_err(|_| crate::error::Error::Cancelled)?;
             }
+            progress.listed(listed);
+            progress.listing_done();
             Ok(SourceStats {
                 listed,
                 ..SourceStats::default()

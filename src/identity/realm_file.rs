@@ -39,6 +39,7 @@ use crate::identity::{
     check_identity, printable, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph,
     SourceStats,
 };
+use crate::progress::Progress;
 
 pub const EMBEDDED_REALM: &str = include_str!("../../realms/dev-realm.json");
 pub const EMBEDDED_NAME: &str = "embedded realms/dev-realm.json";
@@ -311,6 +312,8 @@ pub struct RealmIndex {
     group_roles: HashMap<String, Vec<String>>,
     /// In a file whose top level is an array of realms: the element read.
     element: Option<usize>,
+    /// The human users the check counted (the total of the listing's progress bar).
+    users: u64,
 }
 
 impl RealmIndex {
@@ -556,6 +559,8 @@ struct RealmCheck {
     names: HashMap<u128, (u32, u32)>,
     group_refs: HashMap<String, String>,
     problems: Listed,
+    /// Users seen (service accounts excepted), as the sync lists them.
+    users: u64,
 }
 
 impl RealmCheck {
@@ -568,6 +573,7 @@ impl RealmCheck {
         at: &dyn Fn() -> String,
         prev_at: &dyn Fn((u32, u32)) -> String,
     ) {
+        self.users += 1;
         if let Some(id) = &u.id {
             if let Some(prev) = self.ids.insert(fingerprint(id), here) {
                 let problem = format!("{}: duplicate id {id:?} (also {})", at(), prev_at(prev));
@@ -726,6 +732,7 @@ impl RealmFileSource {
             .unwrap_or_default();
         let mut index = index_from(tops);
         index.element = element;
+        index.users = check.users;
         check.into_result(&index, &self.input.describe())?;
         Ok(Arc::new(index))
     }
@@ -758,8 +765,12 @@ impl RealmFileSource {
         &self,
         index: Arc<RealmIndex>,
         out: mpsc::Sender<Vec<Identity>>,
+        progress: &Progress,
     ) -> Result<SourceStats> {
+        progress.listing_started(Some(index.users));
         let mut stats = SourceStats::default();
+        // Users listed since progress was last told (it is told once per batch).
+        let mut unreported = 0u64;
         let mut batch: Vec<Identity> = Vec::with_capacity(self.batch_size);
         let mut closed = false;
         for part in self.input.parts(&self.realm)? {
@@ -772,6 +783,7 @@ impl RealmFileSource {
                     return Err("a user lost its username since the preflight check (file changed during the run)".to_string());
                 };
                 stats.listed += 1;
+                unreported += 1;
                 let Some(id) = u.id.clone() else {
                     // Keycloak gives such a user a random id on import: no sub to key a row by.
                     stats.reject(
@@ -786,6 +798,7 @@ impl RealmFileSource {
                 batch.push(to_identity(&index, &self.filter, id, name, &u));
                 if batch.len() >= self.batch_size {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+                    progress.listed(std::mem::take(&mut unreported));
                     if out.blocking_send(full).is_err() {
                         closed = true;
                         return Err("the run stopped reading identities".to_string());
@@ -802,6 +815,8 @@ impl RealmFileSource {
         if !batch.is_empty() && out.blocking_send(batch).is_err() {
             return Err(Error::Cancelled);
         }
+        progress.listed(unreported);
+        progress.listing_done();
         Ok(stats)
     }
 }
@@ -874,6 +889,7 @@ impl IdentityProvider for RealmFileSource {
         self: Arc<Self>,
         out: mpsc::Sender<Vec<Identity>>,
         _: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -882,7 +898,7 @@ impl IdentityProvider for RealmFileSource {
                     Some(i) => i,
                     None => self.validate()?,
                 };
-                self.stream_blocking(index, out)
+                self.stream_blocking(index, out, &progress)
             })
             .await
             .map_err(|e| Error::Io(format!("realm file reader stopped: {e}")))?

@@ -30,6 +30,7 @@ use tracing::Instrument;
 use crate::config::Settings;
 use crate::error::{Error, Result};
 use crate::identity::{check_identity, printable, IdentityProvider, Shortfall};
+use crate::progress::Progress;
 use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
@@ -96,12 +97,19 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
 
 const SAMPLE: i64 = crate::reconcile::FINDINGS_PER_KIND as i64;
 
+/// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
+/// counts the users listed.
+#[derive(Clone, Copy)]
+pub struct Listing<'a> {
+    pub cancel: &'a CancellationToken,
+    pub progress: &'a Progress,
+}
+
 /// Plans or applies the identities of `source`, in one transaction of its own, phase by phase.
-/// `listing` ends the source's listing when the run is stopped.
 pub async fn reconcile(
     client: &mut Client,
     source: Arc<dyn IdentityProvider>,
-    listing: &CancellationToken,
+    listing: Listing<'_>,
     settings: &Settings,
     mode: Mode,
 ) -> Result<UnitReport> {
@@ -209,7 +217,7 @@ pub async fn reconcile(
 async fn stage(
     tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
-    listing: &CancellationToken,
+    listing: Listing<'_>,
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<Option<Shortfall>> {
@@ -218,7 +226,8 @@ async fn stage(
         .map_err(ctx("creating the identity stage"))?;
     let (sender, mut rx) = mpsc::channel(4);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
-    let producer = tokio::spawn(source.stream(sender, listing.clone()).in_current_span());
+    let stream = source.stream(sender, listing.cancel.clone(), listing.progress.clone());
+    let producer = tokio::spawn(stream.in_current_span());
     // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")

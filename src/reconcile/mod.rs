@@ -37,6 +37,7 @@ use uuid::Uuid;
 use crate::config::{duration_str, Settings};
 use crate::error::{Error, Result};
 use crate::identity::{BoxFuture, Identity, IdentityProvider, SourceStats};
+use crate::progress::{self, Progress, Reporter};
 use crate::seed::ReferenceSeed;
 use crate::store::{self, lock, migrate, runs, Db};
 
@@ -45,6 +46,8 @@ pub struct Engine {
     pub settings: Settings,
     pub seed: ReferenceSeed,
     pub identities: std::sync::Arc<dyn IdentityProvider>,
+    /// How a run shows its progress: log lines unless a command on a terminal asks for bars.
+    pub progress: progress::Display,
 }
 
 impl Engine {
@@ -86,13 +89,17 @@ impl Engine {
         let trigger = trigger.as_str();
         let span =
             tracing::info_span!("run", run.id = %report.id, trigger, mode = report.mode.as_str());
-        span.in_scope(
-            || tracing::info!(run.id = %report.id, trigger, mode = report.mode.as_str(), "seeding_started"),
-        );
+        let progress = Progress::new();
+        let reporter = span.in_scope(|| {
+            tracing::info!(run.id = %report.id, trigger, mode = report.mode.as_str(), "seeding_started");
+            Reporter::start(self.progress, progress.clone(), Some(report.id))
+        });
         let result = self
-            .run_inner(mode, &mut report, wait, cancel, identities)
+            .run_inner(mode, &mut report, wait, cancel, identities, &progress)
             .instrument(span.clone())
             .await;
+        // The bars are cleared before the run's last line and what the command prints next.
+        reporter.finish().await;
         if let Err(e) = result {
             let e = self.explain(e);
             report.outcome = Outcome::Failed;
@@ -125,6 +132,7 @@ impl Engine {
         wait: Duration,
         cancel: &CancellationToken,
         identities: Arc<dyn IdentityProvider>,
+        progress: &Progress,
     ) -> Result<()> {
         let grace = self.settings.shutdown.grace;
         let stopped = async {
@@ -150,6 +158,7 @@ impl Engine {
             Source {
                 provider: source,
                 listing: &listing,
+                progress,
             },
             &mut session,
         );
@@ -299,6 +308,7 @@ impl Engine {
     ) -> Result<()> {
         let mut first_error: Option<Error> = None;
         for &unit in Unit::ALL {
+            source.progress.enter(unit);
             let span = tracing::info_span!("unit", unit = unit.as_str());
             let result = self.unit(unit, mode, db, &source).instrument(span).await;
             match result {
@@ -355,8 +365,12 @@ impl Engine {
             }
             // Its own transaction: it stages the source in a temporary table, even in a plan.
             Unit::Identities => {
-                let (source, listing) = (source.provider.clone(), source.listing);
-                identities::reconcile(&mut db.client, source, listing, &self.settings, mode).await
+                let (provider, listing) = (source.provider.clone(), source.listing);
+                let listing = identities::Listing {
+                    cancel: listing,
+                    progress: source.progress,
+                };
+                identities::reconcile(&mut db.client, provider, listing, &self.settings, mode).await
             }
             Unit::RoleBindings => in_transaction!(|tx| async {
                 let scope = Scope::of(&tx, source.provider.batch()).await?;
@@ -582,10 +596,12 @@ struct Session {
     pid: i32,
 }
 
-/// The identity source of a run, and the token that ends its calls when the run ends.
+/// The identity source of a run, the token that ends its calls when the run ends, and the
+/// run's progress counters.
 struct Source<'a> {
     provider: Arc<dyn IdentityProvider>,
     listing: &'a CancellationToken,
+    progress: &'a Progress,
 }
 
 /// A source whose calls end as soon as their token fires, even when the listing runs on a task
@@ -620,8 +636,9 @@ impl IdentityProvider for Cancellable {
         self: Arc<Self>,
         out: tokio::sync::mpsc::Sender<Vec<Identity>>,
         cancel: CancellationToken,
+        progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
-        let work = self.0.clone().stream(out, cancel.clone());
+        let work = self.0.clone().stream(out, cancel.clone(), progress);
         Box::pin(async move {
             tokio::select! {
                 r = work => r,

@@ -81,7 +81,7 @@ fn stream_all(src: Arc<RealmFileSource>) -> Result<Vec<Identity>, Error> {
     rt.block_on(async move {
         src.clone().preflight(Default::default()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let producer = tokio::spawn(src.stream(tx, Default::default()));
+        let producer = tokio::spawn(src.stream(tx, Default::default(), Default::default()));
         let mut out = Vec::new();
         while let Some(batch) = rx.recv().await {
             out.extend(batch);

@@ -41,3 +41,45 @@ pub fn free_port() -> u16 {
         .expect("the bound address")
         .port()
 }
+
+/// Runs the binary as `run_bin` does, but on a pseudo-terminal (stdin, stdout and stderr all on
+/// it, 24x120, `TERM=xterm`), as a person at a terminal would: what it drew, stdout and stderr
+/// mixed as the terminal showed them, comes back as stdout. Python's `pty` module makes the
+/// terminal: it is on every CI machine, unlike a pty crate, and behaves the same everywhere,
+/// unlike the options of `script`.
+pub fn run_bin_in_terminal(args: &[&str], env: &[(String, String)]) -> Output {
+    const RELAY: &str = r#"
+import fcntl, os, pty, struct, subprocess, sys, termios
+master, slave = pty.openpty()
+fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+child = subprocess.Popen(sys.argv[1:], stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+os.close(slave)
+out = bytearray()
+while True:
+    try:
+        chunk = os.read(master, 65536)
+    except OSError:  # EIO: the terminal's other side is closed, the child is done
+        break
+    if not chunk:
+        break
+    out += chunk
+code = child.wait()
+sys.stdout.buffer.write(bytes(out))
+sys.exit(code if code >= 0 else 128 - code)
+"#;
+    let plain = command(args, env);
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(RELAY)
+        .arg(plain.get_program())
+        .args(plain.get_args())
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("TERM", "xterm")
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output()
+        .expect("python3 (with its pty module) runs the binary on a pseudo-terminal")
+}
