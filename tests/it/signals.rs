@@ -704,7 +704,11 @@ async fn the_keycloak_version_is_read_once_and_exported() {
         assert_eq!(get(&s, &series), 1.0);
         let r = d
             .app
-            .run_once(Trigger::Once, Duration::from_secs(10), &CancellationToken::new())
+            .run_once(
+                Trigger::Once,
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
             .await;
         assert_ok(&r);
         assert_eq!(serverinfo_requests(&kc), 1, "asked once, not per run");
@@ -759,7 +763,11 @@ async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
         // A 5xx is no answer: asked again at the next run; a refusal or a 200 is final.
         let r = d
             .app
-            .run_once(Trigger::Once, Duration::from_secs(10), &CancellationToken::new())
+            .run_once(
+                Trigger::Once,
+                Duration::from_secs(10),
+                &CancellationToken::new(),
+            )
             .await;
         assert_ok(&r);
         let again = if status == Some(500) { 2 } else { 1 };
