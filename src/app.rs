@@ -267,7 +267,7 @@ impl App {
                     _ => {
                         let db = crate::store::connect(&self.settings().database)
                             .await
-                            .map_err(|e| format!("database unreachable: {}", e.metric_label()))?;
+                            .map_err(|e| format!("database unreachable: {}", e.kind()))?;
                         // Told apart from the runs' sessions in pg_stat_activity.
                         let _ = db
                             .client
@@ -437,10 +437,10 @@ impl BuildError {
     }
 
     /// The error's kind, as log lines and metrics name it.
-    pub fn metric_label(&self) -> &'static str {
+    pub fn kind(&self) -> crate::error::ErrorKind {
         match self {
-            BuildError::Invalid(e) => e.metric_label(),
-            BuildError::Listen { .. } => "config",
+            BuildError::Invalid(e) => e.kind(),
+            BuildError::Listen { .. } => crate::error::ErrorKind::Config,
         }
     }
 }

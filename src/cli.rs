@@ -116,7 +116,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
 /// Reports an error (text, or one JSON line with `log.format = json`) and gives its exit code.
 pub fn fail(e: &Error) -> u8 {
     let code = e.exit_code();
-    crate::telemetry::print_error(&e.to_string(), e.metric_label(), code);
+    crate::telemetry::print_error(&e.to_string(), e.kind().as_str(), code);
     code
 }
 

@@ -3,9 +3,16 @@
 //! Every variant names the input that failed and how to fix it, and never carries a secret:
 //! connection errors are rendered from the host and port only, HTTP errors from the URL path.
 //! `exit_code()` gives the sysexits-style code documented in the README and `--help`;
-//! `metric_label()` gives a bounded label for `/metrics`.
+//! `kind()` gives the bounded label for `/metrics` and the logs.
+//!
+//! Errors are typed where a caller decides by them: a database error carries its SQLSTATE, a
+//! Keycloak error its path and HTTP status. Nothing in the crate decides by an error's text.
 
 use std::fmt;
+
+use tokio_postgres::error::SqlState;
+
+use crate::names::named;
 
 /// Exit codes (sysexits where one fits) relied on by operators and systemd's
 /// `RestartPreventExitStatus=78`.
@@ -69,17 +76,31 @@ pub enum Error {
     #[error("Keycloak refused seedkeeper: {0}")]
     KeycloakAuth(Refusal),
 
-    #[error("Keycloak API error: {0}")]
-    Keycloak(String),
+    #[error("Keycloak API error: {message}")]
+    Keycloak {
+        /// The admin API path asked (`users/{id}`), without the query.
+        path: String,
+        /// The HTTP status Keycloak answered, when the failure was an answer.
+        status: Option<u16>,
+        message: String,
+    },
 
     #[error("schema: {0}")]
     Schema(String),
 
-    #[error("database error in {context}: {message}")]
-    Database { context: String, message: String },
+    #[error("database error in {0}")]
+    Database(DbFailure),
 
-    #[error("unit {unit} failed: {message}")]
-    Unit { unit: &'static str, message: String },
+    /// A unit's database error, named by its unit.
+    #[error("unit {unit} failed: {failure}")]
+    Unit {
+        unit: &'static str,
+        failure: DbFailure,
+    },
+
+    /// A run that ended without an error but failed: its blocking findings (username clashes).
+    #[error("{0}")]
+    Findings(String),
 
     #[error("{0}")]
     Io(String),
@@ -105,23 +126,52 @@ impl Error {
         }
     }
 
-    /// A bounded label for metrics: one per variant, never data.
-    pub fn metric_label(&self) -> &'static str {
+    /// The bounded label of `/metrics` (`seedkeeper_run_errors_total{kind}`) and of the
+    /// logs' `kind`: one per variant, never data.
+    pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Config(_) => "config",
-            Error::Seed { .. } => "seed",
-            Error::RealmFile { .. } => "realm_file",
-            Error::DatabaseUnavailable { .. } => "database_unavailable",
-            Error::KeycloakUnavailable { .. } => "keycloak_unavailable",
-            Error::RunLockHeld { .. } => "run_lock_held",
-            Error::KeycloakAuth(_) => "keycloak_auth",
-            Error::Keycloak(_) => "keycloak",
-            Error::Schema(_) => "schema",
-            Error::Database { .. } => "database",
-            Error::Unit { .. } => "unit",
-            Error::Io(_) => "io",
-            Error::Cancelled => "cancelled",
-            Error::Timeout(_) => "timeout",
+            Error::Config(_) => ErrorKind::Config,
+            Error::Seed { .. } => ErrorKind::Seed,
+            Error::RealmFile { .. } => ErrorKind::RealmFile,
+            Error::DatabaseUnavailable { .. } => ErrorKind::DatabaseUnavailable,
+            Error::KeycloakUnavailable { .. } => ErrorKind::KeycloakUnavailable,
+            Error::RunLockHeld { .. } => ErrorKind::RunLockHeld,
+            Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
+            Error::Keycloak { .. } => ErrorKind::Keycloak,
+            Error::Schema(_) => ErrorKind::Schema,
+            Error::Database(_) => ErrorKind::Database,
+            Error::Unit { .. } => ErrorKind::Unit,
+            Error::Findings(_) => ErrorKind::IdentityClash,
+            Error::Io(_) => ErrorKind::Io,
+            Error::Cancelled => ErrorKind::Cancelled,
+            Error::Timeout(_) => ErrorKind::Timeout,
+        }
+    }
+
+    /// The HTTP status of a Keycloak API error that was an answer.
+    pub fn keycloak_status(&self) -> Option<u16> {
+        match self {
+            Error::Keycloak { status, .. } => *status,
+            Error::KeycloakAuth(r) => r.status,
+            _ => None,
+        }
+    }
+
+    /// The SQLSTATE of a database error, when the server sent one.
+    pub fn sql_state(&self) -> Option<&SqlState> {
+        match self {
+            Error::Database(f) | Error::Unit { failure: f, .. } => f.code.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// A Keycloak API error that is not an answer to act on (a malformed document, a paging
+    /// server that ignores `first`).
+    pub fn keycloak(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Keycloak {
+            path: path.into(),
+            status: None,
+            message: message.into(),
         }
     }
 
@@ -132,11 +182,69 @@ impl Error {
     /// Wraps a tokio-postgres error. Its Display never contains the connection string, but the
     /// server's message can quote data, so only the SQLSTATE message and detail are kept.
     pub fn db(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
-        Error::Database {
+        Error::Database(DbFailure {
             context: context.into(),
+            code: e.code().cloned(),
             message: describe_pg(&e),
-        }
+            hint: None,
+        })
     }
+}
+
+named!(
+    /// Why a run failed (`seedkeeper_run_errors_total`): one per [`Error`] variant, given by
+    /// [`Error::kind`]; `identity_clash` is a run that finished but failed because of username
+    /// clashes ([`Error::Findings`]).
+    pub enum ErrorKind {
+        Config => "config",
+        Seed => "seed",
+        RealmFile => "realm_file",
+        DatabaseUnavailable => "database_unavailable",
+        KeycloakUnavailable => "keycloak_unavailable",
+        RunLockHeld => "run_lock_held",
+        KeycloakAuth => "keycloak_auth",
+        Keycloak => "keycloak",
+        Schema => "schema",
+        Database => "database",
+        Unit => "unit",
+        Io => "io",
+        Cancelled => "cancelled",
+        Timeout => "timeout",
+        IdentityClash => "identity_clash",
+    }
+);
+
+/// A statement that failed: what was being done, the server's SQLSTATE, its message, and the
+/// key behind it when a configured timeout ran out.
+#[derive(Debug, Clone)]
+pub struct DbFailure {
+    pub context: String,
+    pub code: Option<SqlState>,
+    pub message: String,
+    /// Which setting to look at, added once by the engine (see `reconcile::Engine::explain`).
+    pub hint: Option<String>,
+}
+
+impl fmt::Display for DbFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.context, self.message)?;
+        if let Some(h) = &self.hint {
+            write!(f, " [{h}]")?;
+        }
+        Ok(())
+    }
+}
+
+/// An error and its sources, `: `-joined: what each layer said, innermost last.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
 }
 
 /// A one-line description of a PostgreSQL error without secrets.
@@ -153,14 +261,7 @@ pub fn describe_pg(e: &tokio_postgres::Error) -> String {
     } else {
         // tokio-postgres' own messages ("error connecting to server: ...", "timeout ...") hold no
         // credentials: the config is never formatted into them.
-        let mut s = e.to_string();
-        let mut src = std::error::Error::source(e);
-        while let Some(inner) = src {
-            s.push_str(": ");
-            s.push_str(&inner.to_string());
-            src = inner.source();
-        }
-        s
+        chain(e)
     }
 }
 

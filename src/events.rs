@@ -603,16 +603,17 @@ impl Follower {
         if poll.users == 0 {
             return Ok(true);
         }
-        let Some(report) = (self.apply)(batch, cancel.clone()).await else {
+        let Some(mut report) = (self.apply)(batch, cancel.clone()).await else {
             return Ok(false);
         };
         match report.outcome {
             Outcome::Skipped => return Ok(false),
+            // The batch's own error, whatever failed (its run is counted by its cause already).
             Outcome::Failed => {
-                let e = report.error.clone().unwrap_or_default();
-                return Err(Error::Keycloak(format!(
-                    "applying an event batch failed: {e}"
-                )));
+                return Err(report
+                    .error_value
+                    .take()
+                    .unwrap_or_else(|| Error::Findings(report.error.clone().unwrap_or_default())));
             }
             Outcome::Succeeded => {}
         }

@@ -50,7 +50,7 @@ async fn run_daemon(settings: seedkeeper::config::Settings, cancel: Cancellation
         Ok(a) => a,
         Err(e) => {
             let code = e.exit_code();
-            seedkeeper::telemetry::print_error(&e.to_string(), e.metric_label(), code);
+            seedkeeper::telemetry::print_error(&e.to_string(), e.kind().as_str(), code);
             return code;
         }
     };

@@ -34,7 +34,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
 
-use crate::error::Error;
+pub use crate::error::ErrorKind;
 use crate::names::named;
 use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Trigger, Unit};
 
@@ -58,52 +58,6 @@ const BATCH_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0
 const KEYCLOAK_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
-
-named!(
-    /// Why a run failed (`seedkeeper_run_errors_total`): one per [`Error`] variant (the same
-    /// text as [`Error::metric_label`]), plus `identity_clash` for a run that finished but failed
-    /// because of username clashes.
-    pub enum ErrorKind {
-        Config => "config",
-        Seed => "seed",
-        RealmFile => "realm_file",
-        DatabaseUnavailable => "database_unavailable",
-        KeycloakUnavailable => "keycloak_unavailable",
-        RunLockHeld => "run_lock_held",
-        KeycloakAuth => "keycloak_auth",
-        Keycloak => "keycloak",
-        Schema => "schema",
-        Database => "database",
-        Unit => "unit",
-        Io => "io",
-        Cancelled => "cancelled",
-        Timeout => "timeout",
-        IdentityClash => "identity_clash",
-    }
-);
-
-impl ErrorKind {
-    /// The kind of an error. Exhaustive on purpose: a new error variant does not compile until
-    /// it has a kind here, so its series is registered at 0 like the others.
-    pub fn of(e: &Error) -> Self {
-        match e {
-            Error::Config(_) => ErrorKind::Config,
-            Error::Seed { .. } => ErrorKind::Seed,
-            Error::RealmFile { .. } => ErrorKind::RealmFile,
-            Error::DatabaseUnavailable { .. } => ErrorKind::DatabaseUnavailable,
-            Error::KeycloakUnavailable { .. } => ErrorKind::KeycloakUnavailable,
-            Error::RunLockHeld { .. } => ErrorKind::RunLockHeld,
-            Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
-            Error::Keycloak(_) => ErrorKind::Keycloak,
-            Error::Schema(_) => ErrorKind::Schema,
-            Error::Database { .. } => ErrorKind::Database,
-            Error::Unit { .. } => ErrorKind::Unit,
-            Error::Io(_) => ErrorKind::Io,
-            Error::Cancelled => ErrorKind::Cancelled,
-            Error::Timeout(_) => ErrorKind::Timeout,
-        }
-    }
-}
 
 named!(
     /// The identity source (`seedkeeper_identities_seen`).
@@ -616,7 +570,7 @@ impl Metrics {
             .get_or_create(&RunLabels { outcome, trigger })
             .inc();
         let kind = match (&report.error_value, report.outcome) {
-            (Some(e), _) => Some(ErrorKind::of(e)),
+            (Some(e), _) => Some(e.kind()),
             // A run that finished without an error but failed: its blocking findings, which are
             // username clashes.
             (None, Outcome::Failed) => Some(ErrorKind::IdentityClash),
@@ -702,7 +656,14 @@ mod tests {
     }
 
     #[test]
-    fn error_kinds_match_the_error_labels() {
+    fn every_error_kind_is_some_error_s_and_no_two_variants_share_one() {
+        use crate::error::{DbFailure, Error};
+        let failure = DbFailure {
+            context: "c".into(),
+            code: None,
+            message: "m".into(),
+            hint: None,
+        };
         let errors = [
             Error::config("x"),
             Error::Seed {
@@ -728,25 +689,21 @@ mod tests {
                 waited_secs: 1,
             },
             Error::KeycloakAuth("x".into()),
-            Error::Keycloak("x".into()),
+            Error::keycloak("users", "x"),
             Error::Schema("x".into()),
-            Error::Database {
-                context: "c".into(),
-                message: "m".into(),
-            },
+            Error::Database(failure.clone()),
             Error::Unit {
                 unit: "tenants",
-                message: "m".into(),
+                failure,
             },
+            Error::Findings("x".into()),
             Error::Io("x".into()),
             Error::Cancelled,
             Error::Timeout("x".into()),
         ];
-        for e in &errors {
-            assert_eq!(ErrorKind::of(e).as_str(), e.metric_label(), "{e:?}");
-        }
-        // Every kind but the clash, which is not an error, comes from some error.
-        assert_eq!(errors.len() + 1, ErrorKind::ALL.len());
+        let kinds: std::collections::BTreeSet<ErrorKind> = errors.iter().map(Error::kind).collect();
+        assert_eq!(kinds.len(), errors.len(), "two variants share a kind");
+        assert_eq!(kinds.into_iter().collect::<Vec<_>>(), ErrorKind::ALL);
     }
 
     #[test]
@@ -959,7 +916,7 @@ mod tests {
         let mut failed = run(Trigger::Schedule, Outcome::Failed, 0, 0);
         failed.units = vec![crate::reconcile::UnitReport::failed(
             Unit::Identities,
-            &Error::Keycloak("x".into()),
+            &crate::error::Error::keycloak("users", "x"),
         )];
         m.record_run(&failed, "keycloak");
         assert_eq!(

@@ -307,10 +307,10 @@ mod tests {
         let (r, calls, waits) = drive(
             fast,
             &cancel,
-            vec![|| Err(Retry::Fail(Error::Keycloak("403".into())))],
+            vec![|| Err(Retry::Fail(Error::keycloak("users", "403")))],
         )
         .await;
-        assert!(matches!(r, Err(Stop::Failed(Error::Keycloak(_)))));
+        assert!(matches!(r, Err(Stop::Failed(Error::Keycloak { .. }))));
         assert_eq!((calls, waits.len()), (1, 0));
     }
 

@@ -421,15 +421,19 @@ impl KeycloakSource {
         let pinned = self.settings.issuer.as_deref();
         accept_issuer(&doc.issuer, self.realm(), pinned, doc_url)?;
         let issuer = IssuerUrl::new(doc.issuer.clone()).map_err(|e| {
-            Error::Keycloak(format!(
-                "{doc_url} announces issuer {:?}, which is not a URL: {e}",
-                doc.issuer
-            ))
+            Error::keycloak(
+                doc_url,
+                format!(
+                    "{doc_url} announces issuer {:?}, which is not a URL: {e}",
+                    doc.issuer
+                ),
+            )
         })?;
         let announced = doc.token_endpoint.ok_or_else(|| {
-            Error::Keycloak(format!(
-                "the discovery document {doc_url} has no token_endpoint"
-            ))
+            Error::keycloak(
+                doc_url,
+                format!("the discovery document {doc_url} has no token_endpoint"),
+            )
         })?;
         let token = rebased_token_url(&self.base, self.realm(), &doc.issuer, &announced);
         let token_url = TokenUrl::new(token.clone()).map_err(|e| {
@@ -694,14 +698,19 @@ impl KeycloakSource {
             )))),
             404 => {
                 let err = error_field(&body);
-                Retry::Fail(if err.contains("Realm not found") {
+                // Keycloak's own answer for an unknown realm: {"error":"Realm not found."}.
+                Retry::Fail(if err.trim_end_matches('.') == "Realm not found" {
                     Error::KeycloakAuth(Refusal::http(404, format!(
                         "realm {:?} not found at {}: fix keycloak.realm (SEEDKEEPER_KEYCLOAK__REALM)",
                         self.realm(),
                         self.base
                     )))
                 } else {
-                    Error::Keycloak(format!("GET {path}: 404 {err}"))
+                    Error::Keycloak {
+                        path: path.to_string(),
+                        status: Some(404),
+                        message: format!("GET {path}: 404 {err}"),
+                    }
                 })
             }
             429 => match asked {
@@ -709,10 +718,11 @@ impl KeycloakSource {
                 None => Retry::Backoff(Transient::RateLimited),
             },
             s if s >= 500 => Retry::Backoff(Transient::Server(s, error_field(&body))),
-            s => Retry::Fail(Error::Keycloak(format!(
-                "GET {path}: unexpected status {s} {}",
-                error_field(&body)
-            ))),
+            s => Retry::Fail(Error::Keycloak {
+                path: path.to_string(),
+                status: Some(s),
+                message: format!("GET {path}: unexpected status {s} {}", error_field(&body)),
+            }),
         })
     }
 
@@ -747,7 +757,7 @@ impl KeycloakSource {
             // requests, so `first` never passes that many times the distinct items. Past it the
             // server (or a proxy) ignores `first`, and the loop would never see an empty page.
             if first > (out.len() as u64 + 1) * u64::from(AUX_PAGE) {
-                return Err(Error::Keycloak(format!(
+                return Err(Error::keycloak(path, format!(
                     "GET {path}: paging does not advance ({} distinct items after {first} returned); Keycloak or a proxy in front of it ignores the first parameter",
                     out.len()
                 )));
@@ -948,7 +958,7 @@ impl KeycloakSource {
             // never fills many more windows than there are distinct users. Past that it ignores
             // `first`, and the listing would never reach an empty window.
             if filled > 2 * distinct + 16 {
-                return Err(Error::Keycloak(format!(
+                return Err(Error::keycloak("users", format!(
                     "GET users: paging does not advance ({distinct} distinct users in {filled} windows); Keycloak or a proxy in front of it ignores the first parameter"
                 )));
             }
@@ -1089,7 +1099,7 @@ impl Transient {
             Transient::Unanswered(reason) => {
                 unavailable(format!("GET {path}: {reason} ({attempts} attempts)"))
             }
-            Transient::Unreadable(reason) => Error::Keycloak(format!(
+            Transient::Unreadable(reason) => Error::keycloak(path, format!(
                 "GET {path}: Keycloak answered 200 with {reason} after {attempts} attempts"
             )),
             Transient::CutShort(reason) => unavailable(format!(
@@ -1354,7 +1364,7 @@ impl KeycloakSource {
         let path = format!("users/{}", enc(id));
         let u: UserRep = match self.get(&path, &[], cancel).await {
             Ok(u) => u,
-            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(Lookup::Gone),
+            Err(e) if e.keycloak_status() == Some(404) => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
         if u.service_account_client_id.is_some() || u.username.starts_with("service-account-") {
@@ -1370,7 +1380,7 @@ impl KeycloakSource {
         {
             Ok(r) => r,
             // Deleted between the two requests.
-            Err(Error::Keycloak(m)) if m.contains(": 404 ") => return Ok(Lookup::Gone),
+            Err(e) if e.keycloak_status() == Some(404) => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
         Ok(Lookup::Found(Identity {

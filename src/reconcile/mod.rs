@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use serde_json::json;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -509,44 +510,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Names the key behind a PostgreSQL timeout: `database.lock_timeout` (SQLSTATE 55P03) or
-    /// `database.statement_timeout` (57014 "statement timeout").
-    fn explain(&self, e: Error) -> Error {
-        let hint = |message: &str| -> Option<String> {
-            if message.contains("database.lock_timeout")
-                || message.contains("database.statement_timeout")
-            {
-                None
-            } else if message.contains("SQLSTATE 55P03") {
-                Some(format!(
-                    " [database.lock_timeout ({}) ran out waiting for a lock another session holds: find it in pg_locks and pg_stat_activity; the next run retries. SEEDKEEPER_DATABASE__LOCK_TIMEOUT]",
-                    duration_str::format(&self.settings.database.lock_timeout)
-                ))
-            } else if message.contains("statement timeout") && message.contains("SQLSTATE 57014") {
-                Some(format!(
-                    " [database.statement_timeout ({}) ran out: one statement took longer (the identities COPY lasts as long as the Keycloak listing). SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT]",
-                    duration_str::format(&self.settings.database.statement_timeout)
-                ))
-            } else {
-                None
+    /// Names the key behind a PostgreSQL timeout, by its SQLSTATE: `database.lock_timeout`
+    /// (55P03 lock_not_available) or `database.statement_timeout` (57014 query_canceled; the only
+    /// statements seedkeeper cancels itself are those of a run it stops, which end as a deadline
+    /// or a shutdown, not as this error). Added once, however many layers explain the error.
+    fn explain(&self, mut e: Error) -> Error {
+        if let Error::Database(f) | Error::Unit { failure: f, .. } = &mut e {
+            if f.hint.is_none() {
+                f.hint = self.timeout_hint(f.code.as_ref());
             }
-        };
-        match e {
-            Error::Database { context, message } => {
-                let message = match hint(&message) {
-                    Some(h) => message + &h,
-                    None => message,
-                };
-                Error::Database { context, message }
-            }
-            Error::Unit { unit, message } => {
-                let message = match hint(&message) {
-                    Some(h) => message + &h,
-                    None => message,
-                };
-                Error::Unit { unit, message }
-            }
-            other => other,
+        }
+        e
+    }
+
+    fn timeout_hint(&self, code: Option<&SqlState>) -> Option<String> {
+        let db = &self.settings.database;
+        match code? {
+            c if *c == SqlState::LOCK_NOT_AVAILABLE => Some(format!(
+                "database.lock_timeout ({}) ran out waiting for a lock another session holds: find it in pg_locks and pg_stat_activity; the next run retries. SEEDKEEPER_DATABASE__LOCK_TIMEOUT",
+                duration_str::format(&db.lock_timeout)
+            )),
+            c if *c == SqlState::QUERY_CANCELED => Some(format!(
+                "database.statement_timeout ({}) ran out: one statement took longer (the identities COPY lasts as long as the Keycloak listing). SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT",
+                duration_str::format(&db.statement_timeout)
+            )),
+            _ => None,
         }
     }
 }
@@ -572,9 +560,9 @@ async fn close_run_row(
 /// A unit's database error, named by its unit (the other errors name their input already).
 fn in_unit(e: Error, unit: Unit) -> Error {
     match e {
-        Error::Database { context, message } => Error::Unit {
+        Error::Database(failure) => Error::Unit {
             unit: unit.as_str(),
-            message: format!("{context}: {message}"),
+            failure,
         },
         other => other,
     }

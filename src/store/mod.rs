@@ -12,12 +12,13 @@ pub mod tls;
 
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 
-use crate::config::{describe_target, DatabaseSettings};
+use crate::config::{describe_target, DatabaseSettings, SslMode};
 use crate::error::{describe_pg, Error, Result};
 use crate::retry::{Limit, Policy, Retry};
 
@@ -90,14 +91,16 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
         });
     }
     let reason = describe_pg(&e);
-    // pg_hba.conf with hostssl lines only: TLS is the fix, not the password.
-    let fix = if reason.contains("no encryption") {
+    // 28000 (invalid_authorization_specification) is pg_hba.conf saying no: with hostssl lines
+    // only, TLS is the fix; with cert lines, a client certificate; a wrong password is 28P01.
+    let refused_by_hba = e.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION);
+    let fix = if refused_by_hba && tls_params.mode == SslMode::Disable {
         format!(
-            "the server accepts only TLS connections and sslmode={} sent none: set sslmode=verify-full (with sslrootcert=/path/ca.pem) or sslmode=require in database.url (SEEDKEEPER_DATABASE__URL)",
+            "if the server accepts only TLS connections (hostssl lines in pg_hba.conf), sslmode={} sent none: set sslmode=verify-full (with sslrootcert=/path/ca.pem) or sslmode=require in database.url (SEEDKEEPER_DATABASE__URL)",
             tls_params.mode.as_str()
         )
-    } else if reason.contains("client certificate") {
-        "the server wants a client certificate: set sslcert=/path/client.crt and sslkey=/path/client.key in database.url (SEEDKEEPER_DATABASE__URL), a certificate its ssl_ca_file trusts whose CN is the role".to_string()
+    } else if refused_by_hba && tls_params.client_cert.is_none() {
+        "if pg_hba.conf says cert for this role, the server wants a client certificate: set sslcert=/path/client.crt and sslkey=/path/client.key in database.url (SEEDKEEPER_DATABASE__URL), a certificate its ssl_ca_file trusts whose CN is the role; otherwise fix the role, database or host pg_hba.conf allows".to_string()
     } else {
         "fix database.url / database.password (SEEDKEEPER_DATABASE__URL, SEEDKEEPER_DATABASE__PASSWORD)".to_string()
     };

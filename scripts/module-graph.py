@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Print the crate's module import graph's circles and its longest files.
+
+Usage: scripts/module-graph.py [SRC]   (default: src)
+A module is a file under SRC (`foo/mod.rs` is `foo`). An edge A -> B is a `crate::B...` path
+named in A outside its `#[cfg(test)]` module; B is cut to the longest module that exists. The
+circles printed are the strongly connected components with more than one module, each with one
+cycle through it as evidence.
+"""
+import os
+import re
+import sys
+
+src = sys.argv[1] if len(sys.argv) > 1 else 'src'
+files = {}
+for d, _, fs in os.walk(src):
+    for f in fs:
+        if f.endswith('.rs'):
+            p = os.path.join(d, f)
+            rel = os.path.relpath(p, src)[:-3].split(os.sep)
+            if rel[-1] == 'mod':
+                rel = rel[:-1]
+            if rel in (['lib'], ['main']):
+                rel = []
+            files['::'.join(rel)] = p
+
+PATH = re.compile(r'crate::((?:\w+::)*\w+)')
+USE_GROUP = re.compile(r'use crate::(\w+(?:::\w+)*)::\{([^;]*)\}', re.S)
+
+
+def resolve(path):
+    parts = path.split('::')
+    for n in range(len(parts), 0, -1):
+        m = '::'.join(parts[:n])
+        if m in files:
+            return m
+    return None
+
+
+edges = {m: set() for m in files}
+for m, p in files.items():
+    text = open(p).read()
+    cut = text.find('#[cfg(test)]\nmod tests')
+    if cut >= 0:
+        text = text[:cut]
+    text = re.sub(r'//[^\n]*', '', text)
+    found = [x.group(1) for x in PATH.finditer(text)]
+    for g in USE_GROUP.finditer(text):
+        for item in re.split(r'[,\s{}]+', g.group(2)):
+            if item and item not in ('self',):
+                found.append(g.group(1) + '::' + item.split(':')[0])
+    for f in found:
+        t = resolve(f)
+        if t is not None and t != m and t != '':
+            edges[m].add(t)
+
+# Tarjan's strongly connected components.
+index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]
+
+
+def strong(v):
+    index[v] = low[v] = counter[0]
+    counter[0] += 1
+    stack.append(v)
+    on.add(v)
+    for w in sorted(edges[v]):
+        if w not in index:
+            strong(w)
+            low[v] = min(low[v], low[w])
+        elif w in on:
+            low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+        comp = []
+        while True:
+            w = stack.pop()
+            on.discard(w)
+            comp.append(w)
+            if w == v:
+                break
+        comps.append(sorted(comp))
+
+
+sys.setrecursionlimit(10000)
+for v in sorted(edges):
+    if v not in index:
+        strong(v)
+
+
+def cycle(comp):
+    s = set(comp)
+    start = comp[0]
+    prev, queue = {start: None}, [start]
+    while queue:
+        v = queue.pop(0)
+        for w in sorted(edges[v]):
+            if w == start:
+                path = [v]
+                while prev[path[-1]] is not None:
+                    path.append(prev[path[-1]])
+                return list(reversed(path)) + [start]
+            if w in s and w not in prev:
+                prev[w] = v
+                queue.append(w)
+    return comp
+
+
+circles = [c for c in comps if len(c) > 1]
+print(f'import circles: {len(circles)}')
+for c in circles:
+    print(f'  {{{", ".join(c)}}}: {" -> ".join(cycle(c))}')
+print('longest files:')
+for m, p in sorted(files.items(), key=lambda kv: -sum(1 for _ in open(kv[1])))[:10]:
+    print(f'  {sum(1 for _ in open(p)):5}  {p}')
