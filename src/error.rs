@@ -236,7 +236,7 @@ impl fmt::Display for DbFailure {
 }
 
 /// An error and its sources, `: `-joined: what each layer said, innermost last.
-pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {

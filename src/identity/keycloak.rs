@@ -54,7 +54,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::KeycloakSettings;
-use crate::error::{Error, Refusal, Result};
+use crate::error::{chain, Error, Refusal, Result};
 use crate::identity::{
     granting_roles, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph, SourceStats,
 };
@@ -374,7 +374,7 @@ impl KeycloakSource {
             Retry::Backoff(if e.is_timeout() {
                 "timed out".to_string()
             } else {
-                inner_chain(&e)
+                chain(&e)
             })
         };
         let resp = self
@@ -510,7 +510,7 @@ impl KeycloakSource {
                         ).into()))
                     }
                     RequestTokenError::Request(inner) => {
-                        Retry::Backoff(format!("request failed: {}", inner_chain(&inner)))
+                        Retry::Backoff(format!("request failed: {}", chain(&inner)))
                     }
                     RequestTokenError::Parse(_, _) => {
                         Retry::Backoff("the token response is not valid JSON".to_string())
@@ -610,7 +610,7 @@ impl KeycloakSource {
                 let reason = if e.is_timeout() {
                     "timed out".to_string()
                 } else {
-                    inner_chain(&e)
+                    chain(&e)
                 };
                 return Err(Retry::Backoff(Transient::Unanswered(reason)));
             }
@@ -643,7 +643,7 @@ impl KeycloakSource {
                         self.settings.request_timeout.as_secs()
                     )
                 } else {
-                    format!("body cut off: {}", inner_chain(&e))
+                    format!("body cut off: {}", chain(&e))
                 };
                 Err(Retry::Backoff(Transient::CutShort(reason)))
             }
@@ -1172,17 +1172,6 @@ fn error_field(bytes: &[u8]) -> String {
         }) => e.chars().take(200).collect(),
         _ => "(non-JSON body)".to_string(),
     }
-}
-
-fn inner_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 /// Whether the issuer Keycloak announces may be used (issue 17). With `keycloak.issuer` set it
