@@ -68,7 +68,7 @@ fetch() {
     rm -rf "$dl"
     mkdir -p "$dl"
     log "fetching org.keycloak:keycloak-quarkus-dist:$version (about 160 MB the first time; Maven's local repository keeps it)"
-    mvn -q -B dependency:copy -DoutputDirectory="$dl" \
+    mvn -q -B -Dstyle.color=never dependency:copy -DoutputDirectory="$dl" \
         -Dartifact="org.keycloak:keycloak-quarkus-dist:$version:zip" >&2 ||
         die "could not fetch org.keycloak:keycloak-quarkus-dist:$version:zip from Maven Central"
     [[ -f "$zip" ]] || die "mvn dependency:copy wrote no $zip (its output folder holds: $(ls "$dl" | tr '\n' ' '))"

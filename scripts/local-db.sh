@@ -8,7 +8,8 @@
 #   scripts/local-db.sh stop          stop the throwaway cluster, if this script started one
 #
 # Server choice, in order: $DATABASE_URL (its server); PostgreSQL on 127.0.0.1:5432 as user
-# postgres; the system cluster started with pg_ctlcluster; a throwaway cluster in .pgdata/ on
+# postgres; the system cluster started with pg_ctlcluster; a throwaway cluster in .pgdata/ (or
+# /var/tmp/seedkeeper-pgdata-*, for root in a folder the postgres user cannot enter) on
 # port 5433 made with the system's initdb/pg_ctl. Exits 69 when none can be had.
 #
 # The database, when DB is not given: the one $DATABASE_URL names (postgres://…/mydb), else
@@ -19,6 +20,11 @@ set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 pgdata="$root/.pgdata"
+# Run as root, the cluster belongs to the postgres user, which must reach the folder: a checkout
+# under a private folder (mktemp -d makes them 0700) keeps its cluster under /var/tmp instead.
+if [[ "$(id -u)" == 0 ]] && id postgres >/dev/null 2>&1 && ! runuser -u postgres -- test -x "$root"; then
+    pgdata="/var/tmp/seedkeeper-pgdata-$(printf '%s' "$root" | sha256sum | cut -c1-8)"
+fi
 throwaway_port=5433
 
 log() { echo "local-db: $*" >&2; }
