@@ -606,6 +606,7 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
         poll_interval: POLL,
         full_run: Arc::new(move |why: &str| asked2.lock().unwrap().push(why.to_string())),
         state: Arc::new(FollowerState::default()),
+        metrics: Default::default(),
     };
     let c = connect(&url).await;
     let cancel = CancellationToken::new();

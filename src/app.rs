@@ -21,10 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{IdentitySource, Settings};
 use crate::error::{Error, Result};
-use crate::identity::keycloak::KeycloakSource;
+use crate::identity::keycloak::{AdminClient, KeycloakSource};
 use crate::identity::realm_file::{RealmFileSource, RealmInput};
 use crate::identity::{IdentityProvider, RoleFilter};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Series};
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Trigger};
 use crate::schedule::RetryBackoff;
 use crate::seed::ReferenceSeed;
@@ -44,9 +44,76 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 /// How long `/readyz` waits for the database.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Validates what the config points at (seed, realm source, role map) and builds the engine.
-pub fn build_engine(settings: Settings) -> Result<Engine> {
+/// The parts of one process, built in order: the metrics registry first, then each part with
+/// its instruments: the Keycloak admin client (shared by the identity source and the event
+/// follower), then the engine.
+pub struct Parts {
+    pub engine: Engine,
+    pub metrics: Metrics,
+    /// The Keycloak source, when the identity source is Keycloak: the event follower reads
+    /// through its client too, so the two share one token and one set of instruments.
+    pub keycloak: Option<Arc<KeycloakSource>>,
+}
+
+/// Validates what the config points at (seed, realm source, role map) and builds the parts.
+pub fn build(settings: Settings) -> Result<Parts> {
     let seed = ReferenceSeed::load(settings.seed.path.as_deref())?;
+    check_role_map(&settings, &seed)?;
+    let from_keycloak = settings.identity.source == IdentitySource::Keycloak;
+    let metrics = Metrics::new(
+        &seed.digest,
+        Series {
+            keycloak: from_keycloak,
+            events: settings.events_enabled(),
+        },
+    );
+    let filter = RoleFilter::new(&settings.identity);
+    let batch_size = settings.database.batch_size;
+    let keycloak = if from_keycloak {
+        let client = AdminClient::new(
+            &settings.keycloak,
+            settings.startup.wait_timeout,
+            metrics.keycloak().clone(),
+        )?;
+        Some(Arc::new(KeycloakSource::with_client(
+            Arc::new(client),
+            filter.clone(),
+            batch_size,
+        )))
+    } else {
+        None
+    };
+    let identities: Arc<dyn IdentityProvider> = match &keycloak {
+        Some(k) => k.clone(),
+        None => {
+            let input = RealmInput::from_setting(settings.identity.realm_file.as_deref())?;
+            Arc::new(
+                RealmFileSource::new(input, filter, batch_size)
+                    .with_realm(&settings.keycloak.realm),
+            )
+        }
+    };
+    let engine = Engine {
+        settings,
+        seed,
+        identities,
+        progress: crate::progress::Display::Log,
+    };
+    Ok(Parts {
+        engine,
+        metrics,
+        keycloak,
+    })
+}
+
+/// The engine alone, for the commands that run without a daemon (`plan`, `check`) and tests.
+pub fn build_engine(settings: Settings) -> Result<Engine> {
+    Ok(build(settings)?.engine)
+}
+
+/// Every mapped platform role must be one the seed defines, and the seed must define
+/// `platform_superadmin`.
+fn check_role_map(settings: &Settings, seed: &ReferenceSeed) -> Result<()> {
     let roles = seed.role_names();
     let mut problems = Vec::new();
     for (realm_role, platform_role) in &settings.identity.role_map {
@@ -63,28 +130,7 @@ pub fn build_engine(settings: Settings) -> Result<Engine> {
     if !problems.is_empty() {
         return Err(Error::Config(crate::error::Problems(problems)));
     }
-    let filter = RoleFilter::new(&settings.identity);
-    let identities: Arc<dyn IdentityProvider> = match settings.identity.source {
-        IdentitySource::RealmFile => {
-            let input = RealmInput::from_setting(settings.identity.realm_file.as_deref())?;
-            Arc::new(
-                RealmFileSource::new(input, filter, settings.database.batch_size)
-                    .with_realm(&settings.keycloak.realm),
-            )
-        }
-        IdentitySource::Keycloak => Arc::new(KeycloakSource::new(
-            &settings.keycloak,
-            filter,
-            settings.database.batch_size,
-            settings.startup.wait_timeout,
-        )?),
-    };
-    Ok(Engine {
-        settings,
-        seed,
-        identities,
-        progress: crate::progress::Display::Log,
-    })
+    Ok(())
 }
 
 /// Shared state of a running app.
@@ -102,8 +148,10 @@ pub struct App {
     run_started: Mutex<Option<Instant>>,
     /// The connection `/readyz` keeps and reuses; replaced when broken.
     probe: tokio::sync::Mutex<Option<Db>>,
-    /// The Keycloak event follower's state (`seedkeeper_events_following`).
+    /// The Keycloak event follower's state (why it does not follow, if it does not).
     pub events: Arc<crate::events::FollowerState>,
+    /// The Keycloak source, whose client the event follower shares.
+    keycloak: Option<Arc<KeycloakSource>>,
     /// A full run asked for by the event follower (a structural change, a gap).
     full_run: tokio::sync::Notify,
     /// The backoff of the retries of failed full runs.
@@ -147,14 +195,13 @@ pub fn judge(
 }
 
 impl App {
-    pub fn new(engine: Engine) -> Arc<Self> {
-        let mut metrics = Metrics::new(&engine);
+    pub fn new(parts: Parts) -> Arc<Self> {
+        let Parts {
+            engine,
+            metrics,
+            keycloak,
+        } = parts;
         let events = Arc::new(crate::events::FollowerState::default());
-        // Only a daemon that follows events has their series: `seedkeeper_events_following 0`
-        // then always means "meant to follow, and does not", which an alert can rely on.
-        if engine.settings.events_enabled() {
-            metrics.register_events(&events);
-        }
         let schedule = &engine.settings.schedule;
         // schedule.cron is validated at load (config::validate_cron asks for its interval too);
         // were it to fail here, the default schedule's interval caps the backoff.
@@ -171,6 +218,7 @@ impl App {
             run_started: Mutex::new(None),
             probe: tokio::sync::Mutex::new(None),
             events,
+            keycloak,
             full_run: tokio::sync::Notify::new(),
             retry_backoff,
             retry_due: tokio::sync::watch::Sender::new(None),
@@ -457,14 +505,14 @@ impl Application {
     /// and binds `http.listen`. Nothing is asked of PostgreSQL or Keycloak yet.
     pub async fn build(settings: Settings) -> std::result::Result<Application, BuildError> {
         let listen = settings.http.listen.clone();
-        let engine = build_engine(settings)?;
+        let parts = build(settings)?;
         let bound = TcpListener::bind(&listen)
             .await
             .and_then(|l| Ok((l.local_addr()?, l)));
         let (local_addr, listener) =
             bound.map_err(|reason| BuildError::Listen { listen, reason })?;
         Ok(Application {
-            app: App::new(engine),
+            app: App::new(parts),
             listener,
             local_addr,
         })
@@ -551,20 +599,14 @@ fn start_following(
     if !settings.events_enabled() {
         return Ok(Vec::new());
     }
-    let mut kc = KeycloakSource::new(
-        &settings.keycloak,
-        RoleFilter::new(&settings.identity),
-        settings.database.batch_size,
-        settings.startup.wait_timeout,
-    )?;
-    // Its requests count in the daemon's seedkeeper_keycloak_* series.
-    if let Some(m) = app.metrics.keycloak() {
-        kc = kc.with_metrics(m.clone());
-    }
+    // The identity source's client: one token, one set of seedkeeper_keycloak_* series.
+    let Some(kc) = app.keycloak.clone() else {
+        return Ok(Vec::new());
+    };
     let batch_app = app.clone();
     let ask_app = app.clone();
     let follower = crate::events::Follower {
-        kc: Arc::new(kc),
+        kc,
         apply: Arc::new(move |users, cancel: CancellationToken| {
             let app = batch_app.clone();
             Box::pin(async move { app.run_event_batch(users, &cancel).await })
@@ -574,6 +616,7 @@ fn start_following(
         poll_interval: settings.events.poll_interval,
         full_run: Arc::new(move |_why: &str| ask_app.ask_full_run()),
         state: app.events.clone(),
+        metrics: app.metrics.events().clone(),
     };
     let follow = tokio::spawn(follower.run(cancel.clone()));
     let full_runs = {

@@ -212,12 +212,12 @@ pub async fn execute(
             }
         }
         Some(Command::Run { .. }) | None => {
-            let mut engine = match crate::app::build_engine(settings) {
-                Ok(e) => e,
+            let mut parts = match crate::app::build(settings) {
+                Ok(p) => p,
                 Err(e) => return fail(&e),
             };
-            engine.progress = progress::Display::interactive();
-            let app = crate::app::App::new(engine);
+            parts.engine.progress = progress::Display::interactive();
+            let app = crate::app::App::new(parts);
             let wait = app.settings().startup.wait_timeout;
             let report = app.run_once(Trigger::Once, wait, &cancel).await;
             if crate::telemetry::is_json() {

@@ -26,8 +26,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::gauge::Gauge;
 use serde::de::DeserializeOwned;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
@@ -36,6 +34,7 @@ use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
 use crate::identity::{BoxFuture, SomeUsers};
+use crate::metrics::EventMetrics;
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Trigger, Unit};
 use crate::retry;
 use crate::store;
@@ -183,16 +182,11 @@ impl EventKey for AdminEvent {
     }
 }
 
-/// The follower's state: its `/metrics` series (registered by [`crate::metrics::Metrics`]), why
-/// it does not follow, if it does not, and whether its checkpoint table exists yet.
+/// The follower's state: why it does not follow, if it does not, and whether its checkpoint
+/// table exists yet. Its series are [`EventMetrics`].
 #[derive(Debug, Default)]
 pub struct FollowerState {
-    /// 1 while events are followed, 0 in schedule-only mode (and before the follower starts).
-    pub following: Gauge,
     pub reason: Mutex<Option<String>>,
-    pub users_applied: Counter,
-    pub full_runs_asked: Counter,
-    pub polls: Counter,
     /// Set once the checkpoint table exists (the first full run's migration creates it).
     checkpoint_table: AtomicBool,
 }
@@ -348,6 +342,8 @@ pub struct Follower {
     /// Asks the daemon for a full run as soon as possible.
     pub full_run: Arc<dyn Fn(&str) + Send + Sync>,
     pub state: Arc<FollowerState>,
+    /// Its `/metrics` instruments (registered by the daemon's [`crate::metrics::Metrics`]).
+    pub metrics: EventMetrics,
 }
 
 impl Follower {
@@ -384,7 +380,7 @@ impl Follower {
             match checked {
                 Ok(exp) => break exp,
                 Err(NotFollowing { reason, transient }) => {
-                    self.state.following.set(0);
+                    self.metrics.following.set(0);
                     *self.state.reason.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(reason.clone());
                     if !transient {
@@ -399,7 +395,7 @@ impl Follower {
                 }
             }
         };
-        self.state.following.set(1);
+        self.metrics.following.set(1);
         *self.state.reason.lock().unwrap_or_else(|p| p.into_inner()) = None;
         tracing::info!(realm = %self.realm, poll_ms = self.poll_interval.as_millis() as u64, expiration_s = expiration, "following Keycloak events");
         let mut db: Option<store::Db> = None;
@@ -501,7 +497,7 @@ impl Follower {
         expiration_s: Option<i64>,
         cancel: &CancellationToken,
     ) -> Result<Poll> {
-        self.state.polls.inc();
+        self.metrics.polls.inc();
         let now = now_ms();
         let Some(cp) = self.checkpoint(db, now).await? else {
             return Ok(Poll::default());
@@ -617,7 +613,7 @@ impl Follower {
             }
             Outcome::Succeeded => {}
         }
-        self.state.users_applied.inc_by(poll.users as u64);
+        self.metrics.users_applied.inc_by(poll.users as u64);
         let deferred = report
             .unit(Unit::Identities)
             .map(|u| u.get(Tally::Deferred));
@@ -651,7 +647,7 @@ impl Follower {
     }
 
     fn ask_full_run(&self, why: &str) {
-        self.state.full_runs_asked.inc();
+        self.metrics.full_runs_asked.inc();
         tracing::info!(reason = %why, "a full run is due");
         (self.full_run)(why);
     }

@@ -36,7 +36,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 pub use crate::error::ErrorKind;
 use crate::names::named;
-use crate::reconcile::{Action, Engine, Outcome, RunReport, Tally, Trigger, Unit};
+use crate::reconcile::model::{Action, Outcome, RunReport, Tally, Trigger, Unit};
 
 /// Registers `metric` and returns it: the registry keeps a clone that shares its series.
 fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
@@ -348,7 +348,7 @@ impl Collector for LastValue {
     }
 }
 
-/// The event batches' own series, registered with the follower's ([`Metrics::register_events`]).
+/// The event batches' own series, registered with the follower's ([`Series::events`]).
 struct BatchMetrics {
     outcomes: Family<OutcomeLabels, Counter>,
     duration: Histogram,
@@ -398,35 +398,62 @@ pub struct Metrics {
     last_run_ok: Arc<LastRunOk>,
     unlisted: Arc<LastValue>,
     batches: BatchMetrics,
-    keycloak: Option<KeycloakMetrics>,
+    keycloak: KeycloakMetrics,
+    events: EventMetrics,
+}
+
+/// Which parts' series a daemon's registry holds beside the run series.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Series {
+    /// The identity source is Keycloak: `seedkeeper_keycloak_*`.
+    pub keycloak: bool,
+    /// The daemon follows Keycloak's events: `seedkeeper_events_*` and the event batches'
+    /// series. Without, they do not exist, so an alert on `seedkeeper_events_following == 0`
+    /// finds nothing where nothing is meant to follow.
+    pub events: bool,
+}
+
+/// The event follower's instruments (`seedkeeper_events_following`, `seedkeeper_event_*`).
+#[derive(Debug, Clone, Default)]
+pub struct EventMetrics {
+    /// 1 while events are followed, 0 in schedule-only mode (and before the follower starts).
+    pub following: Gauge,
+    pub users_applied: Counter,
+    pub full_runs_asked: Counter,
+    pub polls: Counter,
 }
 
 impl Metrics {
-    /// The registry of one app: the engine's seed digest in `seedkeeper_build_info`, and the
-    /// identity source's own instruments (Keycloak requests) when it has any.
-    pub fn new(engine: &Engine) -> Self {
-        let mut m = Self::with_seed_digest(&engine.seed.digest);
-        if let Some(k) = engine.identities.keycloak_metrics() {
-            k.register(&mut m.registry);
-            m.keycloak = Some(k);
+    /// The registry of one daemon, built before the parts it counts for: the seed digest in
+    /// `seedkeeper_build_info`, the run series, and the series of `parts`. Each part is then
+    /// handed its instruments ([`Metrics::keycloak`], [`Metrics::events`]).
+    pub fn new(seed_digest: &str, parts: Series) -> Self {
+        let mut m = Self::with_seed_digest(seed_digest);
+        if parts.keycloak {
+            m.keycloak.register(&mut m.registry);
+        }
+        if parts.events {
+            m.register_events();
         }
         m
     }
 
-    /// The registered Keycloak instruments (keycloak source only), for other Keycloak clients of
-    /// the daemon (the event follower) to count into.
-    pub fn keycloak(&self) -> Option<&KeycloakMetrics> {
-        self.keycloak.as_ref()
+    /// The Keycloak client's instruments (registered with a keycloak source).
+    pub fn keycloak(&self) -> &KeycloakMetrics {
+        &self.keycloak
     }
 
-    /// The Keycloak event follower's series and the event batches' (a daemon that follows
-    /// events only: with the realm-file source or `events.enabled = false` they do not exist, so
-    /// an alert on `seedkeeper_events_following == 0` finds nothing there).
-    pub fn register_events(&mut self, e: &crate::events::FollowerState) {
+    /// The event follower's instruments (registered when events are followed).
+    pub fn events(&self) -> &EventMetrics {
+        &self.events
+    }
+
+    fn register_events(&mut self) {
+        let e = self.events.clone();
         self.registry.register(
             "seedkeeper_events_following",
             "1 while Keycloak's events are followed, 0 in schedule-only mode (see seedkeeper status for why)",
-            e.following.clone(),
+            e.following,
         );
         self.registry.register(
             "seedkeeper_event_batches",
@@ -446,17 +473,17 @@ impl Metrics {
         self.registry.register(
             "seedkeeper_event_users",
             "Users re-synced from events",
-            e.users_applied.clone(),
+            e.users_applied,
         );
         self.registry.register(
             "seedkeeper_event_full_runs",
             "Full runs asked for by events: structural changes, a checkpoint past the event expiration, bursts",
-            e.full_runs_asked.clone(),
+            e.full_runs_asked,
         );
         self.registry.register(
             "seedkeeper_event_polls",
             "Polls of Keycloak's event endpoints",
-            e.polls.clone(),
+            e.polls,
         );
     }
 
@@ -558,7 +585,8 @@ impl Metrics {
             last_run_ok,
             unlisted,
             batches: BatchMetrics::new(),
-            keycloak: None,
+            keycloak: KeycloakMetrics::new(),
+            events: EventMetrics::default(),
         }
     }
 
@@ -778,9 +806,13 @@ mod tests {
     }
 
     fn with_events() -> Metrics {
-        let mut m = Metrics::with_seed_digest("d");
-        m.register_events(&crate::events::FollowerState::default());
-        m
+        Metrics::new(
+            "d",
+            Series {
+                keycloak: false,
+                events: true,
+            },
+        )
     }
 
     #[test]

@@ -67,7 +67,7 @@ fn main() {
 
 async fn soak() {
     let db = TestDb::new().await;
-    let app = App::new(db.engine(&[]));
+    let app = App::new(db.parts(&[]));
     let cancel = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());

@@ -107,11 +107,6 @@ pub trait IdentityProvider: Send + Sync {
     fn gone(&self) -> Vec<String> {
         Vec::new()
     }
-    /// The source's own instruments (the Keycloak source's request counters), for the app's
-    /// registry. None by default.
-    fn keycloak_metrics(&self) -> Option<crate::metrics::KeycloakMetrics> {
-        None
-    }
     /// Sends every identity, in batches, then returns. An error means the listing is incomplete.
     /// `cancel` as for [`IdentityProvider::preflight`]. `progress` is told when the listing
     /// starts (with the source's count of users, when it has one), the users listed so far (once

@@ -222,7 +222,7 @@ async fn three_daemons_on_one_database_for_many_ticks_never_duplicate_or_fail() 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_overlapping_tick_is_skipped_and_counted() {
     let db = TestDb::new().await;
-    let app = App::new(db.engine(&[]));
+    let app = App::new(db.parts(&[]));
     let cancel = CancellationToken::new();
     let app2 = app.clone();
     let c2 = cancel.clone();

@@ -458,7 +458,7 @@ async fn a_stopped_scheduler_silences_the_watchdog_and_fails_healthz_and_the_hea
         ],
     })
     .unwrap();
-    let app = App::new(seedkeeper::app::build_engine(settings).unwrap());
+    let app = App::new(seedkeeper::app::build(settings).unwrap());
     let cancel = CancellationToken::new();
     let mut scheduler = seedkeeper::schedule::start(app.clone(), cancel.clone())
         .await

@@ -62,6 +62,7 @@ async fn setup(users: Vec<Value>) -> Setup {
         poll_interval: Duration::from_millis(200),
         full_run: Arc::new(move |why: &str| asked.lock().unwrap().push(why.to_string())),
         state: Arc::new(FollowerState::default()),
+        metrics: Default::default(),
     };
     Setup {
         kc,
@@ -371,6 +372,7 @@ async fn keycloak_down_between_polls_loses_nothing_and_a_restart_resumes_from_th
         poll_interval: s.follower.poll_interval,
         full_run: s.follower.full_run.clone(),
         state: Arc::new(FollowerState::default()),
+        metrics: Default::default(),
     };
     let p = again
         .poll(&c, None, &CancellationToken::new())

@@ -62,6 +62,7 @@ fn follower(s: &Settings) -> Follower {
         poll_interval: Duration::from_millis(200),
         full_run: Arc::new(|_: &str| {}),
         state: Arc::new(FollowerState::default()),
+        metrics: Default::default(),
     }
 }
 

@@ -203,7 +203,7 @@ async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_starts_takes_the_place_of_a_due_retry_and_a_success_clears_it() {
     let db = TestDb::new().await;
-    let app = App::new(db.engine(&[
+    let app = App::new(db.parts(&[
         ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK),
         ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "100ms"),
         ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "300ms"),

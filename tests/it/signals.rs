@@ -121,9 +121,9 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
     let db = TestDb::new().await;
     let kc = KeycloakEmulator::start(dev_realm()).await;
     let env = kc_env(&kc);
-    let engine = db.engine(&refs(&env));
-    let digest = engine.seed.digest.clone();
-    let app = seedkeeper::app::App::new(engine);
+    let parts = db.parts(&refs(&env));
+    let digest = parts.engine.seed.digest.clone();
+    let app = seedkeeper::app::App::new(parts);
     // HTTP only: no scheduler, no startup run.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -463,7 +463,7 @@ async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_com
     let db = TestDb::new().await;
     let kc = KeycloakEmulator::start(dev_realm()).await;
     let env = kc_env(&kc);
-    let app = seedkeeper::app::App::new(db.engine(&refs(&env)));
+    let app = seedkeeper::app::App::new(db.parts(&refs(&env)));
     let cancel = CancellationToken::new();
     assert!(!app
         .metrics

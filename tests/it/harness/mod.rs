@@ -132,6 +132,11 @@ impl TestDb {
         config::load(&Sources { file: None, env }).unwrap_or_else(|e| panic!("test settings: {e}"))
     }
 
+    /// The parts of a daemon (engine, metrics, the shared Keycloak source), for `App::new`.
+    pub fn parts(&self, extra: &[(&str, &str)]) -> seedkeeper::app::Parts {
+        seedkeeper::app::build(self.settings(extra)).unwrap_or_else(|e| panic!("parts: {e}"))
+    }
+
     pub fn engine(&self, extra: &[(&str, &str)]) -> Engine {
         seedkeeper::app::build_engine(self.settings(extra))
             .unwrap_or_else(|e| panic!("engine: {e}"))
