@@ -295,6 +295,61 @@ async fn a_token_expiring_mid_listing_and_a_503_burst_are_survived() {
     );
 }
 
+/// The admin client renews a refused token once, however many requests in flight are refused:
+/// with 8 windows of the listing in flight when every token is revoked, the run asks the token
+/// endpoint twice (its preflight, one renewal), not once per refused window.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
+    let kc = KeycloakEmulator::start(test_realm(
+        (0..80)
+            .map(|i| {
+                user(
+                    &format!("d0000000-0000-4000-8000-{i:012}"),
+                    &format!("user{i:02}"),
+                    &[],
+                    &[],
+                )
+            })
+            .collect(),
+    ))
+    .await;
+    let db = TestDb::new().await;
+    let mut env = kc_env(&kc);
+    env.push(("SEEDKEEPER_KEYCLOAK__PAGE_SIZE".into(), "5".into()));
+    env.push(("SEEDKEEPER_KEYCLOAK__CONCURRENCY".into(), "8".into()));
+    let engine = db.engine(&refs(&env));
+    // A first run counts the admin calls of a run.
+    assert_ok(&apply(&engine).await);
+    let tokens = |kc: &KeycloakEmulator| {
+        kc.journal()
+            .iter()
+            .filter(|j| j.path.ends_with("/token") && j.status == 200)
+            .count()
+    };
+    let admin_calls = kc
+        .journal()
+        .iter()
+        .filter(|j| j.path.contains("/admin/"))
+        .count();
+    assert!(admin_calls > 20, "{admin_calls} admin calls in a run");
+    // The second run: every token is revoked two thirds of the way in, inside the listing.
+    kc.clear_journal();
+    kc.set_latency(std::time::Duration::from_millis(40));
+    kc.invalidate_tokens_after(admin_calls * 2 / 3);
+    let r = apply(&engine).await;
+    assert_ok(&r);
+    let refused = kc.journal().iter().filter(|j| j.status == 401).count();
+    assert!(
+        refused >= 2,
+        "several windows were refused at once: {refused} 401s"
+    );
+    assert_eq!(
+        tokens(&kc),
+        2,
+        "the preflight's token and one renewal, for {refused} refused requests"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wrong_secret_and_a_missing_realm_management_role_fail_clearly_and_write_nothing() {
     let kc = KeycloakEmulator::start(dev_realm()).await;
