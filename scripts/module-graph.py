@@ -1,17 +1,20 @@
 #!/usr/bin/env python3
 """Print the crate's module import graph's circles and its longest files.
 
-Usage: scripts/module-graph.py [SRC]   (default: src)
+Usage: scripts/module-graph.py [--top] [SRC]   (default: src)
 A module is a file under SRC (`foo/mod.rs` is `foo`). An edge A -> B is a `crate::B...` path
 named in A outside its `#[cfg(test)]` module; B is cut to the longest module that exists. The
 circles printed are the strongly connected components with more than one module, each with one
-cycle through it as evidence.
+cycle through it as evidence. With --top, every module counts as its top-level module
+(`identity::keycloak::client` as `identity`), and edges inside one top-level module are dropped.
 """
 import os
 import re
 import sys
 
-src = sys.argv[1] if len(sys.argv) > 1 else 'src'
+args = [a for a in sys.argv[1:] if a != '--top']
+top = '--top' in sys.argv[1:]
+src = args[0] if args else 'src'
 files = {}
 for d, _, fs in os.walk(src):
     for f in fs:
@@ -53,6 +56,15 @@ for m, p in files.items():
         t = resolve(f)
         if t is not None and t != m and t != '':
             edges[m].add(t)
+
+if top:
+    folded = {}
+    for m, ts in edges.items():
+        head = m.split('::')[0]
+        folded.setdefault(head, set())
+        folded[head] |= {t.split('::')[0] for t in ts} - {head, ''}
+    edges = folded
+    files = {m: p for m, p in files.items() if '::' not in m}
 
 # Tarjan's strongly connected components.
 index, low, stack, on, comps, counter = {}, {}, [], set(), [], [0]

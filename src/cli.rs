@@ -184,7 +184,7 @@ pub async fn execute(
                 Ok(e) => e,
                 Err(e) => return fail(&e),
             };
-            engine.progress = progress::Display::interactive();
+            engine.progress = progress::Display::interactive(crate::telemetry::is_json());
             let wait = engine.settings.startup.wait_timeout;
             let report = engine.run(Mode::Plan, Trigger::Plan, wait, &cancel).await;
             match format {
@@ -216,7 +216,7 @@ pub async fn execute(
                 Ok(p) => p,
                 Err(e) => return fail(&e),
             };
-            parts.engine.progress = progress::Display::interactive();
+            parts.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
             let app = crate::app::App::new(parts);
             let wait = app.settings().startup.wait_timeout;
             let report = app.run_once(Trigger::Once, wait, &cancel).await;
@@ -354,7 +354,11 @@ pub fn render_plan(r: &RunReport) -> String {
 async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
     let progress = Progress::new();
     progress.enter(Unit::Schema);
-    let reporter = Reporter::start(progress::Display::interactive(), progress, None);
+    let reporter = Reporter::start(
+        progress::Display::interactive(crate::telemetry::is_json()),
+        progress,
+        None,
+    );
     let r = migrate_schema(settings, cancel).await;
     reporter.finish().await;
     match r {

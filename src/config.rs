@@ -875,7 +875,7 @@ pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
     tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
         .map_err(|e| e.to_string())?;
     // Its interval caps the retry backoff: an expression that never fires has none.
-    crate::schedule::interval(expr).map(|_| ())
+    crate::cron::interval(expr).map(|_| ())
 }
 
 impl DatabaseSettings {

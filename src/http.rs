@@ -14,7 +14,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{App, HEARTBEAT_STALE, PROBE_TIMEOUT};
+use crate::app::state::{App, HEARTBEAT_STALE, PROBE_TIMEOUT};
 use crate::reconcile::Outcome;
 
 pub fn router(app: Arc<App>) -> Router {

@@ -27,6 +27,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod error;
 pub mod events;
 pub mod http;

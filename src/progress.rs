@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::reconcile::Unit;
+use crate::reconcile::model::Unit;
 
 /// How often a run without a terminal logs its progress.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -188,9 +188,10 @@ pub enum Display {
 
 impl Display {
     /// For a command someone waits for (`--once`, `plan`, `migrate`): bars when stderr is a
-    /// terminal and the logs are text; JSON logs are for a machine, which gets log lines.
-    pub fn interactive() -> Display {
-        if std::io::stderr().is_terminal() && !crate::telemetry::is_json() {
+    /// terminal and the logs are text; JSON logs (`json_logs`) are for a machine, which gets
+    /// log lines.
+    pub fn interactive(json_logs: bool) -> Display {
+        if std::io::stderr().is_terminal() && !json_logs {
             Display::Bar
         } else {
             Display::Log

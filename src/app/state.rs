@@ -1,33 +1,27 @@
-//! Builds the object graph once and runs it: `run_once` for `--once`, `plan` and the tests, and
-//! [`Application`] for the daemon: `Application::build` validates the inputs, builds the engine
-//! and binds `http.listen` (port 0 picks a free port, [`Application::local_addr`] says which);
-//! `run_until_stopped` serves HTTP, runs the schedule and the retries of failed full runs
-//! (`schedule::spawn_retries`), notifies systemd and shuts down gracefully on one
-//! `CancellationToken`. `main` and the test harness both start the daemon this way.
-//! Reads every section of the config, through the units.
+//! The daemon's shared state, [`App`]: the engine, the metrics, the overlap guard of runs, the
+//! runs in flight (a [`TaskTracker`] that shutdown waits for), liveness and readiness, and the
+//! backoff of the retries of failed full runs. `http` and `schedule` read it; the wiring that
+//! builds it is [`crate::app`].
 //!
 //! Liveness ([`App::liveness`]) is what `/healthz` and the systemd watchdog report: the
 //! scheduler's heartbeat job ran within [`HEARTBEAT_STALE`], and no run has outlived
 //! `run.timeout` (plus [`RUN_OVERRUN`] to end it). Neither depends on PostgreSQL or Keycloak, so
 //! an outage of either never makes the daemon look dead; that is readiness (`/readyz`).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{IdentitySource, Settings};
-use crate::error::{Error, Result};
-use crate::identity::keycloak::{AdminClient, KeycloakSource};
-use crate::identity::realm_file::{RealmFileSource, RealmInput};
-use crate::identity::{IdentityProvider, RoleFilter};
-use crate::metrics::{Metrics, Series};
+use crate::config::Settings;
+use crate::error::Error;
+use crate::identity::keycloak::KeycloakSource;
+use crate::identity::IdentityProvider;
+use crate::metrics::Metrics;
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Trigger};
-use crate::schedule::RetryBackoff;
-use crate::seed::ReferenceSeed;
+use crate::retry::{Limit, Policy};
 use crate::store::Db;
 
 /// The scheduler's heartbeat job runs every second; older than this, the scheduler counts as
@@ -55,90 +49,15 @@ pub struct Parts {
     pub keycloak: Option<Arc<KeycloakSource>>,
 }
 
-/// Validates what the config points at (seed, realm source, role map) and builds the parts.
-pub fn build(settings: Settings) -> Result<Parts> {
-    let seed = ReferenceSeed::load(settings.seed.path.as_deref())?;
-    check_role_map(&settings, &seed)?;
-    let from_keycloak = settings.identity.source == IdentitySource::Keycloak;
-    let metrics = Metrics::new(
-        &seed.digest,
-        Series {
-            keycloak: from_keycloak,
-            events: settings.events_enabled(),
-        },
-    );
-    let filter = RoleFilter::new(&settings.identity);
-    let batch_size = settings.database.batch_size;
-    let keycloak = if from_keycloak {
-        let client = AdminClient::new(
-            &settings.keycloak,
-            settings.startup.wait_timeout,
-            metrics.keycloak().clone(),
-        )?;
-        Some(Arc::new(KeycloakSource::with_client(
-            Arc::new(client),
-            filter.clone(),
-            batch_size,
-        )))
-    } else {
-        None
-    };
-    let identities: Arc<dyn IdentityProvider> = match &keycloak {
-        Some(k) => k.clone(),
-        None => {
-            let input = RealmInput::from_setting(settings.identity.realm_file.as_deref())?;
-            Arc::new(
-                RealmFileSource::new(input, filter, batch_size)
-                    .with_realm(&settings.keycloak.realm),
-            )
-        }
-    };
-    let engine = Engine {
-        settings,
-        seed,
-        identities,
-        progress: crate::progress::Display::Log,
-    };
-    Ok(Parts {
-        engine,
-        metrics,
-        keycloak,
-    })
-}
-
-/// The engine alone, for the commands that run without a daemon (`plan`, `check`) and tests.
-pub fn build_engine(settings: Settings) -> Result<Engine> {
-    Ok(build(settings)?.engine)
-}
-
-/// Every mapped platform role must be one the seed defines, and the seed must define
-/// `platform_superadmin`.
-fn check_role_map(settings: &Settings, seed: &ReferenceSeed) -> Result<()> {
-    let roles = seed.role_names();
-    let mut problems = Vec::new();
-    for (realm_role, platform_role) in &settings.identity.role_map {
-        if !roles.contains(platform_role.as_str()) {
-            problems.push(format!(
-                "identity.role_map maps realm role {realm_role:?} to {platform_role:?}, which is not a platform role of the seed ({}): fix SEEDKEEPER_IDENTITY__ROLE_MAP or the seed",
-                roles.iter().copied().collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    if !roles.contains("platform_superadmin") {
-        problems.push("the reference seed must define platform role platform_superadmin (admins are bound to it)".into());
-    }
-    if !problems.is_empty() {
-        return Err(Error::Config(crate::error::Problems(problems)));
-    }
-    Ok(())
-}
-
 /// Shared state of a running app.
 pub struct App {
     pub engine: Engine,
     pub metrics: Metrics,
     /// Held by the run in flight: the overlap guard, and what shutdown waits for.
     inflight: tokio::sync::Mutex<()>,
+    /// The tasks of runs started by the daemon (the startup run, the schedule's ticks): closed
+    /// and waited for at shutdown, rather than left detached.
+    runs: TaskTracker,
     last: Mutex<Option<Outcome>>,
     first_done: AtomicBool,
     pub notify_systemd: bool,
@@ -151,9 +70,9 @@ pub struct App {
     /// The Keycloak event follower's state (why it does not follow, if it does not).
     pub events: Arc<crate::events::FollowerState>,
     /// The Keycloak source, whose client the event follower shares.
-    keycloak: Option<Arc<KeycloakSource>>,
+    pub(super) keycloak: Option<Arc<KeycloakSource>>,
     /// A full run asked for by the event follower (a structural change, a gap).
-    full_run: tokio::sync::Notify,
+    pub(super) full_run: tokio::sync::Notify,
     /// The backoff of the retries of failed full runs.
     retry_backoff: Mutex<RetryBackoff>,
     /// When the retry of the last failed full run is due; `None` when none is (the last full
@@ -205,12 +124,13 @@ impl App {
         let schedule = &engine.settings.schedule;
         // schedule.cron is validated at load (config::validate_cron asks for its interval too);
         // were it to fail here, the default schedule's interval caps the backoff.
-        let cap = crate::schedule::interval(&schedule.cron).unwrap_or(DEFAULT_INTERVAL);
+        let cap = crate::cron::interval(&schedule.cron).unwrap_or(DEFAULT_INTERVAL);
         let retry_backoff = Mutex::new(RetryBackoff::new(schedule.retry_initial, cap));
         Arc::new(App {
             engine,
             metrics,
             inflight: tokio::sync::Mutex::new(()),
+            runs: TaskTracker::new(),
             last: Mutex::new(None),
             first_done: AtomicBool::new(false),
             notify_systemd: std::env::var_os("NOTIFY_SOCKET").is_some(),
@@ -454,223 +374,67 @@ impl App {
         self.first_done.load(Ordering::SeqCst)
     }
 
-    /// Waits for the run in flight, up to `grace`. `false` when the grace ran out.
+    /// Starts no more tracked runs and waits for those in flight (and an event batch), up to
+    /// `grace`. `false` when the grace ran out.
     pub async fn drain(&self, grace: Duration) -> bool {
-        tokio::time::timeout(grace, self.inflight.lock())
-            .await
-            .is_ok()
-    }
-}
-
-/// What keeps the daemon from being built: its inputs (as `--once` reports them), or its
-/// listen address.
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Invalid(#[from] Error),
-    #[error("cannot listen on http.listen {listen} ({reason}): pick a free address with SEEDKEEPER_HTTP__LISTEN")]
-    Listen {
-        listen: String,
-        reason: std::io::Error,
-    },
-}
-
-impl BuildError {
-    /// The process exit code: a listen address that cannot be bound is a configuration error.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            BuildError::Invalid(e) => e.exit_code(),
-            BuildError::Listen { .. } => crate::error::exit::CONFIG,
-        }
-    }
-
-    /// The error's kind, as log lines and metrics name it.
-    pub fn kind(&self) -> crate::error::ErrorKind {
-        match self {
-            BuildError::Invalid(e) => e.kind(),
-            BuildError::Listen { .. } => crate::error::ErrorKind::Config,
-        }
-    }
-}
-
-/// The daemon, built and not yet running: its [`App`] and its bound HTTP listener.
-pub struct Application {
-    app: Arc<App>,
-    listener: TcpListener,
-    local_addr: SocketAddr,
-}
-
-impl Application {
-    /// Validates what the config points at, builds the engine, its metrics and shared state,
-    /// and binds `http.listen`. Nothing is asked of PostgreSQL or Keycloak yet.
-    pub async fn build(settings: Settings) -> std::result::Result<Application, BuildError> {
-        let listen = settings.http.listen.clone();
-        let parts = build(settings)?;
-        let bound = TcpListener::bind(&listen)
-            .await
-            .and_then(|l| Ok((l.local_addr()?, l)));
-        let (local_addr, listener) =
-            bound.map_err(|reason| BuildError::Listen { listen, reason })?;
-        Ok(Application {
-            app: App::new(parts),
-            listener,
-            local_addr,
+        self.runs.close();
+        tokio::time::timeout(grace, async {
+            self.runs.wait().await;
+            let _idle = self.inflight.lock().await;
         })
+        .await
+        .is_ok()
     }
 
-    /// The address the HTTP listener is bound to (the port picked when `http.listen` says 0).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
-    }
-
-    pub fn port(&self) -> u16 {
-        self.local_addr.port()
-    }
-
-    /// The shared state: the engine, the metrics, liveness and readiness.
-    pub fn app(&self) -> Arc<App> {
-        self.app.clone()
-    }
-
-    /// The daemon: HTTP, a run at start, then the schedule, until `cancel` fires.
-    pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<()> {
-        let Application { app, listener, .. } = self;
-        let http = tokio::spawn(crate::http::serve(app.clone(), listener, cancel.clone()));
-
-        if let Some(interval) = sd_notify::watchdog_enabled() {
-            tokio::spawn(watchdog(app.clone(), interval / 2, cancel.clone(), || {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }));
-        }
-
-        // The first run waits for the dependencies; it never ends the daemon.
-        let first = {
-            let app = app.clone();
-            let cancel = cancel.clone();
-            tokio::spawn(async move {
-                let wait = app.settings().startup.wait_timeout;
-                app.run_once(Trigger::Startup, wait, &cancel).await
-            })
-        };
-
-        let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
-        let retries = crate::schedule::spawn_retries(app.clone(), cancel.clone());
-        let events = start_following(&app, &cancel)?;
-        cancel.cancelled().await;
-        let stopping = Instant::now();
-        tracing::info!("shutting down: no new runs; waiting for the run in flight");
-        let _ = scheduler.shutdown().await;
-        let grace = app.settings().shutdown.grace;
-        if app.drain(grace).await {
-            tracing::info!("shutdown complete");
-        } else {
-            tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
-        }
-        first.abort();
-        retries.abort();
-        // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
-        // run guard drained above, so it gets a moment within the grace, then is dropped, request and
-        // all; its checkpoint makes the next start read again what it had not applied.
-        let moment = grace
-            .saturating_sub(stopping.elapsed())
-            .min(Duration::from_secs(1));
-        for mut task in events {
-            if tokio::time::timeout(moment, &mut task).await.is_err() {
-                task.abort();
-                let _ = task.await;
-            }
-        }
-        let _ = http.await;
-        app.close_probe().await;
-        if app.notify_systemd {
-            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-        }
-        Ok(())
+    /// Starts a run's task (the startup run, a tick), tracked: [`App::drain`] waits for it.
+    pub fn spawn_run<F>(&self, run: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.runs.spawn(run);
     }
 }
 
-/// With the keycloak source and `events.enabled`: the event follower, and the task that runs
-/// the full runs it asks for (trigger `event-full`). Both end with `cancel`.
-fn start_following(
-    app: &Arc<App>,
-    cancel: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>> {
-    let settings = app.settings();
-    if !settings.events_enabled() {
-        return Ok(Vec::new());
-    }
-    // The identity source's client: one token, one set of seedkeeper_keycloak_* series.
-    let Some(kc) = app.keycloak.clone() else {
-        return Ok(Vec::new());
-    };
-    let batch_app = app.clone();
-    let ask_app = app.clone();
-    let follower = crate::events::Follower {
-        kc,
-        apply: Arc::new(move |users, cancel: CancellationToken| {
-            let app = batch_app.clone();
-            Box::pin(async move { app.run_event_batch(users, &cancel).await })
-        }),
-        database: settings.database.clone(),
-        realm: settings.keycloak.realm.clone(),
-        poll_interval: settings.events.poll_interval,
-        full_run: Arc::new(move |_why: &str| ask_app.ask_full_run()),
-        state: app.events.clone(),
-        metrics: app.metrics.events().clone(),
-    };
-    let follow = tokio::spawn(follower.run(cancel.clone()));
-    let full_runs = {
-        let app = app.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = app.full_run.notified() => {}
-                }
-                app.run_once(Trigger::EventFull, Duration::ZERO, &cancel)
-                    .await;
-            }
-        })
-    };
-    Ok(vec![follow, full_runs])
+/// When the daemon retries a failed full run: after `initial`, doubling with each failure in a
+/// row, at most `cap` (the schedule's interval: by then the next tick comes first anyway).
+#[derive(Debug, Clone)]
+pub struct RetryBackoff {
+    policy: Policy,
+    /// Failed full runs since the last success.
+    failures: u32,
 }
 
-/// The systemd watchdog: every `every`, `ping` (WATCHDOG=1) while the daemon is alive
-/// ([`App::liveness`]), nothing while it is not, so that systemd's `WatchdogSec=` restarts a
-/// daemon whose scheduler stopped or whose run outlived its deadline. Ends with `cancel`.
-pub async fn watchdog(
-    app: Arc<App>,
-    every: Duration,
-    cancel: CancellationToken,
-    ping: impl Fn() + Send + 'static,
-) {
-    let mut t = tokio::time::interval(every);
-    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut silent = false;
-    loop {
-        tokio::select! {
-            _ = t.tick() => {}
-            _ = cancel.cancelled() => return,
+impl RetryBackoff {
+    pub fn new(initial: Duration, cap: Duration) -> Self {
+        RetryBackoff {
+            // The limit is not used: retries go on until a run succeeds.
+            policy: Policy::new(initial, cap, Limit::Retries(u32::MAX)),
+            failures: 0,
         }
-        match app.liveness().problem {
-            None => {
-                if silent {
-                    tracing::info!("watchdog: alive again, pinging systemd");
-                    silent = false;
-                }
-                ping();
+    }
+
+    /// After a full run: how long until its retry, if one is due. A success resets the backoff;
+    /// a run skipped because another replica holds the run lock needs none (that replica
+    /// reconciles); a run ended by a shutdown neither, the daemon is stopping.
+    pub fn after(&mut self, report: &RunReport) -> Option<Duration> {
+        match report.outcome {
+            Outcome::Succeeded => {
+                self.failures = 0;
+                None
             }
-            Some(problem) if !silent => {
-                tracing::error!(%problem, "watchdog: the daemon is wedged; no longer pinging systemd, whose WatchdogSec= restarts it");
-                silent = true;
+            Outcome::Skipped => None,
+            Outcome::Failed if matches!(report.error_value, Some(Error::Cancelled)) => None,
+            Outcome::Failed => {
+                let delay = self.policy.backoff(self.failures);
+                self.failures = self.failures.saturating_add(1);
+                Some(delay)
             }
-            Some(_) => {}
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -688,5 +452,42 @@ mod tests {
         assert_eq!(judge(s(1), Some(timeout + RUN_OVERRUN), timeout), None);
         let overrun = judge(s(1), Some(timeout + RUN_OVERRUN + s(1)), timeout).unwrap_or_default();
         assert!(overrun.contains("past run.timeout (60s)"), "{overrun}");
+    }
+
+    fn report(outcome: Outcome, error: Option<Error>) -> RunReport {
+        RunReport {
+            id: uuid::Uuid::new_v4(),
+            trigger: Trigger::Schedule,
+            mode: Mode::Apply,
+            outcome,
+            seed_digest: String::new(),
+            duration_ms: 0,
+            units: Vec::new(),
+            error: None,
+            error_value: error,
+        }
+    }
+
+    #[test]
+    fn retries_double_from_the_initial_delay_up_to_the_interval_and_reset_after_a_success() {
+        let s = Duration::from_secs;
+        let mut b = RetryBackoff::new(s(10), s(60));
+        let failed = || report(Outcome::Failed, Some(Error::Io("down".into())));
+        let delays: Vec<_> = (0..5).map(|_| b.after(&failed()).unwrap()).collect();
+        assert_eq!(delays, [s(10), s(20), s(40), s(60), s(60)]);
+        assert_eq!(b.after(&report(Outcome::Succeeded, None)), None);
+        assert_eq!(b.after(&failed()), Some(s(10)), "reset by the success");
+        // A lock held by a replica is not a failure; a shutdown retries nothing. Neither resets.
+        assert_eq!(b.after(&report(Outcome::Skipped, None)), None);
+        assert_eq!(
+            b.after(&report(Outcome::Failed, Some(Error::Cancelled))),
+            None
+        );
+        assert_eq!(b.after(&failed()), Some(s(20)));
+        // A clash fails the run without an error value: retried like any failure.
+        assert_eq!(b.after(&report(Outcome::Failed, None)), Some(s(40)));
+        // An initial delay above the interval: the interval caps it too.
+        let mut slow = RetryBackoff::new(s(90), s(60));
+        assert_eq!(slow.after(&failed()), Some(s(60)));
     }
 }
