@@ -413,3 +413,42 @@ impl Settings {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn load_env(vars: &[(&str, &str)]) -> Result<Settings> {
+        load_offline(&Sources {
+            file: None,
+            env: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn an_overflowing_duration_is_refused_naming_the_key() {
+        let e = load_env(&[("SEEDKEEPER_SHUTDOWN__GRACE", "99999999999999999h")])
+            .expect_err("99999999999999999h hours overflow a Duration")
+            .to_string();
+        assert!(e.contains("key `shutdown.grace`"), "{e}");
+        assert!(e.contains("SEEDKEEPER_SHUTDOWN__GRACE"), "{e}");
+        assert!(e.contains("\"99999999999999999h\" is out of range"), "{e}");
+    }
+
+    #[test]
+    fn durations_take_combined_spans_from_the_environment() {
+        let s = load_env(&[
+            ("SEEDKEEPER_RUN__TIMEOUT", "1h 30m"),
+            ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "90"),
+            ("SEEDKEEPER_EVENTS__POLL_INTERVAL", "250ms"),
+        ])
+        .expect("valid durations");
+        assert_eq!(s.run.timeout, Duration::from_secs(5400));
+        assert_eq!(s.startup.wait_timeout, Duration::from_secs(90));
+        assert_eq!(s.events.poll_interval, Duration::from_millis(250));
+    }
+}
