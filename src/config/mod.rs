@@ -15,7 +15,7 @@
 //! variable and the fix.
 //!
 //! Layout: this file holds the settings types and the public API ([`load`], [`load_offline`],
-//! [`DatabaseSettings::connection`]); [`sources`] the layers, `secrets` the secret sources,
+//! [`DatabaseSettings::connection`]); `sources` the layers, `secrets` the secret sources,
 //! `validate` the checks, [`duration_str`] the duration format. The database URL's libpq TLS
 //! parameters are parsed by [`crate::store::url`] (re-exported here).
 
