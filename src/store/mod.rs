@@ -9,6 +9,7 @@ pub mod lock;
 pub mod migrate;
 pub mod runs;
 pub mod tls;
+pub mod url;
 
 use std::time::Duration;
 
@@ -18,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 
-use crate::config::{describe_target, DatabaseSettings, SslMode};
+use self::url::describe_target;
+use crate::config::{DatabaseSettings, SslMode};
 use crate::error::{describe_pg, Error, Result};
 use crate::retry::{Limit, Policy, Retry};
 

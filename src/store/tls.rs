@@ -23,9 +23,10 @@ use rustls::{
 };
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{DbTls, RootCert, SslMode};
 use crate::error::{Error, Result};
 use crate::trust::{self, AnyChain, NamesUntrusted};
+
+use super::url::{DbTls, RootCert, SslMode};
 
 /// The connector for `tls`. File problems are configuration errors naming the parameter.
 pub fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {

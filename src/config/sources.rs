@@ -1,0 +1,182 @@
+//! Where configuration comes from, and the figment layers built from it: built-in defaults <
+//! the TOML file (`--config`, `SEEDKEEPER_CONFIG`, else `config/seedkeeper.toml` when present) <
+//! the `SEEDKEEPER_*` environment (nested keys joined with `__`). Secrets are left out of the
+//! environment layer: [`super::secrets`] reads them raw. Figment's errors become messages that
+//! name the key and where its value came from.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+
+use super::{secrets, Settings, DEFAULT_CONFIG_PATH, ENV_PREFIX};
+use crate::error::{Error, Result};
+
+/// Environment variables with the prefix that are not config keys.
+const NON_KEY_ENV: &[&str] = &[
+    "config",
+    "test_database_url",
+    "test_keycloak_url",
+    "test_keycloak_admin",
+    // Tests only: shortens the progress log interval (crate::progress).
+    "progress_interval",
+];
+
+/// Where configuration comes from. `env` is injectable so tests never touch the process
+/// environment (tests run in parallel).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub file: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// The process environment and the `--config` path.
+    pub fn from_process(config_flag: Option<PathBuf>) -> Self {
+        Sources {
+            file: config_flag,
+            env: std::env::vars().collect(),
+        }
+    }
+
+    /// The value of an environment variable; the last one wins when given twice.
+    pub(super) fn var(&self, name: &str) -> Option<&str> {
+        self.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The layers, lowest first. A config file that was named but cannot be read is an error here;
+/// problems with the values come when the figment is extracted.
+pub(super) fn layered(sources: &Sources) -> Result<Figment> {
+    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+    if let Some(path) = config_file(sources)? {
+        figment = figment.merge(Toml::file_exact(path));
+    }
+    Ok(figment.merge(EnvPairs(key_env_pairs(sources))))
+}
+
+/// The TOML file to read: the one named (`--config`, else `SEEDKEEPER_CONFIG`), which must be
+/// readable, else the default path when a file is there.
+fn config_file(sources: &Sources) -> Result<Option<PathBuf>> {
+    let named = sources.file.clone().or_else(|| {
+        sources
+            .var("SEEDKEEPER_CONFIG")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+    });
+    let Some(path) = named else {
+        let default = Path::new(DEFAULT_CONFIG_PATH);
+        return Ok(default.is_file().then(|| default.to_path_buf()));
+    };
+    if !path.is_file() {
+        return Err(Error::config(format!(
+            "config file {} does not exist or is not a file: fix --config or SEEDKEEPER_CONFIG",
+            path.display()
+        )));
+    }
+    if let Err(e) = std::fs::read_to_string(&path) {
+        return Err(Error::config(format!(
+            "config file {} cannot be read: {e}",
+            path.display()
+        )));
+    }
+    Ok(Some(path))
+}
+
+/// The `SEEDKEEPER_*` variables that are non-secret config keys. Secrets and their `_FILE`
+/// variants are resolved separately ([`super::secrets`]).
+fn key_env_pairs(sources: &Sources) -> Vec<(String, String)> {
+    sources
+        .env
+        .iter()
+        .filter(|(k, _)| {
+            k.strip_prefix(ENV_PREFIX).is_some_and(|rest| {
+                !NON_KEY_ENV.contains(&rest.to_ascii_lowercase().as_str())
+                    && !secrets::is_secret_var(k)
+            })
+        })
+        .cloned()
+        .collect()
+}
+
+/// The `SEEDKEEPER_*` variables as a figment provider. figment's own `Env` reads the process
+/// environment; this one reads `Sources`, so tests can inject variables without touching it.
+struct EnvPairs(Vec<(String, String)>);
+
+impl figment::Provider for EnvPairs {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("environment variable")
+    }
+
+    fn data(
+        &self,
+    ) -> std::result::Result<
+        figment::value::Map<figment::Profile, figment::value::Dict>,
+        figment::Error,
+    > {
+        let mut f = Figment::new();
+        for (k, v) in &self.0 {
+            let key = k[ENV_PREFIX.len()..]
+                .to_ascii_lowercase()
+                .replace("__", ".");
+            // Same typing as figment's Env: "30" is a number, "[a, b]" an array.
+            let value = match v.parse::<figment::value::Value>() {
+                Ok(value) => value,
+                Err(never) => match never {},
+            };
+            f = f.merge(Serialized::default(&key, value));
+        }
+        f.data()
+    }
+}
+
+/// One figment error as a problem: the key, where its value came from, what is wrong.
+pub(super) fn describe_figment_error(e: &figment::Error, sources: &Sources) -> String {
+    let key = error_key(e);
+    let env_name = format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
+    let from_env = match &e.metadata {
+        Some(m) => m.name.contains("environment"),
+        // figment leaves some errors without metadata: name the variable when one is set.
+        None => sources
+            .env
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case(&env_name)),
+    };
+    let origin = match &e.metadata {
+        _ if from_env => format!(" (environment variable {env_name})"),
+        Some(m) => match &m.source {
+            Some(src) => format!(" (in {src})"),
+            None => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    match &e.kind {
+        figment::error::Kind::UnknownField(_, expected) => format!(
+            "unknown key `{key}`{origin}: remove it or fix its spelling (expected one of: {})",
+            expected.join(", ")
+        ),
+        other if key.is_empty() => format!("{other}{origin}"),
+        other => format!("key `{key}`{origin}: {other}"),
+    }
+}
+
+/// The key a figment error is about: for an unknown field, the path plus the field.
+fn error_key(e: &figment::Error) -> String {
+    let path = e.path.join(".");
+    match &e.kind {
+        figment::error::Kind::UnknownField(field, _) => {
+            if path.is_empty() {
+                field.clone()
+            } else if path == *field || path.ends_with(&format!(".{field}")) {
+                path
+            } else {
+                format!("{path}.{field}")
+            }
+        }
+        _ => path,
+    }
+}

@@ -1,0 +1,292 @@
+//! `validate()`: every problem of the settings at once, in the order of the configuration table,
+//! each naming the key, its environment variable and the fix. Reads the settings only: files
+//! named by keys are checked to exist, nothing is connected to.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+
+use super::{duration_str, Environment, IdentitySource, Settings};
+use crate::store::url::{
+    is_loopback_host, remote_hosts, split_libpq_tls, url_refusal_reason, DbTls, RootCert, SslMode,
+};
+
+/// Every problem of the settings at once, in the order of the configuration table.
+pub(super) fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
+    validate_database(s, need_database, problems);
+    validate_identity(s, problems);
+    validate_keycloak(s, problems);
+    validate_daemon(s, problems);
+    validate_limits(s, problems);
+    validate_production(s, problems);
+}
+
+/// `database.*`: the URL (its TLS parameters included), the connect timeout and the batch size.
+fn validate_database(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
+    match &s.database.url {
+        None if !need_database => {}
+        None => problems.push(
+            "database.url is not set: set SEEDKEEPER_DATABASE__URL (postgres://user@host:5432/db), \
+             SEEDKEEPER_DATABASE__URL_FILE, or the systemd credential database.url"
+                .to_string(),
+        ),
+        Some(url) => match split_libpq_tls(url.expose_secret()) {
+            Err(why) => problems.push(format!("{why} (SEEDKEEPER_DATABASE__URL)")),
+            Ok((rest, tls)) => match tokio_postgres::Config::from_str(&rest) {
+                Err(e) => problems.push(format!(
+                    "database.url is not a valid PostgreSQL URL{} (expected postgres://user@host:5432/db) \
+                     (SEEDKEEPER_DATABASE__URL); its value is not shown because it may hold a password",
+                    url_refusal_reason(&e).map(|r| format!(" ({r})")).unwrap_or_default()
+                )),
+                Ok(cfg) => validate_database_tls(s, &cfg, &tls, problems),
+            },
+        },
+    }
+    if s.database.connect_timeout.is_zero() {
+        problems.push(
+            "database.connect_timeout must be above 0 (SEEDKEEPER_DATABASE__CONNECT_TIMEOUT)"
+                .into(),
+        );
+    }
+    if !(1..=100_000).contains(&s.database.batch_size) {
+        problems.push(
+            "database.batch_size must be within 1..=100000 (SEEDKEEPER_DATABASE__BATCH_SIZE)"
+                .into(),
+        );
+    }
+}
+
+/// `seed.path` and `identity.*`.
+fn validate_identity(s: &Settings, problems: &mut Vec<String>) {
+    if let Some(p) = &s.seed.path {
+        if !p.is_file() {
+            problems.push(format!(
+                "seed.path {} is not a readable file: fix SEEDKEEPER_SEED__PATH, or unset it to use the embedded seed",
+                p.display()
+            ));
+        }
+    }
+    if s.identity.admin_roles.is_empty()
+        || s.identity.admin_roles.iter().any(|r| r.trim().is_empty())
+    {
+        problems.push(
+            "identity.admin_roles must list at least one non-empty realm role (SEEDKEEPER_IDENTITY__ADMIN_ROLES)".into(),
+        );
+    }
+    if let Some(p) = &s.identity.realm_file {
+        if s.identity.source == IdentitySource::RealmFile && !p.exists() {
+            problems.push(format!(
+                "identity.realm_file {} does not exist: fix SEEDKEEPER_IDENTITY__REALM_FILE",
+                p.display()
+            ));
+        }
+    }
+}
+
+/// `keycloak.*`: what the keycloak source needs, and the listing's bounds.
+fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
+    if s.identity.source == IdentitySource::Keycloak {
+        match &s.keycloak.base_url {
+            None => problems.push(
+                "keycloak.base_url is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. http://127.0.0.1:8080)".into(),
+            ),
+            Some(u) => match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "keycloak.base_url {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)"
+                )),
+            },
+        }
+        if let Some(u) = &s.keycloak.issuer {
+            match reqwest::Url::parse(u) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+                _ => problems.push(format!(
+                    "keycloak.issuer {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
+                    s.keycloak.realm
+                )),
+            }
+        }
+        if s.keycloak.realm.trim().is_empty() {
+            problems.push("keycloak.realm is empty: set SEEDKEEPER_KEYCLOAK__REALM".into());
+        }
+        if s.keycloak.client_id.trim().is_empty() {
+            problems.push("keycloak.client_id is empty: set SEEDKEEPER_KEYCLOAK__CLIENT_ID".into());
+        }
+        if s.keycloak.client_secret.is_none() {
+            problems.push(
+                "keycloak.client_secret is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE (or SEEDKEEPER_KEYCLOAK__CLIENT_SECRET, or the systemd credential keycloak.client_secret)".into(),
+            );
+        }
+        if let Some(ca) = &s.keycloak.ca_file {
+            if !ca.is_file() {
+                problems.push(format!(
+                    "keycloak.ca_file {} is not a readable file: fix SEEDKEEPER_KEYCLOAK__CA_FILE",
+                    ca.display()
+                ));
+            }
+        }
+    }
+    if !(1..=5000).contains(&s.keycloak.page_size) {
+        problems.push(
+            "keycloak.page_size must be within 1..=5000 (SEEDKEEPER_KEYCLOAK__PAGE_SIZE)".into(),
+        );
+    }
+    if !(1..=32).contains(&s.keycloak.concurrency) {
+        problems.push(
+            "keycloak.concurrency must be within 1..=32 (SEEDKEEPER_KEYCLOAK__CONCURRENCY)".into(),
+        );
+    }
+    if s.keycloak.request_timeout.is_zero() {
+        problems.push(
+            "keycloak.request_timeout must be above 0 (SEEDKEEPER_KEYCLOAK__REQUEST_TIMEOUT)"
+                .into(),
+        );
+    }
+}
+
+/// The daemon's `events.poll_interval`, `schedule.cron`, `schedule.retry_initial` and
+/// `http.listen`.
+fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
+    if s.events.poll_interval < Duration::from_millis(100) {
+        problems.push(format!(
+            "events.poll_interval {} is below 100ms (SEEDKEEPER_EVENTS__POLL_INTERVAL): Keycloak would be polled without pause",
+            duration_str::format(&s.events.poll_interval)
+        ));
+    }
+    if let Err(why) = validate_cron(&s.schedule.cron) {
+        problems.push(format!(
+            "schedule.cron {:?} is not a valid six-field cron expression (seconds first, e.g. \"0 */5 * * * *\") (SEEDKEEPER_SCHEDULE__CRON): {why}",
+            s.schedule.cron
+        ));
+    }
+    if s.schedule.retry_initial < Duration::from_millis(100) {
+        problems.push(format!(
+            "schedule.retry_initial {} is below 100ms (SEEDKEEPER_SCHEDULE__RETRY_INITIAL): a failed run would be retried without pause",
+            duration_str::format(&s.schedule.retry_initial)
+        ));
+    }
+    if SocketAddr::from_str(&s.http.listen).is_err() {
+        problems.push(format!(
+            "http.listen {:?} is not an address:port (e.g. 127.0.0.1:8787) (SEEDKEEPER_HTTP__LISTEN)",
+            s.http.listen
+        ));
+    }
+}
+
+/// The timeouts' bounds, `run.timeout` against `startup.wait_timeout`, `evidence.retention`.
+fn validate_limits(s: &Settings, problems: &mut Vec<String>) {
+    for (key, d) in [
+        ("statement_timeout", s.database.statement_timeout),
+        ("lock_timeout", s.database.lock_timeout),
+    ] {
+        if d.as_millis() > i32::MAX as u128 {
+            problems.push(format!(
+                "database.{key} must be at most 24 days (PostgreSQL's limit); 0 leaves the server's setting (SEEDKEEPER_DATABASE__{})",
+                key.to_uppercase()
+            ));
+        }
+    }
+    if s.run.timeout <= s.startup.wait_timeout {
+        problems.push(format!(
+            "run.timeout ({}) must be above startup.wait_timeout ({}): it bounds the whole run, waiting for PostgreSQL and Keycloak included (SEEDKEEPER_RUN__TIMEOUT)",
+            duration_str::format(&s.run.timeout),
+            duration_str::format(&s.startup.wait_timeout)
+        ));
+    }
+    if s.evidence.retention == 0 {
+        problems
+            .push("evidence.retention must be at least 1 (SEEDKEEPER_EVIDENCE__RETENTION)".into());
+    }
+}
+
+/// What `environment = "production"` refuses.
+fn validate_production(s: &Settings, problems: &mut Vec<String>) {
+    if s.environment == Environment::Production {
+        if s.identity.source == IdentitySource::RealmFile {
+            problems.push(
+                "environment = \"production\" refuses identity.source = \"realm-file\" (a dev-only source): set SEEDKEEPER_IDENTITY__SOURCE=keycloak".into(),
+            );
+        }
+        if !s.keycloak.tls_verify {
+            problems.push(
+                "environment = \"production\" refuses keycloak.tls_verify = false: trust the CA with keycloak.ca_file (SEEDKEEPER_KEYCLOAK__CA_FILE) instead".into(),
+            );
+        }
+        // The client secret and every token would cross the network in clear; on loopback
+        // (a sidecar, a local proxy that terminates TLS) nothing leaves the machine.
+        if let Some(url) = s
+            .keycloak
+            .base_url
+            .as_deref()
+            .and_then(|u| reqwest::Url::parse(u).ok())
+        {
+            if url.scheme() == "http" && !url_is_loopback(&url) {
+                problems.push(format!(
+                    "environment = \"production\" refuses keycloak.base_url {} (http:// to the non-loopback host {}): the client secret and every token would cross the network in clear. Use https:// in SEEDKEEPER_KEYCLOAK__BASE_URL (trusting its CA through the OS trust store or keycloak.ca_file)",
+                    url.as_str().trim_end_matches('/'),
+                    url.host_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+}
+
+/// The TLS files of `database.url` exist, and production refuses a remote database without TLS.
+fn validate_database_tls(
+    s: &Settings,
+    cfg: &tokio_postgres::Config,
+    tls: &DbTls,
+    problems: &mut Vec<String>,
+) {
+    let files = [
+        (
+            "sslrootcert",
+            match &tls.root_cert {
+                RootCert::File(p) => Some(p),
+                RootCert::System => None,
+            },
+        ),
+        ("sslcert", tls.client_cert.as_ref()),
+        ("sslkey", tls.client_key.as_ref()),
+    ];
+    for (key, path) in files {
+        if let Some(p) = path.filter(|p| !p.is_file()) {
+            problems.push(format!(
+                "database.url: {key}={} is not a readable file: fix the path in SEEDKEEPER_DATABASE__URL",
+                p.display()
+            ));
+        }
+    }
+    let remote = remote_hosts(cfg);
+    if s.environment == Environment::Production && tls.mode < SslMode::Require && !remote.is_empty()
+    {
+        problems.push(format!(
+            "environment = \"production\" refuses database.url's sslmode={}{} for the non-loopback host {}: identity data would cross the network unencrypted or unauthenticated. Add sslmode=verify-full&sslrootcert=/path/ca.pem to database.url (SEEDKEEPER_DATABASE__URL), or sslmode=require at least",
+            tls.mode.as_str(),
+            if tls.mode_given { "" } else { " (libpq's default when none is given)" },
+            remote.join(", ")
+        ));
+    }
+}
+
+/// Six fields, seconds first; checked with the scheduler's own parser.
+pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
+    if expr.split_whitespace().count() != 6 {
+        return Err(format!(
+            "{} fields given, 6 expected",
+            expr.split_whitespace().count()
+        ));
+    }
+    tokio_cron_scheduler::Job::new_async(expr, |_, _| Box::pin(async {}))
+        .map_err(|e| e.to_string())?;
+    // Its interval caps the retry backoff: an expression that never fires has none.
+    crate::cron::interval(expr).map(|_| ())
+}
+
+/// Whether a URL's host is this machine: `localhost` (and `*.localhost`) or a loopback address.
+pub fn url_is_loopback(url: &reqwest::Url) -> bool {
+    url.host_str()
+        .is_some_and(|h| is_loopback_host(&tokio_postgres::config::Host::Tcp(h.to_string())))
+}
