@@ -12,6 +12,9 @@ use figment::Figment;
 use super::{secrets, Settings, DEFAULT_CONFIG_PATH, ENV_PREFIX};
 use crate::error::{Error, Result};
 
+/// The name of the environment layer in figment's metadata: how an error tells it apart.
+const ENV_METADATA: &str = "environment variable";
+
 /// Environment variables with the prefix that are not config keys.
 const NON_KEY_ENV: &[&str] = &[
     "config",
@@ -109,7 +112,7 @@ struct EnvPairs(Vec<(String, String)>);
 
 impl figment::Provider for EnvPairs {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named("environment variable")
+        figment::Metadata::named(ENV_METADATA)
     }
 
     fn data(
@@ -139,7 +142,7 @@ pub(super) fn describe_figment_error(e: &figment::Error, sources: &Sources) -> S
     let key = error_key(e);
     let env_name = format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
     let from_env = match &e.metadata {
-        Some(m) => m.name.contains("environment"),
+        Some(m) => m.name == ENV_METADATA,
         // figment leaves some errors without metadata: name the variable when one is set.
         None => sources
             .env
