@@ -1,25 +1,5 @@
-//! Following Keycloak's events between full runs, so a new user is provisioned and a lost
-//! privilege revoked within seconds, at a cost that grows with the changes, not the realm.
-//!
-//! Every `events.poll_interval` the follower reads the user events (`GET events`) and the admin
-//! events (`GET admin-events`) at or after its checkpoint, oldest first, page by page. An event
-//! that concerns one user (a registration, a profile or email update, a user created, updated,
-//! disabled, given or taken a role or a group) re-syncs that user: `GET users/{id}` and
-//! `GET users/{id}/role-mappings/realm/composite` (the effective realm roles, composites and
-//! groups expanded by Keycloak), then the same units and rules as a full run, under the same run
-//! lock, leaving one `seed_runs` row with trigger `event` per applied batch. An event whose
-//! effect on users is unknown (a role's composites, a group's roles or parent, a realm import)
-//! asks the daemon for a full run at once.
-//!
-//! The checkpoint (table `event_follower`) holds, per stream, the time of the last event applied
-//! and the ids applied at that millisecond: events sharing it are neither lost nor applied twice,
-//! across restarts and replicas. A checkpoint older than the realm's event expiration means
-//! events may have been dropped: a full run, and the checkpoint moves to now. Events are only an
-//! accelerator: the scheduled full run stays and heals whatever they missed.
-//!
-//! Events not enabled on the realm, or a service account without `view-events`: one warning
-//! naming the fix, then schedule-only mode (`seedkeeper_events_following` 0, shown by `status`).
-//! Reads `events.*`, `keycloak.realm`.
+//! The follower loop: checks that the realm saves events and the service account may read them,
+//! then polls both streams from the checkpoint and applies each batch through the engine.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +10,8 @@ use serde::de::DeserializeOwned;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::checkpoint::{load_checkpoint, now_ms, save_checkpoint, save_not_following, Checkpoint};
+use super::classify::{classify_admin, classify_user, EventKey, Mark, Wanted};
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
@@ -47,141 +29,6 @@ const BURST: usize = 5_000;
 /// and applying an event twice is harmless.
 const START_MARGIN_MS: i64 = 5_000;
 
-/// User event types that change what seedkeeper stores about the user.
-const USER_EVENT_TYPES: &[&str] = &[
-    "REGISTER",
-    "UPDATE_PROFILE",
-    "UPDATE_EMAIL",
-    "VERIFY_EMAIL",
-    "DELETE_ACCOUNT",
-    "IDENTITY_PROVIDER_FIRST_LOGIN",
-    "USER_DISABLED_BY_PERMANENT_LOCKOUT",
-];
-
-/// What a batch of events asks for.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Wanted {
-    /// Users to re-sync, by id.
-    pub users: BTreeSet<String>,
-    /// A change whose effect on users is unknown: a full run.
-    pub full_run: Option<String>,
-}
-
-/// What one admin event means for seedkeeper.
-pub fn classify_admin(e: &AdminEvent, wanted: &mut Wanted) {
-    let path = e.resource_path.as_deref().unwrap_or("");
-    let kind = e.resource_type.as_deref().unwrap_or("");
-    let mut segs = path.split('/');
-    if segs.next() == Some("users") {
-        if let Some(id) = segs.next().filter(|s| !s.is_empty()) {
-            if matches!(
-                kind,
-                "USER" | "REALM_ROLE_MAPPING" | "GROUP_MEMBERSHIP" | "CLIENT_ROLE_MAPPING"
-            ) {
-                wanted.users.insert(id.to_string());
-                return;
-            }
-        }
-    }
-    // Roles, groups, their mappings and realm imports reach users seedkeeper cannot name.
-    if matches!(
-        kind,
-        "GROUP"
-            | "GROUP_MEMBERSHIP"
-            | "REALM_ROLE"
-            | "REALM_ROLE_MAPPING"
-            | "CLIENT_ROLE_MAPPING"
-            | "REALM"
-            | "USER"
-    ) && wanted.full_run.is_none()
-    {
-        wanted.full_run = Some(format!(
-            "admin event {} {kind} {path}",
-            e.operation.as_deref().unwrap_or("?")
-        ));
-    }
-}
-
-/// What one user event means for seedkeeper.
-pub fn classify_user(e: &UserEvent, wanted: &mut Wanted) {
-    let kind = e.kind.as_deref().unwrap_or("");
-    if USER_EVENT_TYPES.contains(&kind) {
-        if let Some(id) = e.user_id.as_deref().filter(|s| !s.is_empty()) {
-            wanted.users.insert(id.to_string());
-        }
-    }
-}
-
-/// Where one stream stands: the last time applied and the ids applied at that millisecond.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mark {
-    pub time: i64,
-    pub ids: Vec<String>,
-}
-
-impl Mark {
-    /// Whether an event (time, key) was applied already.
-    pub fn covers(&self, time: i64, key: &str) -> bool {
-        time < self.time || (time == self.time && self.ids.iter().any(|i| i == key))
-    }
-
-    /// The mark after applying events with these (time, key) pairs.
-    pub fn advance(&self, seen: &[(i64, String)]) -> Mark {
-        let Some(last) = seen.iter().map(|(t, _)| *t).max() else {
-            return self.clone();
-        };
-        if last < self.time {
-            return self.clone();
-        }
-        let mut ids: Vec<String> = if last == self.time {
-            self.ids.clone()
-        } else {
-            Vec::new()
-        };
-        for (t, k) in seen {
-            if *t == last && !ids.contains(k) {
-                ids.push(k.clone());
-            }
-        }
-        Mark { time: last, ids }
-    }
-}
-
-/// An event's identity: Keycloak's id, or its content when it has none.
-pub trait EventKey {
-    fn time(&self) -> i64;
-    fn key(&self) -> String;
-}
-
-/// Keycloak's id, else the event's time and two identifying fields.
-fn key_of(id: &Option<String>, time: i64, a: &Option<String>, b: &Option<String>) -> String {
-    id.clone().unwrap_or_else(|| {
-        format!(
-            "{time}:{}:{}",
-            a.as_deref().unwrap_or(""),
-            b.as_deref().unwrap_or("")
-        )
-    })
-}
-
-impl EventKey for UserEvent {
-    fn time(&self) -> i64 {
-        self.time
-    }
-    fn key(&self) -> String {
-        key_of(&self.id, self.time, &self.kind, &self.user_id)
-    }
-}
-
-impl EventKey for AdminEvent {
-    fn time(&self) -> i64 {
-        self.time
-    }
-    fn key(&self) -> String {
-        key_of(&self.id, self.time, &self.operation, &self.resource_path)
-    }
-}
-
 /// The follower's state: why it does not follow, if it does not, and whether its checkpoint
 /// table exists yet. Its series are [`EventMetrics`].
 #[derive(Debug, Default)]
@@ -189,103 +36,6 @@ pub struct FollowerState {
     pub reason: Mutex<Option<String>>,
     /// Set once the checkpoint table exists (the first full run's migration creates it).
     checkpoint_table: AtomicBool,
-}
-
-/// The realm's checkpoint row.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Checkpoint {
-    pub user: Mark,
-    pub admin: Mark,
-}
-
-pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoint>> {
-    let row = c
-        .query_opt(
-            "SELECT user_time, user_ids, admin_time, admin_ids FROM event_follower WHERE realm = $1",
-            &[&realm],
-        )
-        .await
-        .map_err(store::ctx("reading the event checkpoint"))?;
-    Ok(row.map(|r| Checkpoint {
-        user: Mark {
-            time: r.get(0),
-            ids: r.get(1),
-        },
-        admin: Mark {
-            time: r.get(2),
-            ids: r.get(3),
-        },
-    }))
-}
-
-pub async fn save_checkpoint(c: &Client, realm: &str, cp: &Checkpoint) -> Result<()> {
-    c.execute(
-        "INSERT INTO event_follower (realm, user_time, user_ids, admin_time, admin_ids, following, reason, updated_at)
-         VALUES ($1, $2, $3, $4, $5, true, NULL, now())
-         ON CONFLICT (realm) DO UPDATE SET user_time = $2, user_ids = $3, admin_time = $4, admin_ids = $5,
-             following = true, reason = NULL, updated_at = now()",
-        &[&realm, &cp.user.time, &cp.user.ids, &cp.admin.time, &cp.admin.ids],
-    )
-    .await
-    .map_err(store::ctx("saving the event checkpoint"))?;
-    Ok(())
-}
-
-/// Records that events are not followed, and why (for `seedkeeper status`).
-pub async fn save_not_following(c: &Client, realm: &str, reason: &str, now_ms: i64) -> Result<()> {
-    c.execute(
-        "INSERT INTO event_follower (realm, user_time, admin_time, following, reason, updated_at)
-         VALUES ($1, $2, $2, false, $3, now())
-         ON CONFLICT (realm) DO UPDATE SET following = false, reason = $3, updated_at = now()",
-        &[&realm, &now_ms, &reason],
-    )
-    .await
-    .map_err(store::ctx("recording that events are not followed"))?;
-    Ok(())
-}
-
-/// One line per realm for `seedkeeper status`: whether events are followed, and where the
-/// checkpoint stands or why they are not. Empty before the first run.
-pub async fn status_lines(c: &Client) -> Result<Vec<String>> {
-    if !store::table_exists(c, "event_follower").await? {
-        return Ok(Vec::new());
-    }
-    let rows = c
-        .query(
-            "SELECT realm, following, reason, greatest(user_time, admin_time), updated_at
-             FROM event_follower ORDER BY realm",
-            &[],
-        )
-        .await
-        .map_err(store::ctx("reading the event follower's state"))?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let realm: String = r.get(0);
-            let following: bool = r.get(1);
-            let reason: Option<String> = r.get(2);
-            let last: i64 = r.get(3);
-            let updated: chrono::DateTime<chrono::Utc> = r.get(4);
-            if following {
-                let at = chrono::DateTime::from_timestamp_millis(last)
-                    .map(|t| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string())
-                    .unwrap_or_default();
-                format!(
-                    "events: following realm {realm:?}; applied up to {at} UTC (moved {})",
-                    updated.format("%Y-%m-%d %H:%M:%S")
-                )
-            } else {
-                format!(
-                    "events: not followed in realm {realm:?} (schedule only): {}",
-                    reason.unwrap_or_default()
-                )
-            }
-        })
-        .collect())
-}
-
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
 }
 
 /// What one poll did.
@@ -650,62 +400,5 @@ impl Follower {
         self.metrics.full_runs_asked.inc();
         tracing::info!(reason = %why, "a full run is due");
         (self.full_run)(why);
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    fn admin(kind: &str, path: &str) -> AdminEvent {
-        AdminEvent {
-            id: None,
-            time: 1,
-            operation: Some("UPDATE".into()),
-            resource_type: Some(kind.into()),
-            resource_path: Some(path.into()),
-        }
-    }
-
-    #[test]
-    fn user_changes_name_the_user_and_structural_changes_ask_for_a_full_run() {
-        let mut w = Wanted::default();
-        classify_admin(&admin("USER", "users/u1"), &mut w);
-        classify_admin(
-            &admin("REALM_ROLE_MAPPING", "users/u2/role-mappings/realm"),
-            &mut w,
-        );
-        classify_admin(&admin("GROUP_MEMBERSHIP", "users/u3/groups/g1"), &mut w);
-        classify_admin(&admin("CLIENT", "clients/c1"), &mut w);
-        assert_eq!(w.users.iter().collect::<Vec<_>>(), ["u1", "u2", "u3"]);
-        assert_eq!(w.full_run, None);
-        classify_admin(
-            &admin("REALM_ROLE_MAPPING", "groups/g1/role-mappings/realm"),
-            &mut w,
-        );
-        assert!(w.full_run.as_deref().unwrap().contains("groups/g1"));
-        let mut w = Wanted::default();
-        classify_admin(&admin("REALM_ROLE", "roles-by-id/r1/composites"), &mut w);
-        assert!(w.full_run.is_some());
-    }
-
-    #[test]
-    fn a_mark_covers_what_it_applied_and_advances_past_the_same_millisecond() {
-        let m = Mark {
-            time: 10,
-            ids: vec!["a".into()],
-        };
-        assert!(m.covers(9, "z") && m.covers(10, "a"));
-        assert!(!m.covers(10, "b") && !m.covers(11, "a"));
-        let same = m.advance(&[(10, "b".into())]);
-        assert_eq!(same.time, 10);
-        assert_eq!(same.ids, ["a", "b"]);
-        let later = same.advance(&[(12, "c".into()), (11, "d".into()), (12, "e".into())]);
-        assert_eq!(
-            (later.time, later.ids.clone()),
-            (12, vec!["c".to_string(), "e".to_string()])
-        );
-        assert_eq!(later.advance(&[]), later);
     }
 }
