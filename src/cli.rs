@@ -154,101 +154,119 @@ pub async fn execute(
     out: &mut dyn Write,
 ) -> u8 {
     match &cli.command {
-        Some(Command::Config) => {
-            let seed = match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
-                Ok(s) => s,
-                Err(e) => return fail(&e),
-            };
-            let mut text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n", seed.source_name, seed.digest);
-            text.push_str(&settings.redacted_toml());
-            if let Err(e) = crate::app::build_engine(settings) {
-                return fail(&e);
-            }
-            print(out, &text);
-            exit::OK
-        }
-        Some(Command::ExportSql) => {
-            match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
-                Ok(seed) => {
-                    print(out, &crate::reconcile::reference::export_sql(&seed));
-                    exit::OK
-                }
-                Err(e) => fail(&e),
-            }
-        }
+        Some(Command::Config) => config(settings, out),
+        Some(Command::ExportSql) => export_sql(&settings, out),
         Some(Command::Migrate) => migrate(&settings, &cancel).await,
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
-        Some(Command::Plan { format }) => {
-            let mut engine = match crate::app::build_engine(settings) {
-                Ok(e) => e,
-                Err(e) => return fail(&e),
-            };
-            engine.progress = progress::Display::interactive(crate::telemetry::is_json());
-            let wait = engine.settings.startup.wait_timeout;
-            let report = engine.run(Mode::Plan, Trigger::Plan, wait, &cancel).await;
-            match format {
-                OutputFormat::Json => print(
-                    out,
-                    &format!(
-                        "{}\n",
-                        serde_json::to_string_pretty(&report).unwrap_or_default()
-                    ),
-                ),
-                OutputFormat::Text => print(out, &render_plan(&report)),
-            }
-            match (&report.error_value, report.outcome) {
-                (Some(e), _) => fail(e),
-                (None, Outcome::Skipped) => {
-                    crate::telemetry::print_error(
-                        "another run holds the run lock; plan again when it is done",
-                        "skipped",
-                        exit::RECONCILE_FAILED,
-                    );
-                    exit::RECONCILE_FAILED
-                }
-                _ if report.changes_pending() => exit::CHANGES_PENDING,
-                _ => exit::OK,
-            }
+        Some(Command::Plan { format }) => plan(settings, *format, &cancel, out).await,
+        Some(Command::Run { .. }) | None => once(settings, &cancel, out).await,
+    }
+}
+
+/// `config`: the effective configuration, secrets redacted, once everything it points at is
+/// valid.
+fn config(settings: Settings, out: &mut dyn Write) -> u8 {
+    let seed = match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let mut text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n", seed.source_name, seed.digest);
+    text.push_str(&settings.redacted_toml());
+    if let Err(e) = crate::app::build_engine(settings) {
+        return fail(&e);
+    }
+    print(out, &text);
+    exit::OK
+}
+
+/// `export-sql`: the reference seed as SQL.
+fn export_sql(settings: &Settings, out: &mut dyn Write) -> u8 {
+    match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
+        Ok(seed) => {
+            print(out, &crate::reconcile::reference::export_sql(&seed));
+            exit::OK
         }
-        Some(Command::Run { .. }) | None => {
-            let mut parts = match crate::app::build(settings) {
-                Ok(p) => p,
-                Err(e) => return fail(&e),
-            };
-            parts.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
-            let app = crate::app::App::new(parts);
-            let wait = app.settings().startup.wait_timeout;
-            let report = app.run_once(Trigger::Once, wait, &cancel).await;
-            if crate::telemetry::is_json() {
-                print(out, &format!("{}\n", summary_json(&report)));
-            } else {
-                print(out, &render_summary(&report));
-            }
-            match (&report.error_value, report.outcome) {
-                (Some(e), _) => fail(e),
-                (None, Outcome::Failed) => {
-                    crate::telemetry::print_error(
-                        report.error.as_deref().unwrap_or("run failed"),
-                        "identity_clash",
-                        exit::RECONCILE_FAILED,
-                    );
-                    exit::RECONCILE_FAILED
-                }
-                // Exit 0 means a run of its own converged the database. A `--once` waits for the
-                // run lock instead of being skipped, so this is not expected; were it to happen,
-                // it must not pass for a success.
-                (None, Outcome::Skipped) => {
-                    crate::telemetry::print_error(
-                        report.error.as_deref().unwrap_or("skipped"),
-                        "run_lock_held",
-                        exit::UNAVAILABLE,
-                    );
-                    exit::UNAVAILABLE
-                }
-                (None, Outcome::Succeeded) => exit::OK,
-            }
+        Err(e) => fail(&e),
+    }
+}
+
+/// `plan`: what a run would change, written nowhere.
+async fn plan(
+    settings: Settings,
+    format: OutputFormat,
+    cancel: &CancellationToken,
+    out: &mut dyn Write,
+) -> u8 {
+    let mut engine = match crate::app::build_engine(settings) {
+        Ok(e) => e,
+        Err(e) => return fail(&e),
+    };
+    engine.progress = progress::Display::interactive(crate::telemetry::is_json());
+    let wait = engine.settings.startup.wait_timeout;
+    let report = engine.run(Mode::Plan, Trigger::Plan, wait, cancel).await;
+    match format {
+        OutputFormat::Json => print(
+            out,
+            &format!(
+                "{}\n",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            ),
+        ),
+        OutputFormat::Text => print(out, &render_plan(&report)),
+    }
+    match (&report.error_value, report.outcome) {
+        (Some(e), _) => fail(e),
+        (None, Outcome::Skipped) => {
+            crate::telemetry::print_error(
+                "another run holds the run lock; plan again when it is done",
+                "skipped",
+                exit::RECONCILE_FAILED,
+            );
+            exit::RECONCILE_FAILED
         }
+        _ if report.changes_pending() => exit::CHANGES_PENDING,
+        _ => exit::OK,
+    }
+}
+
+/// `--once`: one run, its summary, and the exit code that says how it ended.
+async fn once(settings: Settings, cancel: &CancellationToken, out: &mut dyn Write) -> u8 {
+    let mut parts = match crate::app::build(settings) {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    parts.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
+    let app = crate::app::App::new(parts);
+    let wait = app.settings().startup.wait_timeout;
+    let report = app.run_once(Trigger::Once, wait, cancel).await;
+    if crate::telemetry::is_json() {
+        print(out, &format!("{}\n", summary_json(&report)));
+    } else {
+        print(out, &render_summary(&report));
+    }
+    match (&report.error_value, report.outcome) {
+        (Some(e), _) => fail(e),
+        (None, Outcome::Failed) => {
+            crate::telemetry::print_error(
+                report.error.as_deref().unwrap_or("run failed"),
+                "identity_clash",
+                exit::RECONCILE_FAILED,
+            );
+            exit::RECONCILE_FAILED
+        }
+        // Exit 0 means a run of its own converged the database. A `--once` waits for the
+        // run lock instead of being skipped, so this is not expected; were it to happen,
+        // it must not pass for a success.
+        (None, Outcome::Skipped) => {
+            crate::telemetry::print_error(
+                report.error.as_deref().unwrap_or("skipped"),
+                "run_lock_held",
+                exit::UNAVAILABLE,
+            );
+            exit::UNAVAILABLE
+        }
+        (None, Outcome::Succeeded) => exit::OK,
     }
 }
 

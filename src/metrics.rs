@@ -423,6 +423,33 @@ pub struct EventMetrics {
     pub polls: Counter,
 }
 
+/// A counter family with a series at 0 for each of `labels`, so that a rate over it starts
+/// before the first event.
+fn at_zero<L>(labels: impl Iterator<Item = L>) -> Family<L, Counter>
+where
+    L: Clone + std::hash::Hash + Eq + prometheus_client::encoding::EncodeLabelSet + std::fmt::Debug,
+{
+    let family = Family::<L, Counter>::default();
+    for l in labels {
+        let _ = family.get_or_create(&l);
+    }
+    family
+}
+
+/// `seedkeeper_build_info`: version, revision and the seed's digest.
+fn register_build(r: &mut Registry, seed_digest: &str) {
+    let build = Info::new(BuildLabels {
+        version: env!("CARGO_PKG_VERSION"),
+        revision: REVISION,
+        seed_digest: seed_digest.to_string(),
+    });
+    r.register(
+        "seedkeeper_build",
+        "The running build: package version, git revision and the digest of the reference seed it applies (always 1)",
+        build,
+    );
+}
+
 impl Metrics {
     /// The registry of one daemon, built before the parts it counts for: the seed digest in
     /// `seedkeeper_build_info`, the run series, and the series of `parts`. Each part is then
@@ -491,37 +518,21 @@ impl Metrics {
     pub fn with_seed_digest(seed_digest: &str) -> Self {
         let mut registry = Registry::default();
         let r = &mut registry;
-        let build = Info::new(BuildLabels {
-            version: env!("CARGO_PKG_VERSION"),
-            revision: REVISION,
-            seed_digest: seed_digest.to_string(),
-        });
-        r.register(
-            "seedkeeper_build",
-            "The running build: package version, git revision and the digest of the reference seed it applies (always 1)",
-            build,
-        );
-        let runs = Family::<RunLabels, Counter>::default();
-        for &outcome in Outcome::ALL {
-            for &trigger in Trigger::ALL.iter().filter(|t| t.in_daemon()) {
-                let _ = runs.get_or_create(&RunLabels { outcome, trigger });
-            }
-        }
+        register_build(r, seed_digest);
         let runs = register(
             r,
             "seedkeeper_runs",
             "Reconcile runs by outcome and by what started them (a retry of a failed run is a run)",
-            runs,
+            at_zero(Outcome::ALL.iter().flat_map(|&outcome| {
+                let in_daemon = Trigger::ALL.iter().filter(|t| t.in_daemon());
+                in_daemon.map(move |&trigger| RunLabels { outcome, trigger })
+            })),
         );
-        let errors = Family::<ErrorLabels, Counter>::default();
-        for &kind in ErrorKind::ALL {
-            let _ = errors.get_or_create(&ErrorLabels { kind });
-        }
         let errors = register(
             r,
             "seedkeeper_run_errors",
             "Failed runs by error kind (every kind starts at 0)",
-            errors,
+            at_zero(ErrorKind::ALL.iter().map(|&kind| ErrorLabels { kind })),
         );
         let duration = register(
             r,
@@ -529,17 +540,15 @@ impl Metrics {
             "Duration of full runs (event batches: seedkeeper_event_batch_duration_seconds)",
             Histogram::new(RUN_BUCKETS.iter().copied()),
         );
-        let rows = Family::<RowLabels, Counter>::default();
-        for &unit in Unit::ALL {
-            for &action in unit.actions() {
-                let _ = rows.get_or_create(&RowLabels { unit, action });
-            }
-        }
         let rows = register(
             r,
             "seedkeeper_rows_changed",
             "Rows written, by unit and action",
-            rows,
+            at_zero(Unit::ALL.iter().flat_map(|&unit| {
+                unit.actions()
+                    .iter()
+                    .map(move |&action| RowLabels { unit, action })
+            })),
         );
         let drift = register(
             r,

@@ -225,6 +225,17 @@ impl AdminClient {
         if let Some(t) = self.cached_token() {
             return Ok(t);
         }
+        let fresh = self.grant(cancel).await?;
+        let token = fresh.token.clone();
+        if let Ok(mut g) = self.token.lock() {
+            *g = Some(fresh);
+        }
+        Ok(token)
+    }
+
+    /// A new token: the client-credentials grant at the discovered token endpoint, retried
+    /// under the request policy, its roles checked.
+    async fn grant(&self, cancel: &CancellationToken) -> Result<CachedToken> {
         let discovered = self.discover(cancel).await?;
         let secret = self.settings.client_secret.as_ref().ok_or_else(|| {
             Error::config(
@@ -285,13 +296,7 @@ impl AdminClient {
         let renew_at = Instant::now() + lifetime.saturating_sub(TOKEN_MARGIN.min(lifetime / 2));
         let token = SecretString::from(resp.access_token().secret().to_string());
         check_token_roles(&token, self.client_id())?;
-        if let Ok(mut g) = self.token.lock() {
-            *g = Some(CachedToken {
-                token: token.clone(),
-                renew_at,
-            });
-        }
-        Ok(token)
+        Ok(CachedToken { token, renew_at })
     }
 }
 

@@ -116,7 +116,7 @@ impl KeycloakSource {
             Err(e) if e.keycloak_status() == Some(404) => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
-        if u.service_account_client_id.is_some() || u.username.starts_with("service-account-") {
+        if u.is_service_account() {
             return Ok(Lookup::NotAnIdentity);
         }
         let roles: Vec<RoleRep> = match self
@@ -133,14 +133,7 @@ impl KeycloakSource {
             Err(e) if e.keycloak_status() == Some(404) => return Ok(Lookup::Gone),
             Err(e) => return Err(e),
         };
-        Ok(Lookup::Found(Identity {
-            sub: u.id,
-            username: u.username,
-            email: u.email,
-            first_name: u.first_name,
-            last_name: u.last_name,
-            enabled: u.enabled.unwrap_or(false),
-            realm_roles: self.filter.keep(roles.into_iter().map(|r| r.name)),
-        }))
+        let roles = self.filter.keep(roles.into_iter().map(|r| r.name));
+        Ok(Lookup::Found(u.into_identity(roles)))
     }
 }

@@ -32,6 +32,26 @@ pub(super) struct UserRep {
     pub(super) service_account_client_id: Option<String>,
 }
 
+impl UserRep {
+    /// A client's service account: listed by Keycloak, never an identity.
+    pub(super) fn is_service_account(&self) -> bool {
+        self.service_account_client_id.is_some() || self.username.starts_with("service-account-")
+    }
+
+    /// The identity of this user, holding `realm_roles` (already filtered to the mapped ones).
+    pub(super) fn into_identity(self, realm_roles: Vec<String>) -> Identity {
+        Identity {
+            sub: self.id,
+            username: self.username,
+            email: self.email,
+            first_name: self.first_name,
+            last_name: self.last_name,
+            enabled: self.enabled.unwrap_or(false),
+            realm_roles,
+        }
+    }
+}
+
 /// The user ids seen in one listing, as 64-bit hashes keyed at random per listing: 8 bytes per
 /// user rather than a string (about 1.2 MiB at 100,000 users against 7.6 MiB for a set of the
 /// ids). Two ids collide with a chance of about 3 in 10^10 per listing of 100,000; the second is
@@ -110,24 +130,14 @@ impl KeycloakSource {
                     continue;
                 }
                 distinct += 1;
-                if u.service_account_client_id.is_some()
-                    || u.username.starts_with("service-account-")
-                {
+                if u.is_service_account() {
                     continue;
                 }
                 let roles = privileged
                     .get(&u.id)
                     .map(|s| s.iter().cloned().collect())
                     .unwrap_or_default();
-                batch.push(Identity {
-                    sub: u.id,
-                    username: u.username,
-                    email: u.email,
-                    first_name: u.first_name,
-                    last_name: u.last_name,
-                    enabled: u.enabled.unwrap_or(false),
-                    realm_roles: roles,
-                });
+                batch.push(u.into_identity(roles));
                 stats.listed += 1;
                 if batch.len() >= self.batch_size {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
