@@ -659,13 +659,13 @@ async fn the_exported_keycloak_version_is_the_real_servers() {
         let d = start_daemon(db.settings(&refs(&env))).await;
         until("the startup run is counted", 120, || async {
             let m = d.metrics().await;
-            m.contains("seedkeeper_runs_total{outcome=\"succeeded\"} 1")
-                || m.contains("seedkeeper_runs_total{outcome=\"failed\"} 1")
+            m.contains("seedkeeper_runs_total{outcome=\"succeeded\",trigger=\"startup\"} 1")
+                || m.contains("seedkeeper_runs_total{outcome=\"failed\",trigger=\"startup\"} 1")
         })
         .await;
         let m = d.metrics().await;
         assert!(
-            m.contains("seedkeeper_runs_total{outcome=\"succeeded\"} 1"),
+            m.contains("seedkeeper_runs_total{outcome=\"succeeded\",trigger=\"startup\"} 1"),
             "{m}"
         );
         let info: Vec<&str> = m
