@@ -357,14 +357,14 @@ try:
 except Exception as e:
     check(False, "realms/dev-realm.json parses", str(e))
 
-# Least privilege: the owner migrates, the README's grant block (verbatim) makes the role the
+# Least privilege: the owner migrates, docs/configuration.md's grant block (verbatim) makes the role the
 # daemon logs in as, and the daemon only verifies the schema.
-readme = read("README.md")
+readme = read("docs/configuration.md")
 m = re.search(r"<!-- grants:verify -->\n```sql\n(.*?)```\n<!-- /grants:verify -->", readme, re.S)
 readme_grants = m.group(1) if m else None
 grants_sql = read("deploy/compose/grants.sql") if os.path.isfile("deploy/compose/grants.sql") else ""
 check(readme_grants is not None and readme_grants in grants_sql,
-      "compose: deploy/compose/grants.sql holds the README's grant block verbatim")
+      "compose: deploy/compose/grants.sql holds docs/configuration.md's grant block verbatim")
 role_m = re.search(r"^CREATE ROLE (\w+) ", grants_sql, re.M)
 grants_role = role_m.group(1) if role_m else None
 db_m = re.search(r"ON DATABASE (\w+) TO", grants_sql)
@@ -695,10 +695,10 @@ for r in rules:
     path, _, anchor = url.partition("#")
     check(path == "docs/deploy.md" and anchor in deploy_md_ids,
           f"alerts.yaml: {a} has a runbook_url to a section of docs/deploy.md", f"runbook_url: {url!r}")
-readme_metrics = read("README.md").split("## Metrics", 1)[-1].split("\n## ", 1)[0]
+readme_metrics = read("docs/metrics.md").split("\n## ", 1)[0]
 used = sorted(set(re.findall(r"\b(seedkeeper_[a-z_]+)", exprs)))
 undocumented = [m for m in used if m not in readme_metrics]
-check(bool(used) and not undocumented, f"alerts.yaml: the {len(used)} seedkeeper metrics it uses are in the README's Metrics section",
+check(bool(used) and not undocumented, f"alerts.yaml: the {len(used)} seedkeeper metrics it uses are in docs/metrics.md",
       f"not there: {undocumented}")
 tests_doc = {}
 try:

@@ -156,7 +156,7 @@ if [[ -n "$label" && "$label" != unknown && "$label" == "$metric" ]]; then ok "$
 else fail "$t" "image label revision = seedkeeper_build_info revision" "label '$label', metric '$metric'"; fi
 
 # --- a one-shot run on the converged database writes nothing ----------------------------------
-# A no-op run still records its seed_runs row (README, Evidence): outcome succeeded, and no
+# A no-op run still records its seed_runs row (docs/evidence.md): outcome succeeded, and no
 # write in its counts (every inserted, updated, revoked, realigned, applied and *_inserted,
 # *_updated count 0).
 tables="users tenants projects tenant_memberships project_memberships platform_role_bindings"

@@ -1,5 +1,5 @@
-//! Unit `role_bindings`: platform role bindings derived from the users table (README → Seeding
-//! rules).
+//! Unit `role_bindings`: platform role bindings derived from the users table
+//! (docs/seeding.md).
 //!
 //! Desired bindings: `platform_superadmin` for every active users row with `role = 'admin'`
 //! (synced or not, as seed 000 does), and `identity.role_map` applied to the realm roles

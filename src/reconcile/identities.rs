@@ -1,6 +1,6 @@
 //! Unit `identities`: realm users become `users` rows keyed by `keycloak_sub`, a username is never
-//! taken over, and a user gone from the realm is offboarded, never deleted (README → Seeding
-//! rules, the lifecycle table).
+//! taken over, and a user gone from the realm is offboarded, never deleted (docs/seeding.md,
+//! the lifecycle table).
 //!
 //! The source streams batches into a temporary staging table with binary `COPY` while pages are
 //! still arriving, so client memory stays flat; the comparison and the writes are then a handful

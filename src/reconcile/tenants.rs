@@ -1,5 +1,5 @@
 //! Unit `tenants`: every users row (synced or not) gets a personal tenant, a default project,
-//! and active owner memberships in both (README → Seeding rules).
+//! and active owner memberships in both (docs/seeding.md).
 //!
 //! One read-only check of every user's chain; when something lacks, six whole-table statements,
 //! each writing only rows that are missing or differ. A no-op run reads once and writes nothing.

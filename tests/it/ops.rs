@@ -1,5 +1,5 @@
 //! Issue: where users run it. What can run here: `make db-reset-fast` end to end, and the
-//! least-privilege database role of the README.
+//! least-privilege database role of docs/configuration.md.
 
 use crate::harness::*;
 
@@ -57,14 +57,17 @@ async fn make_db_reset_fast_resets_the_database_database_url_names() {
     assert_eq!((left_over, users), (0, 6), "{t}");
 }
 
-/// The block of the README between `<!-- grants:verify -->` markers, with the database and role
-/// names of this test: the test runs exactly what operators are told to run.
+/// The block of docs/configuration.md between `<!-- grants:verify -->` markers, with the
+/// database and role names of this test: the test runs exactly what operators are told to run.
 fn readme_grants(db: &str, role: &str) -> String {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
+    let readme = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .expect("docs/configuration.md");
     let start = readme
         .find("<!-- grants:verify -->")
-        .expect("grants marker in README");
+        .expect("grants marker in docs/configuration.md");
     let end = readme
         .find("<!-- /grants:verify -->")
         .expect("grants end marker");
@@ -74,7 +77,7 @@ fn readme_grants(db: &str, role: &str) -> String {
         .filter(|l| !l.starts_with("```") && !l.starts_with("<!--"))
         .collect::<Vec<_>>()
         .join("\n");
-    assert!(sql.contains("GRANT"), "no GRANT in the README block");
+    assert!(sql.contains("GRANT"), "no GRANT in the grants block");
     sql.replace("DATABASE platform", &format!("DATABASE {db}"))
         .replace("seedkeeper", role)
 }
