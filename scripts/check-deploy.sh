@@ -622,7 +622,7 @@ else:
 cm = {k: str(v) for k, v in (cm_doc.get("data") or {}).items()}
 check(not secret_leaks(cm), "ConfigMap: no secrets", f"inline: {secret_leaks(cm)}")
 check(cm.get("SEEDKEEPER_SCHEMA__MODE") == "verify",
-      "ConfigMap: schema.mode verify (the README's least-privilege role has no CREATE; the migration Job applies the DDL)")
+      "ConfigMap: schema.mode verify (the least-privilege role of docs/configuration.md has no CREATE; the migration Job applies the DDL)")
 image_names = {i.get("name") for i in kust.get("images", []) or []}
 for kind, podspec in [("CronJob", cpod), ("Deployment", dpod), ("Job", mpod)]:
     psc = podspec.get("securityContext", {}) or {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The compose service seedkeeper-grants (postgres image, after seedkeeper-migrate): as the owner,
-# apply the README's grant block (grants.sql, verbatim), then set the seedkeeper role's password
+# apply the grant block of docs/configuration.md (grants.sql, verbatim), then set the seedkeeper role's password
 # from its secret. It runs at every `docker compose up`: GRANT ... ON ALL TABLES has to follow
 # each migration, and CREATE ROLE is left out once the role exists (PostgreSQL has no
 # CREATE ROLE IF NOT EXISTS). PGHOST, PGUSER and PGDATABASE come from the service.
@@ -16,7 +16,7 @@ if [[ "$("${psql[@]}" -tAc "SELECT 1 FROM pg_roles WHERE rolname = 'seedkeeper'"
     echo "seedkeeper-grants: role seedkeeper exists; grants applied again"
 else
     "${psql[@]}" -f "$sql"
-    echo "seedkeeper-grants: role seedkeeper created with the README's grants"
+    echo "seedkeeper-grants: role seedkeeper created with the grants of docs/configuration.md"
 fi
 # The password never reaches a command line: psql reads the file itself.
 "${psql[@]}" -v pwfile="$secrets/seedkeeper_db_password" <<'SQL'

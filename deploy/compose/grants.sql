@@ -1,4 +1,4 @@
--- The README's grant block ("The database role it needs"), verbatim: scripts/check-deploy.sh
+-- The grant block of docs/configuration.md ("The database role it needs"), verbatim: scripts/check-deploy.sh
 -- fails when the two differ. Applied by deploy/compose/grants.sh after `seedkeeper migrate`.
 CREATE ROLE seedkeeper LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE;
 GRANT CONNECT, TEMPORARY ON DATABASE platform TO seedkeeper;
