@@ -759,14 +759,14 @@ async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
         let d = start_daemon(db.settings(&refs(&env))).await;
         until("the startup run is counted", 60, || async {
             let s = samples(&d.metrics().await);
-            s.get("seedkeeper_runs_total{outcome=\"succeeded\"}") == Some(&1.0)
-                || s.get("seedkeeper_runs_total{outcome=\"failed\"}") == Some(&1.0)
+            s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
+                || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
         })
         .await;
         let text = d.metrics().await;
         let s = samples(&text);
         assert_eq!(
-            get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+            get(&s, &runs_series(Outcome::Succeeded, Trigger::Startup)),
             1.0,
             "{status:?}"
         );
