@@ -7,7 +7,7 @@
 #[path = "it/harness/mod.rs"]
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use harness::TestDb;
 use seedkeeper::app::App;
@@ -57,6 +57,23 @@ async fn sample(db: &TestDb, admin: &tokio_postgres::Client) -> Sample {
     }
 }
 
+/// Waits until seedkeeper holds no session on the database: the connection of the run that just
+/// ended is closed and its backend gone, so a sample sees the state between runs.
+async fn between_runs(db: &TestDb, admin: &tokio_postgres::Client) {
+    harness::until("seedkeeper holds no session between runs (the last run's has ended)", 10, || async {
+        admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'seedkeeper'",
+                &[&db.name],
+            )
+            .await
+            .expect("pg_stat_activity")
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -99,12 +116,12 @@ async fn soak() {
             assert!(body.contains("seedkeeper_runs_total"));
         }
         if i == WARMUP {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            between_runs(&db, &admin).await;
             warm = Some(sample(&db, &admin).await);
         }
     }
     let elapsed = start.elapsed();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    between_runs(&db, &admin).await;
     let end = sample(&db, &admin).await;
     let warm = warm.unwrap();
     let kept = db.scalar("SELECT count(*) FROM seed_runs").await;

@@ -459,7 +459,9 @@ async fn export_sql_applied_with_psql_gives_the_same_reference_data() {
             .arg(&path)
             .arg(&db.url)
             .output()
-            .expect("psql");
+            .unwrap_or_else(|e| {
+                panic!("psql is needed for this test: install Debian's postgresql-client package (apt-get install postgresql-client): {e}")
+            });
         assert!(
             psql.status.success(),
             "{}",

@@ -16,12 +16,9 @@ async fn spawn_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
 }
 
 /// `seedkeeper_runs_total{outcome=...}` as /metrics shows it, summed over the triggers (0 when
-/// absent).
-async fn runs_counted(base: &str, outcome: &str) -> f64 {
-    let Ok(r) = reqwest::get(format!("{base}/metrics")).await else {
-        return 0.0;
-    };
-    runs_in(&r.text().await.unwrap_or_default(), outcome)
+/// absent; the scrape must succeed).
+async fn runs_counted(d: &Daemon, outcome: &str) -> f64 {
+    runs_in(&d.metrics().await, outcome)
 }
 
 /// The sum of `seedkeeper_runs_total{outcome=...,trigger=...}` over the triggers in `text`.
@@ -83,7 +80,7 @@ async fn readyz_turns_ready_after_the_first_run_and_a_dropped_database_heals_on_
             .await
             .map(|r| r.get::<_, i64>(0) >= 1)
             .unwrap_or(false);
-        recorded && runs_counted(&d.base, "succeeded").await >= 2.0
+        recorded && runs_counted(&d, "succeeded").await >= 2.0
     })
     .await;
     let bindings: i64 = db
@@ -222,7 +219,13 @@ async fn three_daemons_on_one_database_for_many_ticks_never_duplicate_or_fail() 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_overlapping_tick_is_skipped_and_counted() {
     let db = TestDb::new().await;
-    let app = App::new(db.parts(&[]));
+    // The first run is kept going: another session holds the users table, which the run waits
+    // for (up to its lock_timeout) until the test lets go.
+    let held = db.client().await;
+    held.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let app = App::new(db.parts(&[("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "30s")]));
     let cancel = CancellationToken::new();
     let app2 = app.clone();
     let c2 = cancel.clone();
@@ -230,22 +233,24 @@ async fn an_overlapping_tick_is_skipped_and_counted() {
         app2.run_once(Trigger::Schedule, Duration::from_secs(5), &c2)
             .await
     });
-    // Hold the overlap guard: while the first run is going, a tick must skip.
-    until("the first run is in flight or done", 10, || async { true }).await;
-    let mut skipped = false;
-    for _ in 0..50 {
-        if app.tick(&cancel).await.is_none() {
-            skipped = true;
-            break;
-        }
-    }
-    slow.await.unwrap();
-    if skipped {
-        assert!(app
-            .metrics
+    until("the first run is in flight", 10, || async {
+        app.liveness().run_age.is_some()
+    })
+    .await;
+    // It holds the overlap guard: a tick skips, and is counted.
+    assert!(
+        app.tick(&cancel).await.is_none(),
+        "a tick during a run is skipped"
+    );
+    assert!(
+        app.metrics
             .render()
-            .contains("seedkeeper_skipped_ticks_total 1"));
-    }
+            .contains("seedkeeper_skipped_ticks_total 1"),
+        "{}",
+        app.metrics.render()
+    );
+    held.batch_execute("COMMIT").await.unwrap();
+    assert_ok(&slow.await.unwrap());
     assert!(
         app.tick(&cancel).await.is_some(),
         "a tick after the run is not skipped"

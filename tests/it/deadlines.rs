@@ -155,7 +155,7 @@ async fn a_run_held_up_by_a_lock_past_run_timeout_is_stopped_recorded_failed_and
     let r = apply(&engine).await;
     let took = t.elapsed();
     assert_eq!(r.outcome, Outcome::Failed);
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(err.contains("run.timeout (2s) exceeded in unit"), "{err}");
     assert!(err.contains("cancelled and rolled back"), "{err}");
     assert!(took >= SECS(2) && took < SECS(4), "stopped after {took:?}");
@@ -227,7 +227,7 @@ async fn lock_and_statement_timeouts_shorter_than_the_run_deadline_fail_the_run_
         // Every unit that reads users waits its second, then the run ends.
         assert!(t.elapsed() < SECS(15), "{key}: {:?}", t.elapsed());
         assert_eq!(r.outcome, Outcome::Failed, "{key}");
-        let err = r.error.clone().unwrap_or_default();
+        let err = error_of(&r);
         assert!(err.contains(named), "{key}: {err}");
         assert!(!err.contains("run.timeout"), "{key}: {err}");
         let (outcome, error, _) = run_row(&db, r.id).await;
@@ -276,7 +276,7 @@ async fn a_keycloak_slower_than_run_timeout_is_given_up_at_the_deadline_and_aske
     let t = Instant::now();
     let r = apply(&engine).await;
     let took = t.elapsed();
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(
         err.contains("run.timeout (4s) exceeded in unit identities"),
         "{err}"
@@ -287,22 +287,31 @@ async fn a_keycloak_slower_than_run_timeout_is_given_up_at_the_deadline_and_aske
     assert!(error.contains("run.timeout (4s)"), "{error}");
     assert!(run_lock_free(&db).await);
     // The listing stopped with the run: nothing more is asked of Keycloak (a listing left running
-    // would make about 3 requests a second).
-    tokio::time::sleep(SECS(1)).await;
-    let asked = kc.journal().len();
+    // would make about 3 requests a second). The request in flight at the deadline is answered
+    // or dropped first; from then on, none arrives.
+    until(
+        "no request of the stopped run left in flight",
+        5,
+        || async { kc.in_flight() == 0 },
+    )
+    .await;
+    let asked = kc.received();
+    let journaled = kc.journal().len();
+    // A fixed wait, on purpose: it asserts that nothing arrives within it (longer than six
+    // requests of a listing left running).
     tokio::time::sleep(SECS(2)).await;
     assert_eq!(
-        kc.journal().len(),
+        kc.received(),
         asked,
         "requests after the run ended: {:?}",
-        &kc.journal()[asked..]
+        &kc.journal()[journaled..]
     );
 
     // Slower than the whole deadline in the preflight: given up there, nothing written.
     kc.set_latency(SECS(30));
     let t = Instant::now();
     let r = apply(&engine).await;
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(
         err.contains("run.timeout (4s) exceeded before its database session was open"),
         "{err}"
@@ -314,7 +323,7 @@ async fn a_keycloak_slower_than_run_timeout_is_given_up_at_the_deadline_and_aske
     kc.fail_next_admin(1000, 503);
     let t = Instant::now();
     let r = apply(&engine).await;
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(err.contains("run.timeout (4s) exceeded"), "{err}");
     assert!(t.elapsed() < SECS(6), "{:?}", t.elapsed());
     kc.fail_next_admin(0, 503);
@@ -367,10 +376,18 @@ async fn sigterm_while_keycloak_is_slow_exits_within_the_grace() {
     assert_eq!(db.scalar("SELECT count(*) FROM users").await, 0);
     assert!(run_lock_free(&db).await);
 
-    // In the preflight (nothing written yet): at once.
-    let child = spawn_bin(&["run"], &env);
-    tokio::time::sleep(SECS(1)).await;
-    let (code, took) = stop(child).await;
+    // In the preflight (nothing written yet): at once. The startup run has begun (its
+    // `seeding_started` line) and Keycloak holds a request of it: nothing answers for 60 s, so the
+    // run cannot have got past the preflight to the database.
+    let asked = kc.received();
+    let watched = spawn_bin_watched(&["run"], &env);
+    until(
+        "the startup run is in its preflight, waiting on Keycloak",
+        30,
+        || async { watched.logged(&["seeding_started", "startup"]) && kc.received() > asked },
+    )
+    .await;
+    let (code, took) = stop(watched.child).await;
     assert_eq!(code, Some(0));
     assert!(took < SECS(2), "exited {took:?} after SIGTERM");
 }
@@ -486,14 +503,27 @@ async fn a_stopped_scheduler_silences_the_watchdog_and_fails_healthz_and_the_hea
         notes.count("WATCHDOG=1") >= 3
     })
     .await;
-    // The heartbeat job of the scheduler keeps the age low.
-    tokio::time::sleep(SECS(2)).await;
+    // The heartbeat job of the scheduler keeps the age low: seen going back down, it ticked.
+    let age = |body: &serde_json::Value| {
+        body["scheduler"]["heartbeat_age_ms"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no scheduler.heartbeat_age_ms: {body}"))
+    };
+    let last = std::cell::Cell::new(age(&json_of(&healthz).await));
+    until(
+        "the scheduler's heartbeat ticks (its age goes back down)",
+        5,
+        || async {
+            let now = age(&json_of(&healthz).await);
+            let ticked = now < last.get();
+            last.set(now);
+            ticked
+        },
+    )
+    .await;
     let body = json_of(&healthz).await;
     assert_eq!(body["status"], "ok", "{body}");
-    assert!(
-        body["scheduler"]["heartbeat_age_ms"].as_u64().unwrap() < 2000,
-        "{body}"
-    );
+    assert!(age(&body) < 2000, "{body}");
     let probe = [("SEEDKEEPER_HTTP__LISTEN".to_string(), listen.clone())];
     let out = run_bin(&["healthcheck"], &probe);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
@@ -518,7 +548,8 @@ async fn a_stopped_scheduler_silences_the_watchdog_and_fails_healthz_and_the_hea
     let out = run_bin(&["healthcheck"], &probe);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("unhealthy"), "{}", text(&out));
-    // No ping since the heartbeat went stale.
+    // No ping since the heartbeat went stale. A fixed wait, on purpose: it asserts that no ping
+    // comes within it (ten ping periods of 200 ms).
     let pings = notes.count("WATCHDOG=1");
     tokio::time::sleep(SECS(2)).await;
     assert_eq!(notes.count("WATCHDOG=1"), pings, "pinged while wedged");

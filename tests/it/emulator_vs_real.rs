@@ -45,7 +45,11 @@ impl Side {
             .await
             .expect("token request");
         let status = res.status().as_u16();
-        (status, res.json().await.unwrap_or(Value::Null))
+        let text = res
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("the token answer's body at {}: {e}", self.base));
+        (status, body_value(text))
     }
 
     async fn bearer(&self, realm: &str, client: &str) -> String {
@@ -72,16 +76,21 @@ impl Side {
         }
         let res = req.send().await.expect("request");
         let status = res.status().as_u16();
-        let text = res.text().await.unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(if text.is_empty() {
-                Value::Null
-            } else {
-                Value::String(text)
-            }),
-        )
+        let text = res
+            .text()
+            .await
+            .unwrap_or_else(|e| panic!("the body of GET {}{path}: {e}", self.base));
+        (status, body_value(text))
     }
+}
+
+/// An answer's body as JSON, else the text itself as a JSON string (null when empty), so a
+/// comparison shows what came back.
+fn body_value(text: String) -> Value {
+    if text.is_empty() {
+        return Value::Null;
+    }
+    serde_json::from_str(&text).unwrap_or(Value::String(text))
 }
 
 fn type_name(v: &Value) -> &'static str {

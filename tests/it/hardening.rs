@@ -134,7 +134,7 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     kc.fail_next_admin(2, 503);
     let r = apply(&engine1).await;
     assert_eq!(r.outcome.as_str(), "failed");
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(err.contains("503"), "{err}");
     assert_eq!(users(&db).await, 0, "nothing half-written");
     let pages = kc
@@ -152,7 +152,7 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     kc.set_latency(Duration::from_millis(1500));
     let r = apply(&engine).await;
     assert_eq!(r.outcome.as_str(), "failed");
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(
         err.contains("unavailable") || err.contains("timed out") || err.contains("timeout"),
         "{err}"
@@ -235,7 +235,7 @@ async fn connections_killed_mid_run_fail_it_cleanly_and_the_next_run_converges()
     let (r, killed) = tokio::join!(apply(&engine), kill_backends_mid_identities(&db));
     assert!(killed > 0);
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
-    let err = r.error.clone().unwrap_or_default();
+    let err = error_of(&r);
     assert!(
         err.contains("connection") || err.contains("terminat"),
         "{err}"
@@ -739,9 +739,12 @@ async fn canary_secrets_never_appear_in_any_output() {
         );
     }
     let pid = child.id();
-    seen.push_str(&std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default());
+    // The daemon is running: what it exposes there must be read, not taken as empty.
     seen.push_str(&String::from_utf8_lossy(
-        &std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default(),
+        &std::fs::read(format!("/proc/{pid}/cmdline")).expect("the daemon's /proc/pid/cmdline"),
+    ));
+    seen.push_str(&String::from_utf8_lossy(
+        &std::fs::read(format!("/proc/{pid}/environ")).expect("the daemon's /proc/pid/environ"),
     ));
     sigterm(pid);
     let status = child.wait().unwrap();
@@ -791,6 +794,9 @@ impl Drop for TlsServer {
     }
 }
 
+const OPENSSL_NEEDED: &str =
+    "the openssl command is needed for the TLS test: install Debian's openssl package (apt-get install openssl)";
+
 fn tls_server(dir: &TempDir) -> TlsServer {
     let cert = dir.0.join("cert.pem");
     let key = dir.0.join("key.pem");
@@ -814,8 +820,11 @@ fn tls_server(dir: &TempDir) -> TlsServer {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .expect("openssl is needed for the TLS test");
-    assert!(st.success());
+        .unwrap_or_else(|e| panic!("{OPENSSL_NEEDED}: {e}"));
+    assert!(
+        st.success(),
+        "openssl req (a self-signed certificate): {st}"
+    );
     let port = spawn::free_port();
     let child = std::process::Command::new("openssl")
         .args(["s_server", "-www", "-quiet", "-accept", &port.to_string()])
@@ -827,14 +836,10 @@ fn tls_server(dir: &TempDir) -> TlsServer {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    TlsServer { child, port, cert }
+        .unwrap_or_else(|e| panic!("{OPENSSL_NEEDED}: {e}"));
+    let mut server = TlsServer { child, port, cert };
+    spawn::wait_for_port("openssl s_server", port, &mut server.child, 5);
+    server
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -876,21 +881,17 @@ async fn tls_to_keycloak_is_verified_by_default_and_a_ca_file_is_honoured() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
     let cluster = std::sync::Arc::new(tokio::task::spawn_blocking(OwnCluster::new).await.unwrap());
-    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
-        file: None,
-        env: vec![
-            e("SEEDKEEPER_DATABASE__URL", &cluster.url()),
-            e("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *"),
-            e("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s"),
+    let url = cluster.url();
+    let daemon = start_ready_daemon(
+        &[
+            ("SEEDKEEPER_DATABASE__URL", &url),
+            ("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *"),
+            ("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s"),
         ],
-    })
-    .unwrap();
-    let daemon = start_daemon(settings).await;
-    let ready = format!("{}/readyz", daemon.base);
-    until("ready after the first run", 60, || async {
-        status_of(&ready).await == 200
-    })
+        60,
+    )
     .await;
+    let ready = daemon.url("/readyz");
 
     // The server goes away (every connection closed) and comes back on the same port.
     let cl = cluster.clone();
@@ -915,11 +916,9 @@ async fn a_postgresql_restart_under_the_running_daemon_is_survived() {
         .unwrap()
         .get(0)
     };
-    until("ready again after the restart", 60, || async {
-        status_of(&ready).await == 200
-    })
-    .await;
-    let url = cluster.url();
+    daemon
+        .until_ready("ready again after the restart", 60)
+        .await;
     until(
         "a run succeeded after the restart, without restarting seedkeeper",
         60,

@@ -329,7 +329,7 @@ async fn a_server_that_ignores_first_fails_the_run_instead_of_listing_forever() 
         let r = apply(&db.engine(&refs(&env_for(&kc, 10, 4)))).await;
         kc.clear_paging_faults();
         assert_eq!(r.outcome.as_str(), "failed", "{place}");
-        let err = r.error.clone().unwrap_or_default();
+        let err = error_of(&r);
         assert!(
             err.contains(says) && err.contains("ignores the first parameter"),
             "{place}: {err}"

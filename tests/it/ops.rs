@@ -3,6 +3,9 @@
 
 use crate::harness::*;
 
+const MAKE_NEEDED: &str =
+    "make is needed for this test: install Debian's make package (apt-get install make)";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn make_db_reset_fast_leaves_the_seeded_state() {
     let db = TestDb::new().await;
@@ -16,7 +19,7 @@ async fn make_db_reset_fast_leaves_the_seeded_state() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("DATABASE_URL", admin_url())
         .output()
-        .expect("make");
+        .unwrap_or_else(|e| panic!("{MAKE_NEEDED}: {e}"));
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     assert!(
@@ -47,7 +50,7 @@ async fn make_db_reset_fast_resets_the_database_database_url_names() {
         .env_remove("DB")
         .env("DATABASE_URL", &db.url)
         .output()
-        .expect("make");
+        .unwrap_or_else(|e| panic!("{MAKE_NEEDED}: {e}"));
     let t = text(&out);
     assert!(out.status.success(), "{t}");
     let left_over: i64 = db

@@ -20,7 +20,9 @@ pub(crate) fn openssl(dir: &Path, args: &[&str]) {
         .args(args)
         .current_dir(dir)
         .output()
-        .expect("openssl is needed for this test");
+        .unwrap_or_else(|e| {
+            panic!("the openssl command is needed for this test: install Debian's openssl package (apt-get install openssl): {e}")
+        });
     assert!(out.status.success(), "openssl {args:?}: {}", text(&out));
 }
 

@@ -1,6 +1,7 @@
 //! The one retry policy at its callers: a shutdown ends a Keycloak retry or a PostgreSQL wait at
 //! once, and what is not worth repeating (the events endpoints' 403) is not repeated.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,58 +120,99 @@ async fn a_keycloak_down_for_the_follower_is_transient_and_a_shutdown_ends_its_r
     assert!(transient, "an outage is checked again: {reason}");
     assert!(reason.contains("503"), "{reason}");
 
-    // Retries enough for minutes of backoff; the shutdown comes during the third wait.
+    // Retries enough for minutes of backoff (200 ms doubling); the shutdown comes during the
+    // third wait (800 ms), as soon as the third request is answered 503.
     let mut env = kc_env(&kc);
     env.push(("SEEDKEEPER_KEYCLOAK__MAX_RETRIES".into(), "50".into()));
     let f = follower(&settings(env));
     kc.fail_next_admin(1000, 503);
     let cancel = CancellationToken::new();
-    let stop = cancel.clone();
     let asked = requests_to(&kc, "events/config");
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-        stop.cancel();
+    let (r, cancelled_at) = tokio::join!(f.kc.events_config(&cancel), async {
+        until("the third events/config request answered", 10, || async {
+            requests_to(&kc, "events/config") - asked >= 3
+        })
+        .await;
+        cancel.cancel();
+        Instant::now()
     });
-    let started = Instant::now();
-    let r = f.kc.events_config(&cancel).await;
-    let took = started.elapsed();
+    let took = cancelled_at.elapsed();
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     assert!(
-        took < Duration::from_millis(1500),
-        "the wait outlived the shutdown: {took:?}"
+        took < Duration::from_millis(500),
+        "the wait outlived the shutdown by {took:?}"
     );
-    let made = requests_to(&kc, "events/config") - asked;
-    assert!(
-        (2..=4).contains(&made),
-        "{made} requests before the shutdown"
-    );
-    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         requests_to(&kc, "events/config") - asked,
-        made,
+        3,
+        "requests before the shutdown"
+    );
+    // A fixed wait, on purpose: it asserts that nothing is asked within it, longer than the
+    // third wait the shutdown cut short.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        requests_to(&kc, "events/config") - asked,
+        3,
         "nothing is asked after the shutdown"
     );
 }
 
+/// A PostgreSQL that hangs up on every connection (as a server going down does), counting the
+/// attempts: 127.0.0.1 and the port it listens on.
+async fn hanging_up_server() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let seen = attempts.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(socket);
+        }
+    });
+    (port, attempts)
+}
+
 #[tokio::test]
 async fn a_shutdown_ends_the_wait_for_postgresql_at_once() {
-    let s = settings(Vec::new());
+    // Attempts 100 ms apart, doubling: the shutdown comes during the fourth wait (800 ms), as
+    // soon as the fourth attempt is seen.
+    let (port, attempts) = hanging_up_server().await;
+    let url = format!("postgres://seedkeeper@127.0.0.1:{port}/none?sslmode=disable");
+    let s = settings_from(&[("SEEDKEEPER_DATABASE__URL", &url)]);
     let cancel = CancellationToken::new();
-    let stop = cancel.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        stop.cancel();
-    });
-    let started = Instant::now();
-    let r =
-        seedkeeper::store::connect_with_wait(&s.database, Duration::from_secs(60), &cancel).await;
+    let (r, cancelled_at) = tokio::join!(
+        seedkeeper::store::connect_with_wait(&s.database, Duration::from_secs(60), &cancel),
+        async {
+            until("the fourth connection attempt", 10, || async {
+                attempts.load(Ordering::SeqCst) >= 4
+            })
+            .await;
+            cancel.cancel();
+            Instant::now()
+        }
+    );
+    let took = cancelled_at.elapsed();
     assert!(matches!(r, Err(Error::Cancelled)), "{:?}", r.err());
     assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        started.elapsed()
+        took < Duration::from_millis(500),
+        "the wait outlived the shutdown by {took:?}"
+    );
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        4,
+        "attempts before the shutdown"
+    );
+    // A fixed wait, on purpose: it asserts that no attempt comes within it, longer than the
+    // fourth wait the shutdown cut short.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        attempts.load(Ordering::SeqCst),
+        4,
+        "no attempt after the shutdown"
     );
     // Without a shutdown the wait is `startup.wait_timeout`, then PostgreSQL is unavailable.
+    let s = settings(Vec::new());
     let r = seedkeeper::store::connect_with_wait(
         &s.database,
         Duration::from_millis(500),

@@ -82,7 +82,6 @@ async fn a_failed_run_is_retried_with_backoff_and_readiness_returns_without_wait
         ("SEEDKEEPER_EVENTS__ENABLED", "false"),
     ]))
     .await;
-    let ready = format!("{}/readyz", d.base);
     until("the startup run failed on the users lock", 30, || async {
         db.scalar_or_zero(
             "SELECT count(*) FROM seed_runs WHERE trigger = 'startup' AND outcome = 'failed'",
@@ -91,13 +90,14 @@ async fn a_failed_run_is_retried_with_backoff_and_readiness_returns_without_wait
             == 1
     })
     .await;
-    assert_eq!(status_of(&ready).await, 503, "not ready after a failed run");
+    assert_eq!(
+        status_of(&d.url("/readyz")).await,
+        503,
+        "not ready after a failed run"
+    );
     // The blip ends: the retry converges without a tick (the next one is up to a year away).
     locked.batch_execute("COMMIT").await.unwrap();
-    until("ready again through a retry", 30, || async {
-        status_of(&ready).await == 200
-    })
-    .await;
+    d.until_ready("ready again through a retry", 30).await;
     let healed = started.elapsed();
     until("the retry's success is counted", 10, || async {
         runs_total(&d.metrics().await, Outcome::Succeeded, Trigger::Retry) == 1.0
@@ -142,26 +142,17 @@ async fn a_failed_run_is_retried_with_backoff_and_readiness_returns_without_wait
 async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready_again_within_seconds(
 ) {
     let cluster = Arc::new(tokio::task::spawn_blocking(OwnCluster::new).await.unwrap());
-    let env = [
-        ("SEEDKEEPER_DATABASE__URL", cluster.url()),
-        ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK.into()),
-        ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "1s".into()),
-        ("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s".into()),
-        ("SEEDKEEPER_EVENTS__ENABLED", "false".into()),
-    ];
-    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
-        file: None,
-        env: env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect(),
-    })
-    .unwrap();
-    let d = start_daemon(settings).await;
-    let ready = format!("{}/readyz", d.base);
-    until("ready after the startup run", 60, || async {
-        status_of(&ready).await == 200
-    })
+    let url = cluster.url();
+    let d = start_ready_daemon(
+        &[
+            ("SEEDKEEPER_DATABASE__URL", &url),
+            ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK),
+            ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "1s"),
+            ("SEEDKEEPER_DATABASE__CONNECT_TIMEOUT", "1s"),
+            ("SEEDKEEPER_EVENTS__ENABLED", "false"),
+        ],
+        60,
+    )
     .await;
 
     // PostgreSQL restarts, and the run that comes meanwhile (a tick) fails.
@@ -177,10 +168,7 @@ async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready
         .unwrap();
     let back = Instant::now();
     // Ready again through a retry, a year before the next tick.
-    until("ready again after the restart", 30, || async {
-        status_of(&ready).await == 200
-    })
-    .await;
+    d.until_ready("ready again after the restart", 30).await;
     let took = back.elapsed();
     let c = connect(&cluster.url()).await;
     let retried: i64 = c

@@ -79,28 +79,44 @@ async fn scrape(base: &str) -> (String, String) {
     let ctype = r
         .headers()
         .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
+        .map(|v| v.to_str().expect("a text content-type").to_string())
+        .expect("/metrics names its content-type");
     (ctype, r.text().await.unwrap())
 }
 
-/// `promtool check metrics` (the linter Prometheus ships) when it is installed;
-/// `scripts/check-deploy.sh` installs it.
+/// `promtool`: on the PATH, else Debian's `/usr/bin/promtool`, else the copy
+/// `scripts/check-deploy.sh` takes out of the package into `.ci/promtool`. None is a failure,
+/// not a skip: a lint that did not run proves nothing.
+fn promtool_binary() -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join("promtool"))
+        .chain([
+            "/usr/bin/promtool".into(),
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/promtool/usr/bin/promtool"),
+        ])
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "this test lints /metrics with promtool and found none (on the PATH, \
+                 /usr/bin/promtool, .ci/promtool/usr/bin/promtool): install Debian's prometheus \
+                 package, which ships it (`DEBIAN_FRONTEND=noninteractive apt-get install -y \
+                 --no-install-recommends prometheus`, as .ci/run does)"
+            )
+        })
+}
+
+/// `promtool check metrics` (the linter Prometheus ships) on a /metrics text.
 fn promtool_lint(text: &str) {
     use std::io::Write;
-    let Ok(mut child) = std::process::Command::new("promtool")
+    let bin = promtool_binary();
+    let mut child = std::process::Command::new(&bin)
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-    else {
-        eprintln!(
-            "promtool not installed: /metrics not linted (scripts/check-deploy.sh installs it)"
-        );
-        return;
-    };
+        .unwrap_or_else(|e| panic!("{}: {e}", bin.display()));
     child
         .stdin
         .take()
@@ -212,11 +228,7 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
     let d = start_daemon(db.settings(&refs(&env))).await;
     until("the startup run is counted", 60, || async {
-        let Ok(r) = reqwest::get(format!("{}/metrics", d.base)).await else {
-            return false;
-        };
-        let text = r.text().await.unwrap_or_default();
-        let s = samples(&text);
+        let s = samples(&d.metrics().await);
         s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
             || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
     })
@@ -307,10 +319,7 @@ async fn the_event_followers_keycloak_requests_count_in_the_same_series() {
     until("the follower counted", 60, || async {
         let journal = kc.journal();
         let polled = journal.iter().any(|j| j.path.ends_with("/events"));
-        let Ok(r) = reqwest::get(format!("{}/metrics", d.base)).await else {
-            return false;
-        };
-        let s = samples(&r.text().await.unwrap_or_default());
+        let s = samples(&d.metrics().await);
         let total: f64 = KeycloakOutcome::ALL
             .iter()
             .map(|o| kc_requests(&s, *o))
@@ -320,14 +329,6 @@ async fn the_event_followers_keycloak_requests_count_in_the_same_series() {
     .await;
     d.cancel.cancel();
     d.task.await.unwrap().unwrap();
-}
-
-/// The daemon's samples, or none while it does not answer.
-async fn try_samples(base: &str) -> BTreeMap<String, f64> {
-    match reqwest::get(format!("{base}/metrics")).await {
-        Ok(r) => samples(&r.text().await.unwrap_or_default()),
-        Err(_) => BTreeMap::new(),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -345,7 +346,7 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
         "the startup run succeeded and events are followed",
         60,
         || async {
-            let s = try_samples(&d.base).await;
+            let s = samples(&d.metrics().await);
             s.get("seedkeeper_last_run_ok") == Some(&1.0)
                 && s.get("seedkeeper_events_following") == Some(&1.0)
         },
@@ -401,8 +402,7 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
         ALICE,
     ));
     until("the event batch is counted", 30, || async {
-        try_samples(&d.base)
-            .await
+        samples(&d.metrics().await)
             .get(&batch("succeeded"))
             .is_some_and(|n| *n >= 1.0)
     })
@@ -577,19 +577,31 @@ async fn once_with_json_logs_prints_only_json_and_every_line_of_the_run_carries_
     // A failing run: the summary and the error, each one JSON line.
     kc.fail_next_admin(10, 503);
     let out = run_bin(&["--once"], &env);
-    let code = out.status.code().unwrap_or(-1);
+    let code = out
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("ended by a signal: {}", text(&out)));
     assert_ne!(code, 0, "{}", text(&out));
     let summary = json_lines("stdout", &out.stdout);
     assert_eq!(summary.len(), 1);
     assert_eq!(summary[0]["outcome"], "failed");
     assert_eq!(summary[0]["level"], "ERROR");
-    assert!(summary[0]["error"].as_str().unwrap_or("").contains("503"));
+    assert!(
+        summary[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("503")),
+        "{}",
+        summary[0]
+    );
     let logs = json_lines("stderr", &out.stderr);
     let last = logs.last().expect("an error line");
     assert_eq!(last["level"], "ERROR");
     assert_eq!(last["error.kind"], "keycloak_unavailable", "{last}");
     assert_eq!(last["exit_code"], code, "{last}");
-    assert!(last["message"].as_str().unwrap_or("").contains("503"));
+    assert!(
+        last["message"].as_str().is_some_and(|m| m.contains("503")),
+        "{last}"
+    );
 
     // Errors before the configuration is loaded follow SEEDKEEPER_LOG__FORMAT (or
     // --log-format, or the file's log.format): a bad key, then a usage error.
@@ -601,10 +613,13 @@ async fn once_with_json_logs_prints_only_json_and_every_line_of_the_run_carries_
     let lines = json_lines("config error", &out.stderr);
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["error.kind"], "config");
-    assert!(lines[0]["message"]
-        .as_str()
-        .unwrap_or("")
-        .contains("not_a_key"));
+    assert!(
+        lines[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not_a_key")),
+        "{}",
+        lines[0]
+    );
 
     let dir = TempDir::new();
     let file = dir.write(
@@ -744,14 +759,14 @@ async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
         let d = start_daemon(db.settings(&refs(&env))).await;
         until("the startup run is counted", 60, || async {
             let s = samples(&d.metrics().await);
-            s.get("seedkeeper_runs_total{outcome=\"succeeded\"}") == Some(&1.0)
-                || s.get("seedkeeper_runs_total{outcome=\"failed\"}") == Some(&1.0)
+            s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
+                || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
         })
         .await;
         let text = d.metrics().await;
         let s = samples(&text);
         assert_eq!(
-            get(&s, "seedkeeper_runs_total{outcome=\"succeeded\"}"),
+            get(&s, &runs_series(Outcome::Succeeded, Trigger::Startup)),
             1.0,
             "{status:?}"
         );

@@ -28,12 +28,12 @@ impl OwnCluster {
     /// first (see [`OwnCluster::pgdata`]).
     pub fn init() -> OwnCluster {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test")
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql are needed for this test: install Debian's postgresql package (apt-get install postgresql)")
             .filter_map(|e| e.ok())
             .map(|e| e.path().join("bin"))
             .filter(|p| p.join("initdb").exists())
             .max()
-            .expect("initdb under /usr/lib/postgresql/*/bin");
+            .expect("initdb under /usr/lib/postgresql/*/bin: install Debian's postgresql package (apt-get install postgresql)");
         let port = super::spawn::free_port();
         let c = OwnCluster {
             bin,

@@ -446,6 +446,12 @@ struct Shared {
     realm: RwLock<Arc<Realm>>,
     faults: Mutex<Faults>,
     journal: Mutex<Vec<JournalEntry>>,
+    /// Requests received, counted on arrival (before any injected latency): the journal has
+    /// only those answered.
+    received: AtomicU64,
+    /// Requests received and not yet answered (held by the latency, or being routed); one whose
+    /// client went away counts until the server drops it.
+    in_flight: AtomicU64,
     tokens: Mutex<HashMap<String, Issued>>,
     generation: AtomicU64,
     lifespan: AtomicU64,
@@ -623,6 +629,8 @@ impl KeycloakEmulator {
             realm: RwLock::new(Arc::new(Realm::load(&realm_export))),
             faults: Mutex::new(Faults::default()),
             journal: Mutex::new(Vec::new()),
+            received: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             tokens: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             lifespan: AtomicU64::new(300),
@@ -821,6 +829,26 @@ impl KeycloakEmulator {
     pub fn clear_journal(&self) {
         self.shared.journal.lock().unwrap().clear();
     }
+
+    /// How many requests arrived so far, answered or not: a request held by the latency is
+    /// counted before it is journaled.
+    pub fn received(&self) -> u64 {
+        self.shared.received.load(Ordering::SeqCst)
+    }
+
+    /// How many requests arrived and are not answered yet.
+    pub fn in_flight(&self) -> u64 {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+}
+
+/// Counts a request in flight until it is answered or dropped (its client went away).
+struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn json_response(status: u16, body: Value) -> Response {
@@ -843,6 +871,9 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    sh.received.fetch_add(1, Ordering::SeqCst);
+    sh.in_flight.fetch_add(1, Ordering::SeqCst);
+    let _in_flight = InFlight(&sh.in_flight);
     let latency = sh.faults.lock().unwrap().latency;
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;

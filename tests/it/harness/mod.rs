@@ -13,7 +13,7 @@ pub mod spawn;
 
 // The soak test includes the harness and starts no binary.
 #[allow(unused_imports)]
-pub use spawn::{run_bin, spawn_bin};
+pub use spawn::{run_bin, spawn_bin, spawn_bin_watched};
 
 use std::path::PathBuf;
 use std::process::Output;
@@ -148,7 +148,7 @@ impl TestDb {
         let c = self.client().await;
         c.batch_execute("SELECT pg_stat_clear_snapshot()")
             .await
-            .ok();
+            .expect("pg_stat_clear_snapshot()");
         let row = c
             .query_one(
                 "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::bigint FROM pg_stat_user_tables
@@ -167,12 +167,12 @@ impl TestDb {
         for _ in 0..100 {
             c.batch_execute("SELECT pg_stat_clear_snapshot()")
                 .await
-                .ok();
+                .expect("pg_stat_clear_snapshot()");
             let n: i64 = c
                 .query_one("SELECT coalesce((SELECT n_tup_ins FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname = 'seed_runs'), 0)::bigint", &[])
                 .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
+                .expect("seed_runs in pg_stat_user_tables")
+                .get(0);
             if n >= runs {
                 return;
             }
@@ -326,6 +326,13 @@ pub async fn plan(engine: &Engine) -> RunReport {
         .await
 }
 
+/// The error of a run that failed; a run without one fails the test, naming its outcome.
+pub fn error_of(r: &RunReport) -> String {
+    r.error
+        .clone()
+        .unwrap_or_else(|| panic!("the run has no error: it {:?}\n{:#?}", r.outcome, r.units))
+}
+
 pub fn assert_ok(r: &RunReport) {
     assert_eq!(
         r.outcome,
@@ -448,6 +455,18 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The URL of `path` (`/readyz`, say) on the daemon's HTTP.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Waits until `/readyz` answers 200 (a full run succeeded and the database answers); fails
+    /// the test after `secs` seconds, naming `what` it waited for.
+    pub async fn until_ready(&self, what: &str, secs: u64) {
+        let ready = self.url("/readyz");
+        until(what, secs, || async { status_of(&ready).await == 200 }).await;
+    }
+
     /// The daemon's `/metrics` text (the scrape must succeed).
     pub async fn metrics(&self) -> String {
         reqwest::get(format!("{}/metrics", self.base))
@@ -474,6 +493,26 @@ pub async fn start_daemon(mut settings: Settings) -> Daemon {
         cancel,
         task,
     }
+}
+
+/// Settings from environment pairs alone, no file (the test's whole configuration).
+pub fn settings_from(env: &[(&str, &str)]) -> Settings {
+    config::load(&Sources {
+        file: None,
+        env: env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    })
+    .unwrap_or_else(|e| panic!("test settings: {e}"))
+}
+
+/// The daemon with the settings `env` gives ([`settings_from`]), once ready: `/readyz` answers
+/// 200 after its startup run, within `secs` seconds.
+pub async fn start_ready_daemon(env: &[(&str, &str)], secs: u64) -> Daemon {
+    let d = start_daemon(settings_from(env)).await;
+    d.until_ready("ready after the startup run", secs).await;
+    d
 }
 
 /// The HTTP status of a GET, 0 when nothing answers.

@@ -201,7 +201,10 @@ async fn answer(res: reqwest::Response) -> Answer {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
-    let text = res.text().await.unwrap_or_default();
+    let text = res
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("the body of a {status} answer from Keycloak: {e}"));
     let body = if text.is_empty() {
         Value::Null
     } else {

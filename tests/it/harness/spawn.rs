@@ -3,7 +3,9 @@
 //! given, nothing inherited, so a developer's `SEEDKEEPER_*` never leaks in), run from the crate
 //! root. Self-contained: the benches include it with `#[path]`.
 
+use std::io::BufRead;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 /// The binary with `args` and `env`, not started: the caller picks where its output goes.
 pub fn command(args: &[&str], env: &[(String, String)]) -> Command {
@@ -32,6 +34,48 @@ pub fn spawn_bin(args: &[&str], env: &[(String, String)]) -> Child {
         .expect("spawn seedkeeper binary")
 }
 
+/// A child started by [`spawn_bin_watched`]: its stdout discarded, its stderr (the log) kept
+/// line by line as it comes, by a thread that reads it to the end so the pipe never fills.
+pub struct Watched {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Watched {
+    /// The log lines so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines.lock().expect("the log lines").clone()
+    }
+
+    /// Whether a line so far contains every one of `parts`.
+    pub fn logged(&self, parts: &[&str]) -> bool {
+        self.lines
+            .lock()
+            .expect("the log lines")
+            .iter()
+            .any(|l| parts.iter().all(|p| l.contains(p)))
+    }
+}
+
+/// Starts the binary with its log (stderr) watched, for a test that waits for a line of it.
+pub fn spawn_bin_watched(args: &[&str], env: &[(String, String)]) -> Watched {
+    let mut child = command(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn seedkeeper binary");
+    let stderr = child.stderr.take().expect("the child's stderr");
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let keep = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            keep.lock().expect("the log lines").push(line);
+        }
+    });
+    Watched { child, lines }
+}
+
 /// A port free at the time of asking, for a process started here to listen on (its
 /// `http.listen`, a server's port): the OS picks it, then the probe lets it go.
 pub fn free_port() -> u16 {
@@ -40,6 +84,25 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("the bound address")
         .port()
+}
+
+/// Waits until something accepts TCP connections on 127.0.0.1:`port` (a server `child` started,
+/// named `what`); fails the test after `secs` seconds, saying what it waited for and how the
+/// child ended if it did.
+pub fn wait_for_port(what: &str, port: u16, child: &mut Child, secs: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited ({status}) before it listened on 127.0.0.1:{port}");
+        }
+        if std::time::Instant::now() >= deadline {
+            panic!("{what} did not listen on 127.0.0.1:{port} within {secs} s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 /// Runs the binary as `run_bin` does, but on a pseudo-terminal (stdin, stdout and stderr all on
@@ -80,6 +143,10 @@ sys.exit(code if code >= 0 else 128 - code)
     for (k, v) in env {
         cmd.env(k, v);
     }
-    cmd.output()
-        .expect("python3 (with its pty module) runs the binary on a pseudo-terminal")
+    cmd.output().unwrap_or_else(|e| {
+        panic!(
+            "python3 (with its pty module) runs the binary on a pseudo-terminal and could not be \
+             started ({e}): install Debian's python3 package (apt-get install python3)"
+        )
+    })
 }
