@@ -33,6 +33,7 @@ pub mod events;
 pub mod http;
 pub mod identity;
 pub mod metrics;
+pub mod model;
 mod names;
 pub mod progress;
 pub mod reconcile;

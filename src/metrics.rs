@@ -35,8 +35,8 @@ use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
 
 pub use crate::error::ErrorKind;
+use crate::model::{Action, Outcome, RunReport, Tally, Trigger, Unit};
 use crate::names::named;
-use crate::reconcile::model::{Action, Outcome, RunReport, Tally, Trigger, Unit};
 
 /// Registers `metric` and returns it: the registry keeps a clone that shares its series.
 fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::reconcile::model::Unit;
+use crate::model::Unit;
 
 /// How often a run without a terminal logs its progress.
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);

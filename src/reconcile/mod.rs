@@ -16,11 +16,11 @@
 
 pub mod bindings;
 pub mod identities;
-pub mod model;
 pub mod reference;
 pub mod tenants;
 
-pub use model::{
+/// The vocabulary of a run ([`crate::model`]), where the engine's callers have always found it.
+pub use crate::model::{
     Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Trigger,
     Unit, UnitReport, FINDINGS_PER_KIND,
 };

@@ -257,21 +257,19 @@ async fn composites_groups_and_parent_groups_make_admins_in_both_sources() {
     assert!(pages >= 6, "listed in pages of 2: {pages} requests");
 }
 
+/// `n` users `user00`, `user01`, … without roles, their ids starting with `prefix`.
+fn numbered_users(prefix: char, n: usize) -> Vec<Value> {
+    (0..n)
+        .map(|i| {
+            let id = format!("{prefix}0000000-0000-4000-8000-{i:012}");
+            user(&id, &format!("user{i:02}"), &[], &[])
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_expiring_mid_listing_and_a_503_burst_are_survived() {
-    let kc = KeycloakEmulator::start(test_realm(
-        (0..30)
-            .map(|i| {
-                user(
-                    &format!("c0000000-0000-4000-8000-{i:012}"),
-                    &format!("user{i:02}"),
-                    &[],
-                    &[],
-                )
-            })
-            .collect(),
-    ))
-    .await;
+    let kc = KeycloakEmulator::start(test_realm(numbered_users('c', 30))).await;
     let db = TestDb::new().await;
     let mut env = kc_env(&kc);
     env.push(("SEEDKEEPER_KEYCLOAK__PAGE_SIZE".into(), "5".into()));
@@ -300,19 +298,7 @@ async fn a_token_expiring_mid_listing_and_a_503_burst_are_survived() {
 /// endpoint twice (its preflight, one renewal), not once per refused window.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
-    let kc = KeycloakEmulator::start(test_realm(
-        (0..80)
-            .map(|i| {
-                user(
-                    &format!("d0000000-0000-4000-8000-{i:012}"),
-                    &format!("user{i:02}"),
-                    &[],
-                    &[],
-                )
-            })
-            .collect(),
-    ))
-    .await;
+    let kc = KeycloakEmulator::start(test_realm(numbered_users('d', 80))).await;
     let db = TestDb::new().await;
     let mut env = kc_env(&kc);
     env.push(("SEEDKEEPER_KEYCLOAK__PAGE_SIZE".into(), "5".into()));
