@@ -9,12 +9,14 @@ cycle through it as evidence. With --top, every module counts as its top-level m
 (`identity::keycloak::client` as `identity`), and edges inside one top-level module are dropped.
 """
 import os
+import signal
 import re
 import sys
 
 args = [a for a in sys.argv[1:] if a != '--top']
 top = '--top' in sys.argv[1:]
 src = args[0] if args else 'src'
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 files = {}
 for d, _, fs in os.walk(src):
     for f in fs:
