@@ -10,6 +10,7 @@ use crate::harness::proxy::KeycloakProxy;
 use crate::harness::real_keycloak::*;
 use crate::harness::*;
 use crate::identities::{identity_state, refs};
+use crate::signals::{grant_manage_realm, startup_only, startup_run_counted};
 
 /// Environment pairs for a realm-file run on `path` (a file or an export folder).
 fn file_env(path: &std::path::Path, realm: &str) -> Vec<(String, String)> {
@@ -640,29 +641,12 @@ async fn the_exported_keycloak_version_is_the_real_servers() {
     for manage_realm in [true, false] {
         let (mut rep, _) = as_new_realm(&dev_realm(), &realm_name("version"));
         if manage_realm {
-            let sa = rep["users"]
-                .as_array_mut()
-                .unwrap()
-                .iter_mut()
-                .find(|u| u["serviceAccountClientId"] == "seedkeeper")
-                .unwrap();
-            sa["clientRoles"]["realm-management"]
-                .as_array_mut()
-                .unwrap()
-                .push(json!("manage-realm"));
+            grant_manage_realm(&mut rep);
         }
         let realm = kc.create_realm(rep).await;
         let db = TestDb::new().await;
-        let mut env = realm.env();
-        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
-        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
-        let d = start_daemon(db.settings(&refs(&env))).await;
-        until("the startup run is counted", 120, || async {
-            let m = d.metrics().await;
-            m.contains("seedkeeper_runs_total{outcome=\"succeeded\",trigger=\"startup\"} 1")
-                || m.contains("seedkeeper_runs_total{outcome=\"failed\",trigger=\"startup\"} 1")
-        })
-        .await;
+        let d = start_daemon(db.settings(&refs(&startup_only(realm.env())))).await;
+        startup_run_counted(&d, 120).await;
         let m = d.metrics().await;
         assert!(
             m.contains("seedkeeper_runs_total{outcome=\"succeeded\",trigger=\"startup\"} 1"),

@@ -213,14 +213,7 @@ async fn group_paths_without_leading_or_with_trailing_slash_import_as_the_realm_
         .push(json!({"name": "Admin", "path": "/Admin",
         "realmRoles": ["admin"], "subGroups": [{"name": "Ops", "path": "/Admin/Ops",
         "realmRoles": ["ops"], "subGroups": []}]}));
-    let spellings = [
-        ("canon-admin", "/Admin"),
-        ("bare-admin", "Admin"),
-        ("trailing-admin", "Admin/"),
-        ("canon-ops", "/Admin/Ops"),
-        ("bare-ops", "Admin/Ops"),
-        ("trailing-ops", "Admin/Ops/"),
-    ];
+    let spellings = crate::realm_files::GROUP_PATH_SPELLINGS;
     for (name, group) in spellings {
         rep["users"].as_array_mut().unwrap().push(json!({
             "id": uuid::Uuid::new_v4().to_string(), "username": name, "enabled": true,

@@ -21,19 +21,21 @@ fn read_fixture(rel: &str) -> String {
     std::fs::read_to_string(fixture(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
+/// (username, group path) for each way Keycloak's import accepts a group path: canonical, without
+/// the leading slash, with a trailing one; for a group and its subgroup.
+pub(crate) const GROUP_PATH_SPELLINGS: [(&str, &str); 6] = [
+    ("canon-admin", "/Admin"),
+    ("bare-admin", "Admin"),
+    ("trailing-admin", "Admin/"),
+    ("canon-ops", "/Admin/Ops"),
+    ("bare-ops", "Admin/Ops"),
+    ("trailing-ops", "Admin/Ops/"),
+];
+
 /// (sub, username, role) of every users row, by username.
 async fn rows(db: &TestDb) -> Vec<(String, String, String)> {
-    db.client()
+    db.triples("SELECT keycloak_sub, username, role FROM users ORDER BY username")
         .await
-        .query(
-            "SELECT keycloak_sub, username, role FROM users ORDER BY username",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
 }
 
 fn row(sub: &str, username: &str, role: &str) -> (String, String, String) {
@@ -496,14 +498,7 @@ async fn structural_damage_is_still_refused_whole() {
 async fn group_paths_without_leading_or_with_trailing_slash_resolve_as_keycloak_resolves_them() {
     let db = TestDb::new().await;
     let dir = TempDir::new();
-    let spellings = [
-        ("canon-admin", "/Admin"),
-        ("bare-admin", "Admin"),
-        ("trailing-admin", "Admin/"),
-        ("canon-ops", "/Admin/Ops"),
-        ("bare-ops", "Admin/Ops"),
-        ("trailing-ops", "Admin/Ops/"),
-    ];
+    let spellings = GROUP_PATH_SPELLINGS;
     let users: Vec<Value> = spellings
         .iter()
         .enumerate()

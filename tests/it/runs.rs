@@ -48,24 +48,21 @@ async fn hold_run_lock(db: &TestDb) -> (tokio_postgres::Client, i32) {
 
 /// (trigger, outcome, error) of every `seed_runs` row, oldest first.
 async fn runs(db: &TestDb) -> Vec<(String, String, String)> {
-    db.client()
+    db.triples("SELECT trigger, outcome, coalesce(error, '') FROM seed_runs ORDER BY started_at")
         .await
-        .query(
-            "SELECT trigger, outcome, coalesce(error, '') FROM seed_runs ORDER BY started_at",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect()
 }
 
 /// `seedkeeper_runs_total{outcome, trigger}` in a /metrics text (0 when absent).
 fn runs_total(text: &str, outcome: Outcome, trigger: Trigger) -> f64 {
-    let series = format!("seedkeeper_runs_total{{outcome=\"{outcome}\",trigger=\"{trigger}\"}} ");
+    let series = crate::signals::runs_series(outcome, trigger);
     text.lines()
-        .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(&series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0.0)
 }
 

@@ -47,7 +47,7 @@ fn samples(text: &str) -> BTreeMap<String, f64> {
 }
 
 /// The `seedkeeper_runs_total` series of an outcome and a trigger.
-fn runs_series(outcome: Outcome, trigger: Trigger) -> String {
+pub(crate) fn runs_series(outcome: Outcome, trigger: Trigger) -> String {
     format!("seedkeeper_runs_total{{outcome=\"{outcome}\",trigger=\"{trigger}\"}}")
 }
 
@@ -221,18 +221,9 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     kc.fail_next_admin(1, 503);
     kc.fail_next_admin(1, 429);
     kc.malformed_next_admin(1);
-    let mut env = kc_env(&kc);
-    // No scheduled tick and no event follower during the test (either could take an injected
-    // fault): only the startup run, then the test's own.
-    env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
-    env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
-    let d = start_daemon(db.settings(&refs(&env))).await;
-    until("the startup run is counted", 60, || async {
-        let s = samples(&d.metrics().await);
-        s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
-            || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
-    })
-    .await;
+    let env = kc_env(&kc);
+    let d = start_daemon(db.settings(&refs(&startup_only(env)))).await;
+    startup_run_counted(&d, 60).await;
     let s = samples(&scrape(&d.base).await.1);
     assert_eq!(
         get(&s, &runs_series(Outcome::Succeeded, Trigger::Startup)),
@@ -678,6 +669,12 @@ async fn text_logs_of_a_run_carry_its_id_on_every_line_too() {
 /// `manage-realm`, the role Keycloak shows its version to.
 fn realm_showing_the_version() -> Value {
     let mut realm = dev_realm();
+    grant_manage_realm(&mut realm);
+    realm
+}
+
+/// Gives the realm's seedkeeper service account realm-management `manage-realm` too.
+pub(crate) fn grant_manage_realm(realm: &mut Value) {
     let sa = realm["users"]
         .as_array_mut()
         .unwrap()
@@ -688,7 +685,24 @@ fn realm_showing_the_version() -> Value {
         .as_array_mut()
         .unwrap()
         .push("manage-realm".into());
-    realm
+}
+
+/// `env` for a daemon that runs its startup run and the test's own only: no scheduled tick and
+/// no event follower (either could take an injected fault or add a run).
+pub(crate) fn startup_only(mut env: Vec<(String, String)>) -> Vec<(String, String)> {
+    env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
+    env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
+    env
+}
+
+/// Waits up to `secs` for the daemon's startup run to be counted, succeeded or failed.
+pub(crate) async fn startup_run_counted(d: &Daemon, secs: u64) {
+    until("the startup run is counted", secs, || async {
+        let s = samples(&d.metrics().await);
+        s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
+            || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
+    })
+    .await;
 }
 
 fn serverinfo_requests(kc: &KeycloakEmulator) -> usize {
@@ -708,10 +722,8 @@ async fn the_keycloak_version_is_read_once_and_exported() {
         let db = TestDb::new().await;
         let kc = KeycloakEmulator::start(realm_showing_the_version()).await;
         kc.set_release(release);
-        let mut env = kc_env(&kc);
-        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
-        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
-        let d = start_daemon(db.settings(&refs(&env))).await;
+        let env = kc_env(&kc);
+        let d = start_daemon(db.settings(&refs(&startup_only(env)))).await;
         let series = format!(
             "seedkeeper_keycloak_info{{version=\"{}\",tested=\"true\"}}",
             release.version()
@@ -758,16 +770,9 @@ async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
         let kc = KeycloakEmulator::start(realm).await;
         kc.set_release(release);
         kc.serverinfo_status(status);
-        let mut env = kc_env(&kc);
-        env.push(("SEEDKEEPER_SCHEDULE__CRON".into(), "0 0 0 1 1 *".into()));
-        env.push(("SEEDKEEPER_EVENTS__ENABLED".into(), "false".into()));
-        let d = start_daemon(db.settings(&refs(&env))).await;
-        until("the startup run is counted", 60, || async {
-            let s = samples(&d.metrics().await);
-            s.get(&runs_series(Outcome::Succeeded, Trigger::Startup)) == Some(&1.0)
-                || s.get(&runs_series(Outcome::Failed, Trigger::Startup)) == Some(&1.0)
-        })
-        .await;
+        let env = kc_env(&kc);
+        let d = start_daemon(db.settings(&refs(&startup_only(env)))).await;
+        startup_run_counted(&d, 60).await;
         let text = d.metrics().await;
         let s = samples(&text);
         assert_eq!(

@@ -435,6 +435,18 @@ impl TestDb {
             .map(|r| r.get(0))
             .collect()
     }
+
+    /// The first three columns of every row `sql` returns, as text.
+    pub async fn triples(&self, sql: &str) -> Vec<(String, String, String)> {
+        self.client()
+            .await
+            .query(sql, &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect()
+    }
 }
 
 /// Sends SIGTERM to a child process (the graceful stop systemd and Kubernetes send).
