@@ -167,15 +167,14 @@ pub async fn execute(
 /// `config`: the effective configuration, secrets redacted, once everything it points at is
 /// valid.
 fn config(settings: Settings, out: &mut dyn Write) -> u8 {
-    let seed = match crate::seed::ReferenceSeed::load(settings.seed.path.as_deref()) {
-        Ok(s) => s,
+    let redacted = settings.redacted_toml();
+    // The engine's build loads the seed and checks everything the config points at.
+    let engine = match crate::app::build_engine(settings) {
+        Ok(e) => e,
         Err(e) => return fail(&e),
     };
-    let mut text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n", seed.source_name, seed.digest);
-    text.push_str(&settings.redacted_toml());
-    if let Err(e) = crate::app::build_engine(settings) {
-        return fail(&e);
-    }
+    let seed = &engine.seed;
+    let text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n{redacted}", seed.source_name, seed.digest);
     print(out, &text);
     exit::OK
 }
