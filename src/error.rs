@@ -148,19 +148,12 @@ impl Error {
         }
     }
 
-    /// The HTTP status of a Keycloak API error that was an answer.
+    /// The HTTP status of a Keycloak API answer about the resource asked for. A refusal
+    /// ([`Error::KeycloakAuth`]: 401, 403, or 404 for the realm itself) has none: a caller asking
+    /// whether a user is gone must not take a missing realm for a missing user.
     pub fn keycloak_status(&self) -> Option<u16> {
         match self {
             Error::Keycloak { status, .. } => *status,
-            Error::KeycloakAuth(r) => r.status,
-            _ => None,
-        }
-    }
-
-    /// The SQLSTATE of a database error, when the server sent one.
-    pub fn sql_state(&self) -> Option<&SqlState> {
-        match self {
-            Error::Database(f) | Error::Unit { failure: f, .. } => f.code.as_ref(),
             _ => None,
         }
     }
@@ -308,3 +301,21 @@ impl From<&str> for Refusal {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_realm_is_no_missing_user() {
+        let gone = Error::Keycloak {
+            path: "users/u1".into(),
+            status: Some(404),
+            message: "GET users/u1: 404 User not found".into(),
+        };
+        assert_eq!(gone.keycloak_status(), Some(404));
+        let no_realm = Error::KeycloakAuth(Refusal::http(404, "realm \"x\" not found".into()));
+        assert_eq!(no_realm.keycloak_status(), None);
+        assert_eq!(Error::keycloak("users", "paging").keycloak_status(), None);
+    }
+}

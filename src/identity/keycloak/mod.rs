@@ -127,11 +127,6 @@ impl KeycloakSource {
         }
     }
 
-    /// The admin API client this source reads through.
-    pub fn client(&self) -> &Arc<AdminClient> {
-        &self.client
-    }
-
     /// The client's request and retry counters.
     pub fn metrics(&self) -> &KeycloakMetrics {
         self.client.metrics()
