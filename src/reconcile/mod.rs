@@ -513,7 +513,8 @@ impl Engine {
     /// Names the key behind a PostgreSQL timeout, by its SQLSTATE: `database.lock_timeout`
     /// (55P03 lock_not_available) or `database.statement_timeout` (57014 query_canceled; the only
     /// statements seedkeeper cancels itself are those of a run it stops, which end as a deadline
-    /// or a shutdown, not as this error). Added once, however many layers explain the error.
+    /// or a shutdown, not as this error; an operator's pg_cancel_backend shares the code, which
+    /// the hint says). Added once, however many layers explain the error.
     fn explain(&self, mut e: Error) -> Error {
         if let Error::Database(f) | Error::Unit { failure: f, .. } = &mut e {
             if f.hint.is_none() {
@@ -531,7 +532,7 @@ impl Engine {
                 duration_str::format(&db.lock_timeout)
             )),
             c if *c == SqlState::QUERY_CANCELED => Some(format!(
-                "database.statement_timeout ({}) ran out: one statement took longer (the identities COPY lasts as long as the Keycloak listing). SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT",
+                "database.statement_timeout ({}) ran out: one statement took longer (the identities COPY lasts as long as the Keycloak listing). SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT. (The same SQLSTATE, 57014, is a statement cancelled from another session with pg_cancel_backend.)",
                 duration_str::format(&db.statement_timeout)
             )),
             _ => None,
