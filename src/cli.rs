@@ -40,6 +40,11 @@ pub struct Cli {
     /// Shorthand for `run --once`.
     #[arg(long)]
     pub once: bool,
+    /// With `--once` or `plan`: let exactly N users be offboarded by this run, past
+    /// identity.offboard_limit (and past an empty listing). Any other number offboards nobody,
+    /// rolls the identities unit back and exits 78. Recorded in the evidence.
+    #[arg(long, global = true, value_name = "N")]
+    pub allow_offboard: Option<u64>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -86,12 +91,37 @@ pub enum Command {
     },
 }
 
+impl Cli {
+    /// Whether the command is one run: `--once` or `plan` (what `--allow-offboard` applies to).
+    pub fn runs_once(&self) -> bool {
+        match &self.command {
+            Some(Command::Plan { .. }) => true,
+            Some(Command::Run { once }) => *once || self.once,
+            None => self.once,
+            Some(_) => false,
+        }
+    }
+
+    /// `--allow-offboard N` as the engine takes it.
+    fn allowed_offboard(&self) -> Option<i64> {
+        self.allow_offboard.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+    }
+}
+
 /// Parses arguments; usage errors exit 64 (clap's own default is 2, which means "changes
 /// pending" here). A usage error is one JSON line when `--log-format json` or
 /// `SEEDKEEPER_LOG__FORMAT=json` asks for JSON; `--help` and `--version` stay text.
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
     let args: Vec<String> = args.into_iter().collect();
     match Cli::try_parse_from(&args) {
+        Ok(c) if c.allow_offboard.is_some() && !c.runs_once() => {
+            crate::telemetry::print_error(
+                "--allow-offboard applies to one run: give it with --once or plan, not to the daemon or another command",
+                "usage",
+                exit::USAGE,
+            );
+            Err(exit::USAGE)
+        }
         Ok(c) => Ok(c),
         Err(e) => {
             let code = match e.kind() {
@@ -159,8 +189,12 @@ pub async fn execute(
         Some(Command::Migrate) => migrate(&settings, &cancel).await,
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
-        Some(Command::Plan { format }) => plan(settings, *format, &cancel, out).await,
-        Some(Command::Run { .. }) | None => once(settings, &cancel, out).await,
+        Some(Command::Plan { format }) => {
+            plan(settings, *format, cli.allowed_offboard(), &cancel, out).await
+        }
+        Some(Command::Run { .. }) | None => {
+            once(settings, cli.allowed_offboard(), &cancel, out).await
+        }
     }
 }
 
@@ -194,6 +228,7 @@ fn export_sql(settings: &Settings, out: &mut dyn Write) -> u8 {
 async fn plan(
     settings: Settings,
     format: OutputFormat,
+    allow_offboard: Option<i64>,
     cancel: &CancellationToken,
     out: &mut dyn Write,
 ) -> u8 {
@@ -201,6 +236,7 @@ async fn plan(
         Ok(e) => e,
         Err(e) => return fail(&e),
     };
+    engine.allow_offboard = allow_offboard;
     engine.progress = progress::Display::interactive(crate::telemetry::is_json());
     let wait = engine.settings.startup.wait_timeout;
     let report = engine.run(Mode::Plan, Trigger::Plan, wait, cancel).await;
@@ -214,27 +250,31 @@ async fn plan(
         ),
         OutputFormat::Text => print(out, &render_plan(&report)),
     }
-    match (&report.error_value, report.outcome) {
-        (Some(e), _) => fail(e),
-        (None, Outcome::Skipped) => {
-            crate::telemetry::print_error(
-                "another run holds the run lock; plan again when it is done",
-                "skipped",
-                exit::RECONCILE_FAILED,
-            );
-            exit::RECONCILE_FAILED
-        }
-        _ if report.changes_pending() => exit::CHANGES_PENDING,
-        _ => exit::OK,
+    plan_exit(&report)
+}
+
+/// `plan`'s exit code: the error's own when it could not plan; else 2 when the apply would
+/// write anything, 0 when not. Findings that would fail the apply (a username clash, offboarding
+/// stopped) are shown under `!` and are not an error of the plan.
+pub fn plan_exit(report: &RunReport) -> u8 {
+    match &report.error_value {
+        Some(e) if !matches!(e, Error::Findings { .. }) => fail(e),
+        _ => plan_exit_code(report),
     }
 }
 
 /// `--once`: one run, its summary, and the exit code that says how it ended.
-async fn once(settings: Settings, cancel: &CancellationToken, out: &mut dyn Write) -> u8 {
+async fn once(
+    settings: Settings,
+    allow_offboard: Option<i64>,
+    cancel: &CancellationToken,
+    out: &mut dyn Write,
+) -> u8 {
     let mut parts = match crate::app::build(settings) {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
+    parts.engine.allow_offboard = allow_offboard;
     parts.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
     let app = crate::app::App::new(parts);
     let wait = app.settings().startup.wait_timeout;
@@ -249,7 +289,7 @@ async fn once(settings: Settings, cancel: &CancellationToken, out: &mut dyn Writ
         (None, Outcome::Failed) => {
             crate::telemetry::print_error(
                 report.error.as_deref().unwrap_or("run failed"),
-                "identity_clash",
+                "failed",
                 exit::RECONCILE_FAILED,
             );
             exit::RECONCILE_FAILED
@@ -341,7 +381,9 @@ pub fn render_plan(r: &RunReport) -> String {
         s.push_str(&format!(
             "{}: {}\n",
             u.unit,
-            if pending == 0 {
+            if u.error.is_some() {
+                "could not be planned".to_string()
+            } else if pending == 0 {
                 "in sync".to_string()
             } else {
                 format!("{pending} change(s) pending")
@@ -349,6 +391,12 @@ pub fn render_plan(r: &RunReport) -> String {
         ));
         for c in &u.changes {
             s.push_str(&format!("  + {c}\n"));
+        }
+        if u.changes_unlisted > 0 {
+            s.push_str(&format!(
+                "  + … and {} more (counted, not listed)\n",
+                u.changes_unlisted
+            ));
         }
         for f in &u.findings {
             if f.kind.needs_attention() {
@@ -359,12 +407,29 @@ pub fn render_plan(r: &RunReport) -> String {
             s.push_str(&format!("  error: {e}\n"));
         }
     }
-    s.push_str(if r.changes_pending() {
-        "plan: changes pending (exit 2)\n"
-    } else {
-        "plan: in sync (exit 0)\n"
+    let code = plan_exit_code(r);
+    s.push_str(&match (code, &r.error_value) {
+        (exit::CHANGES_PENDING, Some(e)) => {
+            format!("plan: changes pending, and the run would not succeed: {e} (exit 2)\n")
+        }
+        (exit::CHANGES_PENDING, None) => "plan: changes pending (exit 2)\n".to_string(),
+        (exit::OK, Some(e)) => {
+            format!("plan: in sync, but the run would not succeed: {e} (exit 0)\n")
+        }
+        (exit::OK, None) => "plan: in sync (exit 0)\n".to_string(),
+        (_, Some(e)) => format!("plan: could not plan: {e} (exit {code})\n"),
+        (_, None) => format!("plan: {} (exit {code})\n", r.outcome),
     });
     s
+}
+
+/// [`plan_exit`] without reporting the error.
+fn plan_exit_code(r: &RunReport) -> u8 {
+    match &r.error_value {
+        Some(Error::Findings { .. }) | None if r.changes_pending() => exit::CHANGES_PENDING,
+        Some(Error::Findings { .. }) | None => exit::OK,
+        Some(e) => e.exit_code(),
+    }
 }
 
 /// `migrate`, with its progress shown as the `schema` unit's (waiting for the lock included).

@@ -98,9 +98,15 @@ pub enum Error {
         failure: DbFailure,
     },
 
-    /// A run that ended without an error but failed: its blocking findings (username clashes).
-    #[error("{0}")]
-    Findings(String),
+    /// A run whose units ended without an error but failed: its blocking findings (username
+    /// clashes, offboarding stopped at `identity.offboard_limit`), `kind` saying which came first.
+    #[error("{message}")]
+    Findings { kind: ErrorKind, message: String },
+
+    /// `--allow-offboard N` was given and the run would offboard another number: nothing of the
+    /// identities unit was applied.
+    #[error("--allow-offboard {allowed} was given, but this run would offboard {would} user(s): nothing was offboarded and the identities unit was rolled back. Review the users with `seedkeeper plan`, then run again with --allow-offboard {would} if they are meant to go")]
+    OffboardMismatch { allowed: i64, would: i64 },
 
     #[error("{0}")]
     Io(String),
@@ -118,6 +124,7 @@ impl Error {
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::Seed { .. } | Error::RealmFile { .. } => exit::CONFIG,
+            Error::OffboardMismatch { .. } => exit::CONFIG,
             Error::KeycloakAuth(_) => exit::CONFIG,
             Error::DatabaseUnavailable { .. }
             | Error::KeycloakUnavailable { .. }
@@ -141,7 +148,8 @@ impl Error {
             Error::Schema(_) => ErrorKind::Schema,
             Error::Database(_) => ErrorKind::Database,
             Error::Unit { .. } => ErrorKind::Unit,
-            Error::Findings(_) => ErrorKind::IdentityClash,
+            Error::Findings { kind, .. } => *kind,
+            Error::OffboardMismatch { .. } => ErrorKind::OffboardMismatch,
             Error::Io(_) => ErrorKind::Io,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Timeout(_) => ErrorKind::Timeout,
@@ -204,6 +212,8 @@ named!(
         Cancelled => "cancelled",
         Timeout => "timeout",
         IdentityClash => "identity_clash",
+        OffboardLimit => "offboard_limit",
+        OffboardMismatch => "offboard_mismatch",
     }
 );
 

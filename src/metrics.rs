@@ -397,6 +397,7 @@ pub struct Metrics {
     skipped_ticks: Counter,
     last_run_ok: Arc<LastRunOk>,
     unlisted: Arc<LastValue>,
+    offboard_stopped: Arc<LastValue>,
     batches: BatchMetrics,
     keycloak: KeycloakMetrics,
     events: EventMetrics,
@@ -581,6 +582,11 @@ impl Metrics {
             "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
         ));
         registry.register_collector(Box::new(unlisted.clone()));
+        let offboard_stopped = Arc::new(LastValue::new(
+            "seedkeeper_offboard_stopped",
+            "Users the last full run (or a later event batch) would have offboarded but did not, because that exceeded identity.offboard_limit or the listing was empty; 0 when offboarding went through",
+        ));
+        registry.register_collector(Box::new(offboard_stopped.clone()));
         Metrics {
             registry,
             runs,
@@ -593,6 +599,7 @@ impl Metrics {
             skipped_ticks,
             last_run_ok,
             unlisted,
+            offboard_stopped,
             batches: BatchMetrics::new(),
             keycloak: KeycloakMetrics::new(),
             events: EventMetrics::default(),
@@ -606,13 +613,7 @@ impl Metrics {
         self.runs
             .get_or_create(&RunLabels { outcome, trigger })
             .inc();
-        let kind = match (&report.error_value, report.outcome) {
-            (Some(e), _) => Some(e.kind()),
-            // A run that finished without an error but failed: its blocking findings, which are
-            // username clashes.
-            (None, Outcome::Failed) => Some(ErrorKind::IdentityClash),
-            (None, _) => None,
-        };
+        let kind = report.error_value.as_ref().map(crate::error::Error::kind);
         if let Some(kind) = kind {
             self.errors.get_or_create(&ErrorLabels { kind }).inc();
         }
@@ -631,6 +632,11 @@ impl Metrics {
             self.record_full_run(report, source);
         } else {
             self.batches.record(report);
+            // A stopped batch says so until the next full run decides again.
+            let stopped = report.unit(Unit::Identities).map(|u| u.get(Tally::OffboardStopped));
+            if let Some(n) = stopped.filter(|n| *n > 0) {
+                self.offboard_stopped.set(n);
+            }
         }
     }
 
@@ -651,6 +657,8 @@ impl Metrics {
                     .set(id.get(Tally::Listed).max(0));
             }
             self.unlisted.set(id.get(Tally::Unlisted).max(0));
+            self.offboard_stopped
+                .set(id.get(Tally::OffboardStopped).max(0));
         }
         match report.outcome {
             Outcome::Succeeded => {
@@ -733,7 +741,18 @@ mod tests {
                 unit: "tenants",
                 failure,
             },
-            Error::Findings("x".into()),
+            Error::Findings {
+                kind: ErrorKind::IdentityClash,
+                message: "x".into(),
+            },
+            Error::Findings {
+                kind: ErrorKind::OffboardLimit,
+                message: "x".into(),
+            },
+            Error::OffboardMismatch {
+                allowed: 1,
+                would: 2,
+            },
             Error::Io("x".into()),
             Error::Cancelled,
             Error::Timeout("x".into()),

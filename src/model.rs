@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use tokio_postgres::types::Type;
 use uuid::Uuid;
 
-use crate::error::Error;
+use crate::error::{Error, ErrorKind};
 use crate::names::named;
 
 named!(
@@ -62,16 +63,16 @@ impl Trigger {
     }
 
     /// Whether a run with this trigger waits for a run lock another session holds (up to
-    /// `startup.wait_timeout`) instead of being skipped. Only `--once` does: its exit 0 must mean
-    /// that a run of its own has converged the database, whereas the daemon's runs come again on
-    /// their own, and a replica holding the lock is already doing the work.
+    /// `startup.wait_timeout`) instead of being skipped. `--once` does: its exit 0 must mean
+    /// that a run of its own has converged the database; and `plan`, which runs the apply's
+    /// statements and must not plan against a database another run is changing. The daemon's
+    /// runs come again on their own, and a replica holding the lock is already doing the work.
     pub fn waits_for_the_run_lock(self) -> bool {
         match self {
-            Trigger::Once => true,
+            Trigger::Once | Trigger::Plan => true,
             Trigger::Startup
             | Trigger::Schedule
             | Trigger::Retry
-            | Trigger::Plan
             | Trigger::Event
             | Trigger::EventFull => false,
         }
@@ -194,6 +195,12 @@ named!(
         TenantMembershipsInserted => "tenant_memberships_inserted",
         ProjectMembershipsUpdated => "project_memberships_updated",
         ProjectMembershipsInserted => "project_memberships_inserted",
+        /// The most users this run could offboard (`identity.offboard_limit`, resolved).
+        OffboardLimit => "offboard_limit",
+        /// `--allow-offboard N`: the exact number an operator let through.
+        OffboardAllowed => "offboard_allowed",
+        /// Users this run would have offboarded and did not: over the limit.
+        OffboardStopped => "offboard_stopped",
     }
 );
 
@@ -201,7 +208,12 @@ impl Tally {
     /// Whether `status` shows it beside the writes: it asks for a look.
     pub fn notable(self) -> bool {
         match self {
-            Tally::Drift | Tally::Clashes | Tally::Rejected | Tally::Unlisted => true,
+            Tally::Drift
+            | Tally::Clashes
+            | Tally::Rejected
+            | Tally::Unlisted
+            | Tally::OffboardStopped
+            | Tally::OffboardAllowed => true,
             Tally::Unchanged
             | Tally::Missing
             | Tally::NotInSeed
@@ -215,7 +227,8 @@ impl Tally {
             | Tally::TenantMembershipsUpdated
             | Tally::TenantMembershipsInserted
             | Tally::ProjectMembershipsUpdated
-            | Tally::ProjectMembershipsInserted => false,
+            | Tally::ProjectMembershipsInserted
+            | Tally::OffboardLimit => false,
         }
     }
 }
@@ -322,6 +335,9 @@ named!(
         Granted => "granted",
         /// A binding revoked (role_bindings).
         Revoked => "revoked",
+        /// Offboarding stopped: more users than `identity.offboard_limit` would have gone, or the
+        /// listing was empty (identities).
+        OffboardStopped => "offboard_stopped",
     }
 );
 
@@ -334,7 +350,8 @@ impl FindingKind {
             | FindingKind::Clash
             | FindingKind::Unlisted
             | FindingKind::Rejected
-            | FindingKind::Blocked => true,
+            | FindingKind::Blocked
+            | FindingKind::OffboardStopped => true,
             FindingKind::Deferred
             | FindingKind::Offboarded
             | FindingKind::Reactivated
@@ -396,6 +413,15 @@ impl Scope {
             .unwrap_or_default()
     }
 
+    /// [`Scope::params`] with their types, for `query_typed` (an unnamed statement, which holds
+    /// behind a connection pooler in transaction mode).
+    pub fn typed_params(&self) -> Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> {
+        match self {
+            Scope::All => Vec::new(),
+            Scope::Users(ids) => vec![(ids, Type::UUID_ARRAY)],
+        }
+    }
+
     /// The parameters [`Scope::condition`] refers to: the ids, or none for every row.
     pub fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
         match self {
@@ -433,19 +459,50 @@ impl Finding {
     }
 }
 
+/// One row a run writes (apply) or would write (plan), named by a key that is the same in both
+/// (a sub, a username, a catalog key: never a generated id), so that a plan and the apply that
+/// follows it can be compared item by item.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Change {
+    /// What is done to the row: `insert`, `update`, `realign`, `reactivate`, `offboard`,
+    /// `grant`, `revoke`, `apply`.
+    pub action: &'static str,
+    /// The row: `<table>:<key>`, e.g. `users:sub=…`, `platform_role_bindings:dev-admin/platform_superadmin`.
+    pub entity: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.action, self.entity)
+    }
+}
+
+/// How many changes a unit lists one by one when a run lists them (`plan`, or a run asked to):
+/// every one up to this, then only counted (`changes_unlisted`). The counts stay exact.
+pub const CHANGES_LISTED: usize = 10_000;
+
 /// What one unit found (plan) or did (apply).
 #[derive(Debug, Clone, Serialize)]
 pub struct UnitReport {
     pub unit: Unit,
     pub counts: Counts,
     pub findings: Vec<Finding>,
-    /// Plan only: the changes apply would make, capped like findings.
-    pub changes: Vec<String>,
+    /// The rows written (apply) or to write (plan), each with its key, when the run lists them
+    /// (always in a plan); up to [`CHANGES_LISTED`].
+    pub changes: Vec<Change>,
+    /// Changes beyond [`CHANGES_LISTED`], counted only.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub changes_unlisted: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// Findings that make the run's outcome failed (e.g. a username clash).
+    /// Findings that make the run's outcome failed (username clashes, offboarding stopped), with
+    /// the kind of failure each is.
     #[serde(skip)]
-    pub blocking: Vec<String>,
+    pub blocking: Vec<(ErrorKind, String)>,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl UnitReport {
@@ -455,6 +512,7 @@ impl UnitReport {
             counts: Counts::default(),
             findings: Vec::new(),
             changes: Vec::new(),
+            changes_unlisted: 0,
             error: None,
             blocking: Vec::new(),
         }
@@ -489,19 +547,32 @@ impl UnitReport {
         report
     }
 
-    /// Plan, while migrations are pending: the unit cannot compare against tables that do not
-    /// exist yet, so everything counts as to be written.
-    pub fn after_schema(unit: Unit) -> Self {
-        let mut report = UnitReport::new(unit);
-        report.add_change("everything (the schema is not applied yet)".into());
-        report.bump(Action::Inserted, 1);
-        report
+    /// Lists a change; past [`CHANGES_LISTED`] it is only counted.
+    pub fn add_change(&mut self, action: &'static str, entity: impl Into<String>) {
+        if self.changes.len() < CHANGES_LISTED {
+            self.changes.push(Change {
+                action,
+                entity: entity.into(),
+            });
+        } else {
+            self.changes_unlisted += 1;
+        }
     }
 
-    pub fn add_change(&mut self, c: String) {
-        if self.changes.len() < FINDINGS_PER_KIND * 4 {
-            self.changes.push(c);
+    /// Changes of which the statement that made them returned `listed` keys out of `total`
+    /// rows: the keys listed, the rest counted.
+    pub fn add_changes(
+        &mut self,
+        action: &'static str,
+        total: i64,
+        listed: impl IntoIterator<Item = String>,
+    ) {
+        let mut n = 0i64;
+        for entity in listed {
+            self.add_change(action, entity);
+            n += 1;
         }
+        self.changes_unlisted += (total - n).max(0);
     }
 
     /// Rows apply would write (plan) or wrote (apply).
@@ -549,20 +620,42 @@ impl RunReport {
     }
 
     /// After the units ran without an error: the outcome, failed when a unit left blocking
-    /// findings (username clashes), whose summary is then the run's error.
-    pub fn settle(&mut self) -> Option<String> {
-        let blocking: Vec<&str> = self
+    /// findings (username clashes, offboarding stopped), which then become the run's error.
+    pub fn settle(&mut self) {
+        let blocking: Vec<&(ErrorKind, String)> =
+            self.units.iter().flat_map(|u| u.blocking.iter()).collect();
+        let Some((kind, _)) = blocking.first() else {
+            self.outcome = Outcome::Succeeded;
+            return;
+        };
+        let message = blocking
+            .iter()
+            .map(|(_, m)| m.as_str())
+            .collect::<Vec<_>>()
+            .join("; ");
+        self.fail(Error::Findings {
+            kind: *kind,
+            message,
+        });
+    }
+
+    /// The run failed with `e`: its outcome, its error and the error's text.
+    pub fn fail(&mut self, e: Error) {
+        self.outcome = Outcome::Failed;
+        self.error = Some(e.to_string());
+        self.error_value = Some(e);
+    }
+
+    /// Every change listed, in one order (unit, then action and key), for comparing a plan with
+    /// the apply that followed it.
+    pub fn changes_sorted(&self) -> Vec<(Unit, Change)> {
+        let mut all: Vec<(Unit, Change)> = self
             .units
             .iter()
-            .flat_map(|u| u.blocking.iter().map(String::as_str))
+            .flat_map(|u| u.changes.iter().map(|c| (u.unit, c.clone())))
             .collect();
-        if blocking.is_empty() {
-            self.outcome = Outcome::Succeeded;
-            return None;
-        }
-        self.outcome = Outcome::Failed;
-        self.error = Some(blocking.join("; "));
-        self.error.clone()
+        all.sort_by(|a, b| (a.0.as_str(), &a.1).cmp(&(b.0.as_str(), &b.1)));
+        all
     }
 
     /// Plan: whether apply would change anything.

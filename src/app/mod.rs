@@ -72,6 +72,8 @@ pub fn build(settings: Settings) -> Result<Parts> {
         seed,
         identities,
         progress: crate::progress::Display::Log,
+        list_changes: false,
+        allow_offboard: None,
     };
     Ok(Parts {
         engine,

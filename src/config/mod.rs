@@ -24,6 +24,8 @@ mod sources;
 mod validate;
 
 pub mod duration_str;
+pub mod offboard_limit;
+pub use offboard_limit::OffboardLimit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -139,6 +141,10 @@ pub struct IdentitySettings {
     pub admin_roles: Vec<String>,
     /// Further realm role -> platform role mappings.
     pub role_map: BTreeMap<String, String>,
+    /// The most users one run may offboard: a count or a percentage of the users in the realm
+    /// (see [`offboard_limit`]).
+    #[serde(default)]
+    pub offboard_limit: OffboardLimit,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -268,6 +274,7 @@ impl Default for Settings {
                     ),
                     ("ops".to_string(), "platform_ops".to_string()),
                 ]),
+                offboard_limit: OffboardLimit::default(),
             },
             keycloak: KeycloakSettings {
                 base_url: None,

@@ -356,10 +356,9 @@ impl Follower {
             Outcome::Skipped => return Ok(false),
             // The batch's own error, whatever failed (its run is counted by its cause already).
             Outcome::Failed => {
-                return Err(report
-                    .error_value
-                    .take()
-                    .unwrap_or_else(|| Error::Findings(report.error.clone().unwrap_or_default())));
+                return Err(report.error_value.take().unwrap_or_else(|| {
+                    Error::Io(report.error.clone().unwrap_or_else(|| "failed".into()))
+                }));
             }
             Outcome::Succeeded => {}
         }

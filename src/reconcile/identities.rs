@@ -23,15 +23,15 @@ use futures_util::pin_mut;
 use tokio::sync::mpsc;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::Transaction;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::config::Settings;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::identity::{check_identity, printable, IdentityProvider, Shortfall};
 use crate::progress::Progress;
-use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
+use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
 const UNIT: Unit = Unit::Identities;
@@ -95,7 +95,6 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.sub = u.keycloak_sub)
     AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.realigned AND s.username = u.username)";
 
-const SAMPLE: i64 = crate::reconcile::FINDINGS_PER_KIND as i64;
 
 /// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
 /// counts the users listed.
@@ -105,25 +104,31 @@ pub struct Listing<'a> {
     pub progress: &'a Progress,
 }
 
-/// Plans or applies the identities of `source`, in one transaction of its own, phase by phase.
+/// What the unit is asked to keep to: the settings (`identity.admin_roles`,
+/// `identity.offboard_limit`), an operator's `--allow-offboard N`, and how many changes each
+/// statement lists by key.
+#[derive(Clone, Copy)]
+pub struct Rules<'a> {
+    pub settings: &'a Settings,
+    pub allow_offboard: Option<i64>,
+    pub listed: i64,
+}
+
+/// Applies the identities of `source` inside `tx` (a plan's is rolled back), phase by phase.
 pub async fn reconcile(
-    client: &mut Client,
+    tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
     listing: Listing<'_>,
-    settings: &Settings,
-    mode: Mode,
+    rules: Rules<'_>,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    let tx = client
-        .transaction()
-        .await
-        .map_err(ctx("starting the identities transaction"))?;
+    // Re-alignments and renames may swap usernames within the unit: checked once it is done.
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await
         .map_err(ctx("deferring the username check"))?;
-    let admin_roles = &settings.identity.admin_roles;
-    let shortfall = stage(&tx, source.clone(), listing, admin_roles, &mut report).await?;
-    dedupe(&tx, &mut report).await?;
+    let admin_roles = &rules.settings.identity.admin_roles;
+    let shortfall = stage(tx, source.clone(), listing, admin_roles, &mut report).await?;
+    dedupe(tx, &mut report).await?;
     let batch = source.batch().is_some();
     // Only a complete listing can tell who is gone from the realm.
     let narrowed = batch || shortfall.is_some();
@@ -136,78 +141,143 @@ pub async fn reconcile(
         } else {
             "left to the next complete listing"
         };
-        defer_held_usernames(&tx, next, &mut report).await?;
+        defer_held_usernames(tx, next, &mut report).await?;
     }
-    let (unsettled, changed) = compare(&tx).await?;
+    let (unsettled, changed) = compare(tx).await?;
     // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
     // username changed; when there are none (every steady-state run) both checks are skipped.
     let (realigned, clashes) = if unsettled == 0 {
         (0, 0)
     } else {
-        let realigned = realign(&tx, mode, &mut report).await?;
-        (realigned, clash(&tx, &mut report).await?)
+        let realigned = realign(tx, rules.listed, &mut report).await?;
+        (realigned, clash(tx, &mut report).await?)
     };
     report.bump(Action::Realigned, realigned);
     report.bump(Tally::Clashes, clashes);
     let changes = if changed == 0 {
         Changes::default()
     } else {
-        write_changes(&tx, mode, &mut report).await?
+        write_changes(tx, rules.listed, &mut report).await?
     };
     report.bump(Action::Updated, changes.updated);
     report.bump(Action::Inserted, changes.inserted);
     report.bump(Action::Reactivated, changes.reactivated);
     let staged: i64 = tx
-        .query_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
+        .query_typed_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
         .await
         .map_err(ctx("counting the identity stage"))?
         .get(0);
     let unchanged =
         (staged - changes.inserted - changes.updated - changes.reactivated - realigned).max(0);
     report.bump(Tally::Unchanged, unchanged);
-    // Users gone from the realm: offboarded, never deleted. A complete listing says it of every
-    // user it lacks; a batch only of the users Keycloak answered 404 for.
+    // Users gone from the realm: offboarded, never deleted, and never more than the limit at
+    // once. A complete listing says it of every user it lacks; a batch only of the users
+    // Keycloak answered 404 for.
     let deactivated = if !narrowed {
-        let (missing, to_offboard) = count_missing(&tx).await?;
+        let (missing, to_offboard) = count_missing(tx).await?;
         report.bump(Tally::Missing, missing);
-        if to_offboard == 0 {
-            0
-        } else {
-            let why = format!("not in the complete {} listing", source.name());
-            offboard(&tx, mode, MISSING, &[], &why, &mut report).await?
-        }
+        let why = format!("not in the complete {} listing", source.name());
+        let gone = Gone {
+            which: MISSING,
+            params: &[],
+            why: &why,
+            whole_realm: true,
+        };
+        offboard_within_limit(tx, &rules, to_offboard, gone, &mut report).await?
     } else {
-        let gone = source.gone();
-        if gone.is_empty() {
+        let gone_subs = source.gone();
+        if gone_subs.is_empty() {
             0
         } else {
-            let why = "GET users/{id} answered 404 (deleted in Keycloak)";
             let only = "u.keycloak_sub = ANY ($1::text[])";
-            offboard(&tx, mode, only, &[&gone], why, &mut report).await?
+            let params: &[(&(dyn ToSql + Sync), Type)] = &[(&gone_subs, Type::TEXT_ARRAY)];
+            let to_offboard = count_to_offboard(tx, only, params).await?;
+            let gone = Gone {
+                which: only,
+                params,
+                why: "GET users/{id} answered 404 (deleted in Keycloak)",
+                whole_realm: false,
+            };
+            offboard_within_limit(tx, &rules, to_offboard, gone, &mut report).await?
         }
     };
     report.bump(Action::Deactivated, deactivated);
-    if mode == Mode::Plan {
-        for (n, verb, tail) in [
-            (changes.inserted, "insert", ""),
-            (changes.updated, "update", ""),
-            (realigned, "re-align", " to new subs"),
-            (changes.reactivated, "reactivate", " back in the realm"),
-            (deactivated, "offboard", " gone from the realm"),
-        ] {
-            if n > 0 {
-                report.add_change(format!("{verb} {n} user(s){tail}"));
-            }
-        }
-    }
-    match mode {
-        Mode::Apply => tx.commit().await.map_err(ctx("committing identities"))?,
-        Mode::Plan => tx
-            .rollback()
-            .await
-            .map_err(ctx("ending the identities plan"))?,
-    }
+    tx.batch_execute("SET CONSTRAINTS users_username_key IMMEDIATE")
+        .await
+        .map_err(ctx("checking usernames are unique"))?;
     Ok(report)
+}
+
+/// Users found gone from the realm: the rows (`which`, a condition on `users u`, with its
+/// `params`), why they are known to be gone, and whether a complete listing found them (which
+/// can find "everyone", where an event batch names users one by one).
+struct Gone<'a> {
+    which: &'a str,
+    params: &'a [(&'a (dyn ToSql + Sync), Type)],
+    why: &'a str,
+    whole_realm: bool,
+}
+
+/// Offboards the users found gone, unless that is more than `identity.offboard_limit` allows,
+/// or every user in the realm (a complete listing that looks empty): then nobody is offboarded,
+/// the rest of the run is applied, and a finding that fails the run says so. `--allow-offboard N`
+/// lets exactly N through; any other number rolls the unit back and stops the run. Returns how
+/// many were offboarded.
+async fn offboard_within_limit(
+    tx: &Transaction<'_>,
+    rules: &Rules<'_>,
+    to_offboard: i64,
+    gone: Gone<'_>,
+    report: &mut UnitReport,
+) -> Result<i64> {
+    if let Some(allowed) = rules.allow_offboard {
+        report.bump(Tally::OffboardAllowed, allowed);
+        if allowed != to_offboard {
+            return Err(Error::OffboardMismatch {
+                allowed,
+                would: to_offboard,
+            });
+        }
+        if to_offboard == 0 {
+            return Ok(0);
+        }
+        return offboard(tx, &gone, rules.listed, report).await;
+    }
+    if to_offboard == 0 {
+        return Ok(0);
+    }
+    let in_realm: i64 = tx
+        .query_typed_one(
+            "SELECT count(*) FROM users WHERE keycloak_sub IS NOT NULL AND offboarded_at IS NULL",
+            &[],
+        )
+        .await
+        .map_err(ctx("counting the users in the realm"))?
+        .get(0);
+    let setting = rules.settings.identity.offboard_limit;
+    let limit = setting.resolve(in_realm);
+    report.bump(Tally::OffboardLimit, limit);
+    let everyone = gone.whole_realm && to_offboard >= in_realm;
+    if to_offboard <= limit && !everyone {
+        return offboard(tx, &gone, rules.listed, report).await;
+    }
+    let why = if everyone {
+        format!("every one of the {in_realm} user(s) in the realm would be offboarded (the listing has none of them): an input that looks empty is not evidence that everyone left")
+    } else {
+        format!("{to_offboard} of the {in_realm} user(s) in the realm would be offboarded, more than identity.offboard_limit ({setting}: {limit} user(s))")
+    };
+    let detail = format!(
+        "{why}. Nobody was offboarded; everything else was applied. Check the source ({}); if these users did leave, run `seedkeeper --once --allow-offboard {to_offboard}` (exactly this number), or raise identity.offboard_limit (SEEDKEEPER_IDENTITY__OFFBOARD_LIMIT)",
+        gone.why
+    );
+    tracing::error!(unit = UNIT.as_str(), would_offboard = to_offboard, limit, in_realm, "offboarding stopped");
+    report.find(FindingKind::OffboardStopped, "realm", detail.clone());
+    report.bump(Tally::OffboardStopped, to_offboard);
+    report.blocking.push((
+        ErrorKind::OffboardLimit,
+        format!("identities: offboarding stopped: {detail}"),
+    ));
+    Ok(0)
 }
 
 /// Streams the source into the temporary stage with binary `COPY`. The producer runs as its own
@@ -323,7 +393,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
     const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
     if !try_unique_index(tx, BY_SUB).await? {
         let dup = tx
-            .execute(
+            .execute_typed(
                 "DELETE FROM sk_stage a USING sk_stage b WHERE a.sub = b.sub AND a.ord > b.ord",
                 &[],
             )
@@ -337,7 +407,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
     const BY_USERNAME: &str = "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)";
     if !try_unique_index(tx, BY_USERNAME).await? {
         let rows = tx
-            .query("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
+            .query_typed("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
             .await
             .map_err(ctx("checking usernames in the identity stage"))?;
         for r in &rows {
@@ -363,7 +433,7 @@ async fn defer_held_usernames(
     report: &mut UnitReport,
 ) -> Result<()> {
     let rows = tx
-        .query(
+        .query_typed(
             "UPDATE sk_stage s SET skip = true FROM users u
              WHERE u.username = s.username AND u.keycloak_sub IS DISTINCT FROM s.sub
                AND NOT EXISTS (SELECT 1 FROM sk_stage s2 WHERE s2.sub = u.keycloak_sub)
@@ -389,7 +459,7 @@ async fn defer_held_usernames(
 /// at all (`changed`: when none does, the update and insert statements are skipped).
 async fn compare(tx: &Transaction<'_>) -> Result<(i64, i64)> {
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT count(*) FILTER (WHERE u.id IS NULL OR u.username <> s.username),
                         count(*) FILTER (WHERE u.id IS NULL OR ({DIFFERS}))
@@ -403,27 +473,22 @@ async fn compare(tx: &Transaction<'_>) -> Result<(i64, i64)> {
 }
 
 /// Rows whose username a realm user holds while their old sub left the realm move to the new
-/// sub (the realm was re-imported with new ids). Returns how many (plan: would be).
-async fn realign(tx: &Transaction<'_>, mode: Mode, report: &mut UnitReport) -> Result<i64> {
-    let sql = match mode {
-        Mode::Apply => format!(
-            "WITH cand AS ({REALIGN_CANDIDATES}),
-             upd AS (UPDATE users u SET keycloak_sub = c.new_sub, updated_at = now(), synced_at = now()
-                     FROM cand c WHERE u.id = c.id RETURNING c.new_sub, c.old_sub, c.username),
-             mark AS (UPDATE sk_stage s SET realigned = true FROM upd WHERE s.sub = upd.new_sub RETURNING 1)
-             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM upd LIMIT {SAMPLE}"
-        ),
-        Mode::Plan => format!(
-            "WITH cand AS ({REALIGN_CANDIDATES}),
-             mark AS (UPDATE sk_stage s SET realigned = true FROM cand c WHERE s.sub = c.new_sub RETURNING 1)
-             SELECT (SELECT count(*) FROM cand), (SELECT count(*) FROM mark), username, old_sub, new_sub FROM cand LIMIT {SAMPLE}"
-        ),
-    };
+/// sub (the realm was re-imported with new ids). Returns how many.
+async fn realign(tx: &Transaction<'_>, listed: i64, report: &mut UnitReport) -> Result<i64> {
+    let sql = format!(
+        "WITH cand AS ({REALIGN_CANDIDATES}),
+         upd AS (UPDATE users u SET keycloak_sub = c.new_sub, updated_at = now(), synced_at = now()
+                 FROM cand c WHERE u.id = c.id RETURNING c.new_sub, c.old_sub, c.username),
+         mark AS (UPDATE sk_stage s SET realigned = true FROM upd WHERE s.sub = upd.new_sub RETURNING 1)
+         SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM mark), username, old_sub, new_sub
+         FROM upd ORDER BY username LIMIT {listed}"
+    );
     let rows = tx
-        .query(&sql, &[])
+        .query_typed(&sql, &[])
         .await
         .map_err(ctx("re-aligning users to new subs"))?;
     let realigned: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
+    let mut keys = Vec::with_capacity(rows.len());
     for r in &rows {
         let (username, old, new): (String, String, String) = (r.get(2), r.get(3), r.get(4));
         report.find(
@@ -431,7 +496,9 @@ async fn realign(tx: &Transaction<'_>, mode: Mode, report: &mut UnitReport) -> R
             format!("user:{username}"),
             format!("sub {old} is gone from the realm; row re-aligned to {new}"),
         );
+        keys.push(format!("users:{username} (sub {old} -> {new})"));
     }
+    report.add_changes("realign", realigned, keys);
     Ok(realigned)
 }
 
@@ -439,7 +506,7 @@ async fn realign(tx: &Transaction<'_>, mode: Mode, report: &mut UnitReport) -> R
 /// takeover; any makes the run fail. Returns how many.
 async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
     let rows = tx
-        .query(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub, c.offboarded_on"), &[])
+        .query_typed(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub, c.offboarded_on"), &[])
         .await
         .map_err(ctx("checking username clashes"))?;
     for r in &rows {
@@ -457,15 +524,18 @@ async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
         report.find(FindingKind::Clash, format!("user:{username}"), detail);
     }
     if !rows.is_empty() {
-        report.blocking.push(format!(
-            "identities: {} username clash(es) left unresolved (see the run's findings); no row was taken over",
-            rows.len()
+        report.blocking.push((
+            ErrorKind::IdentityClash,
+            format!(
+                "identities: {} username clash(es) left unresolved (see the run's findings); no row was taken over",
+                rows.len()
+            ),
         ));
     }
     Ok(rows.len() as i64)
 }
 
-/// What [`write_changes`] wrote (plan: would write).
+/// What [`write_changes`] wrote.
 #[derive(Debug, Default, Clone, Copy)]
 struct Changes {
     /// Rows that differed, re-aligned and reactivated ones aside.
@@ -476,38 +546,28 @@ struct Changes {
 }
 
 /// Updates the rows that differ (reactivating offboarded users who came back under their sub)
-/// and inserts the new users. A re-aligned row that also changed counts as re-aligned only.
-async fn write_changes(
-    tx: &Transaction<'_>,
-    mode: Mode,
-    report: &mut UnitReport,
-) -> Result<Changes> {
+/// and inserts the new users, listing up to `listed` of each. A re-aligned row that also
+/// changed counts as re-aligned only.
+async fn write_changes(tx: &Transaction<'_>, listed: i64, report: &mut UnitReport) -> Result<Changes> {
     // `prev` is the row before this statement: whether it was offboarded.
-    let back = match mode {
-        Mode::Apply => format!(
-            "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
-                    last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
-                    offboarded_at = NULL, updated_at = now(), synced_at = now()
-                FROM sk_stage s, users prev WHERE prev.id = u.id AND {DIFFERS}
-                RETURNING s.realigned, prev.offboarded_at IS NOT NULL AS back, u.username, u.keycloak_sub)
-             SELECT (SELECT count(*) FROM upd WHERE NOT realigned AND NOT back),
-                    (SELECT count(*) FROM upd WHERE back),
-                    ARRAY(SELECT username FROM upd WHERE back ORDER BY username LIMIT {SAMPLE}),
-                    ARRAY(SELECT keycloak_sub FROM upd WHERE back ORDER BY username LIMIT {SAMPLE})"
-        ),
-        Mode::Plan => format!(
-            "WITH d AS (SELECT s.realigned, u.offboarded_at IS NOT NULL AS back, u.username, u.keycloak_sub
-                        FROM users u JOIN sk_stage s ON u.keycloak_sub = s.sub WHERE {DIFFERS})
-             SELECT (SELECT count(*) FROM d WHERE NOT realigned AND NOT back),
-                    (SELECT count(*) FROM d WHERE back),
-                    ARRAY(SELECT username FROM d WHERE back ORDER BY username LIMIT {SAMPLE}),
-                    ARRAY(SELECT keycloak_sub FROM d WHERE back ORDER BY username LIMIT {SAMPLE})"
-        ),
-    };
+    let sql = format!(
+        "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,
+                last_name = s.last_name, is_active = s.is_active, role = s.role, realm_roles = s.realm_roles,
+                offboarded_at = NULL, updated_at = now(), synced_at = now()
+            FROM sk_stage s, users prev WHERE prev.id = u.id AND {DIFFERS}
+            RETURNING s.realigned, prev.offboarded_at IS NOT NULL AS back, u.username, u.keycloak_sub)
+         SELECT (SELECT count(*) FROM upd WHERE NOT realigned AND NOT back),
+                (SELECT count(*) FROM upd WHERE back),
+                ARRAY(SELECT username FROM upd WHERE back ORDER BY username LIMIT {listed}),
+                ARRAY(SELECT keycloak_sub FROM upd WHERE back ORDER BY username LIMIT {listed}),
+                ARRAY(SELECT username FROM upd WHERE NOT realigned AND NOT back ORDER BY username LIMIT {listed}),
+                ARRAY(SELECT keycloak_sub FROM upd WHERE NOT realigned AND NOT back ORDER BY username LIMIT {listed})"
+    );
     let row = tx
-        .query_one(&back, &[])
+        .query_typed_one(&sql, &[])
         .await
         .map_err(ctx("updating users"))?;
+    let (updated, reactivated): (i64, i64) = (row.get(0), row.get(1));
     let (usernames, subs): (Vec<String>, Vec<String>) = (row.get(2), row.get(3));
     for (username, sub) in usernames.iter().zip(&subs) {
         report.find(
@@ -516,35 +576,43 @@ async fn write_changes(
             format!("sub {sub} is back in the realm: reactivated (is_active follows Keycloak's enabled), its bindings granted again"),
         );
     }
-    let inserted = match mode {
-        Mode::Apply => tx
-            .execute(
-                &format!(
-                    "INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
-                     SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
-                     FROM sk_stage s WHERE {NEW} ORDER BY s.ord"
-                ),
-                &[],
-            )
-            .await
-            .map_err(ctx("inserting users"))? as i64,
-        Mode::Plan => tx
-            .query_one(&format!("SELECT count(*) FROM sk_stage s WHERE {NEW}"), &[])
-            .await
-            .map_err(ctx("comparing users"))?
-            .get(0),
-    };
+    report.add_changes("reactivate", reactivated, user_keys(usernames, subs));
+    report.add_changes("update", updated, user_keys(row.get(4), row.get(5)));
+    let sql = format!(
+        "WITH ins AS (INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
+                      SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
+                      FROM sk_stage s WHERE {NEW} ORDER BY s.ord
+                      RETURNING username, keycloak_sub)
+         SELECT (SELECT count(*) FROM ins),
+                ARRAY(SELECT username FROM ins LIMIT {listed}),
+                ARRAY(SELECT keycloak_sub FROM ins LIMIT {listed})"
+    );
+    let row = tx
+        .query_typed_one(&sql, &[])
+        .await
+        .map_err(ctx("inserting users"))?;
+    let inserted: i64 = row.get(0);
+    report.add_changes("insert", inserted, user_keys(row.get(1), row.get(2)));
     Ok(Changes {
-        updated: row.get(0),
+        updated,
         inserted,
-        reactivated: row.get(1),
+        reactivated,
     })
+}
+
+/// The keys of users rows a statement wrote: `users:<username> (sub <sub>)`.
+fn user_keys(usernames: Vec<String>, subs: Vec<String>) -> Vec<String> {
+    usernames
+        .into_iter()
+        .zip(subs)
+        .map(|(u, s)| format!("users:{u} (sub {s})"))
+        .collect()
 }
 
 /// Rows with a sub the complete listing lacks: `(all of them, those not offboarded yet)`.
 async fn count_missing(tx: &Transaction<'_>) -> Result<(i64, i64)> {
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!("SELECT count(*), count(*) FILTER (WHERE u.offboarded_at IS NULL) FROM users u WHERE {MISSING}"),
             &[],
         )
@@ -553,33 +621,40 @@ async fn count_missing(tx: &Transaction<'_>) -> Result<(i64, i64)> {
     Ok((row.get(0), row.get(1)))
 }
 
-/// Offboards the rows matching `which` that are not offboarded yet: kept, `is_active = false`,
-/// `offboarded_at` set (the `role_bindings` unit revokes their bindings). `why` says how the
-/// user is known to be gone. Returns how many (plan: would be).
+/// Rows matching `which` that are not offboarded yet.
+async fn count_to_offboard(
+    tx: &Transaction<'_>,
+    which: &str,
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<i64> {
+    let sql = format!("SELECT count(*) FROM users u WHERE ({which}) AND u.offboarded_at IS NULL");
+    Ok(tx
+        .query_typed_one(&sql, params)
+        .await
+        .map_err(ctx("counting the users to offboard"))?
+        .get(0))
+}
+
+/// Offboards the rows `gone` names that are not offboarded yet: kept, `is_active = false`,
+/// `offboarded_at` set (the `role_bindings` unit revokes their bindings). Returns how many.
 async fn offboard(
     tx: &Transaction<'_>,
-    mode: Mode,
-    which: &str,
-    params: &[&(dyn ToSql + Sync)],
-    why: &str,
+    gone: &Gone<'_>,
+    listed: i64,
     report: &mut UnitReport,
 ) -> Result<i64> {
+    let (which, why) = (gone.which, gone.why);
     let target = format!("SELECT u.id FROM users u WHERE ({which}) AND u.offboarded_at IS NULL");
-    let sql = match mode {
-        Mode::Apply => format!(
-            "WITH off AS (UPDATE users u SET is_active = false, offboarded_at = now(), updated_at = now()
-                          WHERE u.id IN ({target}) RETURNING u.username, u.keycloak_sub)
-             SELECT count(*) OVER (), username, keycloak_sub FROM off ORDER BY username LIMIT {SAMPLE}"
-        ),
-        Mode::Plan => format!(
-            "SELECT count(*) OVER (), u.username, u.keycloak_sub FROM users u WHERE u.id IN ({target})
-             ORDER BY u.username LIMIT {SAMPLE}"
-        ),
-    };
+    let sql = format!(
+        "WITH off AS (UPDATE users u SET is_active = false, offboarded_at = now(), updated_at = now()
+                      WHERE u.id IN ({target}) RETURNING u.username, u.keycloak_sub)
+         SELECT count(*) OVER (), username, keycloak_sub FROM off ORDER BY username LIMIT {listed}"
+    );
     let rows = tx
-        .query(&sql, params)
+        .query_typed(&sql, gone.params)
         .await
         .map_err(ctx("offboarding users gone from the realm"))?;
+    let mut keys = Vec::with_capacity(rows.len());
     for r in &rows {
         let (username, sub): (String, String) = (r.get(1), r.get(2));
         tracing::info!(unit = UNIT.as_str(), user.sub = %printable(&sub), reason = why, "user offboarded");
@@ -588,8 +663,11 @@ async fn offboard(
             format!("user:{username}"),
             format!("sub {sub}: {why}; offboarded: row kept, is_active = false, its seedkeeper bindings revoked"),
         );
+        keys.push(format!("users:{username} (sub {sub})"));
     }
-    Ok(rows.first().map(|r| r.get(0)).unwrap_or(0))
+    let n = rows.first().map(|r| r.get(0)).unwrap_or(0);
+    report.add_changes("offboard", n, keys);
+    Ok(n)
 }
 
 /// Builds a unique index inside a savepoint; `false` when the stage holds duplicates.

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use serde_json::json;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::GenericClient;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
@@ -49,6 +50,12 @@ pub struct Engine {
     pub identities: std::sync::Arc<dyn IdentityProvider>,
     /// How a run shows its progress: log lines unless a command on a terminal asks for bars.
     pub progress: progress::Display,
+    /// Whether an apply lists every row it writes in its report, as a plan always does (up to
+    /// [`crate::model::CHANGES_LISTED`] per unit); off in the daemon, whose runs report counts.
+    pub list_changes: bool,
+    /// `--allow-offboard N`: let exactly N users be offboarded by this run, whatever
+    /// `identity.offboard_limit` says; any other number offboards nobody and fails the run.
+    pub allow_offboard: Option<i64>,
 }
 
 impl Engine {
@@ -208,12 +215,31 @@ impl Engine {
             }
             self.wait_for_the_run_lock(mode, report, db, cancel).await?;
         }
-        let result = self
-            .units(mode, report, db, source)
-            .await
-            .map_err(|e| self.explain(e));
+        let result = match mode {
+            Mode::Apply => self.units(mode, report, &mut db.client, &source).await,
+            // A plan runs the apply's own statements in one transaction that is always rolled
+            // back: each unit sees what the units before it would have written, and what it
+            // lists is what the apply would write, by construction.
+            Mode::Plan => {
+                let mut outer = db
+                    .client
+                    .transaction()
+                    .await
+                    .map_err(store::ctx("starting the plan's transaction"))?;
+                let planned = self.units(mode, report, &mut outer, &source).await;
+                outer
+                    .rollback()
+                    .await
+                    .map_err(store::ctx("rolling back the plan"))?;
+                planned
+            }
+        }
+        .map_err(|e| self.explain_for(e, mode));
         let error = match &result {
-            Ok(()) => report.settle(),
+            Ok(()) => {
+                report.settle();
+                report.error.clone()
+            }
             Err(e) => Some(e.to_string()),
         };
         if mode == Mode::Apply {
@@ -296,123 +322,150 @@ impl Engine {
         }
     }
 
-    /// The units in order. Each runs in its own transaction; a failing unit does not stop the
-    /// ones after it, whose inputs are the database's committed state, except `schema`: the
-    /// others compare against its tables. A shutdown does not cut a unit short: the run in flight
-    /// finishes within `shutdown.grace`, or it is stopped and rolled back (see `run_inner`).
-    async fn units(
+    /// The units in order, each in a transaction of its own opened on `base`: the session
+    /// (apply: each unit commits with its counts in the run's `seed_runs` row, so a committed
+    /// write is never missing from the evidence) or the plan's outer transaction (a savepoint
+    /// each, released, and everything rolled back at the end). A failing unit does not stop the
+    /// ones after it, except `schema` (the others compare against its tables) and an
+    /// `--allow-offboard` that does not match. A shutdown does not cut a unit short: the run in
+    /// flight finishes within `shutdown.grace`, or it is stopped and rolled back (see `run_inner`).
+    async fn units<C: GenericClient + Send + Sync>(
         &self,
         mode: Mode,
         report: &mut RunReport,
-        db: &mut Db,
-        source: Source<'_>,
+        base: &mut C,
+        source: &Source<'_>,
     ) -> Result<()> {
+        source.progress.enter(Unit::Schema);
+        let span = tracing::info_span!("unit", unit = Unit::Schema.as_str());
+        match self.unit_schema(base).instrument(span).await {
+            Ok(u) => report.units.push(self.listed(u, mode)),
+            Err(e) => {
+                report.units.push(UnitReport::failed(Unit::Schema, &e));
+                return Err(e);
+            }
+        }
+        if mode == Mode::Apply {
+            self.open_run_row(base.client(), report).await?;
+        }
         let mut first_error: Option<Error> = None;
-        for &unit in Unit::ALL {
+        for &unit in &Unit::ALL[1..] {
             source.progress.enter(unit);
             let span = tracing::info_span!("unit", unit = unit.as_str());
-            let result = self.unit(unit, mode, db, &source).instrument(span).await;
+            let run = (mode == Mode::Apply).then_some(report.id);
+            let result = self
+                .unit_in_transaction(unit, mode, base, source, run)
+                .instrument(span)
+                .await;
             match result {
-                Ok(u) => report.units.push(u),
-                Err(e) if unit == Unit::Schema => {
+                Ok(u) => report.units.push(self.listed(u, mode)),
+                Err(e @ Error::OffboardMismatch { .. }) => {
                     report.units.push(UnitReport::failed(unit, &e));
                     return Err(e);
                 }
                 Err(e) => {
-                    let e = self.explain(e);
+                    let e = self.explain_for(e, mode);
                     report.units.push(UnitReport::failed(unit, &e));
                     let e = in_unit(e, unit);
                     tracing::error!(unit = unit.as_str(), error = %e, "unit failed");
                     first_error.get_or_insert(e);
                 }
             }
-            if unit == Unit::Schema {
-                match mode {
-                    Mode::Plan if report.units[0].get(Action::Applied) > 0 => {
-                        // The other units compare against tables that do not exist yet.
-                        let blocked = Unit::ALL[1..].iter().map(|&u| UnitReport::after_schema(u));
-                        report.units.extend(blocked);
-                        return Ok(());
-                    }
-                    Mode::Plan => {}
-                    Mode::Apply => self.open_run_row(db, report).await?,
-                }
-            }
         }
         first_error.map_or(Ok(()), Err)
     }
 
-    /// One unit, planned or applied.
-    async fn unit(
-        &self,
-        unit: Unit,
-        mode: Mode,
-        db: &mut Db,
-        source: &Source<'_>,
-    ) -> Result<UnitReport> {
-        /// A unit whose statements run in one transaction this opens: read-only in a plan.
-        macro_rules! in_transaction {
-            (|$tx:ident| $work:expr) => {{
-                let $tx = begin(&mut db.client, mode).await?;
-                let report = $work.await?;
-                finish($tx, mode).await?;
-                Ok(report)
-            }};
-        }
-        match unit {
-            Unit::Schema => self.unit_schema(db, mode).await,
-            Unit::ReferenceSeed => {
-                in_transaction!(|tx| reference::reconcile(&tx, &self.seed, mode))
-            }
-            // Its own transaction: it stages the source in a temporary table, even in a plan.
-            Unit::Identities => {
-                let (provider, listing) = (source.provider.clone(), source.listing);
-                let listing = identities::Listing {
-                    cancel: listing,
-                    progress: source.progress,
-                };
-                identities::reconcile(&mut db.client, provider, listing, &self.settings, mode).await
-            }
-            Unit::RoleBindings => in_transaction!(|tx| async {
-                let scope = Scope::of(&tx, source.provider.batch()).await?;
-                bindings::reconcile(&tx, &self.settings.identity, &scope, mode).await
-            }),
-            Unit::Tenants => in_transaction!(|tx| async {
-                let scope = Scope::of(&tx, source.provider.batch()).await?;
-                tenants::reconcile(&tx, &scope, mode).await
-            }),
+    /// How many of a unit's changes each statement lists: every one (up to
+    /// [`crate::model::CHANGES_LISTED`]) in a plan or when asked; else the findings' sample.
+    fn list_limit(&self, mode: Mode) -> i64 {
+        if self.list_changes || mode == Mode::Plan {
+            crate::model::CHANGES_LISTED as i64
+        } else {
+            FINDINGS_PER_KIND as i64
         }
     }
 
-    /// Unit `schema`: the pending migrations (plan) or applying them (apply).
-    async fn unit_schema(&self, db: &mut Db, mode: Mode) -> Result<UnitReport> {
-        let mut report = UnitReport::new(Unit::Schema);
-        let applied = match mode {
-            Mode::Plan => {
-                let pending = migrate::pending(&db.client, migrate::MIGRATIONS).await?;
-                for m in &pending {
-                    report.add_change(format!("apply migration {}", m.label()));
-                }
-                pending.len()
+    /// A unit's report as the run keeps it: without its list of changes when the run does not
+    /// list them (the daemon's runs: counts and findings are their evidence).
+    fn listed(&self, mut u: UnitReport, mode: Mode) -> UnitReport {
+        if !(self.list_changes || mode == Mode::Plan) {
+            u.changes = Vec::new();
+            u.changes_unlisted = 0;
+        }
+        u
+    }
+
+    /// One unit after `schema`, in its own transaction: committed with its counts in `seed_runs`
+    /// (`run`, apply), or released into the plan's outer transaction.
+    async fn unit_in_transaction<C: GenericClient + Send + Sync>(
+        &self,
+        unit: Unit,
+        mode: Mode,
+        base: &mut C,
+        source: &Source<'_>,
+        run: Option<Uuid>,
+    ) -> Result<UnitReport> {
+        let tx = base
+            .transaction()
+            .await
+            .map_err(store::ctx("starting a transaction"))?;
+        let listed = self.list_limit(mode);
+        let report = match unit {
+            // Never here: the schema unit runs on the session itself (see `units`).
+            Unit::Schema => UnitReport::new(Unit::Schema),
+            Unit::ReferenceSeed => reference::reconcile(&tx, &self.seed, listed).await?,
+            Unit::Identities => {
+                let listing = identities::Listing {
+                    cancel: source.listing,
+                    progress: source.progress,
+                };
+                let rules = identities::Rules {
+                    settings: &self.settings,
+                    allow_offboard: self.allow_offboard,
+                    listed,
+                };
+                identities::reconcile(&tx, source.provider.clone(), listing, rules).await?
             }
-            Mode::Apply => {
-                let schema_mode = self.settings.schema.mode;
-                let done = migrate::run(&mut db.client, schema_mode, migrate::MIGRATIONS).await?;
-                done.applied.len()
+            Unit::RoleBindings => {
+                let scope = Scope::of(&tx, source.provider.batch()).await?;
+                bindings::reconcile(&tx, &self.settings.identity, &scope, listed).await?
+            }
+            Unit::Tenants => {
+                let scope = Scope::of(&tx, source.provider.batch()).await?;
+                tenants::reconcile(&tx, &scope, listed).await?
             }
         };
+        if let Some(id) = run {
+            runs::record_unit(&tx, id, &report).await?;
+        }
+        tx.commit().await.map_err(store::ctx("committing"))?;
+        Ok(report)
+    }
+
+    /// Unit `schema`: the pending migrations applied (in a plan too: inside the plan's outer
+    /// transaction, so the units after it compare against the schema the apply would have).
+    async fn unit_schema<C: GenericClient + Send + Sync>(&self, base: &mut C) -> Result<UnitReport> {
+        let mut report = UnitReport::new(Unit::Schema);
+        let schema_mode = self.settings.schema.mode;
+        let done = migrate::run(base, schema_mode, migrate::MIGRATIONS).await?;
+        let applied = done.applied.len();
+        let listed = done.applied.iter().map(|m| format!("migration:{m}"));
+        report.add_changes("apply", applied as i64, listed);
         report.bump(Action::Applied, applied as i64);
         let unchanged = migrate::MIGRATIONS.len() - applied;
         report.bump(Tally::Unchanged, unchanged as i64);
         Ok(report)
     }
 
-    /// Apply, once the schema is there: the run's `seed_runs` row, and closing rows a process
-    /// that died left `running`.
-    async fn open_run_row(&self, db: &Db, report: &RunReport) -> Result<()> {
+    /// Apply, once the schema is there: the run's `seed_runs` row with the schema unit's counts,
+    /// and closing rows a process that died left `running`.
+    async fn open_run_row(&self, client: &tokio_postgres::Client, report: &RunReport) -> Result<()> {
         let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
-        runs::insert(&db.client, id, trigger, Utc::now(), "running", digest).await?;
-        let closed = runs::close_abandoned(&db.client, id).await?;
+        runs::insert(client, id, trigger, Utc::now(), "running", digest).await?;
+        if let Some(schema) = report.unit(Unit::Schema) {
+            runs::record_unit(client, id, schema).await?;
+        }
+        let closed = runs::close_abandoned(client, id).await?;
         if closed > 0 {
             tracing::warn!(run.id = %id, closed, "closed runs left running by a process that died");
         }
@@ -519,6 +572,19 @@ impl Engine {
         if let Error::Database(f) | Error::Unit { failure: f, .. } = &mut e {
             if f.hint.is_none() {
                 f.hint = self.timeout_hint(f.code.as_ref());
+            }
+        }
+        e
+    }
+
+    /// [`Engine::explain`], and in a plan, a refused privilege says why a plan needs it.
+    fn explain_for(&self, e: Error, mode: Mode) -> Error {
+        let mut e = self.explain(e);
+        if mode == Mode::Plan {
+            if let Error::Database(f) | Error::Unit { failure: f, .. } = &mut e {
+                if f.code.as_ref() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) && f.hint.is_none() {
+                    f.hint = Some("plan runs the apply's own statements in a transaction it always rolls back, so its role needs the privileges of a run (docs/configuration.md, the database role it needs); it commits nothing".into());
+                }
             }
         }
         e
@@ -634,26 +700,5 @@ impl IdentityProvider for Cancellable {
                 _ = cancel.cancelled() => Err(Error::Cancelled),
             }
         })
-    }
-}
-
-/// Apply: a read-write transaction. Plan: read only, so a plan cannot write by construction.
-pub async fn begin(
-    client: &mut tokio_postgres::Client,
-    mode: Mode,
-) -> Result<tokio_postgres::Transaction<'_>> {
-    let mut b = client.build_transaction();
-    if mode == Mode::Plan {
-        b = b.read_only(true);
-    }
-    b.start()
-        .await
-        .map_err(store::ctx("starting a transaction"))
-}
-
-pub async fn finish(tx: tokio_postgres::Transaction<'_>, mode: Mode) -> Result<()> {
-    match mode {
-        Mode::Apply => tx.commit().await.map_err(store::ctx("committing")),
-        Mode::Plan => tx.rollback().await.map_err(store::ctx("ending a plan")),
     }
 }

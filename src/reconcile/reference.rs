@@ -7,10 +7,11 @@
 //! one statement per section, whatever the size. Writes only differing rows; never deletes.
 
 use serde_json::{json, Value};
+use tokio_postgres::types::Type;
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{Action, FindingKind, Mode, Tally, Unit, UnitReport};
+use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
 use crate::seed::{Ownership, ReferenceSeed};
 use crate::store::ctx;
 
@@ -314,20 +315,19 @@ impl TableSpec {
 
 const UNIT: Unit = Unit::ReferenceSeed;
 
-/// Plans or applies the whole reference seed inside `tx`, section by section.
+/// Applies the whole reference seed inside `tx`, section by section (a plan's `tx` is rolled
+/// back). The seed is small, so every change is listed (`_listed` is for the units whose changes
+/// are as many as the users).
 pub async fn reconcile(
     tx: &Transaction<'_>,
     seed: &ReferenceSeed,
-    mode: Mode,
+    _listed: i64,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     for section in sections(seed) {
         let sql = section.spec.sql("$1::jsonb", section.deactivate_others);
         let diff = compare(tx, &section, &sql, &mut report).await?;
-        match mode {
-            Mode::Plan => plan(&section, &diff, &mut report),
-            Mode::Apply => apply(tx, &section, &sql, &diff, &mut report).await?,
-        }
+        apply(tx, &section, &sql, &diff, &mut report).await?;
     }
     Ok(report)
 }
@@ -368,7 +368,7 @@ async fn compare(
         differs: Vec::new(),
     };
     for r in tx
-        .query(&sql.diff, &[rows])
+        .query_typed(&sql.diff, &[(rows, Type::JSONB)])
         .await
         .map_err(ctx("comparing the reference seed"))?
     {
@@ -379,7 +379,7 @@ async fn compare(
         }
     }
     for r in tx
-        .query(&sql.extra, &[rows])
+        .query_typed(&sql.extra, &[(rows, Type::JSONB)])
         .await
         .map_err(ctx("listing rows not in the seed"))?
     {
@@ -406,23 +406,6 @@ async fn compare(
     Ok(diff)
 }
 
-/// Plan: the inserts, and the corrections where the seed owns the section.
-fn plan(section: &SectionInput, diff: &SectionDiff, report: &mut UnitReport) {
-    for key in &diff.missing {
-        report.add_change(format!("insert {}", section.entity(key)));
-    }
-    report.bump(Action::Inserted, diff.missing.len() as i64);
-    let mut changed = diff.missing.len();
-    if section.converge() {
-        for key in &diff.differs {
-            report.add_change(format!("update {}", section.entity(key)));
-        }
-        report.bump(Action::Updated, diff.differs.len() as i64);
-        changed += diff.differs.len();
-    }
-    report.bump(Tally::Unchanged, section.total() - changed as i64);
-}
-
 /// Apply: superseded versions deactivated and drift corrected where the seed owns the section,
 /// missing rows inserted (one that another row's unique value keeps out is reported `blocked`).
 async fn apply(
@@ -436,24 +419,28 @@ async fn apply(
     let mut updated = 0i64;
     if let (true, Some(stmt)) = (section.converge(), &sql.deactivate) {
         let deactivated = tx
-            .query(stmt, &[rows])
+            .query_typed(stmt, &[(rows, Type::JSONB)])
             .await
             .map_err(ctx("deactivating superseded versions"))?;
         for r in &deactivated {
             let key: String = r.get(0);
             let detail = "deactivated: the seed's version is the active one";
             report.find(FindingKind::DriftCorrected, section.entity(&key), detail);
+            report.add_change("update", section.entity(&key));
         }
         report.bump(Tally::Drift, deactivated.len() as i64);
         updated += deactivated.len() as i64;
     }
     let inserted: Vec<String> = tx
-        .query(&sql.insert, &[rows])
+        .query_typed(&sql.insert, &[(rows, Type::JSONB)])
         .await
         .map_err(ctx("inserting reference rows"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
+    for key in &inserted {
+        report.add_change("insert", section.entity(key));
+    }
     for key in diff.missing.iter().filter(|k| !inserted.contains(k)) {
         report.find(
             FindingKind::Blocked,
@@ -466,9 +453,13 @@ async fn apply(
     let mut corrected = 0;
     if section.converge() {
         let n = tx
-            .query(&sql.update, &[rows])
+            .query_typed(&sql.update, &[(rows, Type::JSONB)])
             .await
             .map_err(ctx("correcting reference drift"))?;
+        for r in &n {
+            let key: String = r.get(0);
+            report.add_change("update", section.entity(&key));
+        }
         updated += n.len() as i64;
         corrected = diff.differs.len() as i64;
     }

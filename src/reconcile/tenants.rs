@@ -9,63 +9,86 @@
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{Action, Mode, Scope, Tally, Unit, UnitReport};
+use crate::reconcile::{Action, Scope, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
 const UNIT: Unit = Unit::Tenants;
 
 struct Step {
     count: Tally,
-    what: &'static str,
+    /// The change listed for each row written, and the entity it names: `<entity>:<owner>`.
+    action: &'static str,
+    entity: &'static str,
     /// Rows to write: a SELECT ending in its WHERE clause, so the scope's condition can follow.
     select: &'static str,
     /// The select's column holding the owner's `users.id`, which the scope restricts.
     owner: &'static str,
     /// The write, given `x` = the select.
     write: &'static str,
+    /// What the write returns, and where the written rows' owners are found (`w` = the write).
+    returning: &'static str,
+    keys: &'static str,
 }
+
+/// The owners of rows written that return their owner's id.
+const BY_OWNER: &str = "w JOIN users u ON u.id = w.user_id";
+/// The owners of rows written that return their tenant.
+const BY_TENANT: &str = "w JOIN tenants t ON t.id = w.tenant_id JOIN users u ON u.id = t.owner_user_id";
 
 /// Updates run before inserts: on a fresh database they scan empty tables instead of the rows
 /// just inserted (which are owner/active by construction).
 const STEPS: &[Step] = &[
     Step {
         count: Tally::TenantsInserted,
-        what: "personal tenant(s)",
+        action: "insert",
+        entity: "tenants:personal",
         select: "SELECT u.id AS owner_user_id, 'personal-' || u.id::text AS slug, u.username AS name FROM users u
                  WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.kind = 'personal' AND t.owner_user_id = u.id)",
         owner: "u.id",
         write: "INSERT INTO tenants (kind, owner_user_id, slug, name) SELECT 'personal', owner_user_id, slug, name FROM x",
+        returning: "owner_user_id AS user_id",
+        keys: BY_OWNER,
     },
     Step {
         count: Tally::ProjectsInserted,
-        what: "default project(s)",
+        action: "insert",
+        entity: "projects:default",
         select: "SELECT t.id AS tenant_id FROM tenants t
                  WHERE t.kind = 'personal' AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.tenant_id = t.id AND p.is_default)",
         owner: "t.owner_user_id",
         write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
+        returning: "tenant_id",
+        keys: BY_TENANT,
     },
     Step {
         count: Tally::TenantMembershipsUpdated,
-        what: "tenant owner membership(s) to set back to owner/active",
+        action: "update",
+        entity: "tenant_memberships:owner",
         select: "SELECT m.tenant_id, m.user_id FROM tenants t
                  JOIN tenant_memberships m ON m.tenant_id = t.id AND m.user_id = t.owner_user_id
                  WHERE t.kind = 'personal' AND (m.role <> 'owner' OR m.status <> 'active')",
         owner: "t.owner_user_id",
         write: "UPDATE tenant_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
+        returning: "m.user_id",
+        keys: BY_OWNER,
     },
     Step {
         count: Tally::TenantMembershipsInserted,
-        what: "tenant owner membership(s) to insert",
+        action: "insert",
+        entity: "tenant_memberships:owner",
         select: "SELECT t.id AS tenant_id, t.owner_user_id AS user_id FROM tenants t
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
         owner: "t.owner_user_id",
         write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
+        returning: "user_id",
+        keys: BY_OWNER,
     },
     Step {
         count: Tally::ProjectMembershipsUpdated,
-        what: "project owner membership(s) to set back to owner/active",
+        action: "update",
+        entity: "project_memberships:owner",
         select: "SELECT m.project_id, m.user_id FROM tenants t
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
                  JOIN project_memberships m ON m.project_id = p.id AND m.user_id = t.owner_user_id
@@ -73,16 +96,21 @@ const STEPS: &[Step] = &[
         owner: "t.owner_user_id",
         write: "UPDATE project_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
+        returning: "m.user_id",
+        keys: BY_OWNER,
     },
     Step {
         count: Tally::ProjectMembershipsInserted,
-        what: "project owner membership(s) to insert",
+        action: "insert",
+        entity: "project_memberships:owner",
         select: "SELECT p.id AS project_id, t.owner_user_id AS user_id FROM tenants t
                  JOIN projects p ON p.tenant_id = t.id AND p.is_default
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
         owner: "t.owner_user_id",
         write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
+        returning: "user_id",
+        keys: BY_OWNER,
     },
 ];
 
@@ -97,15 +125,15 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
      LEFT JOIN tenant_memberships tm ON tm.tenant_id = t.id AND tm.user_id = u.id
      LEFT JOIN project_memberships pm ON pm.project_id = p.id AND pm.user_id = u.id";
 
-pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, mode: Mode) -> Result<UnitReport> {
+pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    let params = scope.params();
+    let params = scope.typed_params();
     let check = match scope.condition("u.id", 1) {
         Some(c) => format!("{CHECK} WHERE {c}"),
         None => CHECK.to_string(),
     };
     let row = tx
-        .query_one(&check, &params)
+        .query_typed_one(&check, &params)
         .await
         .map_err(ctx("checking tenants"))?;
     let (users, lacking): (i64, i64) = (row.get(0), row.get(1));
@@ -116,25 +144,22 @@ pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, mode: Mode) -> Resul
     let mut total = 0i64;
     for step in STEPS {
         let select = format!("{}{}", step.select, scope.and(step.owner, 1));
-        // Apply writes straight away (the anti-joins write nothing when nothing is missing);
-        // plan counts the same rows. The run lock keeps other seedkeepers out between the two.
-        let n = match mode {
-            Mode::Plan => {
-                let planned: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM ({select}) x"), &params)
-                    .await
-                    .map_err(ctx("comparing tenants"))?
-                    .get(0);
-                if planned > 0 {
-                    report.add_change(format!("write {planned} {}", step.what));
-                }
-                planned
-            }
-            Mode::Apply => tx
-                .execute(&format!("WITH x AS ({select}) {}", step.write), &params)
-                .await
-                .map_err(ctx("writing tenants"))? as i64,
-        };
+        // The anti-joins write nothing when nothing is missing. The owners' usernames name the
+        // rows written (ids are generated, so a plan's would not be the apply's).
+        let sql = format!(
+            "WITH x AS ({select}), w AS ({write} RETURNING {returning})
+             SELECT (SELECT count(*) FROM w), ARRAY(SELECT u.username FROM {keys} LIMIT {listed})",
+            write = step.write,
+            returning = step.returning,
+            keys = step.keys,
+        );
+        let row = tx
+            .query_typed_one(&sql, &params)
+            .await
+            .map_err(ctx("writing tenants"))?;
+        let (n, owners): (i64, Vec<String>) = (row.get(0), row.get(1));
+        let owners = owners.into_iter().map(|o| format!("{}:{o}", step.entity));
+        report.add_changes(step.action, n, owners);
         report.bump(step.count, n);
         total += n;
     }

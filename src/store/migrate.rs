@@ -7,7 +7,7 @@
 //! against a newer schema). Reads `schema.mode`.
 
 use sha2::{Digest, Sha256};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::config::SchemaMode;
 use crate::error::{Error, Result};
@@ -108,12 +108,15 @@ pub async fn pending(
 }
 
 /// Applies pending migrations (mode apply) or refuses to go on while any are pending (verify).
-pub async fn run(
-    client: &mut Client,
+///
+/// `client` is the session, or a transaction around the migrations (a plan's, always rolled back:
+/// each migration then runs in a savepoint of it).
+pub async fn run<C: GenericClient + Send + Sync>(
+    client: &mut C,
     mode: SchemaMode,
     migrations: &'static [Migration],
 ) -> Result<SchemaReport> {
-    let todo = pending(client, migrations).await?;
+    let todo = pending(client.client(), migrations).await?;
     let mut report = SchemaReport::default();
     if todo.is_empty() {
         return Ok(report);

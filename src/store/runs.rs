@@ -68,7 +68,10 @@ pub async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
     client
         .execute(
             "UPDATE seed_runs SET outcome = 'failed', finished_at = now(), \
-             error = 'interrupted: the process ended before the run finished (killed or lost its connection); this run converges what it left' \
+             error = 'interrupted: the process ended before the run finished (killed or lost its connection); ' || \
+                 CASE WHEN counts - 'schema' = '{}'::jsonb THEN 'it committed no unit after the schema' \
+                      ELSE 'it committed ' || (SELECT string_agg(k, ', ') FROM jsonb_object_keys(counts) k) || ' (their counts are in this row)' END || \
+                 '; this run converges what it left' \
              WHERE outcome = 'running' AND id <> $1",
             &[&current],
         )
@@ -139,5 +142,30 @@ pub async fn insert_if_missing(
         )
         .await
         .map_err(ctx("recording the run in seed_runs"))?;
+    Ok(())
+}
+
+/// Adds one unit's counts and findings to its run's row, on `client`: the unit's own
+/// transaction, so that what the unit commits and the evidence of it commit together (a run that
+/// dies after a unit, or whose closing write fails, is still described by what it committed).
+pub async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    id: Uuid,
+    unit: &crate::model::UnitReport,
+) -> Result<()> {
+    use tokio_postgres::types::Type;
+    let counts = serde_json::json!({ unit.unit.as_str(): unit.counts });
+    let findings = serde_json::json!(unit.findings);
+    client
+        .execute_typed(
+            "UPDATE seed_runs SET counts = counts || $2, findings = findings || $3 WHERE id = $1",
+            &[
+                (&id, Type::UUID),
+                (&counts, Type::JSONB),
+                (&findings, Type::JSONB),
+            ],
+        )
+        .await
+        .map_err(ctx("recording the unit in seed_runs"))?;
     Ok(())
 }
