@@ -200,13 +200,24 @@ async fn disabled_and_enabled(source: &Source) {
     eprintln!("source: {}", source.name());
     assert_ok(&run_with(&db, source, &test_realm(vec![boss(true)])).await);
 
-    // Disabled in Keycloak: deactivated, not offboarded. (A plan compares each unit with the
-    // database as it is, so it shows the user's update; the revocations follow from it.)
+    // Disabled in Keycloak: deactivated, not offboarded. The plan shows the user's update and
+    // the revocations that follow from it, exactly as the apply then lists them.
     let disabled = test_realm(vec![boss(false)]);
-    let p = plan(&db.engine(&refs(&source.env(&disabled)))).await;
-    let changes: Vec<&String> = p.units.iter().flat_map(|u| &u.changes).collect();
-    assert_eq!(changes, ["update 1 user(s)"]);
-    let r = run_with(&db, source, &disabled).await;
+    let mut engine = db.engine(&refs(&source.env(&disabled)));
+    let p = plan(&engine).await;
+    let changes: Vec<String> = p.changes_sorted().iter().map(|(u, c)| format!("{u} {c}")).collect();
+    let boss_sub = db.strings("SELECT keycloak_sub FROM users WHERE username = 'boss'").await;
+    assert_eq!(
+        changes,
+        [
+            format!("identities update users:boss (sub {})", boss_sub[0]),
+            "role_bindings revoke platform_role_bindings:boss/platform_ops".to_string(),
+            "role_bindings revoke platform_role_bindings:boss/platform_superadmin".to_string(),
+        ]
+    );
+    engine.list_changes = true;
+    let r = apply(&engine).await;
+    assert_eq!(r.changes_sorted(), p.changes_sorted(), "the apply wrote what the plan showed");
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "updated"), 1);
     assert_eq!(count(&r, "identities", "deactivated"), 0);

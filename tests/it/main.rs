@@ -22,6 +22,7 @@ mod listing;
 mod ops;
 mod parsers;
 mod pg_tls;
+mod plan_exact;
 mod progress;
 mod realm_files;
 mod retry;

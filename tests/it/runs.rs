@@ -309,18 +309,14 @@ async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_
     db.settle_stats(1).await;
     assert_eq!(db.tuples_written().await, 0);
 
-    // plan is as it was: a held lock is not waited for (exit 1 at once, nothing recorded).
-    let mut env = db.env();
-    env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "30s".into()));
+    // plan waits for the lock like a run (it runs the apply's statements), says so, and gives
+    // up the same way: exit 69 naming the holder, nothing recorded.
     let started = Instant::now();
     let out = run_bin(&["plan"], &env);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(
-        text(&out).contains("plan again when it is done"),
-        "{}",
-        text(&out)
-    );
-    assert!(started.elapsed() < Duration::from_secs(10), "plan waited");
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let t = text(&out);
+    assert!(t.contains("waiting for it") && t.contains(&format!("pid {pid} ")), "{t}");
+    assert!(started.elapsed() >= Duration::from_secs(2), "plan did not wait");
     assert_eq!(runs(&db).await.len(), 1);
     println!("--once gave up after {:.1}s", took.as_secs_f64());
 }
