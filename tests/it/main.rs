@@ -19,6 +19,7 @@ mod hardening;
 mod identities;
 mod lifecycle;
 mod listing;
+mod offboard_limit;
 mod ops;
 mod parsers;
 mod pg_tls;
