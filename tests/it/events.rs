@@ -38,9 +38,15 @@ struct Setup {
 }
 
 async fn setup(users: Vec<Value>) -> Setup {
+    setup_with(users, &[]).await
+}
+
+/// [`setup`], with further settings.
+async fn setup_with(users: Vec<Value>, extra: &[(&str, &str)]) -> Setup {
     let kc = KeycloakEmulator::start(realm_with(users)).await;
     let db = TestDb::new().await;
-    let env = kc_env(&kc);
+    let mut env = kc_env(&kc);
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let engine = Arc::new(db.engine(&refs(&env)));
     // The startup run: schema, seed and the realm as it is now.
     assert_ok(&apply(&engine).await);
@@ -452,6 +458,49 @@ async fn a_deleted_admin_is_offboarded_by_the_next_event_batch_by_admin_or_user_
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 0);
     assert_eq!(count(&r, "identities", "missing"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_event_batch_that_would_offboard_more_than_the_limit_offboards_nobody() {
+    let s = setup_with(
+        vec![
+            user(ALICE, "alice", &["admin"], &[]),
+            user(BOB, "bob", &["admin"], &[]),
+        ],
+        &[("SEEDKEEPER_IDENTITY__OFFBOARD_LIMIT", "1")],
+    )
+    .await;
+    assert_eq!(s.poll().await.events, 0, "the first poll sets the checkpoint");
+    s.kc.set_realm(realm_with(vec![]));
+    let t = now_ms();
+    for (id, who) in [("ad-a", ALICE), ("ad-b", BOB)] {
+        s.kc.push_admin_event(admin_event(id, t, "DELETE", "USER", &format!("users/{who}")));
+    }
+    // The batch fails (its checkpoint stays, so it is read again until someone decides).
+    let c = s.db.client().await;
+    let e = s
+        .follower
+        .poll(&c, None, &CancellationToken::new())
+        .await
+        .expect_err("a batch over the limit fails");
+    assert_eq!(e.kind().as_str(), "offboard_limit");
+    assert!(
+        e.to_string().contains("2 of the 8 user(s) in the realm would be offboarded, more than identity.offboard_limit (1: 1 user(s))"),
+        "{e}"
+    );
+    assert_eq!(
+        s.db.strings("SELECT outcome || ' ' || (counts->'identities'->>'offboard_stopped') || ' ' || (counts->'identities'->>'deactivated') FROM seed_runs WHERE trigger = 'event'").await,
+        ["failed 2 0"]
+    );
+    assert_eq!(
+        s.db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL").await,
+        0
+    );
+    assert_eq!(
+        s.db.scalar("SELECT count(*) FROM platform_role_bindings WHERE status = 'active' AND user_id IN (SELECT id FROM users WHERE username IN ('alice', 'bob'))").await,
+        2,
+        "their bindings stay until someone decides"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
