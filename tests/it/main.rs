@@ -15,6 +15,7 @@ mod deadlines;
 mod emulator;
 mod emulator_vs_real;
 mod events;
+mod evidence;
 mod hardening;
 mod identities;
 mod lifecycle;
