@@ -132,7 +132,8 @@ impl AdminClient {
     }
 
     /// Token and Admin API requests: `keycloak.max_retries` retries, 200 ms doubling up to 5 s
-    /// between them, or what a 429's `Retry-After` asks, up to 30 s.
+    /// between them (each wait jittered down to half), or at least what a 429's `Retry-After`
+    /// asks, up to 30 s (see [`crate::retry`]).
     pub(super) fn request_policy(&self) -> Policy {
         let retries = Limit::Retries(self.settings.max_retries);
         Policy {
