@@ -17,6 +17,7 @@ mod emulator_vs_real;
 mod events;
 mod hardening;
 mod identities;
+mod io_faults;
 mod lifecycle;
 mod listing;
 mod ops;
