@@ -204,6 +204,12 @@ impl AdminClient {
             Err(e) => {
                 self.metrics
                     .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
+                // Out of descriptors is this process's problem, not Keycloak's: not retried.
+                if crate::error::is_too_many_open_files(&e) {
+                    return Err(Retry::Fail(Error::TooManyOpenFiles {
+                        doing: format!("connecting to Keycloak ({url})"),
+                    }));
+                }
                 let reason = if e.is_timeout() {
                     "timed out".to_string()
                 } else {
