@@ -305,14 +305,14 @@ async fn closed_since(
 async fn two_thousand_slowloris_connections_are_closed_within_the_header_timeout_and_probes_answer_meanwhile(
 ) {
     const HOSTILE: usize = 2000;
-    let header_timeout = Duration::from_secs(4);
+    let header_timeout = Duration::from_secs(8);
     let db = TestDb::new().await;
     // A cap above the 2,000, so that every one is held until its header timeout (the cap's own
     // test is below).
     let (child, base) = ready_daemon(
         &db,
         &[
-            ("SEEDKEEPER_HTTP__HEADER_READ_TIMEOUT", "4s"),
+            ("SEEDKEEPER_HTTP__HEADER_READ_TIMEOUT", "8s"),
             ("SEEDKEEPER_HTTP__MAX_CONNECTIONS", "4096"),
             ("SEEDKEEPER_SCHEDULE__CRON", "*/2 * * * * *"),
         ],
@@ -364,12 +364,13 @@ async fn two_thousand_slowloris_connections_are_closed_within_the_header_timeout
         .collect();
     let all = connected.acquire_many(HOSTILE as u32).await.unwrap();
     all.forget();
-    let opened = Instant::now();
-    let connecting = opened - began;
+    let connecting = began.elapsed();
 
     // Probes on new connections while the 2,000 are open (their timeout has not passed yet).
     let mut latencies = Vec::new();
-    while opened.elapsed() < Duration::from_secs(2) {
+    // Until 1.5 s before the first connection's timeout (every connection is younger than
+    // `began`), so that every probe meets all 2,000 open.
+    while began.elapsed() < header_timeout - Duration::from_millis(1500) {
         for path in ["/healthz", "/readyz"] {
             let (status, took) = probe(&format!("{base}{path}")).await;
             assert_eq!(status, 200, "{path} under 2,000 slowloris connections");
@@ -383,6 +384,11 @@ async fn two_thousand_slowloris_connections_are_closed_within_the_header_timeout
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        latencies.len() >= 10,
+        "only {} probes while all 2,000 were open (connecting took {connecting:?})",
+        latencies.len()
+    );
     let mut closed = Vec::with_capacity(HOSTILE);
     for h in hostile {
         closed.push(h.await.unwrap());
