@@ -747,6 +747,11 @@ for key, want in [("Type", "notify"), ("NotifyAccess", "main"), ("DynamicUser", 
                   ("ExecStart", "/usr/local/bin/seedkeeper run")]:
     check(want in unit_values(key), f"systemd: {key}={want}")
 check(any(re.fullmatch(r"\d+", v) for v in unit_values("WatchdogSec")), "systemd: WatchdogSec set")
+# The HTTP connection cap (http.max_connections, 1024 by default) plus the daemon's own
+# descriptors must fit under the open-file limit, or a full cap reads as too_many_open_files.
+nofile = unit_values("LimitNOFILE")
+check(len(nofile) == 1 and nofile[0].isdigit() and int(nofile[0]) >= 1024 + 64,
+      f"systemd: LimitNOFILE ({nofile}) above the default http.max_connections (1024) + 64")
 check("@system-service" in unit_values("SystemCallFilter"), "systemd: SystemCallFilter=@system-service")
 creds = [v.split(":", 1)[0] for v in unit_values("LoadCredential") + unit_values("LoadCredentialEncrypted")]
 check({"database.url", "keycloak.client_secret"} <= set(creds), f"systemd: LoadCredential database.url and keycloak.client_secret ({creds})")

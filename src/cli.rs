@@ -22,6 +22,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   64  usage error (bad command line)
   69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
       (--once) another session held the run lock that long (the error names it)
+  71  out of file descriptors (too many open files): raise LimitNOFILE / ulimit -n
+  74  the command's own output could not be written (stdout full or closed)
   78  invalid configuration, reference seed or realm file (fix the input; do not restart)
 
 Configuration: defaults < TOML (--config, SEEDKEEPER_CONFIG, else config/seedkeeper.toml) <
@@ -176,6 +178,44 @@ fn print(out: &mut dyn Write, text: &str) {
     let _ = out.flush();
 }
 
+/// The command's output, with its first write error kept: a command whose output was lost
+/// must not exit as if it had said what it had to say.
+struct Checked<'a> {
+    out: &'a mut dyn Write,
+    failed: Option<std::io::Error>,
+}
+
+impl Write for Checked<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf).inspect_err(|e| {
+            self.failed
+                .get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush().inspect_err(|e| {
+            self.failed
+                .get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+}
+
+/// The exit code once the output is known lost: 74 where the code would have said "done" (0)
+/// or "see the changes" (2); an error's own code otherwise (its message is already out).
+fn output_failed(e: &std::io::Error, code: u8) -> u8 {
+    let code = match code {
+        exit::OK | exit::CHANGES_PENDING => exit::IO_ERROR,
+        other => other,
+    };
+    crate::telemetry::print_error(
+        &format!("cannot write the command's output to stdout: {e}. Free space on the device stdout goes to, or send it elsewhere"),
+        "output",
+        code,
+    );
+    code
+}
+
 /// Runs a non-daemon command. The daemon (`run` without `--once`) is wired in `main`.
 pub async fn execute(
     cli: &Cli,
@@ -183,18 +223,24 @@ pub async fn execute(
     cancel: CancellationToken,
     out: &mut dyn Write,
 ) -> u8 {
-    match &cli.command {
+    let mut checked = Checked { out, failed: None };
+    let out = &mut checked;
+    let code = match &cli.command {
         Some(Command::Config) => config(settings, out),
         Some(Command::ExportSql) => export_sql(&settings, out),
-        Some(Command::Migrate) => migrate(&settings, &cancel).await,
+        Some(Command::Migrate) => migrate(&settings, &cancel, out).await,
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
-        Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
+        Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref(), out).await,
         Some(Command::Plan { format }) => {
             plan(settings, *format, cli.allowed_offboard(), &cancel, out).await
         }
         Some(Command::Run { .. }) | None => {
             once(settings, cli.allowed_offboard(), &cancel, out).await
         }
+    };
+    match &checked.failed {
+        Some(e) => output_failed(e, code),
+        None => code,
     }
 }
 
@@ -433,7 +479,7 @@ fn plan_exit_code(r: &RunReport) -> u8 {
 }
 
 /// `migrate`, with its progress shown as the `schema` unit's (waiting for the lock included).
-async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
+async fn migrate(settings: &Settings, cancel: &CancellationToken, out: &mut dyn Write) -> u8 {
     let progress = Progress::new();
     progress.enter(Unit::Schema);
     let reporter = Reporter::start(
@@ -445,14 +491,17 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
     reporter.finish().await;
     match r {
         Ok(rep) if rep.applied.is_empty() => {
-            println!(
-                "schema up to date ({} migration(s) applied before)",
-                store::migrate::MIGRATIONS.len()
+            print(
+                out,
+                &format!(
+                    "schema up to date ({} migration(s) applied before)\n",
+                    store::migrate::MIGRATIONS.len()
+                ),
             );
             exit::OK
         }
         Ok(rep) => {
-            println!("applied: {}", rep.applied.join(", "));
+            print(out, &format!("applied: {}\n", rep.applied.join(", ")));
             exit::OK
         }
         Err(e) => fail(&e),
@@ -592,7 +641,7 @@ fn notable_counts(counts: &serde_json::Value) -> Vec<String> {
     changes
 }
 
-async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
+async fn healthcheck(settings: &Settings, url: Option<&str>, out: &mut dyn Write) -> u8 {
     let url = url.map(str::to_string).unwrap_or_else(|| {
         let listen = settings
             .http
@@ -607,7 +656,7 @@ async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
         match crate::trust::https_client_config(None, true) {
             Ok(tls) => builder = builder.use_preconfigured_tls(tls),
             Err(e) => {
-                eprintln!("seedkeeper healthcheck: {e}");
+                crate::telemetry::stderr_line(&format!("seedkeeper healthcheck: {e}"));
                 return exit::RECONCILE_FAILED;
             }
         }
@@ -615,26 +664,26 @@ async fn healthcheck(settings: &Settings, url: Option<&str>) -> u8 {
     let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("seedkeeper healthcheck: {e}");
+            crate::telemetry::stderr_line(&format!("seedkeeper healthcheck: {e}"));
             return exit::RECONCILE_FAILED;
         }
     };
     match client.get(&url).send().await {
         Ok(r) if r.status().is_success() => {
-            println!("ok ({url})");
+            print(out, &format!("ok ({url})\n"));
             exit::OK
         }
         Ok(r) => {
             let status = r.status();
             let body = r.text().await.unwrap_or_default();
-            eprintln!(
+            crate::telemetry::stderr_line(&format!(
                 "unhealthy ({url}): {status} {}",
                 body.chars().take(300).collect::<String>()
-            );
+            ));
             exit::RECONCILE_FAILED
         }
         Err(e) => {
-            eprintln!("not reachable ({url}): {e}");
+            crate::telemetry::stderr_line(&format!("not reachable ({url}): {e}"));
             exit::UNAVAILABLE
         }
     }

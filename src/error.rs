@@ -22,6 +22,10 @@ pub mod exit {
     pub const CHANGES_PENDING: u8 = 2;
     pub const USAGE: u8 = 64;
     pub const UNAVAILABLE: u8 = 69;
+    /// EX_OSERR: the operating system refused a resource (too many open files).
+    pub const OS_ERROR: u8 = 71;
+    /// EX_IOERR: a command's own output (stdout) could not be written.
+    pub const IO_ERROR: u8 = 74;
     pub const CONFIG: u8 = 78;
 }
 
@@ -111,6 +115,11 @@ pub enum Error {
     #[error("{0}")]
     Io(String),
 
+    /// EMFILE or ENFILE: the process (or the system) is out of file descriptors. Not a
+    /// dependency being down: waiting for PostgreSQL would not help, raising the limit would.
+    #[error("too many open files while {doing}: seedkeeper reached its limit of open file descriptors. Raise it (LimitNOFILE= in the systemd unit, `ulimit -n` in a shell, the container's nofile ulimit) or lower http.max_connections (SEEDKEEPER_HTTP__MAX_CONNECTIONS), which bounds the descriptors the HTTP endpoints may hold")]
+    TooManyOpenFiles { doing: String },
+
     #[error("shutdown requested before the run finished")]
     Cancelled,
 
@@ -126,6 +135,7 @@ impl Error {
             Error::Config(_) | Error::Seed { .. } | Error::RealmFile { .. } => exit::CONFIG,
             Error::OffboardMismatch { .. } => exit::CONFIG,
             Error::KeycloakAuth(_) => exit::CONFIG,
+            Error::TooManyOpenFiles { .. } => exit::OS_ERROR,
             Error::DatabaseUnavailable { .. }
             | Error::KeycloakUnavailable { .. }
             | Error::RunLockHeld { .. } => exit::UNAVAILABLE,
@@ -151,6 +161,7 @@ impl Error {
             Error::Findings { kind, .. } => *kind,
             Error::OffboardMismatch { .. } => ErrorKind::OffboardMismatch,
             Error::Io(_) => ErrorKind::Io,
+            Error::TooManyOpenFiles { .. } => ErrorKind::TooManyOpenFiles,
             Error::Cancelled => ErrorKind::Cancelled,
             Error::Timeout(_) => ErrorKind::Timeout,
         }
@@ -209,6 +220,7 @@ named!(
         Database => "database",
         Unit => "unit",
         Io => "io",
+        TooManyOpenFiles => "too_many_open_files",
         Cancelled => "cancelled",
         Timeout => "timeout",
         IdentityClash => "identity_clash",
@@ -236,6 +248,23 @@ impl fmt::Display for DbFailure {
         }
         Ok(())
     }
+}
+
+/// Whether `e` or one of its sources is an I/O error saying the process (EMFILE, 24) or the
+/// system (ENFILE, 23) has no file descriptor left.
+pub fn is_too_many_open_files(e: &(dyn std::error::Error + 'static)) -> bool {
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if matches!(io.raw_os_error(), Some(EMFILE | ENFILE)) {
+                return true;
+            }
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// An error and its sources, `: `-joined: what each layer said, innermost last.
@@ -327,5 +356,39 @@ mod tests {
         let no_realm = Error::KeycloakAuth(Refusal::http(404, "realm \"x\" not found".into()));
         assert_eq!(no_realm.keycloak_status(), None);
         assert_eq!(Error::keycloak("users", "paging").keycloak_status(), None);
+    }
+
+    #[test]
+    fn too_many_open_files_is_found_anywhere_in_the_chain_and_nothing_else_is() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("connecting")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let emfile = Outer(std::io::Error::from_raw_os_error(24));
+        assert!(is_too_many_open_files(&emfile));
+        assert!(is_too_many_open_files(&std::io::Error::from_raw_os_error(
+            23
+        )));
+        let refused = Outer(std::io::Error::from_raw_os_error(111));
+        assert!(!is_too_many_open_files(&refused));
+        let e = Error::TooManyOpenFiles {
+            doing: "accepting an HTTP connection".into(),
+        };
+        assert_eq!(
+            (e.exit_code(), e.kind().as_str()),
+            (71, "too_many_open_files")
+        );
+        let text = e.to_string();
+        for part in ["LimitNOFILE", "ulimit -n", "http.max_connections"] {
+            assert!(text.contains(part), "{part} in {text}");
+        }
     }
 }

@@ -575,6 +575,12 @@ impl Metrics {
             "Scheduled ticks skipped because a run was still going",
             Counter::default(),
         );
+        // Process-wide (stderr is): a clone of the one counter the log sink counts into.
+        registry.register(
+            "seedkeeper_log_write_errors",
+            "Log lines (and error lines of the process's own) dropped because stderr or the log file could not be written (a full disk, a closed pipe); the work goes on",
+            crate::telemetry::log_write_errors().clone(),
+        );
         let last_run_ok = Arc::new(LastRunOk::default());
         registry.register_collector(Box::new(last_run_ok.clone()));
         let unlisted = Arc::new(LastValue::new(
@@ -754,6 +760,7 @@ mod tests {
                 would: 2,
             },
             Error::Io("x".into()),
+            Error::TooManyOpenFiles { doing: "x".into() },
             Error::Cancelled,
             Error::Timeout("x".into()),
         ];

@@ -2,9 +2,18 @@
 //! discovery, its token and its Admin API requests.
 //!
 //! A caller says only what is worth repeating: each failed attempt answers a [`Retry`]. The
-//! [`Policy`] says how long to wait (exponential backoff from `base`, doubling up to `cap`, no
-//! jitter; or the delay the server asked for with `Retry-After`, up to `max_after`) and when to
-//! give up (after so many retries, or once a deadline has passed). Every wait ends at once when
+//! [`Policy`] says how long to wait (exponential backoff from `base`, doubling up to `cap`, with
+//! equal jitter; or the delay the server asked for with `Retry-After`, up to `max_after`, plus
+//! a little jitter) and when to give up (after so many retries, or once a deadline has passed).
+//!
+//! Jitter: replicas, and pods restarted together, that lose a dependency at the same moment
+//! would otherwise retry in lockstep and hit it together each time it comes back. A backoff
+//! whose exponential value is `b` (`base * 2^n`, at most `cap`) waits a random time in
+//! `[b/2, b]` ("equal jitter": the spread of full jitter, and never a retry at once). A server's
+//! `Retry-After` `a` is a minimum: the wait is in `[a, 1.25 a]`, never above `max_after` (an
+//! ask above `max_after` waits `max_after`). Randomness comes from std's `RandomState` (keys
+//! seeded from the OS per thread, a fresh key for each draw): no crate, and no two processes
+//! draw the same sequence. Every wait ends at once when
 //! the caller's [`CancellationToken`] fires: a shutdown or a run's deadline never sits out a
 //! backoff. Nothing here logs or counts: the caller's `retrying` hook does, before each wait.
 
@@ -38,6 +47,28 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<
 /// applies then).
 pub fn retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// A random duration in `[0, max]`, uniform to the nanosecond.
+pub fn spread(max: Duration) -> Duration {
+    let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+    if nanos == 0 {
+        return Duration::ZERO;
+    }
+    // Lemire's multiply-shift maps 64 random bits onto [0, nanos] without a modulo's bias
+    // worth speaking of at these sizes.
+    let r = random_u64();
+    let n = ((u128::from(r) * (u128::from(nanos) + 1)) >> 64) as u64;
+    Duration::from_nanos(n)
+}
+
+/// 64 random bits: each `RandomState` gets fresh SipHash keys (seeded from the OS once per
+/// thread, then advanced), so hashing nothing with it yields an unpredictable value.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
 }
 
 /// When a policy gives up.
@@ -117,11 +148,20 @@ impl Policy {
         }
     }
 
-    /// The backoff after failed attempt `attempt` (0 for the first).
-    pub fn backoff(&self, attempt: u32) -> Duration {
+    /// The exponential value after failed attempt `attempt` (0 for the first), without jitter:
+    /// the upper bound of [`Policy::backoff`].
+    pub fn ceiling(&self, attempt: u32) -> Duration {
         self.base
             .saturating_mul(2u32.saturating_pow(attempt))
             .min(self.cap)
+    }
+
+    /// The backoff after failed attempt `attempt`: random in `[ceiling / 2, ceiling]` (see the
+    /// module docs).
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        let half = ceiling / 2;
+        half + spread(ceiling - half)
     }
 
     /// The wait after failed attempt `attempt`, `elapsed` since the first started: what the
@@ -134,7 +174,7 @@ impl Policy {
         elapsed: Duration,
     ) -> Option<Duration> {
         let d = asked
-            .map(|a| a.min(self.max_after))
+            .map(|a| (a + spread(a / 4)).min(self.max_after))
             .unwrap_or_else(|| self.backoff(attempt));
         match self.limit {
             Limit::Retries(max) => (attempt < max).then_some(d),
@@ -225,16 +265,67 @@ mod tests {
     #[test]
     fn backoff_doubles_from_base_up_to_cap_without_overflowing() {
         let p = retries(5);
-        let waits: Vec<u64> = (0..7).map(|n| p.backoff(n).as_millis() as u64).collect();
-        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(p.backoff(u32::MAX), p.cap);
+        let ceilings: Vec<u64> = (0..7).map(|n| p.ceiling(n).as_millis() as u64).collect();
+        assert_eq!(ceilings, [200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(p.ceiling(u32::MAX), p.cap);
+        assert!(p.backoff(u32::MAX) <= p.cap);
     }
 
     #[test]
-    fn a_server_s_delay_replaces_the_backoff_up_to_max_after() {
+    fn every_backoff_is_jittered_between_half_and_all_of_its_ceiling() {
         let p = retries(5);
-        assert_eq!(p.delay(0, Some(2000 * MS), Duration::ZERO), Some(2000 * MS));
-        assert_eq!(p.delay(4, Some(MS), Duration::ZERO), Some(MS));
+        for n in 0..8 {
+            let ceiling = p.ceiling(n);
+            let draws: Vec<Duration> = (0..200).map(|_| p.backoff(n)).collect();
+            for d in &draws {
+                assert!(
+                    *d >= ceiling / 2 && *d <= ceiling,
+                    "attempt {n}: {d:?} outside [{:?}, {ceiling:?}]",
+                    ceiling / 2
+                );
+            }
+            let distinct: std::collections::BTreeSet<_> = draws.iter().collect();
+            assert!(
+                distinct.len() > 150,
+                "attempt {n}: {} distinct",
+                distinct.len()
+            );
+            // Both halves of the range are used: the jitter spreads, it does not just nudge.
+            let mid = ceiling / 2 + ceiling / 4;
+            assert!(draws.iter().any(|d| *d < mid) && draws.iter().any(|d| *d > mid));
+        }
+        assert_eq!(spread(Duration::ZERO), Duration::ZERO);
+        assert!(spread(Duration::from_nanos(1)) <= Duration::from_nanos(1));
+    }
+
+    #[test]
+    fn two_independent_backoff_sequences_differ() {
+        let p = retries(10);
+        let sequence = || (0..10).map(|n| p.backoff(n)).collect::<Vec<_>>();
+        let (a, b) = (sequence(), sequence());
+        assert_ne!(a, b);
+        // Not just somewhere: nearly every step differs (two equal draws of a range of
+        // hundreds of millions of nanoseconds are as good as impossible).
+        let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+        assert!(same <= 1, "{a:?} vs {b:?}");
+        // In another thread (another seed) too.
+        let c = std::thread::spawn(move || (0..10).map(|n| p.backoff(n)).collect::<Vec<_>>())
+            .join()
+            .unwrap();
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn a_server_s_delay_is_a_minimum_jittered_up_to_a_quarter_and_capped_at_max_after() {
+        let p = retries(5);
+        for _ in 0..200 {
+            let d = p.delay(0, Some(2000 * MS), Duration::ZERO).unwrap();
+            assert!(d >= 2000 * MS && d <= 2500 * MS, "{d:?}");
+            let d = p.delay(4, Some(MS), Duration::ZERO).unwrap();
+            assert!(d >= MS && d <= MS + MS / 4, "{d:?}");
+            let near = p.delay(0, Some(28_000 * MS), Duration::ZERO).unwrap();
+            assert!(near >= 28_000 * MS && near <= p.max_after, "{near:?}");
+        }
         assert_eq!(
             p.delay(0, Some(Duration::from_secs(3600)), Duration::ZERO),
             Some(p.max_after)
@@ -282,7 +373,12 @@ mod tests {
             panic!("not spent: {r:?}")
         };
         assert_eq!((why, spent.attempts, calls), ("down", 4, 4));
-        assert_eq!(waits, [(0, MS), (1, MS), (2, MS)]);
+        let numbers: Vec<u32> = waits.iter().map(|(n, _)| *n).collect();
+        assert_eq!(numbers, [0, 1, 2]);
+        assert!(
+            waits.iter().all(|(_, d)| *d >= MS / 2 && *d <= MS),
+            "{waits:?}"
+        );
     }
 
     #[tokio::test]

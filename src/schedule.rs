@@ -4,7 +4,8 @@
 //! the scheduler alive ([`App::heartbeat`]): liveness and the systemd watchdog rest on it.
 //!
 //! A failed full run is retried without waiting for the next tick ([`spawn_retries`]): after
-//! `schedule.retry_initial`, doubling after each failure in a row, capped at the schedule's
+//! `schedule.retry_initial`, doubling after each failure in a row (each wait jittered down to
+//! half of that, so replicas that failed together retry apart), capped at the schedule's
 //! interval ([`crate::cron::interval`]), so a database restarted for two seconds costs seconds of staleness rather than
 //! an interval. A retry is a run like any other (overlap guard, run lock, `run.timeout`, stopped
 //! by a shutdown) with trigger `retry`; any run that starts first (a tick) takes its place, and a

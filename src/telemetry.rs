@@ -9,12 +9,21 @@
 //! pipeline sees nothing but JSON. Before the configuration is loaded, [`early_format`] decides
 //! the format from `--log-format`, `SEEDKEEPER_LOG__FORMAT` or the config file's `log.format`, so
 //! a configuration error is already printed in the format asked for.
+//!
+//! Logging never stops the work: a line that cannot be written (stderr on a full disk, a closed
+//! pipe, `2>/dev/full`) is dropped and counted in `seedkeeper_log_write_errors_total`
+//! ([`log_write_errors`]), and the run goes on. Left to itself, `tracing-subscriber` reports a
+//! failed write with `eprintln!`, which panics when stderr is the thing that failed: one full
+//! disk would kill every run at its first log line while the probes kept answering 200.
 
 use std::fmt;
 use std::io::IsTerminal;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::LazyLock;
 
+use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -30,6 +39,61 @@ use crate::config::{LogFormat, Sources, DEFAULT_CONFIG_PATH};
 const JSON_FIELDS: &[&str] = &["counts", "findings"];
 
 static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Log lines (and the process's own error lines) that could not be written. Process-wide, as
+/// stderr is: every app's registry shows the same counter (see `crate::metrics`).
+static LOG_WRITE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// The counter behind `seedkeeper_log_write_errors_total` (a clone shares the value).
+pub fn log_write_errors() -> &'static Counter {
+    &LOG_WRITE_ERRORS
+}
+
+/// The log sink: [`crate::progress::LogWriter`] (stderr, around the progress bars), whose
+/// failures are counted and swallowed. It answers every write as done, so the subscriber never
+/// sees an error and never falls back to its own `eprintln!` (see the module docs).
+#[derive(Clone, Copy, Default)]
+pub struct Sink;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
+    type Writer = Sink;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        Sink
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One event is one write_all of a whole line: a line that fails is dropped once, counted
+        // once, rather than retried or split.
+        if crate::progress::LogWriter.write_all(buf).is_err() {
+            LOG_WRITE_ERRORS.inc();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if crate::progress::LogWriter.flush().is_err() {
+            LOG_WRITE_ERRORS.inc();
+        }
+        Ok(())
+    }
+}
+
+/// Writes one line of the process's own to stderr; a failure is counted, never a panic (as
+/// `eprintln!` would).
+pub fn stderr_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    if err
+        .write_all(line.as_bytes())
+        .and_then(|()| err.write_all(b"\n"))
+        .and_then(|()| err.flush())
+        .is_err()
+    {
+        LOG_WRITE_ERRORS.inc();
+    }
+}
 
 pub fn init(format: LogFormat, filter: &str) {
     set_format(format);
@@ -48,8 +112,12 @@ pub fn init(format: LogFormat, filter: &str) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(env)
         .with_ansi(std::io::stderr().is_terminal())
-        // Stderr, with progress bars (if any are drawn) lifted while a line is written.
-        .with_writer(crate::progress::LogWriter);
+        // Its fallback report of a failed write is an `eprintln!` (see the module docs); [`Sink`]
+        // reports none, this is a second guard.
+        .log_internal_errors(false)
+        // Stderr, with progress bars (if any are drawn) lifted while a line is written; a line
+        // that cannot be written is dropped and counted.
+        .with_writer(Sink);
     let _ = match format {
         LogFormat::Json => builder
             .fmt_fields(SpanFields)
@@ -141,20 +209,17 @@ pub fn json_line(level: &str, target: &str, message: &str, fields: Vec<(String, 
 /// with `error.kind` and `exit_code` as JSON.
 pub fn print_error(message: &str, kind: &str, exit_code: u8) {
     if is_json() {
-        eprintln!(
-            "{}",
-            json_line(
-                "ERROR",
-                "seedkeeper",
-                message,
-                vec![
-                    ("error.kind".into(), Value::String(kind.to_string())),
-                    ("exit_code".into(), Value::from(exit_code)),
-                ],
-            )
-        );
+        stderr_line(&json_line(
+            "ERROR",
+            "seedkeeper",
+            message,
+            vec![
+                ("error.kind".into(), Value::String(kind.to_string())),
+                ("exit_code".into(), Value::from(exit_code)),
+            ],
+        ));
     } else {
-        eprintln!("seedkeeper: {message}");
+        stderr_line(&format!("seedkeeper: {message}"));
     }
 }
 

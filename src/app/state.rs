@@ -396,7 +396,9 @@ impl App {
 }
 
 /// When the daemon retries a failed full run: after `initial`, doubling with each failure in a
-/// row, at most `cap` (the schedule's interval: by then the next tick comes first anyway).
+/// row, at most `cap` (the schedule's interval: by then the next tick comes first anyway); each
+/// wait jittered down to half of that (the retry policy's equal jitter), so that replicas that
+/// failed together do not retry together.
 #[derive(Debug, Clone)]
 pub struct RetryBackoff {
     policy: Policy,
@@ -473,21 +475,27 @@ mod tests {
         let s = Duration::from_secs;
         let mut b = RetryBackoff::new(s(10), s(60));
         let failed = || report(Outcome::Failed, Some(Error::Io("down".into())));
-        let delays: Vec<_> = (0..5).map(|_| b.after(&failed()).unwrap()).collect();
-        assert_eq!(delays, [s(10), s(20), s(40), s(60), s(60)]);
+        // Each delay is jittered into [ceiling / 2, ceiling] (see crate::retry).
+        let within = |d: Option<Duration>, ceiling: Duration| {
+            let d = d.unwrap();
+            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} for {ceiling:?}");
+        };
+        for ceiling in [s(10), s(20), s(40), s(60), s(60)] {
+            within(b.after(&failed()), ceiling);
+        }
         assert_eq!(b.after(&report(Outcome::Succeeded, None)), None);
-        assert_eq!(b.after(&failed()), Some(s(10)), "reset by the success");
-        // A lock held by a replica is not a failure; a shutdown retries nothing. Neither resets.
+        within(b.after(&failed()), s(10)); // reset by the success
+                                           // A lock held by a replica is not a failure; a shutdown retries nothing. Neither resets.
         assert_eq!(b.after(&report(Outcome::Skipped, None)), None);
         assert_eq!(
             b.after(&report(Outcome::Failed, Some(Error::Cancelled))),
             None
         );
-        assert_eq!(b.after(&failed()), Some(s(20)));
+        within(b.after(&failed()), s(20));
         // A clash fails the run without an error value: retried like any failure.
-        assert_eq!(b.after(&report(Outcome::Failed, None)), Some(s(40)));
+        within(b.after(&report(Outcome::Failed, None)), s(40));
         // An initial delay above the interval: the interval caps it too.
         let mut slow = RetryBackoff::new(s(90), s(60));
-        assert_eq!(slow.after(&failed()), Some(s(60)));
+        within(slow.after(&failed()), s(60));
     }
 }

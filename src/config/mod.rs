@@ -216,6 +216,13 @@ pub struct RunSettings {
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
     pub listen: String,
+    /// Connections served at once; at the cap, the connection that has waited longest without
+    /// a request in progress is closed to make room (see `crate::http`).
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers, and how long a kept-alive connection
+    /// may sit idle before its next request.
+    #[serde(with = "duration_str")]
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -302,6 +309,8 @@ impl Default for Settings {
             },
             http: HttpSettings {
                 listen: "127.0.0.1:8787".to_string(),
+                max_connections: 1024,
+                header_read_timeout: Duration::from_secs(5),
             },
             startup: StartupSettings {
                 wait_timeout: Duration::from_secs(60),

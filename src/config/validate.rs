@@ -173,6 +173,17 @@ fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
             s.http.listen
         ));
     }
+    if s.http.max_connections == 0 {
+        problems.push(
+            "http.max_connections must be at least 1 (SEEDKEEPER_HTTP__MAX_CONNECTIONS): the probes need a connection".into(),
+        );
+    }
+    if s.http.header_read_timeout < Duration::from_millis(100) {
+        problems.push(format!(
+            "http.header_read_timeout {} is below 100ms (SEEDKEEPER_HTTP__HEADER_READ_TIMEOUT): no client could send a request in time",
+            duration_str::format(&s.http.header_read_timeout)
+        ));
+    }
 }
 
 /// The timeouts' bounds, `run.timeout` against `startup.wait_timeout`, `evidence.retention`.

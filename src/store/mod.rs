@@ -85,6 +85,12 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
             "TLS to PostgreSQL at {target} failed: {why}"
         )));
     }
+    // Out of descriptors is this process's problem, not the server's: waiting would not help.
+    if crate::error::is_too_many_open_files(&e) {
+        return Err(Error::TooManyOpenFiles {
+            doing: format!("connecting to PostgreSQL at {target}"),
+        });
+    }
     if is_transient(&e) {
         return Err(Error::DatabaseUnavailable {
             target,

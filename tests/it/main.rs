@@ -18,6 +18,7 @@ mod events;
 mod evidence;
 mod hardening;
 mod identities;
+mod io_faults;
 mod lifecycle;
 mod listing;
 mod offboard_limit;

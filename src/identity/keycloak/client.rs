@@ -132,7 +132,8 @@ impl AdminClient {
     }
 
     /// Token and Admin API requests: `keycloak.max_retries` retries, 200 ms doubling up to 5 s
-    /// between them, or what a 429's `Retry-After` asks, up to 30 s.
+    /// between them (each wait jittered down to half), or at least what a 429's `Retry-After`
+    /// asks, up to 30 s (see [`crate::retry`]).
     pub(super) fn request_policy(&self) -> Policy {
         let retries = Limit::Retries(self.settings.max_retries);
         Policy {
@@ -203,6 +204,12 @@ impl AdminClient {
             Err(e) => {
                 self.metrics
                     .request(KeycloakOutcome::of_reqwest(&e), started.elapsed());
+                // Out of descriptors is this process's problem, not Keycloak's: not retried.
+                if crate::error::is_too_many_open_files(&e) {
+                    return Err(Retry::Fail(Error::TooManyOpenFiles {
+                        doing: format!("connecting to Keycloak ({url})"),
+                    }));
+                }
                 let reason = if e.is_timeout() {
                     "timed out".to_string()
                 } else {
