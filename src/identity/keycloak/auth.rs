@@ -379,12 +379,13 @@ fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::KeycloakAuth(format!(
-            "service account of client {client_id:?} lacks realm-management role{} {}: assign them in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
+            "service account of client {client_id:?} lacks realm-management role{} {}: assign {} in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
             if missing.len() > 1 { "s" } else { "" },
             match missing.split_last() {
                 Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
                 _ => missing.join(""),
-            }
+            },
+            if missing.len() > 1 { "them" } else { "it" },
         ).into()))
     }
 }
