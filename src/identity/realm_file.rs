@@ -8,15 +8,22 @@
 //! without `roles.realm` declaring it is a plain role (Keycloak's import creates it), and a group
 //! named by path is looked up with one optional leading and one optional trailing `/` (`"Admin"`
 //! and `"Admin/Ops/"` name `/Admin` and `/Admin/Ops`). Effective
-//! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct roles,
-//! composites, and the roles of the user's groups and their parent groups.
+//! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct realm and client
+//! roles, the roles of the user's groups and their parent groups, and everything their
+//! composites hold, client roles holding realm roles included.
+//!
+//! What Keycloak 26's import stores of a user, observed on 26.4.7, is what is read: under
+//! `registrationEmailAsUsername` (and without `duplicateEmailsAllowed`) the lower-cased email is
+//! the username; `firstName` and `lastName` that the realm's declarative user profile does not
+//! declare are left out (Keycloak never shows them); emails that differ only in case refuse the
+//! whole realm (Keycloak answers 409 and imports nothing) unless `duplicateEmailsAllowed`.
 //!
 //! A multi-realm export (a file whose top level is an array of realms, or a folder holding
 //! several `<realm>-realm.json`) is read for the realm `keycloak.realm` names; a single realm is
 //! read whatever its name.
 //!
-//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids or
-//! usernames, unknown groups, a users file of another realm) are found by `preflight`, before a
+//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids,
+//! usernames or emails, unknown groups, a users file of another realm) are found by `preflight`, before a
 //! run writes anything, and refuse the whole input. A human user without `"id"` has no knowable
 //! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
 //! the rest is synced. Refused when `environment = "production"` (checked in config). Reads

@@ -2,8 +2,9 @@
 //! loads a realm export and answers what seedkeeper calls, in Keycloak's wire formats
 //! (`shared/keycloak/SUMMARY.md`): discovery (naming the realm's `frontendUrl` host when it has
 //! one, as Keycloak does), JWKS, the client-credentials token endpoint and its error bodies, and
-//! the admin API for users, counts, roles, role members, role groups, group members and children
-//! and role mappings, with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
+//! the admin API for users, counts, roles, role members, role groups, group members and children,
+//! clients, client roles (their composites, members and groups) and role mappings (effective
+//! realm roles through client-role composites included), with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
 //!
 //! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
 //! become invalid mid-listing; short pages, a capped `max`, users filtered out of the listing
