@@ -468,6 +468,15 @@ async fn structural_damage_is_still_refused_whole() {
             "empty array of realms",
         ),
         (
+            // Keycloak 26.4 answers 500 "Cannot parse the JSON" to such a realm.
+            "bad-profile.json",
+            json!({"realm": "dev", "users": [{"id": "1", "username": "a"}],
+                   "components": {"org.keycloak.userprofile.UserProfileProvider": [
+                       {"providerId": "declarative-user-profile", "config": {"kc.user.profile.config": ["not json"]}}]}})
+            .to_string(),
+            "kc.user.profile.config) is not a valid profile",
+        ),
+        (
             "unknown-group.json",
             json!({"realm": "dev", "users": [{"id": "1", "username": "a", "groups": ["/nope"]}]}).to_string(),
             "group \"/nope\" is not defined",
