@@ -414,6 +414,29 @@ async fn client_role_composites_give_the_realm_roles_keycloak_computes_in_both_s
         let (got, _) = standing(&kc_db, &id_of(&rep, name)).await;
         assert_eq!(got, want, "{name}");
     }
+    // A user made through the admin API gets the default role (an imported one only when its
+    // `realmRoles` name it), and so `ops` through the client role the default role holds.
+    let api_made = realm
+        .create_user(json!({"username": "api-made", "enabled": true}))
+        .await;
+    let effective = realm
+        .get(&format!("/users/{api_made}/role-mappings/realm/composite"))
+        .await;
+    let names: Vec<&str> = effective
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"ops") && !names.contains(&"admin"),
+        "{effective}"
+    );
+    assert_ok(&apply(&kc_db.engine(&refs(&realm.env()))).await);
+    assert_eq!(
+        standing(&kc_db, &api_made).await,
+        ("user ops".to_string(), vec!["platform_ops".to_string()])
+    );
 }
 
 /// The emulator computes the same effective roles as Keycloak for the same realm, so the
