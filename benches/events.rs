@@ -533,7 +533,10 @@ fn paths(kc: &keycloak::KeycloakEmulator, id: &str) -> Vec<String> {
 /// Part 3: a full no-op run against one event, on the emulator.
 async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> EmulatorFigures {
     eprintln!("bench-events: emulator realm of {n} users");
-    let mut realm = generate_realm(n, &["view-users", "view-realm", "view-events"]);
+    let mut realm = generate_realm(
+        n,
+        &["view-users", "view-realm", "view-clients", "view-events"],
+    );
     let kc = keycloak::KeycloakEmulator::start(realm.clone()).await;
     kc.set_latency(latency);
     let db_name = format!("sk_bench_events_emu_{}", std::process::id());

@@ -244,7 +244,7 @@ async fn bench() {
         );
     };
     for &n in &sizes {
-        let realm = generate_realm(n, &["view-users", "view-realm"]);
+        let realm = generate_realm(n, &["view-users", "view-realm", "view-clients"]);
         let realm_path = dir.join(format!("realm-{n}.json"));
         std::fs::write(&realm_path, realm.to_string()).unwrap();
         let file_size_kib = std::fs::metadata(&realm_path).unwrap().len() / 1024;

@@ -189,40 +189,78 @@ fn check_key_field(name: &str, v: &str) -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// Realm role graph: which roles each composite role contains (realm roles only).
+/// A role of a realm: a realm role by name, or a client role by its client and name. A client
+/// role can be a composite that holds realm roles (Keycloak puts those in the holder's
+/// `realm_access.roles`), so effective realm roles are resolved over both kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RoleKey {
+    Realm(String),
+    /// The client as the source names it (a realm file's `clientId`, the Admin API's internal
+    /// client id), then the role's name.
+    Client(String, String),
+}
+
+impl RoleKey {
+    pub fn realm(name: &str) -> RoleKey {
+        RoleKey::Realm(name.to_string())
+    }
+
+    /// The realm role's name, `None` for a client role.
+    pub fn realm_name(&self) -> Option<&str> {
+        match self {
+            RoleKey::Realm(n) => Some(n),
+            RoleKey::Client(..) => None,
+        }
+    }
+}
+
+/// The role graph of a realm: which roles each composite role contains, realm and client roles
+/// alike.
 #[derive(Debug, Clone, Default)]
 pub struct RoleGraph {
-    pub composites: HashMap<String, Vec<String>>,
+    pub composites: HashMap<RoleKey, Vec<RoleKey>>,
 }
 
 impl RoleGraph {
     /// Every role reachable from `start`, including the start roles.
-    pub fn closure<'a>(&self, start: impl IntoIterator<Item = &'a str>) -> HashSet<String> {
-        let mut seen: HashSet<String> = HashSet::new();
-        let mut stack: Vec<String> = start.into_iter().map(str::to_string).collect();
+    pub fn closure(&self, start: impl IntoIterator<Item = RoleKey>) -> HashSet<RoleKey> {
+        let mut seen: HashSet<RoleKey> = HashSet::new();
+        let mut stack: Vec<RoleKey> = start.into_iter().collect();
         while let Some(r) = stack.pop() {
-            if seen.insert(r.clone()) {
+            if !seen.contains(&r) {
                 if let Some(children) = self.composites.get(&r) {
                     stack.extend(children.iter().cloned());
                 }
+                seen.insert(r);
             }
         }
         seen
     }
 
-    /// Roles whose effective set contains `target` (the role itself and every composite that
-    /// reaches it): holding any of them means holding `target`.
-    pub fn holders_of(&self, target: &str) -> BTreeSet<String> {
-        let mut parents: HashMap<&str, Vec<&str>> = HashMap::new();
+    /// The realm roles reachable from `start` (what Keycloak puts in `realm_access.roles`).
+    pub fn realm_closure(&self, start: impl IntoIterator<Item = RoleKey>) -> Vec<String> {
+        self.closure(start)
+            .into_iter()
+            .filter_map(|r| match r {
+                RoleKey::Realm(n) => Some(n),
+                RoleKey::Client(..) => None,
+            })
+            .collect()
+    }
+
+    /// Roles whose effective set contains `target` (the role itself and every composite, realm
+    /// or client, that reaches it): holding any of them means holding `target`.
+    pub fn holders_of(&self, target: &RoleKey) -> BTreeSet<RoleKey> {
+        let mut parents: HashMap<&RoleKey, Vec<&RoleKey>> = HashMap::new();
         for (role, children) in &self.composites {
             for c in children {
-                parents.entry(c.as_str()).or_default().push(role.as_str());
+                parents.entry(c).or_default().push(role);
             }
         }
         let mut out = BTreeSet::new();
         let mut stack = vec![target];
         while let Some(r) = stack.pop() {
-            if out.insert(r.to_string()) {
+            if out.insert(r.clone()) {
                 if let Some(p) = parents.get(r) {
                     stack.extend(p.iter().copied());
                 }
@@ -232,15 +270,15 @@ impl RoleGraph {
     }
 }
 
-/// Maps each relevant role to the roles that grant it.
+/// Maps each relevant realm role to the roles (realm or client) that grant it.
 pub fn granting_roles(
     graph: &RoleGraph,
     filter: &RoleFilter,
-) -> BTreeMap<String, BTreeSet<String>> {
+) -> BTreeMap<String, BTreeSet<RoleKey>> {
     filter
         .relevant
         .iter()
-        .map(|r| (r.clone(), graph.holders_of(r)))
+        .map(|r| (r.clone(), graph.holders_of(&RoleKey::realm(r))))
         .collect()
 }
 
@@ -292,5 +330,62 @@ impl IdentityProvider for SomeUsers {
                 ..SourceStats::default()
             })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(c: &str, r: &str) -> RoleKey {
+        RoleKey::Client(c.to_string(), r.to_string())
+    }
+
+    /// realm `default-roles` > client `app/chain` > client `app/super` > realm `admin`.
+    fn graph() -> RoleGraph {
+        let mut g = RoleGraph::default();
+        g.composites.insert(
+            RoleKey::realm("default-roles"),
+            vec![RoleKey::realm("offline_access"), client("app", "chain")],
+        );
+        g.composites
+            .insert(client("app", "chain"), vec![client("app", "super")]);
+        g.composites
+            .insert(client("app", "super"), vec![RoleKey::realm("admin")]);
+        g
+    }
+
+    #[test]
+    fn realm_roles_reached_through_client_role_composites_are_effective() {
+        let mut got = graph().realm_closure([client("app", "chain")]);
+        got.sort();
+        assert_eq!(got, vec!["admin".to_string()]);
+        let mut got = graph().realm_closure([RoleKey::realm("default-roles")]);
+        got.sort();
+        assert_eq!(got, ["admin", "default-roles", "offline_access"]);
+        assert!(graph().realm_closure([client("app", "other")]).is_empty());
+    }
+
+    #[test]
+    fn every_role_reaching_a_realm_role_through_client_roles_grants_it() {
+        let got = graph().holders_of(&RoleKey::realm("admin"));
+        let want: BTreeSet<RoleKey> = [
+            RoleKey::realm("admin"),
+            client("app", "super"),
+            client("app", "chain"),
+            RoleKey::realm("default-roles"),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_composite_cycle_ends() {
+        let mut g = graph();
+        g.composites
+            .insert(RoleKey::realm("admin"), vec![client("app", "chain")]);
+        assert_eq!(g.realm_closure([RoleKey::realm("admin")]), ["admin"]);
+        assert_eq!(g.holders_of(&RoleKey::realm("admin")).len(), 4);
     }
 }

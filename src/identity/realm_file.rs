@@ -8,15 +8,22 @@
 //! without `roles.realm` declaring it is a plain role (Keycloak's import creates it), and a group
 //! named by path is looked up with one optional leading and one optional trailing `/` (`"Admin"`
 //! and `"Admin/Ops/"` name `/Admin` and `/Admin/Ops`). Effective
-//! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct roles,
-//! composites, and the roles of the user's groups and their parent groups.
+//! roles are resolved the way Keycloak puts them in `realm_access.roles`: direct realm and client
+//! roles, the roles of the user's groups and their parent groups, and everything their
+//! composites hold, client roles holding realm roles included.
+//!
+//! What Keycloak 26's import stores of a user, observed on 26.4.7, is what is read: under
+//! `registrationEmailAsUsername` (and without `duplicateEmailsAllowed`) the lower-cased email is
+//! the username; `firstName` and `lastName` that the realm's declarative user profile does not
+//! declare are left out (Keycloak never shows them); emails that differ only in case refuse the
+//! whole realm (Keycloak answers 409 and imports nothing) unless `duplicateEmailsAllowed`.
 //!
 //! A multi-realm export (a file whose top level is an array of realms, or a folder holding
 //! several `<realm>-realm.json`) is read for the realm `keycloak.realm` names; a single realm is
 //! read whatever its name.
 //!
-//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids or
-//! usernames, unknown groups, a users file of another realm) are found by `preflight`, before a
+//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids,
+//! usernames or emails, unknown groups, a users file of another realm) are found by `preflight`, before a
 //! run writes anything, and refuse the whole input. A human user without `"id"` has no knowable
 //! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
 //! the rest is synced. Refused when `environment = "production"` (checked in config). Reads
@@ -37,7 +44,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::{Error, Result};
 use crate::identity::{
     check_identity, printable, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph,
-    SourceStats,
+    RoleKey, SourceStats,
 };
 use crate::progress::Progress;
 
@@ -269,14 +276,42 @@ struct RealmUser {
     realm_roles: Vec<String>,
     #[serde(default)]
     groups: Vec<String>,
+    /// clientId -> client roles held directly.
+    #[serde(default, rename = "clientRoles")]
+    client_roles: HashMap<String, Vec<String>>,
     #[serde(default, rename = "serviceAccountClientId")]
     service_account_client_id: Option<String>,
+}
+
+impl RealmUser {
+    /// The email as Keycloak stores it: lower-cased, and none when empty.
+    fn email(&self) -> Option<String> {
+        self.email
+            .as_deref()
+            .filter(|e| !e.is_empty())
+            .map(str::to_lowercase)
+    }
+}
+
+/// The realm and client roles named by a user or a group.
+fn role_keys<'a>(
+    realm: &'a [String],
+    client: &'a HashMap<String, Vec<String>>,
+) -> impl Iterator<Item = RoleKey> + 'a {
+    let realm = realm.iter().map(|r| RoleKey::realm(r));
+    let client = client
+        .iter()
+        .flat_map(|(c, roles)| roles.iter().map(|r| RoleKey::Client(c.clone(), r.clone())));
+    realm.chain(client)
 }
 
 #[derive(Debug, Default, Deserialize)]
 struct RolesRep {
     #[serde(default)]
     realm: Vec<RoleRep>,
+    /// clientId -> the client's roles.
+    #[serde(default)]
+    client: HashMap<String, Vec<RoleRep>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -290,6 +325,9 @@ struct RoleRep {
 struct CompositesRep {
     #[serde(default)]
     realm: Vec<String>,
+    /// clientId -> client roles the composite holds.
+    #[serde(default)]
+    client: HashMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -299,8 +337,75 @@ struct GroupRep {
     path: Option<String>,
     #[serde(default, rename = "realmRoles")]
     realm_roles: Vec<String>,
+    #[serde(default, rename = "clientRoles")]
+    client_roles: HashMap<String, Vec<String>>,
     #[serde(default, rename = "subGroups")]
     sub_groups: Vec<GroupRep>,
+}
+
+/// The realm's `components` as far as the user profile goes.
+#[derive(Debug, Default, Deserialize)]
+struct ComponentsRep {
+    #[serde(default, rename = "org.keycloak.userprofile.UserProfileProvider")]
+    user_profile: Vec<ComponentRep>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ComponentRep {
+    /// A MultivaluedHashMap: every value is a list of strings.
+    #[serde(default)]
+    config: HashMap<String, Vec<String>>,
+}
+
+/// The declarative user profile (`kc.user.profile.config`), as far as the import goes.
+#[derive(Debug, Deserialize)]
+struct ProfileRep {
+    #[serde(default)]
+    attributes: Vec<ProfileAttribute>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProfileAttribute {
+    name: String,
+}
+
+/// What the realm's user profile lets a user keep of the names a realm file gives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Profile {
+    first_name: bool,
+    last_name: bool,
+}
+
+impl Default for Profile {
+    /// Keycloak's default profile declares both.
+    fn default() -> Self {
+        Profile {
+            first_name: true,
+            last_name: true,
+        }
+    }
+}
+
+/// The user profile a realm's `components` configure: Keycloak hides `firstName` and
+/// `lastName` when the profile does not declare them, whatever its `unmanagedAttributePolicy`
+/// (which governs custom attributes only: observed on Keycloak 26.4).
+fn profile_of(components: &ComponentsRep) -> std::result::Result<Profile, String> {
+    let Some(raw) = components
+        .user_profile
+        .iter()
+        .find_map(|c| c.config.get("kc.user.profile.config"))
+        .and_then(|v| v.first())
+    else {
+        return Ok(Profile::default());
+    };
+    let rep: ProfileRep = serde_json::from_str(raw).map_err(|e| {
+        format!("components: the user profile (org.keycloak.userprofile.UserProfileProvider, kc.user.profile.config) is not a valid profile: {e}; fix it or remove the component (Keycloak then uses its default profile)")
+    })?;
+    let declares = |n: &str| rep.attributes.iter().any(|a| a.name == n);
+    Ok(Profile {
+        first_name: declares("firstName"),
+        last_name: declares("lastName"),
+    })
 }
 
 /// Roles and groups of the realm, enough to resolve effective roles.
@@ -308,8 +413,10 @@ struct GroupRep {
 pub struct RealmIndex {
     pub realm: Option<String>,
     graph: RoleGraph,
-    /// Group path -> realm roles of the group and all its parents.
-    group_roles: HashMap<String, Vec<String>>,
+    /// Group path -> roles (realm and client) of the group and all its parents.
+    group_roles: HashMap<String, Vec<RoleKey>>,
+    /// The realm's import settings that change what Keycloak stores of a user.
+    settings: ImportSettings,
     /// In a file whose top level is an array of realms: the element read.
     element: Option<usize>,
     /// The human users the check counted (the total of the listing's progress bar).
@@ -317,15 +424,15 @@ pub struct RealmIndex {
 }
 
 impl RealmIndex {
-    fn add_groups(&mut self, groups: &[GroupRep], parent_path: &str, inherited: &[String]) {
+    fn add_groups(&mut self, groups: &[GroupRep], parent_path: &str, inherited: &[RoleKey]) {
         for g in groups {
             let path = g
                 .path
                 .as_deref()
                 .map(group_path)
                 .unwrap_or_else(|| format!("{parent_path}/{}", g.name));
-            let mut roles: Vec<String> = inherited.to_vec();
-            roles.extend(g.realm_roles.iter().cloned());
+            let mut roles: Vec<RoleKey> = inherited.to_vec();
+            roles.extend(role_keys(&g.realm_roles, &g.client_roles));
             self.add_groups(&g.sub_groups, &path, &roles);
             self.group_roles.insert(path, roles);
         }
@@ -333,20 +440,23 @@ impl RealmIndex {
 
     /// The realm roles of the group a realm file names by `path`, spelled as Keycloak's import
     /// accepts it (see [`group_path`]); `None` for a group the realm does not define.
-    fn group(&self, path: &str) -> Option<&Vec<String>> {
+    fn group(&self, path: &str) -> Option<&Vec<RoleKey>> {
         self.group_roles.get(&group_path(path))
     }
 
-    /// Direct roles, group roles and everything they contain. A role `roles.realm` does not
-    /// declare is a plain role: it is its own effective set.
-    fn effective(&self, u: &RealmUser) -> HashSet<String> {
-        let mut start: Vec<&str> = u.realm_roles.iter().map(String::as_str).collect();
+    /// Effective realm roles: direct realm and client roles, group roles and everything they
+    /// contain, client-role composites included (a client role holding a realm role puts it in
+    /// `realm_access.roles`). A role `roles` does not declare is a plain role: it is its own
+    /// effective set. The default role (`default-roles-<realm>`) counts when the user holds it:
+    /// Keycloak's import gives it only to users whose `realmRoles` name it.
+    fn effective(&self, u: &RealmUser) -> Vec<String> {
+        let mut start: Vec<RoleKey> = role_keys(&u.realm_roles, &u.client_roles).collect();
         for g in &u.groups {
             if let Some(r) = self.group(g) {
-                start.extend(r.iter().map(String::as_str));
+                start.extend(r.iter().cloned());
             }
         }
-        self.graph.closure(start)
+        self.graph.realm_closure(start)
     }
 }
 
@@ -385,6 +495,18 @@ struct Top {
     realm: Option<String>,
     roles: Option<RolesRep>,
     groups: Option<Vec<GroupRep>>,
+    registration_email_as_username: Option<bool>,
+    duplicate_emails_allowed: Option<bool>,
+    components: Option<ComponentsRep>,
+}
+
+/// The settings of a realm that change what Keycloak's import stores of a user.
+#[derive(Debug, Clone, Copy, Default)]
+struct ImportSettings {
+    /// `registrationEmailAsUsername`, in effect only without `duplicateEmailsAllowed`.
+    email_as_username: bool,
+    duplicate_emails_allowed: bool,
+    profile: Profile,
 }
 
 /// What one scan of a file saw: one `Top` per realm (several when the top level is an array).
@@ -485,6 +607,11 @@ impl<'de> Visitor<'de> for TopSeed<'_, '_> {
                 "realm" => self.top.realm = Some(map.next_value()?),
                 "roles" => self.top.roles = Some(map.next_value()?),
                 "groups" => self.top.groups = Some(map.next_value()?),
+                "registrationEmailAsUsername" => {
+                    self.top.registration_email_as_username = map.next_value()?
+                }
+                "duplicateEmailsAllowed" => self.top.duplicate_emails_allowed = map.next_value()?,
+                "components" => self.top.components = Some(map.next_value()?),
                 "users" => map.next_value_seed(UsersSeed {
                     element: self.element,
                     on_user: &mut *self.on_user,
@@ -550,6 +677,15 @@ fn scan(part: &Part, only: Option<usize>, on_user: &mut OnUser<'_>) -> Result<Sc
     Ok(scanned)
 }
 
+/// A user whose email another user had before it (case aside).
+struct DuplicateEmail {
+    /// Where the user is, with its username.
+    at: String,
+    email: String,
+    /// The earlier user's (part, entry).
+    prev: (u32, u32),
+}
+
 /// The checks of one realm's users: ids and lower-cased usernames seen (as 128-bit
 /// fingerprints pointing at (file, entry): a few MB at 100,000 users where the strings
 /// themselves would take tens), group references, and the problems found.
@@ -557,6 +693,10 @@ fn scan(part: &Part, only: Option<usize>, on_user: &mut OnUser<'_>) -> Result<Sc
 struct RealmCheck {
     ids: HashMap<u128, (u32, u32)>,
     names: HashMap<u128, (u32, u32)>,
+    /// Lower-cased emails seen, and the users sharing one with an earlier user: problems unless
+    /// the realm allows duplicate emails (known once the whole realm is read).
+    emails: HashMap<u128, (u32, u32)>,
+    duplicate_emails: Vec<DuplicateEmail>,
     group_refs: HashMap<String, String>,
     problems: Listed,
     /// Users seen (service accounts excepted), as the sync lists them.
@@ -586,6 +726,15 @@ impl RealmCheck {
                 if let Some(prev) = self.names.insert(fingerprint(&name.to_lowercase()), here) {
                     self.problems.push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
                 }
+            }
+        }
+        if let Some(email) = u.email() {
+            if let Some(prev) = self.emails.insert(fingerprint(&email), here) {
+                self.duplicate_emails.push(DuplicateEmail {
+                    at: at(),
+                    email,
+                    prev,
+                });
             }
         }
         for g in &u.groups {
@@ -730,11 +879,52 @@ impl RealmFileSource {
             .into_iter()
             .nth(element.unwrap_or(0))
             .unwrap_or_default();
-        let mut index = index_from(tops);
+        let (mut index, mut problems) = index_from(tops);
         index.element = element;
         index.users = check.users;
+        let mut check = check;
+        for p in problems.drain(..) {
+            check.problems.push(p);
+        }
+        let duplicates = std::mem::take(&mut check.duplicate_emails);
+        if !index.settings.duplicate_emails_allowed && !duplicates.is_empty() {
+            let earlier: HashSet<(u32, u32)> = duplicates.iter().map(|d| d.prev).collect();
+            let names = self.usernames_at(&parts, element, &earlier)?;
+            for d in duplicates {
+                let (p, j) = d.prev;
+                let prev = format!(
+                    "{} {}",
+                    part_names[p as usize],
+                    position(element, j as usize, names.get(&d.prev).map(String::as_str))
+                );
+                check.problems.push(format!("{}: email {:?} is also the email of {prev}; Keycloak compares emails case-insensitively and refuses to import such a realm (409, nothing imported) unless it sets \"duplicateEmailsAllowed\": true: give each user its own email, or set \"duplicateEmailsAllowed\": true in the realm", d.at, d.email));
+            }
+        }
         check.into_result(&index, &self.input.describe())?;
         Ok(Arc::new(index))
+    }
+
+    /// The usernames of the users at `wanted` ((part, entry) positions), read again from the
+    /// input: only when a realm is refused for duplicate emails, so the check keeps no username.
+    fn usernames_at(
+        &self,
+        parts: &[Part],
+        element: Option<usize>,
+        wanted: &HashSet<(u32, u32)>,
+    ) -> Result<HashMap<(u32, u32), String>> {
+        let mut out = HashMap::new();
+        for (pi, part) in parts.iter().enumerate() {
+            let mut on_user = |el: Option<usize>, i: usize, u: RealmUser| {
+                if el == element && wanted.contains(&(pi as u32, i as u32)) {
+                    if let Some(n) = u.username {
+                        out.insert((pi as u32, i as u32), n);
+                    }
+                }
+                Ok(())
+            };
+            scan(part, element, &mut on_user)?;
+        }
+        Ok(out)
     }
 
     /// The element of a top-level array of realms to read: the only one, else the one named
@@ -821,30 +1011,59 @@ impl RealmFileSource {
     }
 }
 
-/// The role/group index from what the scans of the realm's parts saw at their top level.
-fn index_from(tops: Vec<Top>) -> RealmIndex {
+/// The role/group index and import settings from what the scans of the realm's parts saw at
+/// their top level, and the problems found in them.
+fn index_from(tops: Vec<Top>) -> (RealmIndex, Vec<String>) {
     let mut index = RealmIndex::default();
+    let mut problems = Vec::new();
     let mut groups: Vec<GroupRep> = Vec::new();
+    let (mut email_as_username, mut duplicates) = (false, false);
     for top in tops {
         if index.realm.is_none() {
             index.realm = top.realm;
         }
+        email_as_username |= top.registration_email_as_username.unwrap_or(false);
+        duplicates |= top.duplicate_emails_allowed.unwrap_or(false);
+        if let Some(c) = &top.components {
+            match profile_of(c) {
+                Ok(p) => index.settings.profile = p,
+                Err(e) => problems.push(e),
+            }
+        }
         if let Some(roles) = top.roles {
-            for r in roles.realm {
-                let children = r.composites.map(|c| c.realm).unwrap_or_default();
-                if !children.is_empty() {
-                    index.graph.composites.insert(r.name, children);
+            let client = roles
+                .client
+                .into_iter()
+                .flat_map(|(c, rs)| rs.into_iter().map(move |r| (Some(c.clone()), r)));
+            for (client, r) in roles.realm.into_iter().map(|r| (None, r)).chain(client) {
+                let Some(c) = r.composites else { continue };
+                let children: Vec<RoleKey> = role_keys(&c.realm, &c.client).collect();
+                if children.is_empty() {
+                    continue;
                 }
+                let key = match client {
+                    Some(client) => RoleKey::Client(client, r.name),
+                    None => RoleKey::Realm(r.name),
+                };
+                index.graph.composites.insert(key, children);
             }
         }
         if let Some(g) = top.groups {
             groups.extend(g);
         }
     }
+    // Observed on Keycloak 26.4: with duplicateEmailsAllowed, registrationEmailAsUsername
+    // changes nothing on import (the file's usernames are kept).
+    index.settings.email_as_username = email_as_username && !duplicates;
+    index.settings.duplicate_emails_allowed = duplicates;
     index.add_groups(&groups, "", &[]);
-    index
+    (index, problems)
 }
 
+/// The identity Keycloak's import makes of a realm-file user: usernames and emails
+/// lower-cased (an empty email is none), the email as username under
+/// `registrationEmailAsUsername` (a user without email keeps its username), and names the user
+/// profile does not declare left out (Keycloak keeps them but never shows them).
 fn to_identity(
     index: &RealmIndex,
     filter: &RoleFilter,
@@ -852,13 +1071,18 @@ fn to_identity(
     username: &str,
     u: &RealmUser,
 ) -> Identity {
+    let settings = &index.settings;
+    let email = u.email();
+    let username = match &email {
+        Some(e) if settings.email_as_username => e.clone(),
+        _ => username.to_lowercase(),
+    };
     Identity {
         sub: id,
-        // Keycloak lower-cases usernames and emails on import.
-        username: username.to_lowercase(),
-        email: u.email.as_ref().map(|e| e.to_lowercase()),
-        first_name: u.first_name.clone(),
-        last_name: u.last_name.clone(),
+        username,
+        email,
+        first_name: u.first_name.clone().filter(|_| settings.profile.first_name),
+        last_name: u.last_name.clone().filter(|_| settings.profile.last_name),
         enabled: u.enabled.unwrap_or(false),
         realm_roles: filter.keep(index.effective(u)),
     }

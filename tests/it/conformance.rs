@@ -417,7 +417,13 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
                "serviceAccountsEnabled": false, "standardFlowEnabled": false}),
         json!({"clientId": "no-view-users", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
+        json!({"clientId": "no-view-clients", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
+               "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
     ]);
+    // query-clients alone: Keycloak then lists no client (200 []), which would hide client-role
+    // admins without an error.
+    rep["users"].as_array_mut().unwrap().push(json!({"username": "service-account-no-view-clients", "enabled": true,
+        "serviceAccountClientId": "no-view-clients", "clientRoles": {"realm-management": ["view-users", "view-realm", "query-clients"]}}));
     rep["users"].as_array_mut().unwrap().push(json!({"username": "service-account-no-view-users", "enabled": true,
         "serviceAccountClientId": "no-view-users", "clientRoles": {"realm-management": ["view-realm", "query-users"]}}));
     let realm = kc.create_realm(rep).await;
@@ -444,6 +450,14 @@ async fn keycloaks_own_refusals_exit_78_with_the_fix_and_write_nothing() {
                 &[("SEEDKEEPER_KEYCLOAK__CLIENT_ID", "no-view-users")],
             ),
             &["view-users", "Service accounts roles"],
+        ),
+        (
+            "service account without view-clients",
+            with(
+                realm.env(),
+                &[("SEEDKEEPER_KEYCLOAK__CLIENT_ID", "no-view-clients")],
+            ),
+            &["view-clients", "Service accounts roles"],
         ),
         (
             "unknown realm",

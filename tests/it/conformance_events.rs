@@ -193,7 +193,8 @@ async fn without_view_events_the_daemon_warns_once_and_keeps_its_schedule() {
     let (mut rep, _) = as_new_realm(&dev_realm(), &realm_name("noevents"));
     for u in rep["users"].as_array_mut().unwrap() {
         if u.get("serviceAccountClientId").is_some() {
-            u["clientRoles"] = json!({"realm-management": ["view-users", "view-realm"]});
+            u["clientRoles"] =
+                json!({"realm-management": ["view-users", "view-realm", "view-clients"]});
         }
     }
     let realm = kc.create_realm(rep).await;

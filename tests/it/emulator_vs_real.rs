@@ -230,7 +230,9 @@ impl Both {
 
 /// The dev realm plus what the comparison needs: a composite, a group holding a role with a
 /// subgroup, more users than one small page, a user without email, a disabled one, a client
-/// without service accounts and one whose service account may only query users.
+/// without service accounts and one whose service account may only query users, and a client
+/// `app` whose roles hold `admin` (`super`, and `chain` through `super`), held by a user and by
+/// a group.
 fn realm_for_both(name: &str) -> Value {
     let (mut rep, _) = as_new_realm(&dev_realm(), name);
     rep["roles"]["realm"]
@@ -239,7 +241,24 @@ fn realm_for_both(name: &str) -> Value {
         .push(json!({"name": "super", "composite": true, "composites": {"realm": ["admin"]}}));
     rep["groups"].as_array_mut().unwrap().push(json!({"name": "admins", "path": "/admins", "realmRoles": ["admin"],
         "subGroups": [{"name": "emea", "path": "/admins/emea", "realmRoles": [], "subGroups": []}]}));
+    rep["groups"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "app-admins", "path": "/app-admins",
+        "clientRoles": {"app": ["super"]}, "subGroups": []}));
+    rep["roles"]["client"] = json!({"app": [
+        {"name": "super", "composite": true, "composites": {"realm": ["admin"]}},
+        {"name": "chain", "composite": true, "composites": {"client": {"app": ["super"]}}},
+        {"name": "plain", "composite": false}]});
     let users = rep["users"].as_array_mut().unwrap();
+    users.push(
+        json!({"id": CLIENT_ROLE_ADMIN, "username": "client-role-admin", "enabled": true,
+        "clientRoles": {"app": ["chain"]}, "groups": ["/app-admins"]}),
+    );
+    users.push(
+        json!({"id": uuid::Uuid::new_v4().to_string(), "username": "app-super", "enabled": true,
+        "clientRoles": {"app": ["super"]}}),
+    );
     for i in 0..7 {
         let mut u = json!({"id": uuid::Uuid::new_v4().to_string(), "username": format!("Extra{i}"),
             "enabled": i != 3, "firstName": "Extra", "lastName": format!("N{i}"), "createdTimestamp": 1700000000000i64 + i,
@@ -265,6 +284,7 @@ fn realm_for_both(name: &str) -> Value {
         "serviceAccountClientId": "realm-manager", "realmRoles": ["default-roles-dev"],
         "clientRoles": {"realm-management": ["manage-realm"]}}));
     rep["clients"].as_array_mut().unwrap().extend([
+        json!({"clientId": "app", "enabled": true, "publicClient": true, "standardFlowEnabled": false}),
         json!({"clientId": "no-roles", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
                "serviceAccountsEnabled": true, "standardFlowEnabled": false}),
         json!({"clientId": "no-sa", "enabled": true, "publicClient": false, "secret": CLIENT_SECRET,
@@ -277,11 +297,22 @@ fn realm_for_both(name: &str) -> Value {
     rep
 }
 
+/// A user holding `app/chain` and, through `/app-admins`, `app/super`: `admin` only through
+/// client roles. A fixed id per run, so both sides are asked for the same user.
+const CLIENT_ROLE_ADMIN: &str = "e7000000-0000-4000-8000-000000000001";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
     let kc = real_keycloak();
     let name = realm_name("emu");
-    let rep = realm_for_both(&name);
+    let mut rep = realm_for_both(&name);
+    // User ids are unique across a Keycloak's realms: a fresh one for this run.
+    let admin_id = uuid::Uuid::new_v4().to_string();
+    for u in rep["users"].as_array_mut().unwrap() {
+        if u["id"] == CLIENT_ROLE_ADMIN {
+            u["id"] = json!(admin_id);
+        }
+    }
     let _realm = kc.create_realm(rep.clone()).await;
     let emulator = KeycloakEmulator::start(rep).await;
     // The emulator answers as the release it is compared with.
@@ -499,6 +530,84 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
             .await;
     }
 
+    // Client roles: the clients (the emulator serves those seedkeeper walks, a subset of
+    // Keycloak's built-in ones), a client's roles, a client role's composites, direct holders
+    // and groups, a realm role's composites naming client roles, and the effective realm roles
+    // of a user who holds `admin` through client roles only.
+    let clients = format!("/admin/realms/{r}/clients?first=0&max=100");
+    let (rc, ec) = (
+        both.real.get(&clients, Some(&rt)).await,
+        both.emu.get(&clients, Some(&et)).await,
+    );
+    compare("clients", Agree::Subset, &rc, &ec, &mut both.diffs);
+    let (real_ids, emu_ids) = (keys_of(&rc.1, "clientId"), keys_of(&ec.1, "clientId"));
+    if let Some(extra) = emu_ids.iter().find(|c| !real_ids.contains(c)) {
+        both.diffs.push(format!(
+            "clients: {extra} served by the emulator, not by Keycloak"
+        ));
+    }
+    let app_id = |v: &Value| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|c| c["clientId"] == "app"))
+            .and_then(|c| c["id"].as_str())
+            .unwrap_or_else(|| panic!("no client app in {v}"))
+            .to_string()
+    };
+    let (ra, ea) = (app_id(&rc.1), app_id(&ec.1));
+    let client_cases: Vec<(&str, String, Agree)> = vec![
+        (
+            "roles of app",
+            "clients/{A}/roles?first=0&max=100&briefRepresentation=true".into(),
+            Agree::AsSet("name"),
+        ),
+        (
+            "composites of app/chain",
+            "clients/{A}/roles/chain/composites".into(),
+            Agree::AsSet("name"),
+        ),
+        (
+            "composites of app/super",
+            "clients/{A}/roles/super/composites".into(),
+            Agree::AsSet("name"),
+        ),
+        (
+            "direct holders of app/super",
+            "clients/{A}/roles/super/users?first=0&max=100&briefRepresentation=true".into(),
+            Agree::AsSet("username"),
+        ),
+        (
+            "groups holding app/super",
+            "clients/{A}/roles/super/groups?first=0&max=100&briefRepresentation=true".into(),
+            Agree::AsSet("name"),
+        ),
+        (
+            "composites of the default role, client roles included",
+            "roles/default-roles-dev/composites".into(),
+            Agree::AsSet("name"),
+        ),
+        (
+            "effective realm roles of a client-role admin",
+            format!("users/{admin_id}/role-mappings/realm/composite"),
+            Agree::AsSet("name"),
+        ),
+        (
+            "roles of an unknown client",
+            "clients/no-such-client/roles".into(),
+            Agree::Exactly,
+        ),
+        (
+            "composites of an unknown client role",
+            "clients/{A}/roles/no-such-role/composites".into(),
+            Agree::Exactly,
+        ),
+    ];
+    for (what, rel, how) in client_cases {
+        let at = |a: &str| format!("/admin/realms/{r}/{}", rel.replace("{A}", a));
+        let (rp, ep) = (at(&ra), at(&ea));
+        both.get(what, how, [&rp, &ep], [Some(&rt), Some(&et)])
+            .await;
+    }
+
     // Refusals: no token, a forged token, a token that may only query users, one without
     // realm-management roles.
     let [rq, eq] = both.bearers(r, "query-only").await;
@@ -524,11 +633,17 @@ async fn the_emulator_answers_the_same_requests_as_the_real_keycloak() {
             [Some(&rq), Some(&eq)],
         ),
     ];
+    refusals.push((
+        "clients with query-users only".into(),
+        format!("/admin/realms/{r}/clients?first=0&max=4"),
+        [Some(&rq), Some(&eq)],
+    ));
     for what in [
         "users?first=0&max=4",
         "users/count",
         "roles",
         "roles/admin/users",
+        "clients",
     ] {
         refusals.push((
             format!("{what} without realm-management roles"),

@@ -22,8 +22,7 @@ pub(crate) fn realm_with(users: Vec<Value>) -> Value {
     let mut realm = dev_realm();
     for u in realm["users"].as_array_mut().unwrap() {
         if u.get("serviceAccountClientId").is_some() {
-            u["clientRoles"] =
-                json!({"realm-management": ["view-users", "view-realm", "view-events"]});
+            u["clientRoles"] = json!({"realm-management": ["view-users", "view-realm", "view-clients", "view-events"]});
         }
     }
     realm["users"].as_array_mut().unwrap().extend(users);

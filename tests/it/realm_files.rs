@@ -468,6 +468,15 @@ async fn structural_damage_is_still_refused_whole() {
             "empty array of realms",
         ),
         (
+            // Keycloak 26.4 answers 500 "Cannot parse the JSON" to such a realm.
+            "bad-profile.json",
+            json!({"realm": "dev", "users": [{"id": "1", "username": "a"}],
+                   "components": {"org.keycloak.userprofile.UserProfileProvider": [
+                       {"providerId": "declarative-user-profile", "config": {"kc.user.profile.config": ["not json"]}}]}})
+            .to_string(),
+            "kc.user.profile.config) is not a valid profile",
+        ),
+        (
             "unknown-group.json",
             json!({"realm": "dev", "users": [{"id": "1", "username": "a", "groups": ["/nope"]}]}).to_string(),
             "group \"/nope\" is not defined",
@@ -564,4 +573,109 @@ async fn group_paths_without_leading_or_with_trailing_slash_resolve_as_keycloak_
     );
     let t = refused(&bad, &[]).await;
     assert!(t.contains("group \"//Admin\" is not defined"), "{t}");
+}
+
+/// Client roles that hold realm roles: `zed` holds `app/super` (which holds admin), `gus` through
+/// the group `/app-admins`, `nes` through the parent of its group, two client roles away
+/// (`app/chain` holds `app/super`); the default role holds `app/opsy`, which holds `ops`, for
+/// the users whose `realmRoles` name it (`dee`, and the personas); `pla` holds nothing and
+/// `pia` a client role that holds no realm role. Keycloak computes the same (the conformance
+/// suite compares each user with its `role-mappings/realm/composite`).
+#[tokio::test(flavor = "multi_thread")]
+async fn client_role_composites_give_realm_roles_directly_through_groups_and_the_default_role() {
+    let db = TestDb::new().await;
+    let r = apply(&db.engine(&refs(&realm_env(&fixture("client-role-admins-realm.json"))))).await;
+    assert_ok(&r);
+    let got = db
+        .strings(
+            "SELECT username || ' ' || role || ' ' || array_to_string(realm_roles, ',') FROM users
+             WHERE username IN ('zed', 'gus', 'nes', 'dee', 'pla', 'pia', 'dev-user') ORDER BY 1",
+        )
+        .await;
+    assert_eq!(
+        got,
+        [
+            "dee user ops",
+            "dev-user user ops",
+            "gus admin admin",
+            "nes admin admin",
+            "pia user ",
+            "pla user ",
+            "zed admin admin",
+        ]
+    );
+}
+
+/// Emails that differ only in case refuse the whole file, as Keycloak's import refuses the realm
+/// (409): exit 78, both users and the setting named, nothing written. `duplicateEmailsAllowed`
+/// lets both in with the same email.
+#[tokio::test(flavor = "multi_thread")]
+async fn emails_differing_only_in_case_refuse_the_file_unless_the_realm_allows_duplicates() {
+    let t = refused(&fixture("duplicate-emails-realm.json"), &[]).await;
+    for needle in [
+        "users[8] (\"lower\")",
+        "users[7] (\"upper\")",
+        "\"same@x.test\"",
+        "\"duplicateEmailsAllowed\": true",
+        "SEEDKEEPER_IDENTITY__REALM_FILE",
+    ] {
+        assert!(t.contains(needle), "{needle} missing from: {t}");
+    }
+    let mut realm: Value =
+        serde_json::from_str(&read_fixture("duplicate-emails-realm.json")).unwrap();
+    realm["duplicateEmailsAllowed"] = json!(true);
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    assert_ok(&apply(&db.engine(&refs(&realm_file_env(&dir, &realm)))).await);
+    let got = db
+        .strings(
+            "SELECT username || ' ' || email FROM users WHERE email = 'same@x.test' ORDER BY 1",
+        )
+        .await;
+    assert_eq!(got, ["lower same@x.test", "upper same@x.test"]);
+}
+
+/// What Keycloak 26 stores on import, read from the file: under `registrationEmailAsUsername`
+/// the lower-cased email is the username (not with `duplicateEmailsAllowed`, and not for a user
+/// without email); names the declarative user profile does not declare are left out, whatever
+/// its `unmanagedAttributePolicy`.
+#[tokio::test(flavor = "multi_thread")]
+async fn usernames_and_names_are_stored_as_keycloaks_import_stores_them() {
+    let cases: Vec<(&str, Option<&str>, Vec<&str>)> = vec![
+        (
+            "email-as-username-realm.json",
+            None,
+            vec![
+                "no-email No-Email Roles",
+                "test_user@example.com Test_User Roles",
+            ],
+        ),
+        (
+            "email-as-username-realm.json",
+            Some("duplicateEmailsAllowed"),
+            vec!["no-email No-Email Roles", "test_user Test_User Roles"],
+        ),
+        ("profile-without-names-realm.json", None, vec!["named - -"]),
+        (
+            "profile-first-name-only-realm.json",
+            None,
+            vec!["named Named -"],
+        ),
+    ];
+    for (file, setting, want) in cases {
+        let mut realm: Value = serde_json::from_str(&read_fixture(file)).unwrap();
+        if let Some(s) = setting {
+            realm[s] = json!(true);
+        }
+        let db = TestDb::new().await;
+        let dir = TempDir::new();
+        assert_ok(&apply(&db.engine(&refs(&realm_file_env(&dir, &realm)))).await);
+        let got = db
+            .strings(
+                "SELECT username || ' ' || coalesce(first_name, '-') || ' ' || coalesce(last_name, '-') FROM users
+                 WHERE keycloak_sub LIKE 'f2000000-%' ORDER BY 1",
+            )
+            .await;
+        assert_eq!(got, want, "{file} {setting:?}");
+    }
 }

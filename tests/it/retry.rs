@@ -76,8 +76,12 @@ fn requests_to(kc: &KeycloakEmulator, path: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_events_403_names_view_events_at_the_first_answer_and_is_not_retried() {
-    let kc =
-        KeycloakEmulator::start(realm_where_seedkeeper_holds(&["view-users", "view-realm"])).await;
+    let kc = KeycloakEmulator::start(realm_where_seedkeeper_holds(&[
+        "view-users",
+        "view-realm",
+        "view-clients",
+    ]))
+    .await;
     let s = settings(kc_env(&kc));
     let f = follower(&s);
     let Err(NotFollowing { reason, transient }) = f.check(&CancellationToken::new()).await else {
@@ -107,6 +111,7 @@ async fn a_keycloak_down_for_the_follower_is_transient_and_a_shutdown_ends_its_r
     let kc = KeycloakEmulator::start(realm_where_seedkeeper_holds(&[
         "view-users",
         "view-realm",
+        "view-clients",
         "view-events",
     ]))
     .await;

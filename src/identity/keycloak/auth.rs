@@ -369,7 +369,9 @@ fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
         .and_then(|v| v.as_array())
         .map(|a| a.iter().filter_map(|r| r.as_str()).collect())
         .unwrap_or_default();
-    let missing: Vec<&str> = ["view-users", "view-realm"]
+    // view-clients: client roles can grant realm roles (see `roles`), and with query-clients
+    // alone Keycloak lists no client, which would hide them without an error.
+    let missing: Vec<&str> = ["view-users", "view-realm", "view-clients"]
         .into_iter()
         .filter(|r| !roles.contains(r))
         .collect();
@@ -377,9 +379,13 @@ fn check_token_roles(token: &SecretString, client_id: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::KeycloakAuth(format!(
-            "service account of client {client_id:?} lacks realm-management role{} {}: assign them in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
+            "service account of client {client_id:?} lacks realm-management role{} {}: assign {} in Keycloak (Clients > {client_id} > Service accounts roles > realm-management)",
             if missing.len() > 1 { "s" } else { "" },
-            missing.join(" and ")
+            match missing.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+                _ => missing.join(""),
+            },
+            if missing.len() > 1 { "them" } else { "it" },
         ).into()))
     }
 }

@@ -427,6 +427,22 @@ impl AdminClient {
         }
     }
 
+    /// A 403 on a client endpoint names `view-clients`, which the client-role part of the
+    /// effective roles needs (with only `query-clients`, Keycloak lists no client at all).
+    pub(super) fn view_clients_needed(&self, e: Error, path: &str) -> Error {
+        match e {
+            Error::KeycloakAuth(Refusal {
+                status: Some(403),
+                ..
+            }) => Error::KeycloakAuth(Refusal::http(403, format!(
+                "GET {path}: 403: the service account of client {:?} lacks realm-management role view-clients (needed to find the client roles that grant mapped realm roles): assign it in Keycloak (Clients > {} > Service accounts roles > realm-management > view-clients)",
+                self.client_id(),
+                self.client_id()
+            ))),
+            other => other,
+        }
+    }
+
     /// Requests made so far (every attempt counts).
     pub fn request_count(&self) -> u64 {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)

@@ -17,9 +17,10 @@
 //! that does not verify fails the run at once (exit 78) naming it; redirects are never followed.
 //!
 //! Effective roles: `roles/{role}/users` lists direct members only (keycloak#37209), so for each
-//! mapped role the source finds every role that grants it through composites, then the direct
-//! members of those roles and the members of the groups (and subgroups) that carry them. Only
-//! these privileged users are held in memory; the user list itself is streamed page by page
+//! mapped role the source finds every role, realm or client, that grants it through composites
+//! (a client role can hold realm roles), then the direct members of those roles and the members
+//! of the groups (and subgroups) that carry them (see `roles`). Only these privileged users are
+//! held in memory; the user list itself is streamed page by page
 //! (`first`/`max`, `keycloak.concurrency` pages in flight) and never held whole.
 //!
 //! A page shorter than asked is not the end of a listing: Keycloak filters results after the

@@ -2,16 +2,26 @@
 //! (keycloak#37209), so for each mapped role the roles that grant it through composites are
 //! found, then the direct members of those and the members of the groups (and subgroups) that
 //! carry them. Only these privileged users are held in memory.
+//!
+//! A client role can be a composite that holds realm roles (directly or through other client
+//! roles), and Keycloak puts those realm roles in its holders' `realm_access.roles` and
+//! `role-mappings/realm/composite`. So the graph covers client roles too: every client's roles
+//! are listed (`clients`, `clients/{id}/roles`, which need the realm-management role
+//! `view-clients`), and the composites of every composite role, realm or client, are read
+//! (`roles/{name}/composites`, `clients/{id}/roles/{name}/composites`: one request each).
+//! The realm's default role (`default-roles-<realm>`) is an ordinary composite here: its
+//! holders are listed like any other role's.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
+use futures_util::{stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{enc, Keyed};
 use super::KeycloakSource;
 use crate::error::Result;
-use crate::identity::{granting_roles, RoleGraph};
+use crate::identity::{granting_roles, RoleGraph, RoleKey};
 
 #[derive(Debug, Deserialize)]
 pub(super) struct IdRep {
@@ -23,9 +33,36 @@ pub(super) struct RoleRep {
     pub(super) name: String,
     #[serde(default)]
     pub(super) composite: bool,
+    #[serde(default, rename = "clientRole")]
+    pub(super) client_role: bool,
+    /// The realm's id for a realm role, the client's internal id for a client role.
+    #[serde(default, rename = "containerId")]
+    pub(super) container_id: Option<String>,
+}
+
+impl RoleRep {
+    /// The role in the graph: a client role by its client's internal id (the id the client's
+    /// endpoints take), a realm role by name.
+    fn key(&self) -> RoleKey {
+        match (&self.container_id, self.client_role) {
+            (Some(client), true) => RoleKey::Client(client.clone(), self.name.clone()),
+            _ => RoleKey::Realm(self.name.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ClientRep {
+    pub(super) id: String,
 }
 
 impl Keyed for IdRep {
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Keyed for ClientRep {
     fn key(&self) -> &str {
         &self.id
     }
@@ -37,46 +74,35 @@ impl Keyed for RoleRep {
     }
 }
 
+/// The admin path of a role: `roles/{name}` or `clients/{id}/roles/{name}`.
+fn role_path(role: &RoleKey) -> String {
+    match role {
+        RoleKey::Realm(name) => format!("roles/{}", enc(name)),
+        RoleKey::Client(client, name) => format!("clients/{}/roles/{}", enc(client), enc(name)),
+    }
+}
+
 impl KeycloakSource {
-    /// sub -> relevant roles, for every user who holds one (directly, via a composite, or via a
-    /// group or a parent group).
+    /// sub -> relevant roles, for every user who holds one (directly, via a composite realm or
+    /// client role, or via a group or a parent group).
     pub(super) async fn privileged(
         &self,
         cancel: &CancellationToken,
     ) -> Result<HashMap<String, BTreeSet<String>>> {
-        let roles: Vec<RoleRep> = self
-            .client
-            .get_all("roles", &[("briefRepresentation", "true".into())], cancel)
-            .await?;
-        let mut graph = RoleGraph::default();
-        for r in roles.iter().filter(|r| r.composite) {
-            let children: Vec<RoleRep> = self
-                .client
-                .get(
-                    &format!("roles/{}/composites/realm", enc(&r.name)),
-                    &[],
-                    cancel,
-                )
-                .await?;
-            graph.composites.insert(
-                r.name.clone(),
-                children.into_iter().map(|c| c.name).collect(),
-            );
-        }
-        let known: HashSet<&str> = roles.iter().map(|r| r.name.as_str()).collect();
+        let graph = self.role_graph(cancel).await?;
         // Each granting role is resolved on its own (its direct users, then its groups and their
         // subgroups), all roles at once: the same requests, no longer one after the other.
-        let targets = granting_roles(&graph, &self.filter);
-        let unique: BTreeSet<&String> = targets
+        let targets = granting_roles(&graph.graph, &self.filter);
+        let unique: BTreeSet<&RoleKey> = targets
             .values()
             .flatten()
-            .filter(|r| known.contains(r.as_str()))
+            .filter(|r| graph.known.contains(*r))
             .collect();
         let holders = futures_util::future::try_join_all(
             unique.iter().map(|role| self.holders_of(role, cancel)),
         )
         .await?;
-        let by_role: HashMap<&String, Vec<String>> = unique.into_iter().zip(holders).collect();
+        let by_role: HashMap<&RoleKey, Vec<String>> = unique.into_iter().zip(holders).collect();
         let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
         for (target, granting) in &targets {
             for ids in granting.iter().filter_map(|r| by_role.get(r)) {
@@ -88,22 +114,104 @@ impl KeycloakSource {
         Ok(out)
     }
 
-    /// Ids of the users holding `role` directly or through a group or a parent group.
+    /// The realm's roles, realm and client, and the composites of each composite one.
+    /// Requests: the realm roles and the clients (paged), each client's roles (paged, at most
+    /// `keycloak.concurrency` clients at a time), one per composite role.
+    async fn role_graph(&self, cancel: &CancellationToken) -> Result<KnownRoles> {
+        let brief = [("briefRepresentation", "true".to_string())];
+        let (realm_roles, clients): (Vec<RoleRep>, Vec<ClientRep>) =
+            futures_util::future::try_join(self.client.get_all("roles", &brief, cancel), async {
+                self.client
+                    .get_all("clients", &[], cancel)
+                    .await
+                    .map_err(|e| self.client.view_clients_needed(e, "clients"))
+            })
+            .await?;
+        let concurrency = self.client.settings.concurrency.max(1);
+        let brief = &brief;
+        let client_roles: Vec<Vec<RoleRep>> = stream::iter(clients)
+            .map(|c| async move {
+                let path = format!("clients/{}/roles", enc(&c.id));
+                self.client
+                    .get_all::<RoleRep>(&path, brief, cancel)
+                    .await
+                    .map_err(|e| self.client.view_clients_needed(e, &path))
+                    .map(|roles| {
+                        // Keycloak names the client in each role's containerId; the listing's
+                        // client is the same, and is what the role's endpoints take.
+                        roles
+                            .into_iter()
+                            .map(|mut r| {
+                                r.client_role = true;
+                                r.container_id = Some(c.id.clone());
+                                r
+                            })
+                            .collect()
+                    })
+            })
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        let all: Vec<RoleRep> = realm_roles
+            .into_iter()
+            .chain(client_roles.into_iter().flatten())
+            .collect();
+        let known: HashSet<RoleKey> = all.iter().map(RoleRep::key).collect();
+        let wanted: Vec<RoleKey> = all
+            .iter()
+            .filter(|r| r.composite)
+            .map(RoleRep::key)
+            .collect();
+        let composites: Vec<(RoleKey, Vec<RoleKey>)> = stream::iter(wanted)
+            .map(|key| self.composites_of(key, cancel))
+            .buffered(concurrency)
+            .try_collect()
+            .await?;
+        let mut graph = RoleGraph::default();
+        graph.composites.extend(composites);
+        Ok(KnownRoles { graph, known })
+    }
+
+    /// The roles, realm and client, that the composite `role` holds directly.
+    async fn composites_of(
+        &self,
+        role: RoleKey,
+        cancel: &CancellationToken,
+    ) -> Result<(RoleKey, Vec<RoleKey>)> {
+        let path = format!("{}/composites", role_path(&role));
+        let children: Vec<RoleRep> =
+            self.client
+                .get(&path, &[], cancel)
+                .await
+                .map_err(|e| match role {
+                    RoleKey::Client(..) => self.client.view_clients_needed(e, &path),
+                    RoleKey::Realm(_) => e,
+                })?;
+        Ok((role, children.iter().map(RoleRep::key).collect()))
+    }
+
+    /// Ids of the users holding `role` (realm or client) directly or through a group or a
+    /// parent group.
     pub(super) async fn holders_of(
         &self,
-        role: &str,
+        role: &RoleKey,
         cancel: &CancellationToken,
     ) -> Result<Vec<String>> {
         let brief = [("briefRepresentation", "true".to_string())];
+        let base = role_path(role);
         // Each listing ends with an empty page, so the two listings of a role, and of a group,
         // are made side by side: as many round trips one after the other as before that page.
         let (users, groups): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
             self.client
-                .get_all(&format!("roles/{}/users", enc(role)), &brief, cancel),
+                .get_all(&format!("{base}/users"), &brief, cancel),
             self.client
-                .get_all(&format!("roles/{}/groups", enc(role)), &brief, cancel),
+                .get_all(&format!("{base}/groups"), &brief, cancel),
         )
-        .await?;
+        .await
+        .map_err(|e| match role {
+            RoleKey::Client(..) => self.client.view_clients_needed(e, &base),
+            RoleKey::Realm(_) => e,
+        })?;
         let mut out: Vec<String> = users.into_iter().map(|u| u.id).collect();
         let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
         let mut seen = HashSet::new();
@@ -123,4 +231,10 @@ impl KeycloakSource {
         }
         Ok(out)
     }
+}
+
+/// The role graph and every role the realm lists.
+struct KnownRoles {
+    graph: RoleGraph,
+    known: HashSet<RoleKey>,
 }

@@ -2,8 +2,9 @@
 //! loads a realm export and answers what seedkeeper calls, in Keycloak's wire formats
 //! (`shared/keycloak/SUMMARY.md`): discovery (naming the realm's `frontendUrl` host when it has
 //! one, as Keycloak does), JWKS, the client-credentials token endpoint and its error bodies, and
-//! the admin API for users, counts, roles, role members, role groups, group members and children
-//! and role mappings, with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
+//! the admin API for users, counts, roles, role members, role groups, group members and children,
+//! clients, client roles (their composites, members and groups) and role mappings (effective
+//! realm roles through client-role composites included), with Keycloak's paging, ordering, permission checks and 401/403/404 bodies. Tokens are RS256 JWTs signed with a committed test key; they expire.
 //!
 //! Faults can be injected (5xx or 429 bursts, malformed or HTML bodies, latency, tokens that
 //! become invalid mid-listing; short pages, a capped `max`, users filtered out of the listing
@@ -88,6 +89,80 @@ struct Role {
     name: String,
     description: Option<String>,
     composites: Vec<String>,
+    /// Client roles the composite holds: (clientId, role).
+    client_composites: Vec<(String, String)>,
+}
+
+impl Role {
+    fn from_export(r: &Value, default_id: String) -> Role {
+        Role {
+            id: s(r, "id").unwrap_or(default_id),
+            name: s(r, "name").unwrap_or_default(),
+            description: s(r, "description"),
+            composites: r
+                .pointer("/composites/realm")
+                .map(|c| {
+                    c.as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(|x| x.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            client_composites: client_role_pairs(r.pointer("/composites/client")),
+        }
+    }
+
+    fn is_composite(&self) -> bool {
+        !self.composites.is_empty() || !self.client_composites.is_empty()
+    }
+}
+
+/// `{"<clientId>": ["role", ...]}` (a user's, a group's or a composite's client roles) as pairs.
+fn client_role_pairs(v: Option<&Value>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (client, roles) in v.and_then(Value::as_object).into_iter().flatten() {
+        for r in roles.as_array().into_iter().flatten() {
+            if let Some(r) = r.as_str() {
+                out.push((client.clone(), r.to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// The roles of the clients Keycloak creates in every realm that seedkeeper's graph walks:
+/// `realm-management` (its composites as Keycloak defines them) and `account`.
+fn builtin_client_roles(client_id: &str) -> Vec<(&'static str, Vec<&'static str>)> {
+    match client_id {
+        "realm-management" => REALM_MANAGEMENT
+            .iter()
+            .map(|r| {
+                let composites = match *r {
+                    "realm-admin" => REALM_MANAGEMENT
+                        .iter()
+                        .copied()
+                        .filter(|x| *x != "realm-admin")
+                        .collect(),
+                    "view-users" => vec!["query-users", "query-groups"],
+                    "view-clients" => vec!["query-clients"],
+                    _ => vec![],
+                };
+                (*r, composites)
+            })
+            .collect(),
+        "account" => vec![
+            ("delete-account", vec![]),
+            ("manage-account", vec!["manage-account-links"]),
+            ("manage-account-links", vec![]),
+            ("manage-consent", vec!["view-consent"]),
+            ("view-applications", vec![]),
+            ("view-consent", vec![]),
+            ("view-groups", vec![]),
+            ("view-profile", vec![]),
+        ],
+        _ => vec![],
+    }
 }
 
 #[derive(Clone)]
@@ -97,11 +172,15 @@ struct Group {
     path: String,
     parent: Option<String>,
     realm_roles: Vec<String>,
+    /// (clientId, role)
+    client_roles: Vec<(String, String)>,
     children: Vec<String>,
 }
 
 #[derive(Clone)]
 struct Client {
+    /// The internal id, which the client endpoints take.
+    id: String,
     client_id: String,
     secret: Option<String>,
     enabled: bool,
@@ -124,6 +203,10 @@ struct Realm {
     group_by_path: HashMap<String, String>,
     group_members: HashMap<String, Vec<usize>>,
     clients: Vec<Client>,
+    /// clientId -> the client's roles, sorted by name.
+    client_roles: HashMap<String, Vec<Role>>,
+    /// (clientId, role) -> the users holding it directly.
+    client_role_members: HashMap<(String, String), Vec<usize>>,
     /// When the realm was imported: Keycloak 26.7 stamps it as `createdTimestamp` on imported
     /// users that carry none.
     loaded_at: i64,
@@ -165,22 +248,7 @@ impl Realm {
             .map(|a| {
                 a.iter()
                     .enumerate()
-                    .map(|(i, r)| Role {
-                        id: s(r, "id")
-                            .unwrap_or_else(|| format!("00000000-0000-4000-9000-{i:012}")),
-                        name: s(r, "name").unwrap_or_default(),
-                        description: s(r, "description"),
-                        composites: r
-                            .pointer("/composites/realm")
-                            .map(|c| {
-                                c.as_array()
-                                    .unwrap()
-                                    .iter()
-                                    .filter_map(|x| x.as_str().map(str::to_string))
-                                    .collect()
-                            })
-                            .unwrap_or_default(),
-                    })
+                    .map(|(i, r)| Role::from_export(r, format!("00000000-0000-4000-9000-{i:012}")))
                     .collect()
             })
             .unwrap_or_default();
@@ -220,6 +288,7 @@ impl Realm {
                     path,
                     parent: parent.map(|p| p.0.to_string()),
                     realm_roles: strings(g, "realmRoles"),
+                    client_roles: client_role_pairs(g.get("clientRoles")),
                     children,
                 },
             );
@@ -286,10 +355,19 @@ impl Realm {
         let mut by_id = HashMap::new();
         let mut role_members: HashMap<String, Vec<usize>> = HashMap::new();
         let mut group_members: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut client_role_members: HashMap<(String, String), Vec<usize>> = HashMap::new();
         for (i, u) in users.iter().enumerate() {
             by_id.insert(u.id.clone(), i);
             for r in &u.realm_roles {
                 role_members.entry(r.clone()).or_default().push(i);
+            }
+            for (c, roles) in &u.client_roles {
+                for r in roles {
+                    client_role_members
+                        .entry((c.clone(), r.clone()))
+                        .or_default()
+                        .push(i);
+                }
             }
             for g in &u.groups {
                 if let Some(gid) = group_by_path.get(&group_path(g)) {
@@ -297,12 +375,15 @@ impl Realm {
                 }
             }
         }
-        let clients = export
+        let mut clients: Vec<Client> = export
             .get("clients")
             .and_then(Value::as_array)
             .map(|a| {
                 a.iter()
-                    .map(|c| Client {
+                    .enumerate()
+                    .map(|(i, c)| Client {
+                        id: s(c, "id")
+                            .unwrap_or_else(|| format!("00000000-0000-4000-c000-{i:012}")),
                         client_id: s(c, "clientId").unwrap_or_default(),
                         secret: s(c, "secret"),
                         enabled: c.get("enabled").and_then(Value::as_bool).unwrap_or(true),
@@ -318,6 +399,51 @@ impl Realm {
                     .collect()
             })
             .unwrap_or_default();
+        // Keycloak creates these in every realm; an export lists them.
+        for (n, builtin) in ["account", "realm-management"].into_iter().enumerate() {
+            if !clients.iter().any(|c| c.client_id == builtin) {
+                clients.push(Client {
+                    id: format!("00000000-0000-4000-c100-{n:012}"),
+                    client_id: builtin.into(),
+                    secret: None,
+                    enabled: true,
+                    public: builtin == "account",
+                    service_accounts: false,
+                });
+            }
+        }
+        clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+        let mut client_roles: HashMap<String, Vec<Role>> = HashMap::new();
+        let exported = export.pointer("/roles/client").and_then(Value::as_object);
+        for (ci, c) in clients.iter().enumerate() {
+            let mut roles: Vec<Role> = match exported.and_then(|m| m.get(&c.client_id)) {
+                Some(list) => list
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        Role::from_export(r, format!("00000000-0000-4000-d{ci:03}-{i:012}"))
+                    })
+                    .collect(),
+                None => builtin_client_roles(&c.client_id)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (name, composites))| Role {
+                        id: format!("00000000-0000-4000-d{ci:03}-{i:012}"),
+                        name: name.into(),
+                        description: Some(format!("${{role_{name}}}")),
+                        composites: vec![],
+                        client_composites: composites
+                            .into_iter()
+                            .map(|x| (c.client_id.clone(), x.to_string()))
+                            .collect(),
+                    })
+                    .collect(),
+            };
+            roles.sort_by(|a, b| a.name.cmp(&b.name));
+            client_roles.insert(c.client_id.clone(), roles);
+        }
         let humans = users
             .iter()
             .enumerate()
@@ -336,6 +462,8 @@ impl Realm {
             group_by_path,
             group_members,
             clients,
+            client_roles,
+            client_role_members,
             loaded_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as i64),
@@ -351,30 +479,78 @@ impl Realm {
         self.roles.iter().find(|r| r.name == name)
     }
 
+    fn client_by_id(&self, id: &str) -> Option<&Client> {
+        self.clients.iter().find(|c| c.id == id)
+    }
+
+    fn client_role(&self, client_id: &str, name: &str) -> Option<&Role> {
+        self.client_roles
+            .get(client_id)?
+            .iter()
+            .find(|r| r.name == name)
+    }
+
+    /// A role's direct composites as Keycloak answers `.../composites`: realm roles, then
+    /// client roles.
+    fn composites_json(&self, r: &Role) -> Vec<Value> {
+        let realm = r
+            .composites
+            .iter()
+            .filter_map(|c| self.role(c))
+            .map(|c| role_json(self, c));
+        let client = r.client_composites.iter().filter_map(|(c, n)| {
+            let client = self.clients.iter().find(|x| &x.client_id == c)?;
+            Some(client_role_json(client, self.client_role(c, n)?))
+        });
+        realm.chain(client).collect()
+    }
+
     fn is_service_account(&self, u: &User) -> bool {
         u.service_account_client.is_some()
     }
 
-    /// Effective realm roles: direct, composites, and groups with their parents.
+    /// Effective realm roles: direct realm and client roles, groups with their parents, and
+    /// everything their composites (realm or client) hold.
     fn effective_roles(&self, u: &User) -> BTreeSet<String> {
-        let mut start: Vec<String> = u.realm_roles.clone();
+        // (None, realm role) or (Some(clientId), client role).
+        let mut start: Vec<(Option<String>, String)> =
+            u.realm_roles.iter().map(|r| (None, r.clone())).collect();
+        for (c, roles) in &u.client_roles {
+            start.extend(roles.iter().map(|r| (Some(c.clone()), r.clone())));
+        }
         for path in &u.groups {
             let mut gid = self.group_by_path.get(&group_path(path)).cloned();
             while let Some(id) = gid {
                 let g = &self.groups[&id];
-                start.extend(g.realm_roles.iter().cloned());
+                start.extend(g.realm_roles.iter().map(|r| (None, r.clone())));
+                start.extend(
+                    g.client_roles
+                        .iter()
+                        .map(|(c, r)| (Some(c.clone()), r.clone())),
+                );
                 gid = g.parent.clone();
             }
         }
         let mut seen = BTreeSet::new();
-        while let Some(r) = start.pop() {
-            if seen.insert(r.clone()) {
-                if let Some(role) = self.role(&r) {
-                    start.extend(role.composites.iter().cloned());
+        while let Some(key) = start.pop() {
+            if seen.insert(key.clone()) {
+                let role = match &key {
+                    (None, r) => self.role(r),
+                    (Some(c), r) => self.client_role(c, r),
+                };
+                if let Some(role) = role {
+                    start.extend(role.composites.iter().map(|r| (None, r.clone())));
+                    start.extend(
+                        role.client_composites
+                            .iter()
+                            .map(|(c, r)| (Some(c.clone()), r.clone())),
+                    );
                 }
             }
         }
-        seen
+        seen.into_iter()
+            .filter_map(|(c, r)| c.is_none().then_some(r))
+            .collect()
     }
 
     fn service_account(&self, client_id: &str) -> Option<&User> {
@@ -1267,11 +1443,27 @@ fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Rele
 }
 
 fn role_json(realm: &Realm, r: &Role) -> Value {
-    let mut v = json!({"id": r.id, "name": r.name, "composite": !r.composites.is_empty(), "clientRole": false, "containerId": realm.name});
+    let mut v = json!({"id": r.id, "name": r.name, "composite": r.is_composite(), "clientRole": false, "containerId": realm.name});
     if let Some(d) = &r.description {
         v["description"] = json!(d);
     }
     v
+}
+
+/// A client role as Keycloak answers it: its client's internal id as `containerId`.
+fn client_role_json(client: &Client, r: &Role) -> Value {
+    let mut v = json!({"id": r.id, "name": r.name, "composite": r.is_composite(), "clientRole": true, "containerId": client.id});
+    if let Some(d) = &r.description {
+        v["description"] = json!(d);
+    }
+    v
+}
+
+/// A client as `GET clients` lists it: the fields seedkeeper reads and a few more, as Keycloak
+/// types them.
+fn client_json(c: &Client) -> Value {
+    json!({"id": c.id, "clientId": c.client_id, "enabled": c.enabled, "publicClient": c.public,
+           "serviceAccountsEnabled": c.service_accounts, "bearerOnly": false})
 }
 
 /// The default user profile's metadata, as Keycloak 26.4 attaches it to every listed user.
@@ -1565,18 +1757,87 @@ fn admin(
         },
         ["roles", name, "composites", rest @ ..] if rest.is_empty() || rest == ["realm"] => {
             match realm.role(name) {
-                Some(r) if can("view-realm") => json_response(
-                    200,
-                    Value::Array(
-                        r.composites
-                            .iter()
-                            .filter_map(|c| realm.role(c))
-                            .map(|c| role_json(realm, c))
-                            .collect(),
-                    ),
-                ),
+                Some(r) if can("view-realm") => {
+                    let mut all = realm.composites_json(r);
+                    if rest == ["realm"] {
+                        all.retain(|c| c["clientRole"] == json!(false));
+                    }
+                    json_response(200, Value::Array(all))
+                }
                 Some(_) => error(403, FORBIDDEN),
                 None => error(404, "Could not find role"),
+            }
+        }
+        ["clients"] => {
+            // Observed on Keycloak 26.4: query-clients alone lists no client; neither is 403.
+            if !can("query-clients") {
+                return error(403, FORBIDDEN);
+            }
+            if !can("view-clients") {
+                return json_response(200, json!([]));
+            }
+            let all: Vec<Value> = realm.clients.iter().map(client_json).collect();
+            json_response(200, Value::Array(page(sh, &all, &q, 0, usize::MAX)))
+        }
+        ["clients", id, "roles", rest @ ..] => {
+            // The role listing needs query-clients; a role's composites, users and groups
+            // view-clients (observed on Keycloak 26.4).
+            let allowed = can("view-clients") || (rest.is_empty() && can("query-clients"));
+            if !allowed {
+                return error(403, FORBIDDEN);
+            }
+            let Some(client) = realm.client_by_id(id) else {
+                return error(404, "Could not find client");
+            };
+            let roles = realm
+                .client_roles
+                .get(&client.client_id)
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            if rest.is_empty() {
+                let all: Vec<Value> = roles.iter().map(|r| client_role_json(client, r)).collect();
+                return json_response(200, Value::Array(page(sh, &all, &q, 0, usize::MAX)));
+            }
+            let Some(role) = roles.iter().find(|r| r.name == rest[0]) else {
+                return error(404, "Could not find role");
+            };
+            match &rest[1..] {
+                [] => json_response(200, client_role_json(client, role)),
+                ["composites"] => json_response(200, Value::Array(realm.composites_json(role))),
+                ["users"] => {
+                    if !can("query-users") {
+                        return error(403, FORBIDDEN);
+                    }
+                    let key = (client.client_id.clone(), role.name.clone());
+                    let members: Vec<Value> = realm
+                        .client_role_members
+                        .get(&key)
+                        .map(|m| {
+                            m.iter()
+                                .map(|i| {
+                                    let u = &realm.users[*i];
+                                    user_json(realm, u, brief, Served::RoleMembers, release)
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    json_response(200, Value::Array(page(sh, &members, &q, 0, 100)))
+                }
+                ["groups"] => {
+                    let mut gs: Vec<&Group> = realm
+                        .groups
+                        .values()
+                        .filter(|g| {
+                            g.client_roles
+                                .iter()
+                                .any(|(c, r)| *c == client.client_id && *r == role.name)
+                        })
+                        .collect();
+                    gs.sort_by(|a, b| a.path.cmp(&b.path));
+                    let all: Vec<Value> = gs.into_iter().map(group_json).collect();
+                    json_response(200, Value::Array(page(sh, &all, &q, 0, 100)))
+                }
+                _ => error(404, "Unable to find matching target resource method"),
             }
         }
         ["roles", name, "users"] => {
