@@ -23,6 +23,9 @@ mod secrets;
 mod sources;
 mod validate;
 
+#[cfg(test)]
+mod redaction_props;
+
 pub mod duration_str;
 
 use std::collections::BTreeMap;
@@ -348,6 +351,10 @@ impl DatabaseSettings {
             .url
             .as_ref()
             .ok_or_else(|| Error::config("database.url is not set"))?;
+        // Validation refuses it too; this holds for settings built without it (tests, tools).
+        if let Some(problem) = crate::store::url::database_userinfo_problem(url.expose_secret()) {
+            return Err(Error::config(problem));
+        }
         let (rest, tls) = split_libpq_tls(url.expose_secret()).map_err(Error::config)?;
         let mut cfg = tokio_postgres::Config::from_str(&rest)
             .map_err(|_| Error::config("database.url is not a valid PostgreSQL URL"))?;
@@ -410,7 +417,15 @@ impl DatabaseSettings {
 impl Settings {
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
     pub fn redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        // The Keycloak URLs are no secrets, but a user or password written into one is.
+        let mut shown = self.clone();
+        for u in [&mut shown.keycloak.base_url, &mut shown.keycloak.issuer]
+            .into_iter()
+            .flatten()
+        {
+            *u = crate::store::url::redact_url(u);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod config_faults;
 mod conformance;
 mod conformance_events;
 mod conformance_realms;
