@@ -27,5 +27,6 @@ mod progress;
 mod realm_files;
 mod retry;
 mod runs;
+mod sighup;
 mod signals;
 mod trust;
