@@ -168,13 +168,14 @@ pub async fn execute(
 /// valid.
 fn config(settings: Settings, out: &mut dyn Write) -> u8 {
     let redacted = settings.redacted_toml();
+    let provenance = settings.provenance();
     // The engine's build loads the seed and checks everything the config points at.
     let engine = match crate::app::build_engine(settings) {
         Ok(e) => e,
         Err(e) => return fail(&e),
     };
     let seed = &engine.seed;
-    let text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n{redacted}", seed.source_name, seed.digest);
+    let text = format!("# effective seedkeeper configuration (secrets redacted)\n# {provenance}\n# reference seed: {} (digest {})\n{redacted}", seed.source_name, seed.digest);
     print(out, &text);
     exit::OK
 }

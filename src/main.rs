@@ -35,6 +35,7 @@ fn main() -> ExitCode {
     };
     seedkeeper::telemetry::init(settings.log.format, &settings.log.filter);
     seedkeeper::telemetry::install_crypto();
+    settings.log_provenance();
     let code = runtime.block_on(async move {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone());

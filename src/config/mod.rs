@@ -19,6 +19,7 @@
 //! `validate` the checks, [`duration_str`] the duration format. The database URL's libpq TLS
 //! parameters are parsed by [`crate::store::url`] (re-exported here).
 
+mod files;
 mod secrets;
 mod sources;
 mod validate;
@@ -42,7 +43,8 @@ use secrets::{de_secret, ser_secret};
 pub use crate::store::url::{
     describe_target, is_loopback_host, remote_hosts, split_libpq_tls, DbTls, RootCert, SslMode,
 };
-pub use sources::Sources;
+pub use files::{read_regular, CONFIG_LIMIT, SECRET_LIMIT};
+pub use sources::{ConfigFile, ConfigOrigin, Sources};
 pub use validate::{url_is_loopback, validate_cron};
 
 pub const ENV_PREFIX: &str = "SEEDKEEPER_";
@@ -95,6 +97,9 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub evidence: EvidenceSettings,
     pub log: LogSettings,
+    /// The configuration file that was loaded, and how it was chosen; not a key.
+    #[serde(skip)]
+    pub config_file: Option<ConfigFile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -310,6 +315,7 @@ impl Default for Settings {
                 format: LogFormat::Text,
                 filter: "info".to_string(),
             },
+            config_file: None,
         }
     }
 }
@@ -325,7 +331,8 @@ pub fn load_offline(sources: &Sources) -> Result<Settings> {
 }
 
 fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
-    let mut settings: Settings = sources::layered(sources)?.extract().map_err(|errors| {
+    let (figment, file) = sources::layered(sources)?;
+    let mut settings: Settings = figment.extract().map_err(|errors| {
         Error::Config(Problems(
             errors
                 .into_iter()
@@ -333,6 +340,7 @@ fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
                 .collect(),
         ))
     })?;
+    settings.config_file = file;
     let mut problems = Vec::new();
     secrets::resolve(&mut settings, sources, &mut problems);
     validate::validate(&settings, need_database, &mut problems);
@@ -415,6 +423,33 @@ impl DatabaseSettings {
 }
 
 impl Settings {
+    /// Where the configuration came from, in one line: the file and how it was chosen, or none.
+    pub fn provenance(&self) -> String {
+        match &self.config_file {
+            Some(f) => format!(
+                "configuration file {} (chosen by {})",
+                f.absolute.display(),
+                f.origin.as_str()
+            ),
+            None => "no configuration file (defaults and the SEEDKEEPER_* environment)".to_string(),
+        }
+    }
+
+    /// Logs where the configuration came from, once at start: a file picked up from the
+    /// working directory is otherwise invisible.
+    pub fn log_provenance(&self) {
+        match &self.config_file {
+            Some(f) => tracing::info!(
+                config.file = %f.absolute.display(),
+                config.chosen_by = f.origin.as_str(),
+                "configuration file loaded"
+            ),
+            None => tracing::info!(
+                "no configuration file loaded: defaults and the SEEDKEEPER_* environment"
+            ),
+        }
+    }
+
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
     pub fn redacted_toml(&self) -> String {
         // The Keycloak URLs are no secrets, but a user or password written into one is.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{duration_str, Environment, IdentitySource, Settings};
+use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
 use crate::store::url::{
     database_userinfo_problem, is_loopback_host, redact_url, remote_hosts, split_libpq_tls,
     url_refusal_reason, userinfo_refusal, DbTls, RootCert, SslMode,
@@ -81,11 +81,15 @@ fn validate_identity(s: &Settings, problems: &mut Vec<String>) {
         );
     }
     if let Some(p) = &s.identity.realm_file {
-        if s.identity.source == IdentitySource::RealmFile && !p.exists() {
-            problems.push(format!(
-                "identity.realm_file {} does not exist: fix SEEDKEEPER_IDENTITY__REALM_FILE",
-                p.display()
-            ));
+        // A realm export is a file or a `kc.sh export --dir` folder; a FIFO or a device would
+        // block or never end.
+        if s.identity.source == IdentitySource::RealmFile {
+            if let Err(why) = super::files::check_file_or_dir(p) {
+                problems.push(format!(
+                    "identity.realm_file {} {why}: fix SEEDKEEPER_IDENTITY__REALM_FILE",
+                    p.display()
+                ));
+            }
         }
     }
 }
@@ -231,6 +235,21 @@ fn validate_limits(s: &Settings, problems: &mut Vec<String>) {
 /// What `environment = "production"` refuses.
 fn validate_production(s: &Settings, problems: &mut Vec<String>) {
     if s.environment == Environment::Production {
+        // A `cd` into the wrong folder must not change what production runs with (one such
+        // file's admin_roles made every user a superadmin).
+        if let Some(f) = s
+            .config_file
+            .as_ref()
+            .filter(|f| f.origin == ConfigOrigin::WorkingDirectory)
+        {
+            problems.push(format!(
+                "environment = \"production\" refuses the config file {} picked up from the working directory ({}) without --config or SEEDKEEPER_CONFIG: name the file to use with --config {} or SEEDKEEPER_CONFIG={}, or remove it from the working directory",
+                f.absolute.display(),
+                f.path.display(),
+                f.absolute.display(),
+                f.absolute.display()
+            ));
+        }
         if s.identity.source == IdentitySource::RealmFile {
             problems.push(
                 "environment = \"production\" refuses identity.source = \"realm-file\" (a dev-only source): set SEEDKEEPER_IDENTITY__SOURCE=keycloak".into(),
