@@ -17,7 +17,7 @@ pub const CONFIG_LIMIT: u64 = 1024 * 1024;
 
 /// A size limit in words: `64 KiB`, `1 MiB`.
 fn size_words(bytes: u64) -> String {
-    if bytes >= 1024 * 1024 && bytes % (1024 * 1024) == 0 {
+    if bytes >= 1024 * 1024 && bytes.is_multiple_of(1024 * 1024) {
         format!("{} MiB", bytes / (1024 * 1024))
     } else {
         format!("{} KiB", bytes / 1024)
