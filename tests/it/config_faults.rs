@@ -111,6 +111,9 @@ fn a_user_or_password_in_keycloak_base_url_exits_78_and_is_never_printed() {
 // ---------------------------------------------------------------------------------------------
 // Files that are not regular files, or too big
 
+/// A case: its name, the arguments, the environment, what the output must say.
+type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>, Vec<String>);
+
 fn mkfifo(dir: &TempDir, name: &str) -> String {
     let p = dir.0.join(name);
     let st = std::process::Command::new("mkfifo")
@@ -142,7 +145,7 @@ fn fifos_devices_directories_and_oversized_files_as_config_or_secret_exit_78_wit
         "SEEDKEEPER_DATABASE__URL",
         "postgres://u@127.0.0.1:1/platform",
     );
-    let cases: Vec<(&str, Vec<&str>, Vec<(&str, &str)>, Vec<String>)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "--config FIFO",
             vec!["--config", &fifo, "--once"],
