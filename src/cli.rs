@@ -64,8 +64,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
-    /// Apply pending schema migrations only.
-    Migrate,
+    /// Apply pending schema migrations only; then check that every object of the applied
+    /// migrations exists.
+    Migrate {
+        /// Re-create the tables, columns, constraints and indexes of applied migrations that are
+        /// missing (dropped after they were recorded), from the embedded migrations, in one
+        /// transaction.
+        #[arg(long)]
+        repair: bool,
+    },
     /// The last runs from the evidence table, newest first.
     Status {
         #[arg(long, default_value_t = 10)]
@@ -156,7 +163,7 @@ pub async fn execute(
     match &cli.command {
         Some(Command::Config) => config(settings, out),
         Some(Command::ExportSql) => export_sql(&settings, out),
-        Some(Command::Migrate) => migrate(&settings, &cancel).await,
+        Some(Command::Migrate { repair }) => migrate(&settings, *repair, &cancel).await,
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref()).await,
         Some(Command::Plan { format }) => plan(settings, *format, &cancel, out).await,
@@ -369,7 +376,7 @@ pub fn render_plan(r: &RunReport) -> String {
 }
 
 /// `migrate`, with its progress shown as the `schema` unit's (waiting for the lock included).
-async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
+async fn migrate(settings: &Settings, repair: bool, cancel: &CancellationToken) -> u8 {
     let progress = Progress::new();
     progress.enter(Unit::Schema);
     let reporter = Reporter::start(
@@ -377,8 +384,13 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
         progress,
         None,
     );
-    let r = migrate_schema(settings, cancel).await;
+    let r = migrate_schema(settings, repair, cancel).await;
     reporter.finish().await;
+    if let Ok(rep) = &r {
+        for statement in &rep.repaired {
+            println!("repaired: {statement}");
+        }
+    }
     match r {
         Ok(rep) if rep.applied.is_empty() => {
             println!(
@@ -397,6 +409,7 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken) -> u8 {
 
 async fn migrate_schema(
     settings: &Settings,
+    repair: bool,
     cancel: &CancellationToken,
 ) -> Result<store::migrate::SchemaReport, Error> {
     let wait = settings.startup.wait_timeout;
@@ -424,11 +437,20 @@ async fn migrate_schema(
             )
         }));
     }
-    let r = store::migrate::run(
-        &mut db.client,
-        config::SchemaMode::Apply,
-        store::migrate::MIGRATIONS,
-    )
+    let r = async {
+        let mut report = store::migrate::run(
+            &mut db.client,
+            config::SchemaMode::Apply,
+            store::migrate::MIGRATIONS,
+        )
+        .await?;
+        if repair {
+            report.repaired = store::schema_check::repair(&mut db.client).await?;
+        }
+        // What a run checks: every object of the applied migrations is there.
+        store::schema_check::check(&db.client, &db.target, false).await?;
+        Ok(report)
+    }
     .await;
     let _ = store::lock::release(&db.client).await;
     r
@@ -443,6 +465,17 @@ async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut
             Ok(db) => db,
             Err(e) => return fail(&e),
         };
+    // Said first: a replica shows the primary's runs (or none) and records none of its own.
+    let read_only = match store::server::read_only(&db.client).await {
+        Ok(why) => why.map(|why| store::server::read_only_message(&db.target, &why)),
+        Err(e) => return fail(&Error::db("asking whether the server takes writes", e)),
+    };
+    if let Some(line) = &read_only {
+        tracing::warn!(db.target = %db.target, "{line}");
+        if format == OutputFormat::Text {
+            print(out, &format!("{line}\n"));
+        }
+    }
     match store::table_exists(&db.client, "seed_runs").await {
         Ok(true) => {}
         Ok(false) => {

@@ -401,6 +401,7 @@ impl Engine {
                 done.applied.len()
             }
         };
+        store::schema_check::check(&db.client, &db.target, mode == Mode::Apply).await?;
         report.bump(Action::Applied, applied as i64);
         let unchanged = migrate::MIGRATIONS.len() - applied;
         report.bump(Tally::Unchanged, unchanged as i64);
