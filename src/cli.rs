@@ -21,7 +21,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2   `plan` found changes pending
   64  usage error (bad command line)
   69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
-      (--once) another session held the run lock that long (the error names it)
+      (--once) another session held the run lock that long (the error names it), or
+      PostgreSQL is a read-only server (a replica: point database.url at the primary)
   78  invalid configuration, reference seed or realm file (fix the input; do not restart)
 
 Configuration: defaults < TOML (--config, SEEDKEEPER_CONFIG, else config/seedkeeper.toml) <
