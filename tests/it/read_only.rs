@@ -110,3 +110,64 @@ async fn readyz_names_a_read_only_database_in_its_body() {
     sigterm(child.id());
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_hot_standby_is_named_by_once_and_status_and_the_primary_runs() {
+    use crate::harness::cluster::OwnCluster;
+    let primary = OwnCluster::new();
+    let standby = OwnCluster::standby_of(&primary);
+    let at = |c: &OwnCluster| {
+        vec![(
+            "SEEDKEEPER_DATABASE__URL".to_string(),
+            format!("postgres://postgres@127.0.0.1:{}/platform", c.port),
+        )]
+    };
+    connect(&primary.url())
+        .await
+        .batch_execute("CREATE DATABASE platform")
+        .await
+        .unwrap();
+    let out = run_bin(&["--once"], &at(&primary));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // The standby has the primary's run once it has replayed it.
+    let standby_url = at(&standby)[0].1.clone();
+    until("the standby replays the primary's run", 30, || async {
+        match tokio_postgres::connect(&standby_url, tokio_postgres::NoTls).await {
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                c.query_one(
+                    "SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'",
+                    &[],
+                )
+                .await
+                .map(|r| r.get::<_, i64>(0) == 1)
+                .unwrap_or(false)
+            }
+            Err(_) => false,
+        }
+    })
+    .await;
+
+    let out = run_bin(&["--once"], &at(&standby));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(69), "{t}");
+    assert!(t.contains(NAMED), "{t}");
+    assert!(
+        t.contains("it is a hot standby in recovery (pg_is_in_recovery() is true)"),
+        "{t}"
+    );
+    assert!(t.contains(FIX), "{t}");
+    let out = run_bin(&["status"], &at(&standby));
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{t}");
+    assert!(
+        t.lines()
+            .next()
+            .is_some_and(|l| l.contains("hot standby") && l.contains(FIX)),
+        "{t}"
+    );
+    assert!(t.contains("succeeded"), "the primary's run: {t}");
+    // The primary still runs.
+    let out = run_bin(&["--once"], &at(&primary));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
