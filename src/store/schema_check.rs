@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::error::{Error, Result};
 use crate::store::ctx;
@@ -386,7 +386,7 @@ SELECT 'index', i.relname::text FROM pg_class i JOIN pg_namespace n ON n.oid = i
    AND NOT EXISTS (SELECT 1 FROM pg_constraint con WHERE con.conindid = i.oid)";
 
 /// The objects `public` has, in the forms of [`EXPECTED`].
-pub async fn present(client: &Client) -> Result<BTreeSet<(Kind, String)>> {
+pub async fn present<C: GenericClient + Sync>(client: &C) -> Result<BTreeSet<(Kind, String)>> {
     let rows = client
         .query_typed(CATALOG, &[])
         .await
@@ -398,7 +398,9 @@ pub async fn present(client: &Client) -> Result<BTreeSet<(Kind, String)>> {
 }
 
 /// The expected objects of applied migrations that the database lacks, in [`EXPECTED`]'s order.
-pub async fn missing(client: &Client) -> Result<Vec<&'static (Kind, &'static str, i32)>> {
+pub async fn missing<C: GenericClient + Sync>(
+    client: &C,
+) -> Result<Vec<&'static (Kind, &'static str, i32)>> {
     let have = present(client).await?;
     if !have.contains(&(Kind::Table, "seedkeeper_migrations".to_string())) {
         return Ok(Vec::new());
@@ -445,7 +447,8 @@ pub fn missing_error(missing: &[&(Kind, &str, i32)]) -> Error {
 /// The schema unit's check, after its migrations: in apply mode, that the server takes writes
 /// ([`crate::store::server::ensure_writable`], before anything is written); in every mode,
 /// that no object of an applied migration is missing.
-pub async fn check(client: &Client, target: &str, writes: bool) -> Result<()> {
+/// Generic over the client so it runs on a session or inside a transaction alike.
+pub async fn check<C: GenericClient + Sync>(client: &C, target: &str, writes: bool) -> Result<()> {
     if writes {
         crate::store::server::ensure_writable(client, target).await?;
     }

@@ -5,7 +5,7 @@
 //! protocol (no prepared statement: safe behind any pooler), asked by a run before it writes,
 //! by `/readyz` on its kept connection and by `status`.
 
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{GenericClient, SimpleQueryMessage};
 
 use crate::error::{Error, Result};
 
@@ -28,8 +28,8 @@ pub fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
 }
 
 /// Asks the server whether it takes writes: `Some(why)` when it does not.
-pub async fn read_only(
-    client: &Client,
+pub async fn read_only<C: GenericClient + Sync>(
+    client: &C,
 ) -> std::result::Result<Option<String>, tokio_postgres::Error> {
     let messages = client.simple_query(PROBE).await?;
     let row = messages.iter().find_map(|m| match m {
@@ -52,7 +52,7 @@ pub fn read_only_message(target: &str, why: &str) -> String {
 }
 
 /// A run's check before it writes: [`Error::ReadOnly`] naming the server and why.
-pub async fn ensure_writable(client: &Client, target: &str) -> Result<()> {
+pub async fn ensure_writable<C: GenericClient + Sync>(client: &C, target: &str) -> Result<()> {
     match read_only(client).await {
         Ok(None) => Ok(()),
         Ok(Some(why)) => Err(Error::ReadOnly {
