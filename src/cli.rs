@@ -21,7 +21,8 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2   `plan` found changes pending
   64  usage error (bad command line)
   69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
-      (--once) another session held the run lock that long (the error names it)
+      (--once) another session held the run lock that long (the error names it), or
+      PostgreSQL is a read-only server (a replica: point database.url at the primary)
   71  out of file descriptors (too many open files): raise LimitNOFILE / ulimit -n
   74  the command's own output could not be written (stdout full or closed)
   78  invalid configuration, reference seed or realm file (fix the input; do not restart)
@@ -71,8 +72,15 @@ pub enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: OutputFormat,
     },
-    /// Apply pending schema migrations only.
-    Migrate,
+    /// Apply pending schema migrations only; then check that every object of the applied
+    /// migrations exists.
+    Migrate {
+        /// Re-create the tables, columns, constraints and indexes of applied migrations that are
+        /// missing (dropped after they were recorded), from the embedded migrations, in one
+        /// transaction.
+        #[arg(long)]
+        repair: bool,
+    },
     /// The last runs from the evidence table, newest first.
     Status {
         #[arg(long, default_value_t = 10)]
@@ -228,7 +236,7 @@ pub async fn execute(
     let code = match &cli.command {
         Some(Command::Config) => config(settings, out),
         Some(Command::ExportSql) => export_sql(&settings, out),
-        Some(Command::Migrate) => migrate(&settings, &cancel, out).await,
+        Some(Command::Migrate { repair }) => migrate(&settings, *repair, &cancel, out).await,
         Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref(), out).await,
         Some(Command::Plan { format }) => {
@@ -248,13 +256,14 @@ pub async fn execute(
 /// valid.
 fn config(settings: Settings, out: &mut dyn Write) -> u8 {
     let redacted = settings.redacted_toml();
+    let provenance = settings.provenance();
     // The engine's build loads the seed and checks everything the config points at.
     let engine = match crate::app::build_engine(settings) {
         Ok(e) => e,
         Err(e) => return fail(&e),
     };
     let seed = &engine.seed;
-    let text = format!("# effective seedkeeper configuration (secrets redacted)\n# reference seed: {} (digest {})\n{redacted}", seed.source_name, seed.digest);
+    let text = format!("# effective seedkeeper configuration (secrets redacted)\n# {provenance}\n# reference seed: {} (digest {})\n{redacted}", seed.source_name, seed.digest);
     print(out, &text);
     exit::OK
 }
@@ -479,7 +488,12 @@ fn plan_exit_code(r: &RunReport) -> u8 {
 }
 
 /// `migrate`, with its progress shown as the `schema` unit's (waiting for the lock included).
-async fn migrate(settings: &Settings, cancel: &CancellationToken, out: &mut dyn Write) -> u8 {
+async fn migrate(
+    settings: &Settings,
+    repair: bool,
+    cancel: &CancellationToken,
+    out: &mut dyn Write,
+) -> u8 {
     let progress = Progress::new();
     progress.enter(Unit::Schema);
     let reporter = Reporter::start(
@@ -487,8 +501,13 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken, out: &mut dyn 
         progress,
         None,
     );
-    let r = migrate_schema(settings, cancel).await;
+    let r = migrate_schema(settings, repair, cancel).await;
     reporter.finish().await;
+    if let Ok(rep) = &r {
+        for statement in &rep.repaired {
+            print(out, &format!("repaired: {statement}\n"));
+        }
+    }
     match r {
         Ok(rep) if rep.applied.is_empty() => {
             print(
@@ -510,6 +529,7 @@ async fn migrate(settings: &Settings, cancel: &CancellationToken, out: &mut dyn 
 
 async fn migrate_schema(
     settings: &Settings,
+    repair: bool,
     cancel: &CancellationToken,
 ) -> Result<store::migrate::SchemaReport, Error> {
     let wait = settings.startup.wait_timeout;
@@ -537,11 +557,20 @@ async fn migrate_schema(
             )
         }));
     }
-    let r = store::migrate::run(
-        &mut db.client,
-        config::SchemaMode::Apply,
-        store::migrate::MIGRATIONS,
-    )
+    let r = async {
+        let mut report = store::migrate::run(
+            &mut db.client,
+            config::SchemaMode::Apply,
+            store::migrate::MIGRATIONS,
+        )
+        .await?;
+        if repair {
+            report.repaired = store::schema_check::repair(&mut db.client).await?;
+        }
+        // What a run checks: every object of the applied migrations is there.
+        store::schema_check::check(&db.client, &db.target, false).await?;
+        Ok(report)
+    }
     .await;
     let _ = store::lock::release(&db.client).await;
     r
@@ -556,6 +585,17 @@ async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut
             Ok(db) => db,
             Err(e) => return fail(&e),
         };
+    // Said first: a replica shows the primary's runs (or none) and records none of its own.
+    let read_only = match store::server::read_only(&db.client).await {
+        Ok(why) => why.map(|why| store::server::read_only_message(&db.target, &why)),
+        Err(e) => return fail(&Error::db("asking whether the server takes writes", e)),
+    };
+    if let Some(line) = &read_only {
+        tracing::warn!(db.target = %db.target, "{line}");
+        if format == OutputFormat::Text {
+            print(out, &format!("{line}\n"));
+        }
+    }
     match store::table_exists(&db.client, "seed_runs").await {
         Ok(true) => {}
         Ok(false) => {

@@ -89,6 +89,11 @@ pub enum Error {
         message: String,
     },
 
+    /// The server refuses writes: a hot standby, or `default_transaction_read_only` on.
+    /// `context` says where it was seen, `why` what the server said or showed.
+    #[error("{context}: a read-only server (a replica?): {why}. Point database.url (SEEDKEEPER_DATABASE__URL) at the primary; if it is the primary, turn default_transaction_read_only off (ALTER DATABASE … SET default_transaction_read_only = off, or for the role or the server)")]
+    ReadOnly { context: String, why: String },
+
     #[error("schema: {0}")]
     Schema(String),
 
@@ -139,6 +144,9 @@ impl Error {
             Error::DatabaseUnavailable { .. }
             | Error::KeycloakUnavailable { .. }
             | Error::RunLockHeld { .. } => exit::UNAVAILABLE,
+            // Not 78: a failover heals it without a config change (the standby is promoted, the
+            // service name moves to the new primary), and 78 would stop systemd's restarts.
+            Error::ReadOnly { .. } => exit::UNAVAILABLE,
             _ => exit::RECONCILE_FAILED,
         }
     }
@@ -155,6 +163,7 @@ impl Error {
             Error::RunLockHeld { .. } => ErrorKind::RunLockHeld,
             Error::KeycloakAuth(_) => ErrorKind::KeycloakAuth,
             Error::Keycloak { .. } => ErrorKind::Keycloak,
+            Error::ReadOnly { .. } => ErrorKind::DatabaseReadOnly,
             Error::Schema(_) => ErrorKind::Schema,
             Error::Database(_) => ErrorKind::Database,
             Error::Unit { .. } => ErrorKind::Unit,
@@ -194,6 +203,13 @@ impl Error {
     /// Wraps a tokio-postgres error. Its Display never contains the connection string, but the
     /// server's message can quote data, so only the SQLSTATE message and detail are kept.
     pub fn db(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+        // 25006 read_only_sql_transaction: whatever statement met it, the fix is the URL.
+        if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
+            return Error::ReadOnly {
+                context: context.into(),
+                why: describe_pg(&e),
+            };
+        }
         Error::Database(DbFailure {
             context: context.into(),
             code: e.code().cloned(),
@@ -216,6 +232,7 @@ named!(
         RunLockHeld => "run_lock_held",
         KeycloakAuth => "keycloak_auth",
         Keycloak => "keycloak",
+        DatabaseReadOnly => "database_read_only",
         Schema => "schema",
         Database => "database",
         Unit => "unit",

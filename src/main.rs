@@ -12,13 +12,8 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return ExitCode::from(code),
     };
-    let sources = Sources::from_process(cli.config.clone());
-    let settings = match cli::load_settings(&cli, &sources) {
-        Ok(s) => s,
-        Err(code) => return ExitCode::from(code),
-    };
-    seedkeeper::telemetry::init(settings.log.format, &settings.log.filter);
-    seedkeeper::telemetry::install_crypto();
+    // The runtime first: SIGHUP's default action (terminate) is replaced before anything else
+    // happens, config loading included.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -30,9 +25,23 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::RECONCILE_FAILED);
         }
     };
+    let hangup = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    });
+    let sources = Sources::from_process(cli.config.clone());
+    let settings = match cli::load_settings(&cli, &sources) {
+        Ok(s) => s,
+        Err(code) => return ExitCode::from(code),
+    };
+    seedkeeper::telemetry::init(settings.log.format, &settings.log.filter);
+    seedkeeper::telemetry::install_crypto();
+    settings.log_provenance();
     let code = runtime.block_on(async move {
         let cancel = CancellationToken::new();
         spawn_signal_handler(cancel.clone());
+        if let Some(hangup) = hangup {
+            tokio::spawn(ignore_hangups(hangup));
+        }
         let daemon = matches!(cli.command, Some(Command::Run { once: false }) | None) && !cli.once;
         if daemon {
             run_daemon(settings, cancel).await
@@ -82,4 +91,18 @@ fn spawn_signal_handler(cancel: CancellationToken) {
         seedkeeper::telemetry::print_error("second signal: exiting now", "signal", 130);
         std::process::exit(130);
     });
+}
+
+/// SIGHUP is logged and ignored, whatever runs (the daemon, `--once`, any command). Its
+/// default action would end the process mid-run, and it comes uninvited: logrotate's
+/// `postrotate` sends it, as does a closing terminal or `systemctl reload`. seedkeeper logs to
+/// stderr, so there is no log file to reopen, and the configuration is read once per process
+/// (restart it to apply a change), so there is nothing to reload.
+async fn ignore_hangups(mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        tracing::info!(
+            signal = "SIGHUP",
+            "SIGHUP received and ignored: seedkeeper logs to stderr (nothing to reopen) and reads its configuration at start (restart it to apply a change)"
+        );
+    }
 }

@@ -741,6 +741,10 @@ mod tests {
             },
             Error::KeycloakAuth("x".into()),
             Error::keycloak("users", "x"),
+            Error::ReadOnly {
+                context: "c".into(),
+                why: "w".into(),
+            },
             Error::Schema("x".into()),
             Error::Database(failure.clone()),
             Error::Unit {

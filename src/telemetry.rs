@@ -161,7 +161,8 @@ pub fn early_format(flag: Option<LogFormat>, sources: &Sources) -> LogFormat {
             .map(PathBuf::from)
     });
     let file = file.unwrap_or_else(|| Path::new(DEFAULT_CONFIG_PATH).to_path_buf());
-    std::fs::read_to_string(file)
+    // Bounded and regular files only: a FIFO here would block before the first line.
+    crate::config::read_regular(&file, crate::config::CONFIG_LIMIT)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("log")?.get("format")?.as_str().and_then(parse_format))

@@ -219,8 +219,9 @@ impl App {
         }
     }
 
-    /// Readiness' database check on one kept connection: `SELECT 1`, reconnecting once when the
-    /// kept connection is broken; within `within` (a connection that does not answer is dropped).
+    /// Readiness' database check on one kept connection: whether the server answers and takes
+    /// writes ([`crate::store::server::read_only`]), reconnecting once when the kept connection
+    /// is broken; within `within` (a connection that does not answer is dropped).
     pub async fn probe_database(&self, within: Duration) -> std::result::Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
         let late = || format!("database did not answer within {}s", within.as_secs());
@@ -244,10 +245,17 @@ impl App {
                         db
                     }
                 };
-                match db.client.simple_query("SELECT 1").await {
-                    Ok(_) => {
+                // One round trip that also says whether the server takes writes: a replica
+                // answers, yet every run against it fails.
+                match crate::store::server::read_only(&db.client).await {
+                    Ok(None) => {
                         *slot = Some(db);
                         return Ok(());
+                    }
+                    Ok(Some(why)) => {
+                        let reason = crate::store::server::read_only_message(&db.target, &why);
+                        *slot = Some(db);
+                        return Err(reason);
                     }
                     Err(e) => last = crate::error::describe_pg(&e),
                 }

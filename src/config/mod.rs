@@ -19,9 +19,13 @@
 //! `validate` the checks, [`duration_str`] the duration format. The database URL's libpq TLS
 //! parameters are parsed by [`crate::store::url`] (re-exported here).
 
+mod files;
 mod secrets;
 mod sources;
 mod validate;
+
+#[cfg(test)]
+mod redaction_props;
 
 pub mod duration_str;
 pub mod offboard_limit;
@@ -41,7 +45,8 @@ use secrets::{de_secret, ser_secret};
 pub use crate::store::url::{
     describe_target, is_loopback_host, remote_hosts, split_libpq_tls, DbTls, RootCert, SslMode,
 };
-pub use sources::Sources;
+pub use files::{read_regular, CONFIG_LIMIT, SECRET_LIMIT};
+pub use sources::{ConfigFile, ConfigOrigin, Sources};
 pub use validate::{url_is_loopback, validate_cron};
 
 pub const ENV_PREFIX: &str = "SEEDKEEPER_";
@@ -94,6 +99,9 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub evidence: EvidenceSettings,
     pub log: LogSettings,
+    /// The configuration file that was loaded, and how it was chosen; not a key.
+    #[serde(skip)]
+    pub config_file: Option<ConfigFile>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -323,6 +331,7 @@ impl Default for Settings {
                 format: LogFormat::Text,
                 filter: "info".to_string(),
             },
+            config_file: None,
         }
     }
 }
@@ -338,7 +347,8 @@ pub fn load_offline(sources: &Sources) -> Result<Settings> {
 }
 
 fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
-    let mut settings: Settings = sources::layered(sources)?.extract().map_err(|errors| {
+    let (figment, file) = sources::layered(sources)?;
+    let mut settings: Settings = figment.extract().map_err(|errors| {
         Error::Config(Problems(
             errors
                 .into_iter()
@@ -346,6 +356,7 @@ fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
                 .collect(),
         ))
     })?;
+    settings.config_file = file;
     let mut problems = Vec::new();
     secrets::resolve(&mut settings, sources, &mut problems);
     validate::validate(&settings, need_database, &mut problems);
@@ -364,6 +375,10 @@ impl DatabaseSettings {
             .url
             .as_ref()
             .ok_or_else(|| Error::config("database.url is not set"))?;
+        // Validation refuses it too; this holds for settings built without it (tests, tools).
+        if let Some(problem) = crate::store::url::database_userinfo_problem(url.expose_secret()) {
+            return Err(Error::config(problem));
+        }
         let (rest, tls) = split_libpq_tls(url.expose_secret()).map_err(Error::config)?;
         let mut cfg = tokio_postgres::Config::from_str(&rest)
             .map_err(|_| Error::config("database.url is not a valid PostgreSQL URL"))?;
@@ -424,9 +439,44 @@ impl DatabaseSettings {
 }
 
 impl Settings {
+    /// Where the configuration came from, in one line: the file and how it was chosen, or none.
+    pub fn provenance(&self) -> String {
+        match &self.config_file {
+            Some(f) => format!(
+                "configuration file {} (chosen by {})",
+                f.absolute.display(),
+                f.origin.as_str()
+            ),
+            None => "no configuration file (defaults and the SEEDKEEPER_* environment)".to_string(),
+        }
+    }
+
+    /// Logs where the configuration came from, once at start: a file picked up from the
+    /// working directory is otherwise invisible.
+    pub fn log_provenance(&self) {
+        match &self.config_file {
+            Some(f) => tracing::info!(
+                config.file = %f.absolute.display(),
+                config.chosen_by = f.origin.as_str(),
+                "configuration file loaded"
+            ),
+            None => tracing::info!(
+                "no configuration file loaded: defaults and the SEEDKEEPER_* environment"
+            ),
+        }
+    }
+
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
     pub fn redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        // The Keycloak URLs are no secrets, but a user or password written into one is.
+        let mut shown = self.clone();
+        for u in [&mut shown.keycloak.base_url, &mut shown.keycloak.issuer]
+            .into_iter()
+            .flatten()
+        {
+            *u = crate::store::url::redact_url(u);
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
 }
 

@@ -89,7 +89,7 @@ fn from_env(
         match read_secret_file(Path::new(path)) {
             Ok(v) => found.push((file_var.clone(), v)),
             Err(why) => problems.push(format!(
-                "{} from {file_var}={path}: {why}: point {file_var} at a readable, non-empty file",
+                "{} from {file_var}={path}: {why}: point {file_var} at a readable, non-empty regular file of at most 64 KiB",
                 s.key
             )),
         }
@@ -111,7 +111,7 @@ fn from_credential(
         Ok(v) => Some((format!("systemd credential {}", s.credential), v)),
         Err(why) => {
             problems.push(format!(
-                "{} from systemd credential {}: {why}: fix LoadCredential={}",
+                "{} from systemd credential {}: {why}: fix LoadCredential={} (a readable, non-empty regular file of at most 64 KiB)",
                 s.key,
                 path.display(),
                 s.credential
@@ -158,14 +158,11 @@ fn the_one(
 }
 
 /// Reads a secret file; one trailing newline (as editors and `echo` leave) is not part of it.
+/// It must be a regular file of at most 64 KiB, checked before it is opened
+/// ([`super::files::read_regular`]): a FIFO would block, `/dev/zero` would never end.
 fn read_secret_file(path: &Path) -> Result<SecretString, String> {
-    let raw = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => "file does not exist".to_string(),
-        std::io::ErrorKind::PermissionDenied => {
-            "file is not readable (permission denied)".to_string()
-        }
-        _ => format!("file cannot be read ({})", e.kind()),
-    })?;
+    let raw = super::files::read_regular(path, super::files::SECRET_LIMIT)
+        .map_err(|why| format!("file {why}"))?;
     let trimmed = raw
         .strip_suffix('\n')
         .map(|s| s.strip_suffix('\r').unwrap_or(s))

@@ -52,42 +52,99 @@ impl Sources {
     }
 }
 
-/// The layers, lowest first. A config file that was named but cannot be read is an error here;
-/// problems with the values come when the figment is extracted.
-pub(super) fn layered(sources: &Sources) -> Result<Figment> {
-    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-    if let Some(path) = config_file(sources)? {
-        figment = figment.merge(Toml::file_exact(path));
-    }
-    Ok(figment.merge(EnvPairs(key_env_pairs(sources))))
+/// How the configuration file was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigOrigin {
+    /// `--config FILE`.
+    Flag,
+    /// `SEEDKEEPER_CONFIG=FILE`.
+    EnvVar,
+    /// `config/seedkeeper.toml` found in the working directory, named by nobody.
+    WorkingDirectory,
 }
 
-/// The TOML file to read: the one named (`--config`, else `SEEDKEEPER_CONFIG`), which must be
-/// readable, else the default path when a file is there.
-fn config_file(sources: &Sources) -> Result<Option<PathBuf>> {
-    let named = sources.file.clone().or_else(|| {
-        sources
-            .var("SEEDKEEPER_CONFIG")
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-    });
-    let Some(path) = named else {
-        let default = Path::new(DEFAULT_CONFIG_PATH);
-        return Ok(default.is_file().then(|| default.to_path_buf()));
+impl ConfigOrigin {
+    /// How it was chosen, as the log line and `seedkeeper config` say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConfigOrigin::Flag => "--config",
+            ConfigOrigin::EnvVar => "SEEDKEEPER_CONFIG",
+            ConfigOrigin::WorkingDirectory => "the working directory",
+        }
+    }
+}
+
+/// The configuration file that was loaded, and how it was chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigFile {
+    /// As given (or `config/seedkeeper.toml`).
+    pub path: PathBuf,
+    /// The absolute path, where it can be known: a relative path read from an unexpected
+    /// working directory is the mistake this is for.
+    pub absolute: PathBuf,
+    pub origin: ConfigOrigin,
+}
+
+impl ConfigFile {
+    fn new(path: PathBuf, origin: ConfigOrigin) -> ConfigFile {
+        let absolute = std::path::absolute(&path).unwrap_or_else(|_| path.clone());
+        ConfigFile {
+            path,
+            absolute,
+            origin,
+        }
+    }
+}
+
+/// The layers, lowest first, and the configuration file among them. A config file that cannot
+/// be read (named, or found in the working directory) is an error here; problems with the
+/// values come when the figment is extracted.
+pub(super) fn layered(sources: &Sources) -> Result<(Figment, Option<ConfigFile>)> {
+    let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+    let file = config_file(sources)?;
+    if let Some(f) = &file {
+        figment = figment.merge(Toml::file_exact(&f.path));
+    }
+    Ok((figment.merge(EnvPairs(key_env_pairs(sources))), file))
+}
+
+/// The TOML file to read: the one named (`--config`, else `SEEDKEEPER_CONFIG`), else the
+/// default path when something is there. Whichever it is, it must be a regular file of at most
+/// 1 MiB, looked at before it is opened (a FIFO would block before the first log line).
+fn config_file(sources: &Sources) -> Result<Option<ConfigFile>> {
+    let named = match (&sources.file, sources.var("SEEDKEEPER_CONFIG")) {
+        (Some(p), _) => Some(ConfigFile::new(p.clone(), ConfigOrigin::Flag)),
+        (None, Some(p)) if !p.is_empty() => {
+            Some(ConfigFile::new(PathBuf::from(p), ConfigOrigin::EnvVar))
+        }
+        _ => None,
     };
-    if !path.is_file() {
+    let file = match named {
+        Some(f) => f,
+        None => {
+            let default = Path::new(DEFAULT_CONFIG_PATH);
+            // `exists` looks (stat) and opens nothing; whatever is there must then be readable.
+            if !default.exists() {
+                return Ok(None);
+            }
+            ConfigFile::new(default.to_path_buf(), ConfigOrigin::WorkingDirectory)
+        }
+    };
+    let fix = match file.origin {
+        ConfigOrigin::Flag => "fix --config".to_string(),
+        ConfigOrigin::EnvVar => "fix SEEDKEEPER_CONFIG".to_string(),
+        ConfigOrigin::WorkingDirectory => format!(
+            "remove or fix it, or name the file to use with --config or SEEDKEEPER_CONFIG (this one was found in the working directory as {DEFAULT_CONFIG_PATH})"
+        ),
+    };
+    if let Err(why) = super::files::read_regular(&file.path, super::files::CONFIG_LIMIT) {
         return Err(Error::config(format!(
-            "config file {} does not exist or is not a file: fix --config or SEEDKEEPER_CONFIG",
-            path.display()
+            "config file {} (from {}) {why}: {fix}; a config file must be a regular TOML file of at most 1 MiB",
+            file.path.display(),
+            file.origin.as_str()
         )));
     }
-    if let Err(e) = std::fs::read_to_string(&path) {
-        return Err(Error::config(format!(
-            "config file {} cannot be read: {e}",
-            path.display()
-        )));
-    }
-    Ok(Some(path))
+    Ok(Some(file))
 }
 
 /// The `SEEDKEEPER_*` variables that are non-secret config keys. Secrets and their `_FILE`

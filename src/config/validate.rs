@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{duration_str, Environment, IdentitySource, Settings};
+use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
 use crate::store::url::{
-    is_loopback_host, remote_hosts, split_libpq_tls, url_refusal_reason, DbTls, RootCert, SslMode,
+    database_userinfo_problem, is_loopback_host, redact_url, remote_hosts, split_libpq_tls,
+    url_refusal_reason, userinfo_refusal, DbTls, RootCert, SslMode,
 };
 
 /// Every problem of the settings at once, in the order of the configuration table.
@@ -32,6 +33,10 @@ fn validate_database(s: &Settings, need_database: bool, problems: &mut Vec<Strin
              SEEDKEEPER_DATABASE__URL_FILE, or the systemd credential database.url"
                 .to_string(),
         ),
+        // Before anything parses it: a parser would take the tail of such a password for the host.
+        Some(url) if database_userinfo_problem(url.expose_secret()).is_some() => {
+            problems.extend(database_userinfo_problem(url.expose_secret()));
+        }
         Some(url) => match split_libpq_tls(url.expose_secret()) {
             Err(why) => problems.push(format!("{why} (SEEDKEEPER_DATABASE__URL)")),
             Ok((rest, tls)) => match tokio_postgres::Config::from_str(&rest) {
@@ -76,34 +81,60 @@ fn validate_identity(s: &Settings, problems: &mut Vec<String>) {
         );
     }
     if let Some(p) = &s.identity.realm_file {
-        if s.identity.source == IdentitySource::RealmFile && !p.exists() {
-            problems.push(format!(
-                "identity.realm_file {} does not exist: fix SEEDKEEPER_IDENTITY__REALM_FILE",
-                p.display()
-            ));
+        // A realm export is a file or a `kc.sh export --dir` folder; a FIFO or a device would
+        // block or never end.
+        if s.identity.source == IdentitySource::RealmFile {
+            if let Err(why) = super::files::check_file_or_dir(p) {
+                problems.push(format!(
+                    "identity.realm_file {} {why}: fix SEEDKEEPER_IDENTITY__REALM_FILE",
+                    p.display()
+                ));
+            }
         }
     }
 }
 
-/// `keycloak.*`: what the keycloak source needs, and the listing's bounds.
+/// `keycloak.*`: no credentials in its URLs, what the keycloak source needs, and the listing's
+/// bounds.
 fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
+    // Whatever the source: a setting that is not used is still shown by `config` and `Debug`.
+    for (key, env, url) in [
+        (
+            "keycloak.base_url",
+            "SEEDKEEPER_KEYCLOAK__BASE_URL",
+            &s.keycloak.base_url,
+        ),
+        (
+            "keycloak.issuer",
+            "SEEDKEEPER_KEYCLOAK__ISSUER",
+            &s.keycloak.issuer,
+        ),
+    ] {
+        if let Some(u) = url.as_deref().filter(|u| has_userinfo(u)) {
+            problems.push(userinfo_problem(key, env, u));
+        }
+    }
     if s.identity.source == IdentitySource::Keycloak {
         match &s.keycloak.base_url {
             None => problems.push(
                 "keycloak.base_url is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. http://127.0.0.1:8080)".into(),
             ),
+            Some(u) if has_userinfo(u) => {}
             Some(u) => match reqwest::Url::parse(u) {
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => problems.push(format!(
-                    "keycloak.base_url {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)"
+                    "keycloak.base_url {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)",
+                    redact_url(u)
                 )),
             },
         }
         if let Some(u) = &s.keycloak.issuer {
             match reqwest::Url::parse(u) {
+                _ if has_userinfo(u) => {}
                 Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
                 _ => problems.push(format!(
-                    "keycloak.issuer {u:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
+                    "keycloak.issuer {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
+                    redact_url(u),
                     s.keycloak.realm
                 )),
             }
@@ -215,6 +246,21 @@ fn validate_limits(s: &Settings, problems: &mut Vec<String>) {
 /// What `environment = "production"` refuses.
 fn validate_production(s: &Settings, problems: &mut Vec<String>) {
     if s.environment == Environment::Production {
+        // A `cd` into the wrong folder must not change what production runs with (one such
+        // file's admin_roles made every user a superadmin).
+        if let Some(f) = s
+            .config_file
+            .as_ref()
+            .filter(|f| f.origin == ConfigOrigin::WorkingDirectory)
+        {
+            problems.push(format!(
+                "environment = \"production\" refuses the config file {} picked up from the working directory ({}) without --config or SEEDKEEPER_CONFIG: name the file to use with --config {} or SEEDKEEPER_CONFIG={}, or remove it from the working directory",
+                f.absolute.display(),
+                f.path.display(),
+                f.absolute.display(),
+                f.absolute.display()
+            ));
+        }
         if s.identity.source == IdentitySource::RealmFile {
             problems.push(
                 "environment = \"production\" refuses identity.source = \"realm-file\" (a dev-only source): set SEEDKEEPER_IDENTITY__SOURCE=keycloak".into(),
@@ -236,7 +282,7 @@ fn validate_production(s: &Settings, problems: &mut Vec<String>) {
             if url.scheme() == "http" && !url_is_loopback(&url) {
                 problems.push(format!(
                     "environment = \"production\" refuses keycloak.base_url {} (http:// to the non-loopback host {}): the client secret and every token would cross the network in clear. Use https:// in SEEDKEEPER_KEYCLOAK__BASE_URL (trusting its CA through the OS trust store or keycloak.ca_file)",
-                    url.as_str().trim_end_matches('/'),
+                    redact_url(url.as_str().trim_end_matches('/')),
                     url.host_str().unwrap_or_default()
                 ));
             }
@@ -280,6 +326,35 @@ fn validate_database_tls(
             remote.join(", ")
         ));
     }
+}
+
+/// Whether a Keycloak URL carries a user or password (`https://user:pw@host`), in any shape.
+fn has_userinfo(u: &str) -> bool {
+    u.find("://").is_some_and(|start| {
+        u[start + 3..]
+            .split(['/', '?', '#'])
+            .next()
+            .is_some_and(|a| a.contains('@'))
+            || userinfo_refusal(u).is_some()
+    })
+}
+
+/// The refusal of a user or password in a Keycloak URL. seedkeeper authenticates with the
+/// client credentials; a userinfo would be sent as Basic authentication to every endpoint and
+/// be part of every URL seedkeeper logs. Never quotes the userinfo.
+fn userinfo_problem(key: &str, env: &str, u: &str) -> String {
+    let encoding = match userinfo_refusal(u) {
+        Some(why) => format!(
+            " (it also holds {why}, which would have to be percent-encoded: `@` as %40, `/` as %2F)"
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{key} {:?} carries a user or password{encoding}: remove it from {env}; seedkeeper \
+         authenticates with keycloak.client_id and keycloak.client_secret \
+         (SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE), never with credentials in the URL",
+        redact_url(u)
+    )
 }
 
 /// Six fields, seconds first; checked with the scheduler's own parser.

@@ -451,6 +451,7 @@ impl Engine {
         let applied = done.applied.len();
         let listed = done.applied.iter().map(|m| format!("migration:{m}"));
         report.add_changes("apply", applied as i64, listed);
+        store::schema_check::check(base, &self.settings.database.target(), true).await?;
         report.bump(Action::Applied, applied as i64);
         let unchanged = migrate::MIGRATIONS.len() - applied;
         report.bump(Tally::Unchanged, unchanged as i64);

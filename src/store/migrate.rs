@@ -53,6 +53,8 @@ impl Migration {
 pub struct SchemaReport {
     pub applied: Vec<String>,
     pub pending: Vec<String>,
+    /// The statements `migrate --repair` ran to re-create missing objects.
+    pub repaired: Vec<String>,
 }
 
 const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS seedkeeper_migrations (
@@ -138,6 +140,10 @@ pub async fn run<C: GenericClient + Send + Sync>(
             .await
             .map_err(ctx("creating seedkeeper_migrations"))?;
         tx.batch_execute(m.sql).await.map_err(|e| {
+            // A standby refuses DDL as it refuses writes: say so, not "migration failed".
+            if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+                return Error::db(format!("applying migration {}", m.label()), e);
+            }
             Error::Schema(format!(
                 "migration {} failed: {}",
                 m.label(),

@@ -8,6 +8,8 @@
 pub mod lock;
 pub mod migrate;
 pub mod runs;
+pub mod schema_check;
+pub mod server;
 pub mod tls;
 pub mod url;
 

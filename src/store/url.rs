@@ -6,6 +6,12 @@
 //! The string may hold a password: nothing here puts it in a message. Errors name the parameter
 //! and start with `database.url:`, the key the string comes from ([`crate::config`] calls this
 //! while validating, [`crate::config::DatabaseSettings::connection`] when connecting).
+//!
+//! A password that is not percent-encoded (`postgres://u:S3cr@t@host/db`) is refused before
+//! anything parses it ([`userinfo_refusal`]): tokio-postgres and libpq end the credentials at the
+//! first `@`, so the rest of the password would become the host, be sent to DNS and be printed
+//! in every message naming the host. [`redact_url`] takes the userinfo out of any URL that goes
+//! into a message, whatever its shape.
 
 use std::path::PathBuf;
 
@@ -281,6 +287,85 @@ fn split_key_value(s: &str) -> Option<Vec<(&str, &str, String)>> {
     }
 }
 
+/// Whether a character may stand unencoded in a URL's userinfo (RFC 3986: unreserved,
+/// sub-delims and `:`; `%` only as the start of an escape, checked apart).
+fn userinfo_char_ok(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "-._~!$&'()*+,;=:".contains(c)
+}
+
+/// The userinfo of a `scheme://userinfo@host...` URL: everything between `://` and the last `@`.
+/// The last, not the first: whatever a reader takes for the host, nothing of a password with an
+/// `@` in it is left outside this span. `None` without a scheme or an `@`.
+fn userinfo_span(url: &str) -> Option<(usize, usize)> {
+    let start = url.find("://")? + 3;
+    let at = url[start..].rfind('@')? + start;
+    Some((start, at))
+}
+
+/// Why the user or password written in a URL cannot be read as written: a character that must
+/// be percent-encoded (a second `@`, `/`, `?`, `#`, a `%` that starts no escape, a space,
+/// anything outside ASCII). The reason never quotes the URL or the character. `None` when the
+/// userinfo is well-formed, or there is none.
+pub fn userinfo_refusal(url: &str) -> Option<&'static str> {
+    let (start, end) = userinfo_span(url)?;
+    let info = &url.as_bytes()[start..end];
+    let mut i = 0;
+    while i < info.len() {
+        let c = info[i];
+        if c == b'%' {
+            let escape = info.get(i + 1..i + 3);
+            if !escape.is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit)) {
+                return Some("a `%` that does not start a percent-encoded escape");
+            }
+            i += 3;
+            continue;
+        }
+        if !c.is_ascii() || !userinfo_char_ok(c as char) {
+            return Some("a character that must be percent-encoded (such as a second `@`, `/`, `?`, `#`, `[`, a space or a non-ASCII character)");
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The refusal of a `database.url` whose user or password is not percent-encoded: the fix,
+/// never the URL.
+pub fn database_userinfo_problem(url: &str) -> Option<String> {
+    userinfo_refusal(url).map(|why| {
+        format!(
+            "database.url (SEEDKEEPER_DATABASE__URL): the user or password in it holds {why}, so \
+             where the password ends and the host begins cannot be told: percent-encode the \
+             password in the URL (`@` as %40, `/` as %2F, `?` as %3F, `#` as %23, `%` as %25, \
+             `:` may stay), or leave the password out of the URL \
+             (postgres://user@host:5432/db) and give it as database.password \
+             (SEEDKEEPER_DATABASE__PASSWORD_FILE=/path/to/file, SEEDKEEPER_DATABASE__PASSWORD, \
+             or the systemd credential database.password), read as it is with no encoding; \
+             the URL is not shown because it holds a password"
+        )
+    })
+}
+
+/// A URL (or libpq `key=value` string) fit for a message: its userinfo (`user:password@`) and
+/// any `password=` parameter replaced by `[REDACTED]`, whatever the shape of the rest.
+pub fn redact_url(s: &str) -> String {
+    let mut out = match userinfo_span(s) {
+        Some((start, end)) => format!("{}[REDACTED]{}", &s[..start], &s[end..]),
+        None => s.to_string(),
+    };
+    // `password=` in a query string or a key=value string: up to the next separator.
+    let mut from = 0;
+    while let Some(i) = out[from..].find("password=").map(|i| i + from) {
+        let value_start = i + "password=".len();
+        let value_end = out[value_start..]
+            .find(['&', ' ', '#'])
+            .map(|e| e + value_start)
+            .unwrap_or(out.len());
+        out.replace_range(value_start..value_end, "[REDACTED]");
+        from = value_start + "[REDACTED]".len();
+    }
+    out
+}
+
 /// tokio-postgres' reason for refusing a connection string, when it names only an option (its
 /// other messages can quote a character of the string).
 pub fn url_refusal_reason(e: &tokio_postgres::Error) -> Option<String> {
@@ -295,6 +380,9 @@ pub fn describe_target(cfg: &tokio_postgres::Config) -> String {
         .get_hosts()
         .first()
         .map(|h| match h {
+            // A host with an `@` in it is the tail of a password that was not percent-encoded
+            // (validation refuses those; this holds for any config built another way).
+            tokio_postgres::config::Host::Tcp(s) if s.contains('@') => "[REDACTED]".to_string(),
             tokio_postgres::config::Host::Tcp(s) => s.clone(),
             tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
         })
@@ -334,10 +422,59 @@ pub fn remote_hosts(cfg: &tokio_postgres::Config) -> Vec<String> {
                 .iter()
                 .filter(|h| !is_loopback_host(h))
                 .map(|h| match h {
+                    // As in `describe_target`: never the tail of a password.
+                    tokio_postgres::config::Host::Tcp(s) if s.contains('@') => {
+                        "[REDACTED]".to_string()
+                    }
                     tokio_postgres::config::Host::Tcp(s) => s.clone(),
                     tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
                 }),
         );
     }
     remote
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_password_with_an_at_sign_is_refused_and_an_encoded_one_is_not() {
+        assert!(userinfo_refusal("postgres://u:S3cr@tPart2@host/db").is_some());
+        assert!(userinfo_refusal("postgres://u:a/b@host/db").is_some());
+        assert!(userinfo_refusal("postgres://u:50%off@host/db").is_some());
+        assert!(userinfo_refusal("postgres://u:S3cr%40tPart2@host/db").is_none());
+        assert!(userinfo_refusal("postgres://u:pa:ss@host/db").is_none());
+        assert!(userinfo_refusal("postgres://host/db").is_none());
+        assert!(userinfo_refusal("host=x password=a@b").is_none());
+    }
+
+    #[test]
+    fn redaction_takes_out_the_userinfo_whatever_its_shape() {
+        assert_eq!(
+            redact_url("postgres://u:S3cr@tPart2@host/db"),
+            "postgres://[REDACTED]@host/db"
+        );
+        assert_eq!(
+            redact_url("https://u:p@kc.example/"),
+            "https://[REDACTED]@kc.example/"
+        );
+        assert_eq!(redact_url("https://kc.example/"), "https://kc.example/");
+        assert_eq!(
+            redact_url("host=h password=s3cret user=u"),
+            "host=h password=[REDACTED] user=u"
+        );
+        assert_eq!(
+            redact_url("postgres://h/db?password=s3&sslmode=require"),
+            "postgres://h/db?password=[REDACTED]&sslmode=require"
+        );
+    }
+
+    #[test]
+    fn the_target_of_a_misread_password_names_no_part_of_it() {
+        let cfg: tokio_postgres::Config = "postgres://u:S3cr@tPart2@host/db".parse().unwrap();
+        let t = describe_target(&cfg);
+        assert!(!t.contains("tPart2"), "{t}");
+    }
 }

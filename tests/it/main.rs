@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod config_faults;
 mod conformance;
 mod conformance_events;
 mod conformance_realms;
@@ -27,8 +28,11 @@ mod parsers;
 mod pg_tls;
 mod plan_exact;
 mod progress;
+mod read_only;
 mod realm_files;
 mod retry;
 mod runs;
+mod schema_check;
+mod sighup;
 mod signals;
 mod trust;

@@ -533,8 +533,15 @@ async fn once_with_json_logs_prints_only_json_and_every_line_of_the_run_carries_
     assert_eq!(summary["counts"]["identities"]["inserted"], 6, "{summary}");
     assert!(summary["findings"].is_array());
     let run_id = summary["run.id"].as_str().expect("run.id").to_string();
-    let logs = json_lines("stderr", &out.stderr);
+    let mut logs = json_lines("stderr", &out.stderr);
     assert!(!logs.is_empty());
+    // The one line before the run: where the configuration came from.
+    let provenance = logs.remove(0);
+    assert_eq!(
+        provenance["message"],
+        "no configuration file loaded: defaults and the SEEDKEEPER_* environment",
+        "{provenance}"
+    );
     for l in &logs {
         assert_eq!(
             l["run.id"],
@@ -653,7 +660,11 @@ async fn text_logs_of_a_run_carry_its_id_on_every_line_too() {
         .to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains('\u{1b}'), "no colours without a terminal");
-    for line in stderr.lines() {
+    // The one line before the run: where the configuration came from.
+    for line in stderr
+        .lines()
+        .filter(|l| !l.contains("no configuration file loaded"))
+    {
         assert!(
             line.contains(&format!("run{{run.id={id} trigger=\"once\"")),
             "{line}"

@@ -53,6 +53,35 @@ impl OwnCluster {
         c
     }
 
+    /// A hot standby of `primary` (started), made by `pg_basebackup -R`: it streams from the
+    /// primary and answers reads; every write is refused (SQLSTATE 25006).
+    pub fn standby_of(primary: &OwnCluster) -> OwnCluster {
+        let c = OwnCluster {
+            bin: primary.bin.clone(),
+            dir: TempDir::new(),
+            port: super::spawn::free_port(),
+        };
+        c.chown();
+        let out = c
+            .as_postgres("pg_basebackup")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .arg("-D")
+            .arg(c.pgdata())
+            .args(["-R", "-X", "stream", "--no-sync"])
+            .output()
+            .expect("pg_basebackup");
+        assert!(out.status.success(), "pg_basebackup: {}", text(&out));
+        c.start();
+        c
+    }
+
     /// A new cluster, started.
     pub fn new() -> OwnCluster {
         let c = OwnCluster::init();
