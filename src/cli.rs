@@ -407,29 +407,35 @@ async fn migrate_schema(
         .run(
             cancel,
             |_| async {
-                match store::lock::try_acquire(&db.client).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(Retry::Backoff(())),
+                match store::lock::RunLock::try_take(&settings.database).await {
+                    Ok(Some(lock)) => Ok(lock),
+                    Ok(None) => Err(Retry::Backoff(())),
                     Err(e) => Err(Retry::Fail(e)),
                 }
             },
             |_, _, _| {},
         )
         .await;
-    if let Err(stop) = locked {
-        return Err(stop.into_error(|(), _| {
-            Error::Schema(
-                "another seedkeeper run holds the run lock; migrate again when it is done".into(),
-            )
-        }));
-    }
+    let lock = match locked {
+        Ok(lock) => lock,
+        Err(stop) => {
+            return Err(stop.into_error(|(), _| {
+                Error::Schema(
+                    "another seedkeeper run holds the run lock; migrate again when it is done"
+                        .into(),
+                )
+            }))
+        }
+    };
     let r = store::migrate::run(
         &mut db.client,
         config::SchemaMode::Apply,
         store::migrate::MIGRATIONS,
     )
     .await;
-    let _ = store::lock::release(&db.client).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not commit the run lock's transaction; closing its connection released the lock");
+    }
     r
 }
 

@@ -8,10 +8,11 @@
 //! one `seed_runs` row.
 //!
 //! A run is bounded by `run.timeout`: past it the run is dropped where it stands (a Keycloak
-//! request in flight, a retry sleep, a statement waiting for a lock), its session is ended from a
-//! second connection (which rolls back its open transaction and releases the advisory lock at
-//! once, even while the server is blocked), and the run is recorded `failed` with an error naming
-//! the key. A shutdown cuts a run short the same way when it would outlast `shutdown.grace`.
+//! request in flight, a retry sleep, a statement waiting for a lock), the statement in flight is
+//! cancelled through its own connection (a cancel request, which a pooler forwards to the backend
+//! that runs it) and its transaction rolled back, the run is recorded `failed` with an error
+//! naming the key, and the run lock is given back. A shutdown cuts a run short the same way when
+//! it would outlast `shutdown.grace`, and so does losing the run lock (another run may take it).
 //! Reads `schema.mode`, `run.timeout`, `shutdown.grace`, `identity.*`, `evidence.retention`.
 
 pub mod bindings;
@@ -40,7 +41,8 @@ use crate::error::{Error, Result};
 use crate::identity::{BoxFuture, Identity, IdentityProvider, SourceStats};
 use crate::progress::{self, Progress, Reporter};
 use crate::seed::ReferenceSeed;
-use crate::store::{self, lock, migrate, runs, Db};
+use crate::store::lock::{self, RunLock};
+use crate::store::{self, migrate, runs, Db};
 
 /// Everything a run needs, built once.
 pub struct Engine {
@@ -136,6 +138,8 @@ impl Engine {
         progress: &Progress,
     ) -> Result<()> {
         let grace = self.settings.shutdown.grace;
+        // Fired when the run lock's connection ends while the run holds it.
+        let lock_lost = CancellationToken::new();
         let stopped = async {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.run.timeout) => Stop::Deadline,
@@ -143,6 +147,7 @@ impl Engine {
                     cancel.cancelled().await;
                     tokio::time::sleep(grace.saturating_sub(self.stop_budget())).await;
                 } => Stop::Shutdown,
+                _ = lock_lost.cancelled() => Stop::LockLost,
             }
         };
         // The source may run its listing on a task of its own, which dropping the run does not
@@ -162,6 +167,7 @@ impl Engine {
                 progress,
             },
             &mut session,
+            &lock_lost,
         );
         let stop = tokio::select! {
             r = body => return r,
@@ -185,6 +191,7 @@ impl Engine {
         cancel: &CancellationToken,
         source: Source<'_>,
         session: &mut Option<Session>,
+        lock_lost: &CancellationToken,
     ) -> Result<()> {
         // Validate the identity input before anything is written: a bad realm file must leave the
         // database untouched. Nothing is written yet, so a shutdown stops it at once.
@@ -194,20 +201,22 @@ impl Engine {
         }
 
         let db = store::connect_with_wait(&self.settings.database, wait, cancel).await?;
-        // The backend's pid, so a run stopped at its deadline can be ended from another session.
-        let pid: i32 = db
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(store::ctx("reading the session's backend pid"))?
-            .get(0);
-        let db = &mut session.insert(Session { db, pid }).db;
-        if !lock::try_acquire(&db.client).await? {
-            if !report.trigger.waits_for_the_run_lock() {
-                return self.skip_locked_out(mode, report, db).await;
+        store::warn_unless_session_timeouts(&db.client, &self.settings.database).await;
+        let session = session.insert(Session { db, lock: None });
+        let lock = match RunLock::try_take(&self.settings.database).await? {
+            Some(lock) => lock,
+            None if !report.trigger.waits_for_the_run_lock() => {
+                return self.skip_locked_out(mode, report, &session.db).await;
             }
-            self.wait_for_the_run_lock(mode, report, db, cancel).await?;
-        }
+            None => {
+                self.wait_for_the_run_lock(mode, report, &session.db, cancel)
+                    .await?
+            }
+        };
+        // `run_inner` stops the run when it fires.
+        lock.cancel_on_loss(lock_lost.clone());
+        session.lock = Some(lock);
+        let db = &mut session.db;
         let result = self
             .units(mode, report, db, source)
             .await
@@ -223,7 +232,11 @@ impl Engine {
             };
             self.record(db, report, outcome, error.as_deref()).await;
         }
-        let _ = lock::release(&db.client).await;
+        if let Some(lock) = session.lock.take() {
+            if let Err(e) = lock.release().await {
+                tracing::warn!(run.id = %report.id, error = %e, "could not commit the run lock's transaction; closing its connection released the lock");
+            }
+        }
         result
     }
 
@@ -250,7 +263,7 @@ impl Engine {
         report: &RunReport,
         db: &Db,
         cancel: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<RunLock> {
         let wait = self.settings.startup.wait_timeout;
         // Named now for the operator watching the log; named again if the wait runs out.
         let holder = lock::holder(&db.client).await?;
@@ -260,17 +273,17 @@ impl Engine {
         );
         tracing::warn!(run.id = %report.id, holder = %holder, wait = %duration_str::format(&wait), "the run lock is held by another session: waiting for it (startup.wait_timeout)");
         let started = Instant::now();
-        match lock::acquire_within(&db.client, wait, cancel).await {
-            Ok(()) => {
+        match RunLock::acquire_within(&self.settings.database, wait, cancel).await {
+            Ok(lock) => {
                 let waited_ms = started.elapsed().as_millis() as u64;
                 tracing::info!(run.id = %report.id, waited_ms, "run lock taken");
-                Ok(())
+                Ok(lock)
             }
             Err(e @ Error::RunLockHeld { .. }) => {
                 // Only its own row: pruning is left to the run that holds the lock.
                 if mode == Mode::Apply {
                     let error = e.to_string();
-                    let recorded = close_run_row(db, report, Outcome::Failed, Some(&error)).await;
+                    let recorded = close_run_row(&db.client, report, Outcome::Failed, Some(&error)).await;
                     if let Err(why) = recorded {
                         tracing::error!(run.id = %report.id, error = %why, "could not record the run in seed_runs");
                     }
@@ -285,7 +298,7 @@ impl Engine {
     /// run's own outcome stands.
     async fn record(&self, db: &Db, report: &RunReport, outcome: Outcome, error: Option<&str>) {
         let finished = async {
-            if close_run_row(db, report, outcome, error).await? {
+            if close_run_row(&db.client, report, outcome, error).await? {
                 runs::prune(&db.client, self.settings.evidence.retention).await?;
             }
             Ok::<_, Error>(())
@@ -419,11 +432,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Ends a run stopped at its deadline or by a shutdown: its session is ended from a second
-    /// connection (which rolls back its open transaction and releases the run lock at once, even
-    /// while the server is blocked on a lock), and the run is recorded `failed`. Bounded by
-    /// [`Engine::stop_budget`]; when that runs out, or no second connection can be made, the
-    /// session ends when the server notices the closed connection, bounded by
+    /// Ends a run stopped at its deadline, by a shutdown or by losing the run lock: see
+    /// [`Engine::end_session`]. Bounded by [`Engine::stop_budget`]; when that runs out, both
+    /// connections are dropped, and the server ends the session when it notices, bounded by
     /// `database.lock_timeout` and `database.statement_timeout`.
     async fn stop_run(
         &self,
@@ -452,12 +463,23 @@ impl Engine {
                     duration_str::format(&self.settings.shutdown.grace)
                 ),
             ),
+            Stop::LockLost => {
+                let m = format!(
+                    "the run lost the run lock {at}: the connection holding it ended (the server restarted, an operator or a pooler closed it, or a timeout of the role such as transaction_timeout ended its transaction), so the run was cancelled and rolled back rather than go on beside a run that may take the lock; the next run converges"
+                );
+                (Error::Database(crate::error::DbFailure {
+                    context: "holding the run lock".into(),
+                    code: None,
+                    message: m.clone(),
+                    hint: None,
+                }), m)
+            }
         };
         tracing::error!(run.id = %report.id, error = %message, "stopping the run");
-        if let Some(Session { db, pid }) = session {
+        if let Some(session) = session {
             let ended = tokio::time::timeout(
                 self.stop_budget(),
-                self.end_session(db, pid, mode, report, &message),
+                self.end_session(session, mode, report, &message),
             )
             .await;
             let problem = match ended {
@@ -475,39 +497,54 @@ impl Engine {
         error
     }
 
+    /// Ends a stopped run's session through its own connection, never by a backend pid (behind a
+    /// pooler that pid may serve another client by now): a cancel request for the statement in
+    /// flight (a pooler forwards it to the backend running it), a rollback of its transaction
+    /// (answered once the cancelled statement has ended), the run recorded `failed`, the
+    /// connection closed and the run lock given back. A rollback that does not answer within half
+    /// the budget leaves the connection to be dropped; `statement_timeout` bounds the rest.
     async fn end_session(
         &self,
-        db: Db,
-        pid: i32,
+        session: Session,
         mode: Mode,
         report: &RunReport,
         message: &str,
     ) -> Result<()> {
-        let side = store::connect(&self.settings.database).await?;
-        side.client
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        let Session { db, lock } = session;
+        let (_, tls) = self.settings.database.connection()?;
+        let connector = store::tls::connector(&tls)?;
+        db.client
+            .cancel_token()
+            .cancel_query(connector)
             .await
-            .map_err(store::ctx("ending the stopped run's session"))?;
-        drop(db);
-        loop {
-            let gone: bool = side
-                .client
-                .query_one(
-                    "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-                    &[&pid],
-                )
+            .map_err(store::ctx("cancelling the stopped run's statement"))?;
+        // A ROLLBACK outside a transaction only draws a warning.
+        let rolled_back = tokio::time::timeout(
+            self.stop_budget() / 2,
+            db.client.batch_execute("ROLLBACK"),
+        )
+        .await;
+        let db_usable = matches!(rolled_back, Ok(Ok(())));
+        let budget = self.stop_budget() / 4;
+        let recorded = if mode != Mode::Apply {
+            Ok(())
+        } else if let Some(lock) = &lock {
+            // Inside the lock's transaction: committed with its release, under the lock.
+            close_run_row(lock.client(), report, Outcome::Failed, Some(message))
                 .await
-                .map_err(store::ctx("waiting for the stopped run's session to end"))?
-                .get(0);
-            if gone {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+                .map(|_| ())
+        } else if db_usable {
+            close_run_row(&db.client, report, Outcome::Failed, Some(message))
+                .await
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        db.close(budget).await;
+        if let Some(lock) = lock {
+            lock.release().await?;
         }
-        if mode == Mode::Apply {
-            close_run_row(&side, report, Outcome::Failed, Some(message)).await?;
-        }
-        Ok(())
+        recorded
     }
 
     /// Names the key behind a PostgreSQL timeout, by its SQLSTATE: `database.lock_timeout`
@@ -543,18 +580,18 @@ impl Engine {
 /// Closes a run's `seed_runs` row, inserting it when the schema unit itself failed before the
 /// row was opened. `false` when there is no `seed_runs` table to record in (no schema yet).
 async fn close_run_row(
-    db: &Db,
+    client: &tokio_postgres::Client,
     report: &RunReport,
     outcome: Outcome,
     error: Option<&str>,
 ) -> Result<bool> {
-    if !store::table_exists(&db.client, "seed_runs").await? {
+    if !store::table_exists(client, "seed_runs").await? {
         return Ok(false);
     }
     let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
-    runs::insert_if_missing(&db.client, id, trigger, digest).await?;
+    runs::insert_if_missing(client, id, trigger, digest).await?;
     let (counts, findings) = (report.counts_json(), report.findings_json());
-    runs::finish(&db.client, id, outcome.as_str(), &counts, &findings, error).await?;
+    runs::finish(client, id, outcome.as_str(), &counts, &findings, error).await?;
     Ok(true)
 }
 
@@ -577,12 +614,15 @@ pub const STOP_BUDGET: Duration = Duration::from_secs(5);
 enum Stop {
     Deadline,
     Shutdown,
+    /// The run lock's connection ended while the run held it.
+    LockLost,
 }
 
-/// The database session of a run, and its backend's pid to end it from another session.
+/// The database session of a run, and the run lock once taken (its own connection, see
+/// [`crate::store::lock`]).
 struct Session {
     db: Db,
-    pid: i32,
+    lock: Option<RunLock>,
 }
 
 /// The identity source of a run, the token that ends its calls when the run ends, and the

@@ -71,7 +71,7 @@ pub async fn pending(
         return Ok(migrations.iter().collect());
     }
     let rows = client
-        .query(
+        .query_typed(
             "SELECT version, name, checksum FROM seedkeeper_migrations ORDER BY version",
             &[],
         )
@@ -141,9 +141,13 @@ pub async fn run(
                 crate::error::describe_pg(&e)
             ))
         })?;
-        tx.execute(
+        tx.query_typed(
             "INSERT INTO seedkeeper_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[&m.version, &m.name, &m.checksum()],
+            &[
+                (&m.version, tokio_postgres::types::Type::INT4),
+                (&m.name, tokio_postgres::types::Type::TEXT),
+                (&m.checksum(), tokio_postgres::types::Type::TEXT),
+            ],
         )
         .await
         .map_err(ctx("recording a migration"))?;
