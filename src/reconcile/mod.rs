@@ -165,9 +165,9 @@ impl Engine {
                 provider: source,
                 listing: &listing,
                 progress,
+                lock_lost: &lock_lost,
             },
             &mut session,
-            &lock_lost,
         );
         let stop = tokio::select! {
             r = body => return r,
@@ -191,7 +191,6 @@ impl Engine {
         cancel: &CancellationToken,
         source: Source<'_>,
         session: &mut Option<Session>,
-        lock_lost: &CancellationToken,
     ) -> Result<()> {
         // Validate the identity input before anything is written: a bad realm file must leave the
         // database untouched. Nothing is written yet, so a shutdown stops it at once.
@@ -214,7 +213,7 @@ impl Engine {
             }
         };
         // `run_inner` stops the run when it fires.
-        lock.cancel_on_loss(lock_lost.clone());
+        lock.cancel_on_loss(source.lock_lost.clone());
         session.lock = Some(lock);
         let db = &mut session.db;
         let result = self
@@ -626,11 +625,12 @@ struct Session {
 }
 
 /// The identity source of a run, the token that ends its calls when the run ends, and the
-/// run's progress counters.
+/// run's progress counters; and the token that stops the run when it loses the run lock.
 struct Source<'a> {
     provider: Arc<dyn IdentityProvider>,
     listing: &'a CancellationToken,
     progress: &'a Progress,
+    lock_lost: &'a CancellationToken,
 }
 
 /// A source whose calls end as soon as their token fires, even when the listing runs on a task

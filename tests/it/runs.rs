@@ -235,7 +235,7 @@ async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0()
         .spawn()
         .unwrap();
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND application_name = 'seedkeeper' AND query LIKE '%pg_try_advisory_lock%'";
+                   AND application_name = 'seedkeeper' AND query LIKE '%pg_try_advisory_xact_lock%'";
     until("--once is waiting for the run lock", 30, || async {
         db.scalar(waiting).await >= 1
     })
