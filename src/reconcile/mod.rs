@@ -282,7 +282,8 @@ impl Engine {
                 // Only its own row: pruning is left to the run that holds the lock.
                 if mode == Mode::Apply {
                     let error = e.to_string();
-                    let recorded = close_run_row(&db.client, report, Outcome::Failed, Some(&error)).await;
+                    let recorded =
+                        close_run_row(&db.client, report, Outcome::Failed, Some(&error)).await;
                     if let Err(why) = recorded {
                         tracing::error!(run.id = %report.id, error = %why, "could not record the run in seed_runs");
                     }
@@ -518,11 +519,8 @@ impl Engine {
             .await
             .map_err(store::ctx("cancelling the stopped run's statement"))?;
         // A ROLLBACK outside a transaction only draws a warning.
-        let rolled_back = tokio::time::timeout(
-            self.stop_budget() / 2,
-            db.client.batch_execute("ROLLBACK"),
-        )
-        .await;
+        let rolled_back =
+            tokio::time::timeout(self.stop_budget() / 2, db.client.batch_execute("ROLLBACK")).await;
         let db_usable = matches!(rolled_back, Ok(Ok(())));
         let budget = self.stop_budget() / 4;
         let recorded = if mode != Mode::Apply {

@@ -76,7 +76,9 @@ async fn take_on(db: Db) -> Result<std::result::Result<RunLock, Db>> {
     }
     // The comment is what pg_stat_activity shows of a session waiting for the lock.
     db.client
-        .batch_execute("ROLLBACK /* seedkeeper waits for the run lock: pg_try_advisory_xact_lock */")
+        .batch_execute(
+            "ROLLBACK /* seedkeeper waits for the run lock: pg_try_advisory_xact_lock */",
+        )
         .await
         .map_err(ctx("ending a try for the run lock"))?;
     Ok(Err(db))

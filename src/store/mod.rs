@@ -250,11 +250,13 @@ pub async fn warn_unless_session_timeouts(client: &Client, settings: &DatabaseSe
             .map(|r| r.get::<_, i64>(1));
         if have != Some(want.as_millis() as i64) {
             let key = format!("database.{name}");
+            let fix = format!("a connection pooler drops the startup parameter `options` (PgBouncer's ignore_startup_parameters = options): set it on the role (ALTER ROLE <role> SET {name} = '{}ms') and set {key} to 0 to stop asking", want.as_millis());
             tracing::warn!(
                 key = %key,
                 wanted_ms = want.as_millis() as u64,
                 server_ms = have.unwrap_or(-1),
-                "the session does not have the {name} seedkeeper asked for: a connection pooler ignores the startup parameter `options` (PgBouncer's ignore_startup_parameters = options). Set it on the role (ALTER ROLE <role> SET {name} = ...) and set {key} to 0 to stop asking"
+                fix = %fix,
+                "a timeout seedkeeper asked for is not in effect in its session"
             );
         }
     }

@@ -22,6 +22,7 @@ mod listing;
 mod ops;
 mod parsers;
 mod pg_tls;
+mod pooler;
 mod progress;
 mod realm_files;
 mod retry;

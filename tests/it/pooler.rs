@@ -1,0 +1,245 @@
+//! Behind a connection pooler: a real PgBouncer (Debian's package) of the test's own in front of
+//! the test PostgreSQL, in transaction and in session mode. Runs at once through it never fail,
+//! never overlap and never leave the run lock held; a pooler that refuses the startup parameter
+//! `options` is a configuration error at once, not an outage.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::harness::pooler::{PgBouncer, PoolMode};
+use crate::harness::*;
+
+/// Rounds of two `--once` processes started at once.
+const ROUNDS: usize = 20;
+
+/// Seconds a run of the test may take, waits for the run lock included.
+const ONCE_WITHIN: Duration = Duration::from_secs(120);
+
+/// Pairs of succeeded runs whose `seed_runs` intervals overlap.
+async fn overlapping_runs(db: &TestDb) -> i64 {
+    db.scalar(
+        "SELECT count(*) FROM seed_runs a JOIN seed_runs b ON a.id < b.id \
+         WHERE a.outcome = 'succeeded' AND b.outcome = 'succeeded' \
+           AND tstzrange(a.started_at, a.finished_at) && tstzrange(b.started_at, b.finished_at)",
+    )
+    .await
+}
+
+/// Advisory locks held in the test's database, as the server (not the pooler) sees them.
+async fn advisory_locks(db: &TestDb) -> i64 {
+    let admin = connect(&admin_url()).await;
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+             WHERE l.locktype = 'advisory' AND d.datname = $1",
+            &[&db.name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Two `--once` at once, `ROUNDS` times; the failures (exit code and log) of all of them.
+async fn two_at_once(env: &[(String, String)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for round in 0..ROUNDS {
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                spawn::command(&["--once"], env)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("spawn seedkeeper --once")
+            })
+            .collect();
+        for child in children {
+            let started = Instant::now();
+            let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(started.elapsed() < ONCE_WITHIN, "round {round}: too slow");
+            if out.status.code() != Some(0) {
+                failures.push(format!(
+                    "round {round}: exit {:?}: {}",
+                    out.status.code(),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+        }
+    }
+    failures
+}
+
+/// The whole scenario in one pool mode: two `--once` at once for [`ROUNDS`] rounds, then a
+/// daemon and a second replica for several ticks, then one more `--once`; nothing fails,
+/// overlaps or leaves the lock held.
+async fn behind_pgbouncer(mode: PoolMode, pool_size: u32) {
+    let db = TestDb::new().await;
+    // The default timeouts are asked for and dropped by the pooler (seedkeeper warns).
+    let pgb = PgBouncer::start(mode, pool_size, &["ignore_startup_parameters = options"]);
+    let url = pgb.url(&db.name);
+    let env = vec![("SEEDKEEPER_DATABASE__URL".to_string(), url.clone())];
+
+    let t = Instant::now();
+    let failures = two_at_once(&env).await;
+    let once_secs = t.elapsed().as_secs_f64();
+    assert!(
+        failures.is_empty(),
+        "{} of {} runs failed behind pgbouncer in {} mode:\n{}\npgbouncer log:\n{}",
+        failures.len(),
+        2 * ROUNDS,
+        mode.as_str(),
+        failures.join("\n"),
+        pgb.log()
+    );
+    let succeeded = db
+        .scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'")
+        .await;
+    assert_eq!(succeeded, 2 * ROUNDS as i64, "every --once succeeded");
+    let overlaps_once = overlapping_runs(&db).await;
+    assert_eq!(overlaps_once, 0, "succeeded runs overlap");
+    let locks_once = advisory_locks(&db).await;
+    assert_eq!(locks_once, 0, "an advisory lock outlived the processes");
+
+    // A daemon and a second replica, ticking every second.
+    let daemon_env = [
+        ("SEEDKEEPER_DATABASE__URL", url.as_str()),
+        ("SEEDKEEPER_SCHEDULE__CRON", "*/1 * * * * *"),
+        ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "10s"),
+    ];
+    let replicas = [
+        start_daemon(settings_from(&daemon_env)).await,
+        start_daemon(settings_from(&daemon_env)).await,
+    ];
+    let c = db.client().await;
+    let before = succeeded;
+    until("both replicas ticked, some ticks skipped by the lock", 90, || async {
+        let row = c
+            .query_one(
+                "SELECT count(*) FILTER (WHERE outcome = 'succeeded'), count(*) FILTER (WHERE outcome = 'skipped') FROM seed_runs",
+                &[],
+            )
+            .await;
+        match row {
+            Ok(r) => r.get::<_, i64>(0) >= before + 8 && r.get::<_, i64>(1) >= 3,
+            Err(_) => false,
+        }
+    })
+    .await;
+    for d in &replicas {
+        assert_eq!(status_of(&d.url("/readyz")).await, 200, "{}", mode.as_str());
+    }
+    for d in replicas {
+        d.cancel.cancel();
+        d.task.await.unwrap().unwrap();
+    }
+    // One more run after them: the lock is free, nothing was left running.
+    let out = run_bin(&["--once"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("not in effect") && text(&out).contains("database.statement_timeout"),
+        "the dropped timeouts are named: {}",
+        text(&out)
+    );
+
+    let failed: Vec<String> = db
+        .strings("SELECT coalesce(error, '') FROM seed_runs WHERE outcome NOT IN ('succeeded', 'skipped')")
+        .await;
+    assert!(failed.is_empty(), "{failed:?}");
+    let overlaps = overlapping_runs(&db).await;
+    assert_eq!(overlaps, 0, "succeeded runs overlap");
+    let locks = advisory_locks(&db).await;
+    assert_eq!(locks, 0, "an advisory lock outlived the processes");
+    let (runs, skipped) = (
+        db.scalar("SELECT count(*) FROM seed_runs").await,
+        db.scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'skipped'")
+            .await,
+    );
+    println!(
+        "pgbouncer {} mode (default_pool_size {pool_size}): {ROUNDS} rounds of two --once in {once_secs:.1} s, then two daemons: {runs} runs ({skipped} skipped), 0 failed, {overlaps} overlapping, {locks} advisory locks left",
+        mode.as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_behind_pgbouncer_in_transaction_mode_never_fail_overlap_or_leak_the_run_lock() {
+    // As small as the pool that showed the failures: three server connections.
+    behind_pgbouncer(PoolMode::Transaction, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_behind_pgbouncer_in_session_mode_never_fail_overlap_or_leak_the_run_lock() {
+    // Session mode gives each client connection a server connection of its own: a replica
+    // needs three (its run, the run lock, the /readyz probe), and two replicas run here.
+    behind_pgbouncer(PoolMode::Session, 6).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pgbouncer_refusing_the_options_startup_parameter_is_a_config_error_at_once() {
+    let db = TestDb::new().await;
+    // PgBouncer's defaults: `options` is not in ignore_startup_parameters.
+    let pgb = PgBouncer::start(PoolMode::Transaction, 3, &[]);
+    let url = pgb.url(&db.name);
+    let mut env = vec![
+        ("SEEDKEEPER_DATABASE__URL".to_string(), url.clone()),
+        // Long: a refusal taken for an outage would wait all of it.
+        (
+            "SEEDKEEPER_STARTUP__WAIT_TIMEOUT".to_string(),
+            "60s".to_string(),
+        ),
+    ];
+    let t = Instant::now();
+    let out = run_bin(&["--once"], &env);
+    let took = t.elapsed();
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    for named in [
+        "unsupported startup parameter",
+        "ignore_startup_parameters = options",
+        "SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT=0",
+        "SEEDKEEPER_DATABASE__LOCK_TIMEOUT=0",
+    ] {
+        assert!(text(&out).contains(named), "{named}: {}", text(&out));
+    }
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM seed_runs").await,
+        0,
+        "nothing written"
+    );
+
+    // The daemon: its startup run fails as a configuration error at once, not after the wait.
+    let daemon = start_daemon(settings_from(&[
+        ("SEEDKEEPER_DATABASE__URL", url.as_str()),
+        ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "60s"),
+    ]))
+    .await;
+    let t = Instant::now();
+    until("the startup run failed as a config error", 10, || async {
+        daemon
+            .metrics()
+            .await
+            .contains("seedkeeper_run_errors_total{kind=\"config\"} 1")
+    })
+    .await;
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert_eq!(status_of(&daemon.url("/readyz")).await, 503);
+    daemon.cancel.cancel();
+    daemon.task.await.unwrap().unwrap();
+
+    // The keys that send no `options`: the same PgBouncer lets the run through.
+    env.push(("SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT".into(), "0".into()));
+    env.push(("SEEDKEEPER_DATABASE__LOCK_TIMEOUT".into(), "0".into()));
+    let out = run_bin(&["--once"], &env);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        !text(&out).contains("not in effect"),
+        "no timeout asked, none missed: {}",
+        text(&out)
+    );
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'succeeded'")
+            .await,
+        1
+    );
+}
