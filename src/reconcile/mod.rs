@@ -523,6 +523,8 @@ impl Engine {
             tokio::time::timeout(self.stop_budget() / 2, db.client.batch_execute("ROLLBACK")).await;
         let db_usable = matches!(rolled_back, Ok(Ok(())));
         let budget = self.stop_budget() / 4;
+        // A lost lock has no connection left to record on, nor a lock to give back.
+        let lock = lock.filter(RunLock::is_held);
         let recorded = if mode != Mode::Apply {
             Ok(())
         } else if let Some(lock) = &lock {

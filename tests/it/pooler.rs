@@ -243,3 +243,93 @@ async fn a_pgbouncer_refusing_the_options_startup_parameter_is_a_config_error_at
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_whose_run_lock_session_ends_stops_at_once_rolled_back_and_recorded_failed() {
+    let db = TestDb::new().await;
+    assert_ok(&apply(&db.engine(&[])).await);
+    // Held up mid-run by a table lock of the test's, with every deadline far away.
+    let held = db.client().await;
+    held.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let engine = db.engine(&[
+        ("SEEDKEEPER_RUN__TIMEOUT", "5m"),
+        ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "5m"),
+    ]);
+    let run = tokio::spawn(async move { apply(&engine).await });
+    let admin = connect(&admin_url()).await;
+    let lock_holder = "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                       WHERE l.locktype = 'advisory' AND l.granted AND d.datname = $1";
+    until(
+        "the run holds the run lock and waits on the table lock",
+        30,
+        || async {
+            let waiting: i64 = admin
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 \
+                 AND application_name = 'seedkeeper' AND wait_event_type = 'Lock'",
+                    &[&db.name],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            let holding = admin.query(lock_holder, &[&db.name]).await.unwrap();
+            waiting == 1 && holding.len() == 1
+        },
+    )
+    .await;
+    let pid: i32 = admin
+        .query_one(lock_holder, &[&db.name])
+        .await
+        .unwrap()
+        .get(0);
+    // What a server restart, an operator or a transaction_timeout does to the lock's session.
+    let t = Instant::now();
+    admin
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the run went on without its run lock")
+        .unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "stopped after {took:?}");
+    assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
+    let err = error_of(&r);
+    assert!(err.contains("lost the run lock"), "{err}");
+    // Stopped while the table lock is still held: no seedkeeper session is left, and its row is
+    // closed by itself, not left for the next run to close as abandoned.
+    until("the stopped run's sessions are gone", 5, || async {
+        let n: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name = 'seedkeeper'",
+                &[&db.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    let rows = db
+        .strings(&format!(
+            "SELECT outcome || ': ' || coalesce(error, '') FROM seed_runs WHERE id = '{}'",
+            r.id
+        ))
+        .await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].starts_with("failed: the run lost the run lock"),
+        "{rows:?}"
+    );
+    held.batch_execute("COMMIT").await.unwrap();
+    assert_ok(&apply(&db.engine(&[])).await);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'running'")
+            .await,
+        0
+    );
+    assert_eq!(advisory_locks(&db).await, 0);
+}
