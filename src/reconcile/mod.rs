@@ -513,11 +513,11 @@ impl Engine {
         let Session { db, lock } = session;
         let (_, tls) = self.settings.database.connection()?;
         let connector = store::tls::connector(&tls)?;
-        db.client
-            .cancel_token()
-            .cancel_query(connector)
-            .await
-            .map_err(store::ctx("cancelling the stopped run's statement"))?;
+        // Undelivered (the network gone), the rollback below waits for the statement instead,
+        // within its bound.
+        if let Err(e) = db.client.cancel_token().cancel_query(connector).await {
+            tracing::warn!(run.id = %report.id, error = %crate::error::describe_pg(&e), "could not cancel the stopped run's statement");
+        }
         // A ROLLBACK outside a transaction only draws a warning.
         let rolled_back =
             tokio::time::timeout(self.stop_budget() / 2, db.client.batch_execute("ROLLBACK")).await;
