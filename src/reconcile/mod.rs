@@ -511,12 +511,21 @@ impl Engine {
         message: &str,
     ) -> Result<()> {
         let Session { db, lock } = session;
-        let (_, tls) = self.settings.database.connection()?;
-        let connector = store::tls::connector(&tls)?;
         // Undelivered (the network gone), the rollback below waits for the statement instead,
         // within its bound.
-        if let Err(e) = db.client.cancel_token().cancel_query(connector).await {
-            tracing::warn!(run.id = %report.id, error = %crate::error::describe_pg(&e), "could not cancel the stopped run's statement");
+        let cancelled = tokio::time::timeout(
+            self.stop_budget() / 4,
+            store::cancel::cancel_statement(&db.client, &self.settings.database),
+        )
+        .await;
+        match cancelled {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(run.id = %report.id, error = %e, "could not cancel the stopped run's statement")
+            }
+            Err(_) => {
+                tracing::warn!(run.id = %report.id, "the cancel request for the stopped run's statement was not answered in time")
+            }
         }
         // A ROLLBACK outside a transaction only draws a warning.
         let rolled_back =

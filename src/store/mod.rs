@@ -10,6 +10,7 @@
 //! statement outlives its transaction on a backend the pooler hands to someone else. Reads
 //! `database.*`.
 
+pub mod cancel;
 pub mod lock;
 pub mod migrate;
 pub mod runs;

@@ -333,3 +333,71 @@ async fn a_run_whose_run_lock_session_ends_stops_at_once_rolled_back_and_recorde
     );
     assert_eq!(advisory_locks(&db).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_stopped_at_its_deadline_behind_pgbouncer_is_cancelled_through_its_connection_and_other_sessions_live_on(
+) {
+    let db = TestDb::new().await;
+    let pgb = PgBouncer::start(
+        PoolMode::Transaction,
+        3,
+        &["ignore_startup_parameters = options"],
+    );
+    let url = pgb.url(&db.name);
+    let through_pgbouncer = [("SEEDKEEPER_DATABASE__URL", url.as_str())];
+    assert_ok(&apply(&db.engine(&through_pgbouncer)).await);
+    // Another application's session through the same pooler, in a transaction holding a lock
+    // the run needs: its server connection must outlive the stop.
+    let other = connect(&url).await;
+    other
+        .batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let engine = db.engine(&[
+        ("SEEDKEEPER_DATABASE__URL", url.as_str()),
+        ("SEEDKEEPER_RUN__TIMEOUT", "2s"),
+        ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT", "1s"),
+    ]);
+    let t = Instant::now();
+    let r = apply(&engine).await;
+    let took = t.elapsed();
+    assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
+    let err = error_of(&r);
+    assert!(err.contains("run.timeout (2s) exceeded in unit"), "{err}");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(4),
+        "stopped after {took:?}"
+    );
+    assert_eq!(advisory_locks(&db).await, 0, "the run lock is free");
+    // The other session is still in its transaction, its lock held, and commits.
+    let held: i64 = other
+        .simple_query(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND mode = 'AccessExclusiveLock' AND pid = pg_backend_pid()",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("the other session: {e}; pgbouncer log:\n{}", pgb.log()))
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(held, 1, "the other session lost its lock");
+    other.batch_execute("COMMIT").await.unwrap();
+    let rows = db
+        .strings(&format!(
+            "SELECT outcome || ': ' || coalesce(error, '') FROM seed_runs WHERE id = '{}'",
+            r.id
+        ))
+        .await;
+    assert!(
+        rows[0].starts_with("failed: run.timeout (2s) exceeded"),
+        "{rows:?}"
+    );
+    assert_ok(&apply(&db.engine(&through_pgbouncer)).await);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM seed_runs WHERE outcome = 'running'")
+            .await,
+        0
+    );
+}
