@@ -114,7 +114,8 @@ impl Cli {
 
     /// `--allow-offboard N` as the engine takes it.
     fn allowed_offboard(&self) -> Option<i64> {
-        self.allow_offboard.map(|n| i64::try_from(n).unwrap_or(i64::MAX))
+        self.allow_offboard
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX))
     }
 }
 
@@ -541,22 +542,26 @@ async fn migrate_schema(
         .run(
             cancel,
             |_| async {
-                match store::lock::try_acquire(&db.client).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => Err(Retry::Backoff(())),
+                match store::lock::RunLock::try_take(&settings.database).await {
+                    Ok(Some(lock)) => Ok(lock),
+                    Ok(None) => Err(Retry::Backoff(())),
                     Err(e) => Err(Retry::Fail(e)),
                 }
             },
             |_, _, _| {},
         )
         .await;
-    if let Err(stop) = locked {
-        return Err(stop.into_error(|(), _| {
-            Error::Schema(
-                "another seedkeeper run holds the run lock; migrate again when it is done".into(),
-            )
-        }));
-    }
+    let lock = match locked {
+        Ok(lock) => lock,
+        Err(stop) => {
+            return Err(stop.into_error(|(), _| {
+                Error::Schema(
+                    "another seedkeeper run holds the run lock; migrate again when it is done"
+                        .into(),
+                )
+            }))
+        }
+    };
     let r = async {
         let mut report = store::migrate::run(
             &mut db.client,
@@ -572,7 +577,9 @@ async fn migrate_schema(
         Ok(report)
     }
     .await;
-    let _ = store::lock::release(&db.client).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!(error = %e, "could not commit the run lock's transaction; closing its connection released the lock");
+    }
     r
 }
 

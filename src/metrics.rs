@@ -639,7 +639,9 @@ impl Metrics {
         } else {
             self.batches.record(report);
             // A stopped batch says so until the next full run decides again.
-            let stopped = report.unit(Unit::Identities).map(|u| u.get(Tally::OffboardStopped));
+            let stopped = report
+                .unit(Unit::Identities)
+                .map(|u| u.get(Tally::OffboardStopped));
             if let Some(n) = stopped.filter(|n| *n > 0) {
                 self.offboard_stopped.set(n);
             }

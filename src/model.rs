@@ -387,10 +387,11 @@ impl Scope {
         let Some(subs) = subs else {
             return Ok(Scope::All);
         };
+        // Unnamed (query_typed): nothing prepared is left on a pooler's backend.
         let rows = tx
-            .query(
+            .query_typed(
                 "SELECT id FROM users WHERE keycloak_sub = ANY($1)",
-                &[&subs],
+                &[(&subs, tokio_postgres::types::Type::TEXT_ARRAY)],
             )
             .await
             .map_err(crate::store::ctx("finding the event batch's users rows"))?;

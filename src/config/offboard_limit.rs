@@ -54,7 +54,9 @@ impl OffboardLimit {
             }
             return Ok(OffboardLimit::Percent(p));
         }
-        t.parse::<u64>().map(OffboardLimit::Count).map_err(|_| bad())
+        t.parse::<u64>()
+            .map(OffboardLimit::Count)
+            .map_err(|_| bad())
     }
 }
 
@@ -88,9 +90,11 @@ impl<'de> Deserialize<'de> for OffboardLimit {
                 Ok(OffboardLimit::Count(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-                u64::try_from(v)
-                    .map(OffboardLimit::Count)
-                    .map_err(|_| E::custom(format!("identity.offboard_limit = {v}: a count cannot be negative")))
+                u64::try_from(v).map(OffboardLimit::Count).map_err(|_| {
+                    E::custom(format!(
+                        "identity.offboard_limit = {v}: a count cannot be negative"
+                    ))
+                })
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 OffboardLimit::parse(v).map_err(E::custom)
@@ -107,13 +111,19 @@ mod tests {
     #[test]
     fn counts_and_percentages_parse_and_resolve() {
         assert_eq!(OffboardLimit::parse("500"), Ok(OffboardLimit::Count(500)));
-        assert_eq!(OffboardLimit::parse(" 2.5% "), Ok(OffboardLimit::Percent(2.5)));
+        assert_eq!(
+            OffboardLimit::parse(" 2.5% "),
+            Ok(OffboardLimit::Percent(2.5))
+        );
         assert!(OffboardLimit::parse("110%").is_err());
         assert!(OffboardLimit::parse("-1").is_err());
         assert!(OffboardLimit::parse("lots").is_err());
         assert_eq!(OffboardLimit::Count(0).resolve(1_000), 0);
         assert_eq!(OffboardLimit::Percent(10.0).resolve(100_000), 10_000);
-        assert_eq!(OffboardLimit::Percent(10.0).resolve(101), PERCENT_FLOOR.max(11));
+        assert_eq!(
+            OffboardLimit::Percent(10.0).resolve(101),
+            PERCENT_FLOOR.max(11)
+        );
         assert_eq!(OffboardLimit::Percent(10.0).resolve(6), PERCENT_FLOOR);
         assert_eq!(OffboardLimit::Percent(1.0).resolve(1_001), 11);
     }

@@ -1,6 +1,7 @@
 //! The follower's checkpoint (table `event_follower`), one row per realm: where each stream
 //! was read up to, or why events are not followed; and the lines `seedkeeper status` shows.
 
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
 use super::Mark;
@@ -16,9 +17,9 @@ pub struct Checkpoint {
 
 pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoint>> {
     let row = c
-        .query_opt(
+        .query_typed_opt(
             "SELECT user_time, user_ids, admin_time, admin_ids FROM event_follower WHERE realm = $1",
-            &[&realm],
+            &[(&realm, Type::TEXT)],
         )
         .await
         .map_err(store::ctx("reading the event checkpoint"))?;
@@ -35,12 +36,18 @@ pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoin
 }
 
 pub async fn save_checkpoint(c: &Client, realm: &str, cp: &Checkpoint) -> Result<()> {
-    c.execute(
+    c.query_typed(
         "INSERT INTO event_follower (realm, user_time, user_ids, admin_time, admin_ids, following, reason, updated_at)
          VALUES ($1, $2, $3, $4, $5, true, NULL, now())
          ON CONFLICT (realm) DO UPDATE SET user_time = $2, user_ids = $3, admin_time = $4, admin_ids = $5,
              following = true, reason = NULL, updated_at = now()",
-        &[&realm, &cp.user.time, &cp.user.ids, &cp.admin.time, &cp.admin.ids],
+        &[
+            (&realm, Type::TEXT),
+            (&cp.user.time, Type::INT8),
+            (&cp.user.ids, Type::TEXT_ARRAY),
+            (&cp.admin.time, Type::INT8),
+            (&cp.admin.ids, Type::TEXT_ARRAY),
+        ],
     )
     .await
     .map_err(store::ctx("saving the event checkpoint"))?;
@@ -49,11 +56,15 @@ pub async fn save_checkpoint(c: &Client, realm: &str, cp: &Checkpoint) -> Result
 
 /// Records that events are not followed, and why (for `seedkeeper status`).
 pub async fn save_not_following(c: &Client, realm: &str, reason: &str, now_ms: i64) -> Result<()> {
-    c.execute(
+    c.query_typed(
         "INSERT INTO event_follower (realm, user_time, admin_time, following, reason, updated_at)
          VALUES ($1, $2, $2, false, $3, now())
          ON CONFLICT (realm) DO UPDATE SET following = false, reason = $3, updated_at = now()",
-        &[&realm, &now_ms, &reason],
+        &[
+            (&realm, Type::TEXT),
+            (&now_ms, Type::INT8),
+            (&reason, Type::TEXT),
+        ],
     )
     .await
     .map_err(store::ctx("recording that events are not followed"))?;
@@ -67,7 +78,7 @@ pub async fn status_lines(c: &Client) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let rows = c
-        .query(
+        .query_typed(
             "SELECT realm, following, reason, greatest(user_time, admin_time), updated_at
              FROM event_follower ORDER BY realm",
             &[],

@@ -95,7 +95,6 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.sub = u.keycloak_sub)
     AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.realigned AND s.username = u.username)";
 
-
 /// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
 /// counts the users listed.
 #[derive(Clone, Copy)]
@@ -270,7 +269,13 @@ async fn offboard_within_limit(
         "{why}. Nobody was offboarded; everything else was applied. Check the source ({}); if these users did leave, run `seedkeeper --once --allow-offboard {to_offboard}` (exactly this number), or raise identity.offboard_limit (SEEDKEEPER_IDENTITY__OFFBOARD_LIMIT)",
         gone.why
     );
-    tracing::error!(unit = UNIT.as_str(), would_offboard = to_offboard, limit, in_realm, "offboarding stopped");
+    tracing::error!(
+        unit = UNIT.as_str(),
+        would_offboard = to_offboard,
+        limit,
+        in_realm,
+        "offboarding stopped"
+    );
     report.find(FindingKind::OffboardStopped, "realm", detail.clone());
     report.bump(Tally::OffboardStopped, to_offboard);
     report.blocking.push((
@@ -548,7 +553,11 @@ struct Changes {
 /// Updates the rows that differ (reactivating offboarded users who came back under their sub)
 /// and inserts the new users, listing up to `listed` of each. A re-aligned row that also
 /// changed counts as re-aligned only.
-async fn write_changes(tx: &Transaction<'_>, listed: i64, report: &mut UnitReport) -> Result<Changes> {
+async fn write_changes(
+    tx: &Transaction<'_>,
+    listed: i64,
+    report: &mut UnitReport,
+) -> Result<Changes> {
     // `prev` is the row before this statement: whether it was offboarded.
     let sql = format!(
         "WITH upd AS (UPDATE users u SET username = s.username, email = s.email, first_name = s.first_name,

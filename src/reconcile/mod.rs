@@ -8,10 +8,11 @@
 //! one `seed_runs` row.
 //!
 //! A run is bounded by `run.timeout`: past it the run is dropped where it stands (a Keycloak
-//! request in flight, a retry sleep, a statement waiting for a lock), its session is ended from a
-//! second connection (which rolls back its open transaction and releases the advisory lock at
-//! once, even while the server is blocked), and the run is recorded `failed` with an error naming
-//! the key. A shutdown cuts a run short the same way when it would outlast `shutdown.grace`.
+//! request in flight, a retry sleep, a statement waiting for a lock), the statement in flight is
+//! cancelled through its own connection (a cancel request, which a pooler forwards to the backend
+//! that runs it) and its transaction rolled back, the run is recorded `failed` with an error
+//! naming the key, and the run lock is given back. A shutdown cuts a run short the same way when
+//! it would outlast `shutdown.grace`, and so does losing the run lock (another run may take it).
 //! Reads `schema.mode`, `run.timeout`, `shutdown.grace`, `identity.*`, `evidence.retention`.
 
 pub mod bindings;
@@ -41,7 +42,8 @@ use crate::error::{Error, Result};
 use crate::identity::{BoxFuture, Identity, IdentityProvider, SourceStats};
 use crate::progress::{self, Progress, Reporter};
 use crate::seed::ReferenceSeed;
-use crate::store::{self, lock, migrate, runs, Db};
+use crate::store::lock::{self, RunLock};
+use crate::store::{self, migrate, runs, Db};
 
 /// Everything a run needs, built once.
 pub struct Engine {
@@ -143,6 +145,8 @@ impl Engine {
         progress: &Progress,
     ) -> Result<()> {
         let grace = self.settings.shutdown.grace;
+        // Fired when the run lock's connection ends while the run holds it.
+        let lock_lost = CancellationToken::new();
         let stopped = async {
             tokio::select! {
                 _ = tokio::time::sleep(self.settings.run.timeout) => Stop::Deadline,
@@ -150,6 +154,7 @@ impl Engine {
                     cancel.cancelled().await;
                     tokio::time::sleep(grace.saturating_sub(self.stop_budget())).await;
                 } => Stop::Shutdown,
+                _ = lock_lost.cancelled() => Stop::LockLost,
             }
         };
         // The source may run its listing on a task of its own, which dropping the run does not
@@ -167,6 +172,7 @@ impl Engine {
                 provider: source,
                 listing: &listing,
                 progress,
+                lock_lost: &lock_lost,
             },
             &mut session,
         );
@@ -201,20 +207,22 @@ impl Engine {
         }
 
         let db = store::connect_with_wait(&self.settings.database, wait, cancel).await?;
-        // The backend's pid, so a run stopped at its deadline can be ended from another session.
-        let pid: i32 = db
-            .client
-            .query_one("SELECT pg_backend_pid()", &[])
-            .await
-            .map_err(store::ctx("reading the session's backend pid"))?
-            .get(0);
-        let db = &mut session.insert(Session { db, pid }).db;
-        if !lock::try_acquire(&db.client).await? {
-            if !report.trigger.waits_for_the_run_lock() {
-                return self.skip_locked_out(mode, report, db).await;
+        store::warn_unless_session_timeouts(&db.client, &self.settings.database).await;
+        let session = session.insert(Session { db, lock: None });
+        let lock = match RunLock::try_take(&self.settings.database).await? {
+            Some(lock) => lock,
+            None if !report.trigger.waits_for_the_run_lock() => {
+                return self.skip_locked_out(mode, report, &session.db).await;
             }
-            self.wait_for_the_run_lock(mode, report, db, cancel).await?;
-        }
+            None => {
+                self.wait_for_the_run_lock(mode, report, &session.db, cancel)
+                    .await?
+            }
+        };
+        // `run_inner` stops the run when it fires.
+        lock.cancel_on_loss(source.lock_lost.clone());
+        session.lock = Some(lock);
+        let db = &mut session.db;
         let result = match mode {
             Mode::Apply => self.units(mode, report, &mut db.client, &source).await,
             // A plan runs the apply's own statements in one transaction that is always rolled
@@ -249,7 +257,11 @@ impl Engine {
             };
             self.record(db, report, outcome, error.as_deref()).await;
         }
-        let _ = lock::release(&db.client).await;
+        if let Some(lock) = session.lock.take() {
+            if let Err(e) = lock.release().await {
+                tracing::warn!(run.id = %report.id, error = %e, "could not commit the run lock's transaction; closing its connection released the lock");
+            }
+        }
         result
     }
 
@@ -276,7 +288,7 @@ impl Engine {
         report: &RunReport,
         db: &Db,
         cancel: &CancellationToken,
-    ) -> Result<()> {
+    ) -> Result<RunLock> {
         let wait = self.settings.startup.wait_timeout;
         // Named now for the operator watching the log; named again if the wait runs out.
         let holder = lock::holder(&db.client).await?;
@@ -286,17 +298,18 @@ impl Engine {
         );
         tracing::warn!(run.id = %report.id, holder = %holder, wait = %duration_str::format(&wait), "the run lock is held by another session: waiting for it (startup.wait_timeout)");
         let started = Instant::now();
-        match lock::acquire_within(&db.client, wait, cancel).await {
-            Ok(()) => {
+        match RunLock::acquire_within(&self.settings.database, wait, cancel).await {
+            Ok(lock) => {
                 let waited_ms = started.elapsed().as_millis() as u64;
                 tracing::info!(run.id = %report.id, waited_ms, "run lock taken");
-                Ok(())
+                Ok(lock)
             }
             Err(e @ Error::RunLockHeld { .. }) => {
                 // Only its own row: pruning is left to the run that holds the lock.
                 if mode == Mode::Apply {
                     let error = e.to_string();
-                    let recorded = close_run_row(db, report, Outcome::Failed, Some(&error)).await;
+                    let recorded =
+                        close_run_row(&db.client, report, Outcome::Failed, Some(&error)).await;
                     if let Err(why) = recorded {
                         tracing::error!(run.id = %report.id, error = %why, "could not record the run in seed_runs");
                     }
@@ -311,7 +324,7 @@ impl Engine {
     /// run's own outcome stands.
     async fn record(&self, db: &Db, report: &RunReport, outcome: Outcome, error: Option<&str>) {
         let finished = async {
-            if close_run_row(db, report, outcome, error).await? {
+            if close_run_row(&db.client, report, outcome, error).await? {
                 runs::prune(&db.client, self.settings.evidence.retention).await?;
             }
             Ok::<_, Error>(())
@@ -444,7 +457,10 @@ impl Engine {
 
     /// Unit `schema`: the pending migrations applied (in a plan too: inside the plan's outer
     /// transaction, so the units after it compare against the schema the apply would have).
-    async fn unit_schema<C: GenericClient + Send + Sync>(&self, base: &mut C) -> Result<UnitReport> {
+    async fn unit_schema<C: GenericClient + Send + Sync>(
+        &self,
+        base: &mut C,
+    ) -> Result<UnitReport> {
         let mut report = UnitReport::new(Unit::Schema);
         let schema_mode = self.settings.schema.mode;
         let done = migrate::run(base, schema_mode, migrate::MIGRATIONS).await?;
@@ -460,7 +476,11 @@ impl Engine {
 
     /// Apply, once the schema is there: the run's `seed_runs` row with the schema unit's counts,
     /// and closing rows a process that died left `running`.
-    async fn open_run_row(&self, client: &tokio_postgres::Client, report: &RunReport) -> Result<()> {
+    async fn open_run_row(
+        &self,
+        client: &tokio_postgres::Client,
+        report: &RunReport,
+    ) -> Result<()> {
         let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
         runs::insert(client, id, trigger, Utc::now(), "running", digest).await?;
         if let Some(schema) = report.unit(Unit::Schema) {
@@ -473,11 +493,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Ends a run stopped at its deadline or by a shutdown: its session is ended from a second
-    /// connection (which rolls back its open transaction and releases the run lock at once, even
-    /// while the server is blocked on a lock), and the run is recorded `failed`. Bounded by
-    /// [`Engine::stop_budget`]; when that runs out, or no second connection can be made, the
-    /// session ends when the server notices the closed connection, bounded by
+    /// Ends a run stopped at its deadline, by a shutdown or by losing the run lock: see
+    /// [`Engine::end_session`]. Bounded by [`Engine::stop_budget`]; when that runs out, both
+    /// connections are dropped, and the server ends the session when it notices, bounded by
     /// `database.lock_timeout` and `database.statement_timeout`.
     async fn stop_run(
         &self,
@@ -506,12 +524,23 @@ impl Engine {
                     duration_str::format(&self.settings.shutdown.grace)
                 ),
             ),
+            Stop::LockLost => {
+                let m = format!(
+                    "the run lost the run lock {at}: the connection holding it ended (the server restarted, an operator or a pooler closed it, or a timeout of the role such as transaction_timeout ended its transaction), so the run was cancelled and rolled back rather than go on beside a run that may take the lock; the next run converges"
+                );
+                (Error::Database(crate::error::DbFailure {
+                    context: "holding the run lock".into(),
+                    code: None,
+                    message: m.clone(),
+                    hint: None,
+                }), m)
+            }
         };
         tracing::error!(run.id = %report.id, error = %message, "stopping the run");
-        if let Some(Session { db, pid }) = session {
+        if let Some(session) = session {
             let ended = tokio::time::timeout(
                 self.stop_budget(),
-                self.end_session(db, pid, mode, report, &message),
+                self.end_session(session, mode, report, &message),
             )
             .await;
             let problem = match ended {
@@ -529,39 +558,62 @@ impl Engine {
         error
     }
 
+    /// Ends a stopped run's session through its own connection, never by a backend pid (behind a
+    /// pooler that pid may serve another client by now): a cancel request for the statement in
+    /// flight (a pooler forwards it to the backend running it), a rollback of its transaction
+    /// (answered once the cancelled statement has ended), the run recorded `failed`, the
+    /// connection closed and the run lock given back. A rollback that does not answer within half
+    /// the budget leaves the connection to be dropped; `statement_timeout` bounds the rest.
     async fn end_session(
         &self,
-        db: Db,
-        pid: i32,
+        session: Session,
         mode: Mode,
         report: &RunReport,
         message: &str,
     ) -> Result<()> {
-        let side = store::connect(&self.settings.database).await?;
-        side.client
-            .execute("SELECT pg_terminate_backend($1)", &[&pid])
-            .await
-            .map_err(store::ctx("ending the stopped run's session"))?;
-        drop(db);
-        loop {
-            let gone: bool = side
-                .client
-                .query_one(
-                    "SELECT NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = $1)",
-                    &[&pid],
-                )
-                .await
-                .map_err(store::ctx("waiting for the stopped run's session to end"))?
-                .get(0);
-            if gone {
-                break;
+        let Session { db, lock } = session;
+        // Undelivered (the network gone), the rollback below waits for the statement instead,
+        // within its bound.
+        let cancelled = tokio::time::timeout(
+            self.stop_budget() / 4,
+            store::cancel::cancel_statement(&db.client, &self.settings.database),
+        )
+        .await;
+        match cancelled {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(run.id = %report.id, error = %e, "could not cancel the stopped run's statement")
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err(_) => {
+                tracing::warn!(run.id = %report.id, "the cancel request for the stopped run's statement was not answered in time")
+            }
         }
-        if mode == Mode::Apply {
-            close_run_row(&side, report, Outcome::Failed, Some(message)).await?;
+        // A ROLLBACK outside a transaction only draws a warning.
+        let rolled_back =
+            tokio::time::timeout(self.stop_budget() / 2, db.client.batch_execute("ROLLBACK")).await;
+        let db_usable = matches!(rolled_back, Ok(Ok(())));
+        let budget = self.stop_budget() / 4;
+        // A lost lock has no connection left to record on, nor a lock to give back.
+        let lock = lock.filter(RunLock::is_held);
+        let recorded = if mode != Mode::Apply {
+            Ok(())
+        } else if let Some(lock) = &lock {
+            // Inside the lock's transaction: committed with its release, under the lock.
+            close_run_row(lock.client(), report, Outcome::Failed, Some(message))
+                .await
+                .map(|_| ())
+        } else if db_usable {
+            close_run_row(&db.client, report, Outcome::Failed, Some(message))
+                .await
+                .map(|_| ())
+        } else {
+            Ok(())
+        };
+        db.close(budget).await;
+        if let Some(lock) = lock {
+            lock.release().await?;
         }
-        Ok(())
+        recorded
     }
 
     /// Names the key behind a PostgreSQL timeout, by its SQLSTATE: `database.lock_timeout`
@@ -610,18 +662,18 @@ impl Engine {
 /// Closes a run's `seed_runs` row, inserting it when the schema unit itself failed before the
 /// row was opened. `false` when there is no `seed_runs` table to record in (no schema yet).
 async fn close_run_row(
-    db: &Db,
+    client: &tokio_postgres::Client,
     report: &RunReport,
     outcome: Outcome,
     error: Option<&str>,
 ) -> Result<bool> {
-    if !store::table_exists(&db.client, "seed_runs").await? {
+    if !store::table_exists(client, "seed_runs").await? {
         return Ok(false);
     }
     let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
-    runs::insert_if_missing(&db.client, id, trigger, digest).await?;
+    runs::insert_if_missing(client, id, trigger, digest).await?;
     let (counts, findings) = (report.counts_json(), report.findings_json());
-    runs::finish(&db.client, id, outcome.as_str(), &counts, &findings, error).await?;
+    runs::finish(client, id, outcome.as_str(), &counts, &findings, error).await?;
     Ok(true)
 }
 
@@ -644,20 +696,24 @@ pub const STOP_BUDGET: Duration = Duration::from_secs(5);
 enum Stop {
     Deadline,
     Shutdown,
+    /// The run lock's connection ended while the run held it.
+    LockLost,
 }
 
-/// The database session of a run, and its backend's pid to end it from another session.
+/// The database session of a run, and the run lock once taken (its own connection, see
+/// [`crate::store::lock`]).
 struct Session {
     db: Db,
-    pid: i32,
+    lock: Option<RunLock>,
 }
 
 /// The identity source of a run, the token that ends its calls when the run ends, and the
-/// run's progress counters.
+/// run's progress counters; and the token that stops the run when it loses the run lock.
 struct Source<'a> {
     provider: Arc<dyn IdentityProvider>,
     listing: &'a CancellationToken,
     progress: &'a Progress,
+    lock_lost: &'a CancellationToken,
 }
 
 /// A source whose calls end as soon as their token fires, even when the listing runs on a task

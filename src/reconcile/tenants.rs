@@ -33,7 +33,8 @@ struct Step {
 /// The owners of rows written that return their owner's id.
 const BY_OWNER: &str = "w JOIN users u ON u.id = w.user_id";
 /// The owners of rows written that return their tenant.
-const BY_TENANT: &str = "w JOIN tenants t ON t.id = w.tenant_id JOIN users u ON u.id = t.owner_user_id";
+const BY_TENANT: &str =
+    "w JOIN tenants t ON t.id = w.tenant_id JOIN users u ON u.id = t.owner_user_id";
 
 /// Updates run before inserts: on a fresh database they scan empty tables instead of the rows
 /// just inserted (which are owner/active by construction).

@@ -73,7 +73,7 @@ pub async fn pending(
         return Ok(migrations.iter().collect());
     }
     let rows = client
-        .query(
+        .query_typed(
             "SELECT version, name, checksum FROM seedkeeper_migrations ORDER BY version",
             &[],
         )
@@ -150,9 +150,13 @@ pub async fn run<C: GenericClient + Send + Sync>(
                 crate::error::describe_pg(&e)
             ))
         })?;
-        tx.execute(
+        tx.query_typed(
             "INSERT INTO seedkeeper_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-            &[&m.version, &m.name, &m.checksum()],
+            &[
+                (&m.version, tokio_postgres::types::Type::INT4),
+                (&m.name, tokio_postgres::types::Type::TEXT),
+                (&m.checksum(), tokio_postgres::types::Type::TEXT),
+            ],
         )
         .await
         .map_err(ctx("recording a migration"))?;

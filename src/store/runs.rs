@@ -2,10 +2,14 @@
 //! with the outcome, counts per unit, findings and an error without secrets. Rows beyond
 //! `evidence.retention` are pruned. A `running` row left by a killed process is closed as
 //! failed by the next run that holds the lock.
+//!
+//! Statements are unnamed ([`Client::query_typed`]): nothing prepared outlives them on a backend
+//! that a connection pooler hands to someone else.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 use uuid::Uuid;
 
@@ -35,9 +39,16 @@ pub async fn insert(
 ) -> Result<()> {
     let host = hostname();
     client
-        .execute(
+        .query_typed(
             "INSERT INTO seed_runs (id, trigger, started_at, outcome, seed_digest, host) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[&id, &trigger, &started_at, &outcome, &digest, &host],
+            &[
+                (&id, Type::UUID),
+                (&trigger, Type::TEXT),
+                (&started_at, Type::TIMESTAMPTZ),
+                (&outcome, Type::TEXT),
+                (&digest, Type::TEXT),
+                (&host, Type::TEXT),
+            ],
         )
         .await
         .map_err(ctx("recording the run in seed_runs"))?;
@@ -53,48 +64,62 @@ pub async fn finish(
     error: Option<&str>,
 ) -> Result<()> {
     client
-        .execute(
+        .query_typed(
             "UPDATE seed_runs SET finished_at = now(), outcome = $2, counts = $3, findings = $4, error = $5 WHERE id = $1",
-            &[&id, &outcome, counts, findings, &error],
+            &[
+                (&id, Type::UUID),
+                (&outcome, Type::TEXT),
+                (counts, Type::JSONB),
+                (findings, Type::JSONB),
+                (&error, Type::TEXT),
+            ],
         )
         .await
         .map_err(ctx("finishing the run in seed_runs"))?;
     Ok(())
 }
 
-/// Closes runs left `running` by a process that died (the caller holds the run lock, so no
-/// other run can be in flight).
+/// Closes runs left `running` by a process that died. Only a run holding the run lock calls it:
+/// a `running` row is written only under the lock, and a run that loses its lock stops (see
+/// [`crate::store::lock::RunLock::cancel_on_loss`]), so no other row's run is still going.
 pub async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
-    client
-        .execute(
-            "UPDATE seed_runs SET outcome = 'failed', finished_at = now(), \
-             error = 'interrupted: the process ended before the run finished (killed or lost its connection); ' || \
-                 CASE WHEN counts - 'schema' = '{}'::jsonb THEN 'it committed no unit after the schema' \
-                      ELSE 'it committed ' || (SELECT string_agg(k, ', ') FROM jsonb_object_keys(counts) k) || ' (their counts are in this row)' END || \
-                 '; this run converges what it left' \
-             WHERE outcome = 'running' AND id <> $1",
-            &[&current],
+    let row = client
+        .query_typed_one(
+            "WITH closed AS ( \
+                 UPDATE seed_runs SET outcome = 'failed', finished_at = now(), \
+                 error = 'interrupted: the process ended before the run finished (killed or lost its connection); ' || \
+                     CASE WHEN counts - 'schema' = '{}'::jsonb THEN 'it committed no unit after the schema' \
+                          ELSE 'it committed ' || (SELECT string_agg(k, ', ') FROM jsonb_object_keys(counts) k) || ' (their counts are in this row)' END || \
+                     '; this run converges what it left' \
+                 WHERE outcome = 'running' AND id <> $1 RETURNING 1) \
+             SELECT count(*) FROM closed",
+            &[(&current, Type::UUID)],
         )
         .await
-        .map_err(ctx("closing abandoned runs"))
+        .map_err(ctx("closing abandoned runs"))?;
+    Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
 pub async fn prune(client: &Client, retention: u32) -> Result<u64> {
-    client
-        .execute(
-            "DELETE FROM seed_runs WHERE id IN (SELECT id FROM seed_runs ORDER BY started_at DESC OFFSET $1)",
-            &[&i64::from(retention)],
+    let row = client
+        .query_typed_one(
+            "WITH pruned AS ( \
+                 DELETE FROM seed_runs WHERE id IN (SELECT id FROM seed_runs ORDER BY started_at DESC OFFSET $1) \
+                 RETURNING 1) \
+             SELECT count(*) FROM pruned",
+            &[(&i64::from(retention), Type::INT8)],
         )
         .await
-        .map_err(ctx("pruning seed_runs"))
+        .map_err(ctx("pruning seed_runs"))?;
+    Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
 pub async fn list(client: &Client, limit: i64) -> Result<Vec<RunRecord>> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT id, trigger, started_at, finished_at, outcome, seed_digest, counts, findings, error \
              FROM seed_runs ORDER BY started_at DESC LIMIT $1",
-            &[&limit],
+            &[(&limit, Type::INT8)],
         )
         .await
         .map_err(ctx("reading seed_runs"))?;
@@ -135,10 +160,15 @@ pub async fn insert_if_missing(
 ) -> Result<()> {
     let host = hostname();
     client
-        .execute(
+        .query_typed(
             "INSERT INTO seed_runs (id, trigger, started_at, outcome, seed_digest, host) \
              VALUES ($1, $2, now(), 'running', $3, $4) ON CONFLICT (id) DO NOTHING",
-            &[&id, &trigger, &digest, &host],
+            &[
+                (&id, Type::UUID),
+                (&trigger, Type::TEXT),
+                (&digest, Type::TEXT),
+                (&host, Type::TEXT),
+            ],
         )
         .await
         .map_err(ctx("recording the run in seed_runs"))?;

@@ -469,11 +469,21 @@ async fn an_event_batch_that_would_offboard_more_than_the_limit_offboards_nobody
         &[("SEEDKEEPER_IDENTITY__OFFBOARD_LIMIT", "1")],
     )
     .await;
-    assert_eq!(s.poll().await.events, 0, "the first poll sets the checkpoint");
+    assert_eq!(
+        s.poll().await.events,
+        0,
+        "the first poll sets the checkpoint"
+    );
     s.kc.set_realm(realm_with(vec![]));
     let t = now_ms();
     for (id, who) in [("ad-a", ALICE), ("ad-b", BOB)] {
-        s.kc.push_admin_event(admin_event(id, t, "DELETE", "USER", &format!("users/{who}")));
+        s.kc.push_admin_event(admin_event(
+            id,
+            t,
+            "DELETE",
+            "USER",
+            &format!("users/{who}"),
+        ));
     }
     // The batch fails (its checkpoint stays, so it is read again until someone decides).
     let c = s.db.client().await;
@@ -492,7 +502,8 @@ async fn an_event_batch_that_would_offboard_more_than_the_limit_offboards_nobody
         ["failed 2 0"]
     );
     assert_eq!(
-        s.db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL").await,
+        s.db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL")
+            .await,
         0
     );
     assert_eq!(

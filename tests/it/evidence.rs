@@ -70,8 +70,14 @@ async fn a_run_killed_after_its_identities_unit_is_described_by_what_it_committe
         if committed > 0 {
             break;
         }
-        assert!(Instant::now() < deadline, "the bindings unit never committed");
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before the kill");
+        assert!(
+            Instant::now() < deadline,
+            "the bindings unit never committed"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before the kill"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     child.kill().unwrap();
@@ -83,7 +89,10 @@ async fn a_run_killed_after_its_identities_unit_is_described_by_what_it_committe
     assert_eq!(users, 30_006);
     assert!(granted > 300, "{granted}");
     let tenants = db.scalar("SELECT count(*) FROM tenants").await;
-    assert_eq!(tenants, 0, "the kill landed before the tenants unit committed");
+    assert_eq!(
+        tenants, 0,
+        "the kill landed before the tenants unit committed"
+    );
 
     // The row left running already holds every committed write.
     let r = rows(&db).await;
@@ -100,7 +109,11 @@ async fn a_run_killed_after_its_identities_unit_is_described_by_what_it_committe
     let r = rows(&db).await;
     let (outcome, counts, error) = &r[0];
     assert_eq!(outcome, "failed");
-    assert_eq!(counts["identities"]["inserted"].as_i64(), Some(users), "counts kept");
+    assert_eq!(
+        counts["identities"]["inserted"].as_i64(),
+        Some(users),
+        "counts kept"
+    );
     assert!(
         error.starts_with("interrupted: the process ended before the run finished")
             && error.contains("identities")
@@ -120,10 +133,18 @@ impl SmallDisk {
         let dir = std::env::temp_dir().join(format!("sk-full-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700,uid={uid}"), "tmpfs"])
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700,uid={uid}"),
+                "tmpfs",
+            ])
             .arg(&dir)
             .output()
-            .unwrap_or_else(|e| panic!("this test mounts a small tmpfs (a full disk) and needs `mount`: {e}"));
+            .unwrap_or_else(|e| {
+                panic!("this test mounts a small tmpfs (a full disk) and needs `mount`: {e}")
+            });
         assert!(
             out.status.success(),
             "this test mounts a small tmpfs as a PostgreSQL tablespace and needs root (CAP_SYS_ADMIN): {}",
@@ -144,15 +165,22 @@ impl Drop for SmallDisk {
 async fn a_tablespace_that_fills_up_mid_run_loses_no_evidence_of_what_was_committed() {
     let db = TestDb::new().await;
     let c = db.client().await;
-    let data_dir: String = c.query_one("SHOW data_directory", &[]).await.unwrap().get(0);
+    let data_dir: String = c
+        .query_one("SHOW data_directory", &[])
+        .await
+        .unwrap()
+        .get(0);
     let uid = std::fs::metadata(&data_dir)
         .unwrap_or_else(|e| panic!("the test PostgreSQL runs on this machine ({data_dir}): {e}"))
         .uid();
     let disk = SmallDisk::mount("1536k", uid);
     let space = format!("sk_full_{}", &db.name[8..]);
-    c.batch_execute(&format!("CREATE TABLESPACE {space} LOCATION '{}'", disk.0.display()))
-        .await
-        .unwrap();
+    c.batch_execute(&format!(
+        "CREATE TABLESPACE {space} LOCATION '{}'",
+        disk.0.display()
+    ))
+    .await
+    .unwrap();
     // The tenant chain and the evidence on the small disk; users and bindings beside them.
     c.batch_execute(&format!(
         "ALTER TABLE tenants SET TABLESPACE {space}; ALTER TABLE projects SET TABLESPACE {space};
@@ -166,14 +194,21 @@ async fn a_tablespace_that_fills_up_mid_run_loses_no_evidence_of_what_was_commit
     let out = run_bin(&["--once"], &env);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
-    assert!(t.contains("No space left on device") || t.contains("53100"), "{t}");
+    assert!(
+        t.contains("No space left on device") || t.contains("53100"),
+        "{t}"
+    );
     let users = db.scalar("SELECT count(*) FROM users").await;
     let granted = db
         .scalar("SELECT count(*) FROM platform_role_bindings WHERE granted_by = 'seedkeeper'")
         .await;
     assert_eq!(users, 20_006, "the identities unit committed");
     assert!(granted > 200, "{granted}");
-    assert_eq!(db.scalar("SELECT count(*) FROM tenants").await, 0, "the tenants unit did not");
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM tenants").await,
+        0,
+        "the tenants unit did not"
+    );
 
     // Its row, closed or left running, holds what it committed; once the disk has room, the
     // next run describes it the same way.
@@ -182,8 +217,16 @@ async fn a_tablespace_that_fills_up_mid_run_loses_no_evidence_of_what_was_commit
     let (outcome, counts, _) = &r[0];
     println!("the run's row after ENOSPC: {outcome} {counts}");
     assert!(outcome == "failed" || outcome == "running", "{outcome}");
-    assert_eq!(counts["identities"]["inserted"].as_i64(), Some(users), "{counts}");
-    assert_eq!(counts["role_bindings"]["inserted"].as_i64(), Some(granted), "{counts}");
+    assert_eq!(
+        counts["identities"]["inserted"].as_i64(),
+        Some(users),
+        "{counts}"
+    );
+    assert_eq!(
+        counts["role_bindings"]["inserted"].as_i64(),
+        Some(granted),
+        "{counts}"
+    );
 
     c.batch_execute(
         "ALTER TABLE tenants SET TABLESPACE pg_default; ALTER TABLE projects SET TABLESPACE pg_default;
@@ -192,7 +235,9 @@ async fn a_tablespace_that_fills_up_mid_run_loses_no_evidence_of_what_was_commit
     )
     .await
     .unwrap();
-    c.batch_execute(&format!("DROP TABLESPACE {space}")).await.unwrap();
+    c.batch_execute(&format!("DROP TABLESPACE {space}"))
+        .await
+        .unwrap();
     let out = run_bin(&["--once"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let r = rows(&db).await;

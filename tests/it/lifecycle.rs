@@ -205,8 +205,14 @@ async fn disabled_and_enabled(source: &Source) {
     let disabled = test_realm(vec![boss(false)]);
     let mut engine = db.engine(&refs(&source.env(&disabled)));
     let p = plan(&engine).await;
-    let changes: Vec<String> = p.changes_sorted().iter().map(|(u, c)| format!("{u} {c}")).collect();
-    let boss_sub = db.strings("SELECT keycloak_sub FROM users WHERE username = 'boss'").await;
+    let changes: Vec<String> = p
+        .changes_sorted()
+        .iter()
+        .map(|(u, c)| format!("{u} {c}"))
+        .collect();
+    let boss_sub = db
+        .strings("SELECT keycloak_sub FROM users WHERE username = 'boss'")
+        .await;
     assert_eq!(
         changes,
         [
@@ -217,7 +223,11 @@ async fn disabled_and_enabled(source: &Source) {
     );
     engine.list_changes = true;
     let r = apply(&engine).await;
-    assert_eq!(r.changes_sorted(), p.changes_sorted(), "the apply wrote what the plan showed");
+    assert_eq!(
+        r.changes_sorted(),
+        p.changes_sorted(),
+        "the apply wrote what the plan showed"
+    );
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "updated"), 1);
     assert_eq!(count(&r, "identities", "deactivated"), 0);

@@ -27,6 +27,7 @@ mod ops;
 mod parsers;
 mod pg_tls;
 mod plan_exact;
+mod pooler;
 mod progress;
 mod read_only;
 mod realm_files;

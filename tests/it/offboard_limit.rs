@@ -12,8 +12,10 @@ use seedkeeper::reconcile::{FindingKind, Outcome, RunReport};
 /// Users in the realm (a sub, not offboarded), and users offboarded.
 async fn standing(db: &TestDb) -> (i64, i64) {
     (
-        db.scalar("SELECT count(*) FROM users WHERE keycloak_sub IS NOT NULL AND offboarded_at IS NULL")
-            .await,
+        db.scalar(
+            "SELECT count(*) FROM users WHERE keycloak_sub IS NOT NULL AND offboarded_at IS NULL",
+        )
+        .await,
         db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL")
             .await,
     )
@@ -63,7 +65,11 @@ async fn stop_then_allow(db: &TestDb, empty: &std::path::Path) {
         "{t}"
     );
     assert_eq!(standing(db).await, (6, 0), "nobody offboarded");
-    assert_eq!(active_superadmins(db).await, 2, "no superadmin lost its binding");
+    assert_eq!(
+        active_superadmins(db).await,
+        2,
+        "no superadmin lost its binding"
+    );
     let (outcome, counts, error) = last_run(db).await;
     assert_eq!(outcome, "failed");
     assert_eq!(counts["offboard_stopped"], json!(6), "{counts}");
@@ -89,14 +95,22 @@ async fn stop_then_allow(db: &TestDb, empty: &std::path::Path) {
     assert_eq!(active_superadmins(db).await, 2);
     let (outcome, counts, error) = last_run(db).await;
     assert_eq!(outcome, "failed");
-    assert_eq!(counts, json!({}), "the identities unit left no counts: it was rolled back");
+    assert_eq!(
+        counts,
+        json!({}),
+        "the identities unit left no counts: it was rolled back"
+    );
     assert!(error.contains("--allow-offboard 5"), "{error}");
 
     // Exactly the number: applied, and recorded.
     let out = run_bin(&["--once", "--allow-offboard", "6"], &env);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(standing(db).await, (0, 6));
-    assert_eq!(active_superadmins(db).await, 0, "an offboarded user holds no binding");
+    assert_eq!(
+        active_superadmins(db).await,
+        0,
+        "an offboarded user holds no binding"
+    );
     let (outcome, counts, _) = last_run(db).await;
     assert_eq!(outcome, "succeeded");
     assert_eq!(counts["offboard_allowed"], json!(6), "{counts}");
@@ -136,7 +150,14 @@ async fn a_kc_export_folder_whose_users_file_went_missing_offboards_nobody() {
 
 fn pool(n: usize) -> Vec<Value> {
     (0..n)
-        .map(|i| user(&format!("d1000000-0000-4000-8000-{i:012}"), &format!("member{i}"), &[], &[]))
+        .map(|i| {
+            user(
+                &format!("d1000000-0000-4000-8000-{i:012}"),
+                &format!("member{i}"),
+                &[],
+                &[],
+            )
+        })
         .collect()
 }
 
@@ -158,7 +179,11 @@ async fn more_than_the_limit_gone_at_once_is_stopped_and_up_to_it_goes_through()
     assert_eq!(r.outcome, Outcome::Failed);
     assert_eq!(stopped(&r), 11);
     assert_eq!(count(&r, "identities", "offboard_limit"), 10);
-    let finding = r.unit(seedkeeper::reconcile::Unit::Identities).unwrap().findings.iter()
+    let finding = r
+        .unit(seedkeeper::reconcile::Unit::Identities)
+        .unwrap()
+        .findings
+        .iter()
         .find(|f| f.kind == FindingKind::OffboardStopped)
         .expect("the finding")
         .detail
@@ -192,7 +217,8 @@ async fn more_than_the_limit_gone_at_once_is_stopped_and_up_to_it_goes_through()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_empty_realm_on_the_real_keycloak_offboards_nobody_until_exactly_that_many_are_allowed() {
+async fn an_empty_realm_on_the_real_keycloak_offboards_nobody_until_exactly_that_many_are_allowed()
+{
     let kc = real_keycloak();
     let name = realm_name("emptied");
     let (rep, _) = as_new_realm(&dev_realm(), &name);
@@ -208,7 +234,9 @@ async fn an_empty_realm_on_the_real_keycloak_offboards_nobody_until_exactly_that
     let users = realm.get("/users?briefRepresentation=true&max=100").await;
     for u in users.as_array().unwrap() {
         let id = u["id"].as_str().unwrap();
-        realm.admin(reqwest::Method::DELETE, &format!("/users/{id}"), None).await;
+        realm
+            .admin(reqwest::Method::DELETE, &format!("/users/{id}"), None)
+            .await;
     }
     assert_eq!(realm.get("/users/count").await, json!(0));
 
@@ -235,6 +263,10 @@ fn allow_offboard_is_refused_outside_one_run() {
     ] {
         let out = run_bin(&args, &[]);
         assert_eq!(out.status.code(), Some(64), "{args:?}: {}", text(&out));
-        assert!(text(&out).contains("--allow-offboard applies to one run"), "{}", text(&out));
+        assert!(
+            text(&out).contains("--allow-offboard applies to one run"),
+            "{}",
+            text(&out)
+        );
     }
 }

@@ -199,9 +199,11 @@ async fn walk(db: &TestDb, seed: u64) -> Result<usize, String> {
             let step = random_step(&mut rng);
             seq.steps.push(step.clone());
             if let Some(sql) = seq.take(&step) {
-                db.client().await.batch_execute(sql).await.map_err(|e| {
-                    format!("seed {seed}: {sql}: {e}")
-                })?;
+                db.client()
+                    .await
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| format!("seed {seed}: {sql}: {e}"))?;
             }
         }
         let env = realm_file_env(&dir, &seq.realm());
@@ -210,8 +212,15 @@ async fn walk(db: &TestDb, seed: u64) -> Result<usize, String> {
         engine.list_changes = true;
         let applied = apply(&engine).await;
         let context = || format!("seed {} after steps {:?}", seq.seed, seq.steps);
-        if planned.error.is_some() && planned.outcome == Outcome::Failed && applied.outcome != Outcome::Failed {
-            return Err(format!("{}: the plan failed ({:?}) and the apply did not", context(), planned.error));
+        if planned.error.is_some()
+            && planned.outcome == Outcome::Failed
+            && applied.outcome != Outcome::Failed
+        {
+            return Err(format!(
+                "{}: the plan failed ({:?}) and the apply did not",
+                context(),
+                planned.error
+            ));
         }
         if listed(&planned) != listed(&applied) {
             return Err(format!(
@@ -282,7 +291,10 @@ async fn plan_lists_exactly_what_the_next_apply_writes_over_random_lifecycle_seq
     for w in workers {
         items += w.await.expect("worker").unwrap_or_else(|e| panic!("{e}"));
     }
-    assert!(items > total, "the sequences changed almost nothing: {items} items");
+    assert!(
+        items > total,
+        "the sequences changed almost nothing: {items} items"
+    );
     println!("plan = apply on {total} sequences, {items} changes compared item by item");
 }
 
@@ -302,12 +314,17 @@ async fn a_plan_by_a_role_that_cannot_write_names_the_missing_privilege_instead_
     .await
     .unwrap();
     let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
-    assert_ne!(url, db.url, "the test URL names the postgres user: {}", db.url);
+    assert_ne!(
+        url, db.url,
+        "the test URL names the postgres user: {}",
+        db.url
+    );
     let out = run_bin(&["plan"], &[("SEEDKEEPER_DATABASE__URL".into(), url)]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(
-        t.contains("permission denied for table") && t.contains("plan runs the apply's own statements"),
+        t.contains("permission denied for table")
+            && t.contains("plan runs the apply's own statements"),
         "{t}"
     );
     assert!(t.contains("could not plan"), "{t}");

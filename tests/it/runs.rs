@@ -235,7 +235,7 @@ async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0()
         .spawn()
         .unwrap();
     let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                   AND application_name = 'seedkeeper' AND query LIKE '%pg_try_advisory_lock%'";
+                   AND application_name = 'seedkeeper' AND query LIKE '%pg_try_advisory_xact_lock%'";
     until("--once is waiting for the run lock", 30, || async {
         db.scalar(waiting).await >= 1
     })
@@ -315,8 +315,14 @@ async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_
     let out = run_bin(&["plan"], &env);
     assert_eq!(out.status.code(), Some(69), "{}", text(&out));
     let t = text(&out);
-    assert!(t.contains("waiting for it") && t.contains(&format!("pid {pid} ")), "{t}");
-    assert!(started.elapsed() >= Duration::from_secs(2), "plan did not wait");
+    assert!(
+        t.contains("waiting for it") && t.contains(&format!("pid {pid} ")),
+        "{t}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "plan did not wait"
+    );
     assert_eq!(runs(&db).await.len(), 1);
     println!("--once gave up after {:.1}s", took.as_secs_f64());
 }

@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod keycloak;
+pub mod pooler;
 pub mod proxy;
 pub mod real_keycloak;
 pub mod spawn;
