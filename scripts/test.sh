@@ -9,6 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# The tools the suite runs (PostgreSQL, Java and Maven for Keycloak, pgbouncer, prometheus, ...):
+# installed when missing (as root), else the one command to run is printed.
+bash scripts/test-deps.sh
 db_url="$(scripts/local-db.sh admin-url)"
 started=""
 if [[ -z "${KEYCLOAK_URL:-}" ]]; then
