@@ -467,6 +467,22 @@ impl Engine {
         let applied = done.applied.len();
         let listed = done.applied.iter().map(|m| format!("migration:{m}"));
         report.add_changes("apply", applied as i64, listed);
+        // In apply mode the schema is seedkeeper's: an object of an applied migration dropped
+        // since (a column a revocation reads, a unique index) is re-created before any unit
+        // relies on it, and said so. In verify mode the check below names it and the repair.
+        if schema_mode == crate::config::SchemaMode::Apply {
+            let target = self.settings.database.target();
+            store::server::ensure_writable(&*base, &target).await?;
+            let repaired = store::schema_check::repair(base).await?;
+            for statement in &repaired {
+                tracing::warn!(statement = %statement, "a schema object of an applied migration was missing: re-created");
+                let detail = format!("missing, though its migration is recorded: re-created with `{statement}`");
+                report.find(FindingKind::DriftCorrected, "schema", detail);
+                report.add_change("repair", format!("schema:{statement}"));
+            }
+            report.bump(Tally::Drift, repaired.len() as i64);
+            report.bump(Action::Applied, repaired.len() as i64);
+        }
         store::schema_check::check(base, &self.settings.database.target(), true).await?;
         report.bump(Action::Applied, applied as i64);
         let unchanged = migrate::MIGRATIONS.len() - applied;

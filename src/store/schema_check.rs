@@ -14,7 +14,7 @@
 
 use std::collections::BTreeSet;
 
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::GenericClient;
 
 use crate::error::{Error, Result};
 use crate::store::ctx;
@@ -471,8 +471,11 @@ const REFERENCE: &str = "seedkeeper_repair_reference";
 /// foreign keys, indexes. A foreign key or check re-added to a table with rows is `NOT VALID`:
 /// enforced from now on, its old rows for the operator to `VALIDATE`. Returns the statements
 /// run.
-pub async fn repair(client: &mut Client) -> Result<Vec<String>> {
-    let mut todo = missing(client).await?;
+///
+/// `client` is the session (`migrate --repair`, a run in apply mode), or a plan's transaction
+/// (the repair is then a savepoint of it, rolled back with the plan).
+pub async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Result<Vec<String>> {
+    let mut todo = missing(&*client).await?;
     if todo.is_empty() {
         return Ok(Vec::new());
     }
