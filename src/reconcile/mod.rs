@@ -476,7 +476,9 @@ impl Engine {
             let repaired = store::schema_check::repair(base).await?;
             for statement in &repaired {
                 tracing::warn!(statement = %statement, "a schema object of an applied migration was missing: re-created");
-                let detail = format!("missing, though its migration is recorded: re-created with `{statement}`");
+                let detail = format!(
+                    "missing, though its migration is recorded: re-created with `{statement}`"
+                );
                 report.find(FindingKind::DriftCorrected, "schema", detail);
                 report.add_change("repair", format!("schema:{statement}"));
             }

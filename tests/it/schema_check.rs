@@ -121,7 +121,10 @@ async fn dropped_then_repaired(drop: &str, object: &str) {
     let t = text(&out);
     assert_eq!(out.status.code(), Some(2), "{drop}: plan: {t}");
     assert!(t.contains("+ repair schema:"), "{drop}: plan: {t}");
-    assert!(!schema_check::missing(&client).await.unwrap().is_empty(), "plan repaired for good");
+    assert!(
+        !schema_check::missing(&client).await.unwrap().is_empty(),
+        "plan repaired for good"
+    );
     let out = run_bin(&["--once"], &env);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{drop}: apply: {t}");
