@@ -62,7 +62,21 @@ dc --profile once down -v --remove-orphans >/dev/null 2>&1
 
 # --- up ---------------------------------------------------------------------------------------
 t=$(now)
-if out=$(dc up -d --wait --wait-timeout 300 --no-build 2>&1); then
+# The published ports (55432, 8080, 8787) lie in Linux's ephemeral range: a client socket of
+# anything else on the machine can hold one for a moment, and the userland proxy's bind then
+# fails. Only that failure is tried again, twice, after taking the half-started stack down.
+up_ok=""
+for attempt in 1 2 3; do
+    if out=$(dc up -d --wait --wait-timeout 300 --no-build 2>&1); then
+        up_ok=1
+        break
+    fi
+    grep -q "Error starting userland proxy" <<<"$out" || break
+    echo "stack-test: a published port was taken for a moment (attempt $attempt): $(grep -o 'listen tcp4 [^ ]*' <<<"$out" | head -n1); taking the stack down and trying again"
+    dc --profile once down -v --remove-orphans >/dev/null 2>&1
+    sleep 2
+done
+if [[ -n "$up_ok" ]]; then
     ok "$t" "docker compose up -d --wait (postgres, keycloak, migrate, grants, seedkeeper)"
 else
     fail "$t" "docker compose up -d --wait" "$(tail -n 20 <<<"$out")"
