@@ -237,13 +237,12 @@ async fn offboard_within_limit(
                 would: to_offboard,
             });
         }
-        if to_offboard == 0 {
-            return Ok(0);
-        }
-        return offboard(tx, &gone, rules.listed, report).await;
     }
     if to_offboard == 0 {
         return Ok(0);
+    }
+    if rules.allow_offboard.is_some() {
+        return offboard(tx, &gone, rules.listed, report).await;
     }
     let in_realm: i64 = tx
         .query_typed_one(

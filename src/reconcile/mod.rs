@@ -388,10 +388,15 @@ impl Engine {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// Whether the run lists its changes one by one: a plan always, an apply when asked.
+    fn lists_changes(&self, mode: Mode) -> bool {
+        self.list_changes || mode == Mode::Plan
+    }
+
     /// How many of a unit's changes each statement lists: every one (up to
     /// [`crate::model::CHANGES_LISTED`]) in a plan or when asked; else the findings' sample.
     fn list_limit(&self, mode: Mode) -> i64 {
-        if self.list_changes || mode == Mode::Plan {
+        if self.lists_changes(mode) {
             crate::model::CHANGES_LISTED as i64
         } else {
             FINDINGS_PER_KIND as i64
@@ -401,7 +406,7 @@ impl Engine {
     /// A unit's report as the run keeps it: without its list of changes when the run does not
     /// list them (the daemon's runs: counts and findings are their evidence).
     fn listed(&self, mut u: UnitReport, mode: Mode) -> UnitReport {
-        if !(self.list_changes || mode == Mode::Plan) {
+        if !self.lists_changes(mode) {
             u.changes = Vec::new();
             u.changes_unlisted = 0;
         }
@@ -469,10 +474,12 @@ impl Engine {
         report.add_changes("apply", applied as i64, listed);
         // In apply mode the schema is seedkeeper's: an object of an applied migration dropped
         // since (a column a revocation reads, a unique index) is re-created before any unit
-        // relies on it, and said so. In verify mode the check below names it and the repair.
+        // relies on it, and said so. In verify mode the check names it and the repair.
+        let target = self.settings.database.target();
         if schema_mode == crate::config::SchemaMode::Apply {
-            let target = self.settings.database.target();
             store::server::ensure_writable(&*base, &target).await?;
+            // The repair starts with the check's own catalog query and does nothing when nothing
+            // is missing; only what it re-created is checked again.
             let repaired = store::schema_check::repair(base).await?;
             for statement in &repaired {
                 tracing::warn!(statement = %statement, "a schema object of an applied migration was missing: re-created");
@@ -484,8 +491,12 @@ impl Engine {
             }
             report.bump(Tally::Drift, repaired.len() as i64);
             report.bump(Action::Applied, repaired.len() as i64);
+            if !repaired.is_empty() {
+                store::schema_check::check(base, &target, false).await?;
+            }
+        } else {
+            store::schema_check::check(base, &target, true).await?;
         }
-        store::schema_check::check(base, &self.settings.database.target(), true).await?;
         report.bump(Action::Applied, applied as i64);
         let unchanged = migrate::MIGRATIONS.len() - applied;
         report.bump(Tally::Unchanged, unchanged as i64);
