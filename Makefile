@@ -49,7 +49,8 @@ bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k us
 bench-events: ## the event follower's figures: latency, idle requests, one user vs a full run (see docs/benchmark.md)
 	bash scripts/bench-events.sh
 
-lint: ## formatting and clippy, as CI runs them
+lint: ## the docs check, formatting and clippy, as CI runs them
+	python3 scripts/check-docs.py
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 

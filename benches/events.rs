@@ -1,4 +1,4 @@
-//! The event follower's figures (issue 12; `make bench-events`). Prints tables and writes
+//! The event follower's figures (`make bench-events`). Prints tables and writes
 //! `bench-results/bench-events.json`. Not a test: nothing here fails on a missed target, the
 //! figures are printed next to it.
 //!

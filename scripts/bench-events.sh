@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The event follower's figures (issue 12): `cargo bench --bench events` with a release build, the
+# The event follower's figures: `cargo bench --bench events` with a release build, the
 # real Keycloak 26 of scripts/keycloak.sh (the running one, else one started here and stopped at
 # the end) and the local PostgreSQL. Prints tables; JSON in bench-results/bench-events.json.
 #

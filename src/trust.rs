@@ -274,61 +274,34 @@ impl<V: ServerCertVerifier> ServerCertVerifier for NamesUntrusted<V> {
     }
 }
 
-/// Subject and issuer of a DER certificate, when it parses.
+/// Subject and issuer of a DER certificate, when it parses. x509-cert (RustCrypto) parses it:
+/// webpki hands out a name only as raw DER, and a parser of our own was one more to get wrong.
 fn name_certificate(der: &CertificateDer<'_>) -> Option<UntrustedCertificate> {
-    let cert = webpki::EndEntityCert::try_from(der).ok()?;
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der.as_ref()).ok()?;
     Some(UntrustedCertificate {
-        subject: render_name(cert.subject()),
-        issuer: render_name(cert.issuer()),
+        subject: render_name(&cert.tbs_certificate.subject),
+        issuer: render_name(&cert.tbs_certificate.issuer),
     })
 }
 
-/// One DER tag-length-value: (tag, contents, the rest). Lengths up to 64 KiB, as names are.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 2 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |a, &b| (a << 8) | usize::from(b));
-        (len, &rest[n..])
+/// `C=…, O=…, CN=…` in the certificate's order, with the attributes an operator recognises
+/// (CN, O, OU, C), each written and escaped by x509-cert (RFC 4514); the rest are skipped, so
+/// an e-mail address or a serial number does not drown the name.
+pub fn render_name(name: &x509_cert::name::Name) -> String {
+    use x509_cert::der::oid::db::rfc4519::{
+        COMMON_NAME, COUNTRY_NAME, ORGANIZATIONAL_UNIT_NAME, ORGANIZATION_NAME,
     };
-    if rest.len() < len {
-        return None;
-    }
-    Some((tag, &rest[..len], &rest[len..]))
-}
-
-/// `CN=…, O=…` from the contents of a DER X.509 Name (its outer SEQUENCE taken off), with the
-/// attributes an operator recognises; the rest are skipped.
-pub fn render_name(mut der: &[u8]) -> String {
-    let mut parts = Vec::new();
-    while let Some((0x31, mut set, rest)) = tlv(der) {
-        der = rest;
-        while let Some((0x30, atv, more)) = tlv(set) {
-            set = more;
-            let Some((0x06, oid, value)) = tlv(atv) else {
-                continue;
-            };
-            let key = match oid {
-                [0x55, 0x04, 0x03] => "CN",
-                [0x55, 0x04, 0x0a] => "O",
-                [0x55, 0x04, 0x0b] => "OU",
-                [0x55, 0x04, 0x06] => "C",
-                _ => continue,
-            };
-            // UTF8String, PrintableString, T61String, IA5String.
-            if let Some((0x0c | 0x13 | 0x14 | 0x16, v, _)) = tlv(value) {
-                parts.push(format!("{key}={}", String::from_utf8_lossy(v)));
-            }
-        }
-    }
+    let known = [COMMON_NAME, ORGANIZATION_NAME, ORGANIZATIONAL_UNIT_NAME, COUNTRY_NAME];
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .flat_map(|rdn| rdn.0.iter())
+        .filter(|atv| known.contains(&atv.oid))
+        .map(ToString::to_string)
+        // An attribute whose value is no string is written `2.5.4.3=#…` (hex DER): not a name.
+        .filter(|s| !s.contains("=#"))
+        .collect();
     if parts.is_empty() {
         "(no readable name)".into()
     } else {
@@ -405,6 +378,14 @@ mod tests {
         set
     }
 
+    /// The Name SEQUENCE around `rdns`, parsed by x509-cert.
+    fn name(rdns: &[u8]) -> std::result::Result<x509_cert::name::Name, x509_cert::der::Error> {
+        use x509_cert::der::Decode;
+        let mut der = vec![0x30, rdns.len() as u8];
+        der.extend_from_slice(rdns);
+        x509_cert::name::Name::from_der(&der)
+    }
+
     #[test]
     fn names_render_the_attributes_an_operator_knows() {
         let mut der = rdn(&[0x55, 0x04, 0x06], 0x13, "DE");
@@ -416,14 +397,27 @@ mod tests {
             "a@b.c",
         ));
         der.extend(rdn(&[0x55, 0x04, 0x03], 0x0c, "Corp Root CA"));
-        assert_eq!(render_name(&der), "C=DE, O=Example AG, CN=Corp Root CA");
+        let name = name(&der).unwrap();
+        assert_eq!(render_name(&name), "C=DE, O=Example AG, CN=Corp Root CA");
     }
 
     #[test]
-    fn a_truncated_name_renders_what_can_be_read() {
+    fn a_name_value_is_escaped_as_rfc_4514_says() {
+        let name = name(&rdn(&[0x55, 0x04, 0x0a], 0x0c, "Example, AG")).unwrap();
+        assert_eq!(render_name(&name), "O=Example\\, AG");
+    }
+
+    #[test]
+    fn a_truncated_name_is_refused_and_an_empty_one_has_no_readable_name() {
         let der = rdn(&[0x55, 0x04, 0x03], 0x0c, "Corp Root CA");
-        assert_eq!(render_name(&der[..der.len() - 3]), "(no readable name)");
-        assert_eq!(render_name(&[]), "(no readable name)");
+        assert!(name(&der[..der.len() - 3]).is_err());
+        assert_eq!(render_name(&name(&[]).unwrap()), "(no readable name)");
+    }
+
+    #[test]
+    fn a_certificate_that_does_not_parse_is_not_named() {
+        let der = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x01]);
+        assert!(name_certificate(&der).is_none());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! `PQcancel` does it: a cancel request on a new socket, which is then kept open until the server
 //! (or the pooler) closes it. tokio-postgres's own `cancel_query` closes its socket right after
 //! sending the request, and PgBouncer before 1.20 exits (`FATAL … disconnect_client(): bad
-//! client state: 0`, pgbouncer/pgbouncer#801, fixed by #846) when a cancel client goes before it
+//! client state: 0`, pgbouncer/pgbouncer#801, fixed by pgbouncer#846) when a cancel client goes before it
 //! has forwarded the request, taking every application's connections with it.
 //!
 //! Used to stop a run at its deadline ([`crate::reconcile`]): a cancel request goes to the

@@ -1,4 +1,4 @@
-//! Issue 10: seedkeeper against the real Keycloak 26 (see `harness::real_keycloak`). Every claim
+//! seedkeeper against the real Keycloak 26 (see `harness::real_keycloak`). Every claim
 //! about Keycloak's behaviour here comes from Keycloak's own answers.
 
 use std::time::Duration;
@@ -127,10 +127,15 @@ async fn the_dev_realm_imported_by_keycloak_gives_the_same_database_as_the_realm
     let state = identity_state(&kc_db).await;
     assert_eq!(state, identity_state(&file_db).await);
     assert!(
-        state
-            .iter()
-            .any(|l| l.starts_with("user a1000000-0000-4000-8000-000000000006 dev-admin ")),
+        state.contains(
+            &"user a1000000-0000-4000-8000-000000000006 dev-admin dev-admin@dev.local admin true {admin}"
+                .to_string()
+        ),
         "{state:#?}"
+    );
+    assert_eq!(
+        crate::identities::dev_personas(&kc_db).await,
+        crate::identities::DEV_PERSONAS
     );
 
     // The binary, as an operator runs it: exit 0, and a second run writes nothing.
@@ -643,7 +648,7 @@ async fn one_user_keycloak_counts_but_cannot_list_narrows_the_run_instead_of_sto
     );
 }
 
-/// Issue 19: against the real Keycloak, the version seedkeeper exports is the server's own
+/// Against the real Keycloak, the version seedkeeper exports is the server's own
 /// (`GET /admin/serverinfo` as the master admin sees it) when its service account holds
 /// realm-management `manage-realm`, the role Keycloak 26.5 and later show `systemInfo` to; with
 /// the dev realm's roles (view and query only), and on 26.4 whatever the roles, the version is

@@ -1,4 +1,4 @@
-//! Issue 12 against the real Keycloak: the daemon follows the realm's events, so changes reach
+//! Against the real Keycloak: the daemon follows the realm's events, so changes reach
 //! the database within seconds while the schedule is a year away.
 
 use std::time::{Duration, Instant};

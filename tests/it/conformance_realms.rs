@@ -1,4 +1,4 @@
-//! Issue 17: realms in shapes found among public realm exports, against the real Keycloak
+//! Realms in shapes found among public realm exports, against the real Keycloak
 //! (`harness::real_keycloak`, throwaway realms `sk-*`) and the emulator.
 //!
 //! Point 5, a realm behind a frontend URL: the realm attribute `frontendUrl` makes Keycloak
@@ -89,6 +89,10 @@ async fn synced_behind_the_frontend_url(rep: &Value, kc_env: Vec<(String, String
     );
     assert_ok(&apply(&file_db.engine(&refs(&file_env))).await);
     assert_eq!(identity_state(&db).await, identity_state(&file_db).await);
+    assert_eq!(
+        crate::identities::dev_personas(&db).await,
+        crate::identities::DEV_PERSONAS
+    );
 
     let pinned = with(kc_env, &[("SEEDKEEPER_KEYCLOAK__ISSUER", &announced)]);
     let (code, t, _) = once([db.env(), pinned].concat()).await;

@@ -1,4 +1,4 @@
-//! Issue: config, schema, reference seed, one-shot reconcile with evidence.
+//! Config, schema, reference seed, one-shot reconcile with evidence.
 
 use serde_json::{json, Value};
 
@@ -537,7 +537,7 @@ async fn the_secret_never_appears_in_config_errors_or_trace_logs() {
         .await;
 }
 
-/// Issue 19: in production `http://` is refused for a Keycloak on another host (the secret and
+/// In production `http://` is refused for a Keycloak on another host (the secret and
 /// tokens would travel in clear) and accepted on loopback, where nothing leaves the machine.
 #[test]
 fn production_accepts_http_to_keycloak_on_loopback_only() {

@@ -1,4 +1,4 @@
-//! Issue: the daemon: schedule, self-healing, health, metrics, systemd and graceful shutdown.
+//! The daemon: schedule, self-healing, health, metrics, systemd and graceful shutdown.
 //! No fixed sleeps wait for a tick: every wait polls a condition with a deadline.
 
 use std::time::Duration;

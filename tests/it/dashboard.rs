@@ -1,4 +1,4 @@
-//! Issue 19, point 2: the Grafana dashboard (deploy/grafana/seedkeeper.json) and the alerts
+//! The Grafana dashboard (deploy/grafana/seedkeeper.json) and the alerts
 //! (deploy/kubernetes/alerts.yaml) are proven against live metrics. A real Prometheus (Debian's
 //! `prometheus` package) scrapes a real daemon every second while the daemon runs on a short
 //! schedule against the Keycloak emulator, fails a run, and applies an event batch. Then every

@@ -1,4 +1,4 @@
-//! Issue 11: bounded runs (`run.timeout`, `database.lock_timeout`, `database.statement_timeout`),
+//! Bounded runs (`run.timeout`, `database.lock_timeout`, `database.statement_timeout`),
 //! a watchdog that proves progress, and liveness apart from readiness. Every wait polls a
 //! condition with a deadline; durations are asserted with a margin for a loaded machine.
 

@@ -1,4 +1,4 @@
-//! Issue 10: the emulator is held to the real Keycloak. The same realm is loaded into both, the
+//! The emulator is held to the real Keycloak. The same realm is loaded into both, the
 //! same requests go to both, and the answers must agree: status codes, JSON field names and
 //! types, paging, and error bodies word for word. Values that are each server's own (ids that
 //! Keycloak generates, timestamps, signatures, base URLs) are compared by shape only.

@@ -1,4 +1,4 @@
-//! Issue 12, against the emulator: the event follower's checkpoint and batches under duplicated,
+//! Against the emulator: the event follower's checkpoint and batches under duplicated,
 //! out-of-order, same-millisecond and expired events, and Keycloak down between polls.
 
 use std::sync::{Arc, Mutex};

@@ -1,4 +1,4 @@
-//! Issue: identities from the realm file and from Keycloak (through the emulator), subject
+//! Identities from the realm file and from Keycloak (through the emulator), subject
 //! mapping, superadmin bindings, personal tenants.
 
 use serde_json::{json, Value};
@@ -49,6 +49,28 @@ pub(crate) async fn identity_state(db: &TestDb) -> Vec<String> {
         ));
     }
     out
+}
+
+/// The six personas of `realms/dev-realm.json` as they must be stored: username, email, first
+/// and last name, role, mapped realm roles. Written out rather than derived from either source, so
+/// two sources that are wrong the same way (every email NULL) still fail a comparison test.
+pub(crate) const DEV_PERSONAS: [&str; 6] = [
+    "dev-admin dev-admin@dev.local Dev Admin admin {admin}",
+    "dev-ops dev-ops@dev.local Dev Ops user {ops}",
+    "dev-platform-admin dev-platform-admin@dev.local Dev Platform Admin user {platform-admin}",
+    "dev-project-admin dev-project-admin@dev.local Dev Project Admin user {}",
+    "dev-tenant-admin dev-tenant-admin@dev.local Dev Tenant Admin user {}",
+    "dev-user dev-user@dev.local Dev User user {}",
+];
+
+/// The dev personas' rows in the shape of [`DEV_PERSONAS`] (a NULL shows as `NULL`).
+pub(crate) async fn dev_personas(db: &TestDb) -> Vec<String> {
+    db.strings(
+        "SELECT concat_ws(' ', username, coalesce(email, 'NULL'), coalesce(first_name, 'NULL'), \
+         coalesce(last_name, 'NULL'), role, realm_roles::text) FROM users \
+         WHERE username LIKE 'dev-%' ORDER BY username",
+    )
+    .await
 }
 
 pub(crate) fn kc_env(kc: &KeycloakEmulator) -> Vec<(String, String)> {
@@ -149,6 +171,7 @@ async fn the_dev_realm_file_yields_the_six_personas_with_bindings_and_tenants() 
         ]
     );
     assert!(users.iter().any(|u| u.0 == DEV_ADMIN && u.2 == "admin"));
+    assert_eq!(dev_personas(&db).await, DEV_PERSONAS);
     let state = identity_state(&db).await;
     for b in [
         "binding dev-admin platform_superadmin active seedkeeper",
@@ -183,6 +206,9 @@ async fn the_same_realm_served_by_the_emulator_yields_the_same_database() {
     let r = apply(&kc_db.engine(&refs(&env))).await;
     assert_ok(&r);
     assert_eq!(identity_state(&file_db).await, identity_state(&kc_db).await);
+    // Equal, and right: each source on its own holds the personas as the realm describes them.
+    assert_eq!(dev_personas(&kc_db).await, DEV_PERSONAS);
+    assert_eq!(dev_personas(&file_db).await, DEV_PERSONAS);
     // and the second run over the unchanged realm writes nothing
     kc_db.settle_stats(1).await;
     let before = kc_db.tuples_written().await;
@@ -248,6 +274,11 @@ async fn composites_groups_and_parent_groups_make_admins_in_both_sources() {
     }
     assert!(state.contains(&"binding ops-by-composite platform_ops active seedkeeper".to_string()));
     assert!(!state.iter().any(|s| s.starts_with("binding plain")));
+    // The users' own values, not only the two sources' agreement.
+    assert!(
+        state.contains(&"user b0000000-0000-4000-8000-000000000005 plain plain@example.test user true {}".to_string()),
+        "{state:#?}"
+    );
     // page size 2: many pages were requested
     let pages = kc
         .journal()
@@ -457,7 +488,12 @@ async fn a_username_clash_never_takes_over_the_row() {
         seedkeeper::reconcile::Outcome::Failed,
         "the clash makes the run fail"
     );
-    assert!(r.error.as_deref().unwrap().contains("clash"));
+    assert_eq!(
+        r.error_value.as_ref().map(|e| e.kind()),
+        Some(seedkeeper::error::ErrorKind::IdentityClash),
+        "{:?}",
+        r.error
+    );
     assert_eq!(count(&r, "identities", "clashes"), 1);
     let (sub, email, role): (Option<String>, String, String) = c
         .query_one(
@@ -641,6 +677,7 @@ async fn a_kc_export_dir_folder_yields_the_same_database_as_the_single_file() {
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "listed"), 6);
     assert_eq!(identity_state(&split).await, identity_state(&single).await);
+    assert_eq!(dev_personas(&split).await, DEV_PERSONAS);
 
     // A duplicate across two users files is named with both files.
     dir.write(

@@ -1,4 +1,4 @@
-//! Issue 17: the whole life of an identity, through the realm-file source and the Keycloak
+//! The whole life of an identity, through the realm-file source and the Keycloak
 //! source against the emulator (the real Keycloak cases are in `conformance*.rs`, the event
 //! follower's in `events.rs`, short listings in `listing.rs`): provisioned, disabled, deleted
 //! (offboarded), back again, and a new person reusing an offboarded name. A privilege never

@@ -1,4 +1,4 @@
-//! Issue 10, part 4: a listing never ends early in silence. Keycloak returns pages shorter than
+//! A listing never ends early in silence. Keycloak returns pages shorter than
 //! `max` before the end (permissions filtered after the query, federation providers capping
 //! results, a server limit on `max`); every listing goes on to an empty page, advancing by what
 //! was returned, and the user listing is checked against `users/count` (short of it, the run is

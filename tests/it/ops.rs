@@ -1,4 +1,4 @@
-//! Issue: where users run it. What can run here: `make db-reset-fast` end to end, and the
+//! Where users run it. What can run here: `make db-reset-fast` end to end, and the
 //! least-privilege database role of docs/configuration.md.
 
 use crate::harness::*;

@@ -1,4 +1,4 @@
-//! Issue: hardening. Property tests of the two input parsers: the reference seed and the realm
+//! Hardening. Property tests of the two input parsers: the reference seed and the realm
 //! file. Mangled input never panics and is refused naming the input; generated valid realms come
 //! out of the stream exactly as they went in.
 

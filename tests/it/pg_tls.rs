@@ -1,4 +1,4 @@
-//! Issue 11: TLS to PostgreSQL with libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`,
+//! TLS to PostgreSQL with libpq's URL parameters (`sslmode`, `sslrootcert`, `sslcert`,
 //! `sslkey`). The server is a cluster of the test's own that accepts TCP only through `hostssl`
 //! (its checks go through a `local` line), with a server certificate for `localhost` signed by a
 //! private CA made here with openssl. The production guard is checked at config load.
@@ -346,7 +346,7 @@ async fn tls_to_a_hostssl_only_postgresql_follows_libpq_sslmode() {
     }
 }
 
-/// Issue 19: `sslrootcert=system` is the OS trust store. `SSL_CERT_FILE` stands for it here (it
+/// `sslrootcert=system` is the OS trust store. `SSL_CERT_FILE` stands for it here (it
 /// replaces the OS locations, as for OpenSSL), naming a bundle with only the test's CA, so no
 /// root access is needed and the machine's own store is not touched.
 #[tokio::test(flavor = "multi_thread")]

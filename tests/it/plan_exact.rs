@@ -222,6 +222,32 @@ async fn walk(db: &TestDb, seed: u64) -> Result<usize, String> {
                 planned.error
             ));
         }
+        // Plan and apply could agree and both be wrong: the rows themselves hold what the
+        // realm says (a NULL email written by both would pass every comparison above).
+        if applied.outcome == Outcome::Succeeded {
+            for (i, u) in seq.pool.iter().enumerate().filter(|(_, u)| u.present) {
+                let name = format!("pool{i}");
+                let want = (
+                    Some(u.sub(i)),
+                    Some(format!("{name}.v{}@example.test", u.version)),
+                    Some(format!("First{}", u.version)),
+                    u.enabled,
+                );
+                let row = db
+                    .client()
+                    .await
+                    .query_one(
+                        "SELECT keycloak_sub, email, first_name, is_active FROM users WHERE username = $1",
+                        &[&name],
+                    )
+                    .await
+                    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+                    .map_err(|e| format!("{}: the row of {name}: {e}", context()))?;
+                if row != want {
+                    return Err(format!("{}: {name} is {row:?}, the realm says {want:?}", context()));
+                }
+            }
+        }
         if listed(&planned) != listed(&applied) {
             return Err(format!(
                 "{}: plan listed\n{:#?}\nthe apply wrote\n{:#?}",

@@ -1,4 +1,4 @@
-//! Issue 19, point 5: long work shows its progress. Without a terminal a run logs
+//! Long work shows its progress. Without a terminal a run logs
 //! `seeding_progress` every interval (shortened here with `SEEDKEEPER_PROGRESS_INTERVAL`) with
 //! its unit and the users listed so far, and nothing when it is shorter; on a terminal (a
 //! pseudo-terminal here) `--once` and `plan` draw the listing's bar and the unit's spinner once

@@ -1,4 +1,4 @@
-//! Issue 10: the realm-file source accepts every realm Keycloak accepts. Users without an id are
+//! The realm-file source accepts every realm Keycloak accepts. Users without an id are
 //! rejected alone, service accounts are skipped whatever they carry, undeclared realm roles are
 //! plain roles, and a multi-realm export (an array of realms, or a `kc.sh export --dir` folder
 //! of several realms) is read for `keycloak.realm`. Real exports are in tests/fixtures/realms.
@@ -500,7 +500,7 @@ async fn structural_damage_is_still_refused_whole() {
     );
 }
 
-/// Issue 17 point 6: users' group paths spelled as Keycloak's import accepts them (one optional
+/// Users' group paths spelled as Keycloak's import accepts them (one optional
 /// leading and one optional trailing `/`) resolve to the same groups as the canonical paths;
 /// anything more is still an unknown group.
 #[tokio::test(flavor = "multi_thread")]

@@ -1,4 +1,4 @@
-//! Issue 18, point 5: runs that mean what they say. The daemon retries a failed full run with
+//! Runs that mean what they say. The daemon retries a failed full run with
 //! backoff instead of waiting a whole schedule interval (readiness comes back within seconds),
 //! and `--once` exits 0 only after a run of its own: it waits for a run lock another session
 //! holds, up to `startup.wait_timeout`, and exits 69 naming the holder when the wait runs out.

@@ -1,11 +1,11 @@
-//! Issue 11, signals an SRE can trust: `/metrics` from the registry (every error-kind series at
+//! Signals an SRE can trust: `/metrics` from the registry (every error-kind series at
 //! 0 before any run, build info, no `last_run_ok` before a run finishes), Keycloak requests and
 //! retries counted exactly as the emulator saw them, and JSON logs: with
 //! `SEEDKEEPER_LOG__FORMAT=json` everything `--once` prints is a JSON line (summary with `counts`
 //! as an object, errors included, configuration and usage errors too), and every line of a run
 //! carries its `run.id`.
 //!
-//! Issue 17: event batches have their own series, and never move the ones that describe full
+//! Event batches have their own series, and never move the ones that describe full
 //! runs (`seedkeeper_last_success_timestamp_seconds`, `seedkeeper_last_run_ok`, the run
 //! duration), so they cannot mask full runs that fail; `seedkeeper_identities_unlisted` shows a
 //! listing short of `users/count` for as long as it lasts.
@@ -723,7 +723,7 @@ fn serverinfo_requests(kc: &KeycloakEmulator) -> usize {
         .count()
 }
 
-/// Issue 19: at start seedkeeper reads the Keycloak version from `GET /admin/serverinfo` once,
+/// At start seedkeeper reads the Keycloak version from `GET /admin/serverinfo` once,
 /// exports it as `seedkeeper_keycloak_info{version, tested}`, and does not ask again on later
 /// runs; with the profile of each release that shows it (26.5 and 26.7; 26.4 shows no realm
 /// service account its version, as the next test covers).

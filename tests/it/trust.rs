@@ -1,4 +1,4 @@
-//! Issue 19: Keycloak's TLS certificate is trusted through the OS trust store (plus
+//! Keycloak's TLS certificate is trusted through the OS trust store (plus
 //! `keycloak.ca_file`), with the built-in Mozilla set when no OS store is found. The emulator
 //! serves HTTPS with a certificate from a private CA made here with openssl; `SSL_CERT_DIR` and
 //! `SSL_CERT_FILE` stand for the OS store (they replace its locations, as for OpenSSL), so no

@@ -300,7 +300,7 @@ impl AdminClient {
     }
 }
 
-/// Whether the issuer Keycloak announces may be used (issue 17). With `keycloak.issuer` set it
+/// Whether the issuer Keycloak announces may be used. With `keycloak.issuer` set it
 /// must be exactly that (a trailing `/` aside): the operator named it. Otherwise its path must end
 /// in `/realms/{realm}`, whatever its host: a frontend URL moves the host (and may add a path
 /// prefix), never the realm. Anything else means seedkeeper and Keycloak disagree about which

@@ -85,6 +85,9 @@ impl KeycloakSource {
         cancel: &CancellationToken,
         progress: &Progress,
     ) -> Result<SourceStats> {
+        // The client's request count is the process's (earlier runs, the event follower): this
+        // listing's own is the difference.
+        let requests_before = self.client.request_count();
         // The count is taken as the listing starts, beside the role resolution: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
         // only as extra.
@@ -168,7 +171,7 @@ impl KeycloakSource {
             out.send(batch).await.map_err(|_| Error::Cancelled)?;
         }
         progress.listing_done();
-        stats.requests = self.client.request_count();
+        stats.requests = self.client.request_count().saturating_sub(requests_before);
         tracing::debug!(
             users.distinct = distinct,
             users.count = expected,
