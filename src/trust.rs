@@ -292,7 +292,12 @@ pub fn render_name(name: &x509_cert::name::Name) -> String {
     use x509_cert::der::oid::db::rfc4519::{
         COMMON_NAME, COUNTRY_NAME, ORGANIZATIONAL_UNIT_NAME, ORGANIZATION_NAME,
     };
-    let known = [COMMON_NAME, ORGANIZATION_NAME, ORGANIZATIONAL_UNIT_NAME, COUNTRY_NAME];
+    let known = [
+        COMMON_NAME,
+        ORGANIZATION_NAME,
+        ORGANIZATIONAL_UNIT_NAME,
+        COUNTRY_NAME,
+    ];
     let parts: Vec<String> = name
         .0
         .iter()

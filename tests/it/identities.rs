@@ -276,7 +276,10 @@ async fn composites_groups_and_parent_groups_make_admins_in_both_sources() {
     assert!(!state.iter().any(|s| s.starts_with("binding plain")));
     // The users' own values, not only the two sources' agreement.
     assert!(
-        state.contains(&"user b0000000-0000-4000-8000-000000000005 plain plain@example.test user true {}".to_string()),
+        state.contains(
+            &"user b0000000-0000-4000-8000-000000000005 plain plain@example.test user true {}"
+                .to_string()
+        ),
         "{state:#?}"
     );
     // page size 2: many pages were requested

@@ -126,3 +126,80 @@ async fn the_least_privilege_role_from_the_readme_can_reconcile() {
         ))
         .await;
 }
+
+/// `scripts/test-deps.sh` run by a user who is not root, on a machine missing the suite's tools
+/// (a PATH of a folder holding only what the script itself needs and a fake `apt-get`): it stops
+/// at once with the one command to run, and runs nothing else (the fake `apt-get` records any
+/// call). As root the test runs the script as `nobody`; otherwise as the user running it.
+#[test]
+fn test_deps_as_a_non_root_user_stops_with_the_one_command_and_installs_nothing() {
+    let dir = TempDir::new();
+    let bin = dir.0.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for tool in ["bash", "id", "ls"] {
+        let real = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| std::path::Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not found in /usr/bin or /bin"));
+        std::os::unix::fs::symlink(real, bin.join(tool)).unwrap();
+    }
+    let called = dir.0.join("apt-get-called");
+    let fake = bin.join("apt-get");
+    std::fs::write(
+        &fake,
+        format!("#!/bin/sh\necho \"$@\" >> {}\n", called.display()),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let script = dir.write("test-deps.sh", include_str!("../../scripts/test-deps.sh"));
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .unwrap()
+        .stdout
+        == b"0\n";
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "nobody", "--", "/usr/bin/env"]);
+        c
+    } else {
+        std::process::Command::new("/usr/bin/env")
+    };
+    let out = cmd
+        .arg("-i")
+        .arg(format!("PATH={}", bin.display()))
+        .arg(bin.join("bash"))
+        .arg(&script)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    // psql, mvn, curl, python3 and make are not on that PATH; every package stays named.
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("test-deps: missing postgresql postgresql-client ")
+            && first.ends_with("; install them once with: sudo bash scripts/test-deps.sh"),
+        "{stderr}"
+    );
+    for package in ["maven", "curl", "python3", "make"] {
+        assert!(
+            first.contains(&format!(" {package} ")),
+            "{package}: {stderr}"
+        );
+    }
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line, nothing else: {stderr}"
+    );
+    assert!(!called.exists(), "apt-get was run: {stderr}");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -244,7 +244,10 @@ async fn walk(db: &TestDb, seed: u64) -> Result<usize, String> {
                     .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
                     .map_err(|e| format!("{}: the row of {name}: {e}", context()))?;
                 if row != want {
-                    return Err(format!("{}: {name} is {row:?}, the realm says {want:?}", context()));
+                    return Err(format!(
+                        "{}: {name} is {row:?}, the realm says {want:?}",
+                        context()
+                    ));
                 }
             }
         }
