@@ -394,7 +394,9 @@ impl Scope {
                 &[(&subs, tokio_postgres::types::Type::TEXT_ARRAY)],
             )
             .await
-            .map_err(crate::store::ctx("finding the event batch's users rows"))?;
+            // Error::db directly, not `crate::store::ctx`: the store builds on this vocabulary,
+            // and the model naming the store back would make the two one module.
+            .map_err(|e| Error::db("finding the event batch's users rows", e))?;
         Ok(Scope::Users(rows.iter().map(|r| r.get(0)).collect()))
     }
 

@@ -16,9 +16,11 @@
 //!
 //! Layout: this file holds the settings types and the public API ([`load`], [`load_offline`],
 //! [`DatabaseSettings::connection`]); `sources` the layers, `secrets` the secret sources,
-//! `validate` the checks, [`duration_str`] the duration format. The database URL's libpq TLS
-//! parameters are parsed by [`crate::store::url`] (re-exported here).
+//! `validate` the checks, [`duration_str`] the duration format, [`database_url`] the database
+//! URL's libpq TLS parameters (re-exported here). The URL is parsed here, where it is validated,
+//! and `crate::store` connects with what this module made of it: config never needs the store.
 
+pub mod database_url;
 mod files;
 mod secrets;
 mod sources;
@@ -42,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Problems, Result};
 use secrets::{de_secret, ser_secret};
 
-pub use crate::store::url::{
+pub use database_url::{
     describe_target, is_loopback_host, remote_hosts, split_libpq_tls, DbTls, RootCert, SslMode,
 };
 pub use files::{read_regular, CONFIG_LIMIT, SECRET_LIMIT};
@@ -376,7 +378,7 @@ impl DatabaseSettings {
             .as_ref()
             .ok_or_else(|| Error::config("database.url is not set"))?;
         // Validation refuses it too; this holds for settings built without it (tests, tools).
-        if let Some(problem) = crate::store::url::database_userinfo_problem(url.expose_secret()) {
+        if let Some(problem) = crate::config::database_url::database_userinfo_problem(url.expose_secret()) {
             return Err(Error::config(problem));
         }
         let (rest, tls) = split_libpq_tls(url.expose_secret()).map_err(Error::config)?;
@@ -474,7 +476,7 @@ impl Settings {
             .into_iter()
             .flatten()
         {
-            *u = crate::store::url::redact_url(u);
+            *u = crate::config::database_url::redact_url(u);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use secrecy::ExposeSecret;
 
 use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
-use crate::store::url::{
+use super::database_url::{
     database_userinfo_problem, is_loopback_host, redact_url, remote_hosts, split_libpq_tls,
     url_refusal_reason, userinfo_refusal, DbTls, RootCert, SslMode,
 };
