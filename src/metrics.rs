@@ -60,8 +60,9 @@ const KEYCLOAK_BUCKETS: &[f64] = &[
 ];
 
 named!(
-    /// The identity source (`seedkeeper_identities_seen`).
-    pub enum SourceName {
+    /// The identity source as the `source` label of `seedkeeper_identities_seen` (the
+    /// configured choice is `crate::config::IdentitySource`).
+    pub enum IdentitySourceLabel {
         Keycloak => "keycloak",
         RealmFile => "realm-file",
     }
@@ -133,7 +134,7 @@ struct UnitLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct SourceLabels {
-    source: SourceName,
+    source: IdentitySourceLabel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -659,7 +660,7 @@ impl Metrics {
         }
         // A unit that failed has no counts: its 0 would read as "all listed".
         if let Some(id) = report.unit(Unit::Identities).filter(|u| u.error.is_none()) {
-            if let Some(source) = SourceName::from_name(source) {
+            if let Some(source) = IdentitySourceLabel::from_name(source) {
                 self.identities
                     .get_or_create(&SourceLabels { source })
                     .set(id.get(Tally::Listed).max(0));

@@ -33,7 +33,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, Sources, DEFAULT_CONFIG_PATH};
+use crate::config::{ConfigLayers, LogFormat, DEFAULT_CONFIG_PATH};
 
 /// Event fields whose value is JSON text, embedded as JSON.
 const JSON_FIELDS: &[&str] = &["counts", "findings"];
@@ -140,7 +140,7 @@ pub fn is_json() -> bool {
 /// else `SEEDKEEPER_LOG__FORMAT`, else `log.format` of the config file the load will read
 /// (`--config`, `SEEDKEEPER_CONFIG`, `config/seedkeeper.toml`) when it is readable TOML, else
 /// text. The loaded configuration decides afterwards, as always.
-pub fn early_format(flag: Option<LogFormat>, sources: &Sources) -> LogFormat {
+pub fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogFormat {
     if let Some(f) = flag {
         return f;
     }
@@ -417,14 +417,14 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let file = dir.join("c.toml");
         let _ = std::fs::write(&file, "[log]\nformat = \"json\"\nnot_a_key = 1\n");
-        let env = |pairs: &[(&str, &str)]| Sources {
+        let env = |pairs: &[(&str, &str)]| ConfigLayers {
             file: None,
             env: pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        let with_file = Sources {
+        let with_file = ConfigLayers {
             file: Some(file.clone()),
             env: vec![],
         };

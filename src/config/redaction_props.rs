@@ -29,7 +29,7 @@ fn leaked(secret: &str, text: &str) -> Option<String> {
 }
 
 fn load_with(vars: &[(&str, String)]) -> Result<Settings> {
-    load(&Sources {
+    load(&ConfigLayers {
         file: None,
         env: vars
             .iter()

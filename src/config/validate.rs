@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
 use super::database_url::{
     database_userinfo_problem, is_loopback_host, redact_url, remote_hosts, split_libpq_tls,
     url_refusal_reason, userinfo_refusal, DbTls, RootCert, SslMode,
 };
+use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
 
 /// Every problem of the settings at once, in the order of the configuration table.
 pub(super) fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
@@ -180,6 +180,12 @@ fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
 /// The daemon's `events.poll_interval`, `schedule.cron`, `schedule.retry_initial` and
 /// `http.listen`.
 fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
+    if s.progress_interval < Duration::from_millis(100) {
+        problems.push(format!(
+            "progress_interval {} is below 100ms (SEEDKEEPER_PROGRESS_INTERVAL): a progress line would be logged without pause",
+            duration_str::format(&s.progress_interval)
+        ));
+    }
     if s.events.poll_interval < Duration::from_millis(100) {
         problems.push(format!(
             "events.poll_interval {} is below 100ms (SEEDKEEPER_EVENTS__POLL_INTERVAL): Keycloak would be polled without pause",

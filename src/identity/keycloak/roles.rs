@@ -78,7 +78,11 @@ impl Keyed for RoleRep {
 fn role_path(role: &RoleKey) -> String {
     match role {
         RoleKey::Realm(name) => format!("roles/{}", path_segment(name)),
-        RoleKey::Client(client, name) => format!("clients/{}/roles/{}", path_segment(client), path_segment(name)),
+        RoleKey::Client(client, name) => format!(
+            "clients/{}/roles/{}",
+            path_segment(client),
+            path_segment(name)
+        ),
     }
 }
 
