@@ -151,7 +151,7 @@ struct BuildLabels {
     seed_digest: String,
 }
 
-/// The revision compiled in (see [`BuildLabels::revision`]).
+/// The revision compiled in (see `BuildLabels::revision`).
 pub const REVISION: &str = match option_env!("SEEDKEEPER_REVISION") {
     Some(r) => r,
     None => "unknown",
