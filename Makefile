@@ -49,9 +49,11 @@ bench-keycloak: ## only the benchmark against a real Keycloak 26 (10k and 50k us
 bench-events: ## the event follower's figures: latency, idle requests, one user vs a full run (see docs/benchmark.md)
 	bash scripts/bench-events.sh
 
-lint: ## the docs check, formatting and clippy, as CI runs them
+lint: ## the docs check, formatting, module circles and clippy, as CI runs them
 	python3 scripts/check-docs.py
 	cargo fmt --check
+	python3 scripts/module-graph.py --fail-on-circles
+	python3 scripts/module-graph.py --top --fail-on-circles
 	cargo clippy --all-targets -- -D warnings
 
 check-deploy: ## checks of the compose file, manifests, systemd unit and Dockerfile (builds the image when Docker runs)

@@ -52,7 +52,7 @@ use serde_json::{json, Value};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use seedkeeper::config::{self, Sources};
+use seedkeeper::config::{self, ConfigLayers};
 use seedkeeper::events::{apply_with, now_ms, Follower, FollowerState};
 use seedkeeper::identity::keycloak::KeycloakSource;
 use seedkeeper::identity::RoleFilter;
@@ -584,7 +584,7 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
         .count();
 
     // The follower in this process, on the same database, as the daemon builds it.
-    let settings = config::load(&Sources {
+    let settings = config::load(&ConfigLayers {
         file: None,
         env: env.clone(),
     })

@@ -1,20 +1,25 @@
 #!/usr/bin/env python3
 """Print the crate's module import graph's circles and its longest files.
 
-Usage: scripts/module-graph.py [--top] [SRC]   (default: src)
-A module is a file under SRC (`foo/mod.rs` is `foo`). An edge A -> B is a `crate::B...` path
-named in A outside its `#[cfg(test)]` module; B is cut to the longest module that exists. The
-circles printed are the strongly connected components with more than one module, each with one
-cycle through it as evidence. With --top, every module counts as its top-level module
-(`identity::keycloak::client` as `identity`), and edges inside one top-level module are dropped.
+Usage: scripts/module-graph.py [--top] [--fail-on-circles] [SRC]   (default: src)
+A module is a file under SRC (`foo/mod.rs` is `foo`). An edge A -> B is a `crate::B...`,
+`super::B...` or `self::B...` path named in A outside its `#[cfg(test)]` module (a `super::` is
+resolved against A's own place), also inside `use ...::{...}` groups; B is cut to the longest
+module that exists. The circles printed are the strongly connected components with more than one
+module, each with one cycle through it as evidence. With --top, every module counts as its
+top-level module (`identity::keycloak::client` as `identity`), and edges inside one top-level
+module are dropped. With --fail-on-circles the exit status is 1 when any circle is printed (CI
+and `make lint` run it so).
 """
 import os
 import signal
 import re
 import sys
 
-args = [a for a in sys.argv[1:] if a != '--top']
+FLAGS = ('--top', '--fail-on-circles')
+args = [a for a in sys.argv[1:] if a not in FLAGS]
 top = '--top' in sys.argv[1:]
+fail_on_circles = '--fail-on-circles' in sys.argv[1:]
 src = args[0] if args else 'src'
 signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 files = {}
@@ -29,8 +34,23 @@ for d, _, fs in os.walk(src):
                 rel = []
             files['::'.join(rel)] = p
 
-PATH = re.compile(r'crate::((?:\w+::)*\w+)')
-USE_GROUP = re.compile(r'use crate::(\w+(?:::\w+)*)::\{([^;]*)\}', re.S)
+# A path from the crate root, the module itself or a parent: `crate::a::b`, `self::a`,
+# `super::super::a`. The head is resolved against the naming module in `absolute`.
+HEAD = r'(?:crate|self|super(?:::super)*)'
+PATH = re.compile(r'\b(' + HEAD + r')::((?:\w+::)*\w+)')
+USE_GROUP = re.compile(r'\buse (' + HEAD + r')::((?:\w+::)*)\{([^;]*)\}', re.S)
+
+
+def absolute(module, head, rest):
+    """`head::rest` named in `module`, as a path from the crate root."""
+    if head == 'crate':
+        base = []
+    else:
+        # A file's `self` is the file's module; each `super` goes one module up.
+        base = module.split('::') if module else []
+        ups = head.count('super')
+        base = base[:len(base) - ups] if ups <= len(base) else []
+    return '::'.join(base + [x for x in rest.split('::') if x])
 
 
 def resolve(path):
@@ -49,11 +69,12 @@ for m, p in files.items():
     if cut >= 0:
         text = text[:cut]
     text = re.sub(r'//[^\n]*', '', text)
-    found = [x.group(1) for x in PATH.finditer(text)]
+    found = [absolute(m, x.group(1), x.group(2)) for x in PATH.finditer(text)]
     for g in USE_GROUP.finditer(text):
-        for item in re.split(r'[,\s{}]+', g.group(2)):
-            if item and item not in ('self',):
-                found.append(g.group(1) + '::' + item.split(':')[0])
+        prefix = g.group(2)
+        for item in re.split(r'[,\s{}]+', g.group(3)):
+            if item and item not in ('self', '*'):
+                found.append(absolute(m, g.group(1), prefix + item.split(':')[0]))
     for f in found:
         t = resolve(f)
         if t is not None and t != m and t != '':
@@ -125,3 +146,7 @@ for c in circles:
 print('longest files:')
 for m, p in sorted(files.items(), key=lambda kv: -sum(1 for _ in open(kv[1])))[:10]:
     print(f'  {sum(1 for _ in open(p)):5}  {p}')
+if fail_on_circles and circles:
+    print(f'module-graph: {len(circles)} import circle(s): break them (see docs/development.md)',
+          file=sys.stderr)
+    sys.exit(1)

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, LogFormat, Settings, Sources};
+use crate::config::{self, ConfigLayers, LogFormat, Settings};
 use crate::error::{exit, Error};
 use crate::progress::{self, Progress, Reporter};
 use crate::reconcile::{Count, Mode, Outcome, RunReport, Trigger, Unit};
@@ -164,7 +164,7 @@ pub fn fail(e: &Error) -> u8 {
 /// Loads the settings (exit 78 on problems). Their errors are printed in the log format that
 /// `--log-format`, `SEEDKEEPER_LOG__FORMAT` or the config file's `log.format` asks for (see
 /// [`crate::telemetry::early_format`]).
-pub fn load_settings(cli: &Cli, sources: &Sources) -> Result<Settings, u8> {
+pub fn load_settings(cli: &Cli, sources: &ConfigLayers) -> Result<Settings, u8> {
     crate::telemetry::set_format(crate::telemetry::early_format(cli.log_format, sources));
     let offline = matches!(
         cli.command,
@@ -501,6 +501,7 @@ async fn migrate(
         progress::Display::interactive(crate::telemetry::is_json()),
         progress,
         None,
+        settings.progress_interval,
     );
     let r = migrate_schema(settings, repair, cancel).await;
     reporter.finish().await;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use seedkeeper::cli::{self, Command};
-use seedkeeper::config::Sources;
+use seedkeeper::config::ConfigLayers;
 use seedkeeper::error::exit;
 use tokio_util::sync::CancellationToken;
 
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
     let hangup = runtime.block_on(async {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
     });
-    let sources = Sources::from_process(cli.config.clone());
+    let sources = ConfigLayers::from_process(cli.config.clone());
     let settings = match cli::load_settings(&cli, &sources) {
         Ok(s) => s,
         Err(code) => return ExitCode::from(code),

@@ -60,8 +60,9 @@ const KEYCLOAK_BUCKETS: &[f64] = &[
 ];
 
 named!(
-    /// The identity source (`seedkeeper_identities_seen`).
-    pub enum SourceName {
+    /// The identity source as the `source` label of `seedkeeper_identities_seen` (the
+    /// configured choice is `crate::config::IdentitySource`).
+    pub enum IdentitySourceLabel {
         Keycloak => "keycloak",
         RealmFile => "realm-file",
     }
@@ -133,7 +134,7 @@ struct UnitLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct SourceLabels {
-    source: SourceName,
+    source: IdentitySourceLabel,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -150,7 +151,7 @@ struct BuildLabels {
     seed_digest: String,
 }
 
-/// The revision compiled in (see [`BuildLabels::revision`]).
+/// The revision compiled in (see `BuildLabels::revision`).
 pub const REVISION: &str = match option_env!("SEEDKEEPER_REVISION") {
     Some(r) => r,
     None => "unknown",
@@ -403,6 +404,127 @@ pub struct Metrics {
     events: EventMetrics,
 }
 
+/// The series every run moves, full run or event batch (see [`Metrics::record_run`]).
+struct EveryRunSeries {
+    runs: Family<RunLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    rows: Family<RowLabels, Counter>,
+}
+
+impl EveryRunSeries {
+    fn register(r: &mut Registry) -> Self {
+        let runs = register(
+            r,
+            "seedkeeper_runs",
+            "Reconcile runs by outcome and by what started them (a retry of a failed run is a run)",
+            at_zero(Outcome::ALL.iter().flat_map(|&outcome| {
+                let in_daemon = Trigger::ALL.iter().filter(|t| t.in_daemon());
+                in_daemon.map(move |&trigger| RunLabels { outcome, trigger })
+            })),
+        );
+        let errors = register(
+            r,
+            "seedkeeper_run_errors",
+            "Failed runs by error kind (every kind starts at 0)",
+            at_zero(ErrorKind::ALL.iter().map(|&kind| ErrorLabels { kind })),
+        );
+        let duration = register(
+            r,
+            "seedkeeper_run_duration_seconds",
+            "Duration of full runs (event batches: seedkeeper_event_batch_duration_seconds)",
+            Histogram::new(RUN_BUCKETS.iter().copied()),
+        );
+        let rows = register(
+            r,
+            "seedkeeper_rows_changed",
+            "Rows written, by unit and action",
+            at_zero(Unit::ALL.iter().flat_map(|&unit| {
+                unit.actions()
+                    .iter()
+                    .map(move |&action| RowLabels { unit, action })
+            })),
+        );
+        EveryRunSeries {
+            runs,
+            errors,
+            duration,
+            rows,
+        }
+    }
+}
+
+/// The series that say what the last full run found; event batches leave them alone.
+struct LastFullRunSeries {
+    drift: Family<UnitLabels, Gauge>,
+    identities: Family<SourceLabels, Gauge>,
+    last_success: Gauge<f64, AtomicU64>,
+    last_run_ok: Arc<LastRunOk>,
+    unlisted: Arc<LastValue>,
+    offboard_stopped: Arc<LastValue>,
+}
+
+impl LastFullRunSeries {
+    fn register(r: &mut Registry) -> Self {
+        let drift = register(
+            r,
+            "seedkeeper_drift_items",
+            "Items found differing from the seed in the last full run, by unit",
+            Family::<UnitLabels, Gauge>::default(),
+        );
+        let identities = register(
+            r,
+            "seedkeeper_identities_seen",
+            "Identities listed by the source in the last full run",
+            Family::<SourceLabels, Gauge>::default(),
+        );
+        let last_success = register(
+            r,
+            "seedkeeper_last_success_timestamp_seconds",
+            "Unix time of the last successful full run (0: none yet; event batches do not count)",
+            Gauge::<f64, AtomicU64>::default(),
+        );
+        let last_run_ok = Arc::new(LastRunOk::default());
+        r.register_collector(Box::new(last_run_ok.clone()));
+        let unlisted = Arc::new(LastValue::new(
+            "seedkeeper_identities_unlisted",
+            "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
+        ));
+        r.register_collector(Box::new(unlisted.clone()));
+        let offboard_stopped = Arc::new(LastValue::new(
+            "seedkeeper_offboard_stopped",
+            "Users the last full run (or a later event batch) would have offboarded but did not, because that exceeded identity.offboard_limit or the listing was empty; 0 when offboarding went through",
+        ));
+        r.register_collector(Box::new(offboard_stopped.clone()));
+        LastFullRunSeries {
+            drift,
+            identities,
+            last_success,
+            last_run_ok,
+            unlisted,
+            offboard_stopped,
+        }
+    }
+}
+
+/// The series of the daemon and the process around the runs: the skipped ticks (returned) and
+/// the log lines that could not be written.
+fn register_process_series(r: &mut Registry) -> Counter {
+    let skipped_ticks = register(
+        r,
+        "seedkeeper_skipped_ticks",
+        "Scheduled ticks skipped because a run was still going",
+        Counter::default(),
+    );
+    // Process-wide (stderr is): a clone of the one counter the log sink counts into.
+    r.register(
+        "seedkeeper_log_write_errors",
+        "Log lines (and error lines of the process's own) dropped because stderr or the log file could not be written (a full disk, a closed pipe); the work goes on",
+        crate::telemetry::log_write_errors().clone(),
+    );
+    skipped_ticks
+}
+
 /// Which parts' series a daemon's registry holds beside the run series.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Series {
@@ -518,94 +640,23 @@ impl Metrics {
     /// The run metrics and `seedkeeper_build_info` only.
     pub fn with_seed_digest(seed_digest: &str) -> Self {
         let mut registry = Registry::default();
-        let r = &mut registry;
-        register_build(r, seed_digest);
-        let runs = register(
-            r,
-            "seedkeeper_runs",
-            "Reconcile runs by outcome and by what started them (a retry of a failed run is a run)",
-            at_zero(Outcome::ALL.iter().flat_map(|&outcome| {
-                let in_daemon = Trigger::ALL.iter().filter(|t| t.in_daemon());
-                in_daemon.map(move |&trigger| RunLabels { outcome, trigger })
-            })),
-        );
-        let errors = register(
-            r,
-            "seedkeeper_run_errors",
-            "Failed runs by error kind (every kind starts at 0)",
-            at_zero(ErrorKind::ALL.iter().map(|&kind| ErrorLabels { kind })),
-        );
-        let duration = register(
-            r,
-            "seedkeeper_run_duration_seconds",
-            "Duration of full runs (event batches: seedkeeper_event_batch_duration_seconds)",
-            Histogram::new(RUN_BUCKETS.iter().copied()),
-        );
-        let rows = register(
-            r,
-            "seedkeeper_rows_changed",
-            "Rows written, by unit and action",
-            at_zero(Unit::ALL.iter().flat_map(|&unit| {
-                unit.actions()
-                    .iter()
-                    .map(move |&action| RowLabels { unit, action })
-            })),
-        );
-        let drift = register(
-            r,
-            "seedkeeper_drift_items",
-            "Items found differing from the seed in the last full run, by unit",
-            Family::<UnitLabels, Gauge>::default(),
-        );
-        let identities = register(
-            r,
-            "seedkeeper_identities_seen",
-            "Identities listed by the source in the last full run",
-            Family::<SourceLabels, Gauge>::default(),
-        );
-        let last_success = register(
-            r,
-            "seedkeeper_last_success_timestamp_seconds",
-            "Unix time of the last successful full run (0: none yet; event batches do not count)",
-            Gauge::<f64, AtomicU64>::default(),
-        );
-        let skipped_ticks = register(
-            r,
-            "seedkeeper_skipped_ticks",
-            "Scheduled ticks skipped because a run was still going",
-            Counter::default(),
-        );
-        // Process-wide (stderr is): a clone of the one counter the log sink counts into.
-        registry.register(
-            "seedkeeper_log_write_errors",
-            "Log lines (and error lines of the process's own) dropped because stderr or the log file could not be written (a full disk, a closed pipe); the work goes on",
-            crate::telemetry::log_write_errors().clone(),
-        );
-        let last_run_ok = Arc::new(LastRunOk::default());
-        registry.register_collector(Box::new(last_run_ok.clone()));
-        let unlisted = Arc::new(LastValue::new(
-            "seedkeeper_identities_unlisted",
-            "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
-        ));
-        registry.register_collector(Box::new(unlisted.clone()));
-        let offboard_stopped = Arc::new(LastValue::new(
-            "seedkeeper_offboard_stopped",
-            "Users the last full run (or a later event batch) would have offboarded but did not, because that exceeded identity.offboard_limit or the listing was empty; 0 when offboarding went through",
-        ));
-        registry.register_collector(Box::new(offboard_stopped.clone()));
+        register_build(&mut registry, seed_digest);
+        let every_run = EveryRunSeries::register(&mut registry);
+        let last_full_run = LastFullRunSeries::register(&mut registry);
+        let skipped_ticks = register_process_series(&mut registry);
         Metrics {
             registry,
-            runs,
-            errors,
-            duration,
-            rows,
-            drift,
-            identities,
-            last_success,
+            runs: every_run.runs,
+            errors: every_run.errors,
+            duration: every_run.duration,
+            rows: every_run.rows,
+            drift: last_full_run.drift,
+            identities: last_full_run.identities,
+            last_success: last_full_run.last_success,
             skipped_ticks,
-            last_run_ok,
-            unlisted,
-            offboard_stopped,
+            last_run_ok: last_full_run.last_run_ok,
+            unlisted: last_full_run.unlisted,
+            offboard_stopped: last_full_run.offboard_stopped,
             batches: BatchMetrics::new(),
             keycloak: KeycloakMetrics::new(),
             events: EventMetrics::default(),
@@ -659,7 +710,7 @@ impl Metrics {
         }
         // A unit that failed has no counts: its 0 would read as "all listed".
         if let Some(id) = report.unit(Unit::Identities).filter(|u| u.error.is_none()) {
-            if let Some(source) = SourceName::from_name(source) {
+            if let Some(source) = IdentitySourceLabel::from_name(source) {
                 self.identities
                     .get_or_create(&SourceLabels { source })
                     .set(id.get(Tally::Listed).max(0));
@@ -864,7 +915,7 @@ mod tests {
     }
 
     #[test]
-    fn event_batches_move_their_own_series_and_never_the_full_runs() {
+    fn event_batch_series_start_at_zero() {
         let m = with_events();
         let text = m.render();
         for outcome in Outcome::ALL {
@@ -882,13 +933,22 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(sample(&text, "seedkeeper_events_following"), Some(0.0));
+    }
 
-        // A full run fails, then batches succeed: the full-run series still say it failed.
+    /// A full run that failed, then two event batches that succeeded and one that failed.
+    fn failed_full_run_then_three_batches() -> Metrics {
+        let m = with_events();
         m.record_run(&run(Trigger::Schedule, Outcome::Failed, 6, 0), "keycloak");
         m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");
         m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");
         m.record_run(&run(Trigger::Event, Outcome::Failed, 1, 0), "keycloak");
-        let text = m.render();
+        m
+    }
+
+    #[test]
+    fn event_batches_move_their_own_series_and_never_the_full_runs() {
+        // Batches succeeded after the full run failed: the full-run series still say it failed.
+        let text = failed_full_run_then_three_batches().render();
         assert_eq!(sample(&text, "seedkeeper_last_run_ok"), Some(0.0), "{text}");
         assert_eq!(
             sample(&text, "seedkeeper_last_success_timestamp_seconds"),
@@ -942,7 +1002,11 @@ mod tests {
             ),
             Some(4.0)
         );
+    }
 
+    #[test]
+    fn a_full_run_after_event_batches_moves_the_full_run_series_again() {
+        let m = failed_full_run_then_three_batches();
         // A full run under a trigger this module has never heard of counts as one.
         m.record_run(&run(Trigger::Retry, Outcome::Succeeded, 6, 0), "keycloak");
         let text = m.render();

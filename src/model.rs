@@ -233,18 +233,18 @@ impl Tally {
     }
 }
 
-/// One key of a unit's counts: a write or a tally.
+/// One key of a unit's counts: a write (an [`Action`]) or a tally (a [`Tally`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Count {
-    Wrote(Action),
-    Saw(Tally),
+    Write(Action),
+    Tally(Tally),
 }
 
 impl Count {
     pub fn as_str(self) -> &'static str {
         match self {
-            Count::Wrote(a) => a.as_str(),
-            Count::Saw(t) => t.as_str(),
+            Count::Write(a) => a.as_str(),
+            Count::Tally(t) => t.as_str(),
         }
     }
 
@@ -255,28 +255,28 @@ impl Count {
 
     /// Every count: the writes, then the tallies.
     pub fn all() -> impl Iterator<Item = Count> {
-        let wrote = Action::ALL.iter().map(|&a| Count::Wrote(a));
-        wrote.chain(Tally::ALL.iter().map(|&t| Count::Saw(t)))
+        let wrote = Action::ALL.iter().map(|&a| Count::Write(a));
+        wrote.chain(Tally::ALL.iter().map(|&t| Count::Tally(t)))
     }
 
     /// The counts `status` shows: every write and the notable tallies.
     pub fn notable(self) -> bool {
         match self {
-            Count::Wrote(_) => true,
-            Count::Saw(t) => t.notable(),
+            Count::Write(_) => true,
+            Count::Tally(t) => t.notable(),
         }
     }
 }
 
 impl From<Action> for Count {
     fn from(a: Action) -> Self {
-        Count::Wrote(a)
+        Count::Write(a)
     }
 }
 
 impl From<Tally> for Count {
     fn from(t: Tally) -> Self {
-        Count::Saw(t)
+        Count::Tally(t)
     }
 }
 
@@ -394,7 +394,9 @@ impl Scope {
                 &[(&subs, tokio_postgres::types::Type::TEXT_ARRAY)],
             )
             .await
-            .map_err(crate::store::ctx("finding the event batch's users rows"))?;
+            // Error::db directly, not `crate::store::ctx`: the store builds on this vocabulary,
+            // and the model naming the store back would make the two one module.
+            .map_err(|e| Error::db("finding the event batch's users rows", e))?;
         Ok(Scope::Users(rows.iter().map(|r| r.get(0)).collect()))
     }
 

@@ -17,8 +17,9 @@
 //!   `seeding_progress` every [`LOG_INTERVAL`] while the work goes on (nothing for shorter work),
 //!   with `run.id`, `unit`, `users.listed`, `users.count` and `elapsed_ms`.
 //!
-//! The interval can be shortened for tests only with `SEEDKEEPER_PROGRESS_INTERVAL` (a duration,
-//! `500ms`); it is not a configuration key. Reads no configuration.
+//! The interval is the `progress_interval` key (`SEEDKEEPER_PROGRESS_INTERVAL`, [`LOG_INTERVAL`]
+//! by default), which the caller passes to [`Reporter::start`]: this module reads no
+//! configuration.
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,15 +34,12 @@ use uuid::Uuid;
 
 use crate::model::Unit;
 
-/// How often a run without a terminal logs its progress.
+/// How often a run without a terminal logs its progress, unless `progress_interval` says
+/// otherwise (its default is this).
 pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// How long a stage or the listing goes on before its bar is drawn.
 pub const DRAW_AFTER: Duration = Duration::from_secs(1);
-
-/// The test-only override of [`LOG_INTERVAL`]. Not a config key: production has no reason to
-/// change it, and a key would be one more thing to document and validate.
-pub const INTERVAL_ENV: &str = "SEEDKEEPER_PROGRESS_INTERVAL";
 
 /// How often the bars are refreshed from the counters.
 const DRAW_TICK: Duration = Duration::from_millis(100);
@@ -199,16 +197,6 @@ impl Display {
     }
 }
 
-/// The interval of [`Display::Log`]: [`LOG_INTERVAL`], or `SEEDKEEPER_PROGRESS_INTERVAL` in
-/// tests. A value that is not a positive duration is ignored.
-pub fn log_interval() -> Duration {
-    std::env::var(INTERVAL_ENV)
-        .ok()
-        .and_then(|v| crate::config::duration_str::parse(&v).ok())
-        .filter(|d| !d.is_zero())
-        .unwrap_or(LOG_INTERVAL)
-}
-
 /// Shows a run's progress until the run ends ([`Reporter::finish`], or dropping it).
 pub struct Reporter {
     stop: CancellationToken,
@@ -216,13 +204,19 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    /// Starts reporting `progress`. A [`Display::Log`] reporter logs inside the current span,
-    /// so its lines carry the run's fields like every other line of the run.
-    pub fn start(display: Display, progress: Progress, run_id: Option<Uuid>) -> Reporter {
+    /// Starts reporting `progress`. A [`Display::Log`] reporter logs every `log_interval` (the
+    /// `progress_interval` key) inside the current span, so its lines carry the run's fields
+    /// like every other line of the run.
+    pub fn start(
+        display: Display,
+        progress: Progress,
+        run_id: Option<Uuid>,
+        log_interval: Duration,
+    ) -> Reporter {
         let stop = CancellationToken::new();
         let task = match display {
             Display::Log => tokio::spawn(
-                log_lines(progress, run_id, log_interval(), stop.clone()).in_current_span(),
+                log_lines(progress, run_id, log_interval, stop.clone()).in_current_span(),
             ),
             Display::Bar => tokio::spawn(draw(progress, stop.clone())),
         };

@@ -20,8 +20,7 @@ use std::fmt;
 use std::io::IsTerminal;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
@@ -33,15 +32,19 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogFormat, Sources, DEFAULT_CONFIG_PATH};
+use crate::config::{ConfigLayers, LogFormat, DEFAULT_CONFIG_PATH};
 
 /// Event fields whose value is JSON text, embedded as JSON.
 const JSON_FIELDS: &[&str] = &["counts", "findings"];
 
-static JSON: AtomicBool = AtomicBool::new(false);
+/// The format of the process's own lines, decided once per process (see [`set_format`]): a
+/// value that later code could change would leave the first lines and the last ones in
+/// different formats, and tests in one process would have to put it back.
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
 /// Log lines (and the process's own error lines) that could not be written. Process-wide, as
-/// stderr is: every app's registry shows the same counter (see `crate::metrics`).
+/// stderr is: every app's registry shows the same counter (see `crate::metrics`). It only
+/// counts up; tests read it from the /metrics of a binary they started, never reset it.
 static LOG_WRITE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// The counter behind `seedkeeper_log_write_errors_total` (a clone shares the value).
@@ -127,20 +130,24 @@ pub fn init(format: LogFormat, filter: &str) {
     };
 }
 
-/// The format of what the process prints itself ([`print_error`], [`json_line`] callers).
+/// The format of what the process prints itself ([`print_error`], [`json_line`] callers). The
+/// first call decides and later ones change nothing: the first is made before the
+/// configuration is loaded ([`early_format`], from the same flag, variable and file), and
+/// [`init`]'s, with the loaded `log.format`, agrees with it whenever loading succeeded.
 pub fn set_format(format: LogFormat) {
-    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+    let _already_decided = FORMAT.set(format);
 }
 
+/// Whether the process's own lines are JSON; text until [`set_format`] decides.
 pub fn is_json() -> bool {
-    JSON.load(Ordering::Relaxed)
+    FORMAT.get() == Some(&LogFormat::Json)
 }
 
 /// The log format before the configuration is loaded (to print its errors): `--log-format`,
 /// else `SEEDKEEPER_LOG__FORMAT`, else `log.format` of the config file the load will read
 /// (`--config`, `SEEDKEEPER_CONFIG`, `config/seedkeeper.toml`) when it is readable TOML, else
 /// text. The loaded configuration decides afterwards, as always.
-pub fn early_format(flag: Option<LogFormat>, sources: &Sources) -> LogFormat {
+pub fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogFormat {
     if let Some(f) = flag {
         return f;
     }
@@ -417,14 +424,14 @@ mod tests {
         let _ = std::fs::create_dir_all(&dir);
         let file = dir.join("c.toml");
         let _ = std::fs::write(&file, "[log]\nformat = \"json\"\nnot_a_key = 1\n");
-        let env = |pairs: &[(&str, &str)]| Sources {
+        let env = |pairs: &[(&str, &str)]| ConfigLayers {
             file: None,
             env: pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        let with_file = Sources {
+        let with_file = ConfigLayers {
             file: Some(file.clone()),
             env: vec![],
         };

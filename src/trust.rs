@@ -17,7 +17,6 @@
 
 use std::fmt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -32,8 +31,8 @@ use rustls::{
 
 use crate::error::{Error, Result};
 
-/// Whether the last look at the OS store found nothing and the built-in set was used.
-static FELL_BACK: AtomicBool = AtomicBool::new(false);
+// Said once per process; nothing else here is process-wide: what the OS store holds is read
+// again each time (see `system_roots_description`).
 static FALLBACK_LOGGED: Once = Once::new();
 static OS_PROBLEMS_LOGGED: Once = Once::new();
 
@@ -47,6 +46,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// The OS trust store, else the built-in Mozilla set. Read at every call (a CA added to the OS
 /// store needs no restart for PostgreSQL connections); the fallback is logged once per process.
 pub fn system_roots() -> RootCertStore {
+    load_system_roots().store
+}
+
+/// What one look at the OS trust store gave.
+struct SystemRoots {
+    store: RootCertStore,
+    /// No OS store was found: `store` is the built-in Mozilla set.
+    built_in: bool,
+}
+
+fn load_system_roots() -> SystemRoots {
     let found = rustls_native_certs::load_native_certs();
     if !found.errors.is_empty() {
         // Unreadable files next to good ones are normal (a stray link); say it once, as debug
@@ -59,10 +69,11 @@ pub fn system_roots() -> RootCertStore {
     let mut store = RootCertStore::empty();
     let (added, _unparsable) = store.add_parsable_certificates(found.certs);
     if added > 0 {
-        FELL_BACK.store(false, Ordering::Relaxed);
-        return store;
+        return SystemRoots {
+            store,
+            built_in: false,
+        };
     }
-    FELL_BACK.store(true, Ordering::Relaxed);
     FALLBACK_LOGGED.call_once(|| {
         let problems: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
         tracing::warn!(
@@ -71,8 +82,11 @@ pub fn system_roots() -> RootCertStore {
             "no OS trust store found: TLS to Keycloak and sslrootcert=system use the Mozilla roots built into seedkeeper; install ca-certificates (or set SSL_CERT_FILE) to trust the OS store"
         );
     });
-    RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    SystemRoots {
+        store: RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+        built_in: true,
     }
 }
 
@@ -90,9 +104,11 @@ fn os_store_location() -> String {
     }
 }
 
-/// What [`system_roots`] trusted last, for the messages of a refused certificate.
+/// What [`system_roots`] trusts, for the messages of a refused certificate. The OS store is
+/// looked at again (only a refusal pays for it) rather than remembered from the last
+/// connection: a process-wide "last look" would be whichever connection looked last.
 pub fn system_roots_description() -> String {
-    if FELL_BACK.load(Ordering::Relaxed) {
+    if load_system_roots().built_in {
         "the built-in Mozilla roots (no OS trust store was found)".into()
     } else {
         format!("the OS trust store ({})", os_store_location())

@@ -65,7 +65,7 @@ pub fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::Metadat
     Ok(meta)
 }
 
-/// Reads a regular file of at most `limit` bytes as UTF-8, checked by [`check_regular`] first;
+/// Reads a regular file of at most `limit` bytes as UTF-8, checked by `check_regular` first;
 /// the read itself is bounded too, should the file grow or be replaced meanwhile.
 pub fn read_regular(path: &Path, limit: u64) -> Result<String, String> {
     check_regular(path, Some(limit))?;

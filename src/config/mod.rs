@@ -16,9 +16,11 @@
 //!
 //! Layout: this file holds the settings types and the public API ([`load`], [`load_offline`],
 //! [`DatabaseSettings::connection`]); `sources` the layers, `secrets` the secret sources,
-//! `validate` the checks, [`duration_str`] the duration format. The database URL's libpq TLS
-//! parameters are parsed by [`crate::store::url`] (re-exported here).
+//! `validate` the checks, [`duration_str`] the duration format, [`database_url`] the database
+//! URL's libpq TLS parameters (re-exported here). The URL is parsed here, where it is validated,
+//! and `crate::store` connects with what this module made of it: config never needs the store.
 
+pub mod database_url;
 mod files;
 mod secrets;
 mod sources;
@@ -42,11 +44,11 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Problems, Result};
 use secrets::{de_secret, ser_secret};
 
-pub use crate::store::url::{
+pub use database_url::{
     describe_target, is_loopback_host, remote_hosts, split_libpq_tls, DbTls, RootCert, SslMode,
 };
 pub use files::{read_regular, CONFIG_LIMIT, SECRET_LIMIT};
-pub use sources::{ConfigFile, ConfigOrigin, Sources};
+pub use sources::{ConfigFile, ConfigLayers, ConfigOrigin};
 pub use validate::{url_is_loopback, validate_cron};
 
 pub const ENV_PREFIX: &str = "SEEDKEEPER_";
@@ -86,6 +88,11 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     pub environment: Environment,
+    /// How often work without progress bars logs `seeding_progress` (tests shorten it). A
+    /// top-level key, so that its variable is `SEEDKEEPER_PROGRESS_INTERVAL`, the name
+    /// docs/logging.md gave it before it was a key.
+    #[serde(with = "duration_str")]
+    pub progress_interval: Duration,
     pub database: DatabaseSettings,
     pub schema: SchemaSettings,
     pub seed: SeedSettings,
@@ -266,6 +273,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             environment: Environment::Development,
+            progress_interval: Duration::from_secs(10),
             database: DatabaseSettings {
                 url: None,
                 password: None,
@@ -337,16 +345,16 @@ impl Default for Settings {
 }
 
 /// Loads and validates the configuration. Every problem is reported at once.
-pub fn load(sources: &Sources) -> Result<Settings> {
+pub fn load(sources: &ConfigLayers) -> Result<Settings> {
     load_with(sources, true)
 }
 
 /// Like [`load`], for commands that never touch the database (`export-sql`, `healthcheck`).
-pub fn load_offline(sources: &Sources) -> Result<Settings> {
+pub fn load_offline(sources: &ConfigLayers) -> Result<Settings> {
     load_with(sources, false)
 }
 
-fn load_with(sources: &Sources, need_database: bool) -> Result<Settings> {
+fn load_with(sources: &ConfigLayers, need_database: bool) -> Result<Settings> {
     let (figment, file) = sources::layered(sources)?;
     let mut settings: Settings = figment.extract().map_err(|errors| {
         Error::Config(Problems(
@@ -376,7 +384,9 @@ impl DatabaseSettings {
             .as_ref()
             .ok_or_else(|| Error::config("database.url is not set"))?;
         // Validation refuses it too; this holds for settings built without it (tests, tools).
-        if let Some(problem) = crate::store::url::database_userinfo_problem(url.expose_secret()) {
+        if let Some(problem) =
+            crate::config::database_url::database_userinfo_problem(url.expose_secret())
+        {
             return Err(Error::config(problem));
         }
         let (rest, tls) = split_libpq_tls(url.expose_secret()).map_err(Error::config)?;
@@ -474,7 +484,7 @@ impl Settings {
             .into_iter()
             .flatten()
         {
-            *u = crate::store::url::redact_url(u);
+            *u = crate::config::database_url::redact_url(u);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
     }
@@ -486,7 +496,7 @@ mod tests {
     use super::*;
 
     fn load_env(vars: &[(&str, &str)]) -> Result<Settings> {
-        load_offline(&Sources {
+        load_offline(&ConfigLayers {
             file: None,
             env: vars
                 .iter()
@@ -516,5 +526,30 @@ mod tests {
         assert_eq!(s.run.timeout, Duration::from_secs(5400));
         assert_eq!(s.startup.wait_timeout, Duration::from_secs(90));
         assert_eq!(s.events.poll_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn the_progress_interval_is_a_key_read_from_its_variable_and_bounded() {
+        assert_eq!(
+            load_env(&[]).expect("defaults").progress_interval,
+            Duration::from_secs(10)
+        );
+        let s = load_env(&[("SEEDKEEPER_PROGRESS_INTERVAL", "300ms")]).expect("300ms");
+        assert_eq!(s.progress_interval, Duration::from_millis(300));
+        let e = load_env(&[("SEEDKEEPER_PROGRESS_INTERVAL", "50ms")])
+            .expect_err("below 100ms")
+            .to_string();
+        assert!(e.contains("progress_interval 50ms is below 100ms"), "{e}");
+        assert!(e.contains("SEEDKEEPER_PROGRESS_INTERVAL"), "{e}");
+    }
+
+    /// The test harness's variables share the prefix but are not keys: the layers know nothing
+    /// of them, so one reaching seedkeeper is refused like any unknown key, naming it.
+    #[test]
+    fn a_test_harness_variable_is_an_unknown_key() {
+        let e = load_env(&[("SEEDKEEPER_TEST_DATABASE_URL", "postgres://x@127.0.0.1/db")])
+            .expect_err("not a key")
+            .to_string();
+        assert!(e.contains("SEEDKEEPER_TEST_DATABASE_URL"), "{e}");
     }
 }

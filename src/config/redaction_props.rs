@@ -29,7 +29,7 @@ fn leaked(secret: &str, text: &str) -> Option<String> {
 }
 
 fn load_with(vars: &[(&str, String)]) -> Result<Settings> {
-    load(&Sources {
+    load(&ConfigLayers {
         file: None,
         env: vars
             .iter()
@@ -46,7 +46,7 @@ fn outputs(r: &Result<Settings>) -> Vec<String> {
             format!("{s:?}"),
             s.database.target(),
             match s.database.connection() {
-                Ok((cfg, _)) => crate::store::url::describe_target(&cfg),
+                Ok((cfg, _)) => crate::config::database_url::describe_target(&cfg),
                 Err(e) => format!("{e} {e:?}"),
             },
         ],
@@ -76,11 +76,11 @@ proptest! {
         let mut direct = Settings::default().database;
         direct.url = Some(SecretString::from(raw.clone()));
         shown.push(match direct.connection() {
-            Ok((cfg, _)) => crate::store::url::describe_target(&cfg),
+            Ok((cfg, _)) => crate::config::database_url::describe_target(&cfg),
             Err(e) => format!("{e} {e:?}"),
         });
         shown.push(direct.target());
-        shown.push(crate::store::url::redact_url(&raw));
+        shown.push(crate::config::database_url::redact_url(&raw));
         // In a Keycloak URL, as written and encoded.
         for base in [
             format!("https://seedkeeper:{pw}@kc.example/"),
@@ -106,7 +106,7 @@ proptest! {
             prop_assert!(leaked(&pw, text).is_none(), "{:?} of {pw:?} in {text}", leaked(&pw, text));
         }
         // A password that needs encoding is refused as written, naming the fix.
-        if crate::store::url::userinfo_refusal(&raw).is_some() {
+        if crate::config::database_url::userinfo_refusal(&raw).is_some() {
             let e = as_written.err().map(|e| e.to_string()).unwrap_or_default();
             prop_assert!(e.contains("percent-encode"), "{e}");
             prop_assert!(e.contains("SEEDKEEPER_DATABASE__PASSWORD_FILE"), "{e}");

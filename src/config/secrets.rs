@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serializer};
 
-use super::{Settings, Sources};
+use super::{ConfigLayers, Settings};
 
 /// The secrets, their key paths, and the env var / credential names they can come from.
 struct SecretKey {
@@ -54,7 +54,7 @@ fn secret_slot<'a>(settings: &'a mut Settings, key: &str) -> &'a mut Option<Secr
 
 /// Sets each secret from its one source; a problem for each secret given twice, empty, or
 /// whose file cannot be read.
-pub(super) fn resolve(settings: &mut Settings, sources: &Sources, problems: &mut Vec<String>) {
+pub(super) fn resolve(settings: &mut Settings, sources: &ConfigLayers, problems: &mut Vec<String>) {
     let cred_dir = sources.var("CREDENTIALS_DIRECTORY").map(PathBuf::from);
     for s in SECRET_KEYS {
         let mut found = Vec::new();
@@ -74,7 +74,7 @@ pub(super) fn resolve(settings: &mut Settings, sources: &Sources, problems: &mut
 /// The secret from its environment variable and from `<VAR>_FILE`, each with where it came from.
 fn from_env(
     s: &SecretKey,
-    sources: &Sources,
+    sources: &ConfigLayers,
     problems: &mut Vec<String>,
 ) -> Vec<(String, SecretString)> {
     let mut found = Vec::new();

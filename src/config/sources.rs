@@ -15,28 +15,24 @@ use crate::error::{Error, Result};
 /// The name of the environment layer in figment's metadata: how an error tells it apart.
 const ENV_METADATA: &str = "environment variable";
 
-/// Environment variables with the prefix that are not config keys.
-const NON_KEY_ENV: &[&str] = &[
-    "config",
-    "test_database_url",
-    "test_keycloak_url",
-    "test_keycloak_admin",
-    // Tests only: shortens the progress log interval (crate::progress).
-    "progress_interval",
-];
+/// Environment variables with the prefix that are not config keys: `SEEDKEEPER_CONFIG` names
+/// the file layer itself.
+const NON_KEY_ENV: &[&str] = &["config"];
 
-/// Where configuration comes from. `env` is injectable so tests never touch the process
-/// environment (tests run in parallel).
+/// The inputs of the configuration layers above the built-in defaults: the `--config` file and
+/// the environment. Not named `Sources`: the identity source (`IdentitySource`) is another
+/// thing. `env` is injectable so tests never touch the process environment (tests run in
+/// parallel).
 #[derive(Debug, Clone, Default)]
-pub struct Sources {
+pub struct ConfigLayers {
     pub file: Option<PathBuf>,
     pub env: Vec<(String, String)>,
 }
 
-impl Sources {
+impl ConfigLayers {
     /// The process environment and the `--config` path.
     pub fn from_process(config_flag: Option<PathBuf>) -> Self {
-        Sources {
+        ConfigLayers {
             file: config_flag,
             env: std::env::vars().collect(),
         }
@@ -99,7 +95,7 @@ impl ConfigFile {
 /// The layers, lowest first, and the configuration file among them. A config file that cannot
 /// be read (named, or found in the working directory) is an error here; problems with the
 /// values come when the figment is extracted.
-pub(super) fn layered(sources: &Sources) -> Result<(Figment, Option<ConfigFile>)> {
+pub(super) fn layered(sources: &ConfigLayers) -> Result<(Figment, Option<ConfigFile>)> {
     let mut figment = Figment::from(Serialized::defaults(Settings::default()));
     let file = config_file(sources)?;
     if let Some(f) = &file {
@@ -111,7 +107,7 @@ pub(super) fn layered(sources: &Sources) -> Result<(Figment, Option<ConfigFile>)
 /// The TOML file to read: the one named (`--config`, else `SEEDKEEPER_CONFIG`), else the
 /// default path when something is there. Whichever it is, it must be a regular file of at most
 /// 1 MiB, looked at before it is opened (a FIFO would block before the first log line).
-fn config_file(sources: &Sources) -> Result<Option<ConfigFile>> {
+fn config_file(sources: &ConfigLayers) -> Result<Option<ConfigFile>> {
     let named = match (&sources.file, sources.var("SEEDKEEPER_CONFIG")) {
         (Some(p), _) => Some(ConfigFile::new(p.clone(), ConfigOrigin::Flag)),
         (None, Some(p)) if !p.is_empty() => {
@@ -149,7 +145,7 @@ fn config_file(sources: &Sources) -> Result<Option<ConfigFile>> {
 
 /// The `SEEDKEEPER_*` variables that are non-secret config keys. Secrets and their `_FILE`
 /// variants are resolved separately ([`super::secrets`]).
-fn key_env_pairs(sources: &Sources) -> Vec<(String, String)> {
+fn key_env_pairs(sources: &ConfigLayers) -> Vec<(String, String)> {
     sources
         .env
         .iter()
@@ -164,7 +160,7 @@ fn key_env_pairs(sources: &Sources) -> Vec<(String, String)> {
 }
 
 /// The `SEEDKEEPER_*` variables as a figment provider. figment's own `Env` reads the process
-/// environment; this one reads `Sources`, so tests can inject variables without touching it.
+/// environment; this one reads `ConfigLayers`, so tests can inject variables without touching it.
 struct EnvPairs(Vec<(String, String)>);
 
 impl figment::Provider for EnvPairs {
@@ -195,7 +191,7 @@ impl figment::Provider for EnvPairs {
 }
 
 /// One figment error as a problem: the key, where its value came from, what is wrong.
-pub(super) fn describe_figment_error(e: &figment::Error, sources: &Sources) -> String {
+pub(super) fn describe_figment_error(e: &figment::Error, sources: &ConfigLayers) -> String {
     let key = error_key(e);
     let env_name = format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase());
     let from_env = match &e.metadata {

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use secrecy::ExposeSecret;
 
-use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
-use crate::store::url::{
+use super::database_url::{
     database_userinfo_problem, is_loopback_host, redact_url, remote_hosts, split_libpq_tls,
     url_refusal_reason, userinfo_refusal, DbTls, RootCert, SslMode,
 };
+use super::{duration_str, ConfigOrigin, Environment, IdentitySource, Settings};
 
 /// Every problem of the settings at once, in the order of the configuration table.
 pub(super) fn validate(s: &Settings, need_database: bool, problems: &mut Vec<String>) {
@@ -98,6 +98,15 @@ fn validate_identity(s: &Settings, problems: &mut Vec<String>) {
 /// bounds.
 fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
     // Whatever the source: a setting that is not used is still shown by `config` and `Debug`.
+    validate_keycloak_urls_hold_no_credentials(s, problems);
+    if s.identity.source == IdentitySource::Keycloak {
+        validate_keycloak_source(s, problems);
+    }
+    validate_keycloak_listing_bounds(s, problems);
+}
+
+/// `keycloak.base_url` and `keycloak.issuer` carry no `user:password@`.
+fn validate_keycloak_urls_hold_no_credentials(s: &Settings, problems: &mut Vec<String>) {
     for (key, env, url) in [
         (
             "keycloak.base_url",
@@ -114,51 +123,59 @@ fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
             problems.push(userinfo_problem(key, env, u));
         }
     }
-    if s.identity.source == IdentitySource::Keycloak {
-        match &s.keycloak.base_url {
-            None => problems.push(
-                "keycloak.base_url is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. http://127.0.0.1:8080)".into(),
-            ),
-            Some(u) if has_userinfo(u) => {}
-            Some(u) => match reqwest::Url::parse(u) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                _ => problems.push(format!(
-                    "keycloak.base_url {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)",
-                    redact_url(u)
-                )),
-            },
-        }
-        if let Some(u) = &s.keycloak.issuer {
-            match reqwest::Url::parse(u) {
-                _ if has_userinfo(u) => {}
-                Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
-                _ => problems.push(format!(
-                    "keycloak.issuer {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
-                    redact_url(u),
-                    s.keycloak.realm
-                )),
-            }
-        }
-        if s.keycloak.realm.trim().is_empty() {
-            problems.push("keycloak.realm is empty: set SEEDKEEPER_KEYCLOAK__REALM".into());
-        }
-        if s.keycloak.client_id.trim().is_empty() {
-            problems.push("keycloak.client_id is empty: set SEEDKEEPER_KEYCLOAK__CLIENT_ID".into());
-        }
-        if s.keycloak.client_secret.is_none() {
-            problems.push(
-                "keycloak.client_secret is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE (or SEEDKEEPER_KEYCLOAK__CLIENT_SECRET, or the systemd credential keycloak.client_secret)".into(),
-            );
-        }
-        if let Some(ca) = &s.keycloak.ca_file {
-            if !ca.is_file() {
-                problems.push(format!(
-                    "keycloak.ca_file {} is not a readable file: fix SEEDKEEPER_KEYCLOAK__CA_FILE",
-                    ca.display()
-                ));
-            }
+}
+
+/// What `identity.source = "keycloak"` needs: http(s) URLs, a realm, a client and its secret,
+/// a readable `ca_file` when one is named. A URL with credentials is reported once, by
+/// [`validate_keycloak_urls_hold_no_credentials`].
+fn validate_keycloak_source(s: &Settings, problems: &mut Vec<String>) {
+    match &s.keycloak.base_url {
+        None => problems.push(
+            "keycloak.base_url is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. http://127.0.0.1:8080)".into(),
+        ),
+        Some(u) if has_userinfo(u) => {}
+        Some(u) => match reqwest::Url::parse(u) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => problems.push(format!(
+                "keycloak.base_url {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__BASE_URL (e.g. https://keycloak.example.com)",
+                redact_url(u)
+            )),
+        },
+    }
+    if let Some(u) = &s.keycloak.issuer {
+        match reqwest::Url::parse(u) {
+            _ if has_userinfo(u) => {}
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            _ => problems.push(format!(
+                "keycloak.issuer {:?} is not an http(s) URL: fix SEEDKEEPER_KEYCLOAK__ISSUER (the issuer Keycloak announces, e.g. https://auth.example.com/realms/{})",
+                redact_url(u),
+                s.keycloak.realm
+            )),
         }
     }
+    if s.keycloak.realm.trim().is_empty() {
+        problems.push("keycloak.realm is empty: set SEEDKEEPER_KEYCLOAK__REALM".into());
+    }
+    if s.keycloak.client_id.trim().is_empty() {
+        problems.push("keycloak.client_id is empty: set SEEDKEEPER_KEYCLOAK__CLIENT_ID".into());
+    }
+    if s.keycloak.client_secret.is_none() {
+        problems.push(
+            "keycloak.client_secret is not set but identity.source = \"keycloak\": set SEEDKEEPER_KEYCLOAK__CLIENT_SECRET_FILE (or SEEDKEEPER_KEYCLOAK__CLIENT_SECRET, or the systemd credential keycloak.client_secret)".into(),
+        );
+    }
+    if let Some(ca) = &s.keycloak.ca_file {
+        if !ca.is_file() {
+            problems.push(format!(
+                "keycloak.ca_file {} is not a readable file: fix SEEDKEEPER_KEYCLOAK__CA_FILE",
+                ca.display()
+            ));
+        }
+    }
+}
+
+/// `keycloak.page_size`, `keycloak.concurrency` and `keycloak.request_timeout` within bounds.
+fn validate_keycloak_listing_bounds(s: &Settings, problems: &mut Vec<String>) {
     if !(1..=5000).contains(&s.keycloak.page_size) {
         problems.push(
             "keycloak.page_size must be within 1..=5000 (SEEDKEEPER_KEYCLOAK__PAGE_SIZE)".into(),
@@ -177,9 +194,15 @@ fn validate_keycloak(s: &Settings, problems: &mut Vec<String>) {
     }
 }
 
-/// The daemon's `events.poll_interval`, `schedule.cron`, `schedule.retry_initial` and
-/// `http.listen`.
+/// `progress_interval` and the daemon's `events.poll_interval`, `schedule.cron`,
+/// `schedule.retry_initial` and `http.*`.
 fn validate_daemon(s: &Settings, problems: &mut Vec<String>) {
+    if s.progress_interval < Duration::from_millis(100) {
+        problems.push(format!(
+            "progress_interval {} is below 100ms (SEEDKEEPER_PROGRESS_INTERVAL): a progress line would be logged without pause",
+            duration_str::format(&s.progress_interval)
+        ));
+    }
     if s.events.poll_interval < Duration::from_millis(100) {
         problems.push(format!(
             "events.poll_interval {} is below 100ms (SEEDKEEPER_EVENTS__POLL_INTERVAL): Keycloak would be polled without pause",

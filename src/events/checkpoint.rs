@@ -4,15 +4,15 @@
 use tokio_postgres::types::Type;
 use tokio_postgres::Client;
 
-use super::Mark;
+use super::StreamPosition;
 use crate::error::Result;
 use crate::store;
 
 /// The realm's checkpoint row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Checkpoint {
-    pub user: Mark,
-    pub admin: Mark,
+    pub user: StreamPosition,
+    pub admin: StreamPosition,
 }
 
 pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoint>> {
@@ -24,11 +24,11 @@ pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoin
         .await
         .map_err(store::ctx("reading the event checkpoint"))?;
     Ok(row.map(|r| Checkpoint {
-        user: Mark {
+        user: StreamPosition {
             time: r.get(0),
             ids: r.get(1),
         },
-        admin: Mark {
+        admin: StreamPosition {
             time: r.get(2),
             ids: r.get(3),
         },

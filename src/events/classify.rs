@@ -1,5 +1,6 @@
 //! What events mean: which users a batch re-syncs, which changes ask for a full run
-//! ([`Wanted`]), and the mark that says which events at one millisecond were applied.
+//! ([`Resync`]), and the [`StreamPosition`] that says which events at one millisecond were
+//! applied.
 
 use std::collections::BTreeSet;
 
@@ -16,9 +17,9 @@ const USER_EVENT_TYPES: &[&str] = &[
     "USER_DISABLED_BY_PERMANENT_LOCKOUT",
 ];
 
-/// What a batch of events asks for.
+/// The re-sync a batch of events asks for: some users, or a full run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Wanted {
+pub struct Resync {
     /// Users to re-sync, by id.
     pub users: BTreeSet<String>,
     /// A change whose effect on users is unknown: a full run.
@@ -26,7 +27,7 @@ pub struct Wanted {
 }
 
 /// What one admin event means for seedkeeper.
-pub fn classify_admin(e: &AdminEvent, wanted: &mut Wanted) {
+pub fn classify_admin(e: &AdminEvent, wanted: &mut Resync) {
     let path = e.resource_path.as_deref().unwrap_or("");
     let kind = e.resource_type.as_deref().unwrap_or("");
     let mut segs = path.split('/');
@@ -61,7 +62,7 @@ pub fn classify_admin(e: &AdminEvent, wanted: &mut Wanted) {
 }
 
 /// What one user event means for seedkeeper.
-pub fn classify_user(e: &UserEvent, wanted: &mut Wanted) {
+pub fn classify_user(e: &UserEvent, wanted: &mut Resync) {
     let kind = e.kind.as_deref().unwrap_or("");
     if USER_EVENT_TYPES.contains(&kind) {
         if let Some(id) = e.user_id.as_deref().filter(|s| !s.is_empty()) {
@@ -72,19 +73,19 @@ pub fn classify_user(e: &UserEvent, wanted: &mut Wanted) {
 
 /// Where one stream stands: the last time applied and the ids applied at that millisecond.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Mark {
+pub struct StreamPosition {
     pub time: i64,
     pub ids: Vec<String>,
 }
 
-impl Mark {
+impl StreamPosition {
     /// Whether an event (time, key) was applied already.
     pub fn covers(&self, time: i64, key: &str) -> bool {
         time < self.time || (time == self.time && self.ids.iter().any(|i| i == key))
     }
 
-    /// The mark after applying events with these (time, key) pairs.
-    pub fn advance(&self, seen: &[(i64, String)]) -> Mark {
+    /// The position after applying events with these (time, key) pairs.
+    pub fn advance(&self, seen: &[(i64, String)]) -> StreamPosition {
         let Some(last) = seen.iter().map(|(t, _)| *t).max() else {
             return self.clone();
         };
@@ -101,7 +102,7 @@ impl Mark {
                 ids.push(k.clone());
             }
         }
-        Mark { time: last, ids }
+        StreamPosition { time: last, ids }
     }
 }
 
@@ -157,7 +158,7 @@ mod tests {
 
     #[test]
     fn user_changes_name_the_user_and_structural_changes_ask_for_a_full_run() {
-        let mut w = Wanted::default();
+        let mut w = Resync::default();
         classify_admin(&admin("USER", "users/u1"), &mut w);
         classify_admin(
             &admin("REALM_ROLE_MAPPING", "users/u2/role-mappings/realm"),
@@ -172,14 +173,14 @@ mod tests {
             &mut w,
         );
         assert!(w.full_run.as_deref().unwrap().contains("groups/g1"));
-        let mut w = Wanted::default();
+        let mut w = Resync::default();
         classify_admin(&admin("REALM_ROLE", "roles-by-id/r1/composites"), &mut w);
         assert!(w.full_run.is_some());
     }
 
     #[test]
-    fn a_mark_covers_what_it_applied_and_advances_past_the_same_millisecond() {
-        let m = Mark {
+    fn a_stream_position_covers_what_it_applied_and_advances_past_the_same_millisecond() {
+        let m = StreamPosition {
             time: 10,
             ids: vec!["a".into()],
         };

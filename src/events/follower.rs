@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{load_checkpoint, now_ms, save_checkpoint, save_not_following, Checkpoint};
-use super::classify::{classify_admin, classify_user, EventKey, Mark, Wanted};
+use super::classify::{classify_admin, classify_user, EventKey, Resync, StreamPosition};
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
@@ -207,7 +207,7 @@ impl Follower {
     async fn read<T: DeserializeOwned + EventKey>(
         &self,
         stream: Stream,
-        mark: &Mark,
+        mark: &StreamPosition,
         cancel: &CancellationToken,
     ) -> Result<Vec<T>> {
         let mut out: Vec<T> = Vec::new();
@@ -277,7 +277,7 @@ impl Follower {
                 .gap(db, now, format!("more than {BURST} events in one poll"))
                 .await;
         }
-        let mut wanted = Wanted::default();
+        let mut wanted = Resync::default();
         users.iter().for_each(|e| classify_user(e, &mut wanted));
         admins.iter().for_each(|e| classify_admin(e, &mut wanted));
         let next = Checkpoint {
@@ -315,7 +315,7 @@ impl Follower {
         if let Some(cp) = load_checkpoint(db, &self.realm).await? {
             return Ok(Some(cp));
         }
-        let start = Mark {
+        let start = StreamPosition {
             time: now - START_MARGIN_MS,
             ids: Vec::new(),
         };
@@ -376,7 +376,7 @@ impl Follower {
     async fn gap(&self, db: &Client, now: i64, why: String) -> Result<Poll> {
         tracing::warn!(reason = %why, "events may have been missed; starting a full run");
         self.ask_full_run(&why);
-        let start = Mark {
+        let start = StreamPosition {
             time: now - START_MARGIN_MS,
             ids: Vec::new(),
         };

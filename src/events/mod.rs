@@ -28,5 +28,5 @@ mod follower;
 pub use checkpoint::{
     load_checkpoint, now_ms, save_checkpoint, save_not_following, status_lines, Checkpoint,
 };
-pub use classify::{classify_admin, classify_user, EventKey, Mark, Wanted};
+pub use classify::{classify_admin, classify_user, EventKey, Resync, StreamPosition};
 pub use follower::{apply_with, Apply, Follower, FollowerState, NotFollowing, Poll};

@@ -102,7 +102,8 @@ impl Engine {
         let progress = Progress::new();
         let reporter = span.in_scope(|| {
             tracing::info!(run.id = %report.id, trigger, mode = report.mode.as_str(), "seeding_started");
-            Reporter::start(self.progress, progress.clone(), Some(report.id))
+            let every = self.settings.progress_interval;
+            Reporter::start(self.progress, progress.clone(), Some(report.id), every)
         });
         let result = self
             .run_inner(mode, &mut report, wait, cancel, identities, &progress)

@@ -18,7 +18,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::Client;
 
-use super::{tls, url::describe_target};
+use super::tls;
+use crate::config::describe_target;
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 

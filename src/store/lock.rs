@@ -99,7 +99,7 @@ impl RunLock {
     }
 
     /// Takes the lock, waiting up to `wait` for the session that holds it to let it go (polling
-    /// on one connection, see [`WAIT_BASE`]); a shutdown (`cancel`) ends the wait at once. When
+    /// on one connection, see `WAIT_BASE`); a shutdown (`cancel`) ends the wait at once. When
     /// the wait ends without the lock: [`Error::RunLockHeld`], naming the holder.
     pub async fn acquire_within(
         settings: &DatabaseSettings,

@@ -17,7 +17,6 @@ pub mod runs;
 pub mod schema_check;
 pub mod server;
 pub mod tls;
-pub mod url;
 
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use tracing::Instrument;
 
-use self::url::describe_target;
+use crate::config::describe_target;
 use crate::config::{DatabaseSettings, SslMode};
 use crate::error::{describe_pg, Error, Result};
 use crate::retry::{Limit, Policy, Retry};

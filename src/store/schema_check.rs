@@ -14,7 +14,8 @@
 
 use std::collections::BTreeSet;
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::types::Type;
+use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{Error, Result};
 use crate::store::ctx;
@@ -483,91 +484,9 @@ pub async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Result<Ve
         .transaction()
         .await
         .map_err(ctx("starting the repair"))?;
-    tx.batch_execute(&format!(
-        "CREATE SCHEMA {REFERENCE}; SET LOCAL search_path = {REFERENCE}"
-    ))
-    .await
-    .map_err(ctx("creating the repair's scratch schema"))?;
-    for m in MIGRATIONS {
-        tx.batch_execute(m.sql).await.map_err(|e| {
-            Error::Schema(format!(
-                "repair: migration {} does not apply to a scratch schema: {}",
-                m.label(),
-                crate::error::describe_pg(&e)
-            ))
-        })?;
-    }
-    // Foreign keys last among the constraints: they may reference a table re-created here.
-    let mut statements = Vec::new();
-    let mut fks = Vec::new();
+    apply_migrations_to_scratch_schema(&tx).await?;
     todo.sort_by_key(|(kind, _, _)| *kind);
-    for (kind, name, _) in todo {
-        let (table, member) = name.split_once('.').unwrap_or((name, ""));
-        match kind {
-            Kind::Table => statements.push(format!(
-                "CREATE TABLE public.{table} (LIKE {REFERENCE}.{table} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED)"
-            )),
-            Kind::Column => {
-                let row = tx
-                    .query_typed(
-                        "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
-                           FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-                          WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
-                        &[
-                            (&format!("{REFERENCE}.{table}"), tokio_postgres::types::Type::TEXT),
-                            (&member, tokio_postgres::types::Type::TEXT),
-                        ],
-                    )
-                    .await
-                    .map_err(ctx("reading a column's definition"))?;
-                let Some(row) = row.first() else { continue };
-                let (ty, not_null, default): (String, bool, Option<String>) =
-                    (row.get(0), row.get(1), row.get(2));
-                // A table re-created above has its columns already.
-                statements.push(format!(
-                    "ALTER TABLE public.{table} ADD COLUMN IF NOT EXISTS {member} {ty}{}{}",
-                    default.map(|d| format!(" DEFAULT {d}")).unwrap_or_default(),
-                    if not_null { " NOT NULL" } else { "" }
-                ));
-            }
-            Kind::Constraint => {
-                let row = tx
-                    .query_typed(
-                        "SELECT pg_get_constraintdef(oid), contype::text FROM pg_constraint
-                          WHERE conrelid = to_regclass($1) AND conname = $2",
-                        &[
-                            (&format!("{REFERENCE}.{table}"), tokio_postgres::types::Type::TEXT),
-                            (&member, tokio_postgres::types::Type::TEXT),
-                        ],
-                    )
-                    .await
-                    .map_err(ctx("reading a constraint's definition"))?;
-                let Some(row) = row.first() else { continue };
-                let (def, contype): (String, String) = (row.get(0), row.get(1));
-                let statement = format!("ALTER TABLE public.{table} ADD CONSTRAINT {member} {def}");
-                match contype.as_str() {
-                    "f" => fks.push(format!("{statement} NOT VALID")),
-                    "c" => statements.push(format!("{statement} NOT VALID")),
-                    _ => statements.push(statement),
-                }
-            }
-            Kind::Index => {
-                statements.append(&mut fks);
-                let row = tx
-                    .query_typed(
-                        "SELECT pg_get_indexdef(to_regclass($1))",
-                        &[(&format!("{REFERENCE}.{name}"), tokio_postgres::types::Type::TEXT)],
-                    )
-                    .await
-                    .map_err(ctx("reading an index's definition"))?;
-                let Some(def) = row.first().and_then(|r| r.get::<_, Option<String>>(0)) else {
-                    continue;
-                };
-                statements.push(def.replace(&format!(" ON {REFERENCE}."), " ON public."));
-            }
-        }
-    }
-    statements.append(&mut fks);
+    let statements = repair_statements(&tx, &todo).await?;
     tx.batch_execute("SET LOCAL search_path = public")
         .await
         .map_err(ctx("leaving the repair's scratch schema"))?;
@@ -587,4 +506,132 @@ pub async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Result<Ve
         tracing::info!(statement = %s, "schema object re-created");
     }
     Ok(statements)
+}
+
+/// Creates [`REFERENCE`], makes it the transaction's search path and applies every embedded
+/// migration in it, so the catalog holds the migrations' own definitions to copy from.
+async fn apply_migrations_to_scratch_schema(tx: &Transaction<'_>) -> Result<()> {
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA {REFERENCE}; SET LOCAL search_path = {REFERENCE}"
+    ))
+    .await
+    .map_err(ctx("creating the repair's scratch schema"))?;
+    for m in MIGRATIONS {
+        tx.batch_execute(m.sql).await.map_err(|e| {
+            Error::Schema(format!(
+                "repair: migration {} does not apply to a scratch schema: {}",
+                m.label(),
+                crate::error::describe_pg(&e)
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// The statements that re-create the `missing` objects (sorted by kind) from [`REFERENCE`]'s
+/// definitions: tables, columns, keys and checks, then foreign keys (they may reference a
+/// table re-created here), then indexes. An object the scratch schema lacks is skipped.
+async fn repair_statements(
+    tx: &Transaction<'_>,
+    missing: &[&(Kind, &str, i32)],
+) -> Result<Vec<String>> {
+    let mut statements = Vec::new();
+    let mut fks = Vec::new();
+    for (kind, name, _) in missing.iter().copied() {
+        let (table, member) = name.split_once('.').unwrap_or((name, ""));
+        match kind {
+            Kind::Table => statements.push(format!(
+                "CREATE TABLE public.{table} (LIKE {REFERENCE}.{table} INCLUDING DEFAULTS INCLUDING IDENTITY INCLUDING GENERATED)"
+            )),
+            Kind::Column => statements.extend(add_column_statement(tx, table, member).await?),
+            Kind::Constraint => match add_constraint_statement(tx, table, member).await? {
+                Some((statement, true)) => fks.push(statement),
+                Some((statement, false)) => statements.push(statement),
+                None => {}
+            },
+            Kind::Index => {
+                statements.append(&mut fks);
+                statements.extend(create_index_statement(tx, name).await?);
+            }
+        }
+    }
+    statements.append(&mut fks);
+    Ok(statements)
+}
+
+/// `ALTER TABLE .. ADD COLUMN IF NOT EXISTS` with the reference column's type, default and
+/// `NOT NULL` (`IF NOT EXISTS`: a table re-created by the repair has its columns already).
+async fn add_column_statement(
+    tx: &Transaction<'_>,
+    table: &str,
+    column: &str,
+) -> Result<Option<String>> {
+    let row = tx
+        .query_typed(
+            "SELECT format_type(a.atttypid, a.atttypmod), a.attnotnull, pg_get_expr(d.adbin, d.adrelid)
+               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = to_regclass($1) AND a.attname = $2",
+            &[
+                (&format!("{REFERENCE}.{table}"), Type::TEXT),
+                (&column, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(ctx("reading a column's definition"))?;
+    let Some(row) = row.first() else {
+        return Ok(None);
+    };
+    let (ty, not_null, default): (String, bool, Option<String>) =
+        (row.get(0), row.get(1), row.get(2));
+    Ok(Some(format!(
+        "ALTER TABLE public.{table} ADD COLUMN IF NOT EXISTS {column} {ty}{}{}",
+        default.map(|d| format!(" DEFAULT {d}")).unwrap_or_default(),
+        if not_null { " NOT NULL" } else { "" }
+    )))
+}
+
+/// `ALTER TABLE .. ADD CONSTRAINT` with the reference definition, and whether it is a foreign
+/// key. A foreign key or check is `NOT VALID`: enforced from now on, the rows already there
+/// left for the operator to `VALIDATE`.
+async fn add_constraint_statement(
+    tx: &Transaction<'_>,
+    table: &str,
+    constraint: &str,
+) -> Result<Option<(String, bool)>> {
+    let row = tx
+        .query_typed(
+            "SELECT pg_get_constraintdef(oid), contype::text FROM pg_constraint
+              WHERE conrelid = to_regclass($1) AND conname = $2",
+            &[
+                (&format!("{REFERENCE}.{table}"), Type::TEXT),
+                (&constraint, Type::TEXT),
+            ],
+        )
+        .await
+        .map_err(ctx("reading a constraint's definition"))?;
+    let Some(row) = row.first() else {
+        return Ok(None);
+    };
+    let (def, contype): (String, String) = (row.get(0), row.get(1));
+    let statement = format!("ALTER TABLE public.{table} ADD CONSTRAINT {constraint} {def}");
+    Ok(Some(match contype.as_str() {
+        "f" => (format!("{statement} NOT VALID"), true),
+        "c" => (format!("{statement} NOT VALID"), false),
+        _ => (statement, false),
+    }))
+}
+
+/// The reference index's `CREATE INDEX`, moved onto the `public` table.
+async fn create_index_statement(tx: &Transaction<'_>, index: &str) -> Result<Option<String>> {
+    let row = tx
+        .query_typed(
+            "SELECT pg_get_indexdef(to_regclass($1))",
+            &[(&format!("{REFERENCE}.{index}"), Type::TEXT)],
+        )
+        .await
+        .map_err(ctx("reading an index's definition"))?;
+    Ok(row
+        .first()
+        .and_then(|r| r.get::<_, Option<String>>(0))
+        .map(|def| def.replace(&format!(" ON {REFERENCE}."), " ON public.")))
 }

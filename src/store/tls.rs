@@ -24,7 +24,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::error::{Error, Result};
 use crate::trust::{self, signatures_checked, AnyChain, NamesUntrusted};
 
-use super::url::{DbTls, RootCert, SslMode};
+use crate::config::{DbTls, RootCert, SslMode};
 
 /// The connector for `tls`. File problems are configuration errors naming the parameter.
 pub fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {

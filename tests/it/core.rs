@@ -560,7 +560,7 @@ fn production_accepts_http_to_keycloak_on_loopback_only() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let r = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env });
+        let r = seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env });
         match (refused, r) {
             (true, Err(e)) => {
                 let e = e.to_string();
@@ -594,7 +594,7 @@ async fn config_reports_every_problem_and_refuses_unsafe_production_settings() {
             "false".to_string(),
         ),
     ];
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env })
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env })
         .unwrap_err()
         .to_string();
     for needle in [
@@ -607,13 +607,13 @@ async fn config_reports_every_problem_and_refuses_unsafe_production_settings() {
         assert!(e.contains(needle), "missing {needle}: {e}");
     }
     let env = vec![("SEEDKEEPER_DATABASE__URLL".to_string(), "x".to_string())];
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env })
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env })
         .unwrap_err()
         .to_string();
     assert!(e.contains("unknown key `database.urll`"), "{e}");
     let dir = TempDir::new();
     let f = dir.write("c.toml", "[databse]\nurl = 'postgres://x@h/db'\n");
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources {
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers {
         file: Some(f),
         env: vec![],
     })
@@ -640,7 +640,8 @@ async fn secrets_come_from_files_and_numeric_values_stay_exact() {
             "0012".to_string(),
         ),
     ];
-    let s = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env }).unwrap();
+    let s =
+        seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env }).unwrap();
     use secrecy::ExposeSecret;
     assert_eq!(s.database.password.as_ref().unwrap().expose_secret(), "007");
     assert_eq!(
@@ -658,7 +659,7 @@ async fn secrets_come_from_files_and_numeric_values_stay_exact() {
             "/nonexistent/secret".to_string(),
         ),
     ];
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env })
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env })
         .unwrap_err()
         .to_string();
     assert!(
@@ -677,7 +678,7 @@ async fn secrets_come_from_files_and_numeric_values_stay_exact() {
             "postgres://v@h/db".to_string(),
         ),
     ];
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources { file: None, env })
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers { file: None, env })
         .unwrap_err()
         .to_string();
     assert!(e.contains("more than once"), "{e}");

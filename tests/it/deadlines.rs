@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use seedkeeper::app::{App, HEARTBEAT_STALE};
-use seedkeeper::config::{self, Sources};
+use seedkeeper::config::{self, ConfigLayers};
 use seedkeeper::reconcile::Outcome;
 use seedkeeper::store::lock::RUN_LOCK_KEY;
 use tokio_util::sync::CancellationToken;
@@ -466,7 +466,7 @@ async fn the_watchdog_pings_while_a_run_waits_on_a_lock_and_the_daemon_carries_o
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_scheduler_silences_the_watchdog_and_fails_healthz_and_the_healthcheck() {
     // No database and no run: liveness is the scheduler's, nothing else.
-    let settings = config::load(&Sources {
+    let settings = config::load(&ConfigLayers {
         file: None,
         env: vec![
             (

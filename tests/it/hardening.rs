@@ -768,7 +768,7 @@ async fn canary_secrets_never_appear_in_any_output() {
         seen.push_str(&r.get::<_, String>(0));
     }
     // A panic prints Debug or Display of what it holds: the settings' Debug is redacted.
-    let settings = seedkeeper::config::load(&seedkeeper::config::Sources {
+    let settings = seedkeeper::config::load(&seedkeeper::config::ConfigLayers {
         file: None,
         env: env.clone(),
     })

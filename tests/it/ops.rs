@@ -6,10 +6,23 @@ use crate::harness::*;
 const MAKE_NEEDED: &str =
     "make is needed for this test: install Debian's make package (apt-get install make)";
 
+/// `make` with this process's environment but none of its `SEEDKEEPER_*` variables: the
+/// harness's own (`SEEDKEEPER_TEST_DATABASE_URL`, ...) are not configuration keys, and
+/// seedkeeper refuses an unknown `SEEDKEEPER_*` variable as it refuses an unknown key.
+fn make() -> std::process::Command {
+    let mut cmd = std::process::Command::new("make");
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("SEEDKEEPER_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn make_db_reset_fast_leaves_the_seeded_state() {
     let db = TestDb::new().await;
-    let out = std::process::Command::new("make")
+    let out = make()
         .args([
             "--no-print-directory",
             "db-reset-fast",
@@ -40,7 +53,7 @@ async fn make_db_reset_fast_resets_the_database_database_url_names() {
         .await
         .unwrap();
     drop(c);
-    let out = std::process::Command::new("make")
+    let out = make()
         .args([
             "--no-print-directory",
             "db-reset-fast",

@@ -518,7 +518,7 @@ fn libpq_tls_parameters_are_split_off_the_url_with_libpq_defaults() {
     assert_eq!(tls.root_cert, RootCert::File("/x y/ca.pem".into()));
 
     // What tokio-postgres would refuse is left to it (and its message names only the option).
-    let err = seedkeeper::config::load(&seedkeeper::config::Sources {
+    let err = seedkeeper::config::load(&seedkeeper::config::ConfigLayers {
         file: None,
         env: vec![e(
             "SEEDKEEPER_DATABASE__URL",

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 use crate::identities::kc_env;
-use seedkeeper::config::{self, Settings, Sources};
+use seedkeeper::config::{self, ConfigLayers, Settings};
 use seedkeeper::error::{exit, Error, Refusal};
 use seedkeeper::events::{Follower, FollowerState, NotFollowing};
 use seedkeeper::identity::keycloak::KeycloakSource;
@@ -26,7 +26,7 @@ fn settings(env: Vec<(String, String)>) -> Settings {
         NO_DATABASE.to_string(),
     )];
     all.extend(env);
-    config::load(&Sources {
+    config::load(&ConfigLayers {
         file: None,
         env: all,
     })

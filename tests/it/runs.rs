@@ -335,7 +335,7 @@ fn a_retry_delay_below_100ms_and_a_schedule_that_never_fires_are_refused_naming_
         // February 30th: no interval to cap the backoff with, and no run ever.
         ("SEEDKEEPER_SCHEDULE__CRON", "0 0 0 30 2 *"),
     ];
-    let e = seedkeeper::config::load(&seedkeeper::config::Sources {
+    let e = seedkeeper::config::load(&seedkeeper::config::ConfigLayers {
         file: None,
         env: env
             .iter()

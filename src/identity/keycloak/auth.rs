@@ -15,7 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{enc, AdminClient};
+use super::client::{path_segment, AdminClient, CachedToken, Discovered};
 use crate::error::{chain, Error, Refusal, Result};
 use crate::metrics::KeycloakOutcome;
 use crate::retry::{Limit, Policy, Retry};
@@ -24,25 +24,12 @@ use crate::trust;
 /// Renew this long before the token's `expires_in` runs out.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 
-/// What discovery established: the issuer Keycloak announces, accepted for the configured realm,
-/// and the token endpoint as reached through `keycloak.base_url`.
-#[derive(Debug, Clone)]
-pub(super) struct Discovered {
-    pub(super) issuer: IssuerUrl,
-    pub(super) token_url: TokenUrl,
-}
-
 /// The two fields of the discovery document seedkeeper reads; Keycloak serves some fifty more.
 #[derive(Debug, Deserialize)]
 pub(super) struct DiscoveryDoc {
     pub(super) issuer: String,
     #[serde(default)]
     pub(super) token_endpoint: Option<String>,
-}
-
-pub(super) struct CachedToken {
-    pub(super) token: SecretString,
-    pub(super) renew_at: Instant,
 }
 
 impl AdminClient {
@@ -64,7 +51,7 @@ impl AdminClient {
         // not the realm's: waiting changes neither.
         let attempt = |_| async {
             let doc = self.fetch_discovery(&doc_url).await?;
-            self.judge_discovery(doc, &doc_url).map_err(Retry::Fail)
+            self.accept_discovery(doc, &doc_url).map_err(Retry::Fail)
         };
         let discovered = policy
             .run(cancel, attempt, |reason, attempt, d| {
@@ -145,7 +132,7 @@ impl AdminClient {
 
     /// The announced issuer accepted (or the configuration error that says why not) and the
     /// token endpoint rebased onto `keycloak.base_url`.
-    pub(super) fn judge_discovery(&self, doc: DiscoveryDoc, doc_url: &str) -> Result<Discovered> {
+    pub(super) fn accept_discovery(&self, doc: DiscoveryDoc, doc_url: &str) -> Result<Discovered> {
         let pinned = self.settings.issuer.as_deref();
         accept_issuer(&doc.issuer, self.realm(), pinned, doc_url)?;
         let issuer = IssuerUrl::new(doc.issuer.clone()).map_err(|e| {
@@ -320,7 +307,7 @@ fn accept_issuer(announced: &str, realm: &str, pinned: Option<&str>, doc_url: &s
         let path = u.path().trim_end_matches('/');
         matches!(u.scheme(), "http" | "https")
             && (path.ends_with(&format!("/realms/{realm}"))
-                || path.ends_with(&format!("/realms/{}", enc(realm))))
+                || path.ends_with(&format!("/realms/{}", path_segment(realm))))
     });
     if names_realm {
         Ok(())
@@ -340,7 +327,7 @@ fn rebased_token_url(base: &str, realm: &str, issuer: &str, announced: &str) -> 
     let issuer = issuer.trim_end_matches('/');
     let root = issuer
         .strip_suffix(&format!("/realms/{realm}"))
-        .or_else(|| issuer.strip_suffix(&format!("/realms/{}", enc(realm))));
+        .or_else(|| issuer.strip_suffix(&format!("/realms/{}", path_segment(realm))));
     match root
         .and_then(|r| announced.strip_prefix(r))
         .filter(|rest| rest.starts_with('/'))

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use openidconnect::{AsyncHttpClient, HttpClientError, HttpRequest, HttpResponse};
+use openidconnect::{
+    AsyncHttpClient, HttpClientError, HttpRequest, HttpResponse, IssuerUrl, TokenUrl,
+};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::{CachedToken, Discovered};
 use crate::config::KeycloakSettings;
 use crate::error::{chain, Error, Refusal, Result};
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
@@ -40,6 +41,23 @@ pub(super) struct Window<T> {
     pub(super) ended: bool,
     /// Pages shorter than asked before the window was covered.
     pub(super) short: u64,
+}
+
+// The client's discovery and token state is declared here, beside the client that holds it;
+// `auth` fills it. Declared there, the two files would import each other.
+
+/// What discovery established: the issuer Keycloak announces, accepted for the configured realm,
+/// and the token endpoint as reached through `keycloak.base_url`.
+#[derive(Debug, Clone)]
+pub(super) struct Discovered {
+    pub(super) issuer: IssuerUrl,
+    pub(super) token_url: TokenUrl,
+}
+
+/// The access token and when to renew it (shortly before `expires_in` runs out).
+pub(super) struct CachedToken {
+    pub(super) token: SecretString,
+    pub(super) renew_at: Instant,
 }
 
 /// The admin API client (see the module documentation). Built once per process and shared.
@@ -178,7 +196,7 @@ impl AdminClient {
     ) -> Result<T, Retry<Transient>> {
         let token = self.token(cancel).await.map_err(Retry::Fail)?;
         let answer = self.fetch(url, query, &token).await?;
-        self.judge(path, answer, renewed, &token)
+        self.read_answer(path, answer, renewed, &token)
     }
 
     /// Sends one GET and reads its answer whole; counted, unless it is a 200 (counted once its
@@ -255,7 +273,7 @@ impl AdminClient {
 
     /// What an answer to `GET path` means: the value, a retry (a first 401 renews the token), or
     /// an error that says the fix.
-    pub(super) fn judge<T: DeserializeOwned>(
+    pub(super) fn read_answer<T: DeserializeOwned>(
         &self,
         path: &str,
         answer: Answer,
@@ -559,9 +577,10 @@ impl<'c> AsyncHttpClient<'c> for Instrumented<'_> {
     }
 }
 
-/// Path segment encoding for role names (which may hold spaces or slashes): every byte but
+/// One path segment of an admin API URL (a role name, which may hold spaces or slashes, a
+/// client or user id), percent-encoded: every byte but
 /// RFC 3986's unreserved characters (ASCII letters and digits, `-._~`), as `%XX` in upper case.
-pub(super) fn enc(s: &str) -> String {
+pub(super) fn path_segment(s: &str) -> String {
     const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
         .remove(b'-')
         .remove(b'.')
@@ -604,7 +623,7 @@ mod enc_tests {
     }
 
     #[test]
-    fn enc_gives_what_the_hand_written_encoder_gave() {
+    fn path_segment_gives_what_the_hand_written_encoder_gave() {
         for s in [
             "a b/c?d#e%f+g@h:i",
             "platform-admin",
@@ -614,18 +633,18 @@ mod enc_tests {
             "\u{0}\t\n\r\u{7f}",
             "!$&'()*,;=[]{}|^`\"<>\\",
         ] {
-            assert_eq!(super::enc(s), hand_written(s), "{s:?}");
+            assert_eq!(super::path_segment(s), hand_written(s), "{s:?}");
         }
         assert_eq!(
-            super::enc("a b/c?d#e%f+g@h:i"),
+            super::path_segment("a b/c?d#e%f+g@h:i"),
             "a%20b%2Fc%3Fd%23e%25f%2Bg%40h%3Ai"
         );
     }
 
     proptest::proptest! {
         #[test]
-        fn enc_gives_what_the_hand_written_encoder_gave_for_any_string(s in ".*") {
-            proptest::prop_assert_eq!(super::enc(&s), hand_written(&s));
+        fn path_segment_gives_what_the_hand_written_encoder_gave_for_any_string(s in ".*") {
+            proptest::prop_assert_eq!(super::path_segment(&s), hand_written(&s));
         }
     }
 }

@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::client::enc;
+use super::client::path_segment;
 use super::listing::UserRep;
 use super::roles::RoleRep;
 use super::KeycloakSource;
@@ -110,7 +110,7 @@ impl KeycloakSource {
     /// groups expanded by Keycloak in `role-mappings/realm/composite`), or why not: the user is
     /// gone (404), or is a service account.
     pub async fn user_identity(&self, id: &str, cancel: &CancellationToken) -> Result<Lookup> {
-        let path = format!("users/{}", enc(id));
+        let path = format!("users/{}", path_segment(id));
         let u: UserRep = match self.client.get(&path, &[], cancel).await {
             Ok(u) => u,
             Err(e) if e.keycloak_status() == Some(404) => return Ok(Lookup::Gone),

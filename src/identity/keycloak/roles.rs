@@ -18,7 +18,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{enc, Keyed};
+use super::client::{path_segment, Keyed};
 use super::KeycloakSource;
 use crate::error::Result;
 use crate::identity::{granting_roles, RoleGraph, RoleKey};
@@ -77,8 +77,12 @@ impl Keyed for RoleRep {
 /// The admin path of a role: `roles/{name}` or `clients/{id}/roles/{name}`.
 fn role_path(role: &RoleKey) -> String {
     match role {
-        RoleKey::Realm(name) => format!("roles/{}", enc(name)),
-        RoleKey::Client(client, name) => format!("clients/{}/roles/{}", enc(client), enc(name)),
+        RoleKey::Realm(name) => format!("roles/{}", path_segment(name)),
+        RoleKey::Client(client, name) => format!(
+            "clients/{}/roles/{}",
+            path_segment(client),
+            path_segment(name)
+        ),
     }
 }
 
@@ -131,7 +135,7 @@ impl KeycloakSource {
         let brief = &brief;
         let client_roles: Vec<Vec<RoleRep>> = stream::iter(clients)
             .map(|c| async move {
-                let path = format!("clients/{}/roles", enc(&c.id));
+                let path = format!("clients/{}/roles", path_segment(&c.id));
                 self.client
                     .get_all::<RoleRep>(&path, brief, cancel)
                     .await

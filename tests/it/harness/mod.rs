@@ -21,7 +21,7 @@ use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use seedkeeper::config::{self, SchemaMode, Settings, Sources};
+use seedkeeper::config::{self, ConfigLayers, SchemaMode, Settings};
 use seedkeeper::reconcile::{Count, Unit};
 use seedkeeper::reconcile::{Engine, Mode, RunReport, Trigger};
 use seedkeeper::store::migrate::MIGRATIONS;
@@ -130,7 +130,8 @@ impl TestDb {
         let mut env = self.env();
         env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "5s".into()));
         env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        config::load(&Sources { file: None, env }).unwrap_or_else(|e| panic!("test settings: {e}"))
+        config::load(&ConfigLayers { file: None, env })
+            .unwrap_or_else(|e| panic!("test settings: {e}"))
     }
 
     /// The parts of a daemon (engine, metrics, the shared Keycloak source), for `App::new`.
@@ -510,7 +511,7 @@ pub async fn start_daemon(mut settings: Settings) -> Daemon {
 
 /// Settings from environment pairs alone, no file (the test's whole configuration).
 pub fn settings_from(env: &[(&str, &str)]) -> Settings {
-    config::load(&Sources {
+    config::load(&ConfigLayers {
         file: None,
         env: env
             .iter()

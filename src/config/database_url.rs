@@ -5,7 +5,9 @@
 //!
 //! The string may hold a password: nothing here puts it in a message. Errors name the parameter
 //! and start with `database.url:`, the key the string comes from ([`crate::config`] calls this
-//! while validating, [`crate::config::DatabaseSettings::connection`] when connecting).
+//! while validating, [`crate::config::DatabaseSettings::connection`] when connecting). It lives
+//! in `config`, not in `store`, so that the store depends on the configuration and never the
+//! other way round.
 //!
 //! A password that is not percent-encoded (`postgres://u:S3cr@t@host/db`) is refused before
 //! anything parses it ([`userinfo_refusal`]): tokio-postgres and libpq end the credentials at the
