@@ -375,12 +375,13 @@ async fn a_wrong_secret_and_a_missing_realm_management_role_fail_clearly_and_wri
     kc.set_realm(realm);
     let r = apply(&db.engine(&refs(&kc_env(&kc)))).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
-    let e = r.error.unwrap();
+    let error = r.error.as_ref().unwrap();
+    let e = error.to_string();
     assert!(
         e.contains("lacks realm-management role") && e.contains("view-users"),
         "{e}"
     );
-    assert_eq!(r.error_value.unwrap().exit_code(), 78);
+    assert_eq!(error.exit_code(), 78);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -457,7 +458,7 @@ async fn a_username_clash_never_takes_over_the_row() {
         seedkeeper::reconcile::Outcome::Failed,
         "the clash makes the run fail"
     );
-    assert!(r.error.as_deref().unwrap().contains("clash"));
+    assert!(r.error.as_ref().unwrap().to_string().contains("clash"));
     assert_eq!(count(&r, "identities", "clashes"), 1);
     let (sub, email, role): (Option<String>, String, String) = c
         .query_one(
