@@ -759,3 +759,57 @@ async fn healthcheck(settings: &Settings, url: Option<&str>, out: &mut dyn Write
         }
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn once_is_one_flag_for_run_given_or_implied_and_a_usage_error_elsewhere() {
+        for line in ["seedkeeper --once", "seedkeeper run --once"] {
+            let cli = parse(args(line)).unwrap();
+            assert!(cli.runs_once() && cli.is_run(), "{line}");
+        }
+        let daemon = parse(args("seedkeeper run")).unwrap();
+        assert!(daemon.is_run() && !daemon.runs_once());
+        for line in ["seedkeeper status --once", "seedkeeper --once plan"] {
+            assert_eq!(parse(args(line)).err(), Some(exit::USAGE), "{line}");
+        }
+        assert_eq!(
+            parse(args("seedkeeper run --allow-offboard 3")).err(),
+            Some(exit::USAGE)
+        );
+    }
+
+    #[tokio::test]
+    async fn status_stops_waiting_for_the_database_when_the_process_is_told_to_stop() {
+        let settings = config::load(&Sources {
+            file: None,
+            env: vec![
+                (
+                    "SEEDKEEPER_DATABASE__URL".into(),
+                    "postgres://nobody@127.0.0.1:1/none".into(),
+                ),
+                ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "60s".into()),
+            ],
+        })
+        .unwrap();
+        let cli = parse(args("seedkeeper status")).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        let code = execute(&cli, settings, cancel, &mut out).await;
+        assert_ne!(code, exit::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "status waited {:?} after SIGTERM",
+            started.elapsed()
+        );
+    }
+}

@@ -330,6 +330,25 @@ async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_
         "plan did not wait"
     );
     assert_eq!(runs(&db).await.len(), 1);
+
+    // migrate waits for it the same way (never migrating under a run), and gives up with the
+    // same exit code and message: 69, naming the holder and the key to raise.
+    let started = Instant::now();
+    let out = run_bin(&["migrate"], &env);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let t = text(&out);
+    for part in [
+        "waiting for it".to_string(),
+        format!("pid {pid} "),
+        "SEEDKEEPER_STARTUP__WAIT_TIMEOUT".to_string(),
+    ] {
+        assert!(t.contains(&part), "{part:?} not in {t}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "migrate did not wait"
+    );
+    assert_eq!(runs(&db).await.len(), 1);
     println!("--once gave up after {:.1}s", took.as_secs_f64());
 }
 
