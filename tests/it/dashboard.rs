@@ -341,7 +341,7 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
         );
         kc.fail_next_admin(6, 500);
         faults += 6.0;
-        let r = d.gate.startup(&CancellationToken::new()).await;
+        let r = tick(&d.gate).await;
         if r.outcome == Outcome::Failed {
             break;
         }

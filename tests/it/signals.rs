@@ -256,7 +256,7 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     // Beyond the retries: four 503s fail the run after three retries.
     kc.clear_journal();
     kc.fail_next_admin(4, 503);
-    let r = d.gate.startup(&CancellationToken::new()).await;
+    let r = tick(&d.gate).await;
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
     let s2 = samples(&scrape(&d.base).await.1);
     assert_eq!(kc_requests(&s2, KeycloakOutcome::ServerError), 5.0);
@@ -361,7 +361,7 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
         .unwrap();
     let mallory = user(MALLORY, "mallory", &[], &[]);
     kc.set_realm(realm_with(vec![mallory.clone()]));
-    let r = d.gate.startup(&CancellationToken::new()).await;
+    let r = tick(&d.gate).await;
     assert_eq!(r.outcome, Outcome::Failed, "{:?}", r.error);
     let s1 = samples(&d.metrics().await);
     assert_eq!(get(&s1, "seedkeeper_last_run_ok"), 0.0);

@@ -500,6 +500,20 @@ impl Daemon {
     }
 }
 
+/// A scheduled tick of `gate`, as the daemon's schedule starts it: tried again until no other
+/// run (a tick of the daemon's own, an event batch) is in flight, so that the test's tick runs.
+pub async fn tick(gate: &seedkeeper::gate::RunGate) -> RunReport {
+    let cancel = CancellationToken::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(report) = gate.scheduled_tick(&cancel).await {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "a run stayed in flight for 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn start_daemon(mut settings: Settings) -> Daemon {
     settings.http.listen = "127.0.0.1:0".into();
     let application = seedkeeper::app::Daemon::build(settings)
