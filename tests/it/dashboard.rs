@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::events::{realm_with, user_event};
 use crate::harness::keycloak::KeycloakEmulator;
