@@ -22,7 +22,7 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2   `plan` found changes pending
   64  usage error (bad command line)
   69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
-      (--once) another session held the run lock that long (the error names it), or
+      (--once, plan, migrate) another session held the run lock that long (the error names it), or
       PostgreSQL is a read-only server (a replica: point database.url at the primary)
   71  out of file descriptors (too many open files): raise LimitNOFILE / ulimit -n
   74  the command's own output could not be written (stdout full or closed)

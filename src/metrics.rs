@@ -424,6 +424,33 @@ pub struct EventMetrics {
     pub polls: Counter,
 }
 
+/// The series whose value is the last full run's (and the process's log write errors), which
+/// are collectors of their own rather than families: registered in `registry`, and returned
+/// for the runs to set.
+fn register_last_values(
+    registry: &mut Registry,
+) -> (Arc<LastRunOk>, Arc<LastValue>, Arc<LastValue>) {
+    // Process-wide (stderr is): a clone of the one counter the log sink counts into.
+    registry.register(
+        "seedkeeper_log_write_errors",
+        "Log lines (and error lines of the process's own) dropped because stderr or the log file could not be written (a full disk, a closed pipe); the work goes on",
+        crate::telemetry::log_write_errors().clone(),
+    );
+    let last_run_ok = Arc::new(LastRunOk::default());
+    registry.register_collector(Box::new(last_run_ok.clone()));
+    let unlisted = Arc::new(LastValue::new(
+        "seedkeeper_identities_unlisted",
+        "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
+    ));
+    registry.register_collector(Box::new(unlisted.clone()));
+    let offboard_stopped = Arc::new(LastValue::new(
+        "seedkeeper_offboard_stopped",
+        "Users the last full run (or a later event batch) would have offboarded but did not, because that exceeded identity.offboard_limit or the listing was empty; 0 when offboarding went through",
+    ));
+    registry.register_collector(Box::new(offboard_stopped.clone()));
+    (last_run_ok, unlisted, offboard_stopped)
+}
+
 /// A counter family with a series at 0 for each of `labels`, so that a rate over it starts
 /// before the first event.
 fn at_zero<L>(labels: impl Iterator<Item = L>) -> Family<L, Counter>
@@ -575,24 +602,7 @@ impl Metrics {
             "Scheduled ticks skipped because a run was still going",
             Counter::default(),
         );
-        // Process-wide (stderr is): a clone of the one counter the log sink counts into.
-        registry.register(
-            "seedkeeper_log_write_errors",
-            "Log lines (and error lines of the process's own) dropped because stderr or the log file could not be written (a full disk, a closed pipe); the work goes on",
-            crate::telemetry::log_write_errors().clone(),
-        );
-        let last_run_ok = Arc::new(LastRunOk::default());
-        registry.register_collector(Box::new(last_run_ok.clone()));
-        let unlisted = Arc::new(LastValue::new(
-            "seedkeeper_identities_unlisted",
-            "Users the source counts but did not list in the last full run (users/count minus the distinct users listed; 0 when the listing is complete)",
-        ));
-        registry.register_collector(Box::new(unlisted.clone()));
-        let offboard_stopped = Arc::new(LastValue::new(
-            "seedkeeper_offboard_stopped",
-            "Users the last full run (or a later event batch) would have offboarded but did not, because that exceeded identity.offboard_limit or the listing was empty; 0 when offboarding went through",
-        ));
-        registry.register_collector(Box::new(offboard_stopped.clone()));
+        let (last_run_ok, unlisted, offboard_stopped) = register_last_values(&mut registry);
         Metrics {
             registry,
             runs,
@@ -863,7 +873,7 @@ mod tests {
     }
 
     #[test]
-    fn event_batches_move_their_own_series_and_never_the_full_runs() {
+    fn the_event_batch_series_start_at_zero() {
         let m = with_events();
         let text = m.render();
         for outcome in Outcome::ALL {
@@ -881,7 +891,11 @@ mod tests {
             Some(0.0)
         );
         assert_eq!(sample(&text, "seedkeeper_events_following"), Some(0.0));
+    }
 
+    #[test]
+    fn event_batches_move_their_own_series_and_never_the_full_runs() {
+        let m = with_events();
         // A full run fails, then batches succeed: the full-run series still say it failed.
         m.record_run(&run(Trigger::Schedule, Outcome::Failed, 6, 0), "keycloak");
         m.record_run(&run(Trigger::Event, Outcome::Succeeded, 1, 0), "keycloak");

@@ -91,7 +91,7 @@ impl Trigger {
         }
     }
 
-    /// Whether the daemon retries a failed run with this trigger (see `schedule::spawn_retries`):
+    /// Whether the daemon retries a failed run with this trigger (see `gate::RunGate::spawn_retries`):
     /// its full runs. Not `--once`, whose caller decides (a Job's `backoffLimit`, a CI step);
     /// not an event batch, whose checkpoint stays so that the follower reads it again; not `plan`.
     pub fn is_retried(self) -> bool {
