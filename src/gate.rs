@@ -5,7 +5,8 @@
 //! per trigger ([`Trigger`]): [`RunGate::startup`], [`RunGate::scheduled_tick`],
 //! [`RunGate::retry_when_due`], [`RunGate::event_batch`], [`RunGate::event_full_run`],
 //! [`RunGate::once`] and [`RunGate::plan`]. Each says how it meets a run in flight
-//! ([`Admission`]) and goes through [`RunGate::admit`], then [`RunGate::run_admitted`].
+//! ([`RunGate::queue`], or [`Admission`] through [`RunGate::admit`]); a full run then goes through
+//! [`RunGate::run_admitted`], and every run through [`RunGate::tracked`] to the engine.
 //!
 //! It must not decide *when* a run happens: the schedule says when a tick comes, the event
 //! follower when a batch is ready; the gate decides whether and how it runs. It knows nothing of
@@ -37,17 +38,19 @@ const DEFAULT_INTERVAL: Duration = Duration::from_secs(300);
 /// longer would only hold the overlap guard against the schedule's ticks.
 const EVENT_BATCH_WAIT: Duration = Duration::from_secs(5);
 
-/// How a trigger meets a run already in flight.
+/// How a trigger that may not run meets a run already in flight. The triggers that must run
+/// (`--once`, `plan`, the startup run, a full run the event follower asked for) wait for it,
+/// however long, and are always admitted ([`RunGate::queue`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
-    /// Waits for it, however long (`--once`, `plan`, the startup run, a full run the event
-    /// follower asked for: each must happen).
-    Queue,
     /// Waits for it, unless a shutdown comes first (a retry: no use once stopping).
     QueueUntilShutdown,
     /// Does not run (a tick, which comes again; an event batch, whose checkpoint stays).
     SkipWhenBusy,
 }
+
+/// The overlap guard, held by the run in flight.
+type Guard<'a> = MutexGuard<'a, ()>;
 
 /// The one way a run starts: see the module's documentation.
 pub struct RunGate {
@@ -107,27 +110,22 @@ impl RunGate {
     /// The daemon's first run: waits for a run in flight, and for the dependencies up to
     /// `startup.wait_timeout`.
     pub async fn startup(&self, cancel: &CancellationToken) -> RunReport {
+        let _guard = self.queue().await;
         let wait = self.settings().startup.wait_timeout;
-        self.full_run(Admission::Queue, Trigger::Startup, wait, cancel)
-            .await
-            .unwrap_or_else(|| self.never_admitted(Trigger::Startup))
+        self.run_admitted(Trigger::Startup, wait, cancel).await
     }
 
     /// A tick of `schedule.cron`: skipped (and counted) when a run is still going.
     pub async fn scheduled_tick(&self, cancel: &CancellationToken) -> Option<RunReport> {
-        let report = self
-            .full_run(
-                Admission::SkipWhenBusy,
-                Trigger::Schedule,
-                Duration::ZERO,
-                cancel,
-            )
-            .await;
-        if report.is_none() {
+        let Some(_guard) = self.admit(Admission::SkipWhenBusy, cancel).await else {
             tracing::info!("scheduled tick skipped: the previous run is still going");
             self.metrics.record_skipped_tick();
-        }
-        report
+            return None;
+        };
+        Some(
+            self.run_admitted(Trigger::Schedule, Duration::ZERO, cancel)
+                .await,
+        )
     }
 
     /// The retry of a failed full run, once it is due: `None` when a full run has started since
@@ -167,26 +165,23 @@ impl RunGate {
     /// A full run the event follower asked for ([`RunGate::ask_full_run`]): after the run in
     /// flight, if any.
     pub async fn event_full_run(&self, cancel: &CancellationToken) -> RunReport {
-        self.full_run(Admission::Queue, Trigger::EventFull, Duration::ZERO, cancel)
+        let _guard = self.queue().await;
+        self.run_admitted(Trigger::EventFull, Duration::ZERO, cancel)
             .await
-            .unwrap_or_else(|| self.never_admitted(Trigger::EventFull))
     }
 
     /// `--once`: one full run, after any run in flight, waiting for the dependencies up to
     /// `startup.wait_timeout`.
     pub async fn once(&self, cancel: &CancellationToken) -> RunReport {
+        let _guard = self.queue().await;
         let wait = self.settings().startup.wait_timeout;
-        self.full_run(Admission::Queue, Trigger::Once, wait, cancel)
-            .await
-            .unwrap_or_else(|| self.never_admitted(Trigger::Once))
+        self.run_admitted(Trigger::Once, wait, cancel).await
     }
 
     /// `plan`: the apply's statements in a transaction that is rolled back. Under the overlap
     /// guard like any run; it neither makes a retry due nor counts for readiness.
     pub async fn plan(&self, cancel: &CancellationToken) -> RunReport {
-        let Some(_guard) = self.admit(Admission::Queue, cancel).await else {
-            return self.never_admitted(Trigger::Plan);
-        };
+        let _guard = self.queue().await;
         let wait = self.settings().startup.wait_timeout;
         let identities = self.engine.identities.clone();
         self.tracked(Mode::Plan, Trigger::Plan, wait, cancel, identities)
@@ -304,14 +299,15 @@ impl RunGate {
         &self.metrics
     }
 
+    /// The overlap guard for a trigger that must run: after the run in flight, if any. The
+    /// guard is fair: whoever waits first runs first.
+    async fn queue(&self) -> Guard<'_> {
+        self.inflight.lock().await
+    }
+
     /// The overlap guard, taken as `how` says; `None` when the run is not to happen.
-    async fn admit(
-        &self,
-        how: Admission,
-        cancel: &CancellationToken,
-    ) -> Option<MutexGuard<'_, ()>> {
+    async fn admit(&self, how: Admission, cancel: &CancellationToken) -> Option<Guard<'_>> {
         let guard = match how {
-            Admission::Queue => self.inflight.lock().await,
             Admission::QueueUntilShutdown => tokio::select! {
                 guard = self.inflight.lock() => guard,
                 _ = cancel.cancelled() => return None,
@@ -322,18 +318,6 @@ impl RunGate {
             return None;
         }
         Some(guard)
-    }
-
-    /// A full run admitted as `how` says; `None` when it was not.
-    async fn full_run(
-        &self,
-        how: Admission,
-        trigger: Trigger,
-        wait: Duration,
-        cancel: &CancellationToken,
-    ) -> Option<RunReport> {
-        let _guard = self.admit(how, cancel).await?;
-        Some(self.run_admitted(trigger, wait, cancel).await)
     }
 
     /// A full run under the overlap guard the caller holds: it takes the place of a retry due,
@@ -406,19 +390,6 @@ impl RunGate {
                 .due
                 .send_replace(Some(tokio::time::Instant::now() + delay));
         }
-    }
-
-    /// What a trigger that must run reports when a shutdown kept it from starting: failed,
-    /// cancelled, nothing written. Only [`Admission::QueueUntilShutdown`] refuses on shutdown,
-    /// so this stands for a gate that could not admit it.
-    fn never_admitted(&self, trigger: Trigger) -> RunReport {
-        let mode = match trigger {
-            Trigger::Plan => Mode::Plan,
-            _ => Mode::Apply,
-        };
-        let mut report = RunReport::new(trigger, mode, self.engine.seed.digest.clone());
-        report.fail(Error::Cancelled);
-        report
     }
 }
 
