@@ -95,12 +95,13 @@ impl Engine {
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         let counts = report.counts_json();
+        let error = report.error.as_ref().map(ToString::to_string);
         // No await from here on: the span can be entered.
         let _in_run = span.enter();
         match report.outcome {
             Outcome::Failed => tracing::error!(
                 run.id = %report.id, trigger, outcome = report.outcome.as_str(), duration_ms = report.duration_ms,
-                counts = %counts, error = %report.error.as_ref().map(ToString::to_string).unwrap_or_default(), "seeding_completed"
+                counts = %counts, error = error.as_deref().unwrap_or(""), "seeding_completed"
             ),
             _ => tracing::info!(
                 run.id = %report.id, trigger, outcome = report.outcome.as_str(), duration_ms = report.duration_ms,
