@@ -540,3 +540,38 @@ async fn a_deletion_whose_event_is_lost_is_offboarded_by_the_next_full_run() {
         ["platform_superadmin revoked identity-offboarded"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_waits_for_the_next_poll_while_the_daemons_gate_has_a_full_run_in_flight() {
+    let s = setup_with(vec![], &[("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "30s")]).await;
+    assert_eq!(
+        s.poll().await.events,
+        0,
+        "the first poll sets the checkpoint"
+    );
+    s.kc.set_realm(realm_with(vec![user(ALICE, "alice", &[], &[])]));
+    s.kc.push_user_event(user_event("ev-1", now_ms(), "REGISTER", ALICE));
+    // A full run of the same gate is kept going: another session holds the users table.
+    let held = s.db.client().await;
+    held.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let gate = s.follower.gate.clone();
+    let full = tokio::spawn(async move { gate.event_full_run(&CancellationToken::new()).await });
+    until("the full run is in flight", 10, || async {
+        s.follower.gate.run_age().is_some()
+    })
+    .await;
+    // The batch does not run beside it: no report, no row, the checkpoint stays.
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    assert!(p.report.is_none(), "a batch ran beside a full run");
+    held.batch_execute("COMMIT").await.unwrap();
+    assert_ok(&full.await.unwrap());
+    assert_eq!(s.event_runs().await, 0);
+    // The next poll reads the event again and applies it.
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    assert_ok(&p.report.expect("the batch runs once the full run is done"));
+    assert_eq!(s.event_runs().await, 1);
+}
