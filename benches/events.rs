@@ -44,7 +44,7 @@ mod spawn;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{admin_url, connect, drop_db, fresh_db, generate_realm};
@@ -53,7 +53,7 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use seedkeeper::config::{self, ConfigLayers};
-use seedkeeper::events::{apply_with, now_ms, Follower, FollowerState};
+use seedkeeper::events::{now_ms, Follower, FollowerState};
 use seedkeeper::identity::keycloak::KeycloakSource;
 use seedkeeper::identity::RoleFilter;
 
@@ -589,7 +589,10 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
         env: env.clone(),
     })
     .unwrap();
-    let engine = Arc::new(seedkeeper::app::build_engine(settings.clone()).unwrap());
+    // The daemon's own gate: the batches run through it, as in the daemon.
+    let gate = seedkeeper::app::build(settings.clone())
+        .unwrap()
+        .into_gate();
     let source = Arc::new(
         KeycloakSource::new(
             &settings.keycloak,
@@ -599,15 +602,12 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
         )
         .unwrap(),
     );
-    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
-    let asked2 = asked.clone();
     let follower = Follower {
         kc: source.clone(),
-        apply: apply_with(engine),
+        gate,
         database: settings.database.clone(),
         realm: "bench".into(),
         poll_interval: POLL,
-        full_run: Arc::new(move |why: &str| asked2.lock().unwrap().push(why.to_string())),
         state: Arc::new(FollowerState::default()),
         metrics: Default::default(),
     };
@@ -668,7 +668,11 @@ async fn against_emulator(admin: &Client, n: usize, latency: Duration) -> Emulat
         f.event_users += p.users;
         last_id = id;
     }
-    assert!(asked.lock().unwrap().is_empty(), "no full run asked for");
+    assert_eq!(
+        follower.metrics.full_runs_asked.get(),
+        0,
+        "no full run asked for"
+    );
     // Idle again: the checkpoint now sits on the last REGISTER's millisecond.
     kc.clear_journal();
     let again = follower.poll(&c, None, &cancel).await.unwrap();

@@ -1,5 +1,7 @@
 //! The command line (clap) and what each command does. `main` only parses, calls `execute`
-//! and exits with its code; everything here is callable from tests.
+//! and exits with its code; everything here is callable from tests. [`execute`] is the one
+//! dispatcher, the daemon included: every command gets the process's cancel token (SIGTERM)
+//! and the output writer, whose first failure turns the exit code into 74.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -11,8 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{self, ConfigLayers, LogFormat, Settings};
 use crate::error::{exit, Error};
 use crate::progress::{self, Progress, Reporter};
-use crate::reconcile::{Count, Mode, Outcome, RunReport, Trigger, Unit};
-use crate::retry::{Limit, Policy, Retry};
+use crate::reconcile::{Count, Outcome, RunReport, Unit};
 use crate::store;
 
 pub const EXIT_CODES_HELP: &str = "Exit codes:
@@ -21,7 +22,7 @@ pub const EXIT_CODES_HELP: &str = "Exit codes:
   2   `plan` found changes pending
   64  usage error (bad command line)
   69  a dependency (PostgreSQL, Keycloak) stayed unavailable after startup.wait_timeout, or
-      (--once) another session held the run lock that long (the error names it), or
+      (--once, plan, migrate) another session held the run lock that long (the error names it), or
       PostgreSQL is a read-only server (a replica: point database.url at the primary)
   71  out of file descriptors (too many open files): raise LimitNOFILE / ulimit -n
   74  the command's own output could not be written (stdout full or closed)
@@ -40,8 +41,10 @@ pub struct Cli {
     /// Log format (overrides log.format).
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
-    /// Shorthand for `run --once`.
-    #[arg(long)]
+    /// One reconcile, then exit with its outcome (`seedkeeper --once` = `seedkeeper run --once`).
+    /// Waits up to startup.wait_timeout for a run lock another session holds; exit 0 only after
+    /// a run of its own succeeded.
+    #[arg(long, global = true)]
     pub once: bool,
     /// With `--once` or `plan`: let exactly N users be offboarded by this run, past
     /// identity.offboard_limit (and past an empty listing). Any other number offboards nobody,
@@ -61,12 +64,8 @@ pub enum OutputFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Daemon: reconcile at start, then on schedule.cron; serves /healthz, /readyz, /metrics.
-    Run {
-        /// One reconcile, then exit with its outcome. Waits up to startup.wait_timeout for a run
-        /// lock another session holds; exit 0 only after a run of its own succeeded.
-        #[arg(long)]
-        once: bool,
-    },
+    /// With --once: one reconcile, then exit with its outcome.
+    Run,
     /// Dry run: what a reconcile would change, per unit. Exit 0 in sync, 2 changes pending, 1 error.
     Plan {
         #[arg(long, value_enum, default_value = "text")]
@@ -102,14 +101,28 @@ pub enum Command {
 }
 
 impl Cli {
+    /// Whether the command is `run` (given or implied), with or without `--once`.
+    fn is_run(&self) -> bool {
+        matches!(self.command, None | Some(Command::Run))
+    }
+
     /// Whether the command is one run: `--once` or `plan` (what `--allow-offboard` applies to).
     pub fn runs_once(&self) -> bool {
         match &self.command {
             Some(Command::Plan { .. }) => true,
-            Some(Command::Run { once }) => *once || self.once,
-            None => self.once,
-            Some(_) => false,
+            _ => self.is_run() && self.once,
         }
+    }
+
+    /// The usage error of a flag given to a command it does not apply to.
+    fn misplaced_flag(&self) -> Option<&'static str> {
+        if self.once && !self.is_run() {
+            return Some("--once applies to `run`: give it as `seedkeeper --once` or `seedkeeper run --once`, not to another command");
+        }
+        if self.allow_offboard.is_some() && !self.runs_once() {
+            return Some("--allow-offboard applies to one run: give it with --once or plan, not to the daemon or another command");
+        }
+        None
     }
 
     /// `--allow-offboard N` as the engine takes it.
@@ -125,15 +138,13 @@ impl Cli {
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
     let args: Vec<String> = args.into_iter().collect();
     match Cli::try_parse_from(&args) {
-        Ok(c) if c.allow_offboard.is_some() && !c.runs_once() => {
-            crate::telemetry::print_error(
-                "--allow-offboard applies to one run: give it with --once or plan, not to the daemon or another command",
-                "usage",
-                exit::USAGE,
-            );
-            Err(exit::USAGE)
-        }
-        Ok(c) => Ok(c),
+        Ok(c) => match c.misplaced_flag() {
+            Some(why) => {
+                crate::telemetry::print_error(why, "usage", exit::USAGE);
+                Err(exit::USAGE)
+            }
+            None => Ok(c),
+        },
         Err(e) => {
             let code = match e.kind() {
                 clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
@@ -225,7 +236,7 @@ fn output_failed(e: &std::io::Error, code: u8) -> u8 {
     code
 }
 
-/// Runs a non-daemon command. The daemon (`run` without `--once`) is wired in `main`.
+/// Runs the command, the daemon included, until it ends or `cancel` stops it; its exit code.
 pub async fn execute(
     cli: &Cli,
     settings: Settings,
@@ -238,18 +249,39 @@ pub async fn execute(
         Some(Command::Config) => config(settings, out),
         Some(Command::ExportSql) => export_sql(&settings, out),
         Some(Command::Migrate { repair }) => migrate(&settings, *repair, &cancel, out).await,
-        Some(Command::Status { limit, format }) => status(&settings, *limit, *format, out).await,
+        Some(Command::Status { limit, format }) => {
+            status(&settings, *limit, *format, &cancel, out).await
+        }
         Some(Command::Healthcheck { url }) => healthcheck(&settings, url.as_deref(), out).await,
         Some(Command::Plan { format }) => {
             plan(settings, *format, cli.allowed_offboard(), &cancel, out).await
         }
-        Some(Command::Run { .. }) | None => {
+        Some(Command::Run) | None if cli.once => {
             once(settings, cli.allowed_offboard(), &cancel, out).await
         }
+        Some(Command::Run) | None => daemon(settings, cancel).await,
     };
     match &checked.failed {
         Some(e) => output_failed(e, code),
         None => code,
+    }
+}
+
+/// The daemon (`run`): serves until `cancel`; 0 after a graceful shutdown. It prints nothing
+/// of its own on stdout: it logs.
+async fn daemon(settings: Settings, cancel: CancellationToken) -> u8 {
+    let daemon = match crate::app::Daemon::build(settings).await {
+        Ok(d) => d,
+        Err(e) => {
+            let code = e.exit_code();
+            crate::telemetry::print_error(&e.to_string(), e.kind().as_str(), code);
+            return code;
+        }
+    };
+    tracing::info!(http.listen = %daemon.local_addr(), "seedkeeper daemon started");
+    match daemon.run_until_stopped(cancel).await {
+        Ok(()) => exit::OK,
+        Err(e) => fail(&e),
     }
 }
 
@@ -288,14 +320,11 @@ async fn plan(
     cancel: &CancellationToken,
     out: &mut dyn Write,
 ) -> u8 {
-    let mut engine = match crate::app::build_engine(settings) {
-        Ok(e) => e,
-        Err(e) => return fail(&e),
+    let gate = match one_run_gate(settings, allow_offboard) {
+        Ok(gate) => gate,
+        Err(code) => return code,
     };
-    engine.allow_offboard = allow_offboard;
-    engine.progress = progress::Display::interactive(crate::telemetry::is_json());
-    let wait = engine.settings.startup.wait_timeout;
-    let report = engine.run(Mode::Plan, Trigger::Plan, wait, cancel).await;
+    let report = gate.plan(cancel).await;
     match format {
         OutputFormat::Json => print(
             out,
@@ -313,7 +342,7 @@ async fn plan(
 /// write anything, 0 when not. Findings that would fail the apply (a username clash, offboarding
 /// stopped) are shown under `!` and are not an error of the plan.
 pub fn plan_exit(report: &RunReport) -> u8 {
-    match &report.error_value {
+    match &report.error {
         Some(e) if !matches!(e, Error::Findings { .. }) => fail(e),
         _ => plan_exit_code(report),
     }
@@ -326,43 +355,45 @@ async fn once(
     cancel: &CancellationToken,
     out: &mut dyn Write,
 ) -> u8 {
-    let mut parts = match crate::app::build(settings) {
-        Ok(p) => p,
-        Err(e) => return fail(&e),
+    let gate = match one_run_gate(settings, allow_offboard) {
+        Ok(gate) => gate,
+        Err(code) => return code,
     };
-    parts.engine.allow_offboard = allow_offboard;
-    parts.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
-    let app = crate::app::App::new(parts);
-    let wait = app.settings().startup.wait_timeout;
-    let report = app.run_once(Trigger::Once, wait, cancel).await;
+    let report = gate.once(cancel).await;
     if crate::telemetry::is_json() {
         print(out, &format!("{}\n", summary_json(&report)));
     } else {
         print(out, &render_summary(&report));
     }
-    match (&report.error_value, report.outcome) {
+    match (&report.error, report.outcome) {
+        // A failed run always has its error (the findings that failed it included).
         (Some(e), _) => fail(e),
-        (None, Outcome::Failed) => {
-            crate::telemetry::print_error(
-                report.error.as_deref().unwrap_or("run failed"),
-                "failed",
-                exit::RECONCILE_FAILED,
-            );
-            exit::RECONCILE_FAILED
-        }
         // Exit 0 means a run of its own converged the database. A `--once` waits for the
         // run lock instead of being skipped, so this is not expected; were it to happen,
         // it must not pass for a success.
         (None, Outcome::Skipped) => {
             crate::telemetry::print_error(
-                report.error.as_deref().unwrap_or("skipped"),
+                crate::reconcile::SKIPPED_LOCKED_OUT,
                 "run_lock_held",
                 exit::UNAVAILABLE,
             );
             exit::UNAVAILABLE
         }
-        (None, Outcome::Succeeded) => exit::OK,
+        (None, _) => exit::OK,
     }
+}
+
+/// The gate of a command's one run (`--once`, `plan`): progress bars on a terminal, and the
+/// `--allow-offboard` of the command line; the exit code, its error reported, when the inputs
+/// are invalid.
+fn one_run_gate(
+    settings: Settings,
+    allow_offboard: Option<i64>,
+) -> Result<std::sync::Arc<crate::gate::RunGate>, u8> {
+    let mut components = crate::app::build(settings).map_err(|e| fail(&e))?;
+    components.engine.allow_offboard = allow_offboard;
+    components.engine.progress = progress::Display::interactive(crate::telemetry::is_json());
+    Ok(components.into_gate())
 }
 
 /// The `--once` summary as one JSON log line: the run's id, trigger, outcome, duration and seed
@@ -383,7 +414,7 @@ pub fn summary_json(r: &RunReport) -> String {
         ("findings".into(), r.findings_json()),
     ];
     if let Some(e) = &r.error {
-        fields.push(("error".into(), e.clone().into()));
+        fields.push(("error".into(), e.to_string().into()));
     }
     crate::telemetry::json_line(level, "seedkeeper::cli", "run summary", fields)
 }
@@ -464,7 +495,7 @@ pub fn render_plan(r: &RunReport) -> String {
         }
     }
     let code = plan_exit_code(r);
-    s.push_str(&match (code, &r.error_value) {
+    s.push_str(&match (code, &r.error) {
         (exit::CHANGES_PENDING, Some(e)) => {
             format!("plan: changes pending, and the run would not succeed: {e} (exit 2)\n")
         }
@@ -481,7 +512,7 @@ pub fn render_plan(r: &RunReport) -> String {
 
 /// [`plan_exit`] without reporting the error.
 fn plan_exit_code(r: &RunReport) -> u8 {
-    match &r.error_value {
+    match &r.error {
         Some(Error::Findings { .. }) | None if r.changes_pending() => exit::CHANGES_PENDING,
         Some(Error::Findings { .. }) | None => exit::OK,
         Some(e) => e.exit_code(),
@@ -536,31 +567,17 @@ async fn migrate_schema(
 ) -> Result<store::migrate::SchemaReport, Error> {
     let wait = settings.startup.wait_timeout;
     let mut db = store::connect_with_wait(&settings.database, wait, cancel).await?;
-    // Wait for a run in flight rather than migrate under it.
-    let half_second = Duration::from_millis(500);
-    let waiting = Policy::new(half_second, half_second, Limit::Deadline(wait));
-    let locked = waiting
-        .run(
-            cancel,
-            |_| async {
-                match store::lock::RunLock::try_take(&settings.database).await {
-                    Ok(Some(lock)) => Ok(lock),
-                    Ok(None) => Err(Retry::Backoff(())),
-                    Err(e) => Err(Retry::Fail(e)),
-                }
-            },
-            |_, _, _| {},
-        )
-        .await;
-    let lock = match locked {
-        Ok(lock) => lock,
-        Err(stop) => {
-            return Err(stop.into_error(|(), _| {
-                Error::Schema(
-                    "another seedkeeper run holds the run lock; migrate again when it is done"
-                        .into(),
-                )
-            }))
+    // Wait for a run in flight rather than migrate under it, as `--once` does: up to
+    // startup.wait_timeout, then exit 69 naming the session that holds the lock.
+    let lock = match store::lock::RunLock::try_take(&settings.database).await? {
+        Some(lock) => lock,
+        None => {
+            let holder = store::lock::holder(&db.client).await?.map_or_else(
+                || "a session that has just let it go".into(),
+                |h| h.to_string(),
+            );
+            tracing::warn!(holder = %holder, wait = %config::duration_str::format(&wait), "the run lock is held by another session: waiting for it (startup.wait_timeout)");
+            store::lock::RunLock::acquire_within(&settings.database, wait, cancel).await?
         }
     };
     let r = async {
@@ -584,10 +601,17 @@ async fn migrate_schema(
     r
 }
 
-async fn status(settings: &Settings, limit: i64, format: OutputFormat, out: &mut dyn Write) -> u8 {
-    let cancel = CancellationToken::new();
+/// `status`: the last runs, newest first, and the event follower's state. Its wait for the
+/// database ends with the process's `cancel` (SIGTERM).
+async fn status(
+    settings: &Settings,
+    limit: i64,
+    format: OutputFormat,
+    cancel: &CancellationToken,
+    out: &mut dyn Write,
+) -> u8 {
     let db =
-        match store::connect_with_wait(&settings.database, settings.startup.wait_timeout, &cancel)
+        match store::connect_with_wait(&settings.database, settings.startup.wait_timeout, cancel)
             .await
         {
             Ok(db) => db,
@@ -734,5 +758,59 @@ async fn healthcheck(settings: &Settings, url: Option<&str>, out: &mut dyn Write
             crate::telemetry::stderr_line(&format!("not reachable ({url}): {e}"));
             exit::UNAVAILABLE
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn args(line: &str) -> Vec<String> {
+        line.split_whitespace().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn once_is_one_flag_for_run_given_or_implied_and_a_usage_error_elsewhere() {
+        for line in ["seedkeeper --once", "seedkeeper run --once"] {
+            let cli = parse(args(line)).unwrap();
+            assert!(cli.runs_once() && cli.is_run(), "{line}");
+        }
+        let daemon = parse(args("seedkeeper run")).unwrap();
+        assert!(daemon.is_run() && !daemon.runs_once());
+        for line in ["seedkeeper status --once", "seedkeeper --once plan"] {
+            assert_eq!(parse(args(line)).err(), Some(exit::USAGE), "{line}");
+        }
+        assert_eq!(
+            parse(args("seedkeeper run --allow-offboard 3")).err(),
+            Some(exit::USAGE)
+        );
+    }
+
+    #[tokio::test]
+    async fn status_stops_waiting_for_the_database_when_the_process_is_told_to_stop() {
+        let settings = config::load(&ConfigLayers {
+            file: None,
+            env: vec![
+                (
+                    "SEEDKEEPER_DATABASE__URL".into(),
+                    "postgres://nobody@127.0.0.1:1/none".into(),
+                ),
+                ("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "60s".into()),
+            ],
+        })
+        .unwrap();
+        let cli = parse(args("seedkeeper status")).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let mut out = Vec::new();
+        let started = std::time::Instant::now();
+        let code = execute(&cli, settings, cancel, &mut out).await;
+        assert_ne!(code, exit::OK);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "status waited {:?} after SIGTERM",
+            started.elapsed()
+        );
     }
 }

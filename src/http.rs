@@ -40,8 +40,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::state::{App, HEARTBEAT_STALE, PROBE_TIMEOUT};
 use crate::error::Error;
+use crate::health::{Health, HEARTBEAT_STALE, PROBE_TIMEOUT};
 use crate::reconcile::Outcome;
 
 /// How long connections may take to finish once shutdown is asked, before they are dropped.
@@ -52,18 +52,18 @@ pub const SHUTDOWN_MOMENT: Duration = Duration::from_secs(1);
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
 const EMFILE_WARN_EVERY: Duration = Duration::from_secs(10);
 
-pub fn router(app: Arc<App>) -> Router {
+pub fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(app)
+        .with_state(health)
 }
 
-pub async fn serve(app: Arc<App>, listener: TcpListener, cancel: CancellationToken) {
-    let http = app.settings().http.clone();
+pub async fn serve(health: Arc<Health>, listener: TcpListener, cancel: CancellationToken) {
+    let http = health.gate().settings().http.clone();
     let slots = Slots::new(http.max_connections);
-    let service = TowerToHyperService::new(router(app));
+    let service = TowerToHyperService::new(router(health));
     let connections = TaskTracker::new();
     let mut last_emfile_warning: Option<Instant> = None;
     loop {
@@ -278,8 +278,8 @@ impl Drop for Slot {
     }
 }
 
-async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let l = app.liveness();
+async fn healthz(State(health): State<Arc<Health>>) -> Response {
+    let l = health.liveness();
     let body = json!({
         "status": if l.problem.is_none() { "ok" } else { "wedged" },
         "scheduler": {
@@ -288,7 +288,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
         },
         "run": {
             "in_flight_ms": l.run_age.map(|a| a.as_millis() as u64),
-            "timeout_ms": app.settings().run.timeout.as_millis() as u64,
+            "timeout_ms": health.gate().settings().run.timeout.as_millis() as u64,
         },
         "reason": l.problem,
     });
@@ -300,7 +300,7 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn readyz(State(app): State<Arc<App>>) -> Response {
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
     let not_ready = |reason: String| {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -308,16 +308,16 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
         )
             .into_response()
     };
-    if let Err(reason) = app.probe_database(PROBE_TIMEOUT).await {
+    if let Err(reason) = health.probe_database(PROBE_TIMEOUT).await {
         return not_ready(reason);
     }
-    match app.last_outcome() {
+    match health.gate().last_outcome() {
         Some(Outcome::Succeeded) => {
             (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
         }
         Some(_) => not_ready("the last run failed; see `seedkeeper status` or the logs".into()),
         // Every run so far was skipped: another replica holds the lock and does the work.
-        None if app.first_run_done() => (
+        None if health.gate().first_run_done() => (
             StatusCode::OK,
             Json(json!({"status": "ready", "note": "another replica reconciles"})),
         )
@@ -326,10 +326,10 @@ async fn readyz(State(app): State<Arc<App>>) -> Response {
     }
 }
 
-async fn metrics(State(app): State<Arc<App>>) -> Response {
+async fn metrics(State(health): State<Arc<Health>>) -> Response {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        app.metrics.render(),
+        health.gate().metrics().render(),
     )
         .into_response()
 }

@@ -5,11 +5,12 @@
 //! Layout (each arrow of the data flow crosses one module boundary):
 //!
 //! ```text
-//! cli ──> config::load ──> app::build_engine ──> reconcile::Engine::run ──> store (PostgreSQL)
-//!                                                  │        ▲
-//!                         seed (what should exist)─┘        └─ identity (who exists in Keycloak)
-//! app::Application::build ──> http (/healthz /readyz /metrics), schedule (cron), metrics,
-//!                             events (the event follower)
+//! cli ──> config::load ──> app::build ──> gate::RunGate ──> reconcile::Engine::run ──> store
+//!                                                            │        ▲       (PostgreSQL)
+//!                                   seed (what should exist)─┘        └─ identity (who exists
+//!                                                                        in Keycloak)
+//! app::Daemon::build ──> http (/healthz /readyz /metrics) ──> health ──> gate
+//!                        schedule (cron: when) ──> gate; events (the event follower) ──> gate
 //! ```
 //!
 //! - [`config`]: settings, layered load, validation, secrets.
@@ -20,6 +21,8 @@
 //! - [`trust`]: which CAs TLS trusts (the OS trust store, else the built-in Mozilla set).
 //! - [`retry`]: the one retry policy (backoff, limits, cancellable waits) of every dependency wait.
 //! - [`progress`]: how far a run has got (bars on a terminal, `seeding_progress` log lines).
+//! - [`gate`]: the one way a run starts (overlap guard, retries, one entry point per trigger).
+//! - [`health`]: liveness and readiness.
 //! - [`app`], [`schedule`], [`http`], [`metrics`], [`telemetry`]: the daemon around it.
 
 #![forbid(unsafe_code)]
@@ -30,6 +33,8 @@ pub mod config;
 pub mod cron;
 pub mod error;
 pub mod events;
+pub mod gate;
+pub mod health;
 pub mod http;
 pub mod identity;
 pub mod metrics;

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use seedkeeper::cli::{self, Command};
+use seedkeeper::cli;
 use seedkeeper::config::ConfigLayers;
 use seedkeeper::error::exit;
 use tokio_util::sync::CancellationToken;
@@ -42,32 +42,11 @@ fn main() -> ExitCode {
         if let Some(hangup) = hangup {
             tokio::spawn(ignore_hangups(hangup));
         }
-        let daemon = matches!(cli.command, Some(Command::Run { once: false }) | None) && !cli.once;
-        if daemon {
-            run_daemon(settings, cancel).await
-        } else {
-            cli::execute(&cli, settings, cancel, &mut std::io::stdout()).await
-        }
+        cli::execute(&cli, settings, cancel, &mut std::io::stdout()).await
     });
     // The scheduler keeps helper tasks alive; do not let them hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     ExitCode::from(code)
-}
-
-async fn run_daemon(settings: seedkeeper::config::Settings, cancel: CancellationToken) -> u8 {
-    let application = match seedkeeper::app::Application::build(settings).await {
-        Ok(a) => a,
-        Err(e) => {
-            let code = e.exit_code();
-            seedkeeper::telemetry::print_error(&e.to_string(), e.kind().as_str(), code);
-            return code;
-        }
-    };
-    tracing::info!(http.listen = %application.local_addr(), "seedkeeper daemon started");
-    match application.run_until_stopped(cancel).await {
-        Ok(()) => exit::OK,
-        Err(e) => cli::fail(&e),
-    }
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.

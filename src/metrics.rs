@@ -670,7 +670,7 @@ impl Metrics {
         self.runs
             .get_or_create(&RunLabels { outcome, trigger })
             .inc();
-        let kind = report.error_value.as_ref().map(crate::error::Error::kind);
+        let kind = report.error.as_ref().map(crate::error::Error::kind);
         if let Some(kind) = kind {
             self.errors.get_or_create(&ErrorLabels { kind }).inc();
         }
@@ -893,7 +893,6 @@ mod tests {
             duration_ms: 40,
             units: vec![identities],
             error: None,
-            error_value: None,
         }
     }
 

@@ -91,7 +91,7 @@ impl Trigger {
         }
     }
 
-    /// Whether the daemon retries a failed run with this trigger (see `schedule::spawn_retries`):
+    /// Whether the daemon retries a failed run with this trigger (see `gate::RunGate::spawn_retries`):
     /// its full runs. Not `--once`, whose caller decides (a Job's `backoffLimit`, a CI step);
     /// not an event batch, whose checkpoint stays so that the follower reads it again; not `plan`.
     pub fn is_retried(self) -> bool {
@@ -594,12 +594,36 @@ pub struct RunReport {
     pub seed_digest: String,
     pub duration_ms: u64,
     pub units: Vec<UnitReport>,
-    pub error: Option<String>,
-    #[serde(skip)]
-    pub error_value: Option<Error>,
+    /// Why the run failed: its error, or the findings that failed it ([`RunReport::settle`]).
+    /// `None` for a run that succeeded or was skipped. Held once, as the typed error: its text
+    /// (the evidence, the summary, the JSON) is its `Display`.
+    #[serde(serialize_with = "error_text")]
+    pub error: Option<Error>,
+}
+
+/// A run's error as JSON: its text.
+fn error_text<S: serde::Serializer>(e: &Option<Error>, s: S) -> Result<S::Ok, S::Error> {
+    match e {
+        Some(e) => s.serialize_some(&e.to_string()),
+        None => s.serialize_none(),
+    }
 }
 
 impl RunReport {
+    /// A run about to start: failed until it settles, no units yet.
+    pub fn new(trigger: Trigger, mode: Mode, seed_digest: String) -> Self {
+        RunReport {
+            id: Uuid::new_v4(),
+            trigger,
+            mode,
+            outcome: Outcome::Failed,
+            seed_digest,
+            duration_ms: 0,
+            units: Vec::new(),
+            error: None,
+        }
+    }
+
     /// `seed_runs.counts`: per unit, its counts.
     pub fn counts_json(&self) -> Value {
         let mut m = serde_json::Map::new();
@@ -642,11 +666,10 @@ impl RunReport {
         });
     }
 
-    /// The run failed with `e`: its outcome, its error and the error's text.
+    /// The run failed with `e`.
     pub fn fail(&mut self, e: Error) {
         self.outcome = Outcome::Failed;
-        self.error = Some(e.to_string());
-        self.error_value = Some(e);
+        self.error = Some(e);
     }
 
     /// Every change listed, in one order (unit, then action and key), for comparing a plan with

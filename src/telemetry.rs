@@ -19,7 +19,6 @@
 use std::fmt;
 use std::io::IsTerminal;
 use std::io::Write;
-use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, OnceLock};
 
 use prometheus_client::metrics::counter::Counter;
@@ -32,7 +31,7 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFi
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{ConfigLayers, LogFormat, DEFAULT_CONFIG_PATH};
+use crate::config::{ConfigLayers, LogFormat};
 
 /// Event fields whose value is JSON text, embedded as JSON.
 const JSON_FIELDS: &[&str] = &["counts", "findings"];
@@ -162,14 +161,12 @@ pub fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogForma
     if let Some(f) = var("SEEDKEEPER_LOG__FORMAT").and_then(|v| parse_format(&v)) {
         return f;
     }
-    let file = sources.file.clone().or_else(|| {
-        var("SEEDKEEPER_CONFIG")
-            .filter(|s| !s.is_empty())
-            .map(PathBuf::from)
-    });
-    let file = file.unwrap_or_else(|| Path::new(DEFAULT_CONFIG_PATH).to_path_buf());
+    // The file the load will read, as the load chooses it.
+    let Some(file) = sources.config_file() else {
+        return LogFormat::Text;
+    };
     // Bounded and regular files only: a FIFO here would block before the first line.
-    crate::config::read_regular(&file, crate::config::CONFIG_LIMIT)
+    crate::config::read_regular(&file.path, crate::config::CONFIG_LIMIT)
         .ok()
         .and_then(|text| text.parse::<toml::Table>().ok())
         .and_then(|t| t.get("log")?.get("format")?.as_str().and_then(parse_format))

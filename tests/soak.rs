@@ -10,7 +10,6 @@ mod harness;
 use std::time::Instant;
 
 use harness::TestDb;
-use seedkeeper::app::App;
 use tokio_util::sync::CancellationToken;
 
 const RUNS: usize = 1000;
@@ -84,24 +83,24 @@ fn main() {
 
 async fn soak() {
     let db = TestDb::new().await;
-    let app = App::new(db.parts(&[]));
+    let app = db.gate(&[]);
     let cancel = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let metrics_url = format!("http://{}/metrics", listener.local_addr().unwrap());
     let http = tokio::spawn(seedkeeper::http::serve(
-        app.clone(),
+        seedkeeper::health::Health::new(app.clone()),
         listener,
         cancel.clone(),
     ));
     let scraper = reqwest::Client::new();
     let admin = harness::connect(&harness::admin_url()).await;
 
-    let first = app.tick(&cancel).await.expect("not skipped");
+    let first = app.scheduled_tick(&cancel).await.expect("not skipped");
     assert_eq!(first.outcome.as_str(), "succeeded", "{:?}", first.error);
     let mut warm = None;
     let start = Instant::now();
     for i in 1..=RUNS {
-        let r = app.tick(&cancel).await.expect("not skipped");
+        let r = app.scheduled_tick(&cancel).await.expect("not skipped");
         assert_eq!(r.outcome.as_str(), "succeeded", "run {i}: {:?}", r.error);
         assert!(!r.changes_pending(), "run {i} changed something");
         if i % 10 == 0 {

@@ -1,13 +1,14 @@
-//! Builds the object graph once and runs it: `run_once` for `--once`, `plan` and the tests, and
-//! [`Application`] for the daemon: `Application::build` validates the inputs, builds the engine
-//! and binds `http.listen` (port 0 picks a free port, [`Application::local_addr`] says which);
-//! `run_until_stopped` serves HTTP, runs the schedule and the retries of failed full runs
-//! (`schedule::spawn_retries`), notifies systemd and shuts down gracefully on one
-//! `CancellationToken`. `main` and the test harness both start the daemon this way.
+//! Builds the object graph once and runs it. [`build`] validates the inputs and builds the
+//! [`Components`] of one process (`--once`, `plan`, the tests); [`Daemon`] is the daemon:
+//! `Daemon::build` builds them, wraps the engine in its [`RunGate`] and binds `http.listen`
+//! (port 0 picks a free port, [`Daemon::local_addr`] says which); `run_until_stopped` serves
+//! HTTP, starts the startup run, the schedule, the retries and the event follower, notifies
+//! systemd and shuts down gracefully on one `CancellationToken`. `main` (through
+//! `cli::execute`) and the test harness both start the daemon this way.
 //! Reads every section of the config, through the units.
-//! The state the running parts share is [`state::App`]; the systemd watchdog is in [`watchdog`].
+//! How runs start is [`crate::gate`]; liveness and readiness [`crate::health`]; the systemd
+//! watchdog [`watchdog`].
 
-pub mod state;
 pub mod watchdog;
 
 use std::net::SocketAddr;
@@ -17,7 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use state::{judge, App, Liveness, Parts, HEARTBEAT_STALE, PROBE_TIMEOUT, RUN_OVERRUN};
+pub use crate::gate::RunGate;
+pub use crate::health::{
+    liveness_verdict, Health, Liveness, HEARTBEAT_STALE, PROBE_TIMEOUT, RUN_OVERRUN,
+};
 pub use watchdog::watchdog;
 
 use crate::config::{IdentitySource, Settings};
@@ -26,11 +30,30 @@ use crate::identity::keycloak::{AdminClient, KeycloakSource};
 use crate::identity::realm_file::{RealmFileSource, RealmInput};
 use crate::identity::{IdentityProvider, RoleFilter};
 use crate::metrics::{Metrics, Series};
-use crate::reconcile::{Engine, Trigger};
+use crate::reconcile::Engine;
 use crate::seed::ReferenceSeed;
 
-/// Validates what the config points at (seed, realm source, role map) and builds the parts.
-pub fn build(settings: Settings) -> Result<Parts> {
+/// What one process is built from, in order: the metrics registry first, then each part with
+/// its instruments: the Keycloak admin client (shared by the identity source and the event
+/// follower), then the engine.
+pub struct Components {
+    pub engine: Engine,
+    pub metrics: Metrics,
+    /// The Keycloak source, when the identity source is Keycloak: the event follower reads
+    /// through its client too, so the two share one token and one set of instruments.
+    pub keycloak: Option<Arc<KeycloakSource>>,
+}
+
+impl Components {
+    /// The run gate around the engine: how every run of this process starts.
+    pub fn into_gate(self) -> Arc<RunGate> {
+        RunGate::new(self.engine, self.metrics)
+    }
+}
+
+/// Validates what the config points at (seed, realm source, role map) and builds the
+/// components.
+pub fn build(settings: Settings) -> Result<Components> {
     let seed = ReferenceSeed::load(settings.seed.path.as_deref())?;
     check_role_map(&settings, &seed)?;
     let from_keycloak = settings.identity.source == IdentitySource::Keycloak;
@@ -75,7 +98,7 @@ pub fn build(settings: Settings) -> Result<Parts> {
         list_changes: false,
         allow_offboard: None,
     };
-    Ok(Parts {
+    Ok(Components {
         engine,
         metrics,
         keycloak,
@@ -140,26 +163,37 @@ impl BuildError {
     }
 }
 
-/// The daemon, built and not yet running: its [`App`] and its bound HTTP listener.
-pub struct Application {
-    app: Arc<App>,
+/// The daemon, built and not yet running: its run gate, its health, and its bound HTTP
+/// listener.
+pub struct Daemon {
+    gate: Arc<RunGate>,
+    health: Arc<Health>,
+    /// The Keycloak source, whose client the event follower shares.
+    keycloak: Option<Arc<KeycloakSource>>,
     listener: TcpListener,
     local_addr: SocketAddr,
 }
 
-impl Application {
-    /// Validates what the config points at, builds the engine, its metrics and shared state,
-    /// and binds `http.listen`. Nothing is asked of PostgreSQL or Keycloak yet.
-    pub async fn build(settings: Settings) -> std::result::Result<Application, BuildError> {
+impl Daemon {
+    /// Validates what the config points at, builds the engine, its metrics and its gate, and
+    /// binds `http.listen`. Nothing is asked of PostgreSQL or Keycloak yet.
+    pub async fn build(settings: Settings) -> std::result::Result<Daemon, BuildError> {
         let listen = settings.http.listen.clone();
-        let parts = build(settings)?;
+        let Components {
+            engine,
+            metrics,
+            keycloak,
+        } = build(settings)?;
         let bound = TcpListener::bind(&listen)
             .await
             .and_then(|l| Ok((l.local_addr()?, l)));
         let (local_addr, listener) =
             bound.map_err(|reason| BuildError::Listen { listen, reason })?;
-        Ok(Application {
-            app: App::new(parts),
+        let gate = RunGate::new(engine, metrics);
+        Ok(Daemon {
+            health: Health::new(gate.clone()),
+            gate,
+            keycloak,
             listener,
             local_addr,
         })
@@ -174,61 +208,56 @@ impl Application {
         self.local_addr.port()
     }
 
-    /// The shared state: the engine, the metrics, liveness and readiness.
-    pub fn app(&self) -> Arc<App> {
-        self.app.clone()
+    /// The run gate: every run of the daemon starts through it.
+    pub fn gate(&self) -> Arc<RunGate> {
+        self.gate.clone()
+    }
+
+    /// Liveness and readiness.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// The daemon: HTTP, a run at start, then the schedule, until `cancel` fires.
     pub async fn run_until_stopped(self, cancel: CancellationToken) -> Result<()> {
-        let Application { app, listener, .. } = self;
-        let http = tokio::spawn(crate::http::serve(app.clone(), listener, cancel.clone()));
-
+        let Daemon {
+            gate,
+            health,
+            keycloak,
+            listener,
+            ..
+        } = self;
+        let http = tokio::spawn(crate::http::serve(health.clone(), listener, cancel.clone()));
         if let Some(interval) = sd_notify::watchdog_enabled() {
-            tokio::spawn(watchdog(app.clone(), interval / 2, cancel.clone(), || {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }));
+            tokio::spawn(watchdog(
+                health.clone(),
+                interval / 2,
+                cancel.clone(),
+                || {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                },
+            ));
         }
-
         // The first run waits for the dependencies; it never ends the daemon.
-        {
-            let run = app.clone();
-            let cancel = cancel.clone();
-            app.spawn_run(async move {
-                let wait = run.settings().startup.wait_timeout;
-                run.run_once(Trigger::Startup, wait, &cancel).await;
-            });
-        }
-
-        let mut scheduler = crate::schedule::start(app.clone(), cancel.clone()).await?;
-        let retries = crate::schedule::spawn_retries(app.clone(), cancel.clone());
-        let events = start_following(&app, &cancel)?;
+        gate.spawn_startup(&cancel);
+        let mut scheduler = crate::schedule::start(&gate, &health, &cancel).await?;
+        let retries = gate.spawn_retries(&cancel);
+        let events = start_following(&gate, keycloak, &cancel);
         cancel.cancelled().await;
         let stopping = Instant::now();
         tracing::info!("shutting down: no new runs; waiting for the run in flight");
         let _ = scheduler.shutdown().await;
-        let grace = app.settings().shutdown.grace;
-        if app.drain(grace).await {
+        let grace = gate.settings().shutdown.grace;
+        if gate.drain(grace).await {
             tracing::info!("shutdown complete");
         } else {
             tracing::warn!(grace_secs = grace.as_secs(), "the run in flight did not finish within shutdown.grace; its open transaction is rolled back");
         }
         retries.abort();
-        // The event follower may be waiting on Keycloak (a poll, a check): its batches ran under the
-        // run guard drained above, so it gets a moment within the grace, then is dropped, request and
-        // all; its checkpoint makes the next start read again what it had not applied.
-        let moment = grace
-            .saturating_sub(stopping.elapsed())
-            .min(Duration::from_secs(1));
-        for mut task in events {
-            if tokio::time::timeout(moment, &mut task).await.is_err() {
-                task.abort();
-                let _ = task.await;
-            }
-        }
+        stop_following(events, grace.saturating_sub(stopping.elapsed())).await;
         let _ = http.await;
-        app.close_probe().await;
-        if app.notify_systemd {
+        health.close_probe().await;
+        if gate.notifies_systemd() {
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         }
         Ok(())
@@ -236,48 +265,44 @@ impl Application {
 }
 
 /// With the keycloak source and `events.enabled`: the event follower, and the task that runs
-/// the full runs it asks for (trigger `event-full`). Both end with `cancel`.
+/// the full runs it asks for (trigger `event-full`), both through the gate. Both end with
+/// `cancel`.
 fn start_following(
-    app: &Arc<App>,
+    gate: &Arc<RunGate>,
+    keycloak: Option<Arc<KeycloakSource>>,
     cancel: &CancellationToken,
-) -> Result<Vec<tokio::task::JoinHandle<()>>> {
-    let settings = app.settings();
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let settings = gate.settings();
     if !settings.events_enabled() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
     // The identity source's client: one token, one set of seedkeeper_keycloak_* series.
-    let Some(kc) = app.keycloak.clone() else {
-        return Ok(Vec::new());
+    let Some(kc) = keycloak else {
+        return Vec::new();
     };
-    let batch_app = app.clone();
-    let ask_app = app.clone();
     let follower = crate::events::Follower {
         kc,
-        apply: Arc::new(move |users, cancel: CancellationToken| {
-            let app = batch_app.clone();
-            Box::pin(async move { app.run_event_batch(users, &cancel).await })
-        }),
+        gate: gate.clone(),
         database: settings.database.clone(),
         realm: settings.keycloak.realm.clone(),
         poll_interval: settings.events.poll_interval,
-        full_run: Arc::new(move |_why: &str| ask_app.ask_full_run()),
-        state: app.events.clone(),
-        metrics: app.metrics.events().clone(),
+        state: Arc::new(crate::events::FollowerState::default()),
+        metrics: gate.metrics().events().clone(),
     };
     let follow = tokio::spawn(follower.run(cancel.clone()));
-    let full_runs = {
-        let app = app.clone();
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = app.full_run.notified() => {}
-                }
-                app.run_once(Trigger::EventFull, Duration::ZERO, &cancel)
-                    .await;
-            }
-        })
-    };
-    Ok(vec![follow, full_runs])
+    vec![follow, gate.spawn_full_runs(cancel)]
+}
+
+/// Ends the event follower's tasks. The follower may be waiting on Keycloak (a poll, a
+/// check): its batches ran under the overlap guard the gate has drained, so it gets a moment
+/// within what is left of the grace, then is dropped, request and all; its checkpoint makes the
+/// next start read again what it had not applied.
+async fn stop_following(tasks: Vec<tokio::task::JoinHandle<()>>, left: Duration) {
+    let moment = left.min(Duration::from_secs(1));
+    for mut task in tasks {
+        if tokio::time::timeout(moment, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
 }

@@ -1,17 +1,17 @@
-//! The systemd watchdog: pings while the daemon is alive ([`App::liveness`]).
+//! The systemd watchdog: pings while the daemon is alive ([`Health::liveness`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::state::App;
+use crate::health::Health;
 
 /// The systemd watchdog: every `every`, `ping` (WATCHDOG=1) while the daemon is alive
-/// ([`App::liveness`]), nothing while it is not, so that systemd's `WatchdogSec=` restarts a
+/// ([`Health::liveness`]), nothing while it is not, so that systemd's `WatchdogSec=` restarts a
 /// daemon whose scheduler stopped or whose run outlived its deadline. Ends with `cancel`.
 pub async fn watchdog(
-    app: Arc<App>,
+    health: Arc<Health>,
     every: Duration,
     cancel: CancellationToken,
     ping: impl Fn() + Send + 'static,
@@ -24,7 +24,7 @@ pub async fn watchdog(
             _ = t.tick() => {}
             _ = cancel.cancelled() => return,
         }
-        match app.liveness().problem {
+        match health.liveness().problem {
             None => {
                 if silent {
                     tracing::info!("watchdog: alive again, pinging systemd");

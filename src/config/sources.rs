@@ -38,6 +38,26 @@ impl ConfigLayers {
         }
     }
 
+    /// The configuration file these sources name, and how: `--config`, else
+    /// `SEEDKEEPER_CONFIG`, else `config/seedkeeper.toml` when something is there (`exists`
+    /// looks, and opens nothing). The one answer to "which file": the load reads it, and the
+    /// log format chosen before the load (`telemetry::early_format`) asks it too. Whether the
+    /// file can be read is for the reader to find out.
+    pub fn config_file(&self) -> Option<ConfigFile> {
+        match (&self.file, self.var("SEEDKEEPER_CONFIG")) {
+            (Some(p), _) => Some(ConfigFile::new(p.clone(), ConfigOrigin::Flag)),
+            (None, Some(p)) if !p.is_empty() => {
+                Some(ConfigFile::new(PathBuf::from(p), ConfigOrigin::EnvVar))
+            }
+            _ => {
+                let default = Path::new(DEFAULT_CONFIG_PATH);
+                default
+                    .exists()
+                    .then(|| ConfigFile::new(default.to_path_buf(), ConfigOrigin::WorkingDirectory))
+            }
+        }
+    }
+
     /// The value of an environment variable; the last one wins when given twice.
     pub(super) fn var(&self, name: &str) -> Option<&str> {
         self.env
@@ -108,23 +128,8 @@ pub(super) fn layered(sources: &ConfigLayers) -> Result<(Figment, Option<ConfigF
 /// default path when something is there. Whichever it is, it must be a regular file of at most
 /// 1 MiB, looked at before it is opened (a FIFO would block before the first log line).
 fn config_file(sources: &ConfigLayers) -> Result<Option<ConfigFile>> {
-    let named = match (&sources.file, sources.var("SEEDKEEPER_CONFIG")) {
-        (Some(p), _) => Some(ConfigFile::new(p.clone(), ConfigOrigin::Flag)),
-        (None, Some(p)) if !p.is_empty() => {
-            Some(ConfigFile::new(PathBuf::from(p), ConfigOrigin::EnvVar))
-        }
-        _ => None,
-    };
-    let file = match named {
-        Some(f) => f,
-        None => {
-            let default = Path::new(DEFAULT_CONFIG_PATH);
-            // `exists` looks (stat) and opens nothing; whatever is there must then be readable.
-            if !default.exists() {
-                return Ok(None);
-            }
-            ConfigFile::new(default.to_path_buf(), ConfigOrigin::WorkingDirectory)
-        }
+    let Some(file) = sources.config_file() else {
+        return Ok(None);
     };
     let fix = match file.origin {
         ConfigOrigin::Flag => "fix --config".to_string(),

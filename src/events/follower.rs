@@ -1,5 +1,6 @@
 //! The follower loop: checks that the realm saves events and the service account may read them,
-//! then polls both streams from the checkpoint and applies each batch through the engine.
+//! then polls both streams from the checkpoint and applies each batch through the daemon's run
+//! gate ([`RunGate::event_batch`]), which also runs the full runs it asks for.
 
 use std::collections::{BTreeSet, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,10 +15,11 @@ use super::checkpoint::{load_checkpoint, now_ms, save_checkpoint, save_not_follo
 use super::classify::{classify_admin, classify_user, EventKey, Resync, StreamPosition};
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
+use crate::gate::RunGate;
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
-use crate::identity::{BoxFuture, SomeUsers};
+use crate::identity::SomeUsers;
 use crate::metrics::EventMetrics;
-use crate::reconcile::{Engine, Mode, Outcome, RunReport, Tally, Trigger, Unit};
+use crate::reconcile::{Outcome, RunReport, Tally, Unit};
 use crate::retry;
 use crate::store;
 
@@ -47,31 +49,6 @@ pub struct Poll {
     pub full_run: Option<String>,
 }
 
-/// Applies an event batch (the users it re-synced, and those gone from the realm) as a run
-/// with trigger `event`; `None` when a run is in flight (the batch waits for the next poll).
-pub type Apply = Arc<
-    dyn Fn(SomeUsers, CancellationToken) -> BoxFuture<'static, Option<RunReport>> + Send + Sync,
->;
-
-/// An [`Apply`] straight on an engine (the run lock still keeps replicas apart).
-pub fn apply_with(engine: Arc<Engine>) -> Apply {
-    Arc::new(move |batch: SomeUsers, cancel: CancellationToken| {
-        let engine = engine.clone();
-        Box::pin(async move {
-            let report = engine
-                .run_with(
-                    Mode::Apply,
-                    Trigger::Event,
-                    Duration::from_secs(5),
-                    &cancel,
-                    Arc::new(batch),
-                )
-                .await;
-            Some(report)
-        })
-    })
-}
-
 /// Why events are not followed (the reason `status` shows), and whether it may pass by itself.
 #[derive(Debug)]
 pub struct NotFollowing {
@@ -84,13 +61,13 @@ pub struct NotFollowing {
 /// The event follower of one daemon.
 pub struct Follower {
     pub kc: Arc<KeycloakSource>,
-    pub apply: Apply,
+    /// Where its batches run (trigger `event`), and the full runs it asks for (`event-full`):
+    /// the daemon's own gate, so a batch never overlaps a full run.
+    pub gate: Arc<RunGate>,
     /// Where the checkpoint lives.
     pub database: DatabaseSettings,
     pub realm: String,
     pub poll_interval: Duration,
-    /// Asks the daemon for a full run as soon as possible.
-    pub full_run: Arc<dyn Fn(&str) + Send + Sync>,
     pub state: Arc<FollowerState>,
     /// Its `/metrics` instruments (registered by the daemon's [`crate::metrics::Metrics`]).
     pub metrics: EventMetrics,
@@ -349,18 +326,15 @@ impl Follower {
         if poll.users == 0 {
             return Ok(true);
         }
-        let Some(mut report) = (self.apply)(batch, cancel.clone()).await else {
+        let Some(mut report) = self.gate.event_batch(batch, cancel).await else {
             return Ok(false);
         };
-        match report.outcome {
-            Outcome::Skipped => return Ok(false),
-            // The batch's own error, whatever failed (its run is counted by its cause already).
-            Outcome::Failed => {
-                return Err(report.error_value.take().unwrap_or_else(|| {
-                    Error::Io(report.error.clone().unwrap_or_else(|| "failed".into()))
-                }));
-            }
-            Outcome::Succeeded => {}
+        if report.outcome == Outcome::Skipped {
+            return Ok(false);
+        }
+        // The batch's own error, whatever failed (its run is counted by its cause already).
+        if let Some(e) = report.error.take() {
+            return Err(e);
         }
         self.metrics.users_applied.inc_by(poll.users as u64);
         let deferred = report
@@ -398,6 +372,6 @@ impl Follower {
     fn ask_full_run(&self, why: &str) {
         self.metrics.full_runs_asked.inc();
         tracing::info!(reason = %why, "a full run is due");
-        (self.full_run)(why);
+        self.gate.ask_full_run();
     }
 }

@@ -29,4 +29,4 @@ pub use checkpoint::{
     load_checkpoint, now_ms, save_checkpoint, save_not_following, status_lines, Checkpoint,
 };
 pub use classify::{classify_admin, classify_user, EventKey, Resync, StreamPosition};
-pub use follower::{apply_with, Apply, Follower, FollowerState, NotFollowing, Poll};
+pub use follower::{Follower, FollowerState, NotFollowing, Poll};

@@ -61,40 +61,20 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// One run: connect (waiting up to `wait`), lock, units in order, evidence.
+    /// One run of `identities` (the configured source, or the users of an event batch,
+    /// [`crate::identity::SomeUsers`]) through the units: connect (waiting up to `wait`), lock,
+    /// units in order, evidence. The daemon and the commands start runs through
+    /// [`crate::gate::RunGate`], which owns the overlap guard; tests of the units call this.
     pub async fn run(
         &self,
         mode: Mode,
         trigger: Trigger,
-        wait: std::time::Duration,
-        cancel: &CancellationToken,
-    ) -> RunReport {
-        self.run_with(mode, trigger, wait, cancel, self.identities.clone())
-            .await
-    }
-
-    /// A run whose identities come from `source` instead of the configured one: the users an
-    /// event batch touched ([`crate::identity::SomeUsers`]), through the same units and rules.
-    pub async fn run_with(
-        &self,
-        mode: Mode,
-        trigger: Trigger,
-        wait: std::time::Duration,
+        wait: Duration,
         cancel: &CancellationToken,
         identities: Arc<dyn IdentityProvider>,
     ) -> RunReport {
         let started = Instant::now();
-        let mut report = RunReport {
-            id: Uuid::new_v4(),
-            trigger,
-            mode,
-            outcome: Outcome::Failed,
-            seed_digest: self.seed.digest.clone(),
-            duration_ms: 0,
-            units: Vec::new(),
-            error: None,
-            error_value: None,
-        };
+        let mut report = RunReport::new(trigger, mode, self.seed.digest.clone());
         // Every line of the run, the source's included, carries the run's id and trigger.
         let trigger = trigger.as_str();
         let span =
@@ -106,25 +86,23 @@ impl Engine {
             Reporter::start(self.progress, progress.clone(), Some(report.id), every)
         });
         let result = self
-            .run_inner(mode, &mut report, wait, cancel, identities, &progress)
+            .run_bounded(mode, &mut report, wait, cancel, identities, &progress)
             .instrument(span.clone())
             .await;
         // The bars are cleared before the run's last line and what the command prints next.
         reporter.finish().await;
         if let Err(e) = result {
-            let e = self.explain(e);
-            report.outcome = Outcome::Failed;
-            report.error = Some(e.to_string());
-            report.error_value = Some(e);
+            report.fail(self.explain(e));
         }
         report.duration_ms = started.elapsed().as_millis() as u64;
         let counts = report.counts_json();
+        let error = report.error.as_ref().map(ToString::to_string);
         // No await from here on: the span can be entered.
         let _in_run = span.enter();
         match report.outcome {
             Outcome::Failed => tracing::error!(
                 run.id = %report.id, trigger, outcome = report.outcome.as_str(), duration_ms = report.duration_ms,
-                counts = %counts, error = report.error.as_deref().unwrap_or(""), "seeding_completed"
+                counts = %counts, error = error.as_deref().unwrap_or(""), "seeding_completed"
             ),
             _ => tracing::info!(
                 run.id = %report.id, trigger, outcome = report.outcome.as_str(), duration_ms = report.duration_ms,
@@ -134,9 +112,9 @@ impl Engine {
         report
     }
 
-    /// The run under its deadline: [`Engine::run_body`], stopped by `run.timeout` or by a
+    /// The run under its deadline: [`Engine::run_locked`], stopped by `run.timeout` or by a
     /// shutdown that would outlast `shutdown.grace`.
-    async fn run_inner(
+    async fn run_bounded(
         &self,
         mode: Mode,
         report: &mut RunReport,
@@ -164,12 +142,12 @@ impl Engine {
         let _end_listing = listing.clone().drop_guard();
         let source: Arc<dyn IdentityProvider> = Arc::new(Cancellable(identities));
         let mut session = None;
-        let body = self.run_body(
+        let body = self.run_locked(
             mode,
             report,
             wait,
             cancel,
-            Source {
+            RunInputs {
                 provider: source,
                 listing: &listing,
                 progress,
@@ -191,13 +169,15 @@ impl Engine {
         STOP_BUDGET.min(self.settings.shutdown.grace / 2)
     }
 
-    async fn run_body(
+    /// The run itself: the identity input checked, the session opened, the run lock taken (or
+    /// the run skipped, or the lock waited for), the units, the evidence, the lock given back.
+    async fn run_locked(
         &self,
         mode: Mode,
         report: &mut RunReport,
         wait: Duration,
         cancel: &CancellationToken,
-        source: Source<'_>,
+        source: RunInputs<'_>,
         session: &mut Option<Session>,
     ) -> Result<()> {
         // Validate the identity input before anything is written: a bad realm file must leave the
@@ -220,7 +200,7 @@ impl Engine {
                     .await?
             }
         };
-        // `run_inner` stops the run when it fires.
+        // `run_bounded` stops the run when it fires.
         lock.cancel_on_loss(source.lock_lost.clone());
         session.lock = Some(lock);
         let db = &mut session.db;
@@ -247,7 +227,7 @@ impl Engine {
         let error = match &result {
             Ok(()) => {
                 report.settle();
-                report.error.clone()
+                report.error.as_ref().map(ToString::to_string)
             }
             Err(e) => Some(e.to_string()),
         };
@@ -269,8 +249,7 @@ impl Engine {
     /// A run that could not take the run lock: skipped, and recorded so when the schema exists.
     async fn skip_locked_out(&self, mode: Mode, report: &mut RunReport, db: &Db) -> Result<()> {
         report.outcome = Outcome::Skipped;
-        let why = "another run holds the run lock (a second replica or an overlapping tick)";
-        report.error = Some(why.into());
+        let why = SKIPPED_LOCKED_OUT;
         if mode == Mode::Apply && store::table_exists(&db.client, "seed_runs").await? {
             let (id, trigger, digest) = (report.id, report.trigger.as_str(), &report.seed_digest);
             runs::insert(&db.client, id, trigger, Utc::now(), "skipped", digest).await?;
@@ -342,13 +321,13 @@ impl Engine {
     /// each, released, and everything rolled back at the end). A failing unit does not stop the
     /// ones after it, except `schema` (the others compare against its tables) and an
     /// `--allow-offboard` that does not match. A shutdown does not cut a unit short: the run in
-    /// flight finishes within `shutdown.grace`, or it is stopped and rolled back (see `run_inner`).
+    /// flight finishes within `shutdown.grace`, or it is stopped and rolled back (see `run_bounded`).
     async fn units<C: GenericClient + Send + Sync>(
         &self,
         mode: Mode,
         report: &mut RunReport,
         base: &mut C,
-        source: &Source<'_>,
+        source: &RunInputs<'_>,
     ) -> Result<()> {
         source.progress.enter(Unit::Schema);
         let span = tracing::info_span!("unit", unit = Unit::Schema.as_str());
@@ -421,7 +400,7 @@ impl Engine {
         unit: Unit,
         mode: Mode,
         base: &mut C,
-        source: &Source<'_>,
+        source: &RunInputs<'_>,
         run: Option<Uuid>,
     ) -> Result<UnitReport> {
         let tx = base
@@ -718,6 +697,10 @@ fn in_unit(e: Error, unit: Unit) -> Error {
     }
 }
 
+/// Why a run was skipped: the text its `seed_runs` row holds, and `--once` would say.
+pub const SKIPPED_LOCKED_OUT: &str =
+    "another run holds the run lock (a second replica or an overlapping tick)";
+
 /// How long ending a stopped run may take at most (see [`Engine::stop_run`]).
 pub const STOP_BUDGET: Duration = Duration::from_secs(5);
 
@@ -737,9 +720,10 @@ struct Session {
     lock: Option<RunLock>,
 }
 
-/// The identity source of a run, the token that ends its calls when the run ends, and the
-/// run's progress counters; and the token that stops the run when it loses the run lock.
-struct Source<'a> {
+/// What the units of one run are given besides the database: the identity source of the run,
+/// the token that ends its calls when the run ends, the run's progress counters, and the token
+/// that stops the run when it loses the run lock.
+struct RunInputs<'a> {
     provider: Arc<dyn IdentityProvider>,
     listing: &'a CancellationToken,
     progress: &'a Progress,

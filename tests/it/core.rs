@@ -397,7 +397,7 @@ async fn an_edited_applied_migration_is_refused() {
     .unwrap();
     let r = apply(&engine).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
-    let e = r.error.unwrap();
+    let e = r.error.unwrap().to_string();
     assert!(
         e.contains("V1__db_schema_v1") && e.contains("append-only"),
         "{e}"
@@ -409,7 +409,7 @@ async fn verify_mode_refuses_to_run_while_migrations_are_pending() {
     let db = TestDb::empty().await;
     let r = apply(&db.engine(&[("SEEDKEEPER_SCHEMA__MODE", "verify")])).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
-    assert!(r.error.unwrap().contains("seedkeeper migrate"));
+    assert!(r.error.unwrap().to_string().contains("seedkeeper migrate"));
     let out = run_bin(&["migrate"], &db.env());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_ok(&apply(&db.engine(&[("SEEDKEEPER_SCHEMA__MODE", "verify")])).await);

@@ -3,8 +3,6 @@
 
 use std::time::Duration;
 
-use seedkeeper::app::App;
-use seedkeeper::reconcile::Trigger;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
@@ -225,34 +223,31 @@ async fn an_overlapping_tick_is_skipped_and_counted() {
     held.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
-    let app = App::new(db.parts(&[("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "30s")]));
+    let app = db.gate(&[("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "30s")]);
     let cancel = CancellationToken::new();
     let app2 = app.clone();
     let c2 = cancel.clone();
-    let slow = tokio::spawn(async move {
-        app2.run_once(Trigger::Schedule, Duration::from_secs(5), &c2)
-            .await
-    });
+    let slow = tokio::spawn(async move { app2.startup(&c2).await });
     until("the first run is in flight", 10, || async {
-        app.liveness().run_age.is_some()
+        app.run_age().is_some()
     })
     .await;
     // It holds the overlap guard: a tick skips, and is counted.
     assert!(
-        app.tick(&cancel).await.is_none(),
+        app.scheduled_tick(&cancel).await.is_none(),
         "a tick during a run is skipped"
     );
     assert!(
-        app.metrics
+        app.metrics()
             .render()
             .contains("seedkeeper_skipped_ticks_total 1"),
         "{}",
-        app.metrics.render()
+        app.metrics().render()
     );
     held.batch_execute("COMMIT").await.unwrap();
     assert_ok(&slow.await.unwrap());
     assert!(
-        app.tick(&cancel).await.is_some(),
+        app.scheduled_tick(&cancel).await.is_some(),
         "a tick after the run is not skipped"
     );
 }

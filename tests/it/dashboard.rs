@@ -12,13 +12,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 use crate::events::{realm_with, user_event};
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 use crate::identities::{kc_env, refs, user};
-use seedkeeper::reconcile::{Outcome, Trigger};
+use seedkeeper::reconcile::Outcome;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/seedkeeper.json");
 const ALERTS: &str = include_str!("../../deploy/kubernetes/alerts.yaml");
@@ -341,10 +340,7 @@ async fn every_dashboard_panel_and_alert_queries_series_a_real_prometheus_scrape
         );
         kc.fail_next_admin(6, 500);
         faults += 6.0;
-        let r = d
-            .app
-            .run_once(Trigger::Schedule, Duration::ZERO, &CancellationToken::new())
-            .await;
+        let r = tick(&d.gate).await;
         if r.outcome == Outcome::Failed {
             break;
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use seedkeeper::app::{App, HEARTBEAT_STALE};
+use seedkeeper::app::HEARTBEAT_STALE;
 use seedkeeper::config::{self, ConfigLayers};
 use seedkeeper::reconcile::Outcome;
 use seedkeeper::store::lock::RUN_LOCK_KEY;
@@ -159,7 +159,7 @@ async fn a_run_held_up_by_a_lock_past_run_timeout_is_stopped_recorded_failed_and
     assert!(err.contains("run.timeout (2s) exceeded in unit"), "{err}");
     assert!(err.contains("cancelled and rolled back"), "{err}");
     assert!(took >= SECS(2) && took < SECS(4), "stopped after {took:?}");
-    assert_eq!(r.error_value.as_ref().map(|e| e.exit_code()), Some(1));
+    assert_eq!(r.error.as_ref().map(|e| e.exit_code()), Some(1));
     let (outcome, error, finished) = run_row(&db, r.id).await;
     assert_eq!(outcome, "failed");
     assert!(error.contains("run.timeout (2s) exceeded"), "{error}");
@@ -478,9 +478,10 @@ async fn a_stopped_scheduler_silences_the_watchdog_and_fails_healthz_and_the_hea
         ],
     })
     .unwrap();
-    let app = App::new(seedkeeper::app::build(settings).unwrap());
+    let gate = seedkeeper::app::build(settings).unwrap().into_gate();
+    let app = seedkeeper::health::Health::new(gate.clone());
     let cancel = CancellationToken::new();
-    let mut scheduler = seedkeeper::schedule::start(app.clone(), cancel.clone())
+    let mut scheduler = seedkeeper::schedule::start(&gate, &app, &cancel)
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,7 +1,7 @@
 //! Against the emulator: the event follower's checkpoint and batches under duplicated,
 //! out-of-order, same-millisecond and expired events, and Keycloak down between polls.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 use crate::identities::{kc_env, refs, user};
-use seedkeeper::events::{apply_with, load_checkpoint, now_ms, Follower, FollowerState};
+use seedkeeper::events::{load_checkpoint, now_ms, Follower, FollowerState};
 use seedkeeper::identity::keycloak::KeycloakSource;
 use seedkeeper::identity::RoleFilter;
 
@@ -33,7 +33,6 @@ struct Setup {
     kc: KeycloakEmulator,
     db: TestDb,
     follower: Follower,
-    full_runs: Arc<Mutex<Vec<String>>>,
 }
 
 async fn setup(users: Vec<Value>) -> Setup {
@@ -46,10 +45,11 @@ async fn setup_with(users: Vec<Value>, extra: &[(&str, &str)]) -> Setup {
     let db = TestDb::new().await;
     let mut env = kc_env(&kc);
     env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let engine = Arc::new(db.engine(&refs(&env)));
+    // The daemon's own gate: the follower's batches run through it, as in the daemon.
+    let gate = db.gate(&refs(&env));
     // The startup run: schema, seed and the realm as it is now.
-    assert_ok(&apply(&engine).await);
-    let settings = engine.settings.clone();
+    assert_ok(&gate.startup(&CancellationToken::new()).await);
+    let settings = gate.settings().clone();
     let source = KeycloakSource::new(
         &settings.keycloak,
         RoleFilter::new(&settings.identity),
@@ -57,27 +57,24 @@ async fn setup_with(users: Vec<Value>, extra: &[(&str, &str)]) -> Setup {
         Duration::from_secs(2),
     )
     .unwrap();
-    let full_runs = Arc::new(Mutex::new(Vec::new()));
-    let asked = full_runs.clone();
     let follower = Follower {
         kc: Arc::new(source),
-        apply: apply_with(engine),
+        gate,
         database: settings.database.clone(),
         realm: settings.keycloak.realm.clone(),
         poll_interval: Duration::from_millis(200),
-        full_run: Arc::new(move |why: &str| asked.lock().unwrap().push(why.to_string())),
         state: Arc::new(FollowerState::default()),
         metrics: Default::default(),
     };
-    Setup {
-        kc,
-        db,
-        follower,
-        full_runs,
-    }
+    Setup { kc, db, follower }
 }
 
 impl Setup {
+    /// The full runs the follower has asked its gate for.
+    fn full_runs_asked(&self) -> u64 {
+        self.follower.metrics.full_runs_asked.get()
+    }
+
     async fn poll(&self) -> seedkeeper::events::Poll {
         let c = self.db.client().await;
         self.follower
@@ -172,7 +169,7 @@ async fn a_registration_event_provisions_the_user_once_even_when_the_event_is_se
     ));
     let r = s.poll().await.report.unwrap();
     assert_eq!(count(&r, "role_bindings", "revoked"), 1);
-    assert!(s.full_runs.lock().unwrap().is_empty());
+    assert!(s.full_runs_asked() == 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -299,8 +296,12 @@ async fn a_batch_touches_its_own_users_rows_only_and_the_full_run_heals_the_rest
     assert_eq!(s.db.scalar(stale).await, 1, "left to the full run");
 
     // The scheduled full run covers every row again.
-    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
-    let full = apply(&engine).await;
+    let full = s
+        .follower
+        .gate
+        .scheduled_tick(&CancellationToken::new())
+        .await
+        .expect("no run in flight");
     assert_ok(&full);
     assert_eq!(count(&full, "tenants", "users_covered"), users_before + 1);
     assert_eq!(count(&full, "tenants", "tenant_memberships_updated"), 1);
@@ -322,7 +323,7 @@ async fn a_structural_change_or_an_expired_checkpoint_asks_for_a_full_run() {
     ));
     let p = s.poll().await;
     assert!(p.full_run.unwrap().contains("groups/g1"));
-    assert_eq!(s.full_runs.lock().unwrap().len(), 1);
+    assert_eq!(s.full_runs_asked(), 1);
     assert!(p.report.is_none(), "the full run covers the batch");
 
     // A checkpoint older than the realm's event expiration: events may be gone.
@@ -344,7 +345,7 @@ async fn a_structural_change_or_an_expired_checkpoint_asks_for_a_full_run() {
         now_ms() - cp.user.time < 60_000,
         "the checkpoint moved to now"
     );
-    assert_eq!(s.full_runs.lock().unwrap().len(), 2);
+    assert_eq!(s.full_runs_asked(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -371,11 +372,10 @@ async fn keycloak_down_between_polls_loses_nothing_and_a_restart_resumes_from_th
     s.kc.push_user_event(user_event("r-2", t + 1, "REGISTER", BOB));
     let again = Follower {
         kc: s.follower.kc.clone(),
-        apply: s.follower.apply.clone(),
+        gate: s.follower.gate.clone(),
         database: s.follower.database.clone(),
         realm: s.follower.realm.clone(),
         poll_interval: s.follower.poll_interval,
-        full_run: s.follower.full_run.clone(),
         state: Arc::new(FollowerState::default()),
         metrics: Default::default(),
     };
@@ -440,10 +440,7 @@ async fn a_deleted_admin_is_offboarded_by_the_next_event_batch_by_admin_or_user_
             ["platform_superadmin revoked identity-offboarded"]
         );
     }
-    assert!(
-        s.full_runs.lock().unwrap().is_empty(),
-        "a deletion needs no full run"
-    );
+    assert!(s.full_runs_asked() == 0, "a deletion needs no full run");
     // The other admins are untouched: the batch looked at its own users only.
     assert_eq!(
         s.db.scalar("SELECT count(*) FROM users WHERE offboarded_at IS NOT NULL")
@@ -452,8 +449,12 @@ async fn a_deleted_admin_is_offboarded_by_the_next_event_batch_by_admin_or_user_
     );
 
     // The full run agrees: nothing more to offboard, nothing written twice.
-    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
-    let r = apply(&engine).await;
+    let r = s
+        .follower
+        .gate
+        .scheduled_tick(&CancellationToken::new())
+        .await
+        .expect("no run in flight");
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 0);
     assert_eq!(count(&r, "identities", "missing"), 2);
@@ -526,12 +527,51 @@ async fn a_deletion_whose_event_is_lost_is_offboarded_by_the_next_full_run() {
         ["platform_superadmin active -"],
         "no event, no batch"
     );
-    let engine = s.db.engine(&refs(&kc_env(&s.kc)));
-    let r = apply(&engine).await;
+    let r = s
+        .follower
+        .gate
+        .scheduled_tick(&CancellationToken::new())
+        .await
+        .expect("no run in flight");
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 1);
     assert_eq!(
         revocations_of(&s.db, "alice").await,
         ["platform_superadmin revoked identity-offboarded"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_waits_for_the_next_poll_while_the_daemons_gate_has_a_full_run_in_flight() {
+    let s = setup_with(vec![], &[("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "30s")]).await;
+    assert_eq!(
+        s.poll().await.events,
+        0,
+        "the first poll sets the checkpoint"
+    );
+    s.kc.set_realm(realm_with(vec![user(ALICE, "alice", &[], &[])]));
+    s.kc.push_user_event(user_event("ev-1", now_ms(), "REGISTER", ALICE));
+    // A full run of the same gate is kept going: another session holds the users table.
+    let held = s.db.client().await;
+    held.batch_execute("BEGIN; LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let gate = s.follower.gate.clone();
+    let full = tokio::spawn(async move { gate.event_full_run(&CancellationToken::new()).await });
+    until("the full run is in flight", 10, || async {
+        s.follower.gate.run_age().is_some()
+    })
+    .await;
+    // The batch does not run beside it: no report, no row, the checkpoint stays.
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    assert!(p.report.is_none(), "a batch ran beside a full run");
+    held.batch_execute("COMMIT").await.unwrap();
+    assert_ok(&full.await.unwrap());
+    assert_eq!(s.event_runs().await, 0);
+    // The next poll reads the event again and applies it.
+    let p = s.poll().await;
+    assert_eq!((p.events, p.users), (1, 1));
+    assert_ok(&p.report.expect("the batch runs once the full run is done"));
+    assert_eq!(s.event_runs().await, 1);
 }

@@ -154,7 +154,7 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     assert_eq!(r.outcome.as_str(), "failed");
     let err = error_of(&r);
     assert_eq!(
-        r.error_value.as_ref().map(|e| e.kind()),
+        r.error.as_ref().map(|e| e.kind()),
         Some(seedkeeper::error::ErrorKind::KeycloakUnavailable),
         "every attempt timed out: {err}"
     );

@@ -409,12 +409,13 @@ async fn a_wrong_secret_and_a_missing_realm_management_role_fail_clearly_and_wri
     kc.set_realm(realm);
     let r = apply(&db.engine(&refs(&kc_env(&kc)))).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Failed);
-    let e = r.error.unwrap();
+    let error = r.error.as_ref().unwrap();
+    let e = error.to_string();
     assert!(
         e.contains("lacks realm-management role") && e.contains("view-users"),
         "{e}"
     );
-    assert_eq!(r.error_value.unwrap().exit_code(), 78);
+    assert_eq!(error.exit_code(), 78);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -492,7 +493,7 @@ async fn a_username_clash_never_takes_over_the_row() {
         "the clash makes the run fail"
     );
     assert_eq!(
-        r.error_value.as_ref().map(|e| e.kind()),
+        r.error.as_ref().map(|e| e.kind()),
         Some(seedkeeper::error::ErrorKind::IdentityClash),
         "{:?}",
         r.error

@@ -76,7 +76,13 @@ async fn a_command_whose_output_cannot_be_written_exits_74_and_says_so_on_stderr
             .output()
             .expect("run seedkeeper")
     };
-    for args in [&["config"][..], &["export-sql"], &["--once"], &["status"]] {
+    for args in [
+        &["config"][..],
+        &["export-sql"],
+        &["--once"],
+        &["status"],
+        &["migrate"],
+    ] {
         let out = to_full(args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(74), "{args:?} >/dev/full: {stderr}");

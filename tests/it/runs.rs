@@ -8,7 +8,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use seedkeeper::app::App;
 use seedkeeper::reconcile::{Outcome, Trigger};
 use seedkeeper::store::lock::RUN_LOCK_KEY;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +156,11 @@ async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready
     tokio::task::spawn_blocking(move || cl.stop())
         .await
         .unwrap();
-    let failed = d.app.tick(&d.cancel).await.expect("no run in flight");
+    let failed = d
+        .gate
+        .scheduled_tick(&d.cancel)
+        .await
+        .expect("no run in flight");
     assert_eq!(failed.outcome, Outcome::Failed);
     let cl = cluster.clone();
     tokio::task::spawn_blocking(move || cl.start())
@@ -188,20 +191,20 @@ async fn a_run_failed_by_a_postgresql_restart_is_retried_and_the_daemon_is_ready
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_that_starts_takes_the_place_of_a_due_retry_and_a_success_clears_it() {
     let db = TestDb::new().await;
-    let app = App::new(db.parts(&[
+    let app = db.gate(&[
         ("SEEDKEEPER_SCHEDULE__CRON", NO_TICK),
         ("SEEDKEEPER_SCHEDULE__RETRY_INITIAL", "100ms"),
         ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT", "300ms"),
-    ]));
+    ]);
     let cancel = CancellationToken::new();
     let due = app.retry_due();
     assert!(due.borrow().is_none(), "no retry before any run");
     let locked = lock_users(&db).await;
-    let failed = app.tick(&cancel).await.unwrap();
+    let failed = app.scheduled_tick(&cancel).await.unwrap();
     assert_eq!(failed.outcome, Outcome::Failed, "{:?}", failed.error);
     let first_due = due.borrow().expect("a failed tick makes a retry due");
     // A second failure in a row waits longer.
-    let failed = app.tick(&cancel).await.unwrap();
+    let failed = app.scheduled_tick(&cancel).await.unwrap();
     assert_eq!(failed.outcome, Outcome::Failed);
     let second_due = due.borrow().expect("due again");
     assert!(
@@ -210,10 +213,13 @@ async fn a_run_that_starts_takes_the_place_of_a_due_retry_and_a_success_clears_i
     );
     locked.batch_execute("COMMIT").await.unwrap();
     // A run that starts before the retry is due (a tick) takes its place; its success clears it.
-    let ok = app.tick(&cancel).await.unwrap();
+    let ok = app.scheduled_tick(&cancel).await.unwrap();
     assert_ok(&ok);
     assert!(due.borrow().is_none(), "a success leaves no retry due");
-    assert!(app.retry(&cancel).await.is_none(), "nothing to retry");
+    assert!(
+        app.retry_when_due(&cancel).await.is_none(),
+        "nothing to retry"
+    );
     let triggers = db
         .strings("SELECT trigger || ' ' || outcome FROM seed_runs ORDER BY started_at")
         .await;
@@ -322,6 +328,25 @@ async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_
     assert!(
         started.elapsed() >= Duration::from_secs(2),
         "plan did not wait"
+    );
+    assert_eq!(runs(&db).await.len(), 1);
+
+    // migrate waits for it the same way (never migrating under a run), and gives up with the
+    // same exit code and message: 69, naming the holder and the key to raise.
+    let started = Instant::now();
+    let out = run_bin(&["migrate"], &env);
+    assert_eq!(out.status.code(), Some(69), "{}", text(&out));
+    let t = text(&out);
+    for part in [
+        "waiting for it".to_string(),
+        format!("pid {pid} "),
+        "SEEDKEEPER_STARTUP__WAIT_TIMEOUT".to_string(),
+    ] {
+        assert!(t.contains(&part), "{part:?} not in {t}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "migrate did not wait"
     );
     assert_eq!(runs(&db).await.len(), 1);
     println!("--once gave up after {:.1}s", took.as_secs_f64());

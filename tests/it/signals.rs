@@ -11,7 +11,6 @@
 //! listing short of `users/count` for as long as it lasts.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use seedkeeper::metrics::{ErrorKind, KeycloakOutcome};
 use seedkeeper::reconcile::{Outcome, Trigger};
@@ -137,18 +136,15 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
     let db = TestDb::new().await;
     let kc = KeycloakEmulator::start(dev_realm()).await;
     let env = kc_env(&kc);
-    let parts = db.parts(&refs(&env));
-    let digest = parts.engine.seed.digest.clone();
-    let app = seedkeeper::app::App::new(parts);
+    let components = db.components(&refs(&env));
+    let digest = components.engine.seed.digest.clone();
+    let app = components.into_gate();
+    let health = seedkeeper::health::Health::new(app.clone());
     // HTTP only: no scheduler, no startup run.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let cancel = CancellationToken::new();
-    let http = tokio::spawn(seedkeeper::http::serve(
-        app.clone(),
-        listener,
-        cancel.clone(),
-    ));
+    let http = tokio::spawn(seedkeeper::http::serve(health, listener, cancel.clone()));
 
     let (ctype, text) = scrape(&base).await;
     assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
@@ -192,12 +188,9 @@ async fn before_any_run_every_error_kind_is_0_build_info_is_1_and_last_run_ok_is
 
     // The first run sets it.
     let r = app
-        .run_once(
-            Trigger::Schedule,
-            Duration::from_secs(5),
-            &CancellationToken::new(),
-        )
-        .await;
+        .scheduled_tick(&CancellationToken::new())
+        .await
+        .expect("no run in flight");
     assert_ok(&r);
     let s = samples(&scrape(&base).await.1);
     assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
@@ -263,14 +256,7 @@ async fn keycloak_requests_and_retries_are_counted_as_the_emulator_saw_them() {
     // Beyond the retries: four 503s fail the run after three retries.
     kc.clear_journal();
     kc.fail_next_admin(4, 503);
-    let r = d
-        .app
-        .run_once(
-            Trigger::Schedule,
-            Duration::from_secs(5),
-            &CancellationToken::new(),
-        )
-        .await;
+    let r = tick(&d.gate).await;
     assert_eq!(r.outcome.as_str(), "failed", "{:?}", r.error);
     let s2 = samples(&scrape(&d.base).await.1);
     assert_eq!(kc_requests(&s2, KeycloakOutcome::ServerError), 5.0);
@@ -375,10 +361,7 @@ async fn event_batches_succeeding_while_full_runs_fail_leave_the_full_run_series
         .unwrap();
     let mallory = user(MALLORY, "mallory", &[], &[]);
     kc.set_realm(realm_with(vec![mallory.clone()]));
-    let r = d
-        .app
-        .run_once(Trigger::Schedule, Duration::ZERO, &CancellationToken::new())
-        .await;
+    let r = tick(&d.gate).await;
     assert_eq!(r.outcome, Outcome::Failed, "{:?}", r.error);
     let s1 = samples(&d.metrics().await);
     assert_eq!(get(&s1, "seedkeeper_last_run_ok"), 0.0);
@@ -454,19 +437,16 @@ async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_com
     let db = TestDb::new().await;
     let kc = KeycloakEmulator::start(dev_realm()).await;
     let env = kc_env(&kc);
-    let app = seedkeeper::app::App::new(db.parts(&refs(&env)));
+    let app = db.gate(&refs(&env));
     let cancel = CancellationToken::new();
     assert!(!app
-        .metrics
+        .metrics()
         .render()
         .contains("seedkeeper_identities_unlisted"));
-    assert_ok(
-        &app.run_once(Trigger::Startup, Duration::from_secs(5), &cancel)
-            .await,
-    );
+    assert_ok(&app.startup(&cancel).await);
     assert_eq!(
         get(
-            &samples(&app.metrics.render()),
+            &samples(&app.metrics().render()),
             "seedkeeper_identities_unlisted"
         ),
         0.0
@@ -477,22 +457,16 @@ async fn a_listing_short_of_users_count_shows_in_identities_unlisted_until_a_com
     kc.hide_from_listing_every(2);
     let hidden = kc.hidden_users(2).len();
     assert!(hidden > 0);
-    assert_ok(
-        &app.run_once(Trigger::Schedule, Duration::ZERO, &cancel)
-            .await,
-    );
-    let s = samples(&app.metrics.render());
+    assert_ok(&app.scheduled_tick(&cancel).await.expect("no run in flight"));
+    let s = samples(&app.metrics().render());
     assert_eq!(get(&s, "seedkeeper_identities_unlisted"), hidden as f64);
     assert_eq!(get(&s, "seedkeeper_last_run_ok"), 1.0);
 
     kc.clear_paging_faults();
-    assert_ok(
-        &app.run_once(Trigger::Schedule, Duration::ZERO, &cancel)
-            .await,
-    );
+    assert_ok(&app.scheduled_tick(&cancel).await.expect("no run in flight"));
     assert_eq!(
         get(
-            &samples(&app.metrics.render()),
+            &samples(&app.metrics().render()),
             "seedkeeper_identities_unlisted"
         ),
         0.0
@@ -745,14 +719,7 @@ async fn the_keycloak_version_is_read_once_and_exported() {
         .await;
         let s = samples(&d.metrics().await);
         assert_eq!(get(&s, &series), 1.0);
-        let r = d
-            .app
-            .run_once(
-                Trigger::Once,
-                Duration::from_secs(10),
-                &CancellationToken::new(),
-            )
-            .await;
+        let r = d.gate.once(&CancellationToken::new()).await;
         assert_ok(&r);
         assert_eq!(serverinfo_requests(&kc), 1, "asked once, not per run");
         // Every request is counted, serverinfo included.
@@ -797,14 +764,7 @@ async fn an_unreadable_keycloak_version_is_skipped_without_failing() {
         );
         assert_eq!(serverinfo_requests(&kc), 1, "{status:?}");
         // A 5xx is no answer: asked again at the next run; a refusal or a 200 is final.
-        let r = d
-            .app
-            .run_once(
-                Trigger::Once,
-                Duration::from_secs(10),
-                &CancellationToken::new(),
-            )
-            .await;
+        let r = d.gate.once(&CancellationToken::new()).await;
         assert_ok(&r);
         let again = if status == Some(500) { 2 } else { 1 };
         assert_eq!(serverinfo_requests(&kc), again, "{status:?}");

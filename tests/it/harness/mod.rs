@@ -134,9 +134,14 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("test settings: {e}"))
     }
 
-    /// The parts of a daemon (engine, metrics, the shared Keycloak source), for `App::new`.
-    pub fn parts(&self, extra: &[(&str, &str)]) -> seedkeeper::app::Parts {
-        seedkeeper::app::build(self.settings(extra)).unwrap_or_else(|e| panic!("parts: {e}"))
+    /// The components of a daemon (engine, metrics, the shared Keycloak source).
+    pub fn components(&self, extra: &[(&str, &str)]) -> seedkeeper::app::Components {
+        seedkeeper::app::build(self.settings(extra)).unwrap_or_else(|e| panic!("components: {e}"))
+    }
+
+    /// The run gate of a daemon on this database: how the daemon starts its runs.
+    pub fn gate(&self, extra: &[(&str, &str)]) -> std::sync::Arc<seedkeeper::gate::RunGate> {
+        self.components(extra).into_gate()
     }
 
     pub fn engine(&self, extra: &[(&str, &str)]) -> Engine {
@@ -313,6 +318,7 @@ pub async fn apply(engine: &Engine) -> RunReport {
             Trigger::Schedule,
             Duration::from_secs(5),
             &CancellationToken::new(),
+            engine.identities.clone(),
         )
         .await
 }
@@ -324,6 +330,7 @@ pub async fn plan(engine: &Engine) -> RunReport {
             Trigger::Plan,
             Duration::from_secs(5),
             &CancellationToken::new(),
+            engine.identities.clone(),
         )
         .await
 }
@@ -331,7 +338,8 @@ pub async fn plan(engine: &Engine) -> RunReport {
 /// The error of a run that failed; a run without one fails the test, naming its outcome.
 pub fn error_of(r: &RunReport) -> String {
     r.error
-        .clone()
+        .as_ref()
+        .map(ToString::to_string)
         .unwrap_or_else(|| panic!("the run has no error: it {:?}\n{:#?}", r.outcome, r.units))
 }
 
@@ -458,11 +466,12 @@ pub fn sigterm(pid: u32) {
         .status();
 }
 
-/// The daemon in this process, started as `main` starts it ([`seedkeeper::app::Application`]),
+/// The daemon in this process, started as `main` starts it ([`seedkeeper::app::Daemon`]),
 /// its HTTP on 127.0.0.1 and a port of its own whatever `http.listen` says: tests run side by
 /// side.
 pub struct Daemon {
-    pub app: std::sync::Arc<seedkeeper::app::App>,
+    /// Its run gate: a test starts a run as the daemon does.
+    pub gate: std::sync::Arc<seedkeeper::gate::RunGate>,
     pub base: String,
     pub cancel: CancellationToken,
     pub task: tokio::task::JoinHandle<seedkeeper::error::Result<()>>,
@@ -492,17 +501,31 @@ impl Daemon {
     }
 }
 
+/// A scheduled tick of `gate`, as the daemon's schedule starts it: tried again until no other
+/// run (a tick of the daemon's own, an event batch) is in flight, so that the test's tick runs.
+pub async fn tick(gate: &seedkeeper::gate::RunGate) -> RunReport {
+    let cancel = CancellationToken::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(report) = gate.scheduled_tick(&cancel).await {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "a run stayed in flight for 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn start_daemon(mut settings: Settings) -> Daemon {
     settings.http.listen = "127.0.0.1:0".into();
-    let application = seedkeeper::app::Application::build(settings)
+    let application = seedkeeper::app::Daemon::build(settings)
         .await
         .unwrap_or_else(|e| panic!("daemon: {e}"));
     let base = format!("http://{}", application.local_addr());
-    let app = application.app();
+    let gate = application.gate();
     let cancel = CancellationToken::new();
     let task = tokio::spawn(application.run_until_stopped(cancel.clone()));
     Daemon {
-        app,
+        gate,
         base,
         cancel,
         task,
