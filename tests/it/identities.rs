@@ -712,7 +712,7 @@ async fn created_rows_get_time_ordered_ids_in_the_order_of_their_keys() {
     // A user added later gets an id after every existing one.
     let first_max: String = c
         .query_one(
-            "SELECT max(id)::text FROM users WHERE keycloak_sub IS NOT NULL",
+            "SELECT id::text FROM users WHERE keycloak_sub IS NOT NULL ORDER BY id DESC LIMIT 1",
             &[],
         )
         .await
