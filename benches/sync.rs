@@ -2,9 +2,14 @@
 //! binary with both sources, next to the COPY floor of the same rows, plus a fresh bootstrap
 //! against `psql -f` of `seedkeeper export-sql`. Prints one table and writes JSON.
 //!
-//! Sizes come from `SEEDKEEPER_BENCH_SIZES` (default "1000,10000,100000"), the server from
+//! Sizes come from `SEEDKEEPER_BENCH_SIZES` (default "1000,10000,100000"; "1000000" runs, in
+//! about a quarter of an hour per source on a 2-core machine), the sources from
+//! `SEEDKEEPER_BENCH_SOURCES` (default "realm-file,keycloak"), the server from
 //! `SEEDKEEPER_TEST_DATABASE_URL`, the emulator latency from `SEEDKEEPER_BENCH_LATENCY_MS`
-//! (default 5).
+//! (default 5). Each phase runs the release binary as a child, whose peak RSS (`VmHWM`) is the
+//! sync's own. The COPY floor is also given for its tenants rows alone (tenants, projects, both
+//! membership tables), the rows of the `tenants` unit. Each database is dropped once measured, so
+//! a million users never needs more than two at a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,7 +24,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{admin_url, connect, fresh_db, generate_realm};
+use common::{admin_url, connect, drop_db, fresh_db, generate_realm};
 use serde_json::json;
 
 struct Row {
@@ -94,8 +99,10 @@ async fn tuples_written(url: &str) -> i64 {
     last
 }
 
-/// The same rows seedkeeper writes, loaded with COPY into the same (migrated) schema.
-async fn copy_floor(url: &str, n: usize) -> f64 {
+/// The same rows seedkeeper writes, loaded with COPY into the same (migrated) schema, in one
+/// transaction: the seconds of the whole load, and of its tenants part alone (tenants, projects
+/// and both membership tables, the rows of seedkeeper's `tenants` unit).
+async fn copy_floor(url: &str, n: usize) -> (f64, f64) {
     let c = connect(url).await;
     let mut users = String::new();
     let mut tenants = String::new();
@@ -133,6 +140,7 @@ async fn copy_floor(url: &str, n: usize) -> f64 {
         }
     }
     let start = Instant::now();
+    let mut tenants_part = 0.0;
     let tx_start = c.batch_execute("BEGIN").await;
     tx_start.unwrap();
     for (stmt, data) in [
@@ -144,13 +152,17 @@ async fn copy_floor(url: &str, n: usize) -> f64 {
         ("COPY platform_role_bindings (user_id, role_name, status, granted_by, basis) FROM STDIN", &bindings),
     ] {
         use futures_util::SinkExt;
+        let part = Instant::now();
         let sink = c.copy_in(stmt).await.unwrap();
         futures_util::pin_mut!(sink);
         sink.send(bytes_of(data)).await.unwrap();
         sink.finish().await.unwrap();
+        if !stmt.starts_with("COPY users") && !stmt.starts_with("COPY platform_role_bindings") {
+            tenants_part += part.elapsed().as_secs_f64();
+        }
     }
     c.batch_execute("COMMIT").await.unwrap();
-    start.elapsed().as_secs_f64()
+    (start.elapsed().as_secs_f64(), tenants_part)
 }
 
 fn bytes_of(s: &str) -> std::io::Cursor<Vec<u8>> {
@@ -230,6 +242,12 @@ async fn bench() {
 
     let empty = dir.join("empty-realm.json");
     std::fs::write(&empty, json!({"realm": "bench", "users": []}).to_string()).unwrap();
+    let sources: Vec<String> = std::env::var("SEEDKEEPER_BENCH_SOURCES")
+        .unwrap_or_else(|_| "realm-file,keycloak".into())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    let sources: Vec<&str> = sources.iter().map(String::as_str).collect();
     // Schema and reference seed in place, no users: every timed phase below is identity work.
     let prepare = |url: &str| {
         run_seedkeeper(
@@ -251,7 +269,8 @@ async fn bench() {
 
         let floor_url = fresh_db(&admin, "sk_bench_floor").await;
         prepare(&floor_url);
-        let floor = copy_floor(&floor_url, n).await;
+        let (floor, tenants_floor) = copy_floor(&floor_url, n).await;
+        drop_db(&admin, "sk_bench_floor").await;
         rows.push(Row {
             size: n,
             source: "COPY",
@@ -261,85 +280,45 @@ async fn bench() {
             rss_kib: None,
             tuples: None,
         });
-
-        // realm-file source
-        let url = fresh_db(&admin, "sk_bench_file").await;
-        let env = vec![
-            ("SEEDKEEPER_DATABASE__URL", url.clone()),
-            (
-                "SEEDKEEPER_IDENTITY__REALM_FILE",
-                realm_path.display().to_string(),
-            ),
-        ];
-        prepare(&url);
-        let (cold, rss) = run_seedkeeper(&["--once"], &env);
         rows.push(Row {
             size: n,
-            source: "realm-file",
-            phase: "cold",
-            seconds: cold,
+            source: "COPY",
+            phase: "floor, tenants rows",
+            seconds: tenants_floor,
             floor: Some(floor),
-            rss_kib: Some(rss),
+            rss_kib: None,
             tuples: None,
         });
-        let before = tuples_written(&url).await;
-        let (noop, rss) = run_seedkeeper(&["--once"], &env);
-        let after = tuples_written(&url).await;
-        rows.push(Row {
-            size: n,
-            source: "realm-file",
-            phase: "no-op",
-            seconds: noop,
-            floor: Some(floor),
-            rss_kib: Some(rss),
-            tuples: Some(after - before),
-        });
+        if sources.contains(&"realm-file") {
+            let url = fresh_db(&admin, "sk_bench_file").await;
+            prepare(&url);
+            let file = realm_path.display().to_string();
+            let env = vec![
+                ("SEEDKEEPER_DATABASE__URL", url.clone()),
+                ("SEEDKEEPER_IDENTITY__REALM_FILE", file),
+            ];
+            cold_and_noop(&url, env, ("realm-file", n, floor), &mut rows).await;
+            drop_db(&admin, "sk_bench_file").await;
+        }
         eprintln!("realm file {n}: {file_size_kib} KiB");
-
-        // keycloak source through the emulator with fixed latency
-        let kc = keycloak::KeycloakEmulator::start(realm).await;
-        kc.set_latency(Duration::from_millis(latency_ms));
-        let url = fresh_db(&admin, "sk_bench_kc").await;
-        let env = vec![
-            ("SEEDKEEPER_DATABASE__URL", url.clone()),
-            ("SEEDKEEPER_IDENTITY__SOURCE", "keycloak".to_string()),
-            ("SEEDKEEPER_KEYCLOAK__BASE_URL", kc.base_url()),
-            ("SEEDKEEPER_KEYCLOAK__REALM", "bench".to_string()),
-            (
-                "SEEDKEEPER_KEYCLOAK__CLIENT_SECRET",
-                "bench-secret".to_string(),
-            ),
-        ];
-        prepare(&url);
-        let env2 = env.clone();
-        let (cold, rss) = tokio::task::spawn_blocking(move || run_seedkeeper(&["--once"], &env2))
-            .await
-            .unwrap();
-        rows.push(Row {
-            size: n,
-            source: "keycloak",
-            phase: "cold",
-            seconds: cold,
-            floor: Some(floor),
-            rss_kib: Some(rss),
-            tuples: None,
-        });
-        let before = tuples_written(&url).await;
-        let env2 = env.clone();
-        let (noop, rss) = tokio::task::spawn_blocking(move || run_seedkeeper(&["--once"], &env2))
-            .await
-            .unwrap();
-        let after = tuples_written(&url).await;
-        rows.push(Row {
-            size: n,
-            source: "keycloak",
-            phase: "no-op",
-            seconds: noop,
-            floor: Some(floor),
-            rss_kib: Some(rss),
-            tuples: Some(after - before),
-        });
+        if sources.contains(&"keycloak") {
+            // The emulator serves the realm with a fixed latency on every request.
+            let kc = keycloak::KeycloakEmulator::start(realm).await;
+            kc.set_latency(Duration::from_millis(latency_ms));
+            let url = fresh_db(&admin, "sk_bench_kc").await;
+            prepare(&url);
+            let env = vec![
+                ("SEEDKEEPER_DATABASE__URL", url.clone()),
+                ("SEEDKEEPER_IDENTITY__SOURCE", "keycloak".to_string()),
+                ("SEEDKEEPER_KEYCLOAK__BASE_URL", kc.base_url()),
+                ("SEEDKEEPER_KEYCLOAK__REALM", "bench".to_string()),
+                ("SEEDKEEPER_KEYCLOAK__CLIENT_SECRET", "bench-secret".into()),
+            ];
+            cold_and_noop(&url, env, ("keycloak", n, floor), &mut rows).await;
+            drop_db(&admin, "sk_bench_kc").await;
+        }
     }
+
     for name in [
         "sk_bench_boot",
         "sk_bench_boot_psql",
@@ -353,6 +332,35 @@ async fn bench() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     report(&rows, latency_ms);
+}
+
+/// A cold `--once` on the prepared database at `url`, then a no-op `--once` on the same one, with
+/// the tuples it wrote. The binary runs on a blocking thread so the emulator, served by this
+/// process's runtime, keeps answering.
+async fn cold_and_noop(
+    url: &str,
+    env: Vec<(&'static str, String)>,
+    (source, size, floor): (&'static str, usize, f64),
+    rows: &mut Vec<Row>,
+) {
+    for phase in ["cold", "no-op"] {
+        let before = tuples_written(url).await;
+        let env2 = env.clone();
+        let (seconds, rss) =
+            tokio::task::spawn_blocking(move || run_seedkeeper(&["--once"], &env2))
+                .await
+                .unwrap();
+        let after = tuples_written(url).await;
+        rows.push(Row {
+            size,
+            source,
+            phase,
+            seconds,
+            floor: Some(floor),
+            rss_kib: Some(rss),
+            tuples: (phase == "no-op").then_some(after - before),
+        });
+    }
 }
 
 fn report(rows: &[Row], latency_ms: u64) {

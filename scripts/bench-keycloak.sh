@@ -28,7 +28,10 @@
 # line "user listing complete"), the CPU seconds the Keycloak server's java process spent
 # meanwhile (utime+stime from /proc; anything else using that Keycloak at the same time is
 # counted too), seedkeeper's WARN lines, peak RSS (/usr/bin/time -v) and the tuples the no-op
-# wrote outside seed_runs (pg_stat_user_tables).
+# wrote outside seed_runs (pg_stat_user_tables). A second table holds the ratios to a plain fetch of
+# every page of the listing (briefRepresentation, pages of 500, 4 in flight, measured right after
+# seedkeeper's runs): cold on a warm Keycloak (target 1.3x) and no-op (target 1.1x), the no-op
+# both right after the first cold run and again on the warm cold run's database.
 #
 # An instance already running (scripts/keycloak.sh url) is used and left running; otherwise one is
 # started and stopped at the end. The realms (bench-kc-*) and databases (bench_kc_*) it creates
@@ -308,6 +311,27 @@ def export(realm, mode):
     return {"mode": mode, "seconds": wall, "cpu_seconds": cpu, "users": users, "bytes": size, "files": len(files)}
 
 
+def fetch_pages(realm, count, page=500, in_flight=4):
+    """The plain fetch of every page of the user listing, the reference of the ratios a sync is
+    held to: GET users?briefRepresentation=true in pages of `page`, `in_flight` at a time (the
+    keycloak source's defaults), each body read and parsed, nothing else asked or written."""
+    from concurrent.futures import ThreadPoolExecutor
+    token = admin_token()
+
+    def one(first):
+        req = urllib.request.Request(
+            f"{base}/admin/realms/{realm}/users?briefRepresentation=true&first={first}&max={page}",
+            headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(req, timeout=900) as r:
+            return len(json.load(r))
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        users = sum(pool.map(one, range(0, count + 1, page)))
+    return {"seconds": time.monotonic() - t0, "users": users, "requests": count // page + 1,
+            "page_size": page, "in_flight": in_flight}
+
+
 # --- the run ----------------------------------------------------------------------------------
 def save():
     os.makedirs(os.path.dirname(json_out) or ".", exist_ok=True)
@@ -392,6 +416,15 @@ try:
         log(f"{size}: no-op {noop['seconds']:.2f} s, {noop['requests']} requests, {noop['warnings']} warnings")
         warm = seedkeeper(realm, fresh[1])
         log(f"{size}: cold on a warm Keycloak {warm['seconds']:.2f} s, {warm['requests']} requests")
+        # The no-op again, on the warm cold run's database: the first no-op follows the first read
+        # of the users, so Keycloak is still warming up for it.
+        before = tuples_written(fresh[1])
+        warm_noop = seedkeeper(realm, fresh[1])
+        warm_noop["tuples_written"] = tuples_written(fresh[1]) - before
+        log(f"{size}: no-op on a warm Keycloak {warm_noop['seconds']:.2f} s, {warm_noop['requests']} requests")
+        # Right after seedkeeper's runs, so that Keycloak is as warm for it as for them.
+        fetch = fetch_pages(realm, count)
+        log(f"{size}: plain fetch of every page {fetch['seconds']:.2f} s ({fetch['users']} users, {fetch['requests']} requests)")
         for db in fresh:
             psql(admin_db, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
             dbs.remove(db)
@@ -408,7 +441,8 @@ try:
                 + (f" FAILED: {file_exp['reason']}" if file_exp.get("failed") else ""))
         listed = cold["counts"].get("identities", {}).get("listed")
         result["runs"].append({"users": size, "identities_listed": listed, "cold": cold, "noop": noop,
-                               "cold_warm_keycloak": warm, "export": exp, "export_file": file_exp})
+                               "cold_warm_keycloak": warm, "export": exp, "export_file": file_exp,
+                               "noop_warm_keycloak": warm_noop, "fetch": fetch})
         save()  # each size as soon as it is measured
 finally:
     for r in list(realms):
@@ -451,6 +485,21 @@ for run in result["runs"]:
         rows.append((run["users"], "kc.sh export --file" + (" (FAILED: " + fe["reason"] + ")" if fe.get("failed") else ""),
                      fe["seconds"], f"{fe['seconds'] / exp:.3f}" if fe["seconds"] else "-", "-", "-", "-",
                      f"{fe['cpu_seconds']:.2f}" if fe.get("cpu_seconds") is not None else "-", "-", "-", "-", "-"))
+# Against the plain fetch of every page (Keycloak warm): a warm cold run within 1.3x of it and
+# a no-op within 1.1x.
+fetch_rows = []
+for run in result["runs"]:
+    f = run["fetch"]["seconds"]
+    for phase, label, target in (("cold_warm_keycloak", "seedkeeper cold, warm Keycloak", 1.3),
+                                 ("noop", "seedkeeper no-op", 1.1),
+                                 ("noop_warm_keycloak", "seedkeeper no-op, warm Keycloak", 1.1)):
+        m = run[phase]
+        m["x_fetch"], m["target_x_fetch"] = m["seconds"] / f, target
+        met = m["x_fetch"] <= target and not m.get("failed")
+        fetch_rows.append((run["users"], label, m["seconds"], f"{m['x_fetch']:.2f}",
+                           f"≤ {target}: " + ("met" if met else "NOT met")))
+    fetch_rows.append((run["users"], f"plain fetch of every page ({run['fetch']['requests']} requests, "
+                       f"{run['fetch']['in_flight']} in flight)", f, "1.00", "-"))
 rows.append((0, "kc.sh export --dir (empty realm)", base_export, "-", "-", "-", "-",
              f"{result['export_baseline']['cpu_seconds']:.2f}" if result["export_baseline"]["cpu_seconds"] is not None else "-", "-", "-", "-", "-"))
 
@@ -459,6 +508,11 @@ print()
 print("| " + " | ".join(hdr) + " |")
 print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
+    print("| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |")
+print()
+print("| users | run | seconds | x plain fetch | target |")
+print("|---:|---|---:|---:|---|")
+for r in fetch_rows:
     print("| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |")
 print()
 prev = 0

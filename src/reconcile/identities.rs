@@ -121,6 +121,7 @@ pub async fn reconcile(
     rules: Rules<'_>,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
+    crate::reconcile::bindings::no_jit(tx).await?;
     // Re-alignments and renames may swap usernames within the unit: checked once it is done.
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await
@@ -142,10 +143,10 @@ pub async fn reconcile(
         };
         defer_held_usernames(tx, next, &mut report).await?;
     }
-    let (unsettled, changed) = compare(tx).await?;
+    let cmp = compare(tx, !narrowed).await?;
     // Re-alignment and clashes can only concern realm users whose sub has no row yet or whose
     // username changed; when there are none (every steady-state run) both checks are skipped.
-    let (realigned, clashes) = if unsettled == 0 {
+    let (realigned, clashes) = if cmp.unsettled == 0 {
         (0, 0)
     } else {
         let realigned = realign(tx, rules.listed, &mut report).await?;
@@ -153,7 +154,7 @@ pub async fn reconcile(
     };
     report.bump(Action::Realigned, realigned);
     report.bump(Tally::Clashes, clashes);
-    let changes = if changed == 0 {
+    let changes = if cmp.changed == 0 {
         Changes::default()
     } else {
         write_changes(tx, rules.listed, &mut report).await?
@@ -161,19 +162,39 @@ pub async fn reconcile(
     report.bump(Action::Updated, changes.updated);
     report.bump(Action::Inserted, changes.inserted);
     report.bump(Action::Reactivated, changes.reactivated);
-    let staged: i64 = tx
-        .query_typed_one("SELECT count(*) FROM sk_stage WHERE NOT skip", &[])
-        .await
-        .map_err(ctx("counting the identity stage"))?
-        .get(0);
+    // A clash marks its stage row skipped after the comparison counted it.
+    let staged = cmp.staged - clashes;
     let unchanged =
         (staged - changes.inserted - changes.updated - changes.reactivated - realigned).max(0);
     report.bump(Tally::Unchanged, unchanged);
-    // Users gone from the realm: offboarded, never deleted, and never more than the limit at
-    // once. A complete listing says it of every user it lacks; a batch only of the users
-    // Keycloak answered 404 for.
-    let deactivated = if !narrowed {
-        let (missing, to_offboard) = count_missing(tx).await?;
+    // Only a re-alignment moves a row from one sub to another after the comparison; updates and
+    // inserts touch listed subs only, so without one the comparison's count of missing rows holds.
+    let missing = match cmp.missing {
+        Some(m) if realigned == 0 => m,
+        _ if narrowed => (0, 0),
+        _ => count_missing(tx).await?,
+    };
+    let deactivated = offboard_gone(tx, &*source, &rules, narrowed, missing, &mut report).await?;
+    report.bump(Action::Deactivated, deactivated);
+    tx.batch_execute("SET CONSTRAINTS users_username_key IMMEDIATE")
+        .await
+        .map_err(ctx("checking usernames are unique"))?;
+    Ok(report)
+}
+
+/// Users gone from the realm: offboarded, never deleted, and never more than the limit at once.
+/// A complete listing says it of every user it lacks (`missing`: all of them, those not
+/// offboarded yet); a narrowed one only of the users Keycloak answered 404 for. Returns how many
+/// were offboarded.
+async fn offboard_gone(
+    tx: &Transaction<'_>,
+    source: &dyn IdentityProvider,
+    rules: &Rules<'_>,
+    narrowed: bool,
+    (missing, to_offboard): (i64, i64),
+    report: &mut UnitReport,
+) -> Result<i64> {
+    if !narrowed {
         report.bump(Tally::Missing, missing);
         let why = format!("not in the complete {} listing", source.name());
         let gone = Gone {
@@ -182,29 +203,22 @@ pub async fn reconcile(
             why: &why,
             whole_realm: true,
         };
-        offboard_within_limit(tx, &rules, to_offboard, gone, &mut report).await?
-    } else {
-        let gone_subs = source.gone();
-        if gone_subs.is_empty() {
-            0
-        } else {
-            let only = "u.keycloak_sub = ANY ($1::text[])";
-            let params: &[(&(dyn ToSql + Sync), Type)] = &[(&gone_subs, Type::TEXT_ARRAY)];
-            let to_offboard = count_to_offboard(tx, only, params).await?;
-            let gone = Gone {
-                which: only,
-                params,
-                why: "GET users/{id} answered 404 (deleted in Keycloak)",
-                whole_realm: false,
-            };
-            offboard_within_limit(tx, &rules, to_offboard, gone, &mut report).await?
-        }
+        return offboard_within_limit(tx, rules, to_offboard, gone, report).await;
+    }
+    let gone_subs = source.gone();
+    if gone_subs.is_empty() {
+        return Ok(0);
+    }
+    let only = "u.keycloak_sub = ANY ($1::text[])";
+    let params: &[(&(dyn ToSql + Sync), Type)] = &[(&gone_subs, Type::TEXT_ARRAY)];
+    let to_offboard = count_to_offboard(tx, only, params).await?;
+    let gone = Gone {
+        which: only,
+        params,
+        why: "GET users/{id} answered 404 (deleted in Keycloak)",
+        whole_realm: false,
     };
-    report.bump(Action::Deactivated, deactivated);
-    tx.batch_execute("SET CONSTRAINTS users_username_key IMMEDIATE")
-        .await
-        .map_err(ctx("checking usernames are unique"))?;
-    Ok(report)
+    offboard_within_limit(tx, rules, to_offboard, gone, report).await
 }
 
 /// Users found gone from the realm: the rows (`which`, a condition on `users u`, with its
@@ -458,22 +472,50 @@ async fn defer_held_usernames(
     Ok(())
 }
 
-/// One pass over the stage: how many realm users have no row yet or a changed username
-/// (`unsettled`: the only ones re-alignment and clashes concern), and how many are new or differ
-/// at all (`changed`: when none does, the update and insert statements are skipped).
-async fn compare(tx: &Transaction<'_>) -> Result<(i64, i64)> {
-    let row = tx
-        .query_typed_one(
-            &format!(
-                "SELECT count(*) FILTER (WHERE u.id IS NULL OR u.username <> s.username),
-                        count(*) FILTER (WHERE u.id IS NULL OR ({DIFFERS}))
-                 FROM sk_stage s LEFT JOIN users u ON u.keycloak_sub = s.sub"
-            ),
-            &[],
+/// What [`compare`] found in its one pass.
+struct Comparison {
+    /// Realm users with no row yet or a changed username: the only ones re-alignment and
+    /// clashes concern.
+    unsettled: i64,
+    /// Realm users who are new or differ at all: when none does, the update and insert
+    /// statements are skipped.
+    changed: i64,
+    /// Stage rows not skipped.
+    staged: i64,
+    /// For a complete listing, the rows with a sub it lacks: `(all, not offboarded yet)`.
+    missing: Option<(i64, i64)>,
+}
+
+/// One pass over the stage against `users`. For a complete listing (`whole`) the join is a full
+/// one, so the same pass counts the rows the listing lacks; an event batch's few stage rows are
+/// looked up by sub instead, never a scan of the whole table.
+async fn compare(tx: &Transaction<'_>, whole: bool) -> Result<Comparison> {
+    let (join, missing) = if whole {
+        (
+            "FULL JOIN",
+            "count(*) FILTER (WHERE s.sub IS NULL AND u.keycloak_sub IS NOT NULL),
+             count(*) FILTER (WHERE s.sub IS NULL AND u.keycloak_sub IS NOT NULL AND u.offboarded_at IS NULL)",
         )
+    } else {
+        ("LEFT JOIN", "0::bigint, 0::bigint")
+    };
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE s.sub IS NOT NULL AND (u.id IS NULL OR u.username <> s.username)),
+                count(*) FILTER (WHERE s.sub IS NOT NULL AND (u.id IS NULL OR ({DIFFERS}))),
+                count(*) FILTER (WHERE s.sub IS NOT NULL AND NOT s.skip),
+                {missing}
+         FROM sk_stage s {join} users u ON u.keycloak_sub = s.sub"
+    );
+    let row = tx
+        .query_typed_one(&sql, &[])
         .await
         .map_err(ctx("comparing the identity stage"))?;
-    Ok((row.get(0), row.get(1)))
+    Ok(Comparison {
+        unsettled: row.get(0),
+        changed: row.get(1),
+        staged: row.get(2),
+        missing: whole.then(|| (row.get(3), row.get(4))),
+    })
 }
 
 /// Rows whose username a realm user holds while their old sub left the realm move to the new
@@ -586,9 +628,12 @@ async fn write_changes(
     }
     report.add_changes("reactivate", reactivated, user_keys(usernames, subs));
     report.add_changes("update", updated, user_keys(row.get(4), row.get(5)));
+    // Ids that grow with the listing order: the primary key is appended to, not written at
+    // random (see `tenants::ordered_id`).
+    let id = crate::reconcile::tenants::ordered_id("row_number() OVER (ORDER BY s.ord)");
     let sql = format!(
-        "WITH ins AS (INSERT INTO users (keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
-                      SELECT s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
+        "WITH ins AS (INSERT INTO users (id, keycloak_sub, username, email, first_name, last_name, is_active, role, realm_roles, synced_at)
+                      SELECT {id}, s.sub, s.username, s.email, s.first_name, s.last_name, s.is_active, s.role, s.realm_roles, now()
                       FROM sk_stage s WHERE {NEW} ORDER BY s.ord
                       RETURNING username, keycloak_sub)
          SELECT (SELECT count(*) FROM ins),

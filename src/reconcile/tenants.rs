@@ -23,8 +23,11 @@ struct Step {
     select: &'static str,
     /// The select's column holding the owner's `users.id`, which the scope restricts.
     owner: &'static str,
-    /// The write, given `x` = the select.
+    /// The write, given `x` = the select. An insert writes in the order of its table's keys and
+    /// `{id}` becomes a time-ordered id ([`ordered_id`]), numbered in that same order.
     write: &'static str,
+    /// The column of `x` an insert's `{id}` ranks its rows by ("" when the write has no `{id}`).
+    order: &'static str,
     /// What the write returns, and where the written rows' owners are found (`w` = the write).
     returning: &'static str,
     keys: &'static str,
@@ -36,6 +39,23 @@ const BY_OWNER: &str = "w JOIN users u ON u.id = w.user_id";
 const BY_TENANT: &str =
     "w JOIN tenants t ON t.id = w.tenant_id JOIN users u ON u.id = t.owner_user_id";
 
+/// A time-ordered uuid (version 7, RFC 9562: 48 bits of the statement's Unix time in ms, then
+/// `rank`, the row's 1-based place in the statement's write order, as a counter, then 30 random
+/// bits) for the rows seedkeeper creates. Why not `gen_random_uuid()`: random keys land on random
+/// pages of every index that holds them, and at a million rows those indexes outgrow
+/// `shared_buffers`, so each insert reads and dirties a page of its own (and logs it whole after a
+/// checkpoint). Ids that grow with the write order append to the right edge of the primary key,
+/// and the child tables written in their parent's key order append to theirs, as a `COPY` of
+/// sorted rows would. PostgreSQL 15 has no `uuidv7()`; the layout is the same.
+pub(crate) fn ordered_id(rank: &str) -> String {
+    format!(
+        "encode(substring(int8send((extract(epoch FROM statement_timestamp()) * 1000)::int8) FROM 3 FOR 6)
+                || substring(int8send(28672 | ((({rank}) >> 32) & 4095)) FROM 7 FOR 2)
+                || int8send((-9223372036854775808)::int8 | ((({rank}) & 4294967295) << 30)
+                            | floor(random() * 1073741824)::int8), 'hex')::uuid"
+    )
+}
+
 /// Updates run before inserts: on a fresh database they scan empty tables instead of the rows
 /// just inserted (which are owner/active by construction).
 const STEPS: &[Step] = &[
@@ -46,7 +66,9 @@ const STEPS: &[Step] = &[
         select: "SELECT u.id AS owner_user_id, 'personal-' || u.id::text AS slug, u.username AS name FROM users u
                  WHERE NOT EXISTS (SELECT 1 FROM tenants t WHERE t.kind = 'personal' AND t.owner_user_id = u.id)",
         owner: "u.id",
-        write: "INSERT INTO tenants (kind, owner_user_id, slug, name) SELECT 'personal', owner_user_id, slug, name FROM x",
+        write: "INSERT INTO tenants (id, kind, owner_user_id, slug, name)
+                SELECT {id}, 'personal', owner_user_id, slug, name FROM x ORDER BY owner_user_id",
+        order: "owner_user_id",
         returning: "owner_user_id AS user_id",
         keys: BY_OWNER,
     },
@@ -57,7 +79,9 @@ const STEPS: &[Step] = &[
         select: "SELECT t.id AS tenant_id FROM tenants t
                  WHERE t.kind = 'personal' AND NOT EXISTS (SELECT 1 FROM projects p WHERE p.tenant_id = t.id AND p.is_default)",
         owner: "t.owner_user_id",
-        write: "INSERT INTO projects (tenant_id, is_default, slug, name) SELECT tenant_id, true, 'default', 'Default project' FROM x",
+        write: "INSERT INTO projects (id, tenant_id, is_default, slug, name)
+                SELECT {id}, tenant_id, true, 'default', 'Default project' FROM x ORDER BY tenant_id",
+        order: "tenant_id",
         returning: "tenant_id",
         keys: BY_TENANT,
     },
@@ -71,6 +95,7 @@ const STEPS: &[Step] = &[
         owner: "t.owner_user_id",
         write: "UPDATE tenant_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.tenant_id = x.tenant_id AND m.user_id = x.user_id",
+        order: "",
         returning: "m.user_id",
         keys: BY_OWNER,
     },
@@ -82,7 +107,9 @@ const STEPS: &[Step] = &[
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM tenant_memberships m WHERE m.tenant_id = t.id AND m.user_id = t.owner_user_id)",
         owner: "t.owner_user_id",
-        write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status) SELECT tenant_id, user_id, 'owner', 'active' FROM x",
+        write: "INSERT INTO tenant_memberships (tenant_id, user_id, role, status)
+                SELECT tenant_id, user_id, 'owner', 'active' FROM x ORDER BY tenant_id, user_id",
+        order: "",
         returning: "user_id",
         keys: BY_OWNER,
     },
@@ -97,6 +124,7 @@ const STEPS: &[Step] = &[
         owner: "t.owner_user_id",
         write: "UPDATE project_memberships m SET role = 'owner', status = 'active' FROM x
                 WHERE m.project_id = x.project_id AND m.user_id = x.user_id",
+        order: "",
         returning: "m.user_id",
         keys: BY_OWNER,
     },
@@ -109,7 +137,9 @@ const STEPS: &[Step] = &[
                  WHERE t.kind = 'personal'
                    AND NOT EXISTS (SELECT 1 FROM project_memberships m WHERE m.project_id = p.id AND m.user_id = t.owner_user_id)",
         owner: "t.owner_user_id",
-        write: "INSERT INTO project_memberships (project_id, user_id, role, status) SELECT project_id, user_id, 'owner', 'active' FROM x",
+        write: "INSERT INTO project_memberships (project_id, user_id, role, status)
+                SELECT project_id, user_id, 'owner', 'active' FROM x ORDER BY project_id, user_id",
+        order: "",
         returning: "user_id",
         keys: BY_OWNER,
     },
@@ -128,6 +158,7 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
 
 pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
+    crate::reconcile::bindings::no_jit(tx).await?;
     let params = scope.typed_params();
     let check = match scope.condition("u.id", 1) {
         Some(c) => format!("{CHECK} WHERE {c}"),
@@ -147,10 +178,13 @@ pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Resu
         let select = format!("{}{}", step.select, scope.and(step.owner, 1));
         // The anti-joins write nothing when nothing is missing. The owners' usernames name the
         // rows written (ids are generated, so a plan's would not be the apply's).
+        let write = step.write.replace(
+            "{id}",
+            &ordered_id(&format!("row_number() OVER (ORDER BY {})", step.order)),
+        );
         let sql = format!(
             "WITH x AS ({select}), w AS ({write} RETURNING {returning})
              SELECT (SELECT count(*) FROM w), ARRAY(SELECT u.username FROM {keys} LIMIT {listed})",
-            write = step.write,
             returning = step.returning,
             keys = step.keys,
         );

@@ -708,3 +708,74 @@ async fn a_kc_export_dir_folder_yields_the_same_database_as_the_single_file() {
         "{t}"
     );
 }
+
+/// The rows a sync creates get time-ordered ids (version 7), numbered in the order of their keys:
+/// users in listing order, tenants by owner, projects by tenant. A second sync's rows sort after
+/// the first's.
+#[tokio::test]
+async fn created_rows_get_time_ordered_ids_in_the_order_of_their_keys() {
+    let db = TestDb::new().await;
+    assert_ok(&apply(&db.engine(&[])).await);
+    let c = db.client().await;
+    // Rows made by hand keep their own ids; every row the sync created is v7.
+    let versions: Vec<(String, String)> = c
+        .query(
+            "SELECT 'users', substr(id::text, 15, 1) FROM users WHERE keycloak_sub IS NOT NULL
+             UNION SELECT 'tenants', substr(id::text, 15, 1) FROM tenants WHERE kind = 'personal'
+             UNION SELECT 'projects', substr(id::text, 15, 1) FROM projects WHERE is_default
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let want: Vec<(String, String)> = ["projects", "tenants", "users"]
+        .iter()
+        .map(|t| (t.to_string(), "7".to_string()))
+        .collect();
+    assert_eq!(versions, want);
+    // Numbered in key order: sorting tenants by owner sorts them by id too, and projects by
+    // tenant sorts them by id.
+    let in_order: (bool, bool) = {
+        let r = c
+            .query_one(
+                "SELECT (SELECT array_agg(id ORDER BY owner_user_id) = array_agg(id ORDER BY id) FROM tenants),
+                        (SELECT array_agg(id ORDER BY tenant_id) = array_agg(id ORDER BY id) FROM projects)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(in_order, (true, true));
+    // A user added later gets an id after every existing one.
+    let first_max: String = c
+        .query_one(
+            "SELECT id::text FROM users WHERE keycloak_sub IS NOT NULL ORDER BY id DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut realm = dev_realm();
+    realm["users"].as_array_mut().unwrap().push(json!({
+        "id": "0c8f1f3e-0000-4000-8000-00000000abcd", "username": "late-joiner",
+        "email": "late@example.test", "enabled": true, "realmRoles": []
+    }));
+    let dir = TempDir::new();
+    let env = realm_file_env(&dir, &realm);
+    assert_ok(&apply(&db.engine(&refs(&env))).await);
+    let (late, after): (String, bool) = {
+        let r = c
+            .query_one(
+                "SELECT id::text, id > $1::text::uuid FROM users WHERE username = 'late-joiner'",
+                &[&first_max],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(after, "{late} should sort after {first_max}");
+}
