@@ -16,7 +16,7 @@ use crate::progress::{self, Progress, Reporter};
 use crate::reconcile::{Count, Outcome, RunReport, Unit};
 use crate::store;
 
-pub const EXIT_CODES_HELP: &str = "Exit codes:
+pub(crate) const EXIT_CODES_HELP: &str = "Exit codes:
   0   ok (in sync; for `plan`: nothing to change)
   1   the reconcile failed (see the error and `seedkeeper status`)
   2   `plan` found changes pending
@@ -107,7 +107,7 @@ impl Cli {
     }
 
     /// Whether the command is one run: `--once` or `plan` (what `--allow-offboard` applies to).
-    pub fn runs_once(&self) -> bool {
+    pub(crate) fn runs_once(&self) -> bool {
         match &self.command {
             Some(Command::Plan { .. }) => true,
             _ => self.is_run() && self.once,
@@ -166,7 +166,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Cli, u8> {
 }
 
 /// Reports an error (text, or one JSON line with `log.format = json`) and gives its exit code.
-pub fn fail(e: &Error) -> u8 {
+pub(crate) fn fail(e: &Error) -> u8 {
     let code = e.exit_code();
     crate::telemetry::print_error(&e.to_string(), e.kind().as_str(), code);
     code
@@ -175,7 +175,7 @@ pub fn fail(e: &Error) -> u8 {
 /// Loads the settings (exit 78 on problems). Their errors are printed in the log format that
 /// `--log-format`, `SEEDKEEPER_LOG__FORMAT` or the config file's `log.format` asks for (see
 /// [`crate::telemetry::early_format`]).
-pub fn load_settings(cli: &Cli, sources: &ConfigLayers) -> Result<Settings, u8> {
+pub(crate) fn load_settings(cli: &Cli, sources: &ConfigLayers) -> Result<Settings, u8> {
     crate::telemetry::set_format(crate::telemetry::early_format(cli.log_format, sources));
     let offline = matches!(
         cli.command,
@@ -237,7 +237,7 @@ fn output_failed(e: &std::io::Error, code: u8) -> u8 {
 }
 
 /// Runs the command, the daemon included, until it ends or `cancel` stops it; its exit code.
-pub async fn execute(
+pub(crate) async fn execute(
     cli: &Cli,
     settings: Settings,
     cancel: CancellationToken,
@@ -341,7 +341,7 @@ async fn plan(
 /// `plan`'s exit code: the error's own when it could not plan; else 2 when the apply would
 /// write anything, 0 when not. Findings that would fail the apply (a username clash, offboarding
 /// stopped) are shown under `!` and are not an error of the plan.
-pub fn plan_exit(report: &RunReport) -> u8 {
+pub(crate) fn plan_exit(report: &RunReport) -> u8 {
     match &report.error {
         Some(e) if !matches!(e, Error::Findings { .. }) => fail(e),
         _ => plan_exit_code(report),
@@ -398,7 +398,7 @@ fn one_run_gate(
 
 /// The `--once` summary as one JSON log line: the run's id, trigger, outcome, duration and seed
 /// digest, `counts` per unit and `findings` as JSON (as in `seed_runs`), and the error.
-pub fn summary_json(r: &RunReport) -> String {
+pub(crate) fn summary_json(r: &RunReport) -> String {
     let level = match r.outcome {
         Outcome::Failed => "ERROR",
         _ => "INFO",
@@ -419,7 +419,7 @@ pub fn summary_json(r: &RunReport) -> String {
     crate::telemetry::json_line(level, "seedkeeper::cli", "run summary", fields)
 }
 
-pub fn render_summary(r: &RunReport) -> String {
+pub(crate) fn render_summary(r: &RunReport) -> String {
     let mut s = format!(
         "run {} {} in {} ms (seed {})\n",
         r.id,

@@ -10,7 +10,7 @@ use croner::parser::{CronParser, Seconds};
 /// The schedule's interval: the time between its next two fire times (for an irregular
 /// expression such as `0 0 9,17 * * *`, the gap that comes next). Parsed as the scheduler parses
 /// it. An error when the expression does not parse or never fires again.
-pub fn interval(cron: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn interval(cron: &str) -> std::result::Result<Duration, String> {
     let schedule = CronParser::builder()
         .seconds(Seconds::Required)
         .dom_and_dow(true)

@@ -17,15 +17,15 @@ use crate::names::named;
 /// Exit codes (sysexits where one fits) relied on by operators and systemd's
 /// `RestartPreventExitStatus=78`.
 pub mod exit {
-    pub const OK: u8 = 0;
-    pub const RECONCILE_FAILED: u8 = 1;
-    pub const CHANGES_PENDING: u8 = 2;
-    pub const USAGE: u8 = 64;
+    pub(crate) const OK: u8 = 0;
+    pub(crate) const RECONCILE_FAILED: u8 = 1;
+    pub(crate) const CHANGES_PENDING: u8 = 2;
+    pub(crate) const USAGE: u8 = 64;
     pub const UNAVAILABLE: u8 = 69;
     /// EX_OSERR: the operating system refused a resource (too many open files).
-    pub const OS_ERROR: u8 = 71;
+    pub(crate) const OS_ERROR: u8 = 71;
     /// EX_IOERR: a command's own output (stdout) could not be written.
-    pub const IO_ERROR: u8 = 74;
+    pub(crate) const IO_ERROR: u8 = 74;
     pub const CONFIG: u8 = 78;
 }
 
@@ -179,7 +179,7 @@ impl Error {
     /// The HTTP status of a Keycloak API answer about the resource asked for. A refusal
     /// ([`Error::KeycloakAuth`]: 401, 403, or 404 for the realm itself) has none: a caller asking
     /// whether a user is gone must not take a missing realm for a missing user.
-    pub fn keycloak_status(&self) -> Option<u16> {
+    pub(crate) fn keycloak_status(&self) -> Option<u16> {
         match self {
             Error::Keycloak { status, .. } => *status,
             _ => None,
@@ -188,7 +188,7 @@ impl Error {
 
     /// A Keycloak API error that is not an answer to act on (a malformed document, a paging
     /// server that ignores `first`).
-    pub fn keycloak(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn keycloak(path: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Keycloak {
             path: path.into(),
             status: None,
@@ -196,13 +196,13 @@ impl Error {
         }
     }
 
-    pub fn config(problem: impl Into<String>) -> Self {
+    pub(crate) fn config(problem: impl Into<String>) -> Self {
         Error::Config(Problems(vec![problem.into()]))
     }
 
     /// Wraps a tokio-postgres error. Its Display never contains the connection string, but the
     /// server's message can quote data, so only the SQLSTATE message and detail are kept.
-    pub fn db(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
+    pub(crate) fn db(context: impl Into<String>, e: tokio_postgres::Error) -> Self {
         // 25006 read_only_sql_transaction: whatever statement met it, the fix is the URL.
         if e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION) {
             return Error::ReadOnly {
@@ -269,7 +269,7 @@ impl fmt::Display for DbFailure {
 
 /// Whether `e` or one of its sources is an I/O error saying the process (EMFILE, 24) or the
 /// system (ENFILE, 23) has no file descriptor left.
-pub fn is_too_many_open_files(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_too_many_open_files(e: &(dyn std::error::Error + 'static)) -> bool {
     const ENFILE: i32 = 23;
     const EMFILE: i32 = 24;
     let mut next = Some(e);
@@ -285,7 +285,7 @@ pub fn is_too_many_open_files(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// An error and its sources, `: `-joined: what each layer said, innermost last.
-pub fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
@@ -297,7 +297,7 @@ pub fn chain(e: &dyn std::error::Error) -> String {
 }
 
 /// A one-line description of a PostgreSQL error without secrets.
-pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe_pg(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
         if let Some(d) = db.detail() {
@@ -325,7 +325,7 @@ pub struct Refusal {
 
 impl Refusal {
     /// A refusal an HTTP answer with this status made.
-    pub fn http(status: u16, message: String) -> Self {
+    pub(crate) fn http(status: u16, message: String) -> Self {
         Refusal {
             status: Some(status),
             message,

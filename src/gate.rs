@@ -149,7 +149,7 @@ impl RunGate {
     /// An event batch: the users it touched (and those Keycloak says are gone), through the
     /// same units, as a run with trigger `event`. `None` when a run is in flight: the batch
     /// waits for the next poll, so a full run and an event batch never interleave.
-    pub async fn event_batch(
+    pub(crate) async fn event_batch(
         &self,
         batch: SomeUsers,
         cancel: &CancellationToken,
@@ -180,7 +180,7 @@ impl RunGate {
 
     /// `plan`: the apply's statements in a transaction that is rolled back. Under the overlap
     /// guard like any run; it neither makes a retry due nor counts for readiness.
-    pub async fn plan(&self, cancel: &CancellationToken) -> RunReport {
+    pub(crate) async fn plan(&self, cancel: &CancellationToken) -> RunReport {
         let _guard = self.queue().await;
         let wait = self.settings().startup.wait_timeout;
         let identities = self.engine.identities.clone();
@@ -190,12 +190,12 @@ impl RunGate {
 
     /// Asks for a full run (trigger `event-full`) as soon as the run in flight, if any, ends;
     /// [`RunGate::spawn_full_runs`] runs it. Asked twice before it starts, it runs once.
-    pub fn ask_full_run(&self) {
+    pub(crate) fn ask_full_run(&self) {
         self.full_run_asked.notify_one();
     }
 
     /// Starts the startup run on a tracked task ([`RunGate::drain`] waits for it).
-    pub fn spawn_startup(self: &Arc<Self>, cancel: &CancellationToken) {
+    pub(crate) fn spawn_startup(self: &Arc<Self>, cancel: &CancellationToken) {
         let (gate, cancel) = (self.clone(), cancel.clone());
         self.tasks.spawn(async move {
             gate.startup(&cancel).await;
@@ -203,7 +203,7 @@ impl RunGate {
     }
 
     /// Starts a scheduled tick on a tracked task, so that the scheduler never waits for it.
-    pub fn spawn_tick(self: &Arc<Self>, cancel: &CancellationToken) {
+    pub(crate) fn spawn_tick(self: &Arc<Self>, cancel: &CancellationToken) {
         let (gate, cancel) = (self.clone(), cancel.clone());
         self.tasks.spawn(async move {
             gate.scheduled_tick(&cancel).await;
@@ -213,7 +213,7 @@ impl RunGate {
     /// The task that runs the retries of failed full runs: it sleeps until one is due and starts
     /// it ([`RunGate::retry_when_due`]). Ends with `cancel`; a retry in flight is stopped like
     /// any run (see [`RunGate::drain`]).
-    pub fn spawn_retries(self: &Arc<Self>, cancel: &CancellationToken) -> JoinHandle<()> {
+    pub(crate) fn spawn_retries(self: &Arc<Self>, cancel: &CancellationToken) -> JoinHandle<()> {
         let (gate, cancel) = (self.clone(), cancel.clone());
         tokio::spawn(async move {
             let mut due = gate.retry_due();
@@ -235,7 +235,7 @@ impl RunGate {
     }
 
     /// The task that runs the full runs the event follower asks for. Ends with `cancel`.
-    pub fn spawn_full_runs(self: &Arc<Self>, cancel: &CancellationToken) -> JoinHandle<()> {
+    pub(crate) fn spawn_full_runs(self: &Arc<Self>, cancel: &CancellationToken) -> JoinHandle<()> {
         let (gate, cancel) = (self.clone(), cancel.clone());
         tokio::spawn(async move {
             loop {
@@ -250,7 +250,7 @@ impl RunGate {
 
     /// Starts no more background runs and waits for those in flight (and an event batch), up
     /// to `grace`. `false` when the grace ran out.
-    pub async fn drain(&self, grace: Duration) -> bool {
+    pub(crate) async fn drain(&self, grace: Duration) -> bool {
         self.tasks.close();
         tokio::time::timeout(grace, async {
             self.tasks.wait().await;
@@ -274,25 +274,21 @@ impl RunGate {
     }
 
     /// The outcome of the last full run that was not skipped.
-    pub fn last_outcome(&self) -> Option<Outcome> {
+    pub(crate) fn last_outcome(&self) -> Option<Outcome> {
         self.last.lock().ok().and_then(|l| *l)
     }
 
-    pub fn first_run_done(&self) -> bool {
+    pub(crate) fn first_run_done(&self) -> bool {
         self.first_done.load(Ordering::SeqCst)
     }
 
     /// Whether systemd listens for notifications (`NOTIFY_SOCKET`).
-    pub fn notifies_systemd(&self) -> bool {
+    pub(crate) fn notifies_systemd(&self) -> bool {
         self.notify_systemd
     }
 
     pub fn settings(&self) -> &Settings {
         &self.engine.settings
-    }
-
-    pub fn engine(&self) -> &Engine {
-        &self.engine
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -406,7 +402,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 /// wait jittered down to half of that (the retry policy's equal jitter), so that replicas that
 /// failed together do not retry together.
 #[derive(Debug, Clone)]
-pub struct RetryBackoff {
+pub(crate) struct RetryBackoff {
     policy: Policy,
     /// Failed full runs since the last success.
     failures: u32,
@@ -424,7 +420,7 @@ impl RetryBackoff {
     /// After a full run: how long until its retry, if one is due. A success resets the backoff;
     /// a run skipped because another replica holds the run lock needs none (that replica
     /// reconciles); a run ended by a shutdown neither, the daemon is stopping.
-    pub fn after(&mut self, report: &RunReport) -> Option<Duration> {
+    pub(crate) fn after(&mut self, report: &RunReport) -> Option<Duration> {
         match report.outcome {
             Outcome::Succeeded => {
                 self.failures = 0;

@@ -77,12 +77,12 @@ impl Health {
     }
 
     /// The gate whose runs this judges (readiness reads its last outcome).
-    pub fn gate(&self) -> &Arc<RunGate> {
+    pub(crate) fn gate(&self) -> &Arc<RunGate> {
         &self.gate
     }
 
     /// Called by the scheduler's heartbeat job: the scheduler is alive.
-    pub fn heartbeat(&self) {
+    pub(crate) fn heartbeat(&self) {
         if let Ok(mut h) = self.heartbeat.lock() {
             *h = Instant::now();
         }
@@ -90,7 +90,7 @@ impl Health {
 
     /// Liveness: the scheduler ticks and no run has outlived its deadline. PostgreSQL and
     /// Keycloak play no part in it.
-    pub fn liveness(&self) -> Liveness {
+    pub(crate) fn liveness(&self) -> Liveness {
         let heartbeat_age = self
             .heartbeat
             .lock()
@@ -107,7 +107,7 @@ impl Health {
     /// Readiness' database check on one kept connection: whether the server answers and takes
     /// writes ([`crate::store::server::read_only`]), reconnecting once when the kept connection
     /// is broken; within `within` (a connection that does not answer is dropped).
-    pub async fn probe_database(&self, within: Duration) -> std::result::Result<(), String> {
+    pub(crate) async fn probe_database(&self, within: Duration) -> std::result::Result<(), String> {
         let deadline = tokio::time::Instant::now() + within;
         let late = || format!("database did not answer within {}s", within.as_secs());
         let Ok(mut slot) = tokio::time::timeout_at(deadline, self.probe.lock()).await else {
@@ -152,7 +152,7 @@ impl Health {
     }
 
     /// Closes the connection `/readyz` keeps.
-    pub async fn close_probe(&self) {
+    pub(crate) async fn close_probe(&self) {
         *self.probe.lock().await = None;
     }
 }

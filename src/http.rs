@@ -45,14 +45,14 @@ use crate::health::{Health, HEARTBEAT_STALE, PROBE_TIMEOUT};
 use crate::reconcile::Outcome;
 
 /// How long connections may take to finish once shutdown is asked, before they are dropped.
-pub const SHUTDOWN_MOMENT: Duration = Duration::from_secs(1);
+pub(crate) const SHUTDOWN_MOMENT: Duration = Duration::from_secs(1);
 
 /// After an accept that failed for want of descriptors: how long to wait before the next, and
 /// how often at most to say so.
 const EMFILE_PAUSE: Duration = Duration::from_millis(100);
 const EMFILE_WARN_EVERY: Duration = Duration::from_secs(10);
 
-pub fn router(health: Arc<Health>) -> Router {
+pub(crate) fn router(health: Arc<Health>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -27,24 +27,22 @@
 
 #![forbid(unsafe_code)]
 
-pub mod app;
-pub mod cli;
-pub mod config;
-pub mod cron;
-pub mod error;
-pub mod events;
-pub mod gate;
-pub mod health;
-pub mod http;
-pub mod identity;
-pub mod metrics;
-pub mod model;
 mod names;
-pub mod progress;
-pub mod reconcile;
-pub mod retry;
-pub mod schedule;
-pub mod seed;
-pub mod store;
-pub mod telemetry;
-pub mod trust;
+pub mod process;
+
+/// The inner modules: public with the `testing` feature, which only the integration tests and
+/// benches turn on (through the dev-dependency of this package on itself, Cargo.toml), and
+/// crate-private otherwise, so a build of the binary has no public surface but [`process`].
+macro_rules! inner_modules {
+    ($($name:ident),* $(,)?) => {$(
+        #[cfg(feature = "testing")]
+        pub mod $name;
+        #[cfg(not(feature = "testing"))]
+        pub(crate) mod $name;
+    )*};
+}
+
+inner_modules!(
+    app, cli, config, cron, error, events, gate, health, http, identity, metrics, model, progress,
+    reconcile, retry, schedule, seed, store, telemetry, trust,
+);

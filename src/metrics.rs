@@ -45,7 +45,7 @@ fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, 
 }
 
 /// The `Content-Type` of [`Metrics::render`].
-pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+pub(crate) const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
 
 const RUN_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -62,7 +62,7 @@ const KEYCLOAK_BUCKETS: &[f64] = &[
 named!(
     /// The identity source as the `source` label of `seedkeeper_identities_seen` (the
     /// configured choice is `crate::config::IdentitySource`).
-    pub enum IdentitySourceLabel {
+    pub(crate) enum IdentitySourceLabel {
         Keycloak => "keycloak",
         RealmFile => "realm-file",
     }
@@ -85,7 +85,7 @@ named!(
 impl KeycloakOutcome {
     /// The outcome of an answer with this status (a 2xx is `ok` until its body proves
     /// unreadable; redirects are never followed, so a 3xx is `unexpected_status`).
-    pub fn of_status(status: u16) -> Self {
+    pub(crate) fn of_status(status: u16) -> Self {
         match status {
             200..=299 => KeycloakOutcome::Ok,
             429 => KeycloakOutcome::RateLimited,
@@ -96,7 +96,7 @@ impl KeycloakOutcome {
     }
 
     /// The outcome of a request that got no complete answer.
-    pub fn of_reqwest(e: &reqwest::Error) -> Self {
+    pub(crate) fn of_reqwest(e: &reqwest::Error) -> Self {
         if e.is_timeout() {
             KeycloakOutcome::Timeout
         } else {
@@ -221,7 +221,7 @@ impl KeycloakMetrics {
 
     /// The Keycloak server's version, and whether it is in the range the conformance suite ran
     /// against.
-    pub fn set_server_version(&self, version: &str, tested: bool) {
+    pub(crate) fn set_server_version(&self, version: &str, tested: bool) {
         if let Ok(mut g) = self.info.0.lock() {
             *g = Some(KeycloakInfoLabels {
                 version: version.to_string(),
@@ -230,18 +230,9 @@ impl KeycloakMetrics {
         }
     }
 
-    /// The version set by [`Self::set_server_version`], if any.
-    pub fn server_version(&self) -> Option<String> {
-        self.info
-            .0
-            .lock()
-            .ok()
-            .and_then(|g| g.as_ref().map(|l| l.version.clone()))
-    }
-
     /// One HTTP exchange with Keycloak (discovery, JWKS, token or admin API) and how long it
     /// took.
-    pub fn request(&self, outcome: KeycloakOutcome, took: Duration) {
+    pub(crate) fn request(&self, outcome: KeycloakOutcome, took: Duration) {
         self.requests
             .get_or_create(&KeycloakLabels { outcome })
             .inc();
@@ -249,22 +240,11 @@ impl KeycloakMetrics {
     }
 
     /// A request repeated after a failed attempt.
-    pub fn retry(&self) {
+    pub(crate) fn retry(&self) {
         self.retries.inc();
     }
 
-    /// Requests counted with this outcome so far.
-    pub fn requests(&self, outcome: KeycloakOutcome) -> u64 {
-        self.requests
-            .get_or_create(&KeycloakLabels { outcome })
-            .get()
-    }
-
-    pub fn retries(&self) -> u64 {
-        self.retries.get()
-    }
-
-    pub fn register(&self, registry: &mut Registry) {
+    pub(crate) fn register(&self, registry: &mut Registry) {
         registry.register(
             "seedkeeper_keycloak_requests",
             "HTTP requests to Keycloak (discovery, token, admin API) by outcome",
@@ -589,12 +569,12 @@ impl Metrics {
     }
 
     /// The Keycloak client's instruments (registered with a keycloak source).
-    pub fn keycloak(&self) -> &KeycloakMetrics {
+    pub(crate) fn keycloak(&self) -> &KeycloakMetrics {
         &self.keycloak
     }
 
     /// The event follower's instruments (registered when events are followed).
-    pub fn events(&self) -> &EventMetrics {
+    pub(crate) fn events(&self) -> &EventMetrics {
         &self.events
     }
 
@@ -638,7 +618,7 @@ impl Metrics {
     }
 
     /// The run metrics and `seedkeeper_build_info` only.
-    pub fn with_seed_digest(seed_digest: &str) -> Self {
+    pub(crate) fn with_seed_digest(seed_digest: &str) -> Self {
         let mut registry = Registry::default();
         register_build(&mut registry, seed_digest);
         let every_run = EveryRunSeries::register(&mut registry);
@@ -665,7 +645,7 @@ impl Metrics {
 
     /// Counts a finished run: every run in the run, error and row counters; then a full run in
     /// the series of the last full run, an event batch in its own.
-    pub fn record_run(&self, report: &RunReport, source: &str) {
+    pub(crate) fn record_run(&self, report: &RunReport, source: &str) {
         let (outcome, trigger) = (report.outcome, report.trigger);
         self.runs
             .get_or_create(&RunLabels { outcome, trigger })
@@ -734,7 +714,7 @@ impl Metrics {
         }
     }
 
-    pub fn record_skipped_tick(&self) {
+    pub(crate) fn record_skipped_tick(&self) {
         self.skipped_ticks.inc();
     }
 

@@ -50,7 +50,7 @@ impl Trigger {
     /// Whether a run with this trigger is a full run (everything but an event batch): only full
     /// runs move the series alerts read as "the realm is in sync" (see [`crate::metrics`]), since
     /// a batch re-syncs a handful of users and says nothing about the rest.
-    pub fn is_full_run(self) -> bool {
+    pub(crate) fn is_full_run(self) -> bool {
         match self {
             Trigger::Event => false,
             Trigger::Startup
@@ -67,7 +67,7 @@ impl Trigger {
     /// that a run of its own has converged the database; and `plan`, which runs the apply's
     /// statements and must not plan against a database another run is changing. The daemon's
     /// runs come again on their own, and a replica holding the lock is already doing the work.
-    pub fn waits_for_the_run_lock(self) -> bool {
+    pub(crate) fn waits_for_the_run_lock(self) -> bool {
         match self {
             Trigger::Once | Trigger::Plan => true,
             Trigger::Startup
@@ -94,7 +94,7 @@ impl Trigger {
     /// Whether the daemon retries a failed run with this trigger (see `gate::RunGate::spawn_retries`):
     /// its full runs. Not `--once`, whose caller decides (a Job's `backoffLimit`, a CI step);
     /// not an event batch, whose checkpoint stays so that the follower reads it again; not `plan`.
-    pub fn is_retried(self) -> bool {
+    pub(crate) fn is_retried(self) -> bool {
         match self {
             Trigger::Startup | Trigger::Schedule | Trigger::Retry | Trigger::EventFull => true,
             Trigger::Once | Trigger::Plan | Trigger::Event => false,
@@ -129,7 +129,7 @@ named!(
 
 impl Unit {
     /// The writes this unit can make: their `seedkeeper_rows_changed_total` series start at 0.
-    pub fn actions(self) -> &'static [Action] {
+    pub(crate) fn actions(self) -> &'static [Action] {
         match self {
             Unit::Schema => &[Action::Applied],
             Unit::ReferenceSeed => &[Action::Inserted, Action::Updated],
@@ -206,7 +206,7 @@ named!(
 
 impl Tally {
     /// Whether `status` shows it beside the writes: it asks for a look.
-    pub fn notable(self) -> bool {
+    pub(crate) fn notable(self) -> bool {
         match self {
             Tally::Drift
             | Tally::Clashes
@@ -241,7 +241,7 @@ pub enum Count {
 }
 
 impl Count {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Count::Write(a) => a.as_str(),
             Count::Tally(t) => t.as_str(),
@@ -249,18 +249,19 @@ impl Count {
     }
 
     /// The count with this text, if any.
+    #[cfg(feature = "testing")]
     pub fn from_name(name: &str) -> Option<Self> {
         Count::all().find(|c| c.as_str() == name)
     }
 
     /// Every count: the writes, then the tallies.
-    pub fn all() -> impl Iterator<Item = Count> {
+    pub(crate) fn all() -> impl Iterator<Item = Count> {
         let wrote = Action::ALL.iter().map(|&a| Count::Write(a));
         wrote.chain(Tally::ALL.iter().map(|&t| Count::Tally(t)))
     }
 
     /// The counts `status` shows: every write and the notable tallies.
-    pub fn notable(self) -> bool {
+    pub(crate) fn notable(self) -> bool {
         match self {
             Count::Write(_) => true,
             Count::Tally(t) => t.notable(),
@@ -287,7 +288,7 @@ impl From<Tally> for Count {
 pub struct Counts(BTreeMap<&'static str, i64>);
 
 impl Counts {
-    pub fn bump(&mut self, key: impl Into<Count>, n: i64) {
+    pub(crate) fn bump(&mut self, key: impl Into<Count>, n: i64) {
         *self.0.entry(key.into().as_str()).or_insert(0) += n;
     }
 
@@ -296,7 +297,7 @@ impl Counts {
     }
 
     /// The counts set, by text.
-    pub fn iter(&self) -> impl Iterator<Item = (&'static str, i64)> + '_ {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'static str, i64)> + '_ {
         self.0.iter().map(|(k, v)| (*k, *v))
     }
 
@@ -363,7 +364,7 @@ impl FindingKind {
     }
 
     /// Whether the run summary lists it one by one (grants are many and routine: counted only).
-    pub fn in_summary(self) -> bool {
+    pub(crate) fn in_summary(self) -> bool {
         self != FindingKind::Granted
     }
 }
@@ -380,7 +381,7 @@ pub enum Scope {
 
 impl Scope {
     /// The rows of the users with these subs (`users.keycloak_sub`), or every row for `None`.
-    pub async fn of(
+    pub(crate) async fn of(
         tx: &tokio_postgres::Transaction<'_>,
         subs: Option<Vec<String>>,
     ) -> crate::error::Result<Scope> {
@@ -402,7 +403,7 @@ impl Scope {
 
     /// An SQL condition keeping `column` (a users id) in scope, with the ids as parameter
     /// `$param`; `None` for every row.
-    pub fn condition(&self, column: &str, param: usize) -> Option<String> {
+    pub(crate) fn condition(&self, column: &str, param: usize) -> Option<String> {
         match self {
             Scope::All => None,
             Scope::Users(_) => Some(format!("{column} = ANY(${param}::uuid[])")),
@@ -410,7 +411,7 @@ impl Scope {
     }
 
     /// [`Scope::condition`] to append to a WHERE clause: `" AND …"`, or nothing.
-    pub fn and(&self, column: &str, param: usize) -> String {
+    pub(crate) fn and(&self, column: &str, param: usize) -> String {
         self.condition(column, param)
             .map(|c| format!(" AND {c}"))
             .unwrap_or_default()
@@ -418,20 +419,13 @@ impl Scope {
 
     /// [`Scope::params`] with their types, for `query_typed` (an unnamed statement, which holds
     /// behind a connection pooler in transaction mode).
-    pub fn typed_params(&self) -> Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> {
+    pub(crate) fn typed_params(&self) -> Vec<(&(dyn tokio_postgres::types::ToSql + Sync), Type)> {
         match self {
             Scope::All => Vec::new(),
             Scope::Users(ids) => vec![(ids, Type::UUID_ARRAY)],
         }
     }
 
-    /// The parameters [`Scope::condition`] refers to: the ids, or none for every row.
-    pub fn params(&self) -> Vec<&(dyn tokio_postgres::types::ToSql + Sync)> {
-        match self {
-            Scope::All => Vec::new(),
-            Scope::Users(ids) => vec![ids],
-        }
-    }
 }
 
 /// Findings listed per kind are capped so a 100,000-user re-import does not make a 100,000-entry
@@ -482,7 +476,7 @@ impl std::fmt::Display for Change {
 
 /// How many changes a unit lists one by one when a run lists them (`plan`, or a run asked to):
 /// every one up to this, then only counted (`changes_unlisted`). The counts stay exact.
-pub const CHANGES_LISTED: usize = 10_000;
+pub(crate) const CHANGES_LISTED: usize = 10_000;
 
 /// What one unit found (plan) or did (apply).
 #[derive(Debug, Clone, Serialize)]
@@ -521,7 +515,7 @@ impl UnitReport {
         }
     }
 
-    pub fn bump(&mut self, key: impl Into<Count>, n: i64) {
+    pub(crate) fn bump(&mut self, key: impl Into<Count>, n: i64) {
         self.counts.bump(key, n);
     }
 
@@ -530,7 +524,7 @@ impl UnitReport {
     }
 
     /// Records a finding; past [`FINDINGS_PER_KIND`] of its kind it is only counted.
-    pub fn find(
+    pub(crate) fn find(
         &mut self,
         kind: FindingKind,
         entity: impl Into<String>,
@@ -544,14 +538,14 @@ impl UnitReport {
     }
 
     /// A unit that failed: its error, no counts.
-    pub fn failed(unit: Unit, error: &Error) -> Self {
+    pub(crate) fn failed(unit: Unit, error: &Error) -> Self {
         let mut report = UnitReport::new(unit);
         report.error = Some(error.to_string());
         report
     }
 
     /// Lists a change; past [`CHANGES_LISTED`] it is only counted.
-    pub fn add_change(&mut self, action: &'static str, entity: impl Into<String>) {
+    pub(crate) fn add_change(&mut self, action: &'static str, entity: impl Into<String>) {
         if self.changes.len() < CHANGES_LISTED {
             self.changes.push(Change {
                 action,
@@ -564,7 +558,7 @@ impl UnitReport {
 
     /// Changes of which the statement that made them returned `listed` keys out of `total`
     /// rows: the keys listed, the rest counted.
-    pub fn add_changes(
+    pub(crate) fn add_changes(
         &mut self,
         action: &'static str,
         total: i64,
@@ -625,7 +619,7 @@ impl RunReport {
     }
 
     /// `seed_runs.counts`: per unit, its counts.
-    pub fn counts_json(&self) -> Value {
+    pub(crate) fn counts_json(&self) -> Value {
         let mut m = serde_json::Map::new();
         for u in &self.units {
             m.insert(u.unit.as_str().to_string(), json!(u.counts));
@@ -634,7 +628,7 @@ impl RunReport {
     }
 
     /// `seed_runs.findings`: every unit's findings, in run order.
-    pub fn findings_json(&self) -> Value {
+    pub(crate) fn findings_json(&self) -> Value {
         json!(self
             .units
             .iter()
@@ -648,7 +642,7 @@ impl RunReport {
 
     /// After the units ran without an error: the outcome, failed when a unit left blocking
     /// findings (username clashes, offboarding stopped), which then become the run's error.
-    pub fn settle(&mut self) {
+    pub(crate) fn settle(&mut self) {
         let blocking: Vec<&(ErrorKind, String)> =
             self.units.iter().flat_map(|u| u.blocking.iter()).collect();
         let Some((kind, _)) = blocking.first() else {
@@ -667,13 +661,14 @@ impl RunReport {
     }
 
     /// The run failed with `e`.
-    pub fn fail(&mut self, e: Error) {
+    pub(crate) fn fail(&mut self, e: Error) {
         self.outcome = Outcome::Failed;
         self.error = Some(e);
     }
 
     /// Every change listed, in one order (unit, then action and key), for comparing a plan with
     /// the apply that followed it.
+    #[cfg(feature = "testing")]
     pub fn changes_sorted(&self) -> Vec<(Unit, Change)> {
         let mut all: Vec<(Unit, Change)> = self
             .units

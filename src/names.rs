@@ -16,7 +16,9 @@ macro_rules! named {
         }
 
         impl $name {
-            /// Every value, in declaration order.
+            /// Every value, in declaration order. (Not every named enum is listed, or parsed
+            /// by [`Self::from_name`], outside the tests.)
+            #[allow(dead_code)]
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
             pub fn as_str(self) -> &'static str {
@@ -26,6 +28,7 @@ macro_rules! named {
             }
 
             /// The value with this text, if any.
+            #[allow(dead_code)]
             pub fn from_name(name: &str) -> Option<Self> {
                 Self::ALL.iter().copied().find(|v| v.as_str() == name)
             }

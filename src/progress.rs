@@ -14,10 +14,10 @@
 //!   only once it has gone on for [`DRAW_AFTER`], so a short run draws nothing. Log lines are
 //!   written above the bars ([`LogWriter`] suspends them), never through them.
 //! - [`Display::Log`], everywhere else (the daemon, JSON logs, a pipe, CI): one INFO line
-//!   `seeding_progress` every [`LOG_INTERVAL`] while the work goes on (nothing for shorter work),
+//!   `seeding_progress` every `progress_interval` (10 s by default) while the work goes on (nothing for shorter work),
 //!   with `run.id`, `unit`, `users.listed`, `users.count` and `elapsed_ms`.
 //!
-//! The interval is the `progress_interval` key (`SEEDKEEPER_PROGRESS_INTERVAL`, [`LOG_INTERVAL`]
+//! The interval is the `progress_interval` key (`SEEDKEEPER_PROGRESS_INTERVAL`, 10 s
 //! by default), which the caller passes to [`Reporter::start`]: this module reads no
 //! configuration.
 
@@ -34,12 +34,8 @@ use uuid::Uuid;
 
 use crate::model::Unit;
 
-/// How often a run without a terminal logs its progress, unless `progress_interval` says
-/// otherwise (its default is this).
-pub const LOG_INTERVAL: Duration = Duration::from_secs(10);
-
 /// How long a stage or the listing goes on before its bar is drawn.
-pub const DRAW_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const DRAW_AFTER: Duration = Duration::from_secs(1);
 
 /// How often the bars are refreshed from the counters.
 const DRAW_TICK: Duration = Duration::from_millis(100);
@@ -92,14 +88,14 @@ impl Progress {
     }
 
     /// `unit` starts.
-    pub fn enter(&self, unit: Unit) {
+    pub(crate) fn enter(&self, unit: Unit) {
         let index = Unit::ALL.iter().position(|u| *u == unit).unwrap_or(0);
         self.0.stage_since.store(self.now_ms(), Ordering::Relaxed);
         self.0.stage.store(index + 1, Ordering::Relaxed);
     }
 
     /// The user listing starts; `total` is the source's count of users, when it has one.
-    pub fn listing_started(&self, total: Option<u64>) {
+    pub(crate) fn listing_started(&self, total: Option<u64>) {
         self.0.listed.store(0, Ordering::Relaxed);
         self.0
             .total
@@ -109,17 +105,17 @@ impl Progress {
     }
 
     /// `n` more users listed (once per page or batch, not per user).
-    pub fn listed(&self, n: u64) {
+    pub(crate) fn listed(&self, n: u64) {
         self.0.listed.fetch_add(n, Ordering::Relaxed);
     }
 
     /// The listing is complete.
-    pub fn listing_done(&self) {
+    pub(crate) fn listing_done(&self) {
         self.0.listing.store(LISTED, Ordering::Relaxed);
     }
 
     /// What the counters say now.
-    pub fn snapshot(&self) -> Snapshot {
+    pub(crate) fn snapshot(&self) -> Snapshot {
         let c = &self.0;
         let now = self.now_ms();
         let stage = c.stage.load(Ordering::Relaxed);
@@ -149,7 +145,7 @@ impl Progress {
 
 /// The counters at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     pub elapsed: Duration,
     /// `None` before the first unit (the identity source check, the database connection).
     pub unit: Option<Unit>,
@@ -160,7 +156,7 @@ pub struct Snapshot {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listing {
+pub(crate) struct Listing {
     pub listed: u64,
     pub total: Option<u64>,
     pub done: bool,
@@ -179,7 +175,7 @@ impl Snapshot {
 pub enum Display {
     /// Bars on stderr (a terminal, text logs, a command someone waits for).
     Bar,
-    /// `seeding_progress` log lines every [`LOG_INTERVAL`].
+    /// `seeding_progress` log lines every `progress_interval` (10 s by default).
     #[default]
     Log,
 }
@@ -188,7 +184,7 @@ impl Display {
     /// For a command someone waits for (`--once`, `plan`, `migrate`): bars when stderr is a
     /// terminal and the logs are text; JSON logs (`json_logs`) are for a machine, which gets
     /// log lines.
-    pub fn interactive(json_logs: bool) -> Display {
+    pub(crate) fn interactive(json_logs: bool) -> Display {
         if std::io::stderr().is_terminal() && !json_logs {
             Display::Bar
         } else {
@@ -198,7 +194,7 @@ impl Display {
 }
 
 /// Shows a run's progress until the run ends ([`Reporter::finish`], or dropping it).
-pub struct Reporter {
+pub(crate) struct Reporter {
     stop: CancellationToken,
     task: Option<JoinHandle<()>>,
 }
@@ -207,7 +203,7 @@ impl Reporter {
     /// Starts reporting `progress`. A [`Display::Log`] reporter logs every `log_interval` (the
     /// `progress_interval` key) inside the current span, so its lines carry the run's fields
     /// like every other line of the run.
-    pub fn start(
+    pub(crate) fn start(
         display: Display,
         progress: Progress,
         run_id: Option<Uuid>,
@@ -228,7 +224,7 @@ impl Reporter {
 
     /// Stops reporting and waits until the bars are cleared, so what the command prints next
     /// is not drawn over.
-    pub async fn finish(mut self) {
+    pub(crate) async fn finish(mut self) {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -285,7 +281,7 @@ fn set_drawing(m: Option<MultiProgress>) {
 /// The log writer (`tracing_subscriber`'s `MakeWriter`): stderr, with the bars lifted while a
 /// line is written, so log lines and bars never share a terminal line.
 #[derive(Clone, Copy, Default)]
-pub struct LogWriter;
+pub(crate) struct LogWriter;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     type Writer = LogWriter;

@@ -26,7 +26,7 @@ use crate::error::Error;
 
 /// A wait ended by its cancellation token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cancelled;
+pub(crate) struct Cancelled;
 
 impl From<Cancelled> for Error {
     fn from(_: Cancelled) -> Self {
@@ -35,7 +35,7 @@ impl From<Cancelled> for Error {
 }
 
 /// Sleeps `d`, or less when `cancel` fires first (a token already cancelled ends it at once).
-pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), Cancelled> {
+pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<(), Cancelled> {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => Err(Cancelled),
@@ -45,12 +45,12 @@ pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) -> Result<
 
 /// A `Retry-After` header's value in seconds (the HTTP-date form is not honoured: the backoff
 /// applies then).
-pub fn retry_after(value: &str) -> Option<Duration> {
+pub(crate) fn retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// A random duration in `[0, max]`, uniform to the nanosecond.
-pub fn spread(max: Duration) -> Duration {
+pub(crate) fn spread(max: Duration) -> Duration {
     let nanos = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
     if nanos == 0 {
         return Duration::ZERO;
@@ -73,7 +73,7 @@ fn random_u64() -> u64 {
 
 /// When a policy gives up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
+pub(crate) enum Limit {
     /// After this many retries (so one attempt more than that).
     Retries(u32),
     /// Once this long has passed since the first attempt; the last wait is cut to end there.
@@ -82,7 +82,7 @@ pub enum Limit {
 
 /// How long to wait between attempts, and when to stop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// The wait after the first failed attempt; each further one doubles.
     pub base: Duration,
     /// The longest backoff.
@@ -95,7 +95,7 @@ pub struct Policy {
 /// What a failed attempt asks for. `E` says why it failed, for the caller's warning and for its
 /// error once the policy is spent.
 #[derive(Debug)]
-pub enum Retry<E> {
+pub(crate) enum Retry<E> {
     /// Not worth repeating: stop with this error.
     Fail(Error),
     /// Repeat after the policy's backoff.
@@ -108,7 +108,7 @@ pub enum Retry<E> {
 
 /// Why [`Policy::run`] stopped without a value.
 #[derive(Debug)]
-pub enum Stop<E> {
+pub(crate) enum Stop<E> {
     /// An attempt answered [`Retry::Fail`].
     Failed(Error),
     /// The policy is spent: the last failure, and how much was tried.
@@ -119,7 +119,7 @@ pub enum Stop<E> {
 
 /// How much was tried before giving up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Spent {
+pub(crate) struct Spent {
     /// Attempts made, the first included.
     pub attempts: u32,
     /// Since the first attempt started.
@@ -128,7 +128,7 @@ pub struct Spent {
 
 impl<E> Stop<E> {
     /// The error to report: `give_up` turns the last failure of a spent policy into one.
-    pub fn into_error(self, give_up: impl FnOnce(E, Spent) -> Error) -> Error {
+    pub(crate) fn into_error(self, give_up: impl FnOnce(E, Spent) -> Error) -> Error {
         match self {
             Stop::Failed(e) => e,
             Stop::Spent(why, spent) => give_up(why, spent),
@@ -139,7 +139,7 @@ impl<E> Stop<E> {
 
 impl Policy {
     /// Backoff from `base` doubling up to `cap`, until `limit`; a server may ask for `cap` at most.
-    pub const fn new(base: Duration, cap: Duration, limit: Limit) -> Self {
+    pub(crate) const fn new(base: Duration, cap: Duration, limit: Limit) -> Self {
         Policy {
             base,
             cap,
@@ -150,7 +150,7 @@ impl Policy {
 
     /// The exponential value after failed attempt `attempt` (0 for the first), without jitter:
     /// the upper bound of [`Policy::backoff`].
-    pub fn ceiling(&self, attempt: u32) -> Duration {
+    pub(crate) fn ceiling(&self, attempt: u32) -> Duration {
         self.base
             .saturating_mul(2u32.saturating_pow(attempt))
             .min(self.cap)
@@ -158,7 +158,7 @@ impl Policy {
 
     /// The backoff after failed attempt `attempt`: random in `[ceiling / 2, ceiling]` (see the
     /// module docs).
-    pub fn backoff(&self, attempt: u32) -> Duration {
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
         let ceiling = self.ceiling(attempt);
         let half = ceiling / 2;
         half + spread(ceiling - half)
@@ -167,7 +167,7 @@ impl Policy {
     /// The wait after failed attempt `attempt`, `elapsed` since the first started: what the
     /// server `asked` (at most `max_after`) or the backoff, cut at a deadline; `None` when the
     /// policy is spent.
-    pub fn delay(
+    pub(crate) fn delay(
         &self,
         attempt: u32,
         asked: Option<Duration>,

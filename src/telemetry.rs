@@ -47,7 +47,7 @@ static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 static LOG_WRITE_ERRORS: LazyLock<Counter> = LazyLock::new(Counter::default);
 
 /// The counter behind `seedkeeper_log_write_errors_total` (a clone shares the value).
-pub fn log_write_errors() -> &'static Counter {
+pub(crate) fn log_write_errors() -> &'static Counter {
     &LOG_WRITE_ERRORS
 }
 
@@ -55,7 +55,7 @@ pub fn log_write_errors() -> &'static Counter {
 /// failures are counted and swallowed. It answers every write as done, so the subscriber never
 /// sees an error and never falls back to its own `eprintln!` (see the module docs).
 #[derive(Clone, Copy, Default)]
-pub struct Sink;
+pub(crate) struct Sink;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Sink {
     type Writer = Sink;
@@ -85,7 +85,7 @@ impl Write for Sink {
 
 /// Writes one line of the process's own to stderr; a failure is counted, never a panic (as
 /// `eprintln!` would).
-pub fn stderr_line(line: &str) {
+pub(crate) fn stderr_line(line: &str) {
     let mut err = std::io::stderr().lock();
     if err
         .write_all(line.as_bytes())
@@ -97,7 +97,7 @@ pub fn stderr_line(line: &str) {
     }
 }
 
-pub fn init(format: LogFormat, filter: &str) {
+pub(crate) fn init(format: LogFormat, filter: &str) {
     set_format(format);
     let base = std::env::var("RUST_LOG")
         .ok()
@@ -133,12 +133,12 @@ pub fn init(format: LogFormat, filter: &str) {
 /// first call decides and later ones change nothing: the first is made before the
 /// configuration is loaded ([`early_format`], from the same flag, variable and file), and
 /// [`init`]'s, with the loaded `log.format`, agrees with it whenever loading succeeded.
-pub fn set_format(format: LogFormat) {
+pub(crate) fn set_format(format: LogFormat) {
     let _already_decided = FORMAT.set(format);
 }
 
 /// Whether the process's own lines are JSON; text until [`set_format`] decides.
-pub fn is_json() -> bool {
+pub(crate) fn is_json() -> bool {
     FORMAT.get() == Some(&LogFormat::Json)
 }
 
@@ -146,7 +146,7 @@ pub fn is_json() -> bool {
 /// else `SEEDKEEPER_LOG__FORMAT`, else `log.format` of the config file the load will read
 /// (`--config`, `SEEDKEEPER_CONFIG`, `config/seedkeeper.toml`) when it is readable TOML, else
 /// text. The loaded configuration decides afterwards, as always.
-pub fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogFormat {
+pub(crate) fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogFormat {
     if let Some(f) = flag {
         return f;
     }
@@ -175,7 +175,7 @@ pub fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> LogForma
 
 /// Whether a command line that failed to parse asked for JSON (`--log-format json` or
 /// `--log-format=json`), else `SEEDKEEPER_LOG__FORMAT`.
-pub fn json_requested(args: &[String]) -> bool {
+pub(crate) fn json_requested(args: &[String]) -> bool {
     let flag = args.iter().enumerate().find_map(|(i, a)| {
         if a == "--log-format" {
             args.get(i + 1).and_then(|v| parse_format(v))
@@ -198,7 +198,7 @@ fn parse_format(s: &str) -> Option<LogFormat> {
 }
 
 /// One JSON log line (without the newline) in the shape of the JSON log format.
-pub fn json_line(level: &str, target: &str, message: &str, fields: Vec<(String, Value)>) -> String {
+pub(crate) fn json_line(level: &str, target: &str, message: &str, fields: Vec<(String, Value)>) -> String {
     let mut line = Line::default();
     line.set("timestamp", Value::String(timestamp()));
     line.set("level", Value::String(level.to_string()));
@@ -212,7 +212,7 @@ pub fn json_line(level: &str, target: &str, message: &str, fields: Vec<(String, 
 
 /// An error the process reports itself, on stderr: `seedkeeper: <message>` as text, a JSON line
 /// with `error.kind` and `exit_code` as JSON.
-pub fn print_error(message: &str, kind: &str, exit_code: u8) {
+pub(crate) fn print_error(message: &str, kind: &str, exit_code: u8) {
     if is_json() {
         stderr_line(&json_line(
             "ERROR",

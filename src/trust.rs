@@ -37,7 +37,7 @@ static FALLBACK_LOGGED: Once = Once::new();
 static OS_PROBLEMS_LOGGED: Once = Once::new();
 
 /// The process' crypto provider (ring, installed at start), else ring.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     CryptoProvider::get_default()
         .cloned()
         .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
@@ -45,7 +45,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// The OS trust store, else the built-in Mozilla set. Read at every call (a CA added to the OS
 /// store needs no restart for PostgreSQL connections); the fallback is logged once per process.
-pub fn system_roots() -> RootCertStore {
+pub(crate) fn system_roots() -> RootCertStore {
     load_system_roots().store
 }
 
@@ -107,7 +107,7 @@ fn os_store_location() -> String {
 /// What [`system_roots`] trusts, for the messages of a refused certificate. The OS store is
 /// looked at again (only a refusal pays for it) rather than remembered from the last
 /// connection: a process-wide "last look" would be whichever connection looked last.
-pub fn system_roots_description() -> String {
+pub(crate) fn system_roots_description() -> String {
     if load_system_roots().built_in {
         "the built-in Mozilla roots (no OS trust store was found)".into()
     } else {
@@ -118,7 +118,7 @@ pub fn system_roots_description() -> String {
 /// The rustls config of the Keycloak client: the OS trust store (see [`system_roots`]) plus the
 /// CAs of `ca_file`; no verification at all when `verify` is false (`keycloak.tls_verify`,
 /// refused in production). Only HTTP/1.1 is offered, as reqwest is built without HTTP/2.
-pub fn https_client_config(ca_file: Option<&Path>, verify: bool) -> Result<ClientConfig> {
+pub(crate) fn https_client_config(ca_file: Option<&Path>, verify: bool) -> Result<ClientConfig> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -161,7 +161,7 @@ pub fn https_client_config(ca_file: Option<&Path>, verify: bool) -> Result<Clien
 
 /// A server certificate that no trusted CA signed: its subject and issuer, as `CN=…, O=…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UntrustedCertificate {
+pub(crate) struct UntrustedCertificate {
     pub subject: String,
     pub issuer: String,
 }
@@ -181,7 +181,7 @@ impl std::error::Error for UntrustedCertificate {}
 /// The first rustls error in `e`'s chain (itself included), also inside `io::Error`s: reqwest's
 /// connector wraps tokio-rustls' `io::Error` in another one, and `io::Error::source` skips the
 /// error it wraps, so each is opened with `get_ref`.
-pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+pub(crate) fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut cur = Some(e);
     while let Some(inner) = cur {
         let mut here: &(dyn std::error::Error + 'static) = inner;
@@ -203,7 +203,7 @@ pub fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
 }
 
 /// The untrusted certificate a refused handshake names, if that is why it was refused.
-pub fn untrusted(e: &rustls::Error) -> Option<&UntrustedCertificate> {
+pub(crate) fn untrusted(e: &rustls::Error) -> Option<&UntrustedCertificate> {
     match e {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
             inner.downcast_ref::<UntrustedCertificate>()
@@ -214,7 +214,7 @@ pub fn untrusted(e: &rustls::Error) -> Option<&UntrustedCertificate> {
 
 /// Why Keycloak's certificate was refused and the fix, when `e` failed in TLS certificate
 /// checks (retrying cannot fix those); `None` for everything else.
-pub fn explain_keycloak(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
+pub(crate) fn explain_keycloak(e: &(dyn std::error::Error + 'static), host: &str) -> Option<String> {
     let r = rustls_error(e)?;
     let roots = system_roots_description();
     let fix = "add the CA to the OS trust store (update-ca-certificates; or SSL_CERT_FILE/SSL_CERT_DIR), or give its PEM file as keycloak.ca_file (SEEDKEEPER_KEYCLOAK__CA_FILE)";
@@ -237,7 +237,7 @@ pub fn explain_keycloak(e: &(dyn std::error::Error + 'static), host: &str) -> Op
 /// rustls' verifier, except that an unknown issuer becomes an [`UntrustedCertificate`] naming
 /// the certificate: "unknown issuer" alone does not tell an operator which CA to add.
 #[derive(Debug)]
-pub struct NamesUntrusted<V: ServerCertVerifier>(pub Arc<V>);
+pub(crate) struct NamesUntrusted<V: ServerCertVerifier>(pub Arc<V>);
 
 impl<V: ServerCertVerifier> ServerCertVerifier for NamesUntrusted<V> {
     fn verify_server_cert(
@@ -304,7 +304,7 @@ fn name_certificate(der: &CertificateDer<'_>) -> Option<UntrustedCertificate> {
 /// `C=…, O=…, CN=…` in the certificate's order, with the attributes an operator recognises
 /// (CN, O, OU, C), each written and escaped by x509-cert (RFC 4514); the rest are skipped, so
 /// an e-mail address or a serial number does not drown the name.
-pub fn render_name(name: &x509_cert::name::Name) -> String {
+pub(crate) fn render_name(name: &x509_cert::name::Name) -> String {
     use x509_cert::der::oid::db::rfc4519::{
         COMMON_NAME, COUNTRY_NAME, ORGANIZATIONAL_UNIT_NAME, ORGANIZATION_NAME,
     };
@@ -362,7 +362,7 @@ pub(crate) use signatures_checked;
 /// Accepts any chain (no CA, no name), but the handshake must still be signed with the
 /// certificate's key: `keycloak.tls_verify = false`, and PostgreSQL's `prefer`/`require`.
 #[derive(Debug)]
-pub struct AnyChain {
+pub(crate) struct AnyChain {
     pub algs: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 

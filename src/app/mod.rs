@@ -18,10 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::gate::RunGate;
-pub use crate::health::{
-    liveness_verdict, Health, Liveness, HEARTBEAT_STALE, PROBE_TIMEOUT, RUN_OVERRUN,
-};
+pub(crate) use crate::gate::RunGate;
+pub use crate::health::Health;
+#[cfg(feature = "testing")]
+pub use crate::health::{liveness_verdict, Liveness, HEARTBEAT_STALE, PROBE_TIMEOUT, RUN_OVERRUN};
 pub use watchdog::watchdog;
 
 use crate::config::{IdentitySource, Settings};
@@ -204,18 +204,10 @@ impl Daemon {
         self.local_addr
     }
 
-    pub fn port(&self) -> u16 {
-        self.local_addr.port()
-    }
-
     /// The run gate: every run of the daemon starts through it.
+    #[cfg(feature = "testing")]
     pub fn gate(&self) -> Arc<RunGate> {
         self.gate.clone()
-    }
-
-    /// Liveness and readiness.
-    pub fn health(&self) -> Arc<Health> {
-        self.health.clone()
     }
 
     /// The daemon: HTTP, a run at start, then the schedule, until `cancel` fires.

@@ -31,7 +31,7 @@ pub enum SslMode {
 }
 
 impl SslMode {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
             SslMode::Prefer => "prefer",
@@ -308,7 +308,7 @@ fn userinfo_span(url: &str) -> Option<(usize, usize)> {
 /// be percent-encoded (a second `@`, `/`, `?`, `#`, a `%` that starts no escape, a space,
 /// anything outside ASCII). The reason never quotes the URL or the character. `None` when the
 /// userinfo is well-formed, or there is none.
-pub fn userinfo_refusal(url: &str) -> Option<&'static str> {
+pub(crate) fn userinfo_refusal(url: &str) -> Option<&'static str> {
     let (start, end) = userinfo_span(url)?;
     let info = &url.as_bytes()[start..end];
     let mut i = 0;
@@ -332,7 +332,7 @@ pub fn userinfo_refusal(url: &str) -> Option<&'static str> {
 
 /// The refusal of a `database.url` whose user or password is not percent-encoded: the fix,
 /// never the URL.
-pub fn database_userinfo_problem(url: &str) -> Option<String> {
+pub(crate) fn database_userinfo_problem(url: &str) -> Option<String> {
     userinfo_refusal(url).map(|why| {
         format!(
             "database.url (SEEDKEEPER_DATABASE__URL): the user or password in it holds {why}, so \
@@ -349,7 +349,7 @@ pub fn database_userinfo_problem(url: &str) -> Option<String> {
 
 /// A URL (or libpq `key=value` string) fit for a message: its userinfo (`user:password@`) and
 /// any `password=` parameter replaced by `[REDACTED]`, whatever the shape of the rest.
-pub fn redact_url(s: &str) -> String {
+pub(crate) fn redact_url(s: &str) -> String {
     let mut out = match userinfo_span(s) {
         Some((start, end)) => format!("{}[REDACTED]{}", &s[..start], &s[end..]),
         None => s.to_string(),
@@ -370,7 +370,7 @@ pub fn redact_url(s: &str) -> String {
 
 /// tokio-postgres' reason for refusing a connection string, when it names only an option (its
 /// other messages can quote a character of the string).
-pub fn url_refusal_reason(e: &tokio_postgres::Error) -> Option<String> {
+pub(crate) fn url_refusal_reason(e: &tokio_postgres::Error) -> Option<String> {
     let inner = std::error::Error::source(e)?.to_string();
     (inner.starts_with("unknown option") || inner.starts_with("invalid value for option"))
         .then_some(inner)

@@ -52,7 +52,7 @@ fn out_of_range(s: &str) -> String {
     format!("{s:?} is out of range: too large, or finer than a millisecond")
 }
 
-pub fn format(d: &Duration) -> String {
+pub(crate) fn format(d: &Duration) -> String {
     if d.subsec_millis() != 0 {
         format!("{}ms", d.as_millis())
     } else {
@@ -60,11 +60,11 @@ pub fn format(d: &Duration) -> String {
     }
 }
 
-pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format(d))
 }
 
-pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Raw {

@@ -45,7 +45,7 @@ fn kind(ft: &std::fs::FileType) -> &'static str {
 /// regular file (a FIFO, a device, a directory, a socket), or larger than `limit` bytes. The
 /// reason starts with "is" or "does", to follow the file's name. Symbolic links are followed
 /// (systemd credentials and Kubernetes secrets are links).
-pub fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::Metadata, String> {
+pub(super) fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::Metadata, String> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "does not exist".to_string(),
         std::io::ErrorKind::PermissionDenied => "is not readable (permission denied)".to_string(),
@@ -86,7 +86,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<String, String> {
 /// Why a path given as a realm export cannot be one: it must be a regular file or a directory
 /// (`kc.sh export --dir`); a FIFO or a device is refused. No size cap: a large realm is read as
 /// a stream.
-pub fn check_file_or_dir(path: &Path) -> Result<(), String> {
+pub(super) fn check_file_or_dir(path: &Path) -> Result<(), String> {
     match std::fs::metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err("does not exist".to_string()),
         Err(e) => Err(format!("cannot be read ({})", e.kind())),

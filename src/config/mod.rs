@@ -20,7 +20,7 @@
 //! URL's libpq TLS parameters (re-exported here). The URL is parsed here, where it is validated,
 //! and `crate::store` connects with what this module made of it: config never needs the store.
 
-pub mod database_url;
+pub(crate) mod database_url;
 mod files;
 mod secrets;
 mod sources;
@@ -29,9 +29,9 @@ mod validate;
 #[cfg(test)]
 mod redaction_props;
 
-pub mod duration_str;
-pub mod offboard_limit;
-pub use offboard_limit::OffboardLimit;
+pub(crate) mod duration_str;
+pub(crate) mod offboard_limit;
+pub(crate) use offboard_limit::OffboardLimit;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -44,15 +44,16 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Problems, Result};
 use secrets::{de_secret, ser_secret};
 
-pub use database_url::{
-    describe_target, is_loopback_host, remote_hosts, split_libpq_tls, DbTls, RootCert, SslMode,
-};
-pub use files::{read_regular, CONFIG_LIMIT, SECRET_LIMIT};
+pub use database_url::{describe_target, split_libpq_tls, DbTls, RootCert, SslMode};
+#[cfg(feature = "testing")]
+pub use database_url::{is_loopback_host, remote_hosts};
+pub use files::{read_regular, CONFIG_LIMIT};
+#[cfg(feature = "testing")]
+pub use files::SECRET_LIMIT;
 pub use sources::{ConfigFile, ConfigLayers, ConfigOrigin};
-pub use validate::{url_is_loopback, validate_cron};
 
-pub const ENV_PREFIX: &str = "SEEDKEEPER_";
-pub const DEFAULT_CONFIG_PATH: &str = "config/seedkeeper.toml";
+pub(crate) const ENV_PREFIX: &str = "SEEDKEEPER_";
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "config/seedkeeper.toml";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -213,7 +214,7 @@ pub struct EventsSettings {
 impl Settings {
     /// Whether the daemon follows Keycloak's events: `events.enabled`, by default on with the
     /// keycloak source (the realm-file source has no events).
-    pub fn events_enabled(&self) -> bool {
+    pub(crate) fn events_enabled(&self) -> bool {
         self.identity.source == IdentitySource::Keycloak && self.events.enabled.unwrap_or(true)
     }
 }
@@ -350,7 +351,7 @@ pub fn load(sources: &ConfigLayers) -> Result<Settings> {
 }
 
 /// Like [`load`], for commands that never touch the database (`export-sql`, `healthcheck`).
-pub fn load_offline(sources: &ConfigLayers) -> Result<Settings> {
+pub(crate) fn load_offline(sources: &ConfigLayers) -> Result<Settings> {
     load_with(sources, false)
 }
 
@@ -378,7 +379,7 @@ fn load_with(sources: &ConfigLayers, need_database: bool) -> Result<Settings> {
 impl DatabaseSettings {
     /// The one place the database secrets are exposed: the connection config, and the libpq TLS
     /// parameters taken out of the URL (see [`DbTls`]).
-    pub fn connection(&self) -> Result<(tokio_postgres::Config, DbTls)> {
+    pub(crate) fn connection(&self) -> Result<(tokio_postgres::Config, DbTls)> {
         let url = self
             .url
             .as_ref()
@@ -415,7 +416,7 @@ impl DatabaseSettings {
     }
 
     /// The connection config alone (see [`DatabaseSettings::connection`]).
-    pub fn pg_config(&self) -> Result<tokio_postgres::Config> {
+    pub(crate) fn pg_config(&self) -> Result<tokio_postgres::Config> {
         self.connection().map(|(cfg, _)| cfg)
     }
 
@@ -440,7 +441,7 @@ impl DatabaseSettings {
     }
 
     /// `host:port/db` for messages: never the user or the password.
-    pub fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         match self.pg_config() {
             Ok(cfg) => describe_target(&cfg),
             Err(_) => "(invalid database.url)".to_string(),
@@ -450,7 +451,7 @@ impl DatabaseSettings {
 
 impl Settings {
     /// Where the configuration came from, in one line: the file and how it was chosen, or none.
-    pub fn provenance(&self) -> String {
+    pub(crate) fn provenance(&self) -> String {
         match &self.config_file {
             Some(f) => format!(
                 "configuration file {} (chosen by {})",
@@ -463,7 +464,7 @@ impl Settings {
 
     /// Logs where the configuration came from, once at start: a file picked up from the
     /// working directory is otherwise invisible.
-    pub fn log_provenance(&self) {
+    pub(crate) fn log_provenance(&self) {
         match &self.config_file {
             Some(f) => tracing::info!(
                 config.file = %f.absolute.display(),
@@ -477,7 +478,7 @@ impl Settings {
     }
 
     /// The effective configuration as TOML, every secret replaced by `[REDACTED]`.
-    pub fn redacted_toml(&self) -> String {
+    pub(crate) fn redacted_toml(&self) -> String {
         // The Keycloak URLs are no secrets, but a user or password written into one is.
         let mut shown = self.clone();
         for u in [&mut shown.keycloak.base_url, &mut shown.keycloak.issuer]

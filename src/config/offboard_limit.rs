@@ -14,7 +14,7 @@ use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// The fewest users a percentage limit allows.
-pub const PERCENT_FLOOR: i64 = 10;
+pub(crate) const PERCENT_FLOOR: i64 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum OffboardLimit {
@@ -32,7 +32,7 @@ impl Default for OffboardLimit {
 
 impl OffboardLimit {
     /// The limit for a realm of `in_realm` users.
-    pub fn resolve(self, in_realm: i64) -> i64 {
+    pub(crate) fn resolve(self, in_realm: i64) -> i64 {
         match self {
             OffboardLimit::Count(n) => i64::try_from(n).unwrap_or(i64::MAX),
             OffboardLimit::Percent(p) => {

@@ -31,7 +31,7 @@ pub struct ConfigLayers {
 
 impl ConfigLayers {
     /// The process environment and the `--config` path.
-    pub fn from_process(config_flag: Option<PathBuf>) -> Self {
+    pub(crate) fn from_process(config_flag: Option<PathBuf>) -> Self {
         ConfigLayers {
             file: config_flag,
             env: std::env::vars().collect(),
@@ -43,7 +43,7 @@ impl ConfigLayers {
     /// looks, and opens nothing). The one answer to "which file": the load reads it, and the
     /// log format chosen before the load (`telemetry::early_format`) asks it too. Whether the
     /// file can be read is for the reader to find out.
-    pub fn config_file(&self) -> Option<ConfigFile> {
+    pub(crate) fn config_file(&self) -> Option<ConfigFile> {
         match (&self.file, self.var("SEEDKEEPER_CONFIG")) {
             (Some(p), _) => Some(ConfigFile::new(p.clone(), ConfigOrigin::Flag)),
             (None, Some(p)) if !p.is_empty() => {
@@ -81,7 +81,7 @@ pub enum ConfigOrigin {
 
 impl ConfigOrigin {
     /// How it was chosen, as the log line and `seedkeeper config` say it.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ConfigOrigin::Flag => "--config",
             ConfigOrigin::EnvVar => "SEEDKEEPER_CONFIG",

@@ -381,7 +381,7 @@ fn userinfo_problem(key: &str, env: &str, u: &str) -> String {
 }
 
 /// Six fields, seconds first; checked with the scheduler's own parser.
-pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
+pub(crate) fn validate_cron(expr: &str) -> std::result::Result<(), String> {
     if expr.split_whitespace().count() != 6 {
         return Err(format!(
             "{} fields given, 6 expected",
@@ -395,7 +395,7 @@ pub fn validate_cron(expr: &str) -> std::result::Result<(), String> {
 }
 
 /// Whether a URL's host is this machine: `localhost` (and `*.localhost`) or a loopback address.
-pub fn url_is_loopback(url: &reqwest::Url) -> bool {
+pub(crate) fn url_is_loopback(url: &reqwest::Url) -> bool {
     url.host_str()
         .is_some_and(|h| is_loopback_host(&tokio_postgres::config::Host::Tcp(h.to_string())))
 }

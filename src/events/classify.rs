@@ -19,7 +19,7 @@ const USER_EVENT_TYPES: &[&str] = &[
 
 /// The re-sync a batch of events asks for: some users, or a full run.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Resync {
+pub(crate) struct Resync {
     /// Users to re-sync, by id.
     pub users: BTreeSet<String>,
     /// A change whose effect on users is unknown: a full run.
@@ -27,7 +27,7 @@ pub struct Resync {
 }
 
 /// What one admin event means for seedkeeper.
-pub fn classify_admin(e: &AdminEvent, wanted: &mut Resync) {
+pub(crate) fn classify_admin(e: &AdminEvent, wanted: &mut Resync) {
     let path = e.resource_path.as_deref().unwrap_or("");
     let kind = e.resource_type.as_deref().unwrap_or("");
     let mut segs = path.split('/');
@@ -62,7 +62,7 @@ pub fn classify_admin(e: &AdminEvent, wanted: &mut Resync) {
 }
 
 /// What one user event means for seedkeeper.
-pub fn classify_user(e: &UserEvent, wanted: &mut Resync) {
+pub(crate) fn classify_user(e: &UserEvent, wanted: &mut Resync) {
     let kind = e.kind.as_deref().unwrap_or("");
     if USER_EVENT_TYPES.contains(&kind) {
         if let Some(id) = e.user_id.as_deref().filter(|s| !s.is_empty()) {
@@ -80,12 +80,12 @@ pub struct StreamPosition {
 
 impl StreamPosition {
     /// Whether an event (time, key) was applied already.
-    pub fn covers(&self, time: i64, key: &str) -> bool {
+    pub(crate) fn covers(&self, time: i64, key: &str) -> bool {
         time < self.time || (time == self.time && self.ids.iter().any(|i| i == key))
     }
 
     /// The position after applying events with these (time, key) pairs.
-    pub fn advance(&self, seen: &[(i64, String)]) -> StreamPosition {
+    pub(crate) fn advance(&self, seen: &[(i64, String)]) -> StreamPosition {
         let Some(last) = seen.iter().map(|(t, _)| *t).max() else {
             return self.clone();
         };
@@ -107,7 +107,7 @@ impl StreamPosition {
 }
 
 /// An event's identity: Keycloak's id, or its content when it has none.
-pub trait EventKey {
+pub(crate) trait EventKey {
     fn time(&self) -> i64;
     fn key(&self) -> String;
 }

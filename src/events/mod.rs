@@ -25,8 +25,10 @@ mod checkpoint;
 mod classify;
 mod follower;
 
-pub use checkpoint::{
-    load_checkpoint, now_ms, save_checkpoint, save_not_following, status_lines, Checkpoint,
-};
-pub use classify::{classify_admin, classify_user, EventKey, Resync, StreamPosition};
-pub use follower::{Follower, FollowerState, NotFollowing, Poll};
+pub use checkpoint::status_lines;
+#[cfg(feature = "testing")]
+pub use checkpoint::{load_checkpoint, now_ms, save_checkpoint, save_not_following, Checkpoint};
+pub(crate) use classify::StreamPosition;
+pub use follower::{Follower, FollowerState};
+#[cfg(feature = "testing")]
+pub use follower::{NotFollowing, Poll};

@@ -21,10 +21,10 @@ use crate::config::IdentitySettings;
 use crate::error::Result;
 use crate::progress::Progress;
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The column limit for subs, usernames, emails and names (Keycloak's own limit is 255 too).
-pub const MAX_FIELD_CHARS: usize = 255;
+pub(crate) const MAX_FIELD_CHARS: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -65,13 +65,13 @@ pub struct Shortfall {
 }
 
 impl Shortfall {
-    pub fn unlisted(&self) -> u64 {
+    pub(crate) fn unlisted(&self) -> u64 {
         self.counted.saturating_sub(self.listed)
     }
 }
 
 /// How many rejections a source describes; the rest are only counted.
-pub const REJECTIONS_KEPT: usize = 50;
+pub(crate) const REJECTIONS_KEPT: usize = 50;
 
 /// A user the source left out: the evidence entity (`user:<username>`) and why, with the fix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub struct Rejection {
 }
 
 impl SourceStats {
-    pub fn reject(&mut self, entity: String, detail: String) {
+    pub(crate) fn reject(&mut self, entity: String, detail: String) {
         self.rejected += 1;
         if self.rejections.len() < REJECTIONS_KEPT {
             self.rejections.push(Rejection { entity, detail });
@@ -132,7 +132,7 @@ impl RoleFilter {
         RoleFilter { relevant }
     }
 
-    pub fn keep(&self, roles: impl IntoIterator<Item = String>) -> Vec<String> {
+    pub(crate) fn keep(&self, roles: impl IntoIterator<Item = String>) -> Vec<String> {
         let set: BTreeSet<String> = roles
             .into_iter()
             .filter(|r| self.relevant.contains(r))
@@ -143,7 +143,7 @@ impl RoleFilter {
 
 /// Why an identity cannot be stored, if it cannot.
 /// A value for logs and evidence entities: control characters escaped, length capped.
-pub fn printable(s: &str) -> String {
+pub(crate) fn printable(s: &str) -> String {
     let escaped: String = s.chars().take(80).flat_map(char::escape_debug).collect();
     if s.chars().count() > 80 {
         format!("{escaped}…")
@@ -152,7 +152,7 @@ pub fn printable(s: &str) -> String {
     }
 }
 
-pub fn check_identity(i: &Identity) -> std::result::Result<(), String> {
+pub(crate) fn check_identity(i: &Identity) -> std::result::Result<(), String> {
     check_key_field("id (sub)", &i.sub)?;
     check_key_field("username", &i.username)?;
     for (name, v) in [
@@ -193,7 +193,7 @@ fn check_key_field(name: &str, v: &str) -> std::result::Result<(), String> {
 /// role can be a composite that holds realm roles (Keycloak puts those in the holder's
 /// `realm_access.roles`), so effective realm roles are resolved over both kinds.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum RoleKey {
+pub(crate) enum RoleKey {
     Realm(String),
     /// The client as the source names it (a realm file's `clientId`, the Admin API's internal
     /// client id), then the role's name.
@@ -201,29 +201,22 @@ pub enum RoleKey {
 }
 
 impl RoleKey {
-    pub fn realm(name: &str) -> RoleKey {
+    pub(crate) fn realm(name: &str) -> RoleKey {
         RoleKey::Realm(name.to_string())
     }
 
-    /// The realm role's name, `None` for a client role.
-    pub fn realm_name(&self) -> Option<&str> {
-        match self {
-            RoleKey::Realm(n) => Some(n),
-            RoleKey::Client(..) => None,
-        }
-    }
 }
 
 /// The role graph of a realm: which roles each composite role contains, realm and client roles
 /// alike.
 #[derive(Debug, Clone, Default)]
-pub struct RoleGraph {
+pub(crate) struct RoleGraph {
     pub composites: HashMap<RoleKey, Vec<RoleKey>>,
 }
 
 impl RoleGraph {
     /// Every role reachable from `start`, including the start roles.
-    pub fn closure(&self, start: impl IntoIterator<Item = RoleKey>) -> HashSet<RoleKey> {
+    pub(crate) fn closure(&self, start: impl IntoIterator<Item = RoleKey>) -> HashSet<RoleKey> {
         let mut seen: HashSet<RoleKey> = HashSet::new();
         let mut stack: Vec<RoleKey> = start.into_iter().collect();
         while let Some(r) = stack.pop() {
@@ -238,7 +231,7 @@ impl RoleGraph {
     }
 
     /// The realm roles reachable from `start` (what Keycloak puts in `realm_access.roles`).
-    pub fn realm_closure(&self, start: impl IntoIterator<Item = RoleKey>) -> Vec<String> {
+    pub(crate) fn realm_closure(&self, start: impl IntoIterator<Item = RoleKey>) -> Vec<String> {
         self.closure(start)
             .into_iter()
             .filter_map(|r| match r {
@@ -250,7 +243,7 @@ impl RoleGraph {
 
     /// Roles whose effective set contains `target` (the role itself and every composite, realm
     /// or client, that reaches it): holding any of them means holding `target`.
-    pub fn holders_of(&self, target: &RoleKey) -> BTreeSet<RoleKey> {
+    pub(crate) fn holders_of(&self, target: &RoleKey) -> BTreeSet<RoleKey> {
         let mut parents: HashMap<&RoleKey, Vec<&RoleKey>> = HashMap::new();
         for (role, children) in &self.composites {
             for c in children {
@@ -271,7 +264,7 @@ impl RoleGraph {
 }
 
 /// Maps each relevant realm role to the roles (realm or client) that grant it.
-pub fn granting_roles(
+pub(crate) fn granting_roles(
     graph: &RoleGraph,
     filter: &RoleFilter,
 ) -> BTreeMap<String, BTreeSet<RoleKey>> {
@@ -286,7 +279,7 @@ pub fn granting_roles(
 /// realm, so nothing is concluded from absence and no row is re-aligned on its strength. `gone`
 /// are the batch's users Keycloak answered 404 for: deleted, so offboarded.
 #[derive(Debug, Clone, Default)]
-pub struct SomeUsers {
+pub(crate) struct SomeUsers {
     pub users: Vec<Identity>,
     pub gone: Vec<String>,
 }

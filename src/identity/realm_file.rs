@@ -49,10 +49,10 @@ use crate::identity::{
 use crate::progress::Progress;
 
 pub const EMBEDDED_REALM: &str = include_str!("../../realms/dev-realm.json");
-pub const EMBEDDED_NAME: &str = "embedded realms/dev-realm.json";
+pub(crate) const EMBEDDED_NAME: &str = "embedded realms/dev-realm.json";
 
 /// The realm read from a multi-realm export when none is set (`keycloak.realm`'s default).
-pub const DEFAULT_REALM: &str = "dev";
+pub(crate) const DEFAULT_REALM: &str = "dev";
 
 /// Problems listed in one error before the rest are only counted.
 const MAX_LISTED_PROBLEMS: usize = 20;
@@ -88,7 +88,7 @@ fn users_file_name(name: &str) -> Option<(&str, u64)> {
 }
 
 impl RealmInput {
-    pub fn from_setting(path: Option<&Path>) -> Result<Self> {
+    pub(crate) fn from_setting(path: Option<&Path>) -> Result<Self> {
         let Some(p) = path else {
             return Ok(RealmInput::Embedded);
         };
@@ -135,7 +135,7 @@ impl RealmInput {
         })
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             RealmInput::Embedded => EMBEDDED_NAME.to_string(),
             RealmInput::File(p) => p.display().to_string(),
@@ -410,7 +410,7 @@ fn profile_of(components: &ComponentsRep) -> std::result::Result<Profile, String
 
 /// Roles and groups of the realm, enough to resolve effective roles.
 #[derive(Debug, Default)]
-pub struct RealmIndex {
+pub(crate) struct RealmIndex {
     pub realm: Option<String>,
     graph: RoleGraph,
     /// Group path -> roles (realm and client) of the group and all its parents.
@@ -802,7 +802,7 @@ impl RealmFileSource {
 
     /// The realm to read when the export holds several (`keycloak.realm`); one realm is read
     /// whatever its name.
-    pub fn with_realm(mut self, realm: &str) -> Self {
+    pub(crate) fn with_realm(mut self, realm: &str) -> Self {
         self.realm = realm.to_string();
         self
     }
@@ -811,7 +811,7 @@ impl RealmFileSource {
     /// reads roles, groups and users; group references are checked once the whole index is
     /// known, against the first user naming each. In a file holding an array of realms, every
     /// realm is checked on its own and the one read is picked at the end.
-    pub fn validate(&self) -> Result<Arc<RealmIndex>> {
+    pub(crate) fn validate(&self) -> Result<Arc<RealmIndex>> {
         let parts = self.input.parts(&self.realm)?;
         let part_names: Vec<String> = parts.iter().map(Part::name).collect();
         let no_roles = RealmIndex::default();

@@ -21,7 +21,7 @@ use crate::store::ctx;
 
 const UNIT: Unit = Unit::RoleBindings;
 
-pub const GRANTOR: &str = "seedkeeper";
+pub(crate) const GRANTOR: &str = "seedkeeper";
 
 /// The bindings the users rows in `scope` should have. `$1` realm roles and `$2` platform roles
 /// of the role map (parallel arrays), `$3` the scope's ids. The overlap test (`&&`) is the same
@@ -51,7 +51,7 @@ const REVOKE_REASON: &str = "CASE
 
 /// Grants the missing bindings and revokes the seedkeeper bindings whose basis is gone, listing
 /// up to `listed` of each by key.
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     tx: &Transaction<'_>,
     identity: &IdentitySettings,
     scope: &Scope,

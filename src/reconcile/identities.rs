@@ -98,7 +98,7 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
 /// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
 /// counts the users listed.
 #[derive(Clone, Copy)]
-pub struct Listing<'a> {
+pub(crate) struct Listing<'a> {
     pub cancel: &'a CancellationToken,
     pub progress: &'a Progress,
 }
@@ -107,14 +107,14 @@ pub struct Listing<'a> {
 /// `identity.offboard_limit`), an operator's `--allow-offboard N`, and how many changes each
 /// statement lists by key.
 #[derive(Clone, Copy)]
-pub struct Rules<'a> {
+pub(crate) struct Rules<'a> {
     pub settings: &'a Settings,
     pub allow_offboard: Option<i64>,
     pub listed: i64,
 }
 
 /// Applies the identities of `source` inside `tx` (a plan's is rolled back), phase by phase.
-pub async fn reconcile(
+pub(crate) async fn reconcile(
     tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
     listing: Listing<'_>,

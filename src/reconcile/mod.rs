@@ -15,16 +15,18 @@
 //! it would outlast `shutdown.grace`, and so does losing the run lock (another run may take it).
 //! Reads `schema.mode`, `run.timeout`, `shutdown.grace`, `identity.*`, `evidence.retention`.
 
-pub mod bindings;
-pub mod identities;
-pub mod reference;
-pub mod tenants;
+pub(crate) mod bindings;
+pub(crate) mod identities;
+pub(crate) mod reference;
+pub(crate) mod tenants;
 
 /// The vocabulary of a run ([`crate::model`]), where the engine's callers have always found it.
 pub use crate::model::{
-    Action, Count, Counts, Finding, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Trigger,
-    Unit, UnitReport, FINDINGS_PER_KIND,
+    Action, Count, FindingKind, Mode, Outcome, RunReport, Scope, Tally, Trigger, Unit, UnitReport,
+    FINDINGS_PER_KIND,
 };
+#[cfg(feature = "testing")]
+pub use crate::model::{Counts, Finding};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -698,11 +700,11 @@ fn in_unit(e: Error, unit: Unit) -> Error {
 }
 
 /// Why a run was skipped: the text its `seed_runs` row holds, and `--once` would say.
-pub const SKIPPED_LOCKED_OUT: &str =
+pub(crate) const SKIPPED_LOCKED_OUT: &str =
     "another run holds the run lock (a second replica or an overlapping tick)";
 
 /// How long ending a stopped run may take at most (see [`Engine::stop_run`]).
-pub const STOP_BUDGET: Duration = Duration::from_secs(5);
+pub(crate) const STOP_BUDGET: Duration = Duration::from_secs(5);
 
 /// Why a run was stopped before it ended.
 #[derive(Debug, Clone, Copy)]

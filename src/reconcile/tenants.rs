@@ -156,7 +156,7 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
      LEFT JOIN tenant_memberships tm ON tm.tenant_id = t.id AND tm.user_id = u.id
      LEFT JOIN project_memberships pm ON pm.project_id = p.id AND pm.user_id = u.id";
 
-pub async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Result<UnitReport> {
+pub(crate) async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     crate::reconcile::bindings::no_jit(tx).await?;
     let params = scope.typed_params();

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Problems, Result};
 
 pub const EMBEDDED_SEED: &str = include_str!("../../config/reference-seed.toml");
-pub const EMBEDDED_NAME: &str = "embedded config/reference-seed.toml";
+pub(crate) const EMBEDDED_NAME: &str = "embedded config/reference-seed.toml";
 
 /// Who owns a section's rows after bootstrap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,11 +126,11 @@ pub struct ReferenceSeed {
     pub data: SeedFile,
 }
 
-pub const RUNTIME_BACKENDS: &[&str] = &["bare_metal", "slurm", "rke2"];
+pub(crate) const RUNTIME_BACKENDS: &[&str] = &["bare_metal", "slurm", "rke2"];
 
 impl ReferenceSeed {
     /// The seed at `path`, or the embedded one.
-    pub fn load(path: Option<&Path>) -> Result<Self> {
+    pub(crate) fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(EMBEDDED_NAME, EMBEDDED_SEED),
             Some(p) => {
@@ -168,7 +168,7 @@ impl ReferenceSeed {
         })
     }
 
-    pub fn role_names(&self) -> BTreeSet<&str> {
+    pub(crate) fn role_names(&self) -> BTreeSet<&str> {
         self.data
             .platform_roles
             .items
@@ -178,7 +178,7 @@ impl ReferenceSeed {
     }
 }
 
-pub fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -421,7 +421,7 @@ fn validate_profile(at: &str, profile: &Value, err: &mut impl FnMut(String, Stri
 }
 
 /// Checks a value against a definition's type, bounds and allowed values.
-pub fn check_value(d: &PolicyDefinition, v: &Value) -> std::result::Result<(), String> {
+pub(crate) fn check_value(d: &PolicyDefinition, v: &Value) -> std::result::Result<(), String> {
     match d.value_type {
         ValueType::Integer => {
             let n = v.as_i64().ok_or_else(|| format!("{v} is not an integer"))?;

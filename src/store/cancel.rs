@@ -66,7 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for CloseLast<S> {
 /// Sends a cancel request for the statement running on `client` (a connection made with
 /// `settings`, to the first host of `database.url`) and waits until the server has handled it.
 /// The caller bounds the wait.
-pub async fn cancel_statement(client: &Client, settings: &DatabaseSettings) -> Result<()> {
+pub(crate) async fn cancel_statement(client: &Client, settings: &DatabaseSettings) -> Result<()> {
     let (cfg, tls_params) = settings.connection()?;
     let target = describe_target(&cfg);
     let mut connector = tls::connector(&tls_params)?;

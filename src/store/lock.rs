@@ -46,7 +46,7 @@ const CLOSE_WITHIN: Duration = Duration::from_secs(1);
 
 /// The run lock, held: an open transaction on a connection of its own. Give it back with
 /// [`RunLock::release`]; dropping it closes the connection, which ends the transaction too.
-pub struct RunLock {
+pub(crate) struct RunLock {
     db: Db,
     /// Fired by [`RunLock::release`] before the connection ends, so that an orderly release is
     /// not taken for a lost lock.
@@ -87,7 +87,7 @@ async fn take_on(db: Db) -> Result<std::result::Result<RunLock, Db>> {
 impl RunLock {
     /// Tries to take the lock without waiting, on a new connection; `None` when another session
     /// holds it (the connection is closed again).
-    pub async fn try_take(settings: &DatabaseSettings) -> Result<Option<RunLock>> {
+    pub(crate) async fn try_take(settings: &DatabaseSettings) -> Result<Option<RunLock>> {
         let db = store::connect(settings).await?;
         match take_on(db).await? {
             Ok(lock) => Ok(Some(lock)),
@@ -101,7 +101,7 @@ impl RunLock {
     /// Takes the lock, waiting up to `wait` for the session that holds it to let it go (polling
     /// on one connection, see `WAIT_BASE`); a shutdown (`cancel`) ends the wait at once. When
     /// the wait ends without the lock: [`Error::RunLockHeld`], naming the holder.
-    pub async fn acquire_within(
+    pub(crate) async fn acquire_within(
         settings: &DatabaseSettings,
         wait: Duration,
         cancel: &CancellationToken,
@@ -151,7 +151,7 @@ impl RunLock {
     /// Cancels `lost` when the lock is lost while held: its connection ended without
     /// [`RunLock::release`] (the server restarted, an operator or a timeout ended the session, the
     /// pooler closed it). The run must stop then: another may take the lock.
-    pub fn cancel_on_loss(&self, lost: CancellationToken) {
+    pub(crate) fn cancel_on_loss(&self, lost: CancellationToken) {
         let (ended, released) = (self.db.ended(), self.released.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -163,21 +163,21 @@ impl RunLock {
     }
 
     /// Whether the lock's connection is still open (the lock is held while it is).
-    pub fn is_held(&self) -> bool {
+    pub(crate) fn is_held(&self) -> bool {
         !self.db.client.is_closed()
     }
 
     /// The lock's connection, for statements that belong under the lock and must not wait for
     /// the run's own connection (recording a stopped run): they run inside the lock's
     /// transaction and are committed with its release.
-    pub fn client(&self) -> &Client {
+    pub(crate) fn client(&self) -> &Client {
         &self.db.client
     }
 
     /// Gives the lock back: commits its transaction (and whatever [`RunLock::client`] wrote in
     /// it) and closes its connection. When the commit fails, closing the connection still ends
     /// the transaction and the lock.
-    pub async fn release(self) -> Result<()> {
+    pub(crate) async fn release(self) -> Result<()> {
         self.released.cancel();
         let committed = self
             .db
@@ -194,7 +194,7 @@ impl RunLock {
 /// without `pg_read_all_stats` sees another role's pid, user and application name, not its
 /// state or client address). Behind a pooler, the server backend the pooler gave that session.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Holder {
+pub(crate) struct Holder {
     pub pid: i32,
     pub application_name: String,
     pub user: Option<String>,
@@ -226,7 +226,7 @@ impl fmt::Display for Holder {
 ///
 /// A bigint advisory key shows in `pg_locks` split in two: its high 32 bits as `classid`, its low
 /// 32 bits as `objid`, with `objsubid` 1 (session and transaction locks alike).
-pub async fn holder(client: &Client) -> Result<Option<Holder>> {
+pub(crate) async fn holder(client: &Client) -> Result<Option<Holder>> {
     let high = RUN_LOCK_KEY >> 32;
     let low = RUN_LOCK_KEY & 0xffff_ffff;
     let row = client

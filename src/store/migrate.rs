@@ -65,7 +65,7 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS seedkeeper_migrations (
 )";
 
 /// Checks applied migrations against the embedded ones and returns the pending ones.
-pub async fn pending(
+pub(crate) async fn pending(
     client: &Client,
     migrations: &'static [Migration],
 ) -> Result<Vec<&'static Migration>> {

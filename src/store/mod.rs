@@ -10,13 +10,13 @@
 //! statement outlives its transaction on a backend the pooler hands to someone else. Reads
 //! `database.*`.
 
-pub mod cancel;
+pub(crate) mod cancel;
 pub mod lock;
 pub mod migrate;
-pub mod runs;
+pub(crate) mod runs;
 pub mod schema_check;
-pub mod server;
-pub mod tls;
+pub(crate) mod server;
+pub(crate) mod tls;
 
 use std::time::Duration;
 
@@ -51,14 +51,14 @@ impl Drop for Db {
 impl Db {
     /// Fires when the connection has ended, for whatever reason (closed here, or by the server,
     /// a pooler or the network): the run lock watches its own connection with it.
-    pub fn ended(&self) -> CancellationToken {
+    pub(crate) fn ended(&self) -> CancellationToken {
         self.ended.clone()
     }
 
     /// Closes the connection the orderly way (a Terminate message, which the server or pooler
     /// acts on at once) and waits up to `within` for it to be closed, rather than dropping the
     /// socket and leaving the server to notice.
-    pub async fn close(mut self, within: Duration) {
+    pub(crate) async fn close(mut self, within: Duration) {
         let task = self.conn_task.take();
         // Dropping the last client handle makes the connection send Terminate and end.
         drop(self);
@@ -85,7 +85,7 @@ fn is_transient(e: &tokio_postgres::Error) -> bool {
 }
 
 /// Connects once, over TLS as `sslmode` in `database.url` says (see [`tls`]).
-pub async fn connect(settings: &DatabaseSettings) -> Result<Db> {
+pub(crate) async fn connect(settings: &DatabaseSettings) -> Result<Db> {
     let (cfg, tls_params) = settings.connection()?;
     let target = describe_target(&cfg);
     let connector = tls::connector(&tls_params)?;
@@ -212,12 +212,12 @@ pub async fn connect_with_wait(
 }
 
 /// Maps a statement error to an `Error::Database` with the context of what was being done.
-pub fn ctx(context: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
+pub(crate) fn ctx(context: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
     move |e| Error::db(context, e)
 }
 
 /// Whether a table exists (used before the schema is known to be there).
-pub async fn table_exists(client: &Client, table: &str) -> Result<bool> {
+pub(crate) async fn table_exists(client: &Client, table: &str) -> Result<bool> {
     let row = client
         .query_typed_one(
             "SELECT to_regclass($1) IS NOT NULL",
@@ -232,7 +232,7 @@ pub async fn table_exists(client: &Client, table: &str) -> Result<bool> {
 /// asked for in the startup parameter `options`: a pooler told to ignore it
 /// (`ignore_startup_parameters = options`) drops them without a word, and the stop of a run
 /// relies on them to bound what a cancelled statement leaves behind. A zero key asks nothing.
-pub async fn warn_unless_session_timeouts(client: &Client, settings: &DatabaseSettings) {
+pub(crate) async fn warn_unless_session_timeouts(client: &Client, settings: &DatabaseSettings) {
     let asked = [
         ("statement_timeout", settings.statement_timeout),
         ("lock_timeout", settings.lock_timeout),

@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::store::ctx;
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RunRecord {
+pub(crate) struct RunRecord {
     pub id: Uuid,
     pub trigger: String,
     pub started_at: DateTime<Utc>,
@@ -29,7 +29,7 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
-pub async fn insert(
+pub(crate) async fn insert(
     client: &Client,
     id: Uuid,
     trigger: &str,
@@ -55,7 +55,7 @@ pub async fn insert(
     Ok(())
 }
 
-pub async fn finish(
+pub(crate) async fn finish(
     client: &Client,
     id: Uuid,
     outcome: &str,
@@ -82,7 +82,7 @@ pub async fn finish(
 /// Closes runs left `running` by a process that died. Only a run holding the run lock calls it:
 /// a `running` row is written only under the lock, and a run that loses its lock stops (see
 /// [`crate::store::lock::RunLock::cancel_on_loss`]), so no other row's run is still going.
-pub async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
+pub(crate) async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
     let row = client
         .query_typed_one(
             "WITH closed AS ( \
@@ -100,7 +100,7 @@ pub async fn close_abandoned(client: &Client, current: Uuid) -> Result<u64> {
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
-pub async fn prune(client: &Client, retention: u32) -> Result<u64> {
+pub(crate) async fn prune(client: &Client, retention: u32) -> Result<u64> {
     let row = client
         .query_typed_one(
             "WITH pruned AS ( \
@@ -114,7 +114,7 @@ pub async fn prune(client: &Client, retention: u32) -> Result<u64> {
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
-pub async fn list(client: &Client, limit: i64) -> Result<Vec<RunRecord>> {
+pub(crate) async fn list(client: &Client, limit: i64) -> Result<Vec<RunRecord>> {
     let rows = client
         .query_typed(
             "SELECT id, trigger, started_at, finished_at, outcome, seed_digest, counts, findings, error \
@@ -152,7 +152,7 @@ fn hostname() -> String {
 }
 
 /// Inserts the run row unless the run already has one (it is written once the schema exists).
-pub async fn insert_if_missing(
+pub(crate) async fn insert_if_missing(
     client: &Client,
     id: Uuid,
     trigger: &str,
@@ -178,7 +178,7 @@ pub async fn insert_if_missing(
 /// Adds one unit's counts and findings to its run's row, on `client`: the unit's own
 /// transaction, so that what the unit commits and the evidence of it commit together (a run that
 /// dies after a unit, or whose closing write fails, is still described by what it committed).
-pub async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
+pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
     client: &C,
     id: Uuid,
     unit: &crate::model::UnitReport,

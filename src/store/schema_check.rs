@@ -34,7 +34,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Table => "table",
             Kind::Column => "column",
@@ -431,7 +431,7 @@ fn migration_label(version: i32) -> String {
 }
 
 /// The error that names every missing object, the migration that made it, and the repair.
-pub fn missing_error(missing: &[&(Kind, &str, i32)]) -> Error {
+pub(crate) fn missing_error(missing: &[&(Kind, &str, i32)]) -> Error {
     let named: Vec<String> = missing
         .iter()
         .map(|(kind, name, v)| {
@@ -475,7 +475,7 @@ const REFERENCE: &str = "seedkeeper_repair_reference";
 ///
 /// `client` is the session (`migrate --repair`, a run in apply mode), or a plan's transaction
 /// (the repair is then a savepoint of it, rolled back with the plan).
-pub async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Result<Vec<String>> {
+pub(crate) async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Result<Vec<String>> {
     let mut todo = missing(&*client).await?;
     if todo.is_empty() {
         return Ok(Vec::new());

@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 const PROBE: &str = "SELECT pg_is_in_recovery()::text, current_setting('transaction_read_only')";
 
 /// Why the server takes no writes, in words; `None` when it takes them.
-pub fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
+pub(crate) fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
     if in_recovery {
         Some("it is a hot standby in recovery (pg_is_in_recovery() is true)".to_string())
     } else if read_only {
@@ -28,7 +28,7 @@ pub fn read_only_reason(in_recovery: bool, read_only: bool) -> Option<String> {
 }
 
 /// Asks the server whether it takes writes: `Some(why)` when it does not.
-pub async fn read_only<C: GenericClient + Sync>(
+pub(crate) async fn read_only<C: GenericClient + Sync>(
     client: &C,
 ) -> std::result::Result<Option<String>, tokio_postgres::Error> {
     let messages = client.simple_query(PROBE).await?;
@@ -43,7 +43,7 @@ pub async fn read_only<C: GenericClient + Sync>(
 }
 
 /// The message a read-only server gets wherever it is shown (`/readyz`, `status`).
-pub fn read_only_message(target: &str, why: &str) -> String {
+pub(crate) fn read_only_message(target: &str, why: &str) -> String {
     Error::ReadOnly {
         context: format!("PostgreSQL at {target}"),
         why: why.to_string(),
@@ -52,7 +52,7 @@ pub fn read_only_message(target: &str, why: &str) -> String {
 }
 
 /// A run's check before it writes: [`Error::ReadOnly`] naming the server and why.
-pub async fn ensure_writable<C: GenericClient + Sync>(client: &C, target: &str) -> Result<()> {
+pub(crate) async fn ensure_writable<C: GenericClient + Sync>(client: &C, target: &str) -> Result<()> {
     match read_only(client).await {
         Ok(None) => Ok(()),
         Ok(Some(why)) => Err(Error::ReadOnly {

@@ -27,7 +27,7 @@ use crate::trust::{self, signatures_checked, AnyChain, NamesUntrusted};
 use crate::config::{DbTls, RootCert, SslMode};
 
 /// The connector for `tls`. File problems are configuration errors naming the parameter.
-pub fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {
+pub(crate) fn connector(tls: &DbTls) -> Result<MakeRustlsConnect> {
     let provider = trust::provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -140,7 +140,7 @@ impl ServerCertVerifier for ChainOnly {
 /// When a connection failed in TLS in a way that retrying cannot fix (a certificate that does
 /// not verify, a server without TLS, a handshake the server refuses), what went wrong and the
 /// fix. `None` for everything else (including the network failing mid-handshake).
-pub fn refusal(e: &tokio_postgres::Error, tls: &DbTls, host: &str) -> Option<String> {
+pub(crate) fn refusal(e: &tokio_postgres::Error, tls: &DbTls, host: &str) -> Option<String> {
     if let Some(r) = trust::rustls_error(e) {
         return Some(explain(r, tls, host));
     }

@@ -61,7 +61,7 @@ pub(super) struct CachedToken {
 }
 
 /// The admin API client (see the module documentation). Built once per process and shared.
-pub struct AdminClient {
+pub(crate) struct AdminClient {
     pub(super) settings: KeycloakSettings,
     pub(super) base: String,
     pub(super) http: reqwest::Client,
@@ -128,6 +128,7 @@ impl AdminClient {
     }
 
     /// The client's request and retry counters.
+    #[cfg(feature = "testing")]
     pub fn metrics(&self) -> &KeycloakMetrics {
         &self.metrics
     }
@@ -425,7 +426,7 @@ impl AdminClient {
     }
 
     /// A fresh discovery and token, as a run's preflight does (the event follower's start).
-    pub async fn reconnect(&self) {
+    pub(crate) async fn reconnect(&self) {
         *self.metadata.lock().await = None;
         self.forget_tokens();
     }

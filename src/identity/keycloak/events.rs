@@ -14,7 +14,7 @@ use crate::identity::Identity;
 
 /// What `GET users/{id}` says of one user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Lookup {
+pub(crate) enum Lookup {
     Found(Identity),
     /// 404: deleted in Keycloak (offboarded).
     Gone,
@@ -24,7 +24,7 @@ pub enum Lookup {
 
 /// A user event (`GET events`), as much of it as the event follower reads.
 #[derive(Debug, Clone, Deserialize)]
-pub struct UserEvent {
+pub(crate) struct UserEvent {
     #[serde(default)]
     pub id: Option<String>,
     pub time: i64,
@@ -36,7 +36,7 @@ pub struct UserEvent {
 
 /// An admin event (`GET admin-events`), as much of it as the event follower reads.
 #[derive(Debug, Clone, Deserialize)]
-pub struct AdminEvent {
+pub(crate) struct AdminEvent {
     #[serde(default)]
     pub id: Option<String>,
     pub time: i64,
@@ -62,7 +62,7 @@ pub struct EventsConfig {
 
 /// Which event stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
+pub(crate) enum Stream {
     User,
     Admin,
 }
@@ -86,7 +86,7 @@ impl KeycloakSource {
     }
 
     /// One page of a stream's events at or after `from_ms`, oldest first.
-    pub async fn events_page<T: DeserializeOwned>(
+    pub(crate) async fn events_page<T: DeserializeOwned>(
         &self,
         stream: Stream,
         from_ms: i64,
@@ -109,7 +109,7 @@ impl KeycloakSource {
     /// One user as an identity (`GET users/{id}` and its effective realm roles, composites and
     /// groups expanded by Keycloak in `role-mappings/realm/composite`), or why not: the user is
     /// gone (404), or is a service account.
-    pub async fn user_identity(&self, id: &str, cancel: &CancellationToken) -> Result<Lookup> {
+    pub(crate) async fn user_identity(&self, id: &str, cancel: &CancellationToken) -> Result<Lookup> {
         let path = format!("users/{}", path_segment(id));
         let u: UserRep = match self.client.get(&path, &[], cancel).await {
             Ok(u) => u,

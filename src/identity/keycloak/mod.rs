@@ -42,19 +42,17 @@ mod roles;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub use client::AdminClient;
-pub use events::{AdminEvent, EventsConfig, Lookup, Stream, UserEvent};
+pub(crate) use client::AdminClient;
+pub(crate) use events::{AdminEvent, Lookup, Stream, UserEvent};
 
-use crate::config::KeycloakSettings;
 use crate::error::Result;
 use crate::identity::{BoxFuture, Identity, IdentityProvider, RoleFilter, SourceStats};
-use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
+use crate::metrics::KeycloakOutcome;
 use crate::progress::Progress;
 
 /// The Keycloak versions the conformance suite and the emulator comparison have passed against
@@ -109,18 +107,19 @@ pub struct KeycloakSource {
 impl KeycloakSource {
     /// A source with a client of its own, counting into instruments of its own (commands and
     /// tests; the daemon shares one client through [`KeycloakSource::with_client`]).
+    #[cfg(feature = "testing")]
     pub fn new(
-        settings: &KeycloakSettings,
+        settings: &crate::config::KeycloakSettings,
         filter: RoleFilter,
         batch_size: usize,
-        wait: Duration,
+        wait: std::time::Duration,
     ) -> Result<Self> {
-        let client = AdminClient::new(settings, wait, KeycloakMetrics::new())?;
+        let client = AdminClient::new(settings, wait, crate::metrics::KeycloakMetrics::new())?;
         Ok(Self::with_client(Arc::new(client), filter, batch_size))
     }
 
     /// A source reading through `client`.
-    pub fn with_client(client: Arc<AdminClient>, filter: RoleFilter, batch_size: usize) -> Self {
+    pub(crate) fn with_client(client: Arc<AdminClient>, filter: RoleFilter, batch_size: usize) -> Self {
         KeycloakSource {
             client,
             filter,
@@ -129,16 +128,18 @@ impl KeycloakSource {
     }
 
     /// The client's request and retry counters.
-    pub fn metrics(&self) -> &KeycloakMetrics {
+    #[cfg(feature = "testing")]
+    pub fn metrics(&self) -> &crate::metrics::KeycloakMetrics {
         self.client.metrics()
     }
 
     /// A fresh discovery and token, as a run's preflight does (the event follower's start).
-    pub async fn reconnect(&self) {
+    pub(crate) async fn reconnect(&self) {
         self.client.reconnect().await;
     }
 
     /// Requests made so far through its client (every attempt counts).
+    #[cfg(feature = "testing")]
     pub fn request_count(&self) -> u64 {
         self.client.request_count()
     }

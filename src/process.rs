@@ -1,0 +1,89 @@
+//! The process: parse the command line, load config, start logging, run, exit with the code.
+//! The binary (`src/main.rs`) only calls [`main`]; this is the library's one public entry.
+
+use std::process::ExitCode;
+
+use crate::cli;
+use crate::config::ConfigLayers;
+use crate::error::exit;
+use tokio_util::sync::CancellationToken;
+
+/// Runs seedkeeper with the process's arguments and environment; returns its exit code.
+pub fn main() -> ExitCode {
+    let cli = match cli::parse(std::env::args()) {
+        Ok(c) => c,
+        Err(code) => return ExitCode::from(code),
+    };
+    // The runtime first: SIGHUP's default action (terminate) is replaced before anything else
+    // happens, config loading included.
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            crate::telemetry::print_error(
+                &format!("cannot start the async runtime: {e}"),
+                "io",
+                exit::RECONCILE_FAILED,
+            );
+            return ExitCode::from(exit::RECONCILE_FAILED);
+        }
+    };
+    let hangup = runtime.block_on(async {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    });
+    let sources = ConfigLayers::from_process(cli.config.clone());
+    let settings = match cli::load_settings(&cli, &sources) {
+        Ok(s) => s,
+        Err(code) => return ExitCode::from(code),
+    };
+    crate::telemetry::init(settings.log.format, &settings.log.filter);
+    crate::telemetry::install_crypto();
+    settings.log_provenance();
+    let code = runtime.block_on(async move {
+        let cancel = CancellationToken::new();
+        spawn_signal_handler(cancel.clone());
+        if let Some(hangup) = hangup {
+            tokio::spawn(ignore_hangups(hangup));
+        }
+        cli::execute(&cli, settings, cancel, &mut std::io::stdout()).await
+    });
+    // The scheduler keeps helper tasks alive; do not let them hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
+fn spawn_signal_handler(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("signal received: stopping (send it again to exit at once)");
+        cancel.cancel();
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        crate::telemetry::print_error("second signal: exiting now", "signal", 130);
+        std::process::exit(130);
+    });
+}
+
+/// SIGHUP is logged and ignored, whatever runs (the daemon, `--once`, any command). Its
+/// default action would end the process mid-run, and it comes uninvited: logrotate's
+/// `postrotate` sends it, as does a closing terminal or `systemctl reload`. seedkeeper logs to
+/// stderr, so there is no log file to reopen, and the configuration is read once per process
+/// (restart it to apply a change), so there is nothing to reload.
+async fn ignore_hangups(mut hangup: tokio::signal::unix::Signal) {
+    while hangup.recv().await.is_some() {
+        tracing::info!(
+            signal = "SIGHUP",
+            "SIGHUP received and ignored: seedkeeper logs to stderr (nothing to reopen) and reads its configuration at start (restart it to apply a change)"
+        );
+    }
+}
