@@ -53,7 +53,9 @@ pub use events::{AdminEvent, EventsConfig, Lookup, Stream, UserEvent};
 
 use crate::config::KeycloakSettings;
 use crate::error::Result;
-use crate::identity::{BoxFuture, Identity, IdentityProvider, RoleFilter, SourceStats};
+use crate::identity::{
+    BoxFuture, Duplicate, Identity, IdentityProvider, RoleFilter, SourceStats, UniqueKeys,
+};
 use crate::metrics::{KeycloakMetrics, KeycloakOutcome};
 use crate::progress::Progress;
 
@@ -171,6 +173,16 @@ impl IdentityProvider for KeycloakSource {
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move { self.stream_users(out, &cancel, &progress).await })
+    }
+
+    /// Keycloak's users are unique by construction; a user repeated by paging is removed from
+    /// the stage, not refused.
+    fn unique_keys(&self) -> UniqueKeys {
+        UniqueKeys::default()
+    }
+
+    fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error {
+        crate::identity::duplicates_not_refused(self.name(), &found, total)
     }
 }
 
