@@ -13,7 +13,7 @@ use crate::harness::*;
 
 /// A realm file of `n` users, written as it is generated (one admin in 1,000, one user in 50
 /// disabled), in the shape of a `kc.sh export`.
-fn write_realm(path: &Path, n: usize) {
+pub fn write_realm(path: &Path, n: usize) {
     let f = std::fs::File::create(path).expect("realm file");
     let mut w = std::io::BufWriter::new(f);
     write!(
