@@ -22,9 +22,13 @@
 //! several `<realm>-realm.json`) is read for the realm `keycloak.realm` names; a single realm is
 //! read whatever its name.
 //!
-//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids,
-//! usernames or emails, unknown groups, a users file of another realm) are found by `preflight`, before a
-//! run writes anything, and refuse the whole input. A human user without `"id"` has no knowable
+//! Structural problems (bad JSON, wrong types, a user without username, unknown groups, a users
+//! file of another realm) are found by `preflight`, before a run writes anything, and refuse the
+//! whole input. Duplicate ids, usernames or emails refuse it too, but are found over the
+//! identity stage once the users are in PostgreSQL ([`RealmFileSource::unique_keys`]): a set of
+//! them in memory would grow with the realm. Each user carries its place in the file
+//! ([`crate::identity::Origin`]) into the stage, so the refusal names both users as the file
+//! does; the identities unit's transaction is rolled back with it, so no user is written. A human user without `"id"` has no knowable
 //! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
 //! the rest is synced. Refused when `environment = "production"` (checked in config). Reads
 //! `identity.realm_file` and `keycloak.realm`.
