@@ -38,8 +38,9 @@ pub struct Identity {
     /// Effective realm roles that seedkeeper maps, sorted.
     pub realm_roles: Vec<String>,
     /// Where the user sits in a realm file, for the duplicate checks that run over the stage
-    /// (`None` from Keycloak, whose users are unique by construction).
-    pub origin: Option<Origin>,
+    /// (`None` from Keycloak, whose users are unique by construction). Boxed: most identities
+    /// have none, and every one passes through the channel.
+    pub origin: Option<Box<Origin>>,
 }
 
 /// A realm-file user's place in its input and the names Keycloak's import compares. It goes

@@ -1049,7 +1049,7 @@ fn with_origin(mut ident: Identity, mut origin: Origin) -> Identity {
     if key != ident.username {
         origin.name_key = Some(key);
     }
-    ident.origin = Some(origin);
+    ident.origin = Some(Box::new(origin));
     ident
 }
 

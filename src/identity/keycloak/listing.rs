@@ -165,24 +165,7 @@ impl KeycloakSource {
             }
             let n = w.items.len() as u64;
             received += n;
-            let mut batch = Vec::with_capacity(w.items.len().min(self.batch_size));
-            for u in w.items {
-                if u.is_service_account() {
-                    service_accounts.insert(u.id);
-                    continue;
-                }
-                batch.push(u.into_identity(Vec::new()));
-                stats.listed += 1;
-                if batch.len() >= self.batch_size {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-                    out.send(full).await.map_err(|_| Error::Cancelled)?;
-                }
-            }
-            // Each page is sent whole as it arrives (in batches of at most `batch_size`): the
-            // COPY takes it while the next pages are fetched.
-            if !batch.is_empty() {
-                out.send(batch).await.map_err(|_| Error::Cancelled)?;
-            }
+            stats.listed += self.send_page(w.items, &out, &mut service_accounts).await?;
             // Once per page: the whole cost of progress reporting to the listing.
             progress.listed(n);
         }
@@ -197,5 +180,34 @@ impl KeycloakSource {
             "user listing complete"
         );
         Ok(stats)
+    }
+
+    /// Sends one page on as it arrives (in batches of at most `batch_size`): the COPY takes it
+    /// while the next pages are fetched. Service accounts are kept apart, never sent. Returns
+    /// the identities sent.
+    async fn send_page(
+        &self,
+        items: Vec<UserRep>,
+        out: &mpsc::Sender<Vec<Identity>>,
+        service_accounts: &mut HashSet<String>,
+    ) -> Result<u64> {
+        let mut sent = 0u64;
+        let mut batch = Vec::with_capacity(items.len().min(self.batch_size));
+        for u in items {
+            if u.is_service_account() {
+                service_accounts.insert(u.id);
+                continue;
+            }
+            batch.push(u.into_identity(Vec::new()));
+            sent += 1;
+            if batch.len() >= self.batch_size {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+                out.send(full).await.map_err(|_| Error::Cancelled)?;
+            }
+        }
+        if !batch.is_empty() {
+            out.send(batch).await.map_err(|_| Error::Cancelled)?;
+        }
+        Ok(sent)
     }
 }
