@@ -39,6 +39,9 @@ use crate::store::ctx;
 
 const UNIT: Unit = Unit::Identities;
 
+/// Batches the source may queue ahead of the COPY.
+const STAGE_QUEUE: usize = 2;
+
 /// The stage's column types, in `COPY` order.
 const STAGE_TYPES: [Type; 13] = [
     Type::TEXT,
@@ -314,7 +317,10 @@ async fn stage(
     tx.batch_execute(STAGE)
         .await
         .map_err(ctx("creating the identity stage"))?;
-    let (sender, rx) = mpsc::channel(4);
+    // Batches in flight: this many queued, one being built, one being copied. Each holds up to
+    // `database.batch_size` identities (about 2 MB at the default 5,000), the run's largest
+    // holding; a deeper queue adds memory and no speed, as the COPY is the slower side.
+    let (sender, rx) = mpsc::channel(STAGE_QUEUE);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
     let stream = source
         .clone()

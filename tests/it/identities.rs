@@ -318,9 +318,16 @@ async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
     let journal = kc.journal();
     let admin = |j: &&crate::harness::keycloak::JournalEntry| {
         j.path.contains("/admin/")
-            && !["/roles", "/clients", "/groups", "/composites", "/members", "/children"]
-                .iter()
-                .any(|p| j.path.contains(p))
+            && ![
+                "/roles",
+                "/clients",
+                "/groups",
+                "/composites",
+                "/members",
+                "/children",
+            ]
+            .iter()
+            .any(|p| j.path.contains(p))
     };
     let listing = |j: &&crate::harness::keycloak::JournalEntry| {
         j.path.ends_with("/users") && j.query.contains("first=")
