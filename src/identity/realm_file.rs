@@ -28,9 +28,10 @@
 //! identity stage once the users are in PostgreSQL ([`RealmFileSource::unique_keys`]): a set of
 //! them in memory would grow with the realm. Each user carries its place in the file
 //! ([`crate::identity::Origin`]) into the stage, so the refusal names both users as the file
-//! does; the identities unit's transaction is rolled back with it, so no user is written. A human user without `"id"` has no knowable
-//! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
-//! the rest is synced. Refused when `environment = "production"` (checked in config). Reads
+//! does; the identities unit's transaction is rolled back with it, so no user is written.
+//!
+//! A human user without `"id"` has no knowable sub (Keycloak generates one on import): it is
+//! left out alone and reported as `rejected`, and the rest is synced. Refused when `environment = "production"` (checked in config). Reads
 //! `identity.realm_file` and `keycloak.realm`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -673,7 +674,7 @@ fn scan(part: &Part, only: Option<usize>, on_user: &mut OnUser<'_>) -> Result<Sc
 /// The checks of one realm's users that need nothing per user: group references (one entry per
 /// group named), the problems found, the count. Duplicate ids, usernames and emails are found
 /// over the identity stage once the listing is in PostgreSQL ([`RealmFileSource::unique_keys`]):
-/// a set of them here would grow with the realm (about 150 bytes a user).
+/// sets of them here grew with the realm (some 240 bytes a user at 1,000,000, docs/benchmark.md).
 #[derive(Default)]
 struct RealmCheck {
     group_refs: HashMap<String, String>,
