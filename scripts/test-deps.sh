@@ -11,6 +11,7 @@
 #   pgbouncer                       tests/it/pooler.rs starts its own on a free port
 #   prometheus (and its promtool)   tests/it/dashboard.rs runs one; tests/it/signals.rs lints
 #                                   /metrics with promtool
+#   time (/usr/bin/time)            tests/it/memory.rs reads a run's peak RSS with it
 #
 # Packages whose postinst would start a service (pgbouncer, prometheus) are installed under a
 # policy-rc.d that answers 101, Debian's way to say "start no service", removed again after.
@@ -30,6 +31,7 @@ command -v make >/dev/null 2>&1 || need+=(make)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 [[ -x /usr/sbin/pgbouncer ]] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 [[ -x /usr/bin/prometheus ]] || command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+[[ -x /usr/bin/time ]] || need+=(time)
 
 if (( ${#need[@]} == 0 )); then
     exit 0

@@ -188,7 +188,7 @@ impl Error {
 
     /// A Keycloak API error that is not an answer to act on (a malformed document, a paging
     /// server that ignores `first`).
-    pub(crate) fn keycloak(path: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn keycloak(path: impl Into<String>, message: impl Into<String>) -> Self {
         Error::Keycloak {
             path: path.into(),
             status: None,

@@ -569,7 +569,7 @@ impl Metrics {
     }
 
     /// The Keycloak client's instruments (registered with a keycloak source).
-    pub(crate) fn keycloak(&self) -> &KeycloakMetrics {
+    pub fn keycloak(&self) -> &KeycloakMetrics {
         &self.keycloak
     }
 

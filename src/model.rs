@@ -292,7 +292,7 @@ impl Counts {
         *self.0.entry(key.into().as_str()).or_insert(0) += n;
     }
 
-    pub fn get(&self, key: impl Into<Count>) -> i64 {
+    pub(crate) fn get(&self, key: impl Into<Count>) -> i64 {
         self.0.get(key.into().as_str()).copied().unwrap_or(0)
     }
 

@@ -122,6 +122,7 @@ impl Progress {
         let unit = stage.checked_sub(1).and_then(|i| Unit::ALL.get(i).copied());
         let listing = c.listing.load(Ordering::Relaxed);
         let total = c.total.load(Ordering::Relaxed);
+        let listed = c.listed.load(Ordering::Relaxed);
         Snapshot {
             elapsed: Duration::from_millis(now),
             unit,
@@ -131,8 +132,11 @@ impl Progress {
             listing: match listing {
                 NOT_LISTING => None,
                 _ => Some(Listing {
-                    listed: c.listed.load(Ordering::Relaxed),
-                    total: (total != UNKNOWN).then_some(total),
+                    listed,
+                    // A source's count can fall behind its listing (users created while it
+                    // runs, a page repeated by paging): the total never shows less than what
+                    // has been listed.
+                    total: (total != UNKNOWN).then_some(total.max(listed)),
                     done: listing == LISTED,
                     going_for: Duration::from_millis(
                         now.saturating_sub(c.listing_since.load(Ordering::Relaxed)),
@@ -453,6 +457,14 @@ mod tests {
         assert_eq!((l.listed, l.total, l.done), (7, Some(10), false));
         p.listing_done();
         assert!(p.snapshot().listing.is_some_and(|l| l.done));
+        p.listing_started(Some(5));
+        p.listed(8);
+        let l = p.snapshot().listing.unwrap_or_else(|| panic!("listing"));
+        assert_eq!(
+            (l.listed, l.total),
+            (8, Some(8)),
+            "never a total below the listed"
+        );
         p.listing_started(None);
         assert_eq!(p.snapshot().listing.and_then(|l| l.total), None);
     }

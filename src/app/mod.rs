@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use crate::gate::RunGate;
-pub use crate::health::Health;
+pub(crate) use crate::health::Health;
 #[cfg(feature = "testing")]
 pub use crate::health::{liveness_verdict, Liveness, HEARTBEAT_STALE, PROBE_TIMEOUT, RUN_OVERRUN};
 pub use watchdog::watchdog;

@@ -13,7 +13,7 @@ use std::path::Path;
 pub const SECRET_LIMIT: u64 = 64 * 1024;
 
 /// The most a configuration file may hold: the example with every key is a few KiB.
-pub const CONFIG_LIMIT: u64 = 1024 * 1024;
+pub(crate) const CONFIG_LIMIT: u64 = 1024 * 1024;
 
 /// A size limit in words: `64 KiB`, `1 MiB`.
 fn size_words(bytes: u64) -> String {
@@ -67,7 +67,7 @@ pub(super) fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::
 
 /// Reads a regular file of at most `limit` bytes as UTF-8, checked by `check_regular` first;
 /// the read itself is bounded too, should the file grow or be replaced meanwhile.
-pub fn read_regular(path: &Path, limit: u64) -> Result<String, String> {
+pub(crate) fn read_regular(path: &Path, limit: u64) -> Result<String, String> {
     check_regular(path, Some(limit))?;
     let file = std::fs::File::open(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::PermissionDenied => "is not readable (permission denied)".to_string(),

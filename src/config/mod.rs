@@ -47,7 +47,7 @@ use secrets::{de_secret, ser_secret};
 pub use database_url::{describe_target, split_libpq_tls, DbTls, RootCert, SslMode};
 #[cfg(feature = "testing")]
 pub use database_url::{is_loopback_host, remote_hosts};
-pub use files::{read_regular, CONFIG_LIMIT};
+pub(crate) use files::{read_regular, CONFIG_LIMIT};
 #[cfg(feature = "testing")]
 pub use files::SECRET_LIMIT;
 pub use sources::{ConfigFile, ConfigLayers, ConfigOrigin};

@@ -73,7 +73,7 @@ pub async fn save_not_following(c: &Client, realm: &str, reason: &str, now_ms: i
 
 /// One line per realm for `seedkeeper status`: whether events are followed, and where the
 /// checkpoint stands or why they are not. Empty before the first run.
-pub async fn status_lines(c: &Client) -> Result<Vec<String>> {
+pub(crate) async fn status_lines(c: &Client) -> Result<Vec<String>> {
     if !store::table_exists(c, "event_follower").await? {
         return Ok(Vec::new());
     }

@@ -25,7 +25,7 @@ mod checkpoint;
 mod classify;
 mod follower;
 
-pub use checkpoint::status_lines;
+pub(crate) use checkpoint::status_lines;
 #[cfg(feature = "testing")]
 pub use checkpoint::{load_checkpoint, now_ms, save_checkpoint, save_not_following, Checkpoint};
 pub(crate) use classify::StreamPosition;

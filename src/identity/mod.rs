@@ -37,6 +37,62 @@ pub struct Identity {
     pub enabled: bool,
     /// Effective realm roles that seedkeeper maps, sorted.
     pub realm_roles: Vec<String>,
+    /// Where the user sits in a realm file, for the duplicate checks that run over the stage
+    /// (`None` from Keycloak, whose users are unique by construction). Boxed: most identities
+    /// have none, and every one passes through the channel.
+    pub origin: Option<Box<Origin>>,
+}
+
+/// A realm-file user's place in its input and the names Keycloak's import compares. It goes
+/// into the stage beside the identity so that duplicates are found by PostgreSQL over the
+/// stage, not by a set in memory that would grow with the realm, and are still named the way
+/// the file names them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file among the input's parts (a `kc.sh export --dir` folder has several).
+    pub part: u32,
+    /// The user's index in that file's `users`.
+    pub entry: u32,
+    /// The username as the file spells it (for messages).
+    pub username: String,
+    /// The lower-cased file username, when the identity's username is something else (the
+    /// email, under `registrationEmailAsUsername`): Keycloak compares the file's usernames.
+    pub name_key: Option<String>,
+}
+
+/// Which of the stage's keys the source's input must hold once only. A realm file's
+/// duplicates refuse the whole file, as Keycloak's import refuses the realm; Keycloak's own
+/// listing can repeat a user while paging, which the stage merely de-duplicates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UniqueKeys {
+    pub ids: bool,
+    pub usernames: bool,
+    pub emails: bool,
+}
+
+impl UniqueKeys {
+    pub(crate) fn any(&self) -> bool {
+        self.ids || self.usernames || self.emails
+    }
+}
+
+/// Which key two staged users share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicateKey {
+    Id,
+    Username,
+    Email,
+}
+
+/// A user that holds a key an earlier user of the same listing holds: found over the stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    pub key: DuplicateKey,
+    /// The value as compared (an id, a lower-cased username or email).
+    pub value: String,
+    pub at: Origin,
+    /// The closest earlier user with the same value.
+    pub prev: Origin,
 }
 
 /// Counts a source reports about its listing.
@@ -53,6 +109,17 @@ pub struct SourceStats {
     /// `users/count`): the run is narrowed to the listed users, and nothing is concluded from
     /// absence.
     pub shortfall: Option<Shortfall>,
+    /// The source's own count of its users (Keycloak's `users/count`, service accounts
+    /// included), checked against the distinct users listed once the stage has de-duplicated
+    /// them: the source keeps no set of the ids it listed. Fewer is a [`Shortfall`].
+    pub counted: Option<u64>,
+    /// Distinct users listed but never sent (service accounts): added to the stage's distinct
+    /// subs for the check against `counted`.
+    pub unsent: u64,
+    /// Mapped realm roles resolved beside the listing (sub -> roles, sorted), for identities
+    /// that were sent without them so that no page waited for the resolution: applied to the
+    /// stage once the listing is complete. Bounded by the roles' holders, not by the realm.
+    pub late_roles: Option<Vec<(String, Vec<String>)>>,
 }
 
 /// A listing that ended short of the source's own count.
@@ -117,6 +184,26 @@ pub trait IdentityProvider: Send + Sync {
         cancel: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>>;
+    /// The keys its input must hold once only, checked over the stage after the listing (none:
+    /// repeats are de-duplicated). No default, so that a wrapper cannot drop it unnoticed.
+    fn unique_keys(&self) -> UniqueKeys;
+    /// The error that refuses the input for the duplicates the stage found: `found` the first
+    /// of them in listing order, `total` how many there are. Only asked when
+    /// [`IdentityProvider::unique_keys`] names a key.
+    fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error;
+}
+
+/// [`IdentityProvider::refuse_duplicates`] of a source whose keys need not be unique: never
+/// asked, but worded in case.
+pub fn duplicates_not_refused(
+    source: &str,
+    found: &[Duplicate],
+    total: u64,
+) -> crate::error::Error {
+    let first = found.first().map(|d| d.value.as_str()).unwrap_or_default();
+    crate::error::Error::Io(format!(
+        "{source}: {total} duplicate key(s) in the identity stage, the first {first:?}"
+    ))
 }
 
 /// The realm roles seedkeeper cares about: admin roles and role_map keys.
@@ -300,6 +387,14 @@ impl IdentityProvider for SomeUsers {
 
     fn preflight(self: Arc<Self>, _: CancellationToken) -> BoxFuture<'static, Result<()>> {
         Box::pin(async { Ok(()) })
+    }
+
+    fn unique_keys(&self) -> UniqueKeys {
+        UniqueKeys::default()
+    }
+
+    fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error {
+        duplicates_not_refused(self.name(), &found, total)
     }
 
     fn stream(

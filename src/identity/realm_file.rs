@@ -22,14 +22,19 @@
 //! several `<realm>-realm.json`) is read for the realm `keycloak.realm` names; a single realm is
 //! read whatever its name.
 //!
-//! Structural problems (bad JSON, wrong types, a user without username, duplicate ids,
-//! usernames or emails, unknown groups, a users file of another realm) are found by `preflight`, before a
-//! run writes anything, and refuse the whole input. A human user without `"id"` has no knowable
-//! sub (Keycloak generates one on import): it is left out alone and reported as `rejected`, and
-//! the rest is synced. Refused when `environment = "production"` (checked in config). Reads
+//! Structural problems (bad JSON, wrong types, a user without username, unknown groups, a users
+//! file of another realm) are found by `preflight`, before a run writes anything, and refuse the
+//! whole input. Duplicate ids, usernames or emails refuse it too, but are found over the
+//! identity stage once the users are in PostgreSQL ([`RealmFileSource::unique_keys`]): a set of
+//! them in memory would grow with the realm. Each user carries its place in the file
+//! ([`crate::identity::Origin`]) into the stage, so the refusal names both users as the file
+//! does; the identities unit's transaction is rolled back with it, so no user is written.
+//!
+//! A human user without `"id"` has no knowable sub (Keycloak generates one on import): it is
+//! left out alone and reported as `rejected`, and the rest is synced. Refused when `environment = "production"` (checked in config). Reads
 //! `identity.realm_file` and `keycloak.realm`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, Read};
@@ -43,8 +48,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::identity::{
-    check_identity, printable, BoxFuture, Identity, IdentityProvider, RoleFilter, RoleGraph,
-    RoleKey, SourceStats,
+    check_identity, printable, BoxFuture, Duplicate, DuplicateKey, Identity, IdentityProvider,
+    Origin, RoleFilter, RoleGraph, RoleKey, SourceStats, UniqueKeys,
 };
 use crate::progress::Progress;
 
@@ -221,17 +226,6 @@ impl Part {
             }
         }
     }
-}
-
-/// A 128-bit fingerprint of a string from two independently keyed SipHash runs: a collision
-/// between two of a realm's ids is far less likely than a hardware fault.
-fn fingerprint(s: &str) -> u128 {
-    use std::hash::{Hash, Hasher};
-    let mut a = std::collections::hash_map::DefaultHasher::new();
-    (0u8, s).hash(&mut a);
-    let mut b = std::collections::hash_map::DefaultHasher::new();
-    (1u8, s).hash(&mut b);
-    (u128::from(a.finish()) << 64) | u128::from(b.finish())
 }
 
 /// The problems of one validation: the first `MAX_LISTED_PROBLEMS` in full, the rest counted.
@@ -677,26 +671,12 @@ fn scan(part: &Part, only: Option<usize>, on_user: &mut OnUser<'_>) -> Result<Sc
     Ok(scanned)
 }
 
-/// A user whose email another user had before it (case aside).
-struct DuplicateEmail {
-    /// Where the user is, with its username.
-    at: String,
-    email: String,
-    /// The earlier user's (part, entry).
-    prev: (u32, u32),
-}
-
-/// The checks of one realm's users: ids and lower-cased usernames seen (as 128-bit
-/// fingerprints pointing at (file, entry): a few MB at 100,000 users where the strings
-/// themselves would take tens), group references, and the problems found.
+/// The checks of one realm's users that need nothing per user: group references (one entry per
+/// group named), the problems found, the count. Duplicate ids, usernames and emails are found
+/// over the identity stage once the listing is in PostgreSQL ([`RealmFileSource::unique_keys`]):
+/// sets of them here grew with the realm (some 240 bytes a user at 1,000,000, docs/benchmark.md).
 #[derive(Default)]
 struct RealmCheck {
-    ids: HashMap<u128, (u32, u32)>,
-    names: HashMap<u128, (u32, u32)>,
-    /// Lower-cased emails seen, and the users sharing one with an earlier user: problems unless
-    /// the realm allows duplicate emails (known once the whole realm is read).
-    emails: HashMap<u128, (u32, u32)>,
-    duplicate_emails: Vec<DuplicateEmail>,
     group_refs: HashMap<String, String>,
     problems: Listed,
     /// Users seen (service accounts excepted), as the sync lists them.
@@ -704,38 +684,12 @@ struct RealmCheck {
 }
 
 impl RealmCheck {
-    /// One user's place in the realm: its id and username unique (usernames case-insensitively),
-    /// its groups remembered to check once every group is known.
-    fn user(
-        &mut self,
-        u: &RealmUser,
-        here: (u32, u32),
-        at: &dyn Fn() -> String,
-        prev_at: &dyn Fn((u32, u32)) -> String,
-    ) {
+    /// One user: it has a username, and its groups are remembered to check once every group
+    /// is known.
+    fn user(&mut self, u: &RealmUser, at: &dyn Fn() -> String) {
         self.users += 1;
-        if let Some(id) = &u.id {
-            if let Some(prev) = self.ids.insert(fingerprint(id), here) {
-                let problem = format!("{}: duplicate id {id:?} (also {})", at(), prev_at(prev));
-                self.problems.push(problem);
-            }
-        }
-        match &u.username {
-            None => self.problems.push(format!("{}: has no \"username\"", at())),
-            Some(name) => {
-                if let Some(prev) = self.names.insert(fingerprint(&name.to_lowercase()), here) {
-                    self.problems.push(format!("{}: duplicate username {name:?} (also {}; Keycloak compares usernames case-insensitively)", at(), prev_at(prev)));
-                }
-            }
-        }
-        if let Some(email) = u.email() {
-            if let Some(prev) = self.emails.insert(fingerprint(&email), here) {
-                self.duplicate_emails.push(DuplicateEmail {
-                    at: at(),
-                    email,
-                    prev,
-                });
-            }
+        if u.username.is_none() {
+            self.problems.push(format!("{}: has no \"username\"", at()));
         }
         for g in &u.groups {
             if !self.group_refs.contains_key(g) {
@@ -761,23 +715,27 @@ impl RealmCheck {
         for p in refs {
             problems.push(p);
         }
-        let Listed { shown, more } = problems;
-        if shown.is_empty() {
-            return Ok(());
-        }
-        let mut message = format!(
-            "{} problem(s):\n  - {}",
-            shown.len() + more,
-            shown.join("\n  - ")
-        );
-        if more > 0 {
-            message.push_str(&format!("\n  - ... and {more} more"));
-        }
-        message.push_str(
-            "\nfix the realm file (identity.realm_file, SEEDKEEPER_IDENTITY__REALM_FILE)",
-        );
-        Err(realm_err(input, message))
+        refusal(problems, input)
     }
+}
+
+/// One error naming the file (`input`), every problem listed (the first
+/// `MAX_LISTED_PROBLEMS`, the rest counted) and the fix; none without problems.
+fn refusal(problems: Listed, input: &str) -> Result<()> {
+    let Listed { shown, more } = problems;
+    if shown.is_empty() {
+        return Ok(());
+    }
+    let mut message = format!(
+        "{} problem(s):\n  - {}",
+        shown.len() + more,
+        shown.join("\n  - ")
+    );
+    if more > 0 {
+        message.push_str(&format!("\n  - ... and {more} more"));
+    }
+    message.push_str("\nfix the realm file (identity.realm_file, SEEDKEEPER_IDENTITY__REALM_FILE)");
+    Err(realm_err(input, message))
 }
 
 pub struct RealmFileSource {
@@ -835,15 +793,7 @@ impl RealmFileSource {
                 }
                 let check = &mut checks[slot];
                 let at = || format!("{prefix}{}", position(el, i, u.username.as_deref()));
-                let here = (pi as u32, i as u32);
-                let prev_at = |(p, j): (u32, u32)| {
-                    format!(
-                        "{} {}",
-                        part_names[p as usize],
-                        position(el, j as usize, None)
-                    )
-                };
-                check.user(&u, here, &at, &prev_at);
+                check.user(&u, &at);
                 // A user without id is left out at sync time (its sub is unknown), so its
                 // values are never stored and not checked.
                 if let (Some(id), Some(name)) = (&u.id, &u.username) {
@@ -886,45 +836,8 @@ impl RealmFileSource {
         for p in problems.drain(..) {
             check.problems.push(p);
         }
-        let duplicates = std::mem::take(&mut check.duplicate_emails);
-        if !index.settings.duplicate_emails_allowed && !duplicates.is_empty() {
-            let earlier: HashSet<(u32, u32)> = duplicates.iter().map(|d| d.prev).collect();
-            let names = self.usernames_at(&parts, element, &earlier)?;
-            for d in duplicates {
-                let (p, j) = d.prev;
-                let prev = format!(
-                    "{} {}",
-                    part_names[p as usize],
-                    position(element, j as usize, names.get(&d.prev).map(String::as_str))
-                );
-                check.problems.push(format!("{}: email {:?} is also the email of {prev}; Keycloak compares emails case-insensitively and refuses to import such a realm (409, nothing imported) unless it sets \"duplicateEmailsAllowed\": true: give each user its own email, or set \"duplicateEmailsAllowed\": true in the realm", d.at, d.email));
-            }
-        }
         check.into_result(&index, &self.input.describe())?;
         Ok(Arc::new(index))
-    }
-
-    /// The usernames of the users at `wanted` ((part, entry) positions), read again from the
-    /// input: only when a realm is refused for duplicate emails, so the check keeps no username.
-    fn usernames_at(
-        &self,
-        parts: &[Part],
-        element: Option<usize>,
-        wanted: &HashSet<(u32, u32)>,
-    ) -> Result<HashMap<(u32, u32), String>> {
-        let mut out = HashMap::new();
-        for (pi, part) in parts.iter().enumerate() {
-            let mut on_user = |el: Option<usize>, i: usize, u: RealmUser| {
-                if el == element && wanted.contains(&(pi as u32, i as u32)) {
-                    if let Some(n) = u.username {
-                        out.insert((pi as u32, i as u32), n);
-                    }
-                }
-                Ok(())
-            };
-            scan(part, element, &mut on_user)?;
-        }
-        Ok(out)
     }
 
     /// The element of a top-level array of realms to read: the only one, else the one named
@@ -951,6 +864,50 @@ impl RealmFileSource {
         Err(realm_err(&self.input.describe(), message))
     }
 
+    /// The refusal of a realm holding duplicates, worded as the preflight words its other
+    /// problems: each later user by position (with the file when the input has several) and
+    /// username, the earlier one by file and position, and the fix.
+    fn duplicates_error(&self, found: Vec<Duplicate>, total: u64) -> Error {
+        let parts = self.input.parts(&self.realm).unwrap_or_default();
+        let names: Vec<String> = parts.iter().map(Part::name).collect();
+        let element = self
+            .index
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().and_then(|i| i.element));
+        let file = |o: &Origin| names.get(o.part as usize).cloned().unwrap_or_default();
+        let mut problems = Listed::default();
+        for d in &found {
+            let (at, prev) = (&d.at, &d.prev);
+            let prefix = if names.len() > 1 {
+                format!("{} ", file(at))
+            } else {
+                String::new()
+            };
+            let here = format!(
+                "{prefix}{}",
+                position(element, at.entry as usize, Some(&at.username))
+            );
+            let earlier = |name| {
+                format!(
+                    "{} {}",
+                    file(prev),
+                    position(element, prev.entry as usize, name)
+                )
+            };
+            problems.push(match d.key {
+                DuplicateKey::Id => format!("{here}: duplicate id {:?} (also {})", d.value, earlier(None)),
+                DuplicateKey::Username => format!("{here}: duplicate username {:?} (also {}; Keycloak compares usernames case-insensitively)", at.username, earlier(None)),
+                DuplicateKey::Email => format!("{here}: email {:?} is also the email of {}; Keycloak compares emails case-insensitively and refuses to import such a realm (409, nothing imported) unless it sets \"duplicateEmailsAllowed\": true: give each user its own email, or set \"duplicateEmailsAllowed\": true in the realm", d.value, earlier(Some(&prev.username))),
+            });
+        }
+        problems.more += (total as usize).saturating_sub(found.len());
+        match refusal(problems, &self.input.describe()) {
+            Err(e) => e,
+            Ok(()) => realm_err(&self.input.describe(), "holds duplicate users".to_string()),
+        }
+    }
+
     fn stream_blocking(
         &self,
         index: Arc<RealmIndex>,
@@ -963,7 +920,7 @@ impl RealmFileSource {
         let mut unreported = 0u64;
         let mut batch: Vec<Identity> = Vec::with_capacity(self.batch_size);
         let mut closed = false;
-        for part in self.input.parts(&self.realm)? {
+        for (pi, part) in self.input.parts(&self.realm)?.iter().enumerate() {
             let file = part.name();
             let mut on_user = |el: Option<usize>, i: usize, u: RealmUser| {
                 if is_service_account(&u) {
@@ -974,18 +931,29 @@ impl RealmFileSource {
                 };
                 stats.listed += 1;
                 unreported += 1;
-                let Some(id) = u.id.clone() else {
-                    // Keycloak gives such a user a random id on import: no sub to key a row by.
-                    stats.reject(
-                        format!("user:{}", printable(&name.to_lowercase())),
-                        format!(
-                            "realm user {name:?} ({} in {file}) has no \"id\": its sub is unknown until Keycloak imports it (each fresh import generates a new one), so it was not stored; export the realm from Keycloak (kc.sh export keeps the ids) or add an \"id\" (a UUID) to this user",
-                            position(el, i, None)
-                        ),
-                    );
-                    return Ok(());
+                let origin = Origin {
+                    part: pi as u32,
+                    entry: i as u32,
+                    username: name.to_string(),
+                    name_key: None,
                 };
-                batch.push(to_identity(&index, &self.filter, id, name, &u));
+                let ident = match u.id.clone() {
+                    Some(id) => to_identity(&index, &self.filter, id, name, &u),
+                    None => {
+                        // Keycloak gives such a user a random id on import: no sub to key a row
+                        // by. It is still sent, without a sub: Keycloak's import compares its
+                        // username and email with the others', and so does the stage.
+                        stats.reject(
+                            format!("user:{}", printable(&name.to_lowercase())),
+                            format!(
+                                "realm user {name:?} ({} in {file}) has no \"id\": its sub is unknown until Keycloak imports it (each fresh import generates a new one), so it was not stored; export the realm from Keycloak (kc.sh export keeps the ids) or add an \"id\" (a UUID) to this user",
+                                position(el, i, None)
+                            ),
+                        );
+                        keyless(name, &u)
+                    }
+                };
+                batch.push(with_origin(ident, origin));
                 if batch.len() >= self.batch_size {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
                     progress.listed(std::mem::take(&mut unreported));
@@ -996,7 +964,7 @@ impl RealmFileSource {
                 }
                 Ok(())
             };
-            let r = scan(&part, index.element, &mut on_user);
+            let r = scan(part, index.element, &mut on_user);
             if closed {
                 return Err(Error::Cancelled);
             }
@@ -1060,6 +1028,32 @@ fn index_from(tops: Vec<Top>) -> (RealmIndex, Vec<String>) {
     (index, problems)
 }
 
+/// A user without id as the stage's duplicate checks see it: no sub, its lower-cased username
+/// and email.
+fn keyless(username: &str, u: &RealmUser) -> Identity {
+    Identity {
+        sub: String::new(),
+        username: username.to_lowercase(),
+        email: u.email(),
+        first_name: None,
+        last_name: None,
+        enabled: false,
+        realm_roles: Vec::new(),
+        origin: None,
+    }
+}
+
+/// `ident` with its place in the file; the lower-cased file username kept apart when the
+/// identity's username is another (the email, under `registrationEmailAsUsername`).
+fn with_origin(mut ident: Identity, mut origin: Origin) -> Identity {
+    let key = origin.username.to_lowercase();
+    if key != ident.username {
+        origin.name_key = Some(key);
+    }
+    ident.origin = Some(Box::new(origin));
+    ident
+}
+
 /// The identity Keycloak's import makes of a realm-file user: usernames and emails
 /// lower-cased (an empty email is none), the email as username under
 /// `registrationEmailAsUsername` (a user without email keeps its username), and names the user
@@ -1085,6 +1079,7 @@ fn to_identity(
         last_name: u.last_name.clone().filter(|_| settings.profile.last_name),
         enabled: u.enabled.unwrap_or(false),
         realm_roles: filter.keep(index.effective(u)),
+        origin: None,
     }
 }
 
@@ -1106,6 +1101,25 @@ impl IdentityProvider for RealmFileSource {
             }
             Ok(())
         })
+    }
+
+    /// Ids and usernames always; emails unless the realm sets `duplicateEmailsAllowed`.
+    fn unique_keys(&self) -> UniqueKeys {
+        let emails_allowed = self
+            .index
+            .lock()
+            .ok()
+            .and_then(|g| g.as_ref().map(|i| i.settings.duplicate_emails_allowed))
+            .unwrap_or(false);
+        UniqueKeys {
+            ids: true,
+            usernames: true,
+            emails: !emails_allowed,
+        }
+    }
+
+    fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> Error {
+        self.duplicates_error(found, total)
     }
 
     /// A stopped run closes `out`, which ends the reader at its next batch.

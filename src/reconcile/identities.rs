@@ -29,15 +29,21 @@ use tracing::Instrument;
 
 use crate::config::Settings;
 use crate::error::{Error, ErrorKind, Result};
-use crate::identity::{check_identity, printable, IdentityProvider, Shortfall};
+use crate::identity::{
+    check_identity, printable, Duplicate, DuplicateKey, Identity, IdentityProvider, Origin,
+    Shortfall, SourceStats, UniqueKeys,
+};
 use crate::progress::Progress;
 use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
 use crate::store::ctx;
 
 const UNIT: Unit = Unit::Identities;
 
+/// Batches the source may queue ahead of the COPY.
+const STAGE_QUEUE: usize = 2;
+
 /// The stage's column types, in `COPY` order.
-const STAGE_TYPES: [Type; 9] = [
+const STAGE_TYPES: [Type; 13] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -47,10 +53,17 @@ const STAGE_TYPES: [Type; 9] = [
     Type::TEXT,
     Type::TEXT_ARRAY,
     Type::INT8,
+    Type::INT4,
+    Type::INT4,
+    Type::TEXT,
+    Type::TEXT,
 ];
 
+/// `sub` is null only for a realm-file user without id, staged for the duplicate checks and
+/// removed right after them. `origin_*`, `file_username` and `name_key` are a realm file's
+/// (see [`crate::identity::Origin`]), null from Keycloak.
 const STAGE: &str = "CREATE TEMP TABLE sk_stage (
-    sub          text NOT NULL,
+    sub          text,
     username     text NOT NULL,
     email        text,
     first_name   text,
@@ -60,7 +73,11 @@ const STAGE: &str = "CREATE TEMP TABLE sk_stage (
     realm_roles  text[] NOT NULL,
     ord          bigint NOT NULL,
     skip         boolean NOT NULL DEFAULT false,
-    realigned    boolean NOT NULL DEFAULT false
+    realigned    boolean NOT NULL DEFAULT false,
+    origin_part  int4,
+    origin_entry int4,
+    file_username text,
+    name_key     text
 ) ON COMMIT DROP";
 
 /// Rows whose username a realm user holds while their own sub is gone from the realm, and whose
@@ -127,8 +144,8 @@ pub(crate) async fn reconcile(
         .await
         .map_err(ctx("deferring the username check"))?;
     let admin_roles = &rules.settings.identity.admin_roles;
+    // The stage is de-duplicated inside `stage`: the count check needs the repeats removed.
     let shortfall = stage(tx, source.clone(), listing, admin_roles, &mut report).await?;
-    dedupe(tx, &mut report).await?;
     let batch = source.batch().is_some();
     // Only a complete listing can tell who is gone from the realm.
     let narrowed = batch || shortfall.is_some();
@@ -299,9 +316,11 @@ async fn offboard_within_limit(
 }
 
 /// Streams the source into the temporary stage with binary `COPY`. The producer runs as its own
-/// task so a blocking reader (the realm file) never stalls the COPY that drains it. Identities
-/// with an invalid value are refused one by one, as are the users the source could not give a
-/// sub (a realm-file user without id).
+/// task so a blocking reader (the realm file) never stalls the COPY that drains it, and the
+/// COPY takes each batch as it arrives. Identities with an invalid value are refused one by
+/// one, as are the users the source could not give a sub (a realm-file user without id). Once
+/// the listing is complete, what needs all of it runs over the stage (see [`settle`]): nothing
+/// here holds more than a batch, whatever the size of the realm.
 async fn stage(
     tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
@@ -312,28 +331,66 @@ async fn stage(
     tx.batch_execute(STAGE)
         .await
         .map_err(ctx("creating the identity stage"))?;
-    let (sender, mut rx) = mpsc::channel(4);
+    // Batches in flight: this many queued, one being built, one being copied. Each holds up to
+    // `database.batch_size` identities (about 2 MB at the default 5,000), the run's largest
+    // holding; a deeper queue adds memory and no speed, as the COPY is the slower side.
+    let (sender, rx) = mpsc::channel(STAGE_QUEUE);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
-    let stream = source.stream(sender, listing.cancel.clone(), listing.progress.clone());
+    let stream = source
+        .clone()
+        .stream(sender, listing.cancel.clone(), listing.progress.clone());
     let producer = tokio::spawn(stream.in_current_span());
     // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")
         .await
         .map_err(ctx("lifting statement_timeout for the identity stage"))?;
+    let copied = copy_batches(tx, rx, admin_roles, report).await;
+    // A failed COPY drops the receiver, which ends the producer at its next batch; the COPY's
+    // error is then the one that says what went wrong.
+    let produced = producer
+        .await
+        .map_err(|e| Error::Io(format!("identity source task failed: {e}")));
+    let copied = copied?;
+    let stats = produced??;
+    tx.batch_execute("SET LOCAL statement_timeout TO DEFAULT")
+        .await
+        .map_err(ctx("restoring statement_timeout after the identity stage"))?;
+    settle(tx, source.as_ref(), stats, copied, admin_roles, report).await
+}
+
+/// What the COPY took: rows received (`ord`'s last value), those refused, and the users without
+/// a sub that were staged for the duplicate checks only.
+#[derive(Debug, Clone, Copy, Default)]
+struct Copied {
+    received: i64,
+    rejected: i64,
+    keyless: i64,
+}
+
+/// The COPY into the stage, batch by batch as the source sends them.
+async fn copy_batches(
+    tx: &Transaction<'_>,
+    mut rx: mpsc::Receiver<Vec<Identity>>,
+    admin_roles: &[String],
+    report: &mut UnitReport,
+) -> Result<Copied> {
     let sink = tx
-        .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord) FROM STDIN BINARY")
+        .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord, origin_part, origin_entry, file_username, name_key) FROM STDIN BINARY")
         .await
         .map_err(ctx("starting COPY into the identity stage"))?;
     let writer = BinaryCopyInWriter::new(sink, &STAGE_TYPES);
     pin_mut!(writer);
-    let mut ord: i64 = 0;
-    let mut rejected = 0i64;
+    let mut copied = Copied::default();
     while let Some(batch) = rx.recv().await {
         for ident in batch {
-            ord += 1;
-            if let Err(why) = check_identity(&ident) {
-                rejected += 1;
+            copied.received += 1;
+            // A realm-file user without id: staged without a sub, for the username check.
+            let keyless = ident.origin.is_some() && ident.sub.is_empty();
+            if keyless {
+                copied.keyless += 1;
+            } else if let Err(why) = check_identity(&ident) {
+                copied.rejected += 1;
                 let sub = printable(&ident.sub);
                 tracing::warn!(unit = UNIT.as_str(), user.sub = %sub, reason = %why, "identity refused");
                 report.find(FindingKind::Rejected, format!("sub:{sub}"), why);
@@ -341,8 +398,14 @@ async fn stage(
             }
             let admin = ident.realm_roles.iter().any(|r| admin_roles.contains(r));
             let role = if admin { "admin" } else { "user" };
-            let row: [&(dyn ToSql + Sync); 9] = [
-                &ident.sub,
+            let sub = (!keyless).then_some(&ident.sub);
+            let origin = ident.origin.as_ref();
+            let part = origin.map(|o| o.part as i32);
+            let entry = origin.map(|o| o.entry as i32);
+            let file_username = origin.map(|o| o.username.as_str());
+            let name_key = origin.and_then(|o| o.name_key.as_deref());
+            let row: [&(dyn ToSql + Sync); 13] = [
+                &sub,
                 &ident.username,
                 &ident.email,
                 &ident.first_name,
@@ -350,7 +413,11 @@ async fn stage(
                 &ident.enabled,
                 &role,
                 &ident.realm_roles,
-                &ord,
+                &copied.received,
+                &part,
+                &entry,
+                &file_username,
+                &name_key,
             ];
             writer
                 .as_mut()
@@ -359,23 +426,155 @@ async fn stage(
                 .map_err(ctx("writing the identity stage"))?;
         }
     }
-    let stats = producer
-        .await
-        .map_err(|e| Error::Io(format!("identity source task failed: {e}")))??;
     writer
         .finish()
         .await
         .map_err(ctx("finishing COPY into the identity stage"))?;
-    tx.batch_execute("SET LOCAL statement_timeout TO DEFAULT")
-        .await
-        .map_err(ctx("restoring statement_timeout after the identity stage"))?;
-    report.bump(Tally::Listed, stats.listed as i64);
+    Ok(copied)
+}
+
+/// What needs the whole listing, over the stage: the source's duplicate checks (a realm file's
+/// duplicates refuse it, naming both users), the roles resolved beside the listing, the
+/// de-duplication of paging repeats, and the count check against the source's own count.
+async fn settle(
+    tx: &Transaction<'_>,
+    source: &dyn IdentityProvider,
+    stats: SourceStats,
+    copied: Copied,
+    admin_roles: &[String],
+    report: &mut UnitReport,
+) -> Result<Option<Shortfall>> {
+    let keys = source.unique_keys();
+    if keys.any() {
+        refuse_duplicates(tx, source, keys).await?;
+    }
+    if copied.keyless > 0 {
+        tx.execute_typed("DELETE FROM sk_stage WHERE sub IS NULL", &[])
+            .await
+            .map_err(ctx("clearing the stage's users without id"))?;
+    }
+    if let Some(roles) = &stats.late_roles {
+        apply_late_roles(tx, roles, admin_roles).await?;
+    }
+    let repeats = dedupe(tx, report).await?;
+    report.bump(Tally::Listed, stats.listed.saturating_sub(repeats) as i64);
     for r in stats.rejections {
         tracing::warn!(unit = UNIT.as_str(), entity = %r.entity, reason = %r.detail, "identity refused");
         report.find(FindingKind::Rejected, r.entity, r.detail);
     }
-    report.bump(Tally::Rejected, rejected + stats.rejected as i64);
-    Ok(stats.shortfall)
+    report.bump(Tally::Rejected, copied.rejected + stats.rejected as i64);
+    // Distinct users listed: every row received but the repeats and the id-less users (a
+    // realm file's, which has no count), and the users the source never sent.
+    let staged = (copied.received - copied.keyless).max(0) as u64;
+    let distinct = staged.saturating_sub(repeats) + stats.unsent;
+    let short = stats
+        .counted
+        .filter(|&c| distinct < c)
+        .map(|counted| Shortfall {
+            listed: distinct,
+            counted,
+        });
+    Ok(stats.shortfall.or(short))
+}
+
+/// Users sharing an id, a file username (case aside) or an email with an earlier user of the
+/// listing, each paired with the closest earlier one: the first [`DUPLICATES_SHOWN`] in
+/// listing order (ids and usernames user by user, then emails, as the realm file's own check
+/// lists them), and how many in all.
+const DUPLICATES: &str = "WITH k AS (
+        SELECT 0 AS key, sub AS v, ord FROM sk_stage WHERE $1 AND sub IS NOT NULL
+        UNION ALL
+        SELECT 1, coalesce(name_key, username), ord FROM sk_stage WHERE $2
+        UNION ALL
+        SELECT 2, email, ord FROM sk_stage WHERE $3 AND email IS NOT NULL
+    ), d AS (
+        SELECT key, v, ord, lag(ord) OVER (PARTITION BY key, v ORDER BY ord) AS prev FROM k
+    )
+    SELECT d.key, d.v, a.origin_part, a.origin_entry, coalesce(a.file_username, a.username),
+           b.origin_part, b.origin_entry, coalesce(b.file_username, b.username), count(*) OVER ()
+    FROM d JOIN sk_stage a ON a.ord = d.ord JOIN sk_stage b ON b.ord = d.prev
+    WHERE d.prev IS NOT NULL
+    ORDER BY d.key = 2, d.ord, d.key
+    LIMIT $4";
+
+/// How many duplicates the refusal names; the rest are counted.
+const DUPLICATES_SHOWN: i64 = 20;
+
+/// Refuses the listing when it holds a key twice that the source says must be unique: the
+/// source's own error (a realm file's names both users and the fix), and the unit's
+/// transaction rolled back with it, so nothing of the listing is written.
+async fn refuse_duplicates(
+    tx: &Transaction<'_>,
+    source: &dyn IdentityProvider,
+    keys: UniqueKeys,
+) -> Result<()> {
+    let rows = tx
+        .query_typed(
+            DUPLICATES,
+            &[
+                (&keys.ids, Type::BOOL),
+                (&keys.usernames, Type::BOOL),
+                (&keys.emails, Type::BOOL),
+                (&DUPLICATES_SHOWN, Type::INT8),
+            ],
+        )
+        .await
+        .map_err(ctx("looking for duplicates in the identity stage"))?;
+    let Some(total) = rows.first().map(|r| r.get::<_, i64>(8)) else {
+        return Ok(());
+    };
+    let origin = |r: &tokio_postgres::Row, at: usize| Origin {
+        part: r.get::<_, Option<i32>>(at).unwrap_or(0) as u32,
+        entry: r.get::<_, Option<i32>>(at + 1).unwrap_or(0) as u32,
+        username: r.get(at + 2),
+        name_key: None,
+    };
+    let found = rows
+        .iter()
+        .map(|r| Duplicate {
+            key: match r.get::<_, i32>(0) {
+                0 => DuplicateKey::Id,
+                1 => DuplicateKey::Username,
+                _ => DuplicateKey::Email,
+            },
+            value: r.get(1),
+            at: origin(r, 2),
+            prev: origin(r, 5),
+        })
+        .collect();
+    Err(source.refuse_duplicates(found, total as u64))
+}
+
+/// Gives the staged users the roles resolved beside the listing (they were sent without any).
+/// One statement for all holders; bounded by the holders, not by the realm. Roles are ordered
+/// by bytes, as the sources order them (`COLLATE "C"`), so an unchanged row compares equal.
+async fn apply_late_roles(
+    tx: &Transaction<'_>,
+    roles: &[(String, Vec<String>)],
+    admin_roles: &[String],
+) -> Result<()> {
+    if roles.is_empty() {
+        return Ok(());
+    }
+    let (subs, names): (Vec<&str>, Vec<&str>) = roles
+        .iter()
+        .flat_map(|(sub, rs)| rs.iter().map(move |r| (sub.as_str(), r.as_str())))
+        .unzip();
+    tx.execute_typed(
+        "UPDATE sk_stage s SET realm_roles = r.roles,
+                role = CASE WHEN r.roles && $3::text[] THEN 'admin' ELSE 'user' END
+         FROM (SELECT sub, array_agg(DISTINCT role COLLATE \"C\" ORDER BY role COLLATE \"C\") AS roles
+               FROM unnest($1::text[], $2::text[]) AS t(sub, role) GROUP BY sub) r
+         WHERE s.sub = r.sub",
+        &[
+            (&subs, Type::TEXT_ARRAY),
+            (&names, Type::TEXT_ARRAY),
+            (&admin_roles, Type::TEXT_ARRAY),
+        ],
+    )
+    .await
+    .map_err(ctx("giving the identity stage its resolved roles"))?;
+    Ok(())
 }
 
 /// A listing shorter than the source's count: the run goes on, narrowed to the listed users,
@@ -404,11 +603,13 @@ fn note_shortfall(short: &Shortfall, report: &mut UnitReport) {
 /// Paging can repeat a user when the realm changes during the listing. The unique indexes
 /// prove there is none in the common case; only when one fails is the stage de-duplicated
 /// (first copy kept) and the index built again. A username listed for two subs is refused.
-async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
+/// Returns how many repeated subs were removed.
+async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
     tx.batch_execute("ANALYZE sk_stage")
         .await
         .map_err(ctx("analyzing the identity stage"))?;
     const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
+    let mut repeats = 0;
     if !try_unique_index(tx, BY_SUB).await? {
         let dup = tx
             .execute_typed(
@@ -418,6 +619,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
             .await
             .map_err(ctx("de-duplicating the identity stage"))?;
         report.bump(Tally::Duplicates, dup as i64);
+        repeats = dup;
         tx.batch_execute(BY_SUB)
             .await
             .map_err(ctx("indexing the identity stage"))?;
@@ -438,7 +640,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<()> {
             .await
             .map_err(ctx("indexing the identity stage"))?;
     }
-    Ok(())
+    Ok(repeats)
 }
 
 /// A narrowed stage (an event batch, a short listing) cannot tell whether a username held by a

@@ -750,6 +750,14 @@ impl IdentityProvider for Cancellable {
         self.0.gone()
     }
 
+    fn unique_keys(&self) -> crate::identity::UniqueKeys {
+        self.0.unique_keys()
+    }
+
+    fn refuse_duplicates(&self, found: Vec<crate::identity::Duplicate>, total: u64) -> Error {
+        self.0.refuse_duplicates(found, total)
+    }
+
     fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {
         let work = self.0.clone().preflight(cancel.clone());
         Box::pin(async move {

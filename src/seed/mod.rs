@@ -130,7 +130,7 @@ pub(crate) const RUNTIME_BACKENDS: &[&str] = &["bare_metal", "slurm", "rke2"];
 
 impl ReferenceSeed {
     /// The seed at `path`, or the embedded one.
-    pub(crate) fn load(path: Option<&Path>) -> Result<Self> {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(EMBEDDED_NAME, EMBEDDED_SEED),
             Some(p) => {

@@ -120,19 +120,26 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     let probe = TestDb::new().await;
     kc.clear_journal();
     assert_ok(&apply(&probe.engine(&refs(&one_at_a_time))).await);
-    let before_listing = kc
+    // The role holders are resolved beside the listing, so their calls and the pages come in
+    // no fixed order: the outage starts where the probe made its second users page, and lasts
+    // until it is cleared (whichever request meets it fails the run).
+    let second_page = kc
         .journal()
         .iter()
         .filter(|j| j.path.contains("/admin/"))
-        .position(|j| {
+        .enumerate()
+        .filter(|(_, j)| {
             j.path
                 .ends_with(&format!("/admin/realms/{}/users", kc.realm_name()))
         })
-        .expect("a users page");
+        .nth(1)
+        .map(|(i, _)| i)
+        .expect("two users pages");
     kc.clear_journal();
-    kc.faults_after_admin_calls(before_listing + 2);
-    kc.fail_next_admin(2, 503);
+    kc.faults_after_admin_calls(second_page);
+    kc.fail_next_admin(1000, 503);
     let r = apply(&engine1).await;
+    kc.clear_admin_faults();
     assert_eq!(r.outcome.as_str(), "failed");
     let err = error_of(&r);
     assert!(err.contains("503"), "{err}");

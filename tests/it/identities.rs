@@ -346,10 +346,23 @@ async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
             .filter(|j| j.path.ends_with("/token") && j.status == 200)
             .count()
     };
-    // Admin calls before the listing's first window (preflight, roles, count): the same in
-    // every run of this realm.
+    // Admin calls before the listing's first window (preflight, count): the same in every run
+    // of this realm. The role resolution runs beside the listing, so its calls are left out:
+    // how many of them come before the first window depends on timing.
     let journal = kc.journal();
-    let admin = |j: &&crate::harness::keycloak::JournalEntry| j.path.contains("/admin/");
+    let admin = |j: &&crate::harness::keycloak::JournalEntry| {
+        j.path.contains("/admin/")
+            && ![
+                "/roles",
+                "/clients",
+                "/groups",
+                "/composites",
+                "/members",
+                "/children",
+            ]
+            .iter()
+            .any(|p| j.path.contains(p))
+    };
     let listing = |j: &&crate::harness::keycloak::JournalEntry| {
         j.path.ends_with("/users") && j.query.contains("first=")
     };
@@ -629,6 +642,12 @@ async fn malformed_realm_files_exit_78_naming_the_file_and_entry_and_write_nothi
             t.contains(name) && t.contains(needle),
             "{name}: expected {needle:?} in {t}"
         );
+        if needle.contains("duplicate") {
+            // Found over the identity stage, after the schema unit: the identities unit's
+            // transaction is rolled back, so no user is written.
+            assert_eq!(no_user_rows(&db).await, 0, "{name}: no user written");
+            continue;
+        }
         let tables: i64 = db
             .scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
             .await;

@@ -320,9 +320,11 @@ async fn a_server_that_ignores_first_fails_the_run_instead_of_listing_forever() 
             "GET users: paging does not advance",
         ),
         (
+            // The roles are resolved beside the user listing: either listing can be the first
+            // to find that paging does not advance.
             "everywhere",
             IgnoreFirst::Everywhere,
-            "GET roles: paging does not advance",
+            ": paging does not advance",
         ),
     ] {
         let db = TestDb::new().await;

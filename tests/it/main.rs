@@ -22,6 +22,7 @@ mod identities;
 mod io_faults;
 mod lifecycle;
 mod listing;
+mod memory;
 mod offboard_limit;
 mod ops;
 mod parsers;

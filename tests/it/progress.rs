@@ -182,3 +182,47 @@ async fn a_short_run_on_a_terminal_draws_nothing() {
         eprintln!("the run took {ms} ms: too slow to tell whether a short run draws");
     }
 }
+
+/// Issue 26: the listing's total is the realm file's own count of its users, known from the
+/// check that precedes the listing, and never a number below what has been listed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_realm_file_listing_logs_the_files_user_count_as_its_total() {
+    const FILE_USERS: u64 = 30_000;
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let realm = dir.0.join("realm.json");
+    crate::memory::write_realm(&realm, FILE_USERS as usize);
+    let mut env = db.env();
+    env.extend([
+        (
+            "SEEDKEEPER_IDENTITY__REALM_FILE".to_string(),
+            realm.display().to_string(),
+        ),
+        ("SEEDKEEPER_LOG__FORMAT".to_string(), "json".to_string()),
+        (
+            "SEEDKEEPER_PROGRESS_INTERVAL".to_string(),
+            "100ms".to_string(),
+        ),
+    ]);
+    let out = tokio::task::spawn_blocking(move || run_bin(&["--once"], &env))
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let logs = json_lines(&out.stderr);
+    let listing: Vec<&Value> = logs
+        .iter()
+        .filter(|l| l["message"] == "seeding_progress" && l["users.listed"].is_u64())
+        .collect();
+    assert!(
+        !listing.is_empty(),
+        "progress lines while listing: {logs:#?}"
+    );
+    for l in &listing {
+        let listed = l["users.listed"].as_u64().expect("listed");
+        assert_eq!(
+            l["users.count"], FILE_USERS,
+            "the file's count as the total: {l}"
+        );
+        assert!(listed <= FILE_USERS, "never a total below the listed: {l}");
+    }
+}

@@ -76,6 +76,21 @@ async fn refused(input: &std::path::Path, extra: &[(&str, &str)]) -> String {
     t
 }
 
+/// Like [`refused`], for a realm refused over the identity stage (duplicate ids, usernames or
+/// emails, which PostgreSQL finds once the users are staged, so that no set of them grows in
+/// memory with the realm): the schema and the reference seed went in before it, the identities
+/// unit's transaction was rolled back, so no user was written.
+async fn refused_by_stage(input: &std::path::Path) -> String {
+    let db = TestDb::empty().await;
+    let mut env = db.env();
+    env.extend(realm_env(input));
+    let out = run_bin(&["--once"], &env);
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(78), "{t}");
+    assert_eq!(no_user_rows(&db).await, 0, "no user written: {t}");
+    t
+}
+
 const ANN: &str = "b1000000-0000-4000-8000-000000000001";
 const BOB: &str = "b1000000-0000-4000-8000-000000000002";
 const CAROL: &str = "b1000000-0000-4000-8000-000000000003";
@@ -440,18 +455,28 @@ async fn real_dir_exports_are_read() {
 #[tokio::test(flavor = "multi_thread")]
 async fn structural_damage_is_still_refused_whole() {
     let dir = TempDir::new();
-    let cases: Vec<(&str, String, &str)> = vec![
+    let duplicates: Vec<(&str, String, &str)> = vec![
         (
             "dup-id.json",
             json!({"realm": "dev", "users": [{"id": "1", "username": "a"}, {"id": "1", "username": "b"}]}).to_string(),
-            "duplicate id",
+            "users[1] (\"b\"): duplicate id \"1\" (also ",
         ),
         (
             // A user without id still counts for duplicate usernames (Keycloak refuses both).
             "dup-name-no-id.json",
             json!({"realm": "dev", "users": [{"id": "1", "username": "a"}, {"username": "A"}]}).to_string(),
-            "duplicate username",
+            "users[1] (\"A\"): duplicate username \"A\" (also ",
         ),
+    ];
+    for (name, content, needle) in duplicates {
+        let path = dir.write(name, &content);
+        let t = refused_by_stage(&path).await;
+        assert!(
+            t.contains(name) && t.contains(needle) && t.contains("users[0]"),
+            "{name}: expected {needle:?} in {t}"
+        );
+    }
+    let cases: Vec<(&str, String, &str)> = vec![
         (
             "no-username.json",
             json!({"realm": "dev", "users": [{"id": "1"}]}).to_string(),
@@ -611,7 +636,7 @@ async fn client_role_composites_give_realm_roles_directly_through_groups_and_the
 /// lets both in with the same email.
 #[tokio::test(flavor = "multi_thread")]
 async fn emails_differing_only_in_case_refuse_the_file_unless_the_realm_allows_duplicates() {
-    let t = refused(&fixture("duplicate-emails-realm.json"), &[]).await;
+    let t = refused_by_stage(&fixture("duplicate-emails-realm.json")).await;
     for needle in [
         "users[8] (\"lower\")",
         "users[7] (\"upper\")",

@@ -463,7 +463,7 @@ impl AdminClient {
     }
 
     /// Requests made so far (every attempt counts).
-    pub fn request_count(&self) -> u64 {
+    pub(crate) fn request_count(&self) -> u64 {
         self.requests.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

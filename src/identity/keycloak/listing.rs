@@ -1,9 +1,7 @@
 //! The user listing: `GET users` cut into windows of `keycloak.page_size`, `keycloak.concurrency`
 //! in flight, streamed in batches and never held whole, checked against `users/count`.
 
-use std::collections::hash_map::RandomState;
 use std::collections::HashSet;
-use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::{stream, StreamExt};
@@ -48,38 +46,74 @@ impl UserRep {
             last_name: self.last_name,
             enabled: self.enabled.unwrap_or(false),
             realm_roles,
+            origin: None,
         }
     }
 }
 
-/// The user ids seen in one listing, as 64-bit hashes keyed at random per listing: 8 bytes per
-/// user rather than a string (about 1.2 MiB at 100,000 users against 7.6 MiB for a set of the
-/// ids). Two ids collide with a chance of about 3 in 10^10 per listing of 100,000; the second is
-/// then taken for a duplicate, and the count check narrows the run (unless as many users were
-/// created during the listing, when that user is offboarded for one run and reactivated by the
-/// next).
-struct IdSet {
-    seen: HashSet<u64>,
-    keys: RandomState,
+/// How many windows in a row may repeat the first window's users before the listing is taken
+/// for one that does not advance: a server that ignores `first` answers every window with the
+/// first page, and would never reach an empty one.
+const REPEATS_ALLOWED: u32 = 16;
+
+/// The first window's user ids (one page, bounded by `keycloak.page_size`), to tell a server
+/// that ignores `first`: every later window of such a server holds only these users. The
+/// listing keeps no set of all the ids it saw (that would grow with the realm): repeats are
+/// removed over the stage, and the count is checked there.
+#[derive(Default)]
+struct FirstWindow {
+    ids: Option<HashSet<String>>,
+    /// Later windows in a row that held only users of the first.
+    repeats: u32,
 }
 
-impl IdSet {
-    /// `expected` sizes the set once (bounded, since it comes from the server).
-    fn with_expected(expected: u64) -> Self {
-        IdSet {
-            seen: HashSet::with_capacity(expected.min(1 << 20) as usize),
-            keys: RandomState::new(),
+impl FirstWindow {
+    /// Looks at a non-empty window; `true` while the paging looks like it advances.
+    fn advances(&mut self, items: &[UserRep]) -> bool {
+        match &self.ids {
+            None => {
+                self.ids = Some(items.iter().map(|u| u.id.clone()).collect());
+                true
+            }
+            Some(first) if items.iter().all(|u| first.contains(&u.id)) => {
+                self.repeats += 1;
+                self.repeats <= REPEATS_ALLOWED
+            }
+            Some(_) => {
+                self.repeats = 0;
+                true
+            }
         }
-    }
-
-    /// `true` when `id` was not seen before.
-    fn insert(&mut self, id: &str) -> bool {
-        self.seen.insert(self.keys.hash_one(id))
     }
 }
 
 impl KeycloakSource {
+    /// The listing, with the resolution of the mapped roles' holders beside it rather than
+    /// before it: pages go to the stage as they arrive, without roles, and the holders' roles
+    /// follow in [`SourceStats::late_roles`] once both are done.
     pub(super) async fn stream_users(
+        &self,
+        out: mpsc::Sender<Vec<Identity>>,
+        cancel: &CancellationToken,
+        progress: &Progress,
+    ) -> Result<SourceStats> {
+        let (privileged, stats) = futures_util::future::try_join(
+            self.privileged(cancel),
+            self.list_users(out, cancel, progress),
+        )
+        .await?;
+        let mut stats = stats;
+        stats.late_roles = Some(
+            privileged
+                .into_iter()
+                .map(|(sub, roles)| (sub, roles.into_iter().collect()))
+                .collect(),
+        );
+        Ok(stats)
+    }
+
+    /// `GET users` in windows, each page sent on as it arrives.
+    async fn list_users(
         &self,
         out: mpsc::Sender<Vec<Identity>>,
         cancel: &CancellationToken,
@@ -88,15 +122,10 @@ impl KeycloakSource {
         // The client's request count is the process's (earlier runs, the event follower): this
         // listing's own is the difference.
         let requests_before = self.client.request_count();
-        // The count is taken as the listing starts, beside the role resolution: users deleted
-        // before the listing ends show up as a shortfall (the next run retries), users created
-        // only as extra.
-        let (privileged, expected) = futures_util::future::try_join(
-            self.privileged(cancel),
-            self.client.get::<u64>("users/count", &[], cancel),
-        )
-        .await?;
-        // The count includes service accounts, as `distinct` below does.
+        // The count is taken as the listing starts: users deleted before the listing ends show
+        // up as a shortfall (the next run retries), users created only as extra. It includes
+        // service accounts, as `unsent` does.
+        let expected: u64 = self.client.get("users/count", &[], cancel).await?;
         progress.listing_started(Some(expected));
         let page = u64::from(self.client.settings.page_size);
         let brief = [("briefRepresentation", "true".to_string())];
@@ -117,68 +146,71 @@ impl KeycloakSource {
                 w
             })
             .buffered(self.client.settings.concurrency);
-        let mut stats = SourceStats::default();
-        let mut batch = Vec::with_capacity(self.batch_size);
-        let mut seen = IdSet::with_expected(expected);
-        let (mut distinct, mut filled, mut short) = (0u64, 0u64, 0u64);
+        let mut stats = SourceStats {
+            counted: Some(expected),
+            ..SourceStats::default()
+        };
+        let mut first = FirstWindow::default();
+        // Service accounts listed (a few, one per client): counted once each, never sent.
+        let mut service_accounts: HashSet<String> = HashSet::new();
+        let (mut filled, mut short, mut received) = (0u64, 0u64, 0u64);
         while let Some(w) = windows.next().await {
             let w = w?;
             short += w.short;
-            if !w.items.is_empty() {
-                filled += 1;
+            if w.items.is_empty() {
+                continue;
             }
-            let distinct_before = distinct;
-            for u in w.items {
-                if !seen.insert(&u.id) {
-                    continue;
-                }
-                distinct += 1;
-                if u.is_service_account() {
-                    continue;
-                }
-                let roles = privileged
-                    .get(&u.id)
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default();
-                batch.push(u.into_identity(roles));
-                stats.listed += 1;
-                if batch.len() >= self.batch_size {
-                    let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-                    out.send(full).await.map_err(|_| Error::Cancelled)?;
-                }
-            }
-            // Once per page: the whole cost of progress reporting to the listing.
-            progress.listed(distinct - distinct_before);
-            // Each window holds at least one user at a position of its own, so an honest server
-            // never fills many more windows than there are distinct users. Past that it ignores
-            // `first`, and the listing would never reach an empty window.
-            if filled > 2 * distinct + 16 {
+            filled += 1;
+            if !first.advances(&w.items) {
                 return Err(Error::keycloak("users", format!(
-                    "GET users: paging does not advance ({distinct} distinct users in {filled} windows); Keycloak or a proxy in front of it ignores the first parameter"
+                    "GET users: paging does not advance ({received} users in {filled} windows, the last {REPEATS_ALLOWED} holding only the first window's users again); Keycloak or a proxy in front of it ignores the first parameter"
                 )));
             }
+            let n = w.items.len() as u64;
+            received += n;
+            stats.listed += self.send_page(w.items, &out, &mut service_accounts).await?;
+            // Once per page: the whole cost of progress reporting to the listing.
+            progress.listed(n);
         }
-        // Short of the count: the run goes on narrowed to the listed users (the identities unit
-        // concludes nothing from absence and says so), instead of one unlistable user stopping
-        // every full run.
-        if distinct < expected {
-            stats.shortfall = Some(crate::identity::Shortfall {
-                listed: distinct,
-                counted: expected,
-            });
-        }
-        if !batch.is_empty() {
-            out.send(batch).await.map_err(|_| Error::Cancelled)?;
-        }
+        stats.unsent = service_accounts.len() as u64;
         progress.listing_done();
         stats.requests = self.client.request_count().saturating_sub(requests_before);
         tracing::debug!(
-            users.distinct = distinct,
+            users.received = received,
             users.count = expected,
             short_pages = short,
             requests = stats.requests,
             "user listing complete"
         );
         Ok(stats)
+    }
+
+    /// Sends one page on as it arrives (in batches of at most `batch_size`): the COPY takes it
+    /// while the next pages are fetched. Service accounts are kept apart, never sent. Returns
+    /// the identities sent.
+    async fn send_page(
+        &self,
+        items: Vec<UserRep>,
+        out: &mpsc::Sender<Vec<Identity>>,
+        service_accounts: &mut HashSet<String>,
+    ) -> Result<u64> {
+        let mut sent = 0u64;
+        let mut batch = Vec::with_capacity(items.len().min(self.batch_size));
+        for u in items {
+            if u.is_service_account() {
+                service_accounts.insert(u.id);
+                continue;
+            }
+            batch.push(u.into_identity(Vec::new()));
+            sent += 1;
+            if batch.len() >= self.batch_size {
+                let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
+                out.send(full).await.map_err(|_| Error::Cancelled)?;
+            }
+        }
+        if !batch.is_empty() {
+            out.send(batch).await.map_err(|_| Error::Cancelled)?;
+        }
+        Ok(sent)
     }
 }

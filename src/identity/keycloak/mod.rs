@@ -20,15 +20,19 @@
 //! mapped role the source finds every role, realm or client, that grants it through composites
 //! (a client role can hold realm roles), then the direct members of those roles and the members
 //! of the groups (and subgroups) that carry them (see `roles`). Only these privileged users are
-//! held in memory; the user list itself is streamed page by page
-//! (`first`/`max`, `keycloak.concurrency` pages in flight) and never held whole.
+//! held in memory, and they are resolved beside the user listing, not before it: the users are
+//! streamed page by page (`first`/`max`, `keycloak.concurrency` pages in flight), each page sent
+//! to the stage as it arrives, without roles, and the holders' roles are applied to the stage
+//! once both are done.
 //!
 //! A page shorter than asked is not the end of a listing: Keycloak filters results after the
 //! query (fine-grained admin permissions), federation providers cap what they return, and a
-//! server may cap `max`. Every listing advances `first` by what was returned, deduplicates by id
-//! and ends at an empty page. The user listing is then checked against `users/count`: fewer
-//! distinct users than counted is a [`crate::identity::Shortfall`], which narrows the run to the
-//! listed users (nothing is concluded from absence) instead of failing it.
+//! server may cap `max`. Every listing advances `first` by what was returned and ends at an
+//! empty page; the small ones (roles, clients, groups) deduplicate by id. The user listing keeps
+//! no set of the ids it saw: the identities unit removes
+//! users repeated by paging from its stage and checks the distinct users against `users/count`
+//! there: fewer is a [`crate::identity::Shortfall`], which narrows the run to the listed users
+//! (nothing is concluded from absence) instead of failing it.
 //!
 //! The client secret is exposed only in the token request; the token only in the
 //! `Authorization` header. Error messages carry the API path and Keycloak's `error` field, never
@@ -51,7 +55,9 @@ pub(crate) use client::AdminClient;
 pub(crate) use events::{AdminEvent, Lookup, Stream, UserEvent};
 
 use crate::error::Result;
-use crate::identity::{BoxFuture, Identity, IdentityProvider, RoleFilter, SourceStats};
+use crate::identity::{
+    BoxFuture, Duplicate, Identity, IdentityProvider, RoleFilter, SourceStats, UniqueKeys,
+};
 use crate::metrics::KeycloakOutcome;
 use crate::progress::Progress;
 
@@ -172,6 +178,16 @@ impl IdentityProvider for KeycloakSource {
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
         Box::pin(async move { self.stream_users(out, &cancel, &progress).await })
+    }
+
+    /// Keycloak's users are unique by construction; a user repeated by paging is removed from
+    /// the stage, not refused.
+    fn unique_keys(&self) -> UniqueKeys {
+        UniqueKeys::default()
+    }
+
+    fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error {
+        crate::identity::duplicates_not_refused(self.name(), &found, total)
     }
 }
 

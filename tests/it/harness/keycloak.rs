@@ -929,6 +929,13 @@ impl KeycloakEmulator {
         self.shared.faults.lock().unwrap().ignore_first = Some(where_);
     }
 
+    /// Drops the admin faults not yet served (an outage ends).
+    pub fn clear_admin_faults(&self) {
+        let mut f = self.shared.faults.lock().unwrap();
+        f.admin_fail.clear();
+        f.faults_after = 0;
+    }
+
     /// Turns the paging faults off.
     pub fn clear_paging_faults(&self) {
         let mut f = self.shared.faults.lock().unwrap();

@@ -362,6 +362,19 @@ pub fn count(r: &RunReport, unit: &str, key: &str) -> i64 {
         .unwrap_or_else(|| panic!("no unit {unit} in the run"))
 }
 
+/// Rows of `users`, 0 when the table does not exist: what a refused realm must leave.
+pub async fn no_user_rows(db: &TestDb) -> i64 {
+    let exists: i64 = db
+        .scalar(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tablename = 'users'",
+        )
+        .await;
+    if exists == 0 {
+        return 0;
+    }
+    db.scalar("SELECT count(*) FROM users").await
+}
+
 pub fn text(o: &Output) -> String {
     format!(
         "{}{}",
