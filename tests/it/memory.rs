@@ -1,4 +1,4 @@
-//! Issue 26: memory that does not grow with the realm. The same `seedkeeper --once` on a realm
+//! Memory that does not grow with the realm. The same `seedkeeper --once` on a realm
 //! file of 20,000 and of 200,000 users: its peak RSS (the child's maximum resident set, from
 //! `/usr/bin/time`, package `time`) must stay within 10 % between the two. What the run holds
 //! per user lives in PostgreSQL (the identity stage) or in one batch; a set of ids, usernames or

@@ -183,7 +183,7 @@ async fn a_short_run_on_a_terminal_draws_nothing() {
     }
 }
 
-/// Issue 26: the listing's total is the realm file's own count of its users, known from the
+/// The listing's total is the realm file's own count of its users, known from the
 /// check that precedes the listing, and never a number below what has been listed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_realm_file_listing_logs_the_files_user_count_as_its_total() {
