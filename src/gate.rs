@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::error::Error;
-use crate::identity::{IdentityProvider, SomeUsers};
+use crate::identity::{IdentityProvider, FetchedBatch};
 use crate::metrics::Metrics;
 use crate::reconcile::{Engine, Mode, Outcome, RunReport, Trigger};
 use crate::retry::{Limit, Policy};
@@ -151,7 +151,7 @@ impl RunGate {
     /// waits for the next poll, so a full run and an event batch never interleave.
     pub(crate) async fn event_batch(
         &self,
-        batch: SomeUsers,
+        batch: FetchedBatch,
         cancel: &CancellationToken,
     ) -> Option<RunReport> {
         let _guard = self.admit(Admission::SkipWhenBusy, cancel).await?;

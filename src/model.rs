@@ -395,7 +395,7 @@ impl Scope {
                 &[(&subs, tokio_postgres::types::Type::TEXT_ARRAY)],
             )
             .await
-            // Error::db directly, not `crate::store::ctx`: the store builds on this vocabulary,
+            // Error::db directly, not `crate::store::db_error`: the store builds on this vocabulary,
             // and the model naming the store back would make the two one module.
             .map_err(|e| Error::db("finding the event batch's users rows", e))?;
         Ok(Scope::Users(rows.iter().map(|r| r.get(0)).collect()))

@@ -22,7 +22,7 @@ pub async fn load_checkpoint(c: &Client, realm: &str) -> Result<Option<Checkpoin
             &[(&realm, Type::TEXT)],
         )
         .await
-        .map_err(store::ctx("reading the event checkpoint"))?;
+        .map_err(store::db_error("reading the event checkpoint"))?;
     Ok(row.map(|r| Checkpoint {
         user: StreamPosition {
             time: r.get(0),
@@ -50,7 +50,7 @@ pub async fn save_checkpoint(c: &Client, realm: &str, cp: &Checkpoint) -> Result
         ],
     )
     .await
-    .map_err(store::ctx("saving the event checkpoint"))?;
+    .map_err(store::db_error("saving the event checkpoint"))?;
     Ok(())
 }
 
@@ -67,7 +67,7 @@ pub async fn save_not_following(c: &Client, realm: &str, reason: &str, now_ms: i
         ],
     )
     .await
-    .map_err(store::ctx("recording that events are not followed"))?;
+    .map_err(store::db_error("recording that events are not followed"))?;
     Ok(())
 }
 
@@ -84,7 +84,7 @@ pub(crate) async fn status_lines(c: &Client) -> Result<Vec<String>> {
             &[],
         )
         .await
-        .map_err(store::ctx("reading the event follower's state"))?;
+        .map_err(store::db_error("reading the event follower's state"))?;
     Ok(rows
         .iter()
         .map(|r| {

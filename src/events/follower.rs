@@ -17,7 +17,7 @@ use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::gate::RunGate;
 use crate::identity::keycloak::{AdminEvent, KeycloakSource, Lookup, Stream, UserEvent};
-use crate::identity::SomeUsers;
+use crate::identity::FetchedBatch;
 use crate::metrics::EventMetrics;
 use crate::reconcile::{Outcome, RunReport, Tally, Unit};
 use crate::retry;
@@ -313,7 +313,7 @@ impl Follower {
         poll: &mut Poll,
         cancel: &CancellationToken,
     ) -> Result<bool> {
-        let mut batch = SomeUsers::default();
+        let mut batch = FetchedBatch::default();
         for id in users {
             match self.kc.user_identity(id, cancel).await? {
                 Lookup::Found(i) => batch.users.push(i),

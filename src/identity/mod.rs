@@ -366,12 +366,12 @@ pub(crate) fn granting_roles(
 /// realm, so nothing is concluded from absence and no row is re-aligned on its strength. `gone`
 /// are the batch's users Keycloak answered 404 for: deleted, so offboarded.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct SomeUsers {
+pub(crate) struct FetchedBatch {
     pub users: Vec<Identity>,
     pub gone: Vec<String>,
 }
 
-impl IdentityProvider for SomeUsers {
+impl IdentityProvider for FetchedBatch {
     fn name(&self) -> &'static str {
         "keycloak events"
     }

@@ -17,7 +17,7 @@ use tokio_postgres::{Row, Transaction};
 use crate::config::IdentitySettings;
 use crate::error::Result;
 use crate::reconcile::{Action, FindingKind, Scope, Tally, Unit, UnitReport};
-use crate::store::ctx;
+use crate::store::db_error;
 
 const UNIT: Unit = Unit::RoleBindings;
 
@@ -81,7 +81,7 @@ pub(crate) async fn reconcile(
             &scope.typed_params(),
         )
         .await
-        .map_err(ctx("counting bindings"))?
+        .map_err(db_error("counting bindings"))?
         .get(0);
     report.bump(Tally::Unchanged, (active - granted).max(0));
     Ok(report)
@@ -95,7 +95,7 @@ async fn change(
     kind: FindingKind,
     report: &mut UnitReport,
 ) -> Result<i64> {
-    let rows = tx.query_typed(&sql, params).await.map_err(ctx(context))?;
+    let rows = tx.query_typed(&sql, params).await.map_err(db_error(context))?;
     Ok(note(report, &rows, kind))
 }
 
@@ -181,5 +181,5 @@ fn note(report: &mut UnitReport, rows: &[Row], kind: FindingKind) -> i64 {
 pub(crate) async fn no_jit(tx: &Transaction<'_>) -> Result<()> {
     tx.batch_execute("SET LOCAL jit = off")
         .await
-        .map_err(ctx("turning JIT off for the unit"))
+        .map_err(db_error("turning JIT off for the unit"))
 }

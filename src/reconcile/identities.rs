@@ -35,7 +35,7 @@ use crate::identity::{
 };
 use crate::progress::Progress;
 use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
-use crate::store::ctx;
+use crate::store::db_error;
 
 const UNIT: Unit = Unit::Identities;
 
@@ -115,7 +115,7 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
 /// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
 /// counts the users listed.
 #[derive(Clone, Copy)]
-pub(crate) struct Listing<'a> {
+pub(crate) struct ListingControls<'a> {
     pub cancel: &'a CancellationToken,
     pub progress: &'a Progress,
 }
@@ -134,7 +134,7 @@ pub(crate) struct Rules<'a> {
 pub(crate) async fn reconcile(
     tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
-    listing: Listing<'_>,
+    listing: ListingControls<'_>,
     rules: Rules<'_>,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
@@ -142,7 +142,7 @@ pub(crate) async fn reconcile(
     // Re-alignments and renames may swap usernames within the unit: checked once it is done.
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await
-        .map_err(ctx("deferring the username check"))?;
+        .map_err(db_error("deferring the username check"))?;
     let admin_roles = &rules.settings.identity.admin_roles;
     // The stage is de-duplicated inside `stage`: the count check needs the repeats removed.
     let shortfall = stage(tx, source.clone(), listing, admin_roles, &mut report).await?;
@@ -195,7 +195,7 @@ pub(crate) async fn reconcile(
     report.bump(Action::Deactivated, deactivated);
     tx.batch_execute("SET CONSTRAINTS users_username_key IMMEDIATE")
         .await
-        .map_err(ctx("checking usernames are unique"))?;
+        .map_err(db_error("checking usernames are unique"))?;
     Ok(report)
 }
 
@@ -281,7 +281,7 @@ async fn offboard_within_limit(
             &[],
         )
         .await
-        .map_err(ctx("counting the users in the realm"))?
+        .map_err(db_error("counting the users in the realm"))?
         .get(0);
     let setting = rules.settings.identity.offboard_limit;
     let limit = setting.resolve(in_realm);
@@ -324,13 +324,13 @@ async fn offboard_within_limit(
 async fn stage(
     tx: &Transaction<'_>,
     source: Arc<dyn IdentityProvider>,
-    listing: Listing<'_>,
+    listing: ListingControls<'_>,
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<Option<Shortfall>> {
     tx.batch_execute(STAGE)
         .await
-        .map_err(ctx("creating the identity stage"))?;
+        .map_err(db_error("creating the identity stage"))?;
     // Batches in flight: this many queued, one being built, one being copied. Each holds up to
     // `database.batch_size` identities (about 2 MB at the default 5,000), the run's largest
     // holding; a deeper queue adds memory and no speed, as the COPY is the slower side.
@@ -344,7 +344,7 @@ async fn stage(
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")
         .await
-        .map_err(ctx("lifting statement_timeout for the identity stage"))?;
+        .map_err(db_error("lifting statement_timeout for the identity stage"))?;
     let copied = copy_batches(tx, rx, admin_roles, report).await;
     // A failed COPY drops the receiver, which ends the producer at its next batch; the COPY's
     // error is then the one that says what went wrong.
@@ -355,7 +355,7 @@ async fn stage(
     let stats = produced??;
     tx.batch_execute("SET LOCAL statement_timeout TO DEFAULT")
         .await
-        .map_err(ctx("restoring statement_timeout after the identity stage"))?;
+        .map_err(db_error("restoring statement_timeout after the identity stage"))?;
     settle(tx, source.as_ref(), stats, copied, admin_roles, report).await
 }
 
@@ -378,7 +378,7 @@ async fn copy_batches(
     let sink = tx
         .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord, origin_part, origin_entry, file_username, name_key) FROM STDIN BINARY")
         .await
-        .map_err(ctx("starting COPY into the identity stage"))?;
+        .map_err(db_error("starting COPY into the identity stage"))?;
     let writer = BinaryCopyInWriter::new(sink, &STAGE_TYPES);
     pin_mut!(writer);
     let mut copied = Copied::default();
@@ -423,13 +423,13 @@ async fn copy_batches(
                 .as_mut()
                 .write(&row)
                 .await
-                .map_err(ctx("writing the identity stage"))?;
+                .map_err(db_error("writing the identity stage"))?;
         }
     }
     writer
         .finish()
         .await
-        .map_err(ctx("finishing COPY into the identity stage"))?;
+        .map_err(db_error("finishing COPY into the identity stage"))?;
     Ok(copied)
 }
 
@@ -451,7 +451,7 @@ async fn settle(
     if copied.keyless > 0 {
         tx.execute_typed("DELETE FROM sk_stage WHERE sub IS NULL", &[])
             .await
-            .map_err(ctx("clearing the stage's users without id"))?;
+            .map_err(db_error("clearing the stage's users without id"))?;
     }
     if let Some(roles) = &stats.late_roles {
         apply_late_roles(tx, roles, admin_roles).await?;
@@ -519,7 +519,7 @@ async fn refuse_duplicates(
             ],
         )
         .await
-        .map_err(ctx("looking for duplicates in the identity stage"))?;
+        .map_err(db_error("looking for duplicates in the identity stage"))?;
     let Some(total) = rows.first().map(|r| r.get::<_, i64>(8)) else {
         return Ok(());
     };
@@ -573,7 +573,7 @@ async fn apply_late_roles(
         ],
     )
     .await
-    .map_err(ctx("giving the identity stage its resolved roles"))?;
+    .map_err(db_error("giving the identity stage its resolved roles"))?;
     Ok(())
 }
 
@@ -607,7 +607,7 @@ fn note_shortfall(short: &Shortfall, report: &mut UnitReport) {
 async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
     tx.batch_execute("ANALYZE sk_stage")
         .await
-        .map_err(ctx("analyzing the identity stage"))?;
+        .map_err(db_error("analyzing the identity stage"))?;
     const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
     let mut repeats = 0;
     if !try_unique_index(tx, BY_SUB).await? {
@@ -617,19 +617,19 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
                 &[],
             )
             .await
-            .map_err(ctx("de-duplicating the identity stage"))?;
+            .map_err(db_error("de-duplicating the identity stage"))?;
         report.bump(Tally::Duplicates, dup as i64);
         repeats = dup;
         tx.batch_execute(BY_SUB)
             .await
-            .map_err(ctx("indexing the identity stage"))?;
+            .map_err(db_error("indexing the identity stage"))?;
     }
     const BY_USERNAME: &str = "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)";
     if !try_unique_index(tx, BY_USERNAME).await? {
         let rows = tx
             .query_typed("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
             .await
-            .map_err(ctx("checking usernames in the identity stage"))?;
+            .map_err(db_error("checking usernames in the identity stage"))?;
         for r in &rows {
             let (sub, username): (String, String) = (r.get(0), r.get(1));
             let why = format!("username {username:?} is listed for two subs by the source");
@@ -638,7 +638,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
         report.bump(Tally::Rejected, rows.len() as i64);
         tx.batch_execute(BY_USERNAME)
             .await
-            .map_err(ctx("indexing the identity stage"))?;
+            .map_err(db_error("indexing the identity stage"))?;
     }
     Ok(repeats)
 }
@@ -661,7 +661,7 @@ async fn defer_held_usernames(
             &[],
         )
         .await
-        .map_err(ctx("checking the event batch against held usernames"))?;
+        .map_err(db_error("checking the event batch against held usernames"))?;
     for r in &rows {
         let username: String = r.get(0);
         report.find(
@@ -711,7 +711,7 @@ async fn compare(tx: &Transaction<'_>, whole: bool) -> Result<Comparison> {
     let row = tx
         .query_typed_one(&sql, &[])
         .await
-        .map_err(ctx("comparing the identity stage"))?;
+        .map_err(db_error("comparing the identity stage"))?;
     Ok(Comparison {
         unsettled: row.get(0),
         changed: row.get(1),
@@ -734,7 +734,7 @@ async fn realign(tx: &Transaction<'_>, listed: i64, report: &mut UnitReport) -> 
     let rows = tx
         .query_typed(&sql, &[])
         .await
-        .map_err(ctx("re-aligning users to new subs"))?;
+        .map_err(db_error("re-aligning users to new subs"))?;
     let realigned: i64 = rows.first().map(|r| r.get(0)).unwrap_or(0);
     let mut keys = Vec::with_capacity(rows.len());
     for r in &rows {
@@ -756,7 +756,7 @@ async fn clash(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<i64> {
     let rows = tx
         .query_typed(&format!("WITH c AS ({CLASHES}) UPDATE sk_stage s SET skip = true FROM c WHERE s.sub = c.sub RETURNING c.sub, c.username, c.holder_sub, c.offboarded_on"), &[])
         .await
-        .map_err(ctx("checking username clashes"))?;
+        .map_err(db_error("checking username clashes"))?;
     for r in &rows {
         let (sub, username, holder, offboarded_on): (
             String,
@@ -818,7 +818,7 @@ async fn write_changes(
     let row = tx
         .query_typed_one(&sql, &[])
         .await
-        .map_err(ctx("updating users"))?;
+        .map_err(db_error("updating users"))?;
     let (updated, reactivated): (i64, i64) = (row.get(0), row.get(1));
     let (usernames, subs): (Vec<String>, Vec<String>) = (row.get(2), row.get(3));
     for (username, sub) in usernames.iter().zip(&subs) {
@@ -845,7 +845,7 @@ async fn write_changes(
     let row = tx
         .query_typed_one(&sql, &[])
         .await
-        .map_err(ctx("inserting users"))?;
+        .map_err(db_error("inserting users"))?;
     let inserted: i64 = row.get(0);
     report.add_changes("insert", inserted, user_keys(row.get(1), row.get(2)));
     Ok(Changes {
@@ -872,7 +872,7 @@ async fn count_missing(tx: &Transaction<'_>) -> Result<(i64, i64)> {
             &[],
         )
         .await
-        .map_err(ctx("counting users missing from the source"))?;
+        .map_err(db_error("counting users missing from the source"))?;
     Ok((row.get(0), row.get(1)))
 }
 
@@ -886,7 +886,7 @@ async fn count_to_offboard(
     Ok(tx
         .query_typed_one(&sql, params)
         .await
-        .map_err(ctx("counting the users to offboard"))?
+        .map_err(db_error("counting the users to offboard"))?
         .get(0))
 }
 
@@ -908,7 +908,7 @@ async fn offboard(
     let rows = tx
         .query_typed(&sql, gone.params)
         .await
-        .map_err(ctx("offboarding users gone from the realm"))?;
+        .map_err(db_error("offboarding users gone from the realm"))?;
     let mut keys = Vec::with_capacity(rows.len());
     for r in &rows {
         let (username, sub): (String, String) = (r.get(1), r.get(2));
@@ -929,18 +929,18 @@ async fn offboard(
 async fn try_unique_index(tx: &Transaction<'_>, sql: &str) -> Result<bool> {
     tx.batch_execute("SAVEPOINT sk_index")
         .await
-        .map_err(ctx("indexing the identity stage"))?;
+        .map_err(db_error("indexing the identity stage"))?;
     match tx.batch_execute(sql).await {
         Ok(()) => {
             tx.batch_execute("RELEASE SAVEPOINT sk_index")
                 .await
-                .map_err(ctx("indexing the identity stage"))?;
+                .map_err(db_error("indexing the identity stage"))?;
             Ok(true)
         }
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
             tx.batch_execute("ROLLBACK TO SAVEPOINT sk_index")
                 .await
-                .map_err(ctx("indexing the identity stage"))?;
+                .map_err(db_error("indexing the identity stage"))?;
             Ok(false)
         }
         Err(e) => Err(crate::error::Error::db("indexing the identity stage", e)),

@@ -64,7 +64,7 @@ pub struct Engine {
 
 impl Engine {
     /// One run of `identities` (the configured source, or the users of an event batch,
-    /// [`crate::identity::SomeUsers`]) through the units: connect (waiting up to `wait`), lock,
+    /// [`crate::identity::FetchedBatch`]) through the units: connect (waiting up to `wait`), lock,
     /// units in order, evidence. The daemon and the commands start runs through
     /// [`crate::gate::RunGate`], which owns the overlap guard; tests of the units call this.
     pub async fn run(
@@ -216,12 +216,12 @@ impl Engine {
                     .client
                     .transaction()
                     .await
-                    .map_err(store::ctx("starting the plan's transaction"))?;
+                    .map_err(store::db_error("starting the plan's transaction"))?;
                 let planned = self.units(mode, report, &mut outer, &source).await;
                 outer
                     .rollback()
                     .await
-                    .map_err(store::ctx("rolling back the plan"))?;
+                    .map_err(store::db_error("rolling back the plan"))?;
                 planned
             }
         }
@@ -408,14 +408,14 @@ impl Engine {
         let tx = base
             .transaction()
             .await
-            .map_err(store::ctx("starting a transaction"))?;
+            .map_err(store::db_error("starting a transaction"))?;
         let listed = self.list_limit(mode);
         let report = match unit {
             // Never here: the schema unit runs on the session itself (see `units`).
             Unit::Schema => UnitReport::new(Unit::Schema),
             Unit::ReferenceSeed => reference::reconcile(&tx, &self.seed, listed).await?,
             Unit::Identities => {
-                let listing = identities::Listing {
+                let listing = identities::ListingControls {
                     cancel: source.listing,
                     progress: source.progress,
                 };
@@ -438,7 +438,7 @@ impl Engine {
         if let Some(id) = run {
             runs::record_unit(&tx, id, &report).await?;
         }
-        tx.commit().await.map_err(store::ctx("committing"))?;
+        tx.commit().await.map_err(store::db_error("committing"))?;
         Ok(report)
     }
 

@@ -13,7 +13,7 @@ use tokio_postgres::Transaction;
 use crate::error::Result;
 use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
 use crate::seed::{Ownership, ReferenceSeed};
-use crate::store::ctx;
+use crate::store::db_error;
 
 /// One seeded table: key columns, compared columns, and the column types for the recordset.
 pub(crate) struct TableSpec {
@@ -370,7 +370,7 @@ async fn compare(
     for r in tx
         .query_typed(&sql.diff, &[(rows, Type::JSONB)])
         .await
-        .map_err(ctx("comparing the reference seed"))?
+        .map_err(db_error("comparing the reference seed"))?
     {
         let (key, state): (String, &str) = (r.get(0), r.get(1));
         match state {
@@ -381,7 +381,7 @@ async fn compare(
     for r in tx
         .query_typed(&sql.extra, &[(rows, Type::JSONB)])
         .await
-        .map_err(ctx("listing rows not in the seed"))?
+        .map_err(db_error("listing rows not in the seed"))?
     {
         let key: String = r.get(0);
         let detail = "kept; the seed no longer lists it";
@@ -421,7 +421,7 @@ async fn apply(
         let deactivated = tx
             .query_typed(stmt, &[(rows, Type::JSONB)])
             .await
-            .map_err(ctx("deactivating superseded versions"))?;
+            .map_err(db_error("deactivating superseded versions"))?;
         for r in &deactivated {
             let key: String = r.get(0);
             let detail = "deactivated: the seed's version is the active one";
@@ -434,7 +434,7 @@ async fn apply(
     let inserted: Vec<String> = tx
         .query_typed(&sql.insert, &[(rows, Type::JSONB)])
         .await
-        .map_err(ctx("inserting reference rows"))?
+        .map_err(db_error("inserting reference rows"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -455,7 +455,7 @@ async fn apply(
         let n = tx
             .query_typed(&sql.update, &[(rows, Type::JSONB)])
             .await
-            .map_err(ctx("correcting reference drift"))?;
+            .map_err(db_error("correcting reference drift"))?;
         for r in &n {
             let key: String = r.get(0);
             report.add_change("update", section.entity(&key));

@@ -10,7 +10,7 @@ use tokio_postgres::Transaction;
 
 use crate::error::Result;
 use crate::reconcile::{Action, Scope, Tally, Unit, UnitReport};
-use crate::store::ctx;
+use crate::store::db_error;
 
 const UNIT: Unit = Unit::Tenants;
 
@@ -167,7 +167,7 @@ pub(crate) async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) 
     let row = tx
         .query_typed_one(&check, &params)
         .await
-        .map_err(ctx("checking tenants"))?;
+        .map_err(db_error("checking tenants"))?;
     let (users, lacking): (i64, i64) = (row.get(0), row.get(1));
     report.bump(Tally::UsersCovered, users);
     if lacking == 0 {
@@ -191,7 +191,7 @@ pub(crate) async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) 
         let row = tx
             .query_typed_one(&sql, &params)
             .await
-            .map_err(ctx("writing tenants"))?;
+            .map_err(db_error("writing tenants"))?;
         let (n, owners): (i64, Vec<String>) = (row.get(0), row.get(1));
         let owners = owners.into_iter().map(|o| format!("{}:{o}", step.entity));
         report.add_changes(step.action, n, owners);

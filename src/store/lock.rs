@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::DatabaseSettings;
 use crate::error::{Error, Result};
 use crate::retry::{Limit, Policy, Retry, Stop};
-use crate::store::{self, ctx, Db};
+use crate::store::{self, db_error, Db};
 
 /// "seedkeeper" folded into a bigint; fixed so every version and replica agrees.
 pub const RUN_LOCK_KEY: i64 = 0x5eed_6ee9_0000_0001;
@@ -63,7 +63,7 @@ async fn take_on(db: Db) -> Result<std::result::Result<RunLock, Db>> {
         .client
         .simple_query(&sql)
         .await
-        .map_err(ctx("taking the run lock"))?;
+        .map_err(db_error("taking the run lock"))?;
     let got = answer.iter().any(|m| match m {
         SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
         _ => false,
@@ -80,7 +80,7 @@ async fn take_on(db: Db) -> Result<std::result::Result<RunLock, Db>> {
             "ROLLBACK /* seedkeeper waits for the run lock: pg_try_advisory_xact_lock */",
         )
         .await
-        .map_err(ctx("ending a try for the run lock"))?;
+        .map_err(db_error("ending a try for the run lock"))?;
     Ok(Err(db))
 }
 
@@ -184,7 +184,7 @@ impl RunLock {
             .client
             .batch_execute("COMMIT")
             .await
-            .map_err(ctx("releasing the run lock"));
+            .map_err(db_error("releasing the run lock"));
         self.db.close(CLOSE_WITHIN).await;
         committed
     }
@@ -240,7 +240,7 @@ pub(crate) async fn holder(client: &Client) -> Result<Option<Holder>> {
             &[(&high, Type::INT8), (&low, Type::INT8)],
         )
         .await
-        .map_err(ctx("looking up the session holding the run lock"))?;
+        .map_err(db_error("looking up the session holding the run lock"))?;
     Ok(row.map(|r| Holder {
         pid: r.get(0),
         application_name: r.get(1),

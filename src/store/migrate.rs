@@ -12,7 +12,7 @@ use tokio_postgres::{Client, GenericClient};
 use crate::config::SchemaMode;
 use crate::error::{Error, Result};
 use crate::seed::hex;
-use crate::store::{ctx, table_exists};
+use crate::store::{db_error, table_exists};
 
 pub struct Migration {
     pub version: i32,
@@ -78,7 +78,7 @@ pub(crate) async fn pending(
             &[],
         )
         .await
-        .map_err(ctx("reading seedkeeper_migrations"))?;
+        .map_err(db_error("reading seedkeeper_migrations"))?;
     let mut applied = std::collections::BTreeMap::new();
     for r in rows {
         let v: i32 = r.get(0);
@@ -135,10 +135,10 @@ pub async fn run<C: GenericClient + Send + Sync>(
         let tx = client
             .transaction()
             .await
-            .map_err(ctx("starting a migration"))?;
+            .map_err(db_error("starting a migration"))?;
         tx.batch_execute(CREATE_TABLE)
             .await
-            .map_err(ctx("creating seedkeeper_migrations"))?;
+            .map_err(db_error("creating seedkeeper_migrations"))?;
         tx.batch_execute(m.sql).await.map_err(|e| {
             // A standby refuses DDL as it refuses writes: say so, not "migration failed".
             if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
@@ -159,8 +159,8 @@ pub async fn run<C: GenericClient + Send + Sync>(
             ],
         )
         .await
-        .map_err(ctx("recording a migration"))?;
-        tx.commit().await.map_err(ctx("committing a migration"))?;
+        .map_err(db_error("recording a migration"))?;
+        tx.commit().await.map_err(db_error("committing a migration"))?;
         tracing::info!(migration = %m.label(), "migration applied");
         report.applied.push(m.label());
     }

@@ -212,7 +212,7 @@ pub async fn connect_with_wait(
 }
 
 /// Maps a statement error to an `Error::Database` with the context of what was being done.
-pub(crate) fn ctx(context: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
+pub(crate) fn db_error(context: &'static str) -> impl Fn(tokio_postgres::Error) -> Error {
     move |e| Error::db(context, e)
 }
 
@@ -224,7 +224,7 @@ pub(crate) async fn table_exists(client: &Client, table: &str) -> Result<bool> {
             &[(&format!("public.{table}"), Type::TEXT)],
         )
         .await
-        .map_err(ctx("checking the schema"))?;
+        .map_err(db_error("checking the schema"))?;
     Ok(row.get(0))
 }
 

@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::store::ctx;
+use crate::store::db_error;
 
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct RunRecord {
@@ -51,7 +51,7 @@ pub(crate) async fn insert(
             ],
         )
         .await
-        .map_err(ctx("recording the run in seed_runs"))?;
+        .map_err(db_error("recording the run in seed_runs"))?;
     Ok(())
 }
 
@@ -75,7 +75,7 @@ pub(crate) async fn finish(
             ],
         )
         .await
-        .map_err(ctx("finishing the run in seed_runs"))?;
+        .map_err(db_error("finishing the run in seed_runs"))?;
     Ok(())
 }
 
@@ -96,7 +96,7 @@ pub(crate) async fn close_abandoned(client: &Client, current: Uuid) -> Result<u6
             &[(&current, Type::UUID)],
         )
         .await
-        .map_err(ctx("closing abandoned runs"))?;
+        .map_err(db_error("closing abandoned runs"))?;
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
@@ -110,7 +110,7 @@ pub(crate) async fn prune(client: &Client, retention: u32) -> Result<u64> {
             &[(&i64::from(retention), Type::INT8)],
         )
         .await
-        .map_err(ctx("pruning seed_runs"))?;
+        .map_err(db_error("pruning seed_runs"))?;
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
@@ -122,7 +122,7 @@ pub(crate) async fn list(client: &Client, limit: i64) -> Result<Vec<RunRecord>> 
             &[(&limit, Type::INT8)],
         )
         .await
-        .map_err(ctx("reading seed_runs"))?;
+        .map_err(db_error("reading seed_runs"))?;
     Ok(rows
         .into_iter()
         .map(|r| RunRecord {
@@ -171,7 +171,7 @@ pub(crate) async fn insert_if_missing(
             ],
         )
         .await
-        .map_err(ctx("recording the run in seed_runs"))?;
+        .map_err(db_error("recording the run in seed_runs"))?;
     Ok(())
 }
 
@@ -196,6 +196,6 @@ pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
             ],
         )
         .await
-        .map_err(ctx("recording the unit in seed_runs"))?;
+        .map_err(db_error("recording the unit in seed_runs"))?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{Error, Result};
-use crate::store::ctx;
+use crate::store::db_error;
 use crate::store::migrate::MIGRATIONS;
 
 /// What kind of schema object.
@@ -391,7 +391,7 @@ pub async fn present<C: GenericClient + Sync>(client: &C) -> Result<BTreeSet<(Ki
     let rows = client
         .query_typed(CATALOG, &[])
         .await
-        .map_err(ctx("reading the catalog (schema check)"))?;
+        .map_err(db_error("reading the catalog (schema check)"))?;
     Ok(rows
         .iter()
         .filter_map(|r| Some((Kind::parse(r.get::<_, &str>(0))?, r.get::<_, String>(1))))
@@ -409,7 +409,7 @@ pub async fn missing<C: GenericClient + Sync>(
     let applied: BTreeSet<i32> = client
         .query_typed("SELECT version FROM seedkeeper_migrations", &[])
         .await
-        .map_err(ctx("reading seedkeeper_migrations"))?
+        .map_err(db_error("reading seedkeeper_migrations"))?
         .iter()
         .map(|r| r.get(0))
         .collect();
@@ -483,13 +483,13 @@ pub(crate) async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Re
     let tx = client
         .transaction()
         .await
-        .map_err(ctx("starting the repair"))?;
+        .map_err(db_error("starting the repair"))?;
     apply_migrations_to_scratch_schema(&tx).await?;
     todo.sort_by_key(|(kind, _, _)| *kind);
     let statements = repair_statements(&tx, &todo).await?;
     tx.batch_execute("SET LOCAL search_path = public")
         .await
-        .map_err(ctx("leaving the repair's scratch schema"))?;
+        .map_err(db_error("leaving the repair's scratch schema"))?;
     for s in &statements {
         tx.batch_execute(s).await.map_err(|e| {
             Error::Schema(format!(
@@ -500,8 +500,8 @@ pub(crate) async fn repair<C: GenericClient + Send + Sync>(client: &mut C) -> Re
     }
     tx.batch_execute(&format!("DROP SCHEMA {REFERENCE} CASCADE"))
         .await
-        .map_err(ctx("dropping the repair's scratch schema"))?;
-    tx.commit().await.map_err(ctx("committing the repair"))?;
+        .map_err(db_error("dropping the repair's scratch schema"))?;
+    tx.commit().await.map_err(db_error("committing the repair"))?;
     for s in &statements {
         tracing::info!(statement = %s, "schema object re-created");
     }
@@ -515,7 +515,7 @@ async fn apply_migrations_to_scratch_schema(tx: &Transaction<'_>) -> Result<()> 
         "CREATE SCHEMA {REFERENCE}; SET LOCAL search_path = {REFERENCE}"
     ))
     .await
-    .map_err(ctx("creating the repair's scratch schema"))?;
+    .map_err(db_error("creating the repair's scratch schema"))?;
     for m in MIGRATIONS {
         tx.batch_execute(m.sql).await.map_err(|e| {
             Error::Schema(format!(
@@ -577,7 +577,7 @@ async fn add_column_statement(
             ],
         )
         .await
-        .map_err(ctx("reading a column's definition"))?;
+        .map_err(db_error("reading a column's definition"))?;
     let Some(row) = row.first() else {
         return Ok(None);
     };
@@ -608,7 +608,7 @@ async fn add_constraint_statement(
             ],
         )
         .await
-        .map_err(ctx("reading a constraint's definition"))?;
+        .map_err(db_error("reading a constraint's definition"))?;
     let Some(row) = row.first() else {
         return Ok(None);
     };
@@ -629,7 +629,7 @@ async fn create_index_statement(tx: &Transaction<'_>, index: &str) -> Result<Opt
             &[(&format!("{REFERENCE}.{index}"), Type::TEXT)],
         )
         .await
-        .map_err(ctx("reading an index's definition"))?;
+        .map_err(db_error("reading an index's definition"))?;
     Ok(row
         .first()
         .and_then(|r| r.get::<_, Option<String>>(0))
