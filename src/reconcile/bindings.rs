@@ -58,7 +58,6 @@ pub(crate) async fn reconcile(
     listed: i64,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    no_jit(tx).await?;
     let realm_roles: Vec<&str> = identity.role_map.keys().map(String::as_str).collect();
     let platform_roles: Vec<&str> = identity.role_map.values().map(String::as_str).collect();
     let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
@@ -171,15 +170,4 @@ fn note(report: &mut UnitReport, rows: &[Row], kind: FindingKind) -> i64 {
     };
     report.add_changes(action, total, keys);
     total
-}
-
-/// Turns JIT compilation off for the rest of the unit's transaction. The whole-table statements
-/// of the identity units cost more than `jit_above_cost` at a hundred thousand rows, and
-/// PostgreSQL then compiles each of them again in every run: 0.1 to 0.7 s a statement at a
-/// million rows, measured against the tenants check, for hash joins and counts that compiled
-/// expressions do not speed up.
-pub(crate) async fn no_jit(tx: &Transaction<'_>) -> Result<()> {
-    tx.batch_execute("SET LOCAL jit = off")
-        .await
-        .map_err(db_error("turning JIT off for the unit"))
 }

@@ -138,7 +138,6 @@ pub(crate) async fn reconcile(
     rules: Rules<'_>,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    crate::reconcile::bindings::no_jit(tx).await?;
     // Re-alignments and renames may swap usernames within the unit: checked once it is done.
     tx.batch_execute("SET CONSTRAINTS users_username_key DEFERRED")
         .await

@@ -158,7 +158,6 @@ const CHECK: &str = "SELECT count(*), count(*) FILTER (WHERE t.id IS NULL OR p.i
 
 pub(crate) async fn reconcile(tx: &Transaction<'_>, scope: &Scope, listed: i64) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
-    crate::reconcile::bindings::no_jit(tx).await?;
     let params = scope.typed_params();
     let check = match scope.condition("u.id", 1) {
         Some(c) => format!("{CHECK} WHERE {c}"),
