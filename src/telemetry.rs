@@ -150,15 +150,7 @@ pub(crate) fn early_format(flag: Option<LogFormat>, sources: &ConfigLayers) -> L
     if let Some(f) = flag {
         return f;
     }
-    let var = |name: &str| {
-        sources
-            .env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    if let Some(f) = var("SEEDKEEPER_LOG__FORMAT").and_then(|v| parse_format(&v)) {
+    if let Some(f) = sources.var("SEEDKEEPER_LOG__FORMAT").and_then(parse_format) {
         return f;
     }
     // The file the load will read, as the load chooses it.

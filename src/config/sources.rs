@@ -59,7 +59,7 @@ impl ConfigLayers {
     }
 
     /// The value of an environment variable; the last one wins when given twice.
-    pub(super) fn var(&self, name: &str) -> Option<&str> {
+    pub(crate) fn var(&self, name: &str) -> Option<&str> {
         self.env
             .iter()
             .rev()
