@@ -116,11 +116,29 @@ pub struct SourceStats {
     /// Distinct users listed but never sent (service accounts): added to the stage's distinct
     /// subs for the check against `counted`.
     pub unsent: u64,
-    /// Mapped realm roles resolved beside the listing (sub -> roles, sorted), for identities
-    /// that were sent without them so that no page waited for the resolution: applied to the
-    /// stage once the listing is complete. Bounded by the roles' holders, not by the realm.
-    pub late_roles: Option<Vec<(String, Vec<String>)>>,
 }
+
+/// What a source sends to the identity stage, batch by batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Staged {
+    Identities(Vec<Identity>),
+    /// Mapped realm roles resolved beside the listing, for identities sent without them so that
+    /// no page waited for the resolution. They go into the stage as they are found, never held
+    /// together (a role can be held by every user of the realm), and are given to the staged
+    /// identities once the listing is complete. A sub may come more than once, and may be one
+    /// the listing never sends (a service account): neither matters.
+    Grants(Vec<Grant>),
+}
+
+/// A user (by sub) holding a mapped realm role, directly or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub sub: String,
+    pub role: String,
+}
+
+/// The channel a source sends its batches into.
+pub type StageSender = mpsc::Sender<Staged>;
 
 /// A listing that ended short of the source's own count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,7 +198,7 @@ pub trait IdentityProvider: Send + Sync {
     /// per page or batch) and when it is complete.
     fn stream(
         self: Arc<Self>,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         cancel: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>>;
@@ -399,7 +417,7 @@ impl IdentityProvider for FetchedBatch {
 
     fn stream(
         self: Arc<Self>,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         _: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {
@@ -407,7 +425,7 @@ impl IdentityProvider for FetchedBatch {
             let listed = self.users.len() as u64;
             progress.listing_started(Some(listed));
             if listed > 0 {
-                out.send(self.users.clone())
+                out.send(Staged::Identities(self.users.clone()))
                     .await
                     .map_err(|_| crate::error::Error::Cancelled)?;
             }

@@ -43,13 +43,12 @@ use std::sync::{Arc, Mutex};
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
 use crate::identity::{
     check_identity, printable, BoxFuture, Duplicate, DuplicateKey, Identity, IdentityProvider,
-    Origin, RoleFilter, RoleGraph, RoleKey, SourceStats, UniqueKeys,
+    Origin, RoleFilter, RoleGraph, RoleKey, SourceStats, StageSender, Staged, UniqueKeys,
 };
 use crate::progress::Progress;
 
@@ -911,7 +910,7 @@ impl RealmFileSource {
     fn stream_blocking(
         &self,
         index: Arc<RealmIndex>,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         progress: &Progress,
     ) -> Result<SourceStats> {
         progress.listing_started(Some(index.users));
@@ -957,7 +956,7 @@ impl RealmFileSource {
                 if batch.len() >= self.batch_size {
                     let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
                     progress.listed(std::mem::take(&mut unreported));
-                    if out.blocking_send(full).is_err() {
+                    if out.blocking_send(Staged::Identities(full)).is_err() {
                         closed = true;
                         return Err("the run stopped reading identities".to_string());
                     }
@@ -970,7 +969,7 @@ impl RealmFileSource {
             }
             r?;
         }
-        if !batch.is_empty() && out.blocking_send(batch).is_err() {
+        if !batch.is_empty() && out.blocking_send(Staged::Identities(batch)).is_err() {
             return Err(Error::Cancelled);
         }
         progress.listed(unreported);
@@ -1125,7 +1124,7 @@ impl IdentityProvider for RealmFileSource {
     /// A stopped run closes `out`, which ends the reader at its next batch.
     fn stream(
         self: Arc<Self>,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         _: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {

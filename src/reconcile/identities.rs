@@ -30,8 +30,8 @@ use tracing::Instrument;
 use crate::config::Settings;
 use crate::error::{Error, ErrorKind, Result};
 use crate::identity::{
-    check_identity, printable, Duplicate, DuplicateKey, Identity, IdentityProvider, Origin,
-    Shortfall, SourceStats, UniqueKeys,
+    check_identity, printable, Duplicate, DuplicateKey, IdentityProvider, Origin, Shortfall,
+    SourceStats, Staged, UniqueKeys,
 };
 use crate::progress::Progress;
 use crate::reconcile::{Action, FindingKind, Tally, Unit, UnitReport};
@@ -43,7 +43,7 @@ const UNIT: Unit = Unit::Identities;
 const STAGE_QUEUE: usize = 2;
 
 /// The stage's column types, in `COPY` order.
-const STAGE_TYPES: [Type; 13] = [
+const STAGE_TYPES: [Type; 14] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -57,11 +57,15 @@ const STAGE_TYPES: [Type; 13] = [
     Type::INT4,
     Type::TEXT,
     Type::TEXT,
+    Type::BOOL,
 ];
 
 /// `sub` is null only for a realm-file user without id, staged for the duplicate checks and
 /// removed right after them. `origin_*`, `file_username` and `name_key` are a realm file's
-/// (see [`crate::identity::Origin`]), null from Keycloak.
+/// (see [`crate::identity::Origin`]), null from Keycloak. A `granted` row is not a user: it
+/// says that the user `sub` holds the one role in its `realm_roles` (a
+/// [`crate::identity::Staged::Grants`] of the keycloak source), and is folded into that user's
+/// row and removed once the listing is complete.
 const STAGE: &str = "CREATE TEMP TABLE sk_stage (
     sub          text,
     username     text NOT NULL,
@@ -77,7 +81,8 @@ const STAGE: &str = "CREATE TEMP TABLE sk_stage (
     origin_part  int4,
     origin_entry int4,
     file_username text,
-    name_key     text
+    name_key     text,
+    granted      boolean NOT NULL
 ) ON COMMIT DROP";
 
 /// Rows whose username a realm user holds while their own sub is gone from the realm, and whose
@@ -358,30 +363,54 @@ async fn stage(
     settle(tx, source.as_ref(), stats, copied, admin_roles, report).await
 }
 
-/// What the COPY took: rows received (`ord`'s last value), those refused, and the users without
-/// a sub that were staged for the duplicate checks only.
+/// What the COPY took: rows received (`ord`'s last value), those refused, the users without
+/// a sub that were staged for the duplicate checks only, and the grants (not users).
 #[derive(Debug, Clone, Copy, Default)]
 struct Copied {
     received: i64,
     rejected: i64,
     keyless: i64,
+    grants: i64,
 }
+
+const NO_TEXT: Option<&str> = None;
+const NO_INT: Option<i32> = None;
 
 /// The COPY into the stage, batch by batch as the source sends them.
 async fn copy_batches(
     tx: &Transaction<'_>,
-    mut rx: mpsc::Receiver<Vec<Identity>>,
+    mut rx: mpsc::Receiver<Staged>,
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<Copied> {
     let sink = tx
-        .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord, origin_part, origin_entry, file_username, name_key) FROM STDIN BINARY")
+        .copy_in("COPY sk_stage (sub, username, email, first_name, last_name, is_active, role, realm_roles, ord, origin_part, origin_entry, file_username, name_key, granted) FROM STDIN BINARY")
         .await
         .map_err(db_error("starting COPY into the identity stage"))?;
     let writer = BinaryCopyInWriter::new(sink, &STAGE_TYPES);
     pin_mut!(writer);
     let mut copied = Copied::default();
-    while let Some(batch) = rx.recv().await {
+    while let Some(staged) = rx.recv().await {
+        let batch = match staged {
+            Staged::Identities(batch) => batch,
+            Staged::Grants(grants) => {
+                copied.grants += grants.len() as i64;
+                for g in grants {
+                    // Its sub and its one role; `ord` 0, as it is not a listed user.
+                    let roles: &[&str] = &[g.role.as_str()];
+                    let row: [&(dyn ToSql + Sync); 14] = [
+                        &g.sub, &"", &NO_TEXT, &NO_TEXT, &NO_TEXT, &false, &"user", &roles, &0i64,
+                        &NO_INT, &NO_INT, &NO_TEXT, &NO_TEXT, &true,
+                    ];
+                    writer
+                        .as_mut()
+                        .write(&row)
+                        .await
+                        .map_err(db_error("writing the identity stage"))?;
+                }
+                continue;
+            }
+        };
         for ident in batch {
             copied.received += 1;
             // A realm-file user without id: staged without a sub, for the username check.
@@ -403,7 +432,7 @@ async fn copy_batches(
             let entry = origin.map(|o| o.entry as i32);
             let file_username = origin.map(|o| o.username.as_str());
             let name_key = origin.and_then(|o| o.name_key.as_deref());
-            let row: [&(dyn ToSql + Sync); 13] = [
+            let row: [&(dyn ToSql + Sync); 14] = [
                 &sub,
                 &ident.username,
                 &ident.email,
@@ -417,6 +446,7 @@ async fn copy_batches(
                 &entry,
                 &file_username,
                 &name_key,
+                &false,
             ];
             writer
                 .as_mut()
@@ -443,6 +473,9 @@ async fn settle(
     admin_roles: &[String],
     report: &mut UnitReport,
 ) -> Result<Option<Shortfall>> {
+    if copied.grants > 0 {
+        apply_grants(tx, admin_roles).await?;
+    }
     let keys = source.unique_keys();
     if keys.any() {
         refuse_duplicates(tx, source, keys).await?;
@@ -452,9 +485,7 @@ async fn settle(
             .await
             .map_err(db_error("clearing the stage's users without id"))?;
     }
-    if let Some(roles) = &stats.late_roles {
-        apply_late_roles(tx, roles, admin_roles).await?;
-    }
+
     let repeats = dedupe(tx, report).await?;
     report.bump(Tally::Listed, stats.listed.saturating_sub(repeats) as i64);
     for r in stats.rejections {
@@ -544,35 +575,23 @@ async fn refuse_duplicates(
     Err(source.refuse_duplicates(found, total as u64))
 }
 
-/// Gives the staged users the roles resolved beside the listing (they were sent without any).
-/// One statement for all holders; bounded by the holders, not by the realm. Roles are ordered
-/// by bytes, as the sources order them (`COLLATE "C"`), so an unchanged row compares equal.
-async fn apply_late_roles(
-    tx: &Transaction<'_>,
-    roles: &[(String, Vec<String>)],
-    admin_roles: &[String],
-) -> Result<()> {
-    if roles.is_empty() {
-        return Ok(());
-    }
-    let (subs, names): (Vec<&str>, Vec<&str>) = roles
-        .iter()
-        .flat_map(|(sub, rs)| rs.iter().map(move |r| (sub.as_str(), r.as_str())))
-        .unzip();
+/// Gives the staged users the roles granted beside the listing (they were sent without any),
+/// then removes the grants. Roles are ordered by bytes, as the sources order them
+/// (`COLLATE "C"`), so an unchanged row compares equal.
+async fn apply_grants(tx: &Transaction<'_>, admin_roles: &[String]) -> Result<()> {
     tx.execute_typed(
-        "UPDATE sk_stage s SET realm_roles = r.roles,
-                role = CASE WHEN r.roles && $3::text[] THEN 'admin' ELSE 'user' END
-         FROM (SELECT sub, array_agg(DISTINCT role COLLATE \"C\" ORDER BY role COLLATE \"C\") AS roles
-               FROM unnest($1::text[], $2::text[]) AS t(sub, role) GROUP BY sub) r
-         WHERE s.sub = r.sub",
-        &[
-            (&subs, Type::TEXT_ARRAY),
-            (&names, Type::TEXT_ARRAY),
-            (&admin_roles, Type::TEXT_ARRAY),
-        ],
+        "UPDATE sk_stage s SET realm_roles = g.roles,
+                role = CASE WHEN g.roles && $1::text[] THEN 'admin' ELSE 'user' END
+         FROM (SELECT sub, array_agg(DISTINCT r COLLATE \"C\" ORDER BY r COLLATE \"C\") AS roles
+               FROM sk_stage, unnest(realm_roles) AS r WHERE granted GROUP BY sub) g
+         WHERE s.sub = g.sub AND NOT s.granted",
+        &[(&admin_roles, Type::TEXT_ARRAY)],
     )
     .await
-    .map_err(db_error("giving the identity stage its resolved roles"))?;
+    .map_err(db_error("giving the identity stage its granted roles"))?;
+    tx.execute_typed("DELETE FROM sk_stage WHERE granted", &[])
+        .await
+        .map_err(db_error("clearing the grants from the identity stage"))?;
     Ok(())
 }
 

@@ -41,7 +41,7 @@ use uuid::Uuid;
 
 use crate::config::{duration_str, Settings};
 use crate::error::{Error, Result};
-use crate::identity::{BoxFuture, Identity, IdentityProvider, SourceStats};
+use crate::identity::{BoxFuture, IdentityProvider, SourceStats};
 use crate::progress::{self, Progress, Reporter};
 use crate::seed::ReferenceSeed;
 use crate::store::lock::{self, RunLock};
@@ -773,7 +773,7 @@ impl IdentityProvider for Cancellable {
 
     fn stream(
         self: Arc<Self>,
-        out: tokio::sync::mpsc::Sender<Vec<Identity>>,
+        out: crate::identity::StageSender,
         cancel: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use seedkeeper::config::Settings;
 use seedkeeper::error::Error;
 use seedkeeper::identity::realm_file::{RealmFileSource, RealmInput, EMBEDDED_REALM};
-use seedkeeper::identity::{Identity, IdentityProvider, RoleFilter};
+use seedkeeper::identity::{Identity, IdentityProvider, RoleFilter, Staged};
 use seedkeeper::seed::{ReferenceSeed, EMBEDDED_SEED};
 use serde_json::json;
 
@@ -83,8 +83,11 @@ fn stream_all(src: Arc<RealmFileSource>) -> Result<Vec<Identity>, Error> {
         let (tx, mut rx) = tokio::sync::mpsc::channel(4);
         let producer = tokio::spawn(src.stream(tx, Default::default(), Default::default()));
         let mut out = Vec::new();
-        while let Some(batch) = rx.recv().await {
-            out.extend(batch);
+        while let Some(staged) = rx.recv().await {
+            match staged {
+                Staged::Identities(batch) => out.extend(batch),
+                Staged::Grants(g) => panic!("a realm file sends no grants: {g:?}"),
+            }
         }
         producer.await.unwrap()?;
         Ok(out)

@@ -34,6 +34,95 @@ pub(super) trait Keyed {
     fn key(&self) -> &str;
 }
 
+/// How many pages in a row may repeat the first page's items before the listing is taken for
+/// one that does not advance: a server that ignores `first` answers every request with the
+/// first page, and would never reach an empty one.
+pub(super) const REPEATS_ALLOWED: u32 = 16;
+
+/// The first page's keys (one page, bounded by its size), to tell a server that ignores
+/// `first` in a listing that keeps no set of all the keys it saw (that would grow with the
+/// realm): every later page of such a server holds only these items.
+#[derive(Default)]
+pub(super) struct FirstPage {
+    keys: Option<HashSet<String>>,
+    /// Later pages in a row that held only items of the first.
+    repeats: u32,
+}
+
+impl FirstPage {
+    /// Looks at a non-empty page; `true` while the paging looks like it advances.
+    pub(super) fn advances<T: Keyed>(&mut self, items: &[T]) -> bool {
+        match &self.keys {
+            None => {
+                self.keys = Some(items.iter().map(|i| i.key().to_string()).collect());
+                true
+            }
+            Some(first) if items.iter().all(|i| first.contains(i.key())) => {
+                self.repeats += 1;
+                self.repeats <= REPEATS_ALLOWED
+            }
+            Some(_) => {
+                self.repeats = 0;
+                true
+            }
+        }
+    }
+}
+
+/// A paged admin endpoint read a page at a time and kept nowhere: for the listings that can be
+/// as long as the realm (a role's or a group's members), where [`AdminClient::get_all`] would
+/// hold them all. Repeats are passed on (whoever reads the pages tolerates them).
+pub(super) struct Pages<'a> {
+    path: String,
+    extra: &'a [(&'a str, String)],
+    first: u64,
+    first_page: FirstPage,
+    ended: bool,
+}
+
+impl<'a> Pages<'a> {
+    pub(super) fn new(path: String, extra: &'a [(&'a str, String)]) -> Self {
+        Pages {
+            path,
+            extra,
+            first: 0,
+            first_page: FirstPage::default(),
+            ended: false,
+        }
+    }
+
+    /// The next non-empty page, or `None` once a page came back empty. A page shorter than
+    /// asked is not the end (see [`AdminClient::get_all`]).
+    pub(super) async fn next<T: DeserializeOwned + Keyed>(
+        &mut self,
+        client: &AdminClient,
+        cancel: &CancellationToken,
+    ) -> Result<Option<Vec<T>>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut q: Vec<(&str, String)> = vec![
+            ("first", self.first.to_string()),
+            ("max", AUX_PAGE.to_string()),
+        ];
+        q.extend(self.extra.iter().cloned());
+        let page: Vec<T> = client.get(&self.path, &q, cancel).await?;
+        if page.is_empty() {
+            self.ended = true;
+            return Ok(None);
+        }
+        self.first += page.len() as u64;
+        if !self.first_page.advances(&page) {
+            let path = &self.path;
+            return Err(Error::keycloak(path, format!(
+                "GET {path}: paging does not advance ({} items returned, the last {REPEATS_ALLOWED} pages holding only the first page's items again); Keycloak or a proxy in front of it ignores the first parameter",
+                self.first
+            )));
+        }
+        Ok(Some(page))
+    }
+}
+
 /// One window of a paged listing.
 pub(super) struct Window<T> {
     pub(super) items: Vec<T>,

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_util::{stream, StreamExt};
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::client::{FirstPage, Keyed, REPEATS_ALLOWED};
 use super::KeycloakSource;
 use crate::error::{Error, Result};
-use crate::identity::{Identity, SourceStats};
+use crate::identity::{Identity, SourceStats, StageSender, Staged};
 use crate::progress::Progress;
 
 #[derive(Debug, Deserialize)]
@@ -28,6 +28,12 @@ pub(super) struct UserRep {
     pub(super) enabled: Option<bool>,
     #[serde(default, rename = "serviceAccountClientId")]
     pub(super) service_account_client_id: Option<String>,
+}
+
+impl Keyed for UserRep {
+    fn key(&self) -> &str {
+        &self.id
+    }
 }
 
 impl UserRep {
@@ -51,71 +57,28 @@ impl UserRep {
     }
 }
 
-/// How many windows in a row may repeat the first window's users before the listing is taken
-/// for one that does not advance: a server that ignores `first` answers every window with the
-/// first page, and would never reach an empty one.
-const REPEATS_ALLOWED: u32 = 16;
-
-/// The first window's user ids (one page, bounded by `keycloak.page_size`), to tell a server
-/// that ignores `first`: every later window of such a server holds only these users. The
-/// listing keeps no set of all the ids it saw (that would grow with the realm): repeats are
-/// removed over the stage, and the count is checked there.
-#[derive(Default)]
-struct FirstWindow {
-    ids: Option<HashSet<String>>,
-    /// Later windows in a row that held only users of the first.
-    repeats: u32,
-}
-
-impl FirstWindow {
-    /// Looks at a non-empty window; `true` while the paging looks like it advances.
-    fn advances(&mut self, items: &[UserRep]) -> bool {
-        match &self.ids {
-            None => {
-                self.ids = Some(items.iter().map(|u| u.id.clone()).collect());
-                true
-            }
-            Some(first) if items.iter().all(|u| first.contains(&u.id)) => {
-                self.repeats += 1;
-                self.repeats <= REPEATS_ALLOWED
-            }
-            Some(_) => {
-                self.repeats = 0;
-                true
-            }
-        }
-    }
-}
-
 impl KeycloakSource {
     /// The listing, with the resolution of the mapped roles' holders beside it rather than
     /// before it: pages go to the stage as they arrive, without roles, and the holders' roles
-    /// follow in [`SourceStats::late_roles`] once both are done.
+    /// go there too, as [`Staged::Grants`], as their pages arrive.
     pub(super) async fn stream_users(
         &self,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         cancel: &CancellationToken,
         progress: &Progress,
     ) -> Result<SourceStats> {
-        let (privileged, stats) = futures_util::future::try_join(
-            self.privileged(cancel),
-            self.list_users(out, cancel, progress),
+        let (_, stats) = futures_util::future::try_join(
+            self.send_grants(&out, cancel),
+            self.list_users(&out, cancel, progress),
         )
         .await?;
-        let mut stats = stats;
-        stats.late_roles = Some(
-            privileged
-                .into_iter()
-                .map(|(sub, roles)| (sub, roles.into_iter().collect()))
-                .collect(),
-        );
         Ok(stats)
     }
 
     /// `GET users` in windows, each page sent on as it arrives.
     async fn list_users(
         &self,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: &StageSender,
         cancel: &CancellationToken,
         progress: &Progress,
     ) -> Result<SourceStats> {
@@ -150,7 +113,7 @@ impl KeycloakSource {
             counted: Some(expected),
             ..SourceStats::default()
         };
-        let mut first = FirstWindow::default();
+        let mut first = FirstPage::default();
         // Service accounts listed (a few, one per client): counted once each, never sent.
         let mut service_accounts: HashSet<String> = HashSet::new();
         let (mut filled, mut short, mut received) = (0u64, 0u64, 0u64);
@@ -168,7 +131,7 @@ impl KeycloakSource {
             }
             let n = w.items.len() as u64;
             received += n;
-            stats.listed += self.send_page(w.items, &out, &mut service_accounts).await?;
+            stats.listed += self.send_page(w.items, out, &mut service_accounts).await?;
             // Once per page: the whole cost of progress reporting to the listing.
             progress.listed(n);
         }
@@ -191,7 +154,7 @@ impl KeycloakSource {
     async fn send_page(
         &self,
         items: Vec<UserRep>,
-        out: &mpsc::Sender<Vec<Identity>>,
+        out: &StageSender,
         service_accounts: &mut HashSet<String>,
     ) -> Result<u64> {
         let mut sent = 0u64;
@@ -205,11 +168,15 @@ impl KeycloakSource {
             sent += 1;
             if batch.len() >= self.batch_size {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(self.batch_size));
-                out.send(full).await.map_err(|_| Error::Cancelled)?;
+                out.send(Staged::Identities(full))
+                    .await
+                    .map_err(|_| Error::Cancelled)?;
             }
         }
         if !batch.is_empty() {
-            out.send(batch).await.map_err(|_| Error::Cancelled)?;
+            out.send(Staged::Identities(batch))
+                .await
+                .map_err(|_| Error::Cancelled)?;
         }
         Ok(sent)
     }

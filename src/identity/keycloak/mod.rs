@@ -19,17 +19,18 @@
 //! Effective roles: `roles/{role}/users` lists direct members only (keycloak#37209), so for each
 //! mapped role the source finds every role, realm or client, that grants it through composites
 //! (a client role can hold realm roles), then the direct members of those roles and the members
-//! of the groups (and subgroups) that carry them (see `roles`). Only these privileged users are
-//! held in memory, and they are resolved beside the user listing, not before it: the users are
-//! streamed page by page (`first`/`max`, `keycloak.concurrency` pages in flight), each page sent
-//! to the stage as it arrives, without roles, and the holders' roles are applied to the stage
-//! once both are done.
+//! of the groups (and subgroups) that carry them (see `roles`). The holders are resolved beside
+//! the user listing, not before it, and neither is held: the users are streamed page by page
+//! (`first`/`max`, `keycloak.concurrency` pages in flight), each page sent to the stage as it
+//! arrives, without roles; each page of a role's or a group's members goes to the stage too, as
+//! grants of the mapped roles it carries, and the identities unit gives the staged users their
+//! roles once both are done.
 //!
 //! A page shorter than asked is not the end of a listing: Keycloak filters results after the
 //! query (fine-grained admin permissions), federation providers cap what they return, and a
 //! server may cap `max`. Every listing advances `first` by what was returned and ends at an
-//! empty page; the small ones (roles, clients, groups) deduplicate by id. The user listing keeps
-//! no set of the ids it saw: the identities unit removes
+//! empty page; the small ones (roles, clients, groups) deduplicate by id. The user listing and
+//! the members' listings keep no set of the ids they saw: the identities unit removes
 //! users repeated by paging from its stage and checks the distinct users against `users/count`
 //! there: fewer is a [`crate::identity::Shortfall`], which narrows the run to the listed users
 //! (nothing is concluded from absence) instead of failing it.
@@ -48,7 +49,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::Deserialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use client::AdminClient;
@@ -56,7 +56,7 @@ pub(crate) use events::{AdminEvent, Lookup, Stream, UserEvent};
 
 use crate::error::Result;
 use crate::identity::{
-    BoxFuture, Duplicate, Identity, IdentityProvider, RoleFilter, SourceStats, UniqueKeys,
+    BoxFuture, Duplicate, IdentityProvider, RoleFilter, SourceStats, StageSender, UniqueKeys,
 };
 use crate::metrics::KeycloakOutcome;
 use crate::progress::Progress;
@@ -173,7 +173,7 @@ impl IdentityProvider for KeycloakSource {
 
     fn stream(
         self: Arc<Self>,
-        out: mpsc::Sender<Vec<Identity>>,
+        out: StageSender,
         cancel: CancellationToken,
         progress: Progress,
     ) -> BoxFuture<'static, Result<SourceStats>> {

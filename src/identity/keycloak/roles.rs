@@ -1,7 +1,7 @@
 //! Who holds the mapped realm roles: `roles/{role}/users` lists direct members only
 //! (keycloak#37209), so for each mapped role the roles that grant it through composites are
 //! found, then the direct members of those and the members of the groups (and subgroups) that
-//! carry them. Only these privileged users are held in memory.
+//! carry them. The holders go to the identity stage a page at a time, as grants: none is held.
 //!
 //! A client role can be a composite that holds realm roles (directly or through other client
 //! roles), and Keycloak puts those realm roles in its holders' `realm_access.roles` and
@@ -12,16 +12,16 @@
 //! The realm's default role (`default-roles-<realm>`) is an ordinary composite here: its
 //! holders are listed like any other role's.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{path_segment, Keyed};
+use super::client::{path_segment, Keyed, Pages};
 use super::KeycloakSource;
-use crate::error::Result;
-use crate::identity::{granting_roles, RoleGraph, RoleKey};
+use crate::error::{Error, Result};
+use crate::identity::{granting_roles, Grant, RoleGraph, RoleKey, StageSender, Staged};
 
 #[derive(Debug, Deserialize)]
 pub(super) struct IdRep {
@@ -87,35 +87,33 @@ fn role_path(role: &RoleKey) -> String {
 }
 
 impl KeycloakSource {
-    /// sub -> relevant roles, for every user who holds one (directly, via a composite realm or
-    /// client role, or via a group or a parent group).
-    pub(super) async fn privileged(
+    /// Sends every user who holds a mapped realm role (directly, via a composite realm or client
+    /// role, or via a group or a parent group) to the stage with that role, as
+    /// [`Staged::Grants`], a page of members at a time: nothing of the holders is kept, however
+    /// many users hold a role.
+    pub(super) async fn send_grants(
         &self,
+        out: &StageSender,
         cancel: &CancellationToken,
-    ) -> Result<HashMap<String, BTreeSet<String>>> {
+    ) -> Result<()> {
         let graph = self.role_graph(cancel).await?;
-        // Each granting role is resolved on its own (its direct users, then its groups and their
-        // subgroups), all roles at once: the same requests, no longer one after the other.
+        // Each granting role, with the mapped roles holding it grants.
+        let mut grants: BTreeMap<&RoleKey, Vec<&str>> = BTreeMap::new();
         let targets = granting_roles(&graph.graph, &self.filter);
-        let unique: BTreeSet<&RoleKey> = targets
-            .values()
-            .flatten()
-            .filter(|r| graph.known.contains(*r))
-            .collect();
-        let holders = futures_util::future::try_join_all(
-            unique.iter().map(|role| self.holders_of(role, cancel)),
-        )
-        .await?;
-        let by_role: HashMap<&RoleKey, Vec<String>> = unique.into_iter().zip(holders).collect();
-        let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
         for (target, granting) in &targets {
-            for ids in granting.iter().filter_map(|r| by_role.get(r)) {
-                for id in ids {
-                    out.entry(id.clone()).or_default().insert(target.clone());
-                }
+            for role in granting.iter().filter(|r| graph.known.contains(*r)) {
+                grants.entry(role).or_default().push(target);
             }
         }
-        Ok(out)
+        // Each granting role is resolved on its own (its direct users, then its groups and their
+        // subgroups), all roles at once: the same requests, no longer one after the other.
+        futures_util::future::try_join_all(
+            grants
+                .iter()
+                .map(|(role, targets)| self.send_holders(role, targets, out, cancel)),
+        )
+        .await?;
+        Ok(())
     }
 
     /// The realm's roles, realm and client, and the composites of each composite one.
@@ -194,20 +192,21 @@ impl KeycloakSource {
         Ok((role, children.iter().map(RoleRep::key).collect()))
     }
 
-    /// Ids of the users holding `role` (realm or client) directly or through a group or a
-    /// parent group.
-    pub(super) async fn holders_of(
+    /// Sends the users holding `role` (realm or client) directly or through a group or a parent
+    /// group, each with the mapped roles `targets` that `role` grants, a page at a time.
+    async fn send_holders(
         &self,
         role: &RoleKey,
+        targets: &[&str],
+        out: &StageSender,
         cancel: &CancellationToken,
-    ) -> Result<Vec<String>> {
+    ) -> Result<()> {
         let brief = [("briefRepresentation", "true".to_string())];
         let base = role_path(role);
         // Each listing ends with an empty page, so the two listings of a role, and of a group,
         // are made side by side: as many round trips one after the other as before that page.
-        let (users, groups): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
-            self.client
-                .get_all(&format!("{base}/users"), &brief, cancel),
+        let (_, groups): ((), Vec<IdRep>) = futures_util::future::try_join(
+            self.send_members(format!("{base}/users"), targets, out, cancel),
             self.client
                 .get_all(&format!("{base}/groups"), &brief, cancel),
         )
@@ -216,24 +215,50 @@ impl KeycloakSource {
             RoleKey::Client(..) => self.client.view_clients_needed(e, &base),
             RoleKey::Realm(_) => e,
         })?;
-        let mut out: Vec<String> = users.into_iter().map(|u| u.id).collect();
         let mut stack: Vec<String> = groups.into_iter().map(|g| g.id).collect();
         let mut seen = HashSet::new();
         while let Some(gid) = stack.pop() {
             if !seen.insert(gid.clone()) {
                 continue;
             }
-            let (members, children): (Vec<IdRep>, Vec<IdRep>) = futures_util::future::try_join(
+            let group = format!("groups/{}", path_segment(&gid));
+            let (_, children): ((), Vec<IdRep>) = futures_util::future::try_join(
+                self.send_members(format!("{group}/members"), targets, out, cancel),
                 self.client
-                    .get_all(&format!("groups/{gid}/members"), &brief, cancel),
-                self.client
-                    .get_all(&format!("groups/{gid}/children"), &brief, cancel),
+                    .get_all(&format!("{group}/children"), &brief, cancel),
             )
             .await?;
-            out.extend(members.into_iter().map(|m| m.id));
             stack.extend(children.into_iter().map(|c| c.id));
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Sends each page of the users listed at `path` (a role's or a group's members) as grants
+    /// of `targets`.
+    async fn send_members(
+        &self,
+        path: String,
+        targets: &[&str],
+        out: &StageSender,
+        cancel: &CancellationToken,
+    ) -> Result<()> {
+        let brief = [("briefRepresentation", "true".to_string())];
+        let mut pages = Pages::new(path, &brief);
+        while let Some(page) = pages.next::<IdRep>(&self.client, cancel).await? {
+            let grants = page
+                .iter()
+                .flat_map(|u| {
+                    targets.iter().map(|t| Grant {
+                        sub: u.id.clone(),
+                        role: (*t).to_string(),
+                    })
+                })
+                .collect();
+            out.send(Staged::Grants(grants))
+                .await
+                .map_err(|_| Error::Cancelled)?;
+        }
+        Ok(())
     }
 }
 
