@@ -99,11 +99,36 @@ async fn tuples_written(url: &str) -> i64 {
     last
 }
 
+/// How the floor's rows get their ids.
+#[derive(Clone, Copy, PartialEq)]
+enum Ids {
+    /// Time-ordered, in write order, as seedkeeper gives the rows it creates
+    /// (`reconcile::tenants::ordered_id`): every index is appended to at its right edge.
+    Ordered,
+    /// Random (UUID v4), as the floor had them until seedkeeper's own ids became ordered.
+    Random,
+}
+
+/// The `i`-th id of a table in write order: a UUID version 7 layout (48 bits of `ms`, the
+/// version, the variant, then `i` as a counter), or a random one.
+fn floor_id(ids: Ids, ms: u64, i: usize) -> uuid::Uuid {
+    match ids {
+        Ids::Random => uuid::Uuid::new_v4(),
+        Ids::Ordered => uuid::Uuid::from_u128(
+            (u128::from(ms) << 80) | (0x7u128 << 76) | (0b10u128 << 62) | i as u128,
+        ),
+    }
+}
+
 /// The same rows seedkeeper writes, loaded with COPY into the same (migrated) schema, in one
 /// transaction: the seconds of the whole load, and of its tenants part alone (tenants, projects
 /// and both membership tables, the rows of seedkeeper's `tenants` unit).
-async fn copy_floor(url: &str, n: usize) -> (f64, f64) {
+async fn copy_floor(url: &str, n: usize, ids: Ids) -> (f64, f64) {
     let c = connect(url).await;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let mut users = String::new();
     let mut tenants = String::new();
     let mut projects = String::new();
@@ -111,9 +136,9 @@ async fn copy_floor(url: &str, n: usize) -> (f64, f64) {
     let mut pm = String::new();
     let mut bindings = String::new();
     for i in 0..n {
-        let uid = uuid::Uuid::new_v4();
-        let tid = uuid::Uuid::new_v4();
-        let pid = uuid::Uuid::new_v4();
+        let uid = floor_id(ids, ms, i);
+        let tid = floor_id(ids, ms + 1, i);
+        let pid = floor_id(ids, ms + 2, i);
         let admin = matches!(i % 100, 0..=2);
         users.push_str(&format!(
             "{uid}\t{:08x}-0000-4000-8000-{:012x}\tuser{i:07}\tuser{i:07}@bench.example\tBench\tUser {i}\t{}\t{}\t{}\n",
@@ -267,15 +292,31 @@ async fn bench() {
         std::fs::write(&realm_path, realm.to_string()).unwrap();
         let file_size_kib = std::fs::metadata(&realm_path).unwrap().len() / 1024;
 
+        // The floor: the same rows with the same kind of ids as seedkeeper's, time-ordered.
+        // The floor with random ids, which it had until seedkeeper's ids became ordered, is
+        // given beside it, to compare with older figures.
         let floor_url = fresh_db(&admin, "sk_bench_floor").await;
         prepare(&floor_url);
-        let (floor, tenants_floor) = copy_floor(&floor_url, n).await;
+        let (floor, tenants_floor) = copy_floor(&floor_url, n, Ids::Ordered).await;
+        drop_db(&admin, "sk_bench_floor").await;
+        let floor_url = fresh_db(&admin, "sk_bench_floor").await;
+        prepare(&floor_url);
+        let (random_floor, _) = copy_floor(&floor_url, n, Ids::Random).await;
         drop_db(&admin, "sk_bench_floor").await;
         rows.push(Row {
             size: n,
             source: "COPY",
             phase: "floor",
             seconds: floor,
+            floor: Some(floor),
+            rss_kib: None,
+            tuples: None,
+        });
+        rows.push(Row {
+            size: n,
+            source: "COPY",
+            phase: "floor, random ids",
+            seconds: random_floor,
             floor: Some(floor),
             rss_kib: None,
             tuples: None,

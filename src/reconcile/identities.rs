@@ -371,6 +371,8 @@ struct Copied {
     rejected: i64,
     keyless: i64,
     grants: i64,
+    /// Rows whose file username is not their username (see [`crate::identity::Origin`]).
+    name_keys: i64,
 }
 
 const NO_TEXT: Option<&str> = None;
@@ -432,6 +434,7 @@ async fn copy_batches(
             let entry = origin.map(|o| o.entry as i32);
             let file_username = origin.map(|o| o.username.as_str());
             let name_key = origin.and_then(|o| o.name_key.as_deref());
+            copied.name_keys += i64::from(name_key.is_some());
             let row: [&(dyn ToSql + Sync); 14] = [
                 &sub,
                 &ident.username,
@@ -477,16 +480,18 @@ async fn settle(
         apply_grants(tx, admin_roles).await?;
     }
     let keys = source.unique_keys();
-    if keys.any() {
-        refuse_duplicates(tx, source, keys).await?;
-    }
+    let built = if keys.any() {
+        check_unique(tx, source, keys, copied.name_keys == 0).await?
+    } else {
+        Built::default()
+    };
     if copied.keyless > 0 {
         tx.execute_typed("DELETE FROM sk_stage WHERE sub IS NULL", &[])
             .await
             .map_err(db_error("clearing the stage's users without id"))?;
     }
 
-    let repeats = dedupe(tx, report).await?;
+    let repeats = dedupe(tx, built, report).await?;
     report.bump(Tally::Listed, stats.listed.saturating_sub(repeats) as i64);
     for r in stats.rejections {
         tracing::warn!(unit = UNIT.as_str(), entity = %r.entity, reason = %r.detail, "identity refused");
@@ -529,6 +534,56 @@ const DUPLICATES: &str = "WITH k AS (
 
 /// How many duplicates the refusal names; the rest are counted.
 const DUPLICATES_SHOWN: i64 = 20;
+
+/// The stage's unique indexes already built, which [`dedupe`] then need not build.
+#[derive(Debug, Clone, Copy, Default)]
+struct Built {
+    sub: bool,
+    username: bool,
+}
+
+const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
+const BY_USERNAME: &str = "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)";
+
+/// Proves the keys the source says must be unique are so with unique indexes over the stage
+/// (a sort each, where finding and naming the duplicates is a sort of all three keys at once):
+/// only when one fails are the duplicates looked for, and the input refused naming them. Subs
+/// are indexed as [`dedupe`] indexes them, and so are usernames when each user's username is its
+/// file username (`names_are_usernames`); those indexes are kept for it. Keyless rows have no
+/// sub, so the id index passes over them as the duplicate check does.
+async fn check_unique(
+    tx: &Transaction<'_>,
+    source: &dyn IdentityProvider,
+    keys: UniqueKeys,
+    names_are_usernames: bool,
+) -> Result<Built> {
+    let mut built = Built::default();
+    let mut unique = true;
+    if keys.ids {
+        built.sub = try_unique_index(tx, BY_SUB).await?;
+        unique = built.sub;
+    }
+    if unique && keys.usernames {
+        unique = if names_are_usernames {
+            built.username = try_unique_index(tx, BY_USERNAME).await?;
+            built.username
+        } else {
+            try_unique_index(
+                tx,
+                "CREATE UNIQUE INDEX sk_stage_name_key ON sk_stage ((coalesce(name_key, username)))",
+            )
+            .await?
+        };
+    }
+    if unique && keys.emails {
+        unique = try_unique_index(tx, "CREATE UNIQUE INDEX sk_stage_email ON sk_stage (email)")
+            .await?;
+    }
+    if !unique {
+        refuse_duplicates(tx, source, keys).await?;
+    }
+    Ok(built)
+}
 
 /// Refuses the listing when it holds a key twice that the source says must be unique: the
 /// source's own error (a realm file's names both users and the fix), and the unit's
@@ -621,14 +676,14 @@ fn note_shortfall(short: &Shortfall, report: &mut UnitReport) {
 /// Paging can repeat a user when the realm changes during the listing. The unique indexes
 /// prove there is none in the common case; only when one fails is the stage de-duplicated
 /// (first copy kept) and the index built again. A username listed for two subs is refused.
-/// Returns how many repeated subs were removed.
-async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
+/// The indexes [`check_unique`] already built (`built`) prove the same. Returns how many
+/// repeated subs were removed.
+async fn dedupe(tx: &Transaction<'_>, built: Built, report: &mut UnitReport) -> Result<u64> {
     tx.batch_execute("ANALYZE sk_stage")
         .await
         .map_err(db_error("analyzing the identity stage"))?;
-    const BY_SUB: &str = "CREATE UNIQUE INDEX sk_stage_sub ON sk_stage (sub)";
     let mut repeats = 0;
-    if !try_unique_index(tx, BY_SUB).await? {
+    if !built.sub && !try_unique_index(tx, BY_SUB).await? {
         let dup = tx
             .execute_typed(
                 "DELETE FROM sk_stage a USING sk_stage b WHERE a.sub = b.sub AND a.ord > b.ord",
@@ -642,8 +697,7 @@ async fn dedupe(tx: &Transaction<'_>, report: &mut UnitReport) -> Result<u64> {
             .await
             .map_err(db_error("indexing the identity stage"))?;
     }
-    const BY_USERNAME: &str = "CREATE UNIQUE INDEX sk_stage_username ON sk_stage (username)";
-    if !try_unique_index(tx, BY_USERNAME).await? {
+    if !built.username && !try_unique_index(tx, BY_USERNAME).await? {
         let rows = tx
             .query_typed("DELETE FROM sk_stage a USING sk_stage b WHERE a.username = b.username AND a.ord > b.ord RETURNING a.sub, a.username", &[])
             .await

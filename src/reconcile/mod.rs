@@ -439,6 +439,7 @@ impl Engine {
             }
         };
         if let Some(id) = run {
+            analyze_written(&tx, unit, report.writes()).await?;
             runs::record_unit(&tx, id, &report).await?;
         }
         tx.commit().await.map_err(store::db_error("committing"))?;
@@ -785,6 +786,34 @@ impl IdentityProvider for Cancellable {
             }
         })
     }
+}
+
+/// Rows an applied unit writes before it analyzes the tables it wrote.
+const ANALYZE_AFTER_WRITES: i64 = 10_000;
+
+/// Analyzes the tables `unit` writes when it wrote at least [`ANALYZE_AFTER_WRITES`] rows
+/// (`writes`), before its commit (ANALYZE counts the transaction's own rows): the next run's
+/// whole-table comparisons are then planned with the new row counts. Autovacuum can be a minute
+/// behind a bulk load, and a plan made from the statistics of a table that was empty picks nested
+/// loops over a million rows (docs/benchmark.md). An apply's only: ANALYZE would change
+/// `pg_class` even in a plan's rolled-back transaction.
+async fn analyze_written(
+    tx: &tokio_postgres::Transaction<'_>,
+    unit: Unit,
+    writes: i64,
+) -> Result<()> {
+    let tables = match unit {
+        Unit::Identities => "users",
+        Unit::RoleBindings => "platform_role_bindings",
+        Unit::Tenants => "tenants, projects, tenant_memberships, project_memberships",
+        Unit::Schema | Unit::ReferenceSeed => return Ok(()),
+    };
+    if writes < ANALYZE_AFTER_WRITES {
+        return Ok(());
+    }
+    tx.batch_execute(&format!("ANALYZE {tables}"))
+        .await
+        .map_err(store::db_error("analyzing the tables the unit wrote"))
 }
 
 /// Turns JIT compilation off for the rest of the unit's transaction. The whole-table statements

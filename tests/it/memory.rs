@@ -1,14 +1,17 @@
-//! Memory that does not grow with the realm. The same `seedkeeper --once` on a realm
-//! file of 20,000 and of 200,000 users: its peak RSS (the child's maximum resident set, from
-//! `/usr/bin/time`, package `time`) must stay within 10 % between the two. What the run holds
-//! per user lives in PostgreSQL (the identity stage) or in one batch; a set of ids, usernames or
-//! emails kept in memory shows up here at once (about 150 bytes a user: 27 MiB more at 200,000).
-//! The figures are printed (`cargo test --test it -- memory --nocapture`).
+//! Memory that does not grow with the realm. The same `seedkeeper --once` on a realm of 20,000
+//! and of 200,000 users, from a realm file and from Keycloak (the emulator): its peak RSS (the
+//! child's maximum resident set, from `/usr/bin/time`, package `time`) must stay within 10 %
+//! between the two. What the run holds per user lives in PostgreSQL (the identity stage) or in
+//! one batch or page; a set of ids, usernames or emails kept in memory shows up here at once
+//! (about 150 bytes a user: 27 MiB more at 200,000), and so does a set of the users holding a
+//! mapped role (one user in five holds `admin` in the Keycloak realm here). The figures are
+//! printed (`cargo test --test it -- memory --nocapture`).
 
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 
+use crate::harness::keycloak::KeycloakEmulator;
 use crate::harness::*;
 
 /// A realm file of `n` users, written as it is generated (one admin in 1,000, one user in 50
@@ -35,12 +38,10 @@ pub fn write_realm(path: &Path, n: usize) {
     w.flush().expect("flush");
 }
 
-/// Peak RSS in KiB of one `seedkeeper --once` syncing `n` users from a realm file into a fresh
-/// database, and the users it wrote.
-async fn peak_rss_kib(n: usize) -> (u64, i64) {
+/// Peak RSS in KiB of one `seedkeeper --once` with `env` into a fresh database, and the users
+/// it wrote.
+async fn peak_rss_kib(env: Vec<(String, String)>) -> (u64, i64) {
     let dir = TempDir::new();
-    let realm = dir.0.join("realm.json");
-    write_realm(&realm, n);
     let db = TestDb::new().await;
     let times = dir.0.join("time.txt");
     let mut cmd = Command::new("/usr/bin/time");
@@ -50,10 +51,10 @@ async fn peak_rss_kib(n: usize) -> (u64, i64) {
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, v) in db.env() {
+    for (k, v) in db.env().into_iter().chain(env) {
         cmd.env(k, v);
     }
-    cmd.env("SEEDKEEPER_IDENTITY__REALM_FILE", &realm);
+    // On a blocking thread: the emulator is served by this test's runtime meanwhile.
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .expect("join")
@@ -69,12 +70,48 @@ async fn peak_rss_kib(n: usize) -> (u64, i64) {
     (kib, users)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn peak_memory_of_a_run_does_not_grow_with_the_realm() {
-    let (small, small_users) = peak_rss_kib(20_000).await;
-    let (large, large_users) = peak_rss_kib(200_000).await;
+/// The peak RSS of a sync of `n` users from a realm file.
+async fn from_realm_file(n: usize) -> (u64, i64) {
+    let dir = TempDir::new();
+    let realm = dir.0.join("realm.json");
+    write_realm(&realm, n);
+    let env = vec![(
+        "SEEDKEEPER_IDENTITY__REALM_FILE".to_string(),
+        realm.display().to_string(),
+    )];
+    peak_rss_kib(env).await
+}
+
+/// The peak RSS of a sync of the dev realm plus `n` users from Keycloak (the emulator); one user
+/// in five holds the realm role `admin`, one in fifty is disabled. Returns the generated users
+/// synced.
+async fn from_keycloak(n: usize) -> (u64, i64) {
+    let users: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            let roles: &[&str] = if i % 5 == 0 { &["admin"] } else { &[] };
+            serde_json::json!({
+                "id": format!("{i:08x}-0000-4000-9000-{i:012x}"), "username": format!("mem{i:07}"),
+                "email": format!("mem{i:07}@mem.example"), "firstName": "Mem", "lastName": format!("User {i}"),
+                "enabled": i % 50 != 7, "realmRoles": roles
+            })
+        })
+        .collect();
+    let kc = KeycloakEmulator::start(crate::events::realm_with(users)).await;
+    let mut env = crate::identities::kc_env(&kc);
+    env.push(("SEEDKEEPER_KEYCLOAK__REQUEST_TIMEOUT".into(), "30s".into()));
+    let (kib, synced) = peak_rss_kib(env).await;
+    let dev_users = (dev_realm()["users"].as_array().expect("users").len() - 1) as i64;
+    (kib, synced - dev_users)
+}
+
+/// The figures, and the check: the same users synced, and within 10 %.
+fn within_ten_percent(
+    source: &str,
+    (small, small_users): (u64, i64),
+    (large, large_users): (u64, i64),
+) {
     println!(
-        "peak RSS of seedkeeper --once (realm file): 20,000 users {:.1} MiB, 200,000 users {:.1} MiB ({:+.1} %)",
+        "peak RSS of seedkeeper --once ({source}): 20,000 users {:.1} MiB, 200,000 users {:.1} MiB ({:+.1} %)",
         small as f64 / 1024.0,
         large as f64 / 1024.0,
         (large as f64 / small as f64 - 1.0) * 100.0
@@ -82,10 +119,24 @@ async fn peak_memory_of_a_run_does_not_grow_with_the_realm() {
     assert_eq!(
         (small_users, large_users),
         (20_000, 200_000),
-        "every user synced"
+        "{source}: every user synced"
     );
     assert!(
         (large as f64) <= small as f64 * 1.10,
-        "peak RSS grew with the realm: {small} KiB at 20,000 users, {large} KiB at 200,000"
+        "{source}: peak RSS grew with the realm: {small} KiB at 20,000 users, {large} KiB at 200,000"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peak_memory_of_a_run_does_not_grow_with_the_realm() {
+    let small = from_realm_file(20_000).await;
+    let large = from_realm_file(200_000).await;
+    within_ten_percent("realm file", small, large);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn peak_memory_of_a_keycloak_run_does_not_grow_with_the_realm_or_its_admins() {
+    let small = from_keycloak(20_000).await;
+    let large = from_keycloak(200_000).await;
+    within_ten_percent("keycloak", small, large);
 }
