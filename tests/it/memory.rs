@@ -38,9 +38,10 @@ pub fn write_realm(path: &Path, n: usize) {
     w.flush().expect("flush");
 }
 
-/// Peak RSS in KiB of one `seedkeeper --once` with `env` into a fresh database, and the users
-/// it wrote.
-async fn peak_rss_kib(env: Vec<(String, String)>) -> (u64, i64) {
+/// Peak RSS in KiB of one `seedkeeper --once` with `env` into a fresh database, the users it
+/// wrote, and those of them that are admins
+/// With the generated Keycloak users holding `admin` (the `mem*` users of [`from_keycloak`]).
+async fn peak_rss_kib(env: Vec<(String, String)>) -> (u64, i64, i64) {
     let dir = TempDir::new();
     let db = TestDb::new().await;
     let times = dir.0.join("time.txt");
@@ -67,7 +68,10 @@ async fn peak_rss_kib(env: Vec<(String, String)>) -> (u64, i64) {
         .and_then(|l| l.trim().parse().ok())
         .expect("peak RSS in KiB");
     let users = db.scalar("SELECT count(*) FROM users").await;
-    (kib, users)
+    let admins = db
+        .scalar("SELECT count(*) FROM users WHERE role = 'admin' AND username LIKE 'mem%'")
+        .await;
+    (kib, users, admins)
 }
 
 /// The peak RSS of a sync of `n` users from a realm file.
@@ -79,7 +83,8 @@ async fn from_realm_file(n: usize) -> (u64, i64) {
         "SEEDKEEPER_IDENTITY__REALM_FILE".to_string(),
         realm.display().to_string(),
     )];
-    peak_rss_kib(env).await
+    let (kib, users, _) = peak_rss_kib(env).await;
+    (kib, users)
 }
 
 /// The peak RSS of a sync of the dev realm plus `n` users from Keycloak (the emulator); one user
@@ -99,7 +104,9 @@ async fn from_keycloak(n: usize) -> (u64, i64) {
     let kc = KeycloakEmulator::start(crate::events::realm_with(users)).await;
     let mut env = crate::identities::kc_env(&kc);
     env.push(("SEEDKEEPER_KEYCLOAK__REQUEST_TIMEOUT".into(), "30s".into()));
-    let (kib, synced) = peak_rss_kib(env).await;
+    let (kib, synced, admins) = peak_rss_kib(env).await;
+    // Their holders come in pages of 500 members, beside the listing: every one got the role.
+    assert_eq!(admins, n as i64 / 5, "keycloak, {n} users: admins synced");
     let dev_users = (dev_realm()["users"].as_array().expect("users").len() - 1) as i64;
     (kib, synced - dev_users)
 }
