@@ -122,7 +122,8 @@ pub struct DatabaseSettings {
     pub password: Option<SecretString>,
     #[serde(with = "duration_str")]
     pub connect_timeout: Duration,
-    /// Identities written per statement while streaming.
+    /// Identities a source sends to the identity stage's COPY at a time: up to four such batches
+    /// are held at once (the run's largest holding).
     pub batch_size: usize,
     /// PostgreSQL `statement_timeout` of every seedkeeper session; 0 leaves the server's or
     /// role's setting in place.
@@ -279,7 +280,7 @@ impl Default for Settings {
                 url: None,
                 password: None,
                 connect_timeout: Duration::from_secs(5),
-                batch_size: 5000,
+                batch_size: 1000,
                 statement_timeout: Duration::from_secs(300),
                 lock_timeout: Duration::from_secs(30),
             },

@@ -336,8 +336,10 @@ async fn stage(
         .await
         .map_err(db_error("creating the identity stage"))?;
     // Batches in flight: this many queued, one being built, one being copied. Each holds up to
-    // `database.batch_size` identities (about 2 MB at the default 5,000), the run's largest
-    // holding; a deeper queue adds memory and no speed, as the COPY is the slower side.
+    // `database.batch_size` identities (about 0.5 MB at the default 1,000), the run's largest
+    // holding; a deeper queue adds memory and no speed, as the COPY is the slower side. Smaller
+    // batches cost nothing measurable: 1,000 against 5,000 took 14 instead of 22 MiB and no
+    // longer at a million users (docs/benchmark.md).
     let (sender, rx) = mpsc::channel(STAGE_QUEUE);
     // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
     let stream = source
