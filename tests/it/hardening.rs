@@ -121,20 +121,23 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
     kc.clear_journal();
     assert_ok(&apply(&probe.engine(&refs(&one_at_a_time))).await);
     // The role holders are resolved beside the listing, so their calls and the pages come in
-    // no fixed order: the outage starts where the probe made its second users page, and lasts
-    // until it is cleared (whichever request meets it fails the run).
-    let second_page = kc
+    // no fixed order. The outage starts once as many admin calls went through as the probe made
+    // besides its users pages, plus two: whatever the order, at least two pages were served and
+    // staged by then, and some call of the run is still to come (a page or a holders' call: either
+    // fails the run). It lasts until it is cleared.
+    let users_path = format!("/admin/realms/{}/users", kc.realm_name());
+    let admin_calls = kc
         .journal()
         .iter()
         .filter(|j| j.path.contains("/admin/"))
-        .enumerate()
-        .filter(|(_, j)| {
-            j.path
-                .ends_with(&format!("/admin/realms/{}/users", kc.realm_name()))
-        })
-        .nth(1)
-        .map(|(i, _)| i)
-        .expect("two users pages");
+        .count();
+    let pages_probed = kc
+        .journal()
+        .iter()
+        .filter(|j| j.path.ends_with(&users_path))
+        .count();
+    assert!(pages_probed > 3, "{pages_probed} users pages in the probe");
+    let second_page = admin_calls - pages_probed + 2;
     kc.clear_journal();
     kc.faults_after_admin_calls(second_page);
     kc.fail_next_admin(1000, 503);
@@ -153,7 +156,10 @@ async fn keycloak_outages_beyond_the_retries_fail_the_run_cleanly_and_the_next_r
                 && j.status == 200
         })
         .count();
-    assert!(pages >= 1, "the burst came mid-listing");
+    assert!(
+        pages >= 2,
+        "the burst came once pages were staged: {pages} of {pages_probed} users pages served"
+    );
 
     // Slower than the request timeout: every attempt times out.
     kc.set_latency(Duration::from_millis(1500));
