@@ -215,7 +215,6 @@ impl Part {
             Source::File(p) => p.display().to_string(),
         }
     }
-
 }
 
 /// The problems of one validation: the first `MAX_LISTED_PROBLEMS` in full, the rest counted.
@@ -783,8 +782,6 @@ impl RealmFileSource {
     pub(crate) fn validate(&self) -> Result<Arc<RealmIndex>> {
         let parts = self.input.parts(&self.realm)?;
         let part_names: Vec<String> = parts.iter().map(Part::name).collect();
-        // The import settings are not known before the whole input is read: fields are checked as
-        // the file spells them.
         // One check per realm: a folder or a plain file holds one, an array one per element.
         let mut checks: Vec<RealmCheck> = vec![RealmCheck::default()];
         let mut scans: Vec<Scanned> = Vec::new();
@@ -809,7 +806,9 @@ impl RealmFileSource {
                 // A user without id is left out at sync time (its sub is unknown), so its
                 // values are never stored and not checked.
                 if let (Some(id), Some(name)) = (&u.id, &u.username) {
-                    // Field checks only: effective roles do not change validity.
+                    // Field checks only: effective roles do not change validity. The import
+                    // settings are known once the whole input is read, so the fields are checked
+                    // as the file spells them.
                     let ident = identity_fields(&ImportSettings::default(), id.clone(), name, &u);
                     if let Err(why) = check_identity(&ident) {
                         check.problems.push(format!("{}: {why}", at()));

@@ -13,6 +13,7 @@ use crate::identities::{kc_env, refs, user};
 use seedkeeper::events::{load_checkpoint, now_ms, Follower, FollowerState};
 use seedkeeper::identity::keycloak::KeycloakSource;
 use seedkeeper::identity::RoleFilter;
+use seedkeeper::reconcile::RunReport;
 
 const ALICE: &str = "e1000000-0000-4000-8000-000000000001";
 const BOB: &str = "e1000000-0000-4000-8000-000000000002";
@@ -33,6 +34,15 @@ struct Setup {
     kc: KeycloakEmulator,
     db: TestDb,
     follower: Follower,
+}
+
+/// The daemon's scheduled full run, through the follower's gate.
+async fn scheduled_run(s: &Setup) -> RunReport {
+    s.follower
+        .gate
+        .scheduled_tick(&CancellationToken::new())
+        .await
+        .expect("no run in flight")
 }
 
 async fn setup(users: Vec<Value>) -> Setup {
@@ -296,12 +306,7 @@ async fn a_batch_touches_its_own_users_rows_only_and_the_full_run_heals_the_rest
     assert_eq!(s.db.scalar(stale).await, 1, "left to the full run");
 
     // The scheduled full run covers every row again.
-    let full = s
-        .follower
-        .gate
-        .scheduled_tick(&CancellationToken::new())
-        .await
-        .expect("no run in flight");
+    let full = scheduled_run(&s).await;
     assert_ok(&full);
     assert_eq!(count(&full, "tenants", "users_covered"), users_before + 1);
     assert_eq!(count(&full, "tenants", "tenant_memberships_updated"), 1);
@@ -449,12 +454,7 @@ async fn a_deleted_admin_is_offboarded_by_the_next_event_batch_by_admin_or_user_
     );
 
     // The full run agrees: nothing more to offboard, nothing written twice.
-    let r = s
-        .follower
-        .gate
-        .scheduled_tick(&CancellationToken::new())
-        .await
-        .expect("no run in flight");
+    let r = scheduled_run(&s).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 0);
     assert_eq!(count(&r, "identities", "missing"), 2);
@@ -527,12 +527,7 @@ async fn a_deletion_whose_event_is_lost_is_offboarded_by_the_next_full_run() {
         ["platform_superadmin active -"],
         "no event, no batch"
     );
-    let r = s
-        .follower
-        .gate
-        .scheduled_tick(&CancellationToken::new())
-        .await
-        .expect("no run in flight");
+    let r = scheduled_run(&s).await;
     assert_ok(&r);
     assert_eq!(count(&r, "identities", "deactivated"), 1);
     assert_eq!(

@@ -69,14 +69,16 @@ impl FirstPage {
     }
 }
 
-/// A paged admin endpoint read a page at a time and kept nowhere: for the listings that can be
-/// as long as the realm (a role's or a group's members), where [`AdminClient::get_all`] would
-/// hold them all. Repeats are passed on (whoever reads the pages tolerates them).
+/// A paged admin endpoint read a page at a time (`first` advanced by what each page returned,
+/// `max` of [`AUX_PAGE`]) until a page comes back empty: [`AdminClient::get_all`] keeps its
+/// pages, the listings that can be as long as the realm (a role's or a group's members) pass
+/// each on and keep none. A page shorter than asked is not the end: servers cap `max` and
+/// filter after the query. Repeats are passed on; each reader tells a server that ignores
+/// `first` its own way.
 pub(super) struct Pages<'a> {
     path: String,
     extra: &'a [(&'a str, String)],
     first: u64,
-    first_page: FirstPage,
     ended: bool,
 }
 
@@ -86,14 +88,12 @@ impl<'a> Pages<'a> {
             path,
             extra,
             first: 0,
-            first_page: FirstPage::default(),
             ended: false,
         }
     }
 
-    /// The next non-empty page, or `None` once a page came back empty. A page shorter than
-    /// asked is not the end (see [`AdminClient::get_all`]).
-    pub(super) async fn next<T: DeserializeOwned + Keyed>(
+    /// The next non-empty page, or `None` once a page came back empty.
+    pub(super) async fn next<T: DeserializeOwned>(
         &mut self,
         client: &AdminClient,
         cancel: &CancellationToken,
@@ -112,14 +112,16 @@ impl<'a> Pages<'a> {
             return Ok(None);
         }
         self.first += page.len() as u64;
-        if !self.first_page.advances(&page) {
-            let path = &self.path;
-            return Err(Error::keycloak(path, format!(
-                "GET {path}: paging does not advance ({} items returned, the last {REPEATS_ALLOWED} pages holding only the first page's items again); Keycloak or a proxy in front of it ignores the first parameter",
-                self.first
-            )));
-        }
         Ok(Some(page))
+    }
+
+    /// The error of a listing whose pages repeat its first one ([`FirstPage`]).
+    pub(super) fn repeating(&self) -> Error {
+        let path = &self.path;
+        Error::keycloak(path, format!(
+            "GET {path}: paging does not advance ({} items returned, the last {REPEATS_ALLOWED} pages holding only the first page's items again); Keycloak or a proxy in front of it ignores the first parameter",
+            self.first
+        ))
     }
 }
 
@@ -438,10 +440,8 @@ impl AdminClient {
         })
     }
 
-    /// Every item of a paged admin endpoint (roles, role members, role groups, group members,
-    /// group children). A page shorter than asked is not the end: servers cap `max` and filter
-    /// after the query. `first` advances by what was returned, items are deduplicated by key, and
-    /// the listing ends at the first empty page.
+    /// Every item of a paged admin endpoint (roles, clients, a role's groups, a group's
+    /// children), read with [`Pages`] and deduplicated by key.
     pub(super) async fn get_all<T: DeserializeOwned + Keyed>(
         &self,
         path: &str,
@@ -450,16 +450,8 @@ impl AdminClient {
     ) -> Result<Vec<T>> {
         let mut out: Vec<T> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
-        let mut first = 0u64;
-        loop {
-            let mut q: Vec<(&str, String)> =
-                vec![("first", first.to_string()), ("max", AUX_PAGE.to_string())];
-            q.extend(extra.iter().cloned());
-            let page: Vec<T> = self.get(path, &q, cancel).await?;
-            if page.is_empty() {
-                return Ok(out);
-            }
-            first += page.len() as u64;
+        let mut pages = Pages::new(path.to_string(), extra);
+        while let Some(page) = pages.next::<T>(self, cancel).await? {
             for item in page {
                 if seen.insert(item.key().to_string()) {
                     out.push(item);
@@ -468,6 +460,7 @@ impl AdminClient {
             // With a server that honours `first`, an item is returned by at most AUX_PAGE
             // requests, so `first` never passes that many times the distinct items. Past it the
             // server (or a proxy) ignores `first`, and the loop would never see an empty page.
+            let first = pages.first;
             if first > (out.len() as u64 + 1) * u64::from(AUX_PAGE) {
                 return Err(Error::keycloak(path, format!(
                     "GET {path}: paging does not advance ({} distinct items after {first} returned); Keycloak or a proxy in front of it ignores the first parameter",
@@ -475,6 +468,7 @@ impl AdminClient {
                 )));
             }
         }
+        Ok(out)
     }
 
     /// One window `[start, end)` of a paged listing: requests `first=offset, max=end-offset`,

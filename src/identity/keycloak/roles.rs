@@ -18,7 +18,7 @@ use futures_util::{stream, StreamExt, TryStreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{path_segment, Keyed, Pages};
+use super::client::{path_segment, FirstPage, Keyed, Pages};
 use super::KeycloakSource;
 use crate::error::{Error, Result};
 use crate::identity::{granting_roles, Grant, RoleGraph, RoleKey, StageSender, Staged};
@@ -244,7 +244,12 @@ impl KeycloakSource {
     ) -> Result<()> {
         let brief = [("briefRepresentation", "true".to_string())];
         let mut pages = Pages::new(path, &brief);
+        // Kept nowhere, so a server that ignores `first` is told by its pages repeating the first.
+        let mut first = FirstPage::default();
         while let Some(page) = pages.next::<IdRep>(&self.client, cancel).await? {
+            if !first.advances(&page) {
+                return Err(pages.repeating());
+            }
             let grants = page
                 .iter()
                 .flat_map(|u| {
