@@ -172,10 +172,20 @@ stop() {
 
 export_realm() {
     running || die "Keycloak is not running (scripts/keycloak.sh start)"
+    # One export at a time: the build start-dev made exposes health on the management interface,
+    # so every `kc.sh export` opens one too, by default on 9000, and two at once (tests run in
+    # parallel) failed with "Address already in use". Each export also gets a free port of its
+    # own, so a 9000 taken by anything else does not fail it either. The log of the last failed
+    # export is kept as export.log.
+    exec 9>"$run/export.lock"
+    flock 9
+    local logf="$run/export-$$.log"
     # The server's build (start-dev) is reused; only runtime options are given.
     # shellcheck disable=SC2046
-    (cd "$home" && JAVA_HOME="$(java_home)" bin/kc.sh export --optimized $(db_opts) "$@" </dev/null >"$run/export.log" 2>&1) ||
-        { tail -20 "$run/export.log" >&2; die "kc.sh export failed; the log is $run/export.log" 1; }
+    (cd "$home" && JAVA_HOME="$(java_home)" bin/kc.sh export --optimized $(db_opts) \
+        --http-management-port="$(free_port)" "$@" </dev/null >"$logf" 2>&1) ||
+        { mv "$logf" "$run/export.log"; tail -20 "$run/export.log" >&2; die "kc.sh export failed; the log is $run/export.log" 1; }
+    rm -f "$logf"
 }
 
 cmd="${1:-}"
