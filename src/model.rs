@@ -496,6 +496,10 @@ pub struct UnitReport {
     /// the kind of failure each is.
     #[serde(skip)]
     pub blocking: Vec<(ErrorKind, String)>,
+    /// The identities unit's `seed_runs.identities_state`: what it left when a run with the
+    /// same input would change nothing (`reconcile::identities`).
+    #[serde(skip)]
+    pub state: Option<String>,
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -512,6 +516,7 @@ impl UnitReport {
             changes_unlisted: 0,
             error: None,
             blocking: Vec::new(),
+            state: None,
         }
     }
 

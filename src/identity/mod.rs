@@ -209,6 +209,21 @@ pub trait IdentityProvider: Send + Sync {
     /// of them in listing order, `total` how many there are. Only asked when
     /// [`IdentityProvider::unique_keys`] names a key.
     fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error;
+    /// What the preflight read, when the source can name it exactly (a realm file: a digest of
+    /// its bytes): the identities unit then need not stage a listing it has already applied to
+    /// users rows that have not changed since (see `reconcile::identities`). `None` for a source
+    /// that must be listed to be known (Keycloak, an event batch). No default, as above.
+    fn fingerprint(&self) -> Option<Fingerprint>;
+}
+
+/// A source's input named by its content ([`IdentityProvider::fingerprint`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// A digest (hex) of everything the listing is made from: the same digest, the same
+    /// identities in the same order.
+    pub digest: String,
+    /// The users the listing sends.
+    pub users: u64,
 }
 
 /// [`IdentityProvider::refuse_duplicates`] of a source whose keys need not be unique: never
@@ -436,6 +451,11 @@ impl IdentityProvider for FetchedBatch {
                 ..SourceStats::default()
             })
         })
+    }
+
+    /// A batch is not the realm.
+    fn fingerprint(&self) -> Option<Fingerprint> {
+        None
     }
 }
 

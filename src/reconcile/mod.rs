@@ -426,6 +426,7 @@ impl Engine {
                     settings: &self.settings,
                     allow_offboard: self.allow_offboard,
                     listed,
+                    record: mode == Mode::Apply,
                 };
                 identities::reconcile(&tx, source.provider.clone(), listing, rules).await?
             }
@@ -760,6 +761,10 @@ impl IdentityProvider for Cancellable {
 
     fn refuse_duplicates(&self, found: Vec<crate::identity::Duplicate>, total: u64) -> Error {
         self.0.refuse_duplicates(found, total)
+    }
+
+    fn fingerprint(&self) -> Option<crate::identity::Fingerprint> {
+        self.0.fingerprint()
     }
 
     fn preflight(self: Arc<Self>, cancel: CancellationToken) -> BoxFuture<'static, Result<()>> {

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "identity_lifecycle",
         sql: include_str!("../../migrations/V3__identity_lifecycle.sql"),
     },
+    Migration {
+        version: 4,
+        name: "identities_state",
+        sql: include_str!("../../migrations/V4__identities_state.sql"),
+    },
 ];
 
 impl Migration {

@@ -188,11 +188,13 @@ pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
     let findings = serde_json::json!(unit.findings);
     client
         .execute_typed(
-            "UPDATE seed_runs SET counts = counts || $2, findings = findings || $3 WHERE id = $1",
+            "UPDATE seed_runs SET counts = counts || $2, findings = findings || $3,
+                    identities_state = coalesce($4, identities_state) WHERE id = $1",
             &[
                 (&id, Type::UUID),
                 (&counts, Type::JSONB),
                 (&findings, Type::JSONB),
+                (&unit.state, Type::TEXT),
             ],
         )
         .await

@@ -35,6 +35,7 @@ mod realm_files;
 mod retry;
 mod runs;
 mod schema_check;
+mod settled;
 mod sighup;
 mod signals;
 mod trust;

@@ -189,6 +189,11 @@ impl IdentityProvider for KeycloakSource {
     fn refuse_duplicates(&self, found: Vec<Duplicate>, total: u64) -> crate::error::Error {
         crate::identity::duplicates_not_refused(self.name(), &found, total)
     }
+
+    /// The realm is only known by listing it.
+    fn fingerprint(&self) -> Option<crate::identity::Fingerprint> {
+        None
+    }
 }
 
 impl AdminClient {
