@@ -496,8 +496,8 @@ pub struct UnitReport {
     /// the kind of failure each is.
     #[serde(skip)]
     pub blocking: Vec<(ErrorKind, String)>,
-    /// The identities unit's `seed_runs.identities_state`: what it left when a run with the
-    /// same input would change nothing (`reconcile::identities`).
+    /// The unit's entry in `seed_runs.unit_states`: what it left when a run with the same inputs
+    /// would change nothing ([`crate::reconcile`]'s `recorded_state`).
     #[serde(skip)]
     pub state: Option<String>,
 }

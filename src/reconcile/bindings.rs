@@ -16,7 +16,7 @@ use tokio_postgres::{Row, Transaction};
 
 use crate::config::IdentitySettings;
 use crate::error::Result;
-use crate::reconcile::{Action, FindingKind, Scope, Tally, Unit, UnitReport};
+use crate::reconcile::{analyze_if_written, recorded_state, Action, FindingKind, Scope, Tally, Unit, UnitReport};
 use crate::store::db_error;
 
 const UNIT: Unit = Unit::RoleBindings;
@@ -49,13 +49,23 @@ const REVOKE_REASON: &str = "CASE
                         WHERE m.platform_role = b.role_name AND m.realm_role = ANY (u.realm_roles)) THEN NULL
         ELSE 'basis-gone' END";
 
+/// Every input of the unit in one digest: the role map, then per table its row count and the
+/// sum of its rows' 64-bit hashes, over the users columns the desired bindings and the
+/// revocation reasons read and every binding (see [`recorded_state`]). `$1` and `$2` the role
+/// map. 0.2 s at a million users, where granting and revoking take 0.5 s.
+const DIGEST: &str = "($1::text[])::text || ($2::text[])::text
+    || ' ' || (SELECT count(*)::text || ' ' || coalesce(sum(hash_record_extended((id, role, is_active, realm_roles, offboarded_at IS NULL), 0)), 0) FROM users)
+    || ' ' || (SELECT count(*)::text || ' ' || coalesce(sum(hash_record_extended((id, user_id, role_name, status, granted_by), 0)), 0) FROM platform_role_bindings)";
+
 /// Grants the missing bindings and revokes the seedkeeper bindings whose basis is gone, listing
-/// up to `listed` of each by key.
+/// up to `listed` of each by key. `record`: an apply's unit records its state when it ends
+/// settled (a full run's only: a batch looks at its own users).
 pub(crate) async fn reconcile(
     tx: &Transaction<'_>,
     identity: &IdentitySettings,
     scope: &Scope,
     listed: i64,
+    record: bool,
 ) -> Result<UnitReport> {
     let mut report = UnitReport::new(UNIT);
     let realm_roles: Vec<&str> = identity.role_map.keys().map(String::as_str).collect();
@@ -64,6 +74,28 @@ pub(crate) async fn reconcile(
         (&realm_roles, Type::TEXT_ARRAY),
         (&platform_roles, Type::TEXT_ARRAY),
     ];
+    let whole = *scope == Scope::All;
+    if whole {
+        if let Some(recorded) = recorded_state(tx, UNIT).await? {
+            let row = tx
+                .query_typed_one(
+                    &format!("SELECT {DIGEST}, (SELECT count(*) FROM platform_role_bindings WHERE status = 'active')"),
+                    &params,
+                )
+                .await
+                .map_err(db_error("reading the digest of the bindings and users"))?;
+            let digest: String = row.get(0);
+            if digest == recorded {
+                super::log_settled(UNIT);
+                // Nothing to grant or revoke: what the statements below would find.
+                report.bump(Action::Inserted, 0);
+                report.bump(Action::Revoked, 0);
+                report.bump(Tally::Unchanged, row.get(1));
+                report.state = record.then_some(digest);
+                return Ok(report);
+            }
+        }
+    }
     params.extend(scope.typed_params());
     let grant = (grant_sql(scope, listed), "granting platform role bindings");
     let granted = change(tx, grant, &params, FindingKind::Granted, &mut report).await?;
@@ -83,6 +115,26 @@ pub(crate) async fn reconcile(
         .map_err(db_error("counting bindings"))?
         .get(0);
     report.bump(Tally::Unchanged, (active - granted).max(0));
+    if record {
+        analyze_if_written(tx, "platform_role_bindings", granted + revoked).await?;
+    }
+    if whole && record {
+        // Settled when, in one snapshot with the digest, nothing is left to grant or revoke.
+        let row = tx
+            .query_typed_one(
+                &format!(
+                    "SELECT (SELECT count(*) FROM ({}) g) + (SELECT count(*) FROM ({}) r), {DIGEST}",
+                    to_grant(scope),
+                    to_revoke(scope)
+                ),
+                &params,
+            )
+            .await
+            .map_err(db_error("checking the bindings after writing them"))?;
+        if row.get::<_, i64>(0) == 0 {
+            report.state = row.get(1);
+        }
+    }
     Ok(report)
 }
 
@@ -101,14 +153,7 @@ async fn change(
 /// The desired bindings no active binding covers, granted, as rows of
 /// `(count, username, role, basis)`, up to `listed`.
 fn grant_sql(scope: &Scope, listed: i64) -> String {
-    let desired = desired(scope);
-    let to_grant = format!(
-        "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis
-         FROM ({desired}) d
-         WHERE NOT EXISTS (SELECT 1 FROM platform_role_bindings b
-                           WHERE b.user_id = d.user_id AND b.role_name = d.role_name AND b.status = 'active')
-         ORDER BY d.user_id, d.role_name, d.basis"
-    );
+    let to_grant = to_grant(scope);
     format!(
         "WITH g AS (INSERT INTO platform_role_bindings (user_id, role_name, status, granted_by, basis)
                     SELECT user_id, role_name, 'active', '{GRANTOR}', basis FROM ({to_grant}) x
@@ -118,17 +163,33 @@ fn grant_sql(scope: &Scope, listed: i64) -> String {
     )
 }
 
-/// Active seedkeeper bindings no longer owed (basis gone, identity inactive): revoked with their
-/// reason, kept as rows, listed like [`grant_sql`]. Per binding, whether it is still owed:
-/// O(bindings), not O(bindings x users).
-fn revoke_sql(scope: &Scope, listed: i64) -> String {
+/// The desired bindings no active binding covers.
+fn to_grant(scope: &Scope) -> String {
+    let desired = desired(scope);
+    format!(
+        "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis
+         FROM ({desired}) d
+         WHERE NOT EXISTS (SELECT 1 FROM platform_role_bindings b
+                           WHERE b.user_id = d.user_id AND b.role_name = d.role_name AND b.status = 'active')
+         ORDER BY d.user_id, d.role_name, d.basis"
+    )
+}
+
+/// Active seedkeeper bindings no longer owed (basis gone, identity inactive), with their reason.
+/// Per binding, whether it is still owed: O(bindings), not O(bindings x users).
+fn to_revoke(scope: &Scope) -> String {
     let only = scope.and("b.user_id", 3);
-    let to_revoke = format!(
+    format!(
         "SELECT * FROM (SELECT b.id, {REVOKE_REASON} AS reason
                         FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
                         WHERE b.status = 'active' AND b.granted_by = '{GRANTOR}'{only}) x
          WHERE x.reason IS NOT NULL"
-    );
+    )
+}
+
+/// [`to_revoke`]'s bindings revoked with their reason, kept as rows, listed like [`grant_sql`].
+fn revoke_sql(scope: &Scope, listed: i64) -> String {
+    let to_revoke = to_revoke(scope);
     format!(
         "WITH r AS (UPDATE platform_role_bindings b SET status = 'revoked', revoked_at = now(), revoked_by = '{GRANTOR}',
                            revoked_reason = x.reason

@@ -432,15 +432,15 @@ impl Engine {
             }
             Unit::RoleBindings => {
                 let scope = Scope::of(&tx, source.provider.batch()).await?;
-                bindings::reconcile(&tx, &self.settings.identity, &scope, listed).await?
+                let record = mode == Mode::Apply;
+                bindings::reconcile(&tx, &self.settings.identity, &scope, listed, record).await?
             }
             Unit::Tenants => {
                 let scope = Scope::of(&tx, source.provider.batch()).await?;
-                tenants::reconcile(&tx, &scope, listed).await?
+                tenants::reconcile(&tx, &scope, listed, mode == Mode::Apply).await?
             }
         };
         if let Some(id) = run {
-            analyze_written(&tx, unit, report.writes()).await?;
             runs::record_unit(&tx, id, &report).await?;
         }
         tx.commit().await.map_err(store::db_error("committing"))?;
@@ -793,26 +793,52 @@ impl IdentityProvider for Cancellable {
     }
 }
 
+/// The state the latest run recorded for `unit` (its entry in `seed_runs.unit_states`), if any.
+///
+/// A unit records one only when it ends settled: nothing left to change, nothing to report, and
+/// what it compared read in one snapshot with the digest it records. The same inputs over rows
+/// with the same digest would then change nothing again, so a later run whose digest equals the
+/// recorded one skips the row-by-row comparison (docs/seeding.md, "what a settled run skips").
+/// Digests are sums of 64-bit row hashes (`hash_record_extended`) with the row count: equal for
+/// different rows by a chance of about 2^-64.
+pub(crate) async fn recorded_state(
+    tx: &tokio_postgres::Transaction<'_>,
+    unit: Unit,
+) -> Result<Option<String>> {
+    let row = tx
+        .query_typed_opt(
+            "SELECT unit_states ->> $1 FROM seed_runs WHERE unit_states ? $1
+             ORDER BY started_at DESC LIMIT 1",
+            &[(&unit.as_str(), tokio_postgres::types::Type::TEXT)],
+        )
+        .await
+        .map_err(store::db_error("reading the state the last settled run recorded"))?;
+    Ok(row.map(|r| r.get(0)))
+}
+
+/// Says (at debug) that `unit` found its inputs as the latest settled run recorded them.
+pub(crate) fn log_settled(unit: Unit) {
+    tracing::debug!(
+        unit = unit.as_str(),
+        "unit_settled: inputs as the last settled run recorded them, not compared row by row"
+    );
+}
+
 /// Rows an applied unit writes before it analyzes the tables it wrote.
 const ANALYZE_AFTER_WRITES: i64 = 10_000;
 
-/// Analyzes the tables `unit` writes when it wrote at least [`ANALYZE_AFTER_WRITES`] rows
-/// (`writes`), before its commit (ANALYZE counts the transaction's own rows): the next run's
-/// whole-table comparisons are then planned with the new row counts. Autovacuum can be a minute
-/// behind a bulk load, and a plan made from the statistics of a table that was empty picks nested
-/// loops over a million rows (docs/benchmark.md). An apply's only: ANALYZE would change
-/// `pg_class` even in a plan's rolled-back transaction.
-async fn analyze_written(
+/// `ANALYZE tables` when a unit wrote at least [`ANALYZE_AFTER_WRITES`] rows (`writes`), before
+/// its commit (ANALYZE counts the transaction's own rows). The units that write users and their
+/// derived rows call it themselves, before the check that proves them settled, which the next
+/// run's whole-table comparisons then share: autovacuum can be a minute behind a bulk load, and
+/// a plan made from the statistics of a table that was empty picks nested loops over a million
+/// rows (docs/benchmark.md). An apply's only: ANALYZE would change `pg_class` even in a plan's
+/// rolled-back transaction.
+pub(crate) async fn analyze_if_written(
     tx: &tokio_postgres::Transaction<'_>,
-    unit: Unit,
+    tables: &str,
     writes: i64,
 ) -> Result<()> {
-    let tables = match unit {
-        Unit::Identities => "users",
-        Unit::RoleBindings => "platform_role_bindings",
-        Unit::Tenants => "tenants, projects, tenant_memberships, project_memberships",
-        Unit::Schema | Unit::ReferenceSeed => return Ok(()),
-    };
     if writes < ANALYZE_AFTER_WRITES {
         return Ok(());
     }

@@ -38,8 +38,8 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 4,
-        name: "identities_state",
-        sql: include_str!("../../migrations/V4__identities_state.sql"),
+        name: "unit_states",
+        sql: include_str!("../../migrations/V4__unit_states.sql"),
     },
 ];
 

@@ -186,15 +186,19 @@ pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
     use tokio_postgres::types::Type;
     let counts = serde_json::json!({ unit.unit.as_str(): unit.counts });
     let findings = serde_json::json!(unit.findings);
+    let states = match &unit.state {
+        Some(s) => serde_json::json!({ unit.unit.as_str(): s }),
+        None => serde_json::json!({}),
+    };
     client
         .execute_typed(
             "UPDATE seed_runs SET counts = counts || $2, findings = findings || $3,
-                    identities_state = coalesce($4, identities_state) WHERE id = $1",
+                    unit_states = unit_states || $4 WHERE id = $1",
             &[
                 (&id, Type::UUID),
                 (&counts, Type::JSONB),
                 (&findings, Type::JSONB),
-                (&unit.state, Type::TEXT),
+                (&states, Type::JSONB),
             ],
         )
         .await

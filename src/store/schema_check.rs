@@ -360,7 +360,7 @@ pub const EXPECTED: &[(Kind, &str, i32)] = &[
     (Kind::Constraint, "event_follower.event_follower_pkey", 2),
     (Kind::Column, "platform_role_bindings.revoked_reason", 3),
     (Kind::Column, "users.offboarded_at", 3),
-    (Kind::Column, "seed_runs.identities_state", 4),
+    (Kind::Column, "seed_runs.unit_states", 4),
     (
         Kind::Constraint,
         "platform_role_bindings.platform_role_bindings_revoked_reason_check",

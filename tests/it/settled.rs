@@ -1,8 +1,10 @@
-//! A realm file already applied is not staged again: a run whose file bytes (with the settings
-//! that decide the listing) and users rows both match the state the last settled run recorded
-//! (`seed_runs.identities_state`) proves the listing unchanged from two digests. Any change to
-//! either side, the file, the settings or a users row, is still seen and applied; a run that
-//! ends with something to report records no state.
+//! What a settled run skips: a unit whose inputs match the state the last settled run recorded
+//! (`seed_runs.unit_states`) knows it has nothing to do without comparing row by row. A realm
+//! file already applied is not staged again (its bytes, the settings that decide the listing and
+//! the users rows all match), and the role_bindings and tenants units do not join their tables
+//! when those and the users rows they derive from match. Any change to any input, the file, the
+//! settings, a users row, a binding, a tenant or a membership, is still seen and applied; a run
+//! that ends with something to report records no state.
 
 use serde_json::Value;
 
@@ -13,8 +15,8 @@ use crate::identities::{realm_file_env, test_realm, user};
 const ALICE: &str = "c5000000-0000-4000-8000-000000000001";
 const BOB: &str = "c5000000-0000-4000-8000-000000000002";
 
-/// What the run's log says when it takes the recorded state for the listing.
-const NOT_STAGED: &str = "nothing staged";
+/// What the run's log says (at debug) of a unit that found its recorded state.
+const SETTLED: &str = "unit_settled";
 
 fn realm(bob_first_name: &str) -> Value {
     let mut bob = user(BOB, "bob", &[], &[]);
@@ -22,22 +24,59 @@ fn realm(bob_first_name: &str) -> Value {
     test_realm(vec![user(ALICE, "alice", &["ops-lead"], &["/admins"]), bob])
 }
 
-/// One `--once` of `env`: whether it took the recorded state (else it staged the listing), and
-/// its summary line of the identities unit.
+/// The units of a run that found their recorded state, in run order.
+fn settled_units(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.contains(SETTLED))
+        .filter_map(|l| {
+            l.split("unit=\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+/// The environment of a run with `realm` in `dir` on `db`, logging the units' debug lines.
+fn run_env(db: &TestDb, dir: &TempDir, realm: &Value) -> Vec<(String, String)> {
+    let mut env = [db.env(), realm_file_env(dir, realm)].concat();
+    env.push((
+        "SEEDKEEPER_LOG__FILTER".into(),
+        "info,seedkeeper::reconcile=debug".into(),
+    ));
+    env
+}
+
+/// One `--once` of `env`: whether the identities unit took the recorded state (else it staged
+/// the listing), and its summary line of the identities unit.
 fn once(env: &[(String, String)]) -> (bool, String) {
+    let (units, lines) = once_all(env);
+    (units.iter().any(|u| u == "identities"), lines[0].clone())
+}
+
+/// One `--once` of `env`: the units that took their recorded state, and the summary lines of
+/// identities, role_bindings and tenants.
+fn once_all(env: &[(String, String)]) -> (Vec<String>, Vec<String>) {
     let out = run_bin(&["--once"], env);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "--once failed: {stdout}\n{stderr}");
-    let line = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("identities "))
-        .unwrap_or_else(|| panic!("no identities line in {stdout}"))
-        .trim()
-        .to_string();
-    (stderr.contains(NOT_STAGED), line)
+    let line = |unit: &str| {
+        stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{unit} ")))
+            .unwrap_or_else(|| panic!("no {unit} line in {stdout}"))
+            .trim()
+            .to_string()
+    };
+    let lines = ["identities", "role_bindings", "tenants"]
+        .map(line)
+        .to_vec();
+    (settled_units(&stderr), lines)
 }
 
 async fn row(db: &TestDb, username: &str) -> String {
@@ -54,7 +93,7 @@ async fn an_applied_realm_file_is_not_staged_again_until_the_file_the_settings_o
 ) {
     let db = TestDb::new().await;
     let dir = TempDir::new();
-    let env = [db.env(), realm_file_env(&dir, &realm("Bob"))].concat();
+    let env = run_env(&db, &dir, &realm("Bob"));
 
     // The cold run stages and writes, and records the settled state.
     let (fast, cold) = once(&env);
@@ -69,7 +108,7 @@ async fn an_applied_realm_file_is_not_staged_again_until_the_file_the_settings_o
         format!("identities inserted={listed} listed={listed}")
     );
     let states =
-        "SELECT count(DISTINCT identities_state) FROM seed_runs WHERE identities_state IS NOT NULL";
+        "SELECT count(DISTINCT unit_states ->> 'identities') FROM seed_runs WHERE unit_states ? 'identities'";
     assert_eq!(db.scalar(states).await, 1);
     let alice = row(&db, "alice").await;
     assert_eq!(alice, "alice@example.test F admin t {admin,ops} t");
@@ -91,7 +130,8 @@ async fn an_applied_realm_file_is_not_staged_again_until_the_file_the_settings_o
         out.status.success() && plan.contains("identities: in sync"),
         "{plan}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains(NOT_STAGED));
+    let units = settled_units(&String::from_utf8_lossy(&out.stderr));
+    assert_eq!(units, ["identities", "role_bindings", "tenants"]);
 
     // Every change to a users row the unit owns is seen, and undone by the next run.
     let tampered = [
@@ -116,7 +156,7 @@ async fn an_applied_realm_file_is_not_staged_again_until_the_file_the_settings_o
     }
 
     // A changed file is staged and applied.
-    let env = [db.env(), realm_file_env(&dir, &realm("Robert"))].concat();
+    let env = run_env(&db, &dir, &realm("Robert"));
     let (fast, line) = once(&env);
     assert!(!fast && line.contains("updated=1"), "{line}");
     assert!(row(&db, "bob").await.contains(" Robert "));
@@ -144,17 +184,102 @@ async fn a_run_that_reports_something_records_no_state_and_the_next_run_stages_a
         .as_array_mut()
         .unwrap()
         .push(serde_json::json!({"username": "nobody", "enabled": true}));
-    let env = [db.env(), realm_file_env(&dir, &r)].concat();
+    let env = run_env(&db, &dir, &r);
     for _ in 0..3 {
         let (fast, line) = once(&env);
         assert!(!fast, "a listing with a refused user was taken as settled");
         assert!(line.contains("rejected=1"), "{line}");
     }
-    let recorded = "SELECT count(*) FROM seed_runs WHERE identities_state IS NOT NULL";
+    let recorded = "SELECT count(*) FROM seed_runs WHERE unit_states ? 'identities'";
     assert_eq!(db.scalar(recorded).await, 0);
 
     // Once the file is fixed, the run settles and the one after it is not staged.
-    let env = [db.env(), realm_file_env(&dir, &realm("Bob"))].concat();
+    let env = run_env(&db, &dir, &realm("Bob"));
     assert!(!once(&env).0);
     assert!(once(&env).0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_after_settled_ones()
+{
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let env = run_env(&db, &dir, &realm("Bob"));
+    let all = ["identities", "role_bindings", "tenants"];
+    let (units, cold) = once_all(&env);
+    assert!(units.is_empty(), "{units:?}");
+    let (units, settled) = once_all(&env);
+    assert_eq!(
+        units, all,
+        "the run after a settled one compared row by row"
+    );
+    assert!(cold[1] != settled[1] && cold[2] != settled[2]);
+    let state = "SELECT string_agg(b.role_name || '/' || b.status, ',' ORDER BY b.role_name, b.status)
+                        || ' ' || (SELECT count(*) FROM tenants t JOIN projects p ON p.tenant_id = t.id
+                                   JOIN tenant_memberships tm ON tm.tenant_id = t.id AND tm.role = 'owner' AND tm.status = 'active'
+                                   JOIN project_memberships pm ON pm.project_id = p.id AND pm.role = 'owner' AND pm.status = 'active'
+                                   JOIN users u ON u.id = t.owner_user_id WHERE u.username = 'alice')
+                 FROM platform_role_bindings b JOIN users u ON u.id = b.user_id
+                 WHERE u.username = 'alice' AND b.status = 'active'";
+    let alice = db.strings(state).await;
+    assert_eq!(alice, ["platform_ops/active,platform_superadmin/active 1"]);
+
+    // (edit, the unit that must see it and restore the rows)
+    let alice_id = "(SELECT id FROM users WHERE username = 'alice')";
+    let edits = [
+        (format!("UPDATE platform_role_bindings SET status = 'revoked', revoked_at = now(), revoked_by = 'someone'
+                  WHERE user_id = {alice_id} AND role_name = 'platform_superadmin'"), "role_bindings"),
+        (format!("DELETE FROM platform_role_bindings WHERE user_id = {alice_id} AND role_name = 'platform_ops'"), "role_bindings"),
+        (format!("UPDATE tenant_memberships SET status = 'suspended' WHERE user_id = {alice_id}"), "tenants"),
+        (format!("DELETE FROM project_memberships WHERE user_id = {alice_id}"), "tenants"),
+        (format!("UPDATE project_memberships SET role = 'viewer' WHERE user_id = {alice_id}"), "tenants"),
+    ];
+    for (sql, unit) in &edits {
+        db.client().await.batch_execute(sql).await.expect(sql);
+        let (units, lines) = once_all(&env);
+        assert!(
+            !units.contains(&unit.to_string()),
+            "after `{sql}`, {unit} was taken as settled: {units:?}"
+        );
+        assert!(units.contains(&"identities".to_string()), "{units:?}");
+        let line = if *unit == "tenants" {
+            &lines[2]
+        } else {
+            &lines[1]
+        };
+        assert!(
+            line != &settled[if *unit == "tenants" { 2 } else { 1 }],
+            "`{sql}` was not undone: {line}"
+        );
+        assert_eq!(db.strings(state).await, alice, "after `{sql}`");
+        let (units, _) = once_all(&env);
+        assert_eq!(units, all, "after `{sql}` was undone");
+    }
+
+    // A users row edited by hand is restored by the identities unit first: the units after it
+    // then find the rows they derive from as recorded.
+    db.client()
+        .await
+        .batch_execute("UPDATE users SET role = 'user' WHERE username = 'alice'")
+        .await
+        .unwrap();
+    let (units, _) = once_all(&env);
+    assert_eq!(units, ["role_bindings", "tenants"]);
+    assert_eq!(db.strings(state).await, alice);
+
+    // A users row no listing owns (made by hand, no sub) is kept by identities, and covered by
+    // tenants: every unit reads it as a change.
+    db.client()
+        .await
+        .batch_execute("INSERT INTO users (username, role) VALUES ('walk-in', 'admin')")
+        .await
+        .unwrap();
+    let (units, lines) = once_all(&env);
+    assert!(units.is_empty(), "{units:?}");
+    assert!(
+        lines[1].contains("inserted=1") && lines[2].contains("inserted=4"),
+        "{lines:?}"
+    );
+    let (units, _) = once_all(&env);
+    assert_eq!(units, all);
 }
