@@ -51,8 +51,14 @@ fn run_seedkeeper(args: &[&str], env: &[(&str, String)]) -> (f64, u64) {
         .spawn()
         .unwrap();
     let status_path = format!("/proc/{}/status", child.id());
+    let stat_path = format!("/proc/{}/stat", child.id());
+    let own_before = cpu_seconds("/proc/self/stat");
     let mut peak = 0u64;
+    let mut child_cpu = 0.0f64;
     loop {
+        if let Some(c) = cpu_seconds(&stat_path) {
+            child_cpu = c;
+        }
         if let Ok(s) = std::fs::read_to_string(&status_path) {
             if let Some(l) = s.lines().find(|l| l.starts_with("VmHWM:")) {
                 peak = peak.max(
@@ -71,10 +77,27 @@ fn run_seedkeeper(args: &[&str], env: &[(&str, String)]) -> (f64, u64) {
                 child.stderr.take().unwrap().read_to_string(&mut err).ok();
                 panic!("seedkeeper {args:?} failed: {err}");
             }
+            let own = cpu_seconds("/proc/self/stat")
+                .zip(own_before)
+                .map(|(a, b)| a - b);
+            eprintln!(
+                "cpu of seedkeeper {args:?}: {child_cpu:.2} s in {secs:.2} s; this process (the emulator, when it serves): {:.2} s",
+                own.unwrap_or(0.0)
+            );
             return (secs, peak);
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// utime + stime of a process from its `/proc/<pid>/stat`, in seconds (100 ticks a second).
+fn cpu_seconds(path: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(path).ok()?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
 }
 
 async fn tuples_written(url: &str) -> i64 {

@@ -806,7 +806,12 @@ fn note_shortfall(short: &Shortfall, report: &mut UnitReport) {
 /// The indexes [`check_unique`] already built (`built`) prove the same. Returns how many
 /// repeated subs were removed.
 async fn dedupe(tx: &Transaction<'_>, built: Built, report: &mut UnitReport) -> Result<u64> {
-    tx.batch_execute("ANALYZE sk_stage")
+    // A small sample (3,000 rows, not 30,000): the row count and the keys' spread are all the
+    // comparison's plans need of a table dropped at commit (0.14 s less at 100,000 users).
+    tx.batch_execute(
+        "SET LOCAL default_statistics_target = 10; ANALYZE sk_stage;
+         SET LOCAL default_statistics_target TO DEFAULT",
+    )
         .await
         .map_err(db_error("analyzing the identity stage"))?;
     let mut repeats = 0;

@@ -1395,6 +1395,61 @@ fn page<T: Clone>(
 }
 
 fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Release) -> Value {
+    let mut v = user_json_without_metadata(realm, u, brief, served, release);
+    if lists_metadata(brief, served, release) {
+        v["userProfileMetadata"] = user_profile_metadata();
+    }
+    v
+}
+
+/// [`user_json`] as the text of the answer, with the profile's metadata (the same for every
+/// user, and most of a 26.4 listing's bytes) serialized once: built as a value for each user,
+/// it cost the emulator more CPU than seedkeeper spent reading the whole listing (3 s against
+/// 0.4 s at 100,000 users, on the 2 cores the run shares). The same bytes: keys in order, the
+/// metadata's before `username`, the last.
+fn user_json_text(
+    realm: &Realm,
+    u: &User,
+    brief: bool,
+    served: Served,
+    release: Release,
+) -> String {
+    static METADATA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let text = user_json_without_metadata(realm, u, brief, served, release).to_string();
+    if !lists_metadata(brief, served, release) {
+        return text;
+    }
+    let metadata = METADATA.get_or_init(|| user_profile_metadata().to_string());
+    // `"username"` is the last key and always there; inside a string a quote is escaped, so
+    // this is the key.
+    let at = text.rfind(",\"username\":").expect("a user has a username");
+    format!(
+        "{},\"userProfileMetadata\":{metadata}{}",
+        &text[..at],
+        &text[at..]
+    )
+}
+
+/// Whether a user answered so carries its profile's metadata: always by id; on the listing,
+/// whenever it is answered in full, up to 26.5.
+fn lists_metadata(brief: bool, served: Served, release: Release) -> bool {
+    match served {
+        Served::ById => true,
+        Served::Listing => {
+            let listed_in_full = !release.honours_brief_listing();
+            (!brief || listed_in_full) && release.lists_profile_metadata()
+        }
+        Served::RoleMembers | Served::GroupMembers => false,
+    }
+}
+
+fn user_json_without_metadata(
+    realm: &Realm,
+    u: &User,
+    brief: bool,
+    served: Served,
+    release: Release,
+) -> Value {
     let mut m = serde_json::Map::new();
     m.insert("id".into(), json!(u.id));
     m.insert("username".into(), json!(u.username));
@@ -1424,16 +1479,6 @@ fn user_json(realm: &Realm, u: &User, brief: bool, served: Served, release: Rele
         m.insert("disableableCredentialTypes".into(), json!([]));
         m.insert("requiredActions".into(), json!([]));
         m.insert("notBefore".into(), json!(0));
-    }
-    // The profile's metadata: always by id; on the listing, whenever it is answered in full,
-    // up to 26.5.
-    let metadata = match served {
-        Served::ById => true,
-        Served::Listing => full && release.lists_profile_metadata(),
-        Served::RoleMembers | Served::GroupMembers => false,
-    };
-    if metadata {
-        m.insert("userProfileMetadata".into(), user_profile_metadata());
     }
     if let Some(c) = &u.service_account_client {
         m.insert("serviceAccountClientId".into(), json!(c));
@@ -1651,16 +1696,19 @@ fn admin(
             let (first, max) = bounds(sh, &q, 0, 100, true);
             let hide = sh.faults.lock().unwrap().hide_every;
             // The query takes its page first; the permission filter then drops users from it.
-            let page: Vec<Value> = realm
+            let page: Vec<String> = realm
                 .humans
                 .iter()
                 .enumerate()
                 .skip(first)
                 .take(max)
                 .filter(|(pos, _)| hide == 0 || pos % hide != hide - 1)
-                .map(|(_, &i)| user_json(realm, &realm.users[i], brief, Served::Listing, release))
+                .map(|(_, &i)| {
+                    user_json_text(realm, &realm.users[i], brief, Served::Listing, release)
+                })
                 .collect();
-            json_response(200, Value::Array(shorten(sh, page)))
+            let body = format!("[{}]", shorten(sh, page).join(","));
+            (StatusCode::OK, [("content-type", "application/json")], body).into_response()
         }
         ["events"] | ["admin-events"] => {
             if !can("view-events") {
@@ -1937,4 +1985,37 @@ fn admin(
             error(404, "Unable to find matching target resource method")
         }
     }
+}
+
+/// The listing's text is the bytes of the value every other answer serializes, for every
+/// release, representation and way a user is served, usernames and names that hold the
+/// metadata's splice point as text included.
+#[test]
+fn a_user_as_text_is_the_user_as_a_value_serialized() {
+    let users = vec![
+        json!({"id": "a1", "username": "plain", "email": "p@x.test", "enabled": true}),
+        json!({"id": "a2", "username": "x,\"username\":y", "firstName": ",\"username\":\"z\"",
+               "lastName": "L", "enabled": false, "createdTimestamp": 5}),
+        json!({"id": "a3", "username": "service-account-c", "serviceAccountClientId": "c", "enabled": true}),
+    ];
+    let realm = Realm::load(&json!({"realm": "t", "users": users}));
+    let served = [
+        Served::Listing,
+        Served::ById,
+        Served::RoleMembers,
+        Served::GroupMembers,
+    ];
+    let mut compared = 0;
+    for release in Release::ALL {
+        for brief in [false, true] {
+            for &how in &served {
+                for u in &realm.users {
+                    let value = user_json(&realm, u, brief, how, release).to_string();
+                    assert_eq!(user_json_text(&realm, u, brief, how, release), value);
+                    compared += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(compared, 3 * 2 * 4 * 3);
 }
