@@ -235,12 +235,9 @@ pub(crate) async fn reconcile(
     Ok(report)
 }
 
-/// Version of what [`state_key`] and [`USERS_DIGEST`] cover: raised when either changes, or when
-/// what a listing stages changes (then no run skips its stage on an older record).
-const STATE_FORMAT: &str = "identities-state-1";
-
 /// What decides the stage a listing makes, as one digest: the source's fingerprint (a realm
-/// file's bytes, the realm read, the roles kept), `identity.admin_roles`, and this build.
+/// file's bytes, the realm read, the roles kept) and `identity.admin_roles` (the build is in
+/// every recorded state's stamp, [`super::state_stamp`]).
 /// With it, the users the listing sends. `None` for a source that has no fingerprint (it must be
 /// listed to be known).
 ///
@@ -254,10 +251,8 @@ fn state_key(source: &dyn IdentityProvider, admin_roles: &[String]) -> Option<(S
     use sha2::{Digest, Sha256};
     let fp = source.fingerprint()?;
     let mut d = Sha256::new();
-    for part in [STATE_FORMAT, env!("CARGO_PKG_VERSION"), &fp.digest] {
-        d.update(part.as_bytes());
-        d.update([0]);
-    }
+    d.update(fp.digest.as_bytes());
+    d.update([0]);
     let mut roles: Vec<&str> = admin_roles.iter().map(String::as_str).collect();
     roles.sort_unstable();
     for r in roles {

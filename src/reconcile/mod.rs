@@ -813,8 +813,25 @@ pub(crate) async fn recorded_state(
         )
         .await
         .map_err(store::db_error("reading the state the last settled run recorded"))?;
-    Ok(row.map(|r| r.get(0)))
+    let recorded: Option<String> = row.map(|r| r.get(0));
+    let stamp = state_stamp();
+    Ok(recorded.and_then(|r| r.strip_prefix(stamp.as_str()).map(str::to_string)))
 }
+
+/// What the units' recorded states are read and written under ([`STATE_FORMAT`], seedkeeper's
+/// version and, when the build said, its revision): a state recorded by another build is never
+/// taken for settled, as that build's units may do less than this one's. After an upgrade, the
+/// first run compares row by row and records again.
+pub(crate) fn state_stamp() -> String {
+    format!(
+        "{STATE_FORMAT}/{}/{} ",
+        env!("CARGO_PKG_VERSION"),
+        crate::metrics::REVISION
+    )
+}
+
+/// Raised whenever what a unit's state covers, or what a unit does, changes.
+const STATE_FORMAT: &str = "state-1";
 
 /// Says (at debug) that `unit` found its inputs as the latest settled run recorded them.
 pub(crate) fn log_settled(unit: Unit) {

@@ -187,7 +187,10 @@ pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
     let counts = serde_json::json!({ unit.unit.as_str(): unit.counts });
     let findings = serde_json::json!(unit.findings);
     let states = match &unit.state {
-        Some(s) => serde_json::json!({ unit.unit.as_str(): s }),
+        Some(s) => {
+            let stamped = format!("{}{s}", crate::reconcile::state_stamp());
+            serde_json::json!({ unit.unit.as_str(): stamped })
+        }
         None => serde_json::json!({}),
     };
     client

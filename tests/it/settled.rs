@@ -282,4 +282,22 @@ async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_a
     );
     let (units, _) = once_all(&env);
     assert_eq!(units, all);
+
+    // A state another build recorded (here: another state format) is never taken for settled.
+    db.client()
+        .await
+        .batch_execute(
+            "UPDATE seed_runs SET unit_states = (SELECT jsonb_object_agg(k, 'state-0' || substr(v, 8))
+                                                 FROM jsonb_each_text(unit_states) AS e(k, v))
+             WHERE unit_states <> '{}'",
+        )
+        .await
+        .unwrap();
+    let (units, _) = once_all(&env);
+    assert!(
+        units.is_empty(),
+        "an older build's state was taken: {units:?}"
+    );
+    let (units, _) = once_all(&env);
+    assert_eq!(units, all);
 }
