@@ -805,33 +805,8 @@ pub(crate) async fn recorded_state(
     tx: &tokio_postgres::Transaction<'_>,
     unit: Unit,
 ) -> Result<Option<String>> {
-    let row = tx
-        .query_typed_opt(
-            "SELECT unit_states ->> $1 FROM seed_runs WHERE unit_states ? $1
-             ORDER BY started_at DESC LIMIT 1",
-            &[(&unit.as_str(), tokio_postgres::types::Type::TEXT)],
-        )
-        .await
-        .map_err(store::db_error("reading the state the last settled run recorded"))?;
-    let recorded: Option<String> = row.map(|r| r.get(0));
-    let stamp = state_stamp();
-    Ok(recorded.and_then(|r| r.strip_prefix(stamp.as_str()).map(str::to_string)))
+    runs::recorded_state(tx, unit.as_str()).await
 }
-
-/// What the units' recorded states are read and written under ([`STATE_FORMAT`], seedkeeper's
-/// version and, when the build said, its revision): a state recorded by another build is never
-/// taken for settled, as that build's units may do less than this one's. After an upgrade, the
-/// first run compares row by row and records again.
-pub(crate) fn state_stamp() -> String {
-    format!(
-        "{STATE_FORMAT}/{}/{} ",
-        env!("CARGO_PKG_VERSION"),
-        crate::metrics::REVISION
-    )
-}
-
-/// Raised whenever what a unit's state covers, or what a unit does, changes.
-const STATE_FORMAT: &str = "state-1";
 
 /// Says (at debug) that `unit` found its inputs as the latest settled run recorded them.
 pub(crate) fn log_settled(unit: Unit) {

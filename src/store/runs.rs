@@ -100,6 +100,40 @@ pub(crate) async fn close_abandoned(client: &Client, current: Uuid) -> Result<u6
     Ok(row.get::<_, i64>(0).unsigned_abs())
 }
 
+/// The state the latest run recorded for the unit named `unit` in `seed_runs.unit_states`, if
+/// this build recorded it ([`state_stamp`] removed).
+pub(crate) async fn recorded_state<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    unit: &str,
+) -> Result<Option<String>> {
+    let row = client
+        .query_typed_opt(
+            "SELECT unit_states ->> $1 FROM seed_runs WHERE unit_states ? $1
+             ORDER BY started_at DESC LIMIT 1",
+            &[(&unit, Type::TEXT)],
+        )
+        .await
+        .map_err(db_error("reading the state the last settled run recorded"))?;
+    let recorded: Option<String> = row.map(|r| r.get(0));
+    let stamp = state_stamp();
+    Ok(recorded.and_then(|r| r.strip_prefix(stamp.as_str()).map(str::to_string)))
+}
+
+/// What the units' recorded states are read and written under ([`STATE_FORMAT`], seedkeeper's
+/// version and, when the build said, its revision): a state recorded by another build is never
+/// taken for settled, as that build's units may do less than this one's. After an upgrade, the
+/// first run compares row by row and records again.
+fn state_stamp() -> String {
+    format!(
+        "{STATE_FORMAT}/{}/{} ",
+        env!("CARGO_PKG_VERSION"),
+        crate::metrics::REVISION
+    )
+}
+
+/// Raised whenever what a unit's state covers, or what a unit does, changes.
+const STATE_FORMAT: &str = "state-1";
+
 pub(crate) async fn prune(client: &Client, retention: u32) -> Result<u64> {
     let row = client
         .query_typed_one(
@@ -188,7 +222,7 @@ pub(crate) async fn record_unit<C: tokio_postgres::GenericClient + Sync>(
     let findings = serde_json::json!(unit.findings);
     let states = match &unit.state {
         Some(s) => {
-            let stamped = format!("{}{s}", crate::reconcile::state_stamp());
+            let stamped = format!("{}{s}", state_stamp());
             serde_json::json!({ unit.unit.as_str(): stamped })
         }
         None => serde_json::json!({}),
