@@ -237,16 +237,15 @@ pub(crate) async fn reconcile(
 
 /// What decides the stage a listing makes, as one digest: the source's fingerprint (a realm
 /// file's bytes, the realm read, the roles kept) and `identity.admin_roles` (the build is in
-/// every recorded state's stamp, [`super::state_stamp`]).
-/// With it, the users the listing sends. `None` for a source that has no fingerprint (it must be
-/// listed to be known).
+/// every recorded state's stamp, see `store::runs`). With it, the users the listing sends.
+/// `None` for a source that has no fingerprint (it must be listed to be known).
 ///
 /// A run whose key and users rows match the state the latest settled run recorded skips its
 /// stage ([`super::recorded_state`]): the state is recorded only when the unit ends with nothing
 /// left to change and nothing to report ([`settled_digest`]), so the same listing over the same
-/// rows would change nothing again, and its counts are known without it ([`applied_before`]). "A no-op that reads and
-/// compares": 3.6 s of a 6.3 s no-op at a million users was staging and comparing what both
-/// digests prove unchanged (docs/benchmark.md).
+/// rows would change nothing again, and its counts are known without it ([`applied_before`]).
+/// "A no-op that reads and compares": 3.6 s of a 6.3 s no-op at a million users was staging and
+/// comparing what both digests prove unchanged (docs/benchmark.md).
 fn state_key(source: &dyn IdentityProvider, admin_roles: &[String]) -> Option<(String, u64)> {
     use sha2::{Digest, Sha256};
     let fp = source.fingerprint()?;
