@@ -497,7 +497,7 @@ pub struct UnitReport {
     #[serde(skip)]
     pub blocking: Vec<(ErrorKind, String)>,
     /// The unit's entry in `seed_runs.unit_states`: what it left when a run with the same inputs
-    /// would change nothing ([`crate::reconcile`]'s `recorded_state`).
+    /// would change nothing ([`crate::reconcile`]'s `settled_row`).
     #[serde(skip)]
     pub state: Option<String>,
 }

@@ -241,7 +241,7 @@ pub(crate) async fn reconcile(
 /// `None` for a source that has no fingerprint (it must be listed to be known).
 ///
 /// A run whose key and users rows match the state the latest settled run recorded skips its
-/// stage ([`super::recorded_state`]): the state is recorded only when the unit ends with nothing
+/// stage ([`super::settled_row`]): the state is recorded only when the unit ends with nothing
 /// left to change and nothing to report ([`settled_digest`]), so the same listing over the same
 /// rows would change nothing again, and its counts are known without it ([`applied_before`]).
 /// "A no-op that reads and compares": 3.6 s of a 6.3 s no-op at a million users was staging and
@@ -280,26 +280,13 @@ async fn applied_before(
     users: u64,
     progress: &Progress,
 ) -> Result<Option<Comparison>> {
-    let recorded = super::recorded_state(tx, UNIT).await?;
-    let Some(rows) = recorded
-        .as_deref()
-        .and_then(|r| r.strip_prefix(key))
-        .and_then(|r| r.strip_prefix(' '))
-    else {
+    let sql = format!("SELECT {USERS_DIGEST}, count(u.keycloak_sub) FROM users u");
+    let context = "reading the digest of the users rows";
+    let prefix = format!("{key} ");
+    let Some(now) = super::settled_row(tx, UNIT, &prefix, (&sql, &[]), context).await? else {
         return Ok(None);
     };
-    let now = tx
-        .query_typed_one(
-            &format!("SELECT {USERS_DIGEST}, count(u.keycloak_sub) FROM users u"),
-            &[],
-        )
-        .await
-        .map_err(db_error("reading the digest of the users rows"))?;
     let (digest, with_sub): (String, i64) = (now.get(0), now.get(1));
-    if digest != rows {
-        return Ok(None);
-    }
-    super::log_settled(UNIT);
     progress.listing_started(Some(users));
     progress.listed(users);
     progress.listing_done();

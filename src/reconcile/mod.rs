@@ -793,27 +793,40 @@ impl IdentityProvider for Cancellable {
     }
 }
 
-/// The state the latest run recorded for `unit` (its entry in `seed_runs.unit_states`), if any.
+/// The row of `digest_sql` (`params` its parameters, its first column the digest of `unit`'s
+/// inputs) when the state the latest run recorded for `unit` (its entry in
+/// `seed_runs.unit_states`) is `prefix` then that digest; `None` when nothing is recorded, the
+/// prefix differs (then the digest is not read) or the digest does. `context` names the read.
 ///
-/// A unit records one only when it ends settled: nothing left to change, nothing to report, and
-/// what it compared read in one snapshot with the digest it records. The same inputs over rows
-/// with the same digest would then change nothing again, so a later run whose digest equals the
-/// recorded one skips the row-by-row comparison (docs/seeding.md, "what a settled run skips").
-/// Digests are sums of 64-bit row hashes (`hash_record_extended`) with the row count: equal for
-/// different rows by a chance of about 2^-64.
-pub(crate) async fn recorded_state(
+/// A unit records a state only when it ends settled: nothing left to change, nothing to report,
+/// and what it compared read in one snapshot with the digest it records. The same inputs over
+/// rows with the same digest would then change nothing again, so a run that gets the row here
+/// skips the row-by-row comparison (docs/seeding.md, "what a settled run skips"), and says so
+/// at debug. Digests are sums of 64-bit row hashes (`hash_record_extended`) with the row count:
+/// equal for different rows by a chance of about 2^-64.
+pub(crate) async fn settled_row(
     tx: &tokio_postgres::Transaction<'_>,
     unit: Unit,
-) -> Result<Option<String>> {
-    runs::recorded_state(tx, unit.as_str()).await
-}
-
-/// Says (at debug) that `unit` found its inputs as the latest settled run recorded them.
-pub(crate) fn log_settled(unit: Unit) {
+    prefix: &str,
+    (digest_sql, params): (&str, &[(&(dyn tokio_postgres::types::ToSql + Sync), tokio_postgres::types::Type)]),
+    context: &'static str,
+) -> Result<Option<tokio_postgres::Row>> {
+    let recorded = runs::recorded_state(tx, unit.as_str()).await?;
+    let Some(expected) = recorded.as_deref().and_then(|r| r.strip_prefix(prefix)) else {
+        return Ok(None);
+    };
+    let row = tx
+        .query_typed_one(digest_sql, params)
+        .await
+        .map_err(store::db_error(context))?;
+    if row.get::<_, &str>(0) != expected {
+        return Ok(None);
+    }
     tracing::debug!(
         unit = unit.as_str(),
         "unit_settled: inputs as the last settled run recorded them, not compared row by row"
     );
+    Ok(Some(row))
 }
 
 /// Rows an applied unit writes before it analyzes the tables it wrote.

@@ -9,7 +9,7 @@
 use tokio_postgres::Transaction;
 
 use crate::error::Result;
-use crate::reconcile::{analyze_if_written, recorded_state, Action, Scope, Tally, Unit, UnitReport};
+use crate::reconcile::{analyze_if_written, settled_row, Action, Scope, Tally, Unit, UnitReport};
 use crate::store::db_error;
 
 const UNIT: Unit = Unit::Tenants;
@@ -165,7 +165,7 @@ const BULK_WORK_MEM: &str = "SET LOCAL work_mem = '64MB'";
 /// Every input of the check in one digest, per table its row count and the sum of its rows'
 /// 64-bit hashes: the users ids (every row is covered, synced or not) and the columns of the
 /// tenants, projects and both membership tables the check reads. 0.4 s at a million users,
-/// where the check's joins take 1.5 s (see [`recorded_state`]). Begins with the users count.
+/// where the check's joins take 1.5 s (see [`settled_row`]). Begins with the users count.
 const DIGEST: &str = "(SELECT count(*)::text || ' ' || coalesce(sum(uuid_hash_extended(id, 0)), 0) FROM users)
     || ' ' || (SELECT count(*)::text || ' ' || coalesce(sum(hash_record_extended((id, kind, owner_user_id), 0)), 0) FROM tenants)
     || ' ' || (SELECT count(*)::text || ' ' || coalesce(sum(hash_record_extended((id, tenant_id, is_default), 0)), 0) FROM projects)
@@ -270,18 +270,12 @@ async fn settled_before(
     record: bool,
     report: &mut UnitReport,
 ) -> Result<Option<i64>> {
-    let Some(recorded) = recorded_state(tx, UNIT).await? else {
+    let sql = format!("SELECT {DIGEST}");
+    let context = "reading the digest of the tenants tables";
+    let Some(row) = settled_row(tx, UNIT, "", (&sql, &[]), context).await? else {
         return Ok(None);
     };
-    let digest: String = tx
-        .query_typed_one(&format!("SELECT {DIGEST}"), &[])
-        .await
-        .map_err(db_error("reading the digest of the tenants tables"))?
-        .get(0);
-    if digest != recorded {
-        return Ok(None);
-    }
-    super::log_settled(UNIT);
+    let digest: String = row.get(0);
     let users = digest
         .split(' ')
         .next()
