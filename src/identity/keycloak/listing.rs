@@ -85,15 +85,12 @@ impl KeycloakSource {
         // The client's request count is the process's (earlier runs, the event follower): this
         // listing's own is the difference.
         let requests_before = self.client.request_count();
-        // The count is taken as the listing starts: users deleted before the listing ends show
-        // up as a shortfall (the next run retries), users created only as extra. It includes
-        // service accounts, as `unsent` does.
-        let expected: u64 = self.client.get("users/count", &[], cancel).await?;
-        progress.listing_started(Some(expected));
         let page = u64::from(self.client.settings.page_size);
         let brief = [("briefRepresentation", "true".to_string())];
-        // The listing is cut into windows of `page_size`, fetched `concurrency` at a time and
-        // taken in order. No new window is started once one has found nothing at its start.
+        // The listing is cut into windows of `page_size`, `concurrency` in flight, each sent on
+        // as it arrives, whatever its place: a slow window does not hold back the start of the
+        // next ones (the COPY and the checks after it take the users in any order). No new
+        // window is started once one has found nothing at its start.
         let ended = AtomicBool::new(false);
         let ended = &ended;
         let brief = &brief;
@@ -108,7 +105,17 @@ impl KeycloakSource {
                 }
                 w
             })
-            .buffered(self.client.settings.concurrency);
+            .buffer_unordered(self.client.settings.concurrency.max(1));
+        // The count is taken as the listing starts, beside its first windows: users deleted
+        // before the listing ends show up as a shortfall (the next run retries), users created
+        // only as extra. It includes service accounts, as `unsent` does.
+        let (expected, mut head) = futures_util::future::join(
+            self.client.get::<u64>("users/count", &[], cancel),
+            windows.next(),
+        )
+        .await;
+        let expected = expected?;
+        progress.listing_started(Some(expected));
         let mut stats = SourceStats {
             counted: Some(expected),
             ..SourceStats::default()
@@ -117,8 +124,14 @@ impl KeycloakSource {
         // Service accounts listed (a few, one per client): counted once each, never sent.
         let mut service_accounts: HashSet<String> = HashSet::new();
         let (mut filled, mut short, mut received) = (0u64, 0u64, 0u64);
-        while let Some(w) = windows.next().await {
-            let w = w?;
+        loop {
+            let w = match head.take() {
+                Some(w) => w,
+                None => match windows.next().await {
+                    Some(w) => w,
+                    None => break,
+                },
+            }?;
             short += w.short;
             if w.items.is_empty() {
                 continue;

@@ -162,12 +162,21 @@ impl IdentityProvider for KeycloakSource {
             // its endpoints or rotated its keys between runs is followed without a restart.
             self.client.reconnect().await;
             // Discovery, token, and one cheap call that needs view-users: a wrong secret, a missing
-            // role or an unknown realm fails here, before anything is written.
-            let _: serde_json::Value = self.client.get("users/count", &[], &cancel).await?;
-            if !self.client.version_asked.load(Ordering::Relaxed) {
-                self.client.read_server_version(&cancel).await;
-            }
-            Ok(())
+            // role or an unknown realm fails here, before anything is written. The token first
+            // (a Keycloak that gives none fails the preflight once), then the version beside
+            // the count, never failing the preflight.
+            self.client.token(&cancel).await?;
+            let (counted, ()) = futures_util::future::join(
+                self.client
+                    .get::<serde_json::Value>("users/count", &[], &cancel),
+                async {
+                    if !self.client.version_asked.load(Ordering::Relaxed) {
+                        self.client.read_server_version(&cancel).await;
+                    }
+                },
+            )
+            .await;
+            counted.map(|_| ())
         })
     }
 
