@@ -107,7 +107,12 @@ pub(crate) async fn reconcile(
         .get(0);
     report.bump(Tally::Unchanged, (active - granted).max(0));
     if record {
-        analyze_if_written(tx, "platform_role_bindings", granted + revoked).await?;
+        analyze_if_written(
+            tx,
+            "platform_role_bindings (user_id, role_name, status, basis)",
+            granted + revoked,
+        )
+        .await?;
     }
     if whole && record {
         // Settled when, in one snapshot with the digest, nothing is left to grant or revoke.

@@ -244,7 +244,7 @@ pub(crate) async fn reconcile(
     }
     report.bump(Action::Inserted, total);
     if record {
-        analyze_if_written(tx, TABLES, total).await?;
+        analyze_if_written(tx, ANALYZED, total).await?;
     }
     if whole && record {
         // Settled when the same check, after the writes, finds nothing lacking (planned from
@@ -260,8 +260,10 @@ pub(crate) async fn reconcile(
     Ok(report)
 }
 
-/// The tables the unit writes.
-const TABLES: &str = "tenants, projects, tenant_memberships, project_memberships";
+/// The tables the unit writes, with the columns its statements join and filter on.
+const ANALYZED: &str = "tenants (id, kind, owner_user_id), projects (id, tenant_id, is_default),
+     tenant_memberships (tenant_id, user_id, role, status),
+     project_memberships (project_id, user_id, role, status)";
 
 /// The users covered, when the tables are those the latest settled run recorded (nothing can be
 /// lacking); the state is then recorded again (`record`).

@@ -301,3 +301,67 @@ async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_a
     let (units, _) = once_all(&env);
     assert_eq!(units, all);
 }
+
+/// A first run that writes 12,000 users (past the 10,000 rows after which a unit analyzes what
+/// it wrote) takes the row counts and the statistics of the columns its checks join and filter
+/// on, inside its own transaction, and leaves the other columns, and the tables' counts of
+/// changed rows, to autovacuum: the platform's queries get every column analyzed after it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_first_run_analyzes_the_columns_it_joins_and_leaves_the_rest_to_autovacuum() {
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let realm = dir.0.join("realm.json");
+    crate::memory::write_realm(&realm, 12_000);
+    let mut env = db.env();
+    env.push((
+        "SEEDKEEPER_IDENTITY__REALM_FILE".into(),
+        realm.display().to_string(),
+    ));
+    let out = run_bin(&["--once"], &env);
+    assert!(out.status.success(), "{}", text(&out));
+    for table in [
+        "users",
+        "tenants",
+        "projects",
+        "tenant_memberships",
+        "project_memberships",
+    ] {
+        let counted = db
+            .scalar(&format!(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = 'public.{table}'::regclass"
+            ))
+            .await;
+        assert_eq!(
+            counted, 12_000,
+            "{table}: the row count the run's ANALYZE took"
+        );
+    }
+    let analyzed = |table: &str| {
+        format!(
+            "SELECT string_agg(attname, ' ' ORDER BY attname) FROM pg_stats WHERE schemaname = 'public' AND tablename = '{table}'"
+        )
+    };
+    assert_eq!(
+        db.strings(&analyzed("users")).await.join(""),
+        "id is_active keycloak_sub offboarded_at role username"
+    );
+    assert_eq!(
+        db.strings(&analyzed("tenants")).await.join(""),
+        "id kind owner_user_id"
+    );
+    // The counts of changed rows reach the statistics collector when the run's backend ends.
+    let mut pending = 0;
+    for _ in 0..50 {
+        pending = db
+            .scalar("SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'users'")
+            .await;
+        if pending >= 12_000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        pending >= 12_000,
+        "users: {pending} rows changed since the last ANALYZE, autovacuum would not analyze every column"
+    );
+}
