@@ -171,6 +171,31 @@ async fn capped_pages_lose_no_user_and_no_admin_through_roles_groups_and_subgrou
     }
 }
 
+/// A slow page does not hold back the pages after it: with the listing's first page held for
+/// 1.5 s, the other windows are all fetched meanwhile, `keycloak.concurrency` at a time, where
+/// windows taken in order would start none past the first four until it came.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_page_does_not_hold_back_the_pages_after_it() {
+    let kc = KeycloakEmulator::start(listing_realm()).await;
+    let want = reference(&kc).await;
+    kc.clear_journal();
+    kc.slow_users_page(0, std::time::Duration::from_millis(1500));
+    let (db, listed) = synced(&env_for(&kc, 10, 4), "first page slow").await;
+    kc.clear_paging_faults();
+    assert_eq!(listed, HUMANS as i64);
+    assert_eq!(identity_state(&db).await, want, "same database");
+    let pages = users_requests(&kc);
+    let before = pages
+        .iter()
+        .position(|q| q.split('&').any(|p| p == "first=0"))
+        .expect("the first page was asked");
+    // 31 windows of 10 and the empty one that ends the listing: all but the held one.
+    assert!(
+        before >= 30,
+        "only {before} pages answered while the first was held: {pages:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn short_pages_in_the_middle_of_a_listing_are_not_its_end() {
     let kc = KeycloakEmulator::start(listing_realm()).await;

@@ -607,6 +607,8 @@ struct Faults {
     hide_every: usize,
     /// Paged listings answer from the start whatever `first` asks (a broken proxy).
     ignore_first: Option<IgnoreFirst>,
+    /// The `/users` page at this `first` is held this long before it is answered.
+    slow_users_page: Option<(u64, Duration)>,
 }
 
 /// Where the `ignore_first` fault applies.
@@ -944,6 +946,12 @@ impl KeycloakEmulator {
         f.short_every = 0;
         f.paged = 0;
         f.hide_every = 0;
+        f.slow_users_page = None;
+    }
+
+    /// Holds the answer to the user listing's page at `first` for `hold` (a slow page).
+    pub fn slow_users_page(&self, first: u64, hold: Duration) {
+        self.shared.faults.lock().unwrap().slow_users_page = Some((first, hold));
     }
 
     /// Stores a user event (`{"id","time","type","userId",...}`), as Keycloak would on a login,
@@ -1063,6 +1071,15 @@ async fn handle(
     }
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
+    let slow = sh.faults.lock().unwrap().slow_users_page;
+    if let Some((first, hold)) = slow {
+        let asked = params(&query)
+            .get("first")
+            .and_then(|f| f.parse::<u64>().ok());
+        if path.ends_with("/users") && asked == Some(first) {
+            tokio::time::sleep(hold).await;
+        }
+    }
     let resp = route(&sh, &method, &path, &query, &headers, &body);
     sh.journal.lock().unwrap().push(JournalEntry {
         method: method.to_string(),
