@@ -338,7 +338,7 @@ async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
     env.push(("SEEDKEEPER_KEYCLOAK__PAGE_SIZE".into(), "5".into()));
     env.push(("SEEDKEEPER_KEYCLOAK__CONCURRENCY".into(), "8".into()));
     let engine = db.engine(&refs(&env));
-    // A first run counts the admin calls of a run.
+    // A first run, without latency: the listing takes many windows.
     assert_ok(&apply(&engine).await);
     let tokens = |kc: &KeycloakEmulator| {
         kc.journal()
@@ -346,39 +346,28 @@ async fn a_token_revoked_under_eight_windows_in_flight_is_renewed_once() {
             .filter(|j| j.path.ends_with("/token") && j.status == 200)
             .count()
     };
-    // Admin calls before the listing's first window (preflight, count): the same in every run
-    // of this realm. The role resolution runs beside the listing, so its calls are left out:
-    // how many of them come before the first window depends on timing.
-    let journal = kc.journal();
-    let admin = |j: &&crate::harness::keycloak::JournalEntry| {
-        j.path.contains("/admin/")
-            && ![
-                "/roles",
-                "/clients",
-                "/groups",
-                "/composites",
-                "/members",
-                "/children",
-            ]
-            .iter()
-            .any(|p| j.path.contains(p))
-    };
     let listing = |j: &&crate::harness::keycloak::JournalEntry| {
         j.path.ends_with("/users") && j.query.contains("first=")
     };
-    let before_listing = journal
-        .iter()
-        .take_while(|j| !listing(j))
-        .filter(admin)
-        .count();
-    let windows = journal.iter().filter(listing).count();
+    let windows = kc.journal().iter().filter(listing).count();
     assert!(windows > 16, "{windows} listing requests in a run");
-    // The second run: every token is revoked 8 requests into the listing, with 8 windows in
-    // flight.
+    // The second run: every token is revoked while 8 or more requests of the listing are in
+    // flight (each held 40 ms before it is answered): the first of them to be answered revokes
+    // the token, and the others, sent with it, are refused.
     kc.clear_journal();
     kc.set_latency(std::time::Duration::from_millis(40));
-    kc.invalidate_tokens_after(before_listing + 8);
-    let r = apply(&engine).await;
+    let revoke = async {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while kc.in_flight() < 8 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never 8 requests in flight"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        kc.invalidate_tokens_after(0);
+    };
+    let (r, ()) = tokio::join!(apply(&engine), revoke);
     assert_ok(&r);
     let refused = kc.journal().iter().filter(|j| j.status == 401).count();
     assert!(
