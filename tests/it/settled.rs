@@ -142,7 +142,7 @@ async fn an_applied_realm_file_is_not_staged_again_until_the_file_the_settings_o
     ];
     for sql in tampered {
         let bob = row(&db, "bob").await;
-        db.client().await.batch_execute(sql).await.expect(sql);
+        db.execute(sql).await;
         let (fast, line) = once(&env);
         assert!(!fast, "after `{sql}` the listing was not staged");
         assert!(
@@ -235,7 +235,7 @@ async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_a
         (format!("UPDATE project_memberships SET role = 'viewer' WHERE user_id = {alice_id}"), "tenants"),
     ];
     for (sql, unit) in &edits {
-        db.client().await.batch_execute(sql).await.expect(sql);
+        db.execute(sql).await;
         let (units, lines) = once_all(&env);
         assert!(
             !units.contains(&unit.to_string()),
@@ -258,22 +258,16 @@ async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_a
 
     // A users row edited by hand is restored by the identities unit first: the units after it
     // then find the rows they derive from as recorded.
-    db.client()
-        .await
-        .batch_execute("UPDATE users SET role = 'user' WHERE username = 'alice'")
-        .await
-        .unwrap();
+    db.execute("UPDATE users SET role = 'user' WHERE username = 'alice'")
+        .await;
     let (units, _) = once_all(&env);
     assert_eq!(units, ["role_bindings", "tenants"]);
     assert_eq!(db.strings(state).await, alice);
 
     // A users row no listing owns (made by hand, no sub) is kept by identities, and covered by
     // tenants: every unit reads it as a change.
-    db.client()
-        .await
-        .batch_execute("INSERT INTO users (username, role) VALUES ('walk-in', 'admin')")
-        .await
-        .unwrap();
+    db.execute("INSERT INTO users (username, role) VALUES ('walk-in', 'admin')")
+        .await;
     let (units, lines) = once_all(&env);
     assert!(units.is_empty(), "{units:?}");
     assert!(
@@ -284,15 +278,12 @@ async fn bindings_tenants_and_memberships_edited_by_hand_are_restored_by_a_run_a
     assert_eq!(units, all);
 
     // A state another build recorded (here: another state format) is never taken for settled.
-    db.client()
-        .await
-        .batch_execute(
-            "UPDATE seed_runs SET unit_states = (SELECT jsonb_object_agg(k, 'state-0' || substr(v, 8))
+    db.execute(
+        "UPDATE seed_runs SET unit_states = (SELECT jsonb_object_agg(k, 'state-0' || substr(v, 8))
                                                  FROM jsonb_each_text(unit_states) AS e(k, v))
              WHERE unit_states <> '{}'",
-        )
-        .await
-        .unwrap();
+    )
+    .await;
     let (units, _) = once_all(&env);
     assert!(
         units.is_empty(),

@@ -428,6 +428,15 @@ where
 
 impl TestDb {
     /// The single bigint `sql` returns (a count, say), on a fresh connection.
+    /// Runs `sql` (one or more statements) on a connection of its own; panics naming it.
+    pub async fn execute(&self, sql: &str) {
+        self.client()
+            .await
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.client()
             .await
