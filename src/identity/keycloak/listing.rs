@@ -109,14 +109,13 @@ impl KeycloakSource {
         // The count is taken as the listing starts, beside its first windows: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
         // only as extra. It includes service accounts, as `unsent` does.
-        let (expected, head) = futures_util::future::join(
+        let (expected, mut head) = futures_util::future::join(
             self.client.get::<u64>("users/count", &[], cancel),
             windows.next(),
         )
         .await;
         let expected = expected?;
         progress.listing_started(Some(expected));
-        let mut windows = stream::iter(head).chain(windows);
         let mut stats = SourceStats {
             counted: Some(expected),
             ..SourceStats::default()
@@ -125,8 +124,14 @@ impl KeycloakSource {
         // Service accounts listed (a few, one per client): counted once each, never sent.
         let mut service_accounts: HashSet<String> = HashSet::new();
         let (mut filled, mut short, mut received) = (0u64, 0u64, 0u64);
-        while let Some(w) = windows.next().await {
-            let w = w?;
+        loop {
+            let w = match head.take() {
+                Some(w) => w,
+                None => match windows.next().await {
+                    Some(w) => w,
+                    None => break,
+                },
+            }?;
             short += w.short;
             if w.items.is_empty() {
                 continue;
