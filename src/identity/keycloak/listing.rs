@@ -106,15 +106,12 @@ impl KeycloakSource {
                 w
             })
             .buffer_unordered(self.client.settings.concurrency.max(1));
-        // The count is taken as the listing starts, beside its first windows: users deleted
+        // The count is taken as the listing starts, before its first window: users deleted
         // before the listing ends show up as a shortfall (the next run retries), users created
-        // only as extra. It includes service accounts, as `unsent` does.
-        let (expected, mut head) = futures_util::future::join(
-            self.client.get::<u64>("users/count", &[], cancel),
-            windows.next(),
-        )
-        .await;
-        let expected = expected?;
+        // only as extra. It includes service accounts, as `unsent` does. Not beside the first
+        // windows: a window left unpolled while it holds the token renewal's lock would keep the
+        // count waiting for it forever.
+        let expected: u64 = self.client.get("users/count", &[], cancel).await?;
         progress.listing_started(Some(expected));
         let mut stats = SourceStats {
             counted: Some(expected),
@@ -124,14 +121,8 @@ impl KeycloakSource {
         // Service accounts listed (a few, one per client): counted once each, never sent.
         let mut service_accounts: HashSet<String> = HashSet::new();
         let (mut filled, mut short, mut received) = (0u64, 0u64, 0u64);
-        loop {
-            let w = match head.take() {
-                Some(w) => w,
-                None => match windows.next().await {
-                    Some(w) => w,
-                    None => break,
-                },
-            }?;
+        while let Some(w) = windows.next().await {
+            let w = w?;
             short += w.short;
             if w.items.is_empty() {
                 continue;
