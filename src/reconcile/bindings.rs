@@ -24,18 +24,21 @@ const UNIT: Unit = Unit::RoleBindings;
 pub(crate) const GRANTOR: &str = "seedkeeper";
 
 /// The bindings the users rows in `scope` should have. `$1` realm roles and `$2` platform roles
-/// of the role map (parallel arrays), `$3` the scope's ids. The overlap test (`&&`) is the same
-/// condition as the join's, checked once per row while scanning: only rows holding a mapped role
-/// are joined with the map (a million rows joined one by one cost about half a second).
+/// of the role map (parallel arrays), `$3` the scope's ids; with the owner's username. One scan
+/// of the users (0.15 s at a million rows, where the two of a union took twice that): the filter
+/// is checked once per row while scanning, and only the rows it keeps (an admin, or a holder of
+/// a mapped role: the overlap test `&&`) are joined with their bindings' bases.
 fn desired(scope: &Scope) -> String {
     let only = scope.and("u.id", 3);
     format!(
-        "SELECT u.id AS user_id, 'platform_superadmin'::text AS role_name, 'users.role=admin'::text AS basis
-            FROM users u WHERE u.role = 'admin' AND u.is_active{only}
-        UNION ALL
-        SELECT u.id, m.platform_role, 'realm-role:' || m.realm_role
-            FROM users u JOIN unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
-                ON m.realm_role = ANY (u.realm_roles) AND u.is_active AND u.realm_roles && $1::text[]{only}"
+        "SELECT u.id AS user_id, d.role_name, d.basis, u.username
+            FROM users u CROSS JOIN LATERAL (
+                SELECT 'platform_superadmin'::text AS role_name, 'users.role=admin'::text AS basis WHERE u.role = 'admin'
+                UNION ALL
+                SELECT m.platform_role, 'realm-role:' || m.realm_role
+                    FROM unnest($1::text[], $2::text[]) AS m(realm_role, platform_role)
+                    WHERE m.realm_role = ANY (u.realm_roles)) d
+            WHERE u.is_active AND (u.role = 'admin' OR u.realm_roles && $1::text[]){only}"
     )
 }
 
@@ -147,15 +150,19 @@ async fn change(
 }
 
 /// The desired bindings no active binding covers, granted, as rows of
-/// `(count, username, role, basis)`, up to `listed`.
+/// `(count, username, role, basis)`, up to `listed`. The usernames come with the bindings to
+/// grant (their scan of the users has them), not from a join of the users again with the rows
+/// inserted: at a million users that join hashed the whole table for 0.3 s.
 fn grant_sql(scope: &Scope, listed: i64) -> String {
     let to_grant = to_grant(scope);
     format!(
-        "WITH g AS (INSERT INTO platform_role_bindings (user_id, role_name, status, granted_by, basis)
-                    SELECT user_id, role_name, 'active', '{GRANTOR}', basis FROM ({to_grant}) x
+        "WITH x AS MATERIALIZED ({to_grant}),
+              g AS (INSERT INTO platform_role_bindings (user_id, role_name, status, granted_by, basis)
+                    SELECT user_id, role_name, 'active', '{GRANTOR}', basis FROM x
                     ON CONFLICT DO NOTHING RETURNING user_id, role_name, basis)
-         SELECT count(*) OVER (), u.username, g.role_name, g.basis FROM g JOIN users u ON u.id = g.user_id
-         ORDER BY u.username, g.role_name LIMIT {listed}"
+         SELECT count(*) OVER (), x.username, g.role_name, g.basis
+         FROM g JOIN x ON x.user_id = g.user_id AND x.role_name = g.role_name
+         ORDER BY x.username, g.role_name LIMIT {listed}"
     )
 }
 
@@ -163,7 +170,7 @@ fn grant_sql(scope: &Scope, listed: i64) -> String {
 fn to_grant(scope: &Scope) -> String {
     let desired = desired(scope);
     format!(
-        "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis
+        "SELECT DISTINCT ON (d.user_id, d.role_name) d.user_id, d.role_name, d.basis, d.username
          FROM ({desired}) d
          WHERE NOT EXISTS (SELECT 1 FROM platform_role_bindings b
                            WHERE b.user_id = d.user_id AND b.role_name = d.role_name AND b.status = 'active')

@@ -829,6 +829,60 @@ pub(crate) async fn settled_row(
     Ok(Some(row))
 }
 
+/// A whole-table digest ([`settled_row`]'s: per table its row count and the sum of its rows'
+/// hashes, separated by spaces) with rows added: `added[i]` the rows added to the i-th table
+/// and what they added to its sum (hashes of rows written less those of rows they replaced).
+/// `None` when `digest` is not a list of as many tables.
+pub(crate) fn digest_with(digest: &str, added: &[(i64, i128)]) -> Option<String> {
+    let parts: Vec<&str> = digest.split(' ').collect();
+    if parts.len() != 2 * added.len() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for (table, (rows, sum)) in parts.chunks(2).zip(added) {
+        let count: i64 = table[0].parse().ok()?;
+        out.push((count + rows).to_string());
+        out.push((hash_sum(table[1])? + sum).to_string());
+    }
+    Some(out.join(" "))
+}
+
+/// The digest of `digest_sql` (one row, the digest first) when it is `expected`: the digest
+/// the unit's check read before its writes, with what the writes added ([`digest_with`]). The
+/// writes return the hashes of the rows they write (and an update, of the rows it replaces), so
+/// a digest that came out as expected proves that no other session changed the tables between
+/// the check and now: they are the rows the check read plus those written. A unit calls it
+/// when its writes, so applied to those rows, leave nothing to change, and records the digest
+/// as settled without checking every row again; says so at debug. `None` otherwise, and the
+/// unit checks again.
+pub(crate) async fn settled_as_written(
+    tx: &tokio_postgres::Transaction<'_>,
+    unit: Unit,
+    digest_sql: &str,
+    expected: &str,
+    context: &'static str,
+) -> Result<Option<String>> {
+    let now: String = tx
+        .query_typed_one(digest_sql, &[])
+        .await
+        .map_err(store::db_error(context))?
+        .get(0);
+    if now != expected {
+        return Ok(None);
+    }
+    tracing::debug!(
+        unit = unit.as_str(),
+        "unit_settled_as_written: the rows compared plus those written, unchanged by anyone else"
+    );
+    Ok(Some(now))
+}
+
+/// A sum of 64-bit row hashes as PostgreSQL gives it (a `numeric` as text; a million rows' sum
+/// needs about 84 bits). `None` if it is not an integer.
+pub(crate) fn hash_sum(text: &str) -> Option<i128> {
+    text.parse().ok()
+}
+
 /// Rows an applied unit writes before it analyzes the tables it wrote.
 const ANALYZE_AFTER_WRITES: i64 = 10_000;
 
@@ -867,4 +921,24 @@ async fn no_jit(tx: &tokio_postgres::Transaction<'_>) -> Result<()> {
     tx.batch_execute("SET LOCAL jit = off")
         .await
         .map_err(store::db_error("turning JIT off for the unit"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::digest_with;
+
+    #[test]
+    fn a_digest_with_rows_added_adds_each_tables_rows_and_hashes() {
+        // Sums past 64 bits, and negative ones, as PostgreSQL's numeric prints them.
+        let before = "2 -12 1000000 36893488147419103232";
+        assert_eq!(
+            digest_with(before, &[(3, 20), (5, -36893488147419103232)]).as_deref(),
+            Some("5 8 1000005 0")
+        );
+        assert_eq!(digest_with("0 0", &[(0, 0)]).as_deref(), Some("0 0"));
+        // Not a digest of as many tables: no expectation at all.
+        assert_eq!(digest_with(before, &[(1, 1)]), None);
+        assert_eq!(digest_with("2 x", &[(1, 1)]), None);
+        assert_eq!(digest_with("{admin} 2 3", &[(1, 1)]), None);
+    }
 }

@@ -16,7 +16,9 @@ const ALICE: &str = "c5000000-0000-4000-8000-000000000001";
 const BOB: &str = "c5000000-0000-4000-8000-000000000002";
 
 /// What the run's log says (at debug) of a unit that found its recorded state.
-const SETTLED: &str = "unit_settled";
+const SETTLED: &str = "unit_settled:";
+/// ... and of a unit whose writes, accounted for by their hashes, proved it settled.
+const AS_WRITTEN: &str = "unit_settled_as_written:";
 
 fn realm(bob_first_name: &str) -> Value {
     let mut bob = user(BOB, "bob", &[], &[]);
@@ -26,9 +28,14 @@ fn realm(bob_first_name: &str) -> Value {
 
 /// The units of a run that found their recorded state, in run order.
 fn settled_units(stderr: &str) -> Vec<String> {
+    units_saying(stderr, SETTLED)
+}
+
+/// The units of a run whose debug lines say `what`, in run order.
+fn units_saying(stderr: &str, what: &str) -> Vec<String> {
     stderr
         .lines()
-        .filter(|l| l.contains(SETTLED))
+        .filter(|l| l.contains(what))
         .filter_map(|l| {
             l.split("unit=\"")
                 .nth(1)?
@@ -355,4 +362,74 @@ async fn a_bulk_first_run_analyzes_the_columns_it_joins_and_leaves_the_rest_to_a
         pending >= 12_000,
         "users: {pending} rows changed since the last ANALYZE, autovacuum would not analyze every column"
     );
+}
+
+/// A run that wrote proves itself settled with one digest of the tables it wrote, when that
+/// digest is the one its check read plus the hashes of the rows it wrote: then nobody else
+/// changed a row meanwhile. A row changed by anyone else while the unit writes (here a trigger
+/// of the unit's own insert, the closest a test gets to another session between two
+/// statements) makes the digest differ: the unit checks every row again, finds the change, and
+/// records no state, so the next run compares row by row and undoes it. Were the counts of
+/// rows written trusted instead, the tampered rows would be recorded as settled and never
+/// looked at again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_changed_by_anyone_else_while_a_unit_writes_is_seen_and_undone_by_the_next_run() {
+    let all = ["identities", "role_bindings", "tenants"];
+    // Untouched: the cold run's identities and tenants prove themselves settled as written.
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let env = run_env(&db, &dir, &realm("Bob"));
+    let out = run_bin(&["--once"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(units_saying(&stderr, AS_WRITTEN), ["identities", "tenants"]);
+    assert_eq!(once_all(&env).0, all);
+
+    let db = TestDb::new().await;
+    let dir = TempDir::new();
+    let env = run_env(&db, &dir, &realm("Bob"));
+    let migrate = run_bin(&["migrate"], &db.env());
+    assert!(migrate.status.success(), "{}", text(&migrate));
+    db.execute(
+        "CREATE FUNCTION sk_test_tamper_users() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN UPDATE users SET email = 'tampered@example.test' WHERE username = 'bob'; RETURN NULL; END $$;
+         CREATE TRIGGER sk_test_tamper AFTER INSERT ON users
+             FOR EACH STATEMENT EXECUTE FUNCTION sk_test_tamper_users();
+         CREATE FUNCTION sk_test_tamper_tenants() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN UPDATE tenant_memberships SET status = 'suspended'
+               WHERE user_id = (SELECT id FROM users WHERE username = 'alice'); RETURN NULL; END $$;
+         CREATE TRIGGER sk_test_tamper AFTER INSERT ON project_memberships
+             FOR EACH STATEMENT EXECUTE FUNCTION sk_test_tamper_tenants();",
+    )
+    .await;
+    let out = run_bin(&["--once"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        units_saying(&stderr, AS_WRITTEN).is_empty(),
+        "a unit took rows changed by another writer for its own: {stderr}"
+    );
+    let recorded =
+        "SELECT count(*) FROM seed_runs WHERE unit_states ?| array['identities', 'tenants']";
+    assert_eq!(db.scalar(recorded).await, 0);
+    let tampered = "SELECT (SELECT email FROM users WHERE username = 'bob') || ' ' ||
+                           (SELECT string_agg(status, ',') FROM tenant_memberships
+                            WHERE user_id = (SELECT id FROM users WHERE username = 'alice'))";
+    assert_eq!(
+        db.strings(tampered).await,
+        ["tampered@example.test suspended"]
+    );
+
+    db.execute(
+        "DROP TRIGGER sk_test_tamper ON users; DROP TRIGGER sk_test_tamper ON project_memberships",
+    )
+    .await;
+    let (units, lines) = once_all(&env);
+    assert_eq!(units, ["role_bindings"], "{lines:?}");
+    assert!(
+        lines[0].contains("updated=1") && lines[2].contains("updated=1"),
+        "{lines:?}"
+    );
+    assert_eq!(db.strings(tampered).await, ["bob@example.test active"]);
+    assert_eq!(once_all(&env).0, all);
 }
