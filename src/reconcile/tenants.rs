@@ -45,14 +45,14 @@ const BY_TENANT: &str =
 /// A time-ordered uuid (version 7, RFC 9562: 48 bits of the statement's Unix time in ms, then
 /// `rank`, a positive number unique among the statement's rows that grows with its write order,
 /// such as the row's place in it, as a counter, then 30 random bits) for the rows seedkeeper
-/// creates. Why not `gen_random_uuid()`: random keys land on random
-/// pages of every index that holds them, and at a million rows those indexes outgrow
-/// `shared_buffers`, so each insert reads and dirties a page of its own (and logs it whole after a
-/// checkpoint). Ids that grow with the write order append to the right edge of the primary key,
-/// and the child tables written in their parent's key order append to theirs, as a `COPY` of
-/// sorted rows would. PostgreSQL 15 has no `uuidv7()`; the layout is the same. The time is a
-/// scalar subquery, computed once per statement: `extract` gives a `numeric`, and computing it
-/// for every row cost 0.35 s of a million rows' 0.95 s.
+/// creates. Why not `gen_random_uuid()`: random keys land on random pages of every index that
+/// holds them, and at a million rows those indexes outgrow `shared_buffers`, so each insert
+/// reads and dirties a page of its own (and logs it whole after a checkpoint). Ids that grow
+/// with the write order append to the right edge of the primary key, and the child tables
+/// written in their parent's key order append to theirs, as a `COPY` of sorted rows would.
+/// PostgreSQL 15 has no `uuidv7()`; the layout is the same. The time is a scalar subquery,
+/// computed once per statement: `extract` gives a `numeric`, and computing it for every row
+/// cost 0.35 s of a million rows' 0.95 s.
 pub(crate) fn ordered_id(rank: &str) -> String {
     format!(
         "encode((SELECT substring(int8send((extract(epoch FROM statement_timestamp()) * 1000)::int8) FROM 3 FOR 6))
