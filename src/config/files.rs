@@ -45,7 +45,7 @@ fn kind(ft: &std::fs::FileType) -> &'static str {
 /// regular file (a FIFO, a device, a directory, a socket), or larger than `limit` bytes. The
 /// reason starts with "is" or "does", to follow the file's name. Symbolic links are followed
 /// (systemd credentials and Kubernetes secrets are links).
-pub(super) fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::Metadata, String> {
+pub(crate) fn check_regular(path: &Path, limit: Option<u64>) -> Result<std::fs::Metadata, String> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => "does not exist".to_string(),
         std::io::ErrorKind::PermissionDenied => "is not readable (permission denied)".to_string(),

@@ -21,7 +21,7 @@
 //! and `crate::store` connects with what this module made of it: config never needs the store.
 
 pub(crate) mod database_url;
-mod files;
+pub(crate) mod files;
 mod secrets;
 mod sources;
 mod validate;

@@ -141,11 +141,25 @@ fn fifos_devices_directories_and_oversized_files_as_config_or_secret_exit_78_wit
         .status()
         .unwrap()
         .success());
+    // A `kc.sh export --dir` folder whose users file is a FIFO: opening it would block.
+    std::fs::create_dir(dir.0.join("export")).unwrap();
+    dir.write(
+        "export/bench-realm.json",
+        r#"{"realm": "bench", "users": []}"#,
+    );
+    let export = dir.0.join("export").display().to_string();
+    let users_fifo = mkfifo(&dir, "export/bench-users-0.json");
     let db = (
         "SEEDKEEPER_DATABASE__URL",
         "postgres://u@127.0.0.1:1/platform",
     );
     let cases: Vec<Case> = vec![
+        (
+            "realm export folder holding a FIFO",
+            vec!["--once"],
+            vec![db, ("SEEDKEEPER_IDENTITY__REALM_FILE", &export)],
+            vec![format!("invalid realm file {users_fifo}: is a FIFO (named pipe), not a regular file")],
+        ),
         (
             "--config FIFO",
             vec!["--config", &fifo, "--once"],
