@@ -14,10 +14,16 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return ExitCode::from(code),
     };
+    if let Err(e) = descriptors_to_start() {
+        return refuse_start(&e, "starting the async runtime and its signal handlers");
+    }
     // The runtime first: SIGHUP's default action (terminate) is replaced before anything else
     // happens, config loading included.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
+        Err(e) if crate::error::is_too_many_open_files(&e) => {
+            return refuse_start(&e, "starting the async runtime");
+        }
         Err(e) => {
             crate::telemetry::print_error(
                 &format!("cannot start the async runtime: {e}"),
@@ -48,6 +54,39 @@ pub fn main() -> ExitCode {
     });
     // The scheduler keeps helper tasks alive; do not let them hold the exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    ExitCode::from(code)
+}
+
+/// The descriptors the async runtime and its signal handlers open before anything can report
+/// an error (the I/O driver's poller and waker, the signal pipe), plus one: under `ulimit -n` 6
+/// or 7 the signal handlers' setup panicked inside tokio instead.
+const STARTUP_DESCRIPTORS: usize = 5;
+
+/// Whether [`STARTUP_DESCRIPTORS`] descriptors can be opened (then closed at once).
+fn descriptors_to_start() -> std::io::Result<()> {
+    let mut held = Vec::with_capacity(STARTUP_DESCRIPTORS);
+    for _ in 0..STARTUP_DESCRIPTORS {
+        held.push(std::fs::File::open("/dev/null")?);
+    }
+    Ok(())
+}
+
+/// Exits 71 when the process is out of descriptors before it could start (`doing`), with the
+/// message every run out of descriptors gives (the limit to raise); another I/O error exits 1.
+fn refuse_start(e: &std::io::Error, doing: &str) -> ExitCode {
+    let (message, kind, code) = if crate::error::is_too_many_open_files(e) {
+        let e = crate::error::Error::TooManyOpenFiles {
+            doing: doing.to_string(),
+        };
+        (e.to_string(), "too_many_open_files", exit::OS_ERROR)
+    } else {
+        (
+            format!("cannot start: {doing}: {e}"),
+            "io",
+            exit::RECONCILE_FAILED,
+        )
+    };
+    crate::telemetry::print_error(&message, kind, code);
     ExitCode::from(code)
 }
 

@@ -673,7 +673,15 @@ fn scan(
             scan_from(part, bytes, only, on_user)
         }
         Source::File(p) => {
-            let f = File::open(p).map_err(|e| realm_err(&p.display().to_string(), format!("cannot open: {e}; fix identity.realm_file (SEEDKEEPER_IDENTITY__REALM_FILE)")))?;
+            let f = File::open(p).map_err(|e| {
+                // Out of descriptors is the process's limit, not the file's fault.
+                if crate::error::is_too_many_open_files(&e) {
+                    return Error::TooManyOpenFiles {
+                        doing: format!("opening the realm file {}", p.display()),
+                    };
+                }
+                realm_err(&p.display().to_string(), format!("cannot open: {e}; fix identity.realm_file (SEEDKEEPER_IDENTITY__REALM_FILE)"))
+            })?;
             let inner = Digesting { inner: f, digest };
             scan_from(part, BufReader::with_capacity(256 * 1024, inner), only, on_user)
         }
