@@ -14,15 +14,16 @@ pub fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return ExitCode::from(code),
     };
-    if let Err(e) = descriptors_to_start() {
-        return refuse_start(&e, "starting the async runtime and its signal handlers");
+    // Any other error (no /dev/null in a bare chroot) says nothing of the limit: start anyway.
+    if descriptors_to_start().is_err_and(|e| crate::error::is_too_many_open_files(&e)) {
+        return out_of_descriptors("starting the async runtime and its signal handlers");
     }
     // The runtime first: SIGHUP's default action (terminate) is replaced before anything else
     // happens, config loading included.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) if crate::error::is_too_many_open_files(&e) => {
-            return refuse_start(&e, "starting the async runtime");
+            return out_of_descriptors("starting the async runtime");
         }
         Err(e) => {
             crate::telemetry::print_error(
@@ -72,22 +73,13 @@ fn descriptors_to_start() -> std::io::Result<()> {
 }
 
 /// Exits 71 when the process is out of descriptors before it could start (`doing`), with the
-/// message every run out of descriptors gives (the limit to raise); another I/O error exits 1.
-fn refuse_start(e: &std::io::Error, doing: &str) -> ExitCode {
-    let (message, kind, code) = if crate::error::is_too_many_open_files(e) {
-        let e = crate::error::Error::TooManyOpenFiles {
-            doing: doing.to_string(),
-        };
-        (e.to_string(), "too_many_open_files", exit::OS_ERROR)
-    } else {
-        (
-            format!("cannot start: {doing}: {e}"),
-            "io",
-            exit::RECONCILE_FAILED,
-        )
+/// message every run out of descriptors gives (the limit to raise).
+fn out_of_descriptors(doing: &str) -> ExitCode {
+    let e = crate::error::Error::TooManyOpenFiles {
+        doing: doing.to_string(),
     };
-    crate::telemetry::print_error(&message, kind, code);
-    ExitCode::from(code)
+    crate::telemetry::print_error(&e.to_string(), "too_many_open_files", exit::OS_ERROR);
+    ExitCode::from(exit::OS_ERROR)
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once.
