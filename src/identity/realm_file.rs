@@ -113,7 +113,8 @@ impl RealmInput {
         for entry in entries.flatten() {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().to_string();
-            let exported = users_file_name(&name).is_some() || name.ends_with("-realm.json");
+            let users_file = users_file_name(&name);
+            let exported = users_file.is_some() || name.ends_with("-realm.json");
             // A FIFO among them would block the read that opens it, a device never end.
             if let Some(why) = exported
                 .then(|| crate::config::files::check_regular(&path, None).err())
@@ -121,7 +122,7 @@ impl RealmInput {
             {
                 return Err(realm_err(&path.display().to_string(), format!("{why}: a `kc.sh export --dir` folder holds regular files; replace it with the exported file, or remove it from {}", p.display())));
             }
-            if let Some((realm, n)) = users_file_name(&name) {
+            if let Some((realm, n)) = users_file {
                 users.push((realm.to_string(), n, path));
             } else if let Some(realm) = name.strip_suffix("-realm.json") {
                 if !realm.is_empty() {

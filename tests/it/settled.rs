@@ -63,15 +63,21 @@ fn once(env: &[(String, String)]) -> (bool, String) {
     (units.iter().any(|u| u == "identities"), lines[0].clone())
 }
 
+/// One `--once` of `env`, which must succeed: its stdout and stderr.
+fn run_once(env: &[(String, String)]) -> (String, String) {
+    let out = run_bin(&["--once"], env);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
+    assert!(out.status.success(), "--once failed: {stdout}\n{stderr}");
+    (stdout, stderr)
+}
+
 /// One `--once` of `env`: the units that took their recorded state, and the summary lines of
 /// identities, role_bindings and tenants.
 fn once_all(env: &[(String, String)]) -> (Vec<String>, Vec<String>) {
-    let out = run_bin(&["--once"], env);
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "--once failed: {stdout}\n{stderr}");
+    let (stdout, stderr) = run_once(env);
     let line = |unit: &str| {
         stdout
             .lines()
@@ -379,9 +385,7 @@ async fn a_row_changed_by_anyone_else_while_a_unit_writes_is_seen_and_undone_by_
     let db = TestDb::new().await;
     let dir = TempDir::new();
     let env = run_env(&db, &dir, &realm("Bob"));
-    let out = run_bin(&["--once"], &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}", text(&out));
+    let (_, stderr) = run_once(&env);
     assert_eq!(units_saying(&stderr, AS_WRITTEN), ["identities", "tenants"]);
     assert_eq!(once_all(&env).0, all);
 
@@ -402,9 +406,7 @@ async fn a_row_changed_by_anyone_else_while_a_unit_writes_is_seen_and_undone_by_
              FOR EACH STATEMENT EXECUTE FUNCTION sk_test_tamper_tenants();",
     )
     .await;
-    let out = run_bin(&["--once"], &env);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{}", text(&out));
+    let (_, stderr) = run_once(&env);
     assert!(
         units_saying(&stderr, AS_WRITTEN).is_empty(),
         "a unit took rows changed by another writer for its own: {stderr}"

@@ -427,7 +427,6 @@ where
 }
 
 impl TestDb {
-    /// The single bigint `sql` returns (a count, say), on a fresh connection.
     /// Runs `sql` (one or more statements) on a connection of its own; panics naming it.
     pub async fn execute(&self, sql: &str) {
         self.client()
@@ -437,6 +436,7 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// The single bigint `sql` returns (a count, say), on a fresh connection.
     pub async fn scalar(&self, sql: &str) -> i64 {
         self.client()
             .await
