@@ -11,6 +11,7 @@
 //! `database.*`.
 
 pub(crate) mod cancel;
+pub(crate) mod foreign_keys;
 pub mod lock;
 pub mod migrate;
 pub(crate) mod runs;

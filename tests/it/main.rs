@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod bulk_keys;
 mod config_faults;
 mod conformance;
 mod conformance_events;
