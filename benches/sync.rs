@@ -143,10 +143,19 @@ fn floor_id(ids: Ids, ms: u64, i: usize) -> uuid::Uuid {
     }
 }
 
+/// The foreign keys of the four tenants tables: dropped before their COPY and added back (every
+/// row checked by one join each) after it, as seedkeeper's bulk writes do
+/// (`store::foreign_keys`), or checked row by row as each row is copied.
+#[derive(Clone, Copy, PartialEq)]
+enum Keys {
+    Checked,
+    SetAside,
+}
+
 /// The same rows seedkeeper writes, loaded with COPY into the same (migrated) schema, in one
 /// transaction: the seconds of the whole load, and of its tenants part alone (tenants, projects
 /// and both membership tables, the rows of seedkeeper's `tenants` unit).
-async fn copy_floor(url: &str, n: usize, ids: Ids) -> (f64, f64) {
+async fn copy_floor(url: &str, n: usize, ids: Ids, keys: Keys) -> (f64, f64) {
     let c = connect(url).await;
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -191,6 +200,29 @@ async fn copy_floor(url: &str, n: usize, ids: Ids) -> (f64, f64) {
     let mut tenants_part = 0.0;
     let tx_start = c.batch_execute("BEGIN").await;
     tx_start.unwrap();
+    let mut add_back = String::new();
+    if keys == Keys::SetAside {
+        let part = Instant::now();
+        let rows = c
+            .query(
+                "SELECT format('ALTER TABLE %s DROP CONSTRAINT %I', conrelid::regclass, conname),
+                        format('ALTER TABLE %s ADD CONSTRAINT %I %s', conrelid::regclass, conname, pg_get_constraintdef(oid))
+                 FROM pg_constraint WHERE contype = 'f'
+                   AND conrelid::regclass::text IN ('tenants', 'projects', 'tenant_memberships', 'project_memberships')",
+                &[],
+            )
+            .await
+            .unwrap();
+        for r in &rows {
+            c.batch_execute(r.get::<_, &str>(0)).await.unwrap();
+        }
+        add_back = rows
+            .iter()
+            .map(|r| r.get::<_, String>(1))
+            .collect::<Vec<_>>()
+            .join("; ");
+        tenants_part += part.elapsed().as_secs_f64();
+    }
     for (stmt, data) in [
         ("COPY users (id, keycloak_sub, username, email, first_name, last_name, role, is_active, realm_roles) FROM STDIN", &users),
         ("COPY tenants (id, kind, owner_user_id, slug, name) FROM STDIN", &tenants),
@@ -208,6 +240,11 @@ async fn copy_floor(url: &str, n: usize, ids: Ids) -> (f64, f64) {
         if !stmt.starts_with("COPY users") && !stmt.starts_with("COPY platform_role_bindings") {
             tenants_part += part.elapsed().as_secs_f64();
         }
+    }
+    if !add_back.is_empty() {
+        let part = Instant::now();
+        c.batch_execute(&add_back).await.unwrap();
+        tenants_part += part.elapsed().as_secs_f64();
     }
     c.batch_execute("COMMIT").await.unwrap();
     (start.elapsed().as_secs_f64(), tenants_part)
@@ -320,11 +357,18 @@ async fn bench() {
         // given beside it, to compare with older figures.
         let floor_url = fresh_db(&admin, "sk_bench_floor").await;
         prepare(&floor_url);
-        let (floor, tenants_floor) = copy_floor(&floor_url, n, Ids::Ordered).await;
+        let (floor, tenants_floor) = copy_floor(&floor_url, n, Ids::Ordered, Keys::Checked).await;
         drop_db(&admin, "sk_bench_floor").await;
         let floor_url = fresh_db(&admin, "sk_bench_floor").await;
         prepare(&floor_url);
-        let (random_floor, _) = copy_floor(&floor_url, n, Ids::Random).await;
+        let (random_floor, _) = copy_floor(&floor_url, n, Ids::Random, Keys::Checked).await;
+        drop_db(&admin, "sk_bench_floor").await;
+        // The floor loaded as seedkeeper's bulk writes load: the tenants tables' foreign keys
+        // set aside, then checked once each.
+        let floor_url = fresh_db(&admin, "sk_bench_floor").await;
+        prepare(&floor_url);
+        let (aside_floor, aside_tenants) =
+            copy_floor(&floor_url, n, Ids::Ordered, Keys::SetAside).await;
         drop_db(&admin, "sk_bench_floor").await;
         rows.push(Row {
             size: n,
@@ -349,6 +393,24 @@ async fn bench() {
             source: "COPY",
             phase: "floor, tenants rows",
             seconds: tenants_floor,
+            floor: Some(floor),
+            rss_kib: None,
+            tuples: None,
+        });
+        rows.push(Row {
+            size: n,
+            source: "COPY",
+            phase: "floor, foreign keys set aside",
+            seconds: aside_floor,
+            floor: Some(floor),
+            rss_kib: None,
+            tuples: None,
+        });
+        rows.push(Row {
+            size: n,
+            source: "COPY",
+            phase: "floor, foreign keys set aside, tenants rows",
+            seconds: aside_tenants,
             floor: Some(floor),
             rss_kib: None,
             tuples: None,
