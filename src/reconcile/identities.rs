@@ -118,11 +118,38 @@ const MISSING: &str = "u.keycloak_sub IS NOT NULL
     AND NOT EXISTS (SELECT 1 FROM sk_stage s WHERE s.realigned AND s.username = u.username)";
 
 /// How the run steers the source's listing: `cancel` ends it when the run is stopped, `progress`
-/// counts the users listed.
+/// counts the users listed, `started` holds the listing when the run started it before the unit
+/// (see [`Listing::start`]).
 #[derive(Clone, Copy)]
 pub(crate) struct ListingControls<'a> {
     pub cancel: &'a CancellationToken,
     pub progress: &'a Progress,
+    pub started: &'a std::sync::Mutex<Option<Listing>>,
+}
+
+/// A source's listing under way on a task of its own: the batches it sends, at most
+/// `STAGE_QUEUE` of them waiting for the stage's COPY, and the task.
+pub(crate) struct Listing {
+    rx: mpsc::Receiver<Staged>,
+    producer: tokio::task::JoinHandle<Result<SourceStats>>,
+}
+
+impl Listing {
+    /// Starts the listing of `source`. The run starts a Keycloak listing as soon as it holds the
+    /// run lock, so that its first pages are on their way while the schema and reference seed
+    /// units run (tens of milliseconds of every run); the bounded queue holds it back until the
+    /// identities unit takes the batches. The task runs in `span`: the unit's, so that the
+    /// source's lines carry the run id and the unit.
+    pub(crate) fn start(
+        source: Arc<dyn IdentityProvider>,
+        controls: ListingControls<'_>,
+        span: tracing::Span,
+    ) -> Self {
+        let (sender, rx) = mpsc::channel(STAGE_QUEUE);
+        let stream = source.stream(sender, controls.cancel.clone(), controls.progress.clone());
+        let producer = tokio::spawn(stream.instrument(span));
+        Listing { rx, producer }
+    }
 }
 
 /// What the unit is asked to keep to: the settings (`identity.admin_roles`,
@@ -482,12 +509,9 @@ async fn stage(
     // holding; a deeper queue adds memory and no speed, as the COPY is the slower side. Smaller
     // batches cost nothing measurable: 1,000 against 5,000 took 14 instead of 22 MiB and no
     // longer at a million users (docs/benchmark.md).
-    let (sender, rx) = mpsc::channel(STAGE_QUEUE);
-    // The task keeps the run's and the unit's spans, so the source's lines carry the run id.
-    let stream = source
-        .clone()
-        .stream(sender, listing.cancel.clone(), listing.progress.clone());
-    let producer = tokio::spawn(stream.in_current_span());
+    let started = listing.started.lock().ok().and_then(|mut l| l.take());
+    let Listing { rx, producer } =
+        started.unwrap_or_else(|| Listing::start(source.clone(), listing, tracing::Span::current()));
     // The COPY stays open for the whole listing, whose length is Keycloak's (bounded by
     // run.timeout, not by database.statement_timeout, which applies again right after it).
     tx.batch_execute("SET LOCAL statement_timeout = 0")

@@ -154,6 +154,7 @@ impl Engine {
                 listing: &listing,
                 progress,
                 lock_lost: &lock_lost,
+                started: std::sync::Mutex::new(None),
             },
             &mut session,
         );
@@ -205,6 +206,17 @@ impl Engine {
         // `run_bounded` stops the run when it fires.
         lock.cancel_on_loss(source.lock_lost.clone());
         session.lock = Some(lock);
+        // A source that must be listed to be known (Keycloak) starts its listing now, beside the
+        // schema and reference seed units; a realm file is read by the identities unit only when
+        // its fingerprint says it must be.
+        if source.provider.fingerprint().is_none() {
+            let span = tracing::info_span!("unit", unit = Unit::Identities.as_str());
+            let controls = source.listing_controls();
+            let listing = identities::Listing::start(source.provider.clone(), controls, span);
+            if let Ok(mut started) = source.started.lock() {
+                *started = Some(listing);
+            }
+        }
         let db = &mut session.db;
         let result = match mode {
             Mode::Apply => self.units(mode, report, &mut db.client, &source).await,
@@ -418,10 +430,7 @@ impl Engine {
             Unit::Schema => UnitReport::new(Unit::Schema),
             Unit::ReferenceSeed => reference::reconcile(&tx, &self.seed, listed).await?,
             Unit::Identities => {
-                let listing = identities::ListingControls {
-                    cancel: source.listing,
-                    progress: source.progress,
-                };
+                let listing = source.listing_controls();
                 let rules = identities::Rules {
                     settings: &self.settings,
                     allow_offboard: self.allow_offboard,
@@ -735,6 +744,18 @@ struct RunInputs<'a> {
     listing: &'a CancellationToken,
     progress: &'a Progress,
     lock_lost: &'a CancellationToken,
+    /// The listing when the run started it ahead of the identities unit.
+    started: std::sync::Mutex<Option<identities::Listing>>,
+}
+
+impl RunInputs<'_> {
+    fn listing_controls(&self) -> identities::ListingControls<'_> {
+        identities::ListingControls {
+            cancel: self.listing,
+            progress: self.progress,
+            started: &self.started,
+        }
+    }
 }
 
 /// A source whose calls end as soon as their token fires, even when the listing runs on a task

@@ -45,7 +45,7 @@ pub(crate) async fn set_aside(tx: &Transaction<'_>, tables: &[&str]) -> Result<O
             tx.batch_execute(&format!("RELEASE SAVEPOINT {SAVEPOINT}"))
                 .await
                 .map_err(crate::store::db_error(context))?;
-            tracing::debug!(
+            tracing::info!(
                 constraints = set.constraints,
                 tables = %tables.join(", "),
                 "foreign keys set aside for a bulk write: checked once each when put back"
