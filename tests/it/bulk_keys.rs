@@ -167,3 +167,35 @@ async fn a_role_that_does_not_own_the_tables_keeps_their_foreign_keys_and_writes
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_write_behind_pgbouncer_in_transaction_mode_sets_the_keys_aside_and_puts_them_back()
+{
+    use crate::harness::pooler::{PgBouncer, PoolMode};
+    let dir = TempDir::new();
+    let (db, env) = ten_users_then(&dir, 3_000).await;
+    let before = db.strings(FOREIGN_KEYS).await;
+    let pgb = PgBouncer::start(
+        PoolMode::Transaction,
+        3,
+        &["ignore_startup_parameters = options"],
+    );
+    let env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k != "SEEDKEEPER_DATABASE__URL")
+        .chain([
+            ("SEEDKEEPER_DATABASE__URL".into(), pgb.url(&db.name)),
+            ("SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT".into(), "0".into()),
+            ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT".into(), "0".into()),
+        ])
+        .collect();
+    let out = run_bin(&["--once"], &env);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}\n{}", pgb.log());
+    assert!(
+        t.contains("foreign keys set aside for a bulk write") && t.contains("constraints=6"),
+        "{t}"
+    );
+    assert_eq!(chains(&db).await, 3_000);
+    assert_eq!(db.strings(FOREIGN_KEYS).await, before);
+}
