@@ -627,3 +627,81 @@ async fn a_keycloak_listing_longer_than_statement_timeout_is_not_cut_by_it() {
     );
     assert_eq!(count(&r, "identities", "inserted"), 6);
 }
+
+/// A Keycloak listing starts as soon as the run holds its lock, beside the schema and reference
+/// seed units, not when the identities unit begins: here the schema unit waits for a table
+/// another session holds, and the listing's pages are asked meanwhile (one user a page, the
+/// queue to the stage holding the first few). Once the table is free the run completes as ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_keycloak_listing_runs_beside_the_schema_unit_not_after_it() {
+    let db = TestDb::new().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let env = keycloak_env(&kc);
+    let holder = db.client().await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE seedkeeper_migrations IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    kc.clear_journal();
+    let engine = db.engine(&pairs(&env));
+    let run = tokio::spawn(async move { apply(&engine).await });
+    until(
+        "pages of the user listing asked while the schema unit waits",
+        20,
+        || async {
+            kc.journal()
+                .iter()
+                .any(|j| j.path.ends_with("/users") && j.query.contains("first="))
+        },
+    )
+    .await;
+    let waiting = db
+        .scalar(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
+             WHERE c.relname = 'seedkeeper_migrations' AND NOT l.granted",
+        )
+        .await;
+    assert_eq!(
+        waiting, 1,
+        "the schema unit waits for seedkeeper_migrations"
+    );
+    assert!(!run.is_finished());
+    holder.batch_execute("COMMIT").await.unwrap();
+    let r = run.await.unwrap();
+    assert_ok(&r);
+    assert_eq!(
+        count(&r, "identities", "listed"),
+        dev_realm()["users"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u.get("serviceAccountClientId").is_none())
+            .count() as i64
+    );
+}
+
+/// A run that fails before its identities unit (the schema unit, `schema.mode = verify` on a
+/// database without seedkeeper's tables) ends the listing it started beside it: the requests in
+/// flight are dropped and nothing more is asked of Keycloak.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_that_fails_before_its_identities_unit_stops_the_listing_it_started() {
+    let db = TestDb::empty().await;
+    let kc = KeycloakEmulator::start(dev_realm()).await;
+    let mut env = keycloak_env(&kc);
+    env.push(("SEEDKEEPER_SCHEMA__MODE", "verify".into()));
+    kc.set_latency(Duration::from_millis(200));
+    let r = apply(&db.engine(&pairs(&env))).await;
+    assert_eq!(r.outcome, Outcome::Failed);
+    let err = error_of(&r);
+    assert!(err.contains("schema"), "{err}");
+    until("no request of the failed run left in flight", 5, || async {
+        kc.in_flight() == 0
+    })
+    .await;
+    let asked = kc.received();
+    // A fixed wait, on purpose: nothing may arrive within it (a listing left running, one user
+    // a page at 200 ms each, would ask several).
+    tokio::time::sleep(SECS(1)).await;
+    assert_eq!(kc.received(), asked, "requests after the run ended");
+    assert_eq!(no_user_rows(&db).await, 0);
+}
