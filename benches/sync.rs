@@ -370,51 +370,23 @@ async fn bench() {
         let (aside_floor, aside_tenants) =
             copy_floor(&floor_url, n, Ids::Ordered, Keys::SetAside).await;
         drop_db(&admin, "sk_bench_floor").await;
-        rows.push(Row {
-            size: n,
-            source: "COPY",
-            phase: "floor",
-            seconds: floor,
-            floor: Some(floor),
-            rss_kib: None,
-            tuples: None,
-        });
-        rows.push(Row {
-            size: n,
-            source: "COPY",
-            phase: "floor, random ids",
-            seconds: random_floor,
-            floor: Some(floor),
-            rss_kib: None,
-            tuples: None,
-        });
-        rows.push(Row {
-            size: n,
-            source: "COPY",
-            phase: "floor, tenants rows",
-            seconds: tenants_floor,
-            floor: Some(floor),
-            rss_kib: None,
-            tuples: None,
-        });
-        rows.push(Row {
-            size: n,
-            source: "COPY",
-            phase: "floor, foreign keys set aside",
-            seconds: aside_floor,
-            floor: Some(floor),
-            rss_kib: None,
-            tuples: None,
-        });
-        rows.push(Row {
-            size: n,
-            source: "COPY",
-            phase: "floor, foreign keys set aside, tenants rows",
-            seconds: aside_tenants,
-            floor: Some(floor),
-            rss_kib: None,
-            tuples: None,
-        });
+        for (phase, seconds) in [
+            ("floor", floor),
+            ("floor, random ids", random_floor),
+            ("floor, tenants rows", tenants_floor),
+            ("floor, foreign keys set aside", aside_floor),
+            ("floor, foreign keys set aside, tenants rows", aside_tenants),
+        ] {
+            rows.push(Row {
+                size: n,
+                source: "COPY",
+                phase,
+                seconds,
+                floor: Some(floor),
+                rss_kib: None,
+                tuples: None,
+            });
+        }
         if sources.contains(&"realm-file") {
             let url = fresh_db(&admin, "sk_bench_file").await;
             prepare(&url);

@@ -128,23 +128,9 @@ async fn a_role_that_does_not_own_the_tables_keeps_their_foreign_keys_and_writes
     let dir = TempDir::new();
     let (db, env) = ten_users_then(&dir, 3_000).await;
     let before = db.strings(FOREIGN_KEYS).await;
-    let role = format!("sk_rw_{}", &db.name[8..]);
-    let c = db.client().await;
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};",
-        db = db.name
-    ))
-    .await
-    .unwrap();
-    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
-    assert_ne!(
-        url, db.url,
-        "the test URL names the postgres user: {}",
-        db.url
-    );
+    let (role, url) = db
+        .login_role("sk_rw", "SELECT, INSERT, UPDATE, DELETE")
+        .await;
     let env: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k != "SEEDKEEPER_DATABASE__URL")
@@ -159,13 +145,7 @@ async fn a_role_that_does_not_own_the_tables_keeps_their_foreign_keys_and_writes
     );
     assert_eq!(chains(&db).await, 3_000);
     assert_eq!(db.strings(FOREIGN_KEYS).await, before);
-    c.batch_execute(&format!(
-        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; REVOKE ALL ON SCHEMA public FROM {role};
-         REVOKE ALL ON DATABASE {db} FROM {role}; DROP ROLE {role}",
-        db = db.name
-    ))
-    .await
-    .unwrap();
+    db.drop_role(&role).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

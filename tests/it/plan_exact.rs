@@ -333,23 +333,7 @@ async fn plan_lists_exactly_what_the_next_apply_writes_over_random_lifecycle_seq
 async fn a_plan_by_a_role_that_cannot_write_names_the_missing_privilege_instead_of_in_sync() {
     let db = TestDb::new().await;
     assert_ok(&apply(&db.engine(&[])).await);
-    let role = format!("sk_ro_{}", &db.name[8..]);
-    let c = db.client().await;
-    c.batch_execute(&format!(
-        "CREATE ROLE {role} LOGIN;
-         GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};
-         GRANT USAGE ON SCHEMA public TO {role};
-         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};",
-        db = db.name
-    ))
-    .await
-    .unwrap();
-    let url = db.url.replacen("postgres@", &format!("{role}@"), 1);
-    assert_ne!(
-        url, db.url,
-        "the test URL names the postgres user: {}",
-        db.url
-    );
+    let (role, url) = db.login_role("sk_ro", "SELECT").await;
     let out = run_bin(&["plan"], &[("SEEDKEEPER_DATABASE__URL".into(), url)]);
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
@@ -360,11 +344,5 @@ async fn a_plan_by_a_role_that_cannot_write_names_the_missing_privilege_instead_
     );
     assert!(t.contains("could not plan"), "{t}");
     assert!(!t.contains("in sync (exit 0)"), "{t}");
-    c.batch_execute(&format!(
-        "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; REVOKE ALL ON SCHEMA public FROM {role};
-         REVOKE ALL ON DATABASE {db} FROM {role}; DROP ROLE {role}",
-        db = db.name
-    ))
-    .await
-    .unwrap();
+    db.drop_role(&role).await;
 }

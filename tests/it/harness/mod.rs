@@ -427,6 +427,38 @@ where
 }
 
 impl TestDb {
+    /// A login role `{prefix}_{this database}` that may connect (and make temporary tables) and
+    /// use the schema, given `grant` on every table of it (`SELECT`, say): the role and the URL
+    /// that logs in as it. [`TestDb::drop_role`] removes it.
+    pub async fn login_role(&self, prefix: &str, grant: &str) -> (String, String) {
+        let role = format!("{prefix}_{}", &self.name[8..]);
+        self.execute(&format!(
+            "CREATE ROLE {role} LOGIN;
+             GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role};
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT {grant} ON ALL TABLES IN SCHEMA public TO {role};",
+            db = self.name
+        ))
+        .await;
+        let url = self.url.replacen("postgres@", &format!("{role}@"), 1);
+        assert_ne!(
+            url, self.url,
+            "the test URL names the postgres user: {}",
+            self.url
+        );
+        (role, url)
+    }
+
+    /// Removes a role made by [`TestDb::login_role`] (roles outlive the test's database).
+    pub async fn drop_role(&self, role: &str) {
+        self.execute(&format!(
+            "REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}; REVOKE ALL ON SCHEMA public FROM {role};
+             REVOKE ALL ON DATABASE {db} FROM {role}; DROP ROLE {role}",
+            db = self.name
+        ))
+        .await;
+    }
+
     /// Runs `sql` (one or more statements) on a connection of its own; panics naming it.
     pub async fn execute(&self, sql: &str) {
         self.client()
