@@ -2,14 +2,16 @@
 //! binary with both sources, next to the COPY floor of the same rows, plus a fresh bootstrap
 //! against `psql -f` of `seedkeeper export-sql`. Prints one table and writes JSON.
 //!
-//! Sizes come from `SEEDKEEPER_BENCH_SIZES` (default "1000,10000,100000"; "1000000" runs, in
-//! about a quarter of an hour per source on a 2-core machine), the sources from
-//! `SEEDKEEPER_BENCH_SOURCES` (default "realm-file,keycloak"), the server from
+//! Sizes come from `SEEDKEEPER_BENCH_SIZES` (default "1000,10000,100000"; "1000000" runs: about
+//! nine minutes with both sources and 100,000 on a 2-core machine, three of them the floors),
+//! the sources from `SEEDKEEPER_BENCH_SOURCES` (default "realm-file,keycloak"), the server from
 //! `SEEDKEEPER_TEST_DATABASE_URL`, the emulator latency from `SEEDKEEPER_BENCH_LATENCY_MS`
 //! (default 5). Each phase runs the release binary as a child, whose peak RSS (`VmHWM`) is the
 //! sync's own. The COPY floor is also given for its tenants rows alone (tenants, projects, both
-//! membership tables), the rows of the `tenants` unit. Each database is dropped once measured, so
-//! a million users never needs more than two at a time.
+//! membership tables), the rows of the `tenants` unit, and loaded as seedkeeper's bulk writes
+//! load (the tenants tables' foreign keys set aside, then checked once each); the ratios are
+//! against the plain one. Each database is dropped once measured, so a million users never needs
+//! more than two at a time.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
