@@ -29,8 +29,7 @@ async fn ten_users_then(dir: &TempDir, users: usize) -> (TestDb, Vec<(String, St
         "SEEDKEEPER_LOG__FILTER".into(),
         "info,seedkeeper::store::foreign_keys=debug".into(),
     ));
-    let out = run_bin(&["--once"], &env);
-    assert!(out.status.success(), "{}", text(&out));
+    once_ok(&env);
     crate::memory::write_realm(&realm, users);
     (db, env)
 }
@@ -45,6 +44,22 @@ async fn chains(db: &TestDb) -> i64 {
          JOIN project_memberships pm ON pm.project_id = p.id AND pm.user_id = u.id AND pm.role = 'owner' AND pm.status = 'active'",
     )
     .await
+}
+
+/// One `--once` of `env`, which must succeed: its output.
+fn once_ok(env: &[(String, String)]) -> String {
+    let out = run_bin(&["--once"], env);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    t
+}
+
+/// `env` with the database reached at `url` instead.
+fn with_url(env: Vec<(String, String)>, url: String) -> Vec<(String, String)> {
+    env.into_iter()
+        .filter(|(k, _)| k != "SEEDKEEPER_DATABASE__URL")
+        .chain([("SEEDKEEPER_DATABASE__URL".into(), url)])
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -64,9 +79,7 @@ async fn a_bulk_write_puts_back_the_same_foreign_keys_checked_and_leaves_not_val
                 .any(|k| k.starts_with("projects | projects_tenant_extra") && k.contains("| f |")),
         "{before:#?}"
     );
-    let out = run_bin(&["--once"], &env);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = once_ok(&env);
     assert!(
         t.contains("foreign keys set aside for a bulk write") && t.contains("constraints=6"),
         "the six validated keys of the four tables, not the NOT VALID one: {t}"
@@ -88,9 +101,7 @@ async fn a_bulk_write_puts_back_the_same_foreign_keys_checked_and_leaves_not_val
         "{e:?}"
     );
     // A second run of the same users writes nothing and sets nothing aside.
-    let out = run_bin(&["--once"], &env);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let t = once_ok(&env);
     assert!(!t.contains("set aside"), "{t}");
 }
 
@@ -108,10 +119,8 @@ async fn a_table_in_use_by_another_session_keeps_its_foreign_keys_and_the_run_do
         .unwrap();
     env.push(("SEEDKEEPER_DATABASE__LOCK_TIMEOUT".into(), "60s".into()));
     let started = std::time::Instant::now();
-    let out = run_bin(&["--once"], &env);
+    let t = once_ok(&env);
     let took = started.elapsed();
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
     assert!(
         t.contains("foreign keys kept for a bulk write") && t.contains("lock"),
         "{t}"
@@ -131,14 +140,8 @@ async fn a_role_that_does_not_own_the_tables_keeps_their_foreign_keys_and_writes
     let (role, url) = db
         .login_role("sk_rw", "SELECT, INSERT, UPDATE, DELETE")
         .await;
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k != "SEEDKEEPER_DATABASE__URL")
-        .chain([("SEEDKEEPER_DATABASE__URL".into(), url)])
-        .collect();
-    let out = run_bin(&["--once"], &env);
-    let t = text(&out);
-    assert!(out.status.success(), "{t}");
+    let env = with_url(env, url);
+    let t = once_ok(&env);
     assert!(
         t.contains("foreign keys kept for a bulk write") && t.contains("owner"),
         "{t}"
@@ -160,15 +163,9 @@ async fn a_bulk_write_behind_pgbouncer_in_transaction_mode_sets_the_keys_aside_a
         3,
         &["ignore_startup_parameters = options"],
     );
-    let env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k != "SEEDKEEPER_DATABASE__URL")
-        .chain([
-            ("SEEDKEEPER_DATABASE__URL".into(), pgb.url(&db.name)),
-            ("SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT".into(), "0".into()),
-            ("SEEDKEEPER_DATABASE__LOCK_TIMEOUT".into(), "0".into()),
-        ])
-        .collect();
+    let mut env = with_url(env, pgb.url(&db.name));
+    env.push(("SEEDKEEPER_DATABASE__STATEMENT_TIMEOUT".into(), "0".into()));
+    env.push(("SEEDKEEPER_DATABASE__LOCK_TIMEOUT".into(), "0".into()));
     let out = run_bin(&["--once"], &env);
     let t = text(&out);
     assert!(out.status.success(), "{t}\n{}", pgb.log());
