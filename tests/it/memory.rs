@@ -6,6 +6,14 @@
 //! (about 150 bytes a user: 27 MiB more at 200,000), and so does a set of the users holding a
 //! mapped role (one user in five holds `admin` in the Keycloak realm here). The figures are
 //! printed (`cargo test --test it -- memory --nocapture`).
+//!
+//! Each size is run twice and the lower peak kept: the same run of the Keycloak source peaks
+//! up to 4 MiB apart from one time to the next (36.0 to 40.6 MiB at 200,000 users, debug
+//! build), because glibc's malloc raises its mmap threshold after the first page body of
+//! 0.8 MB is freed and later bodies fragment its arenas by chance. Pinning the threshold
+//! (`MALLOC_MMAP_THRESHOLD_=131072`) made the two sizes peak within 0.5 % of each other, so the
+//! spread is the allocator's, not the realm's; retention per user is not a matter of chance and
+//! shows up in both runs.
 
 use std::io::Write;
 use std::path::Path;
@@ -111,17 +119,39 @@ async fn from_keycloak(n: usize) -> (u64, i64) {
     (kib, synced - dev_users)
 }
 
+/// The lower peak of two runs of `run` (see the module's comment), with the users it synced
+/// (the same in both, or the test fails), and both peaks for the output.
+async fn lower_of_two<F, Fut>(run: F) -> ((u64, i64), [u64; 2])
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = (u64, i64)>,
+{
+    let (a, a_users) = run().await;
+    let (b, b_users) = run().await;
+    assert_eq!(a_users, b_users, "the same run synced different users twice");
+    ((a.min(b), a_users), [a, b])
+}
+
+/// MiB, for the output.
+fn mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
 /// The figures, and the check: the same users synced, and within 10 %.
 fn within_ten_percent(
     source: &str,
-    (small, small_users): (u64, i64),
-    (large, large_users): (u64, i64),
+    ((small, small_users), small_runs): ((u64, i64), [u64; 2]),
+    ((large, large_users), large_runs): ((u64, i64), [u64; 2]),
 ) {
     println!(
-        "peak RSS of seedkeeper --once ({source}): 20,000 users {:.1} MiB, 200,000 users {:.1} MiB ({:+.1} %)",
-        small as f64 / 1024.0,
-        large as f64 / 1024.0,
-        (large as f64 / small as f64 - 1.0) * 100.0
+        "peak RSS of seedkeeper --once ({source}): 20,000 users {} MiB, 200,000 users {} MiB ({:+.1} %); the lower of two runs each: {} and {}, {} and {} MiB",
+        mib(small),
+        mib(large),
+        (large as f64 / small as f64 - 1.0) * 100.0,
+        mib(small_runs[0]),
+        mib(small_runs[1]),
+        mib(large_runs[0]),
+        mib(large_runs[1]),
     );
     assert_eq!(
         (small_users, large_users),
@@ -130,20 +160,20 @@ fn within_ten_percent(
     );
     assert!(
         (large as f64) <= small as f64 * 1.10,
-        "{source}: peak RSS grew with the realm: {small} KiB at 20,000 users, {large} KiB at 200,000"
+        "{source}: peak RSS grew with the realm: {small} KiB at 20,000 users, {large} KiB at 200,000 (the lower of two runs each)"
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn peak_memory_of_a_run_does_not_grow_with_the_realm() {
-    let small = from_realm_file(20_000).await;
-    let large = from_realm_file(200_000).await;
+    let small = lower_of_two(|| from_realm_file(20_000)).await;
+    let large = lower_of_two(|| from_realm_file(200_000)).await;
     within_ten_percent("realm file", small, large);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn peak_memory_of_a_keycloak_run_does_not_grow_with_the_realm_or_its_admins() {
-    let small = from_keycloak(20_000).await;
-    let large = from_keycloak(200_000).await;
+    let small = lower_of_two(|| from_keycloak(20_000)).await;
+    let large = lower_of_two(|| from_keycloak(200_000)).await;
     within_ten_percent("keycloak", small, large);
 }
