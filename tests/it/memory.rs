@@ -128,7 +128,10 @@ where
 {
     let (a, a_users) = run().await;
     let (b, b_users) = run().await;
-    assert_eq!(a_users, b_users, "the same run synced different users twice");
+    assert_eq!(
+        a_users, b_users,
+        "the same run synced different users twice"
+    );
     ((a.min(b), a_users), [a, b])
 }
 
