@@ -126,11 +126,12 @@ async fn reference(kc: &KeycloakEmulator) -> Vec<String> {
         "every way of holding admin is resolved"
     );
     // An unfaulted listing of 306 users in pages of 10: 31 windows (the last one, of 6 users,
-    // asks once more for the rest and gets []), one empty window that ends the listing, and at
-    // most 3 more windows already in flight; plus users/count in the preflight and the check.
-    let pages = users_requests(kc).len();
-    assert!((33..=36).contains(&pages), "{pages} users pages");
-    assert_eq!(requests_to(kc, "/users/count"), 2);
+    // asks once more for the rest and gets []) and one empty window past the count that ends
+    // the listing; none more, as windows past the count are asked one at a time. users/count
+    // once: the preflight's, answered just before the listing, is the listing's count.
+    let pages = users_requests(kc);
+    assert_eq!(pages.len(), 33, "users pages: {pages:?}");
+    assert_eq!(requests_to(kc, "/users/count"), 1);
     identity_state(&db).await
 }
 
@@ -369,4 +370,109 @@ async fn a_server_that_ignores_first_fails_the_run_instead_of_listing_forever() 
         let requests = kc.journal().len();
         assert!(requests < 5_000, "{place}: {requests} requests");
     }
+}
+
+/// Users created after the count are listed too, past it a window at a time. The realm grows
+/// by 25 users once the run has counted 306, while the first window past the count is held
+/// (1.5 s): it and the windows after it, asked one after the other, list the 25, and no window
+/// is asked after the one that found nothing, where four in flight would have asked three
+/// windows past the end at once (and, answered before the realm grew, ended the listing there).
+#[tokio::test(flavor = "multi_thread")]
+async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
+    let kc = KeycloakEmulator::start(listing_realm()).await;
+    let db = TestDb::new().await;
+    kc.clear_journal();
+    kc.slow_users_page(310, std::time::Duration::from_millis(1500));
+    let engine = db.engine(&refs(&env_for(&kc, 10, 4)));
+    let run = tokio::spawn(async move { apply(&engine).await });
+    // The journal has a request once it is answered: users/count answered is the count taken.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while requests_to(&kc, "/users/count") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "users/count was never asked"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let mut grown = listing_realm();
+    grown["users"]
+        .as_array_mut()
+        .unwrap()
+        .extend((0..25).map(|i| {
+            user(
+                &format!("e1000000-0000-4000-8000-{i:012}"),
+                &format!("late{i:02}"),
+                &[],
+                &[],
+            )
+        }));
+    kc.set_realm(grown);
+    let r = run.await.expect("the run's task");
+    kc.clear_paging_faults();
+    assert!(
+        r.outcome == seedkeeper::reconcile::Outcome::Succeeded,
+        "{:?}",
+        r.error
+    );
+    assert_eq!(requests_to(&kc, "/users/count"), 1, "counted once: 306");
+    assert_eq!(count(&r, "identities", "listed"), HUMANS as i64 + 25);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM users WHERE username LIKE 'late%'")
+            .await,
+        25,
+        "every user created after the count"
+    );
+    let mut past: Vec<u64> = users_requests(&kc)
+        .iter()
+        .filter_map(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix("first="))
+                .and_then(|f| f.parse().ok())
+        })
+        .filter(|f| *f >= 310)
+        .collect();
+    past.sort_unstable();
+    // [310, 320), [320, 330), [330, 340) (one user, then its rest from 331: nothing) and
+    // [340, 350), empty: the end.
+    assert_eq!(
+        past,
+        vec![310, 320, 330, 331, 340],
+        "users pages past the count"
+    );
+}
+
+/// The preflight's count stands in for the listing's only when the listing starts right after
+/// it: a `--once` that waited 1.5 s for the run lock asks `users/count` again before listing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_listing_long_after_the_preflight_counts_the_users_again() {
+    let kc = KeycloakEmulator::start(listing_realm()).await;
+    let db = TestDb::new().await;
+    let holder = db.client().await;
+    holder
+        .query_one(
+            "SELECT pg_advisory_lock($1)",
+            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    kc.clear_journal();
+    let env = [db.env(), env_for(&kc, 10, 4)].concat();
+    let once = tokio::task::spawn_blocking(move || run_bin(&["--once"], &env));
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert_eq!(
+        requests_to(&kc, "/users/count"),
+        1,
+        "the preflight counted, then the run waited for the lock"
+    );
+    holder
+        .query_one(
+            "SELECT pg_advisory_unlock($1)",
+            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
+        )
+        .await
+        .unwrap();
+    let out = once.await.expect("the run's thread");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(requests_to(&kc, "/users/count"), 2, "counted again");
+    assert_eq!(db.scalar("SELECT count(*) FROM users").await, HUMANS as i64);
 }
