@@ -420,27 +420,14 @@ async fn a_concurrent_run_is_skipped_not_blocked_or_duplicated() {
     let db = TestDb::new().await;
     let engine = db.engine(&[]);
     assert_ok(&apply(&engine).await);
-    let holder = db.client().await;
-    holder
-        .query_one(
-            "SELECT pg_advisory_lock($1)",
-            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
-        )
-        .await
-        .unwrap();
+    let holder = db.hold_run_lock().await;
     let r = apply(&engine).await;
     assert_eq!(r.outcome, seedkeeper::reconcile::Outcome::Skipped);
     let rows: Vec<String> = db
         .strings("SELECT outcome FROM seed_runs ORDER BY started_at")
         .await;
     assert_eq!(rows, vec!["succeeded", "skipped"]);
-    holder
-        .query_one(
-            "SELECT pg_advisory_unlock($1)",
-            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
-        )
-        .await
-        .unwrap();
+    release_run_lock(&holder).await;
     assert_ok(&apply(&engine).await);
 }
 

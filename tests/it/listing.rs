@@ -447,14 +447,7 @@ async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
 async fn a_listing_long_after_the_preflight_counts_the_users_again() {
     let kc = KeycloakEmulator::start(listing_realm()).await;
     let db = TestDb::new().await;
-    let holder = db.client().await;
-    holder
-        .query_one(
-            "SELECT pg_advisory_lock($1)",
-            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
-        )
-        .await
-        .unwrap();
+    let holder = db.hold_run_lock().await;
     kc.clear_journal();
     let env = [db.env(), env_for(&kc, 10, 4)].concat();
     let once = tokio::task::spawn_blocking(move || run_bin(&["--once"], &env));
@@ -464,13 +457,7 @@ async fn a_listing_long_after_the_preflight_counts_the_users_again() {
         1,
         "the preflight counted, then the run waited for the lock"
     );
-    holder
-        .query_one(
-            "SELECT pg_advisory_unlock($1)",
-            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
-        )
-        .await
-        .unwrap();
+    release_run_lock(&holder).await;
     let out = once.await.expect("the run's thread");
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(requests_to(&kc, "/users/count"), 2, "counted again");

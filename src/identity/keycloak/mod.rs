@@ -187,8 +187,13 @@ impl IdentityProvider for KeycloakSource {
             // the count, never failing the preflight.
             self.client.token(&cancel).await?;
             let (counted, ()) = futures_util::future::join(
-                self.client
-                    .get::<serde_json::Value>("users/count", &[], &cancel),
+                async {
+                    let counted = self
+                        .client
+                        .get::<serde_json::Value>("users/count", &[], &cancel)
+                        .await;
+                    (counted, std::time::Instant::now())
+                },
                 async {
                     if !self.client.version_asked.load(Ordering::Relaxed) {
                         self.client.read_server_version(&cancel).await;
@@ -196,9 +201,11 @@ impl IdentityProvider for KeycloakSource {
                 },
             )
             .await;
+            // When it was answered, not when the version beside it was.
+            let (counted, at) = counted;
             let counted = counted?;
             if let Ok(mut kept) = self.counted.lock() {
-                *kept = counted.as_u64().map(|n| (n, std::time::Instant::now()));
+                *kept = counted.as_u64().map(|n| (n, at));
             }
             Ok(())
         })

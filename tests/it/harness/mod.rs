@@ -121,6 +121,19 @@ impl TestDb {
         connect(&self.url).await
     }
 
+    /// A session of its own holding seedkeeper's run lock, as a run of another process would,
+    /// until [`release_run_lock`] (or its end).
+    pub async fn hold_run_lock(&self) -> Client {
+        let c = self.client().await;
+        c.query_one(
+            "SELECT pg_advisory_lock($1)",
+            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
+        )
+        .await
+        .expect("taking the run lock");
+        c
+    }
+
     /// Environment pairs pointing seedkeeper at this database.
     pub fn env(&self) -> Vec<(String, String)> {
         vec![("SEEDKEEPER_DATABASE__URL".into(), self.url.clone())]
@@ -617,4 +630,15 @@ pub async fn status_of(url: &str) -> u16 {
         Ok(r) => r.status().as_u16(),
         Err(_) => 0,
     }
+}
+
+/// Gives back the run lock `holder` took with [`TestDb::hold_run_lock`].
+pub async fn release_run_lock(holder: &Client) {
+    holder
+        .query_one(
+            "SELECT pg_advisory_unlock($1)",
+            &[&seedkeeper::store::lock::RUN_LOCK_KEY],
+        )
+        .await
+        .expect("giving the run lock back");
 }
