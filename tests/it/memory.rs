@@ -8,9 +8,10 @@
 //! printed (`cargo test --test it -- memory --nocapture`).
 //!
 //! Each size is run twice and the lower peak kept: the same run of the Keycloak source peaks
-//! up to 4 MiB apart from one time to the next (36.0 to 40.6 MiB at 200,000 users, debug
-//! build), because glibc's malloc raises its mmap threshold after the first page body of
-//! 0.8 MB is freed and later bodies fragment its arenas by chance. Pinning the threshold
+//! up to 2.5 MiB apart from one time to the next (38.1 to 40.6 MiB at 200,000 users in six
+//! runs, debug build), because glibc's malloc raises its mmap threshold after the first page
+//! body (about 0.8 MB: the emulator answers as Keycloak 26.4, each user with its
+//! `userProfileMetadata`) is freed, and later bodies fragment its arenas by chance. Pinning the threshold
 //! (`MALLOC_MMAP_THRESHOLD_=131072`) made the two sizes peak within 0.5 % of each other, so the
 //! spread is the allocator's, not the realm's; retention per user is not a matter of chance and
 //! shows up in both runs.
