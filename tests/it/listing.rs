@@ -372,30 +372,15 @@ async fn a_server_that_ignores_first_fails_the_run_instead_of_listing_forever() 
     }
 }
 
-/// Users created after the count are listed too, past it a window at a time. The realm grows
-/// by 25 users once the run has counted 306, while the first window past the count is held
-/// (1.5 s): it and the windows after it, asked one after the other, list the 25, and no window
-/// is asked after the one that found nothing, where four in flight would have asked three
-/// windows past the end at once (and, answered before the realm grew, ended the listing there).
+/// Users created after the count are listed too, past it a window at a time: the realm holds
+/// 331 users and `users/count` says 306, as a count taken just before 25 users were created.
+/// The windows past the count, asked one after the other, list the 25, and no window is asked
+/// after the one that found nothing, where four in flight would have asked three windows past
+/// the end at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
-    let kc = KeycloakEmulator::start(listing_realm()).await;
-    let db = TestDb::new().await;
-    kc.clear_journal();
-    kc.slow_users_page(310, std::time::Duration::from_millis(1500));
-    let engine = db.engine(&refs(&env_for(&kc, 10, 4)));
-    let run = tokio::spawn(async move { apply(&engine).await });
-    // The journal has a request once it is answered: users/count answered is the count taken.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while requests_to(&kc, "/users/count") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "users/count was never asked"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
-    let mut grown = listing_realm();
-    grown["users"]
+    let mut realm = listing_realm();
+    realm["users"]
         .as_array_mut()
         .unwrap()
         .extend((0..25).map(|i| {
@@ -406,16 +391,12 @@ async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
                 &[],
             )
         }));
-    kc.set_realm(grown);
-    let r = run.await.expect("the run's task");
+    let kc = KeycloakEmulator::start(realm).await;
+    kc.count_short_by(25);
+    let (db, listed) = synced(&env_for(&kc, 10, 4), "count 25 short").await;
     kc.clear_paging_faults();
-    assert!(
-        r.outcome == seedkeeper::reconcile::Outcome::Succeeded,
-        "{:?}",
-        r.error
-    );
     assert_eq!(requests_to(&kc, "/users/count"), 1, "counted once: 306");
-    assert_eq!(count(&r, "identities", "listed"), HUMANS as i64 + 25);
+    assert_eq!(listed, HUMANS as i64 + 25);
     assert_eq!(
         db.scalar("SELECT count(*) FROM users WHERE username LIKE 'late%'")
             .await,
@@ -429,11 +410,11 @@ async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
                 .find_map(|p| p.strip_prefix("first="))
                 .and_then(|f| f.parse().ok())
         })
-        .filter(|f| *f >= 310)
+        .filter(|f| *f >= 306)
         .collect();
     past.sort_unstable();
     // [310, 320), [320, 330), [330, 340) (one user, then its rest from 331: nothing) and
-    // [340, 350), empty: the end.
+    // [340, 350), empty: the end. [300, 310), below the count, is full.
     assert_eq!(
         past,
         vec![310, 320, 330, 331, 340],
@@ -442,7 +423,8 @@ async fn users_created_after_the_count_are_listed_past_it_a_window_at_a_time() {
 }
 
 /// The preflight's count stands in for the listing's only when the listing starts right after
-/// it: a `--once` that waited 1.5 s for the run lock asks `users/count` again before listing.
+/// it: a `--once` held at the run lock for 1.5 s after its preflight's count asks `users/count`
+/// again before listing.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_listing_long_after_the_preflight_counts_the_users_again() {
     let kc = KeycloakEmulator::start(listing_realm()).await;
@@ -451,6 +433,10 @@ async fn a_listing_long_after_the_preflight_counts_the_users_again() {
     kc.clear_journal();
     let env = [db.env(), env_for(&kc, 10, 4)].concat();
     let once = tokio::task::spawn_blocking(move || run_bin(&["--once"], &env));
+    until("the preflight's users/count answered", 20, || async {
+        requests_to(&kc, "/users/count") > 0
+    })
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     assert_eq!(
         requests_to(&kc, "/users/count"),

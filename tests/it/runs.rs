@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use seedkeeper::reconcile::{Outcome, Trigger};
-use seedkeeper::store::lock::RUN_LOCK_KEY;
 use tokio_util::sync::CancellationToken;
 
 use crate::harness::cluster::OwnCluster;
@@ -28,9 +27,10 @@ async fn lock_users(db: &TestDb) -> tokio_postgres::Client {
     c
 }
 
-/// A session of the test, named `test-holder`, holding the run lock; and its backend's pid.
-async fn hold_run_lock(db: &TestDb) -> (tokio_postgres::Client, i32) {
-    let c = db.client().await;
+/// A session of the test ([`TestDb::hold_run_lock`]), named `test-holder`, holding the run
+/// lock; and its backend's pid.
+async fn named_run_lock_holder(db: &TestDb) -> (tokio_postgres::Client, i32) {
+    let c = db.hold_run_lock().await;
     c.batch_execute("SET application_name = 'test-holder'")
         .await
         .unwrap();
@@ -39,9 +39,6 @@ async fn hold_run_lock(db: &TestDb) -> (tokio_postgres::Client, i32) {
         .await
         .unwrap()
         .get(0);
-    c.query_one("SELECT pg_advisory_lock($1)", &[&RUN_LOCK_KEY])
-        .await
-        .unwrap();
     (c, pid)
 }
 
@@ -232,7 +229,7 @@ async fn a_run_that_starts_takes_the_place_of_a_due_retry_and_a_success_clears_i
 #[tokio::test(flavor = "multi_thread")]
 async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0() {
     let db = TestDb::new().await;
-    let (holder, _) = hold_run_lock(&db).await;
+    let (holder, _) = named_run_lock_holder(&db).await;
     let env = db.env();
     let started = Instant::now();
     let child = spawn::command(&["--once"], &env)
@@ -255,10 +252,7 @@ async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0()
         runs(&db).await.is_empty(),
         "nothing recorded while it waits"
     );
-    holder
-        .query_one("SELECT pg_advisory_unlock($1)", &[&RUN_LOCK_KEY])
-        .await
-        .unwrap();
+    release_run_lock(&holder).await;
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .unwrap()
@@ -287,7 +281,7 @@ async fn once_waits_for_a_run_lock_another_session_holds_then_runs_and_exits_0()
 #[tokio::test(flavor = "multi_thread")]
 async fn once_exits_69_naming_the_holder_when_the_run_lock_is_held_past_startup_wait_timeout() {
     let db = TestDb::new().await;
-    let (_holder, pid) = hold_run_lock(&db).await;
+    let (_holder, pid) = named_run_lock_holder(&db).await;
     let mut env = db.env();
     env.push(("SEEDKEEPER_STARTUP__WAIT_TIMEOUT".into(), "2s".into()));
     let started = Instant::now();

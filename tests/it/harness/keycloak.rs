@@ -605,6 +605,9 @@ struct Faults {
     /// `/users` drops every n-th listed user (by position in the realm) after the query, as
     /// fine-grained admin permissions do; `/users/count` still counts them.
     hide_every: usize,
+    /// `/users/count` answers this many fewer than the realm's users, as a count taken before
+    /// that many users were created.
+    count_short: usize,
     /// Paged listings answer from the start whatever `first` asks (a broken proxy).
     ignore_first: Option<IgnoreFirst>,
     /// The `/users` page at this `first` is held this long before it is answered.
@@ -914,6 +917,12 @@ impl KeycloakEmulator {
         self.shared.faults.lock().unwrap().hide_every = n;
     }
 
+    /// `/users/count` answers `n` fewer than the realm holds (0: off), as a count taken just
+    /// before `n` users were created.
+    pub fn count_short_by(&self, n: usize) {
+        self.shared.faults.lock().unwrap().count_short = n;
+    }
+
     /// Usernames `/users` hides under `hide_from_listing_every(n)`.
     pub fn hidden_users(&self, n: usize) -> Vec<String> {
         let realm = self.shared.realm.read().unwrap().clone();
@@ -946,6 +955,7 @@ impl KeycloakEmulator {
         f.short_every = 0;
         f.paged = 0;
         f.hide_every = 0;
+        f.count_short = 0;
         f.slow_users_page = None;
     }
 
@@ -1781,7 +1791,8 @@ fn admin(
             if !can("query-users") {
                 return error(403, FORBIDDEN);
             }
-            json_response(200, json!(realm.humans.len()))
+            let short = sh.faults.lock().unwrap().count_short;
+            json_response(200, json!(realm.humans.len().saturating_sub(short)))
         }
         ["users", id] => match realm.by_id.get(*id) {
             Some(i) if can("view-users") => json_response(
