@@ -35,11 +35,16 @@
 # says little on 2 cores (the same no-op or fetch varies by 20 % from one run to the next), and
 # Keycloak keeps getting faster for a dozen listings after an import (3.6 s, then 0.8 s for the
 # same fetch of 10,000 users; on 2026-12-07 three fetches of a new realm took 6.6 s each, within
-# 5 % of each other, and the sixth 1.35 s). So the fetch is first repeated, 6 times at least,
-# until two in a row are within 5 % of each other (at most 12 times), then
+# 5 % of each other, and the sixth 1.35 s; on 2026-12-07 again, two in a row agreed at 3.9 and
+# 3.7 s, and the rounds after them took 3.4, 1.5, then 0.8 s). So the fetch is first repeated,
+# 6 times at least, until the last three are within 5 % of each other (at most 20 times), then
 # SEEDKEEPER_BENCH_KC_ROUNDS (default 5) rounds follow,
 # each a plain fetch, a warm no-op and a warm cold run (a new database) one after the other: the
-# ratios are those of the medians over the rounds, shown with each measure's range.
+# ratios are those of the medians over the rounds, shown with each measure's range. Each round
+# also reads the whole machine's busy CPU (/proc/stat: every core, less idle and iowait) around
+# each measure: its median over the cores, against the fetch's median time, is the ratio a run
+# that kept every core busy from start to end would reach on this machine ("CPU-bound x"), and
+# what is left above it is time spent with a core idle, waiting on one step at a time.
 #
 # An instance already running (scripts/keycloak.sh url) is used and left running; otherwise one is
 # started and stopped at the end. The realms (bench-kc-*) and databases (bench_kc_*) it creates
@@ -200,6 +205,14 @@ def java_cpu():
     return (int(rest[11]) + int(rest[12])) / tick  # utime + stime
 
 
+def machine_cpu():
+    """Busy CPU seconds of the whole machine so far, every core (/proc/stat's first line: user,
+    nice, system, irq, softirq and steal; not idle, not iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / tick
+
+
 def psql(db_url, sql):
     return subprocess.run(["psql", "-w", "-X", "-Atq", "-v", "ON_ERROR_STOP=1", db_url, "-c", sql],
                           check=True, capture_output=True, text=True).stdout.strip()
@@ -244,9 +257,9 @@ def seedkeeper(realm, db):
            # the request count is only in this debug line
            "RUST_LOG": "warn,seedkeeper::identity::keycloak=debug"}
     env.update(passthrough)
-    c0 = java_cpu()
+    c0, m0 = java_cpu(), machine_cpu()
     wall, rss, own_cpu, err, code = timed([binary, "--once"], env, check=False)
-    kc_cpu = java_cpu() - c0
+    kc_cpu, busy = java_cpu() - c0, machine_cpu() - m0
     requests, listing, warnings = None, None, []
     for line in err.splitlines():
         if '"WARN"' in line or " WARN " in line:
@@ -260,7 +273,7 @@ def seedkeeper(realm, db):
                 m = re.search(r"requests\D+(\d+)", line)
                 requests = int(m.group(1)) if m else None
     row = {"seconds": wall, "exit": code, "peak_rss_kib": rss, "requests": requests, "listing": listing,
-           "keycloak_cpu_seconds": kc_cpu, "seedkeeper_cpu_seconds": own_cpu,
+           "keycloak_cpu_seconds": kc_cpu, "seedkeeper_cpu_seconds": own_cpu, "machine_cpu_seconds": busy,
            "warnings": len(warnings), "warning_lines": warnings[:10]}
     try:  # a refused configuration (exit 78) leaves no table at all
         last = psql(db_url(db), "SELECT outcome, counts, coalesce(error, '') FROM seed_runs ORDER BY started_at DESC LIMIT 1")
@@ -434,21 +447,27 @@ try:
         # Right after seedkeeper's runs, so that Keycloak is as warm for it as for them.
         fetch = fetch_pages(realm, count)
         log(f"{size}: plain fetch of every page {fetch['seconds']:.2f} s ({fetch['users']} users, {fetch['requests']} requests)")
-        # Keycloak warmed up by fetches (6 at least) until two in a row agree within 5 %.
+        # Keycloak warmed up by fetches (6 at least) until the last three agree within 5 %.
         warmup = [fetch["seconds"]]
-        while len(warmup) < 12 and (len(warmup) < 6 or abs(warmup[-1] - warmup[-2]) > 0.05 * warmup[-2]):
+        while len(warmup) < 20 and (len(warmup) < 6 or max(warmup[-3:]) > 1.05 * min(warmup[-3:])):
             warmup.append(fetch_pages(realm, count)["seconds"])
         log(f"{size}: Keycloak warmed up by {len(warmup)} fetches: " + ", ".join(f"{x:.2f}" for x in warmup))
         # Interleaved rounds: a plain fetch, a warm no-op, a warm cold run (its own database).
-        samples = {"fetch": [], "noop_warm_keycloak": [], "cold_warm_keycloak": [], "warmup": warmup}
+        samples = {"fetch": [], "noop_warm_keycloak": [], "cold_warm_keycloak": [], "warmup": warmup,
+                   "cpu": {"fetch": [], "noop_warm_keycloak": [], "cold_warm_keycloak": []}}
         for r in range(rounds):
+            m0 = machine_cpu()
             samples["fetch"].append(fetch_pages(realm, count)["seconds"])
-            samples["noop_warm_keycloak"].append(seedkeeper(realm, fresh[1])["seconds"])
+            samples["cpu"]["fetch"].append(machine_cpu() - m0)
+            noop_again = seedkeeper(realm, fresh[1])
+            samples["noop_warm_keycloak"].append(noop_again["seconds"])
+            samples["cpu"]["noop_warm_keycloak"].append(noop_again["machine_cpu_seconds"])
             db = f"bench_kc_{size}_r{r}_{tag}"
             psql(admin_db, f"CREATE DATABASE {db}")
             dbs.append(db)
             again = seedkeeper(realm, db)
             samples["cold_warm_keycloak"].append(again["seconds"] if not again.get("failed") else float("inf"))
+            samples["cpu"]["cold_warm_keycloak"].append(again["machine_cpu_seconds"])
             psql(admin_db, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
             dbs.remove(db)
             log(f"{size}: round {r + 1} of {rounds}: plain fetch {samples['fetch'][-1]:.2f} s, "
@@ -524,6 +543,16 @@ def spread(xs):
     return f"{min(xs):.2f} to {max(xs):.2f}"
 
 
+cores = os.cpu_count() or 1
+
+
+def cpu_bound(samples, phase, f):
+    """The machine's median busy CPU in `phase` over its cores, against the fetch's median
+    time: the ratio of a run that kept every core busy throughout."""
+    busy = median(samples["cpu"][phase])
+    return f"{busy:.2f}", f"{busy / cores / f:.2f}"
+
+
 fetch_rows = []
 for run in result["runs"]:
     samples = run["rounds"]
@@ -536,13 +565,14 @@ for run in result["runs"]:
         m["median_seconds"], m["x_fetch"], m["target_x_fetch"] = s, s / f, target
         met = m["x_fetch"] <= target and not m.get("failed")
         fetch_rows.append((run["users"], label, s, spread(samples[phase]), f"{m['x_fetch']:.2f}",
-                           f"≤ {target}: " + ("met" if met else "NOT met")))
+                           f"≤ {target}: " + ("met" if met else "NOT met"), *cpu_bound(samples, phase, f)))
     m = run["noop"]
     m["x_fetch"] = m["seconds"] / f
     fetch_rows.append((run["users"], "seedkeeper no-op right after the first cold run (one run)", m["seconds"], "-",
-                       f"{m['x_fetch']:.2f}", "-"))
+                       f"{m['x_fetch']:.2f}", "-", "-", "-"))
     fetch_rows.append((run["users"], f"plain fetch of every page ({run['fetch']['requests']} requests, "
-                       f"{run['fetch']['in_flight']} in flight)", f, spread(samples["fetch"]), "1.00", "-"))
+                       f"{run['fetch']['in_flight']} in flight)", f, spread(samples["fetch"]), "1.00", "-",
+                       *cpu_bound(samples, "fetch", f)))
 rows.append((0, "kc.sh export --dir (empty realm)", base_export, "-", "-", "-", "-",
              f"{result['export_baseline']['cpu_seconds']:.2f}" if result["export_baseline"]["cpu_seconds"] is not None else "-", "-", "-", "-", "-"))
 
@@ -553,8 +583,8 @@ print("|---:|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print("| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |")
 print()
-print(f"| users | run | median s ({rounds} rounds) | range s | x plain fetch | target |")
-print("|---:|---|---:|---|---:|---|")
+print(f"| users | run | median s ({rounds} rounds) | range s | x plain fetch | target | machine busy CPU s | CPU-bound x |")
+print("|---:|---|---:|---|---:|---|---:|---:|")
 for r in fetch_rows:
     print("| " + " | ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in r) + " |")
 print()
@@ -569,7 +599,9 @@ print("Keycloak CPU s: utime+stime of the server's java process during the run (
       "x export-baseline: against that time minus an empty realm's export. cold: the first read of "
       "the users since their import (Keycloak's caches cold); cold, warm Keycloak: a second fresh database "
       "right after. retries/warnings: seedkeeper's WARN lines (most retries log one; a body cut off "
-      "mid-read is retried without one).")
+      "mid-read is retried without one). machine busy CPU s: every core's busy time during the "
+      f"measure (median over the rounds); CPU-bound x: that over the {cores} cores, against the plain "
+      "fetch's median time, the ratio of a run that kept every core busy from start to end.")
 save()
 print(f"JSON: {json_out}")
 missing = [s for s in sizes if s not in {r["users"] for r in result["runs"]}]
