@@ -136,14 +136,21 @@ pub async fn run<C: GenericClient + Send + Sync>(
             report.pending.join(", ")
         )));
     }
+    // Created in the first migration's transaction, when it is not there yet: once, where an
+    // `IF NOT EXISTS` in every migration's transaction left a NOTICE of PostgreSQL's for each
+    // after the first in the log of a fresh database's first run.
+    let mut have_table = table_exists(client.client(), "seedkeeper_migrations").await?;
     for m in todo {
         let tx = client
             .transaction()
             .await
             .map_err(db_error("starting a migration"))?;
-        tx.batch_execute(CREATE_TABLE)
-            .await
-            .map_err(db_error("creating seedkeeper_migrations"))?;
+        if !have_table {
+            tx.batch_execute(CREATE_TABLE)
+                .await
+                .map_err(db_error("creating seedkeeper_migrations"))?;
+            have_table = true;
+        }
         tx.batch_execute(m.sql).await.map_err(|e| {
             // A standby refuses DDL as it refuses writes: say so, not "migration failed".
             if e.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {

@@ -412,6 +412,12 @@ async fn verify_mode_refuses_to_run_while_migrations_are_pending() {
     assert!(r.error.unwrap().to_string().contains("seedkeeper migrate"));
     let out = run_bin(&["migrate"], &db.env());
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    // Every migration applied, and nothing of PostgreSQL's about the bookkeeping table in the
+    // log (it is created once, not asked for again in each migration's transaction).
+    let log = text(&out);
+    let all = seedkeeper::store::migrate::MIGRATIONS.len();
+    assert_eq!(log.matches("migration applied").count(), all, "{log}");
+    assert!(!log.contains("NOTICE"), "{log}");
     assert_ok(&apply(&db.engine(&[("SEEDKEEPER_SCHEMA__MODE", "verify")])).await);
 }
 
