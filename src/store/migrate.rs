@@ -69,13 +69,14 @@ const CREATE_TABLE: &str = "CREATE TABLE IF NOT EXISTS seedkeeper_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now()
 )";
 
-/// Checks applied migrations against the embedded ones and returns the pending ones.
-pub(crate) async fn pending(
+/// Checks applied migrations against the embedded ones and returns the pending ones, and
+/// whether `seedkeeper_migrations` exists yet.
+async fn pending(
     client: &Client,
     migrations: &'static [Migration],
-) -> Result<Vec<&'static Migration>> {
+) -> Result<(Vec<&'static Migration>, bool)> {
     if !table_exists(client, "seedkeeper_migrations").await? {
-        return Ok(migrations.iter().collect());
+        return Ok((migrations.iter().collect(), false));
     }
     let rows = client
         .query_typed(
@@ -108,10 +109,11 @@ pub(crate) async fn pending(
             }
         }
     }
-    Ok(migrations
+    let todo = migrations
         .iter()
         .filter(|m| !applied.contains_key(&m.version))
-        .collect())
+        .collect();
+    Ok((todo, true))
 }
 
 /// Applies pending migrations (mode apply) or refuses to go on while any are pending (verify).
@@ -123,7 +125,7 @@ pub async fn run<C: GenericClient + Send + Sync>(
     mode: SchemaMode,
     migrations: &'static [Migration],
 ) -> Result<SchemaReport> {
-    let todo = pending(client.client(), migrations).await?;
+    let (todo, mut have_table) = pending(client.client(), migrations).await?;
     let mut report = SchemaReport::default();
     if todo.is_empty() {
         return Ok(report);
@@ -136,10 +138,9 @@ pub async fn run<C: GenericClient + Send + Sync>(
             report.pending.join(", ")
         )));
     }
-    // Created in the first migration's transaction, when it is not there yet: once, where an
-    // `IF NOT EXISTS` in every migration's transaction left a NOTICE of PostgreSQL's for each
-    // after the first in the log of a fresh database's first run.
-    let mut have_table = table_exists(client.client(), "seedkeeper_migrations").await?;
+    // `seedkeeper_migrations` is created in the first migration's transaction when `pending`
+    // did not find it: once, where an `IF NOT EXISTS` in every migration's transaction left a
+    // NOTICE of PostgreSQL's for each after the first in the log of a fresh database's first run.
     for m in todo {
         let tx = client
             .transaction()
